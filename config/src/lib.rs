@@ -1,0 +1,2 @@
+//! Outrigger configuration (being written).
+#![forbid(unsafe_code)]
