@@ -1,0 +1,103 @@
+//! Read, parse, deserialize, validate: one function for `outrigger validate`, startup and
+//! reload. Fails with every problem of the file at once, each at its line and column, sorted
+//! by position and deduplicated (retries meet some problems more than once).
+
+use crate::error::{LoadError, Problem, Problems};
+use crate::model::Config;
+use crate::validate::{Issue, validate};
+use crate::yaml::{self, DeError, Node};
+use std::path::Path;
+
+/// Loads the config at `path`; problems name the file as given.
+pub fn load_file(path: &Path) -> Result<Config, LoadError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_str(&file, &text),
+        Err(source) => Err(LoadError::Read { file, source }),
+    }
+}
+
+/// Loads a config from `text`; `file_name` is what problems print as their file.
+pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
+    let problem = |path: String, line, col, message: String, expected| Problem {
+        file: file_name.to_owned(),
+        line,
+        col,
+        path,
+        message,
+        expected,
+    };
+    let mut root = match yaml::parse(text) {
+        Ok(Some(root)) => root,
+        Ok(None) => return Ok(Config::default()),
+        Err(e) => {
+            return Err(invalid(vec![problem(
+                "(yaml)".into(),
+                e.line,
+                e.col,
+                e.message,
+                None,
+            )]));
+        }
+    };
+    let mut duplicates = Vec::new();
+    yaml::tidy(&mut root, "", &mut duplicates);
+    let mut problems: Vec<Problem> = duplicates
+        .into_iter()
+        .map(|d| {
+            let expected = Some(format!(
+                "each key once; the first is at line {}",
+                d.first_line
+            ));
+            problem(d.path, d.line, d.col, "duplicate key".into(), expected)
+        })
+        .collect();
+
+    let (config, found, removed) = yaml::deserialize::<Config>(&root);
+    problems.extend(found.into_iter().map(|e: DeError| {
+        let at = e.at.expect("problems are noted with their position");
+        let path = if at.path.is_empty() {
+            "(top level)".to_owned()
+        } else {
+            at.path
+        };
+        problem(path, at.line, at.col, e.message, e.expected)
+    }));
+    if let Some(config) = &config {
+        for issue in validate(config) {
+            if let Some((path, line, col)) = place(&root, &issue, &removed) {
+                problems.push(problem(path, line, col, issue.message, issue.expected));
+            }
+        }
+    }
+    match (config, problems.is_empty()) {
+        (Some(config), true) => Ok(config),
+        _ => Err(invalid(problems)),
+    }
+}
+
+/// The issue's path as written and its position; `None` when the rule judged a stand-in: the
+/// value itself (or a section around it), or one the rule `reads`, was refused and replaced by
+/// its default, and that value's own problem is the one to report.
+fn place(root: &Node, issue: &Issue, removed: &[String]) -> Option<(String, usize, usize)> {
+    let (path, line, col) = yaml::locate(root, &issue.path, removed);
+    let replaced = removed.iter().any(|r| inside(&path, r));
+    let read_replaced = issue.reads.iter().any(|read| {
+        let read = yaml::locate(root, read, removed).0;
+        removed.iter().any(|r| inside(r, &read) || inside(&read, r))
+    });
+    (!replaced && !read_replaced).then_some((path, line, col))
+}
+
+/// Is `inner` the path `outer`, or inside it?
+fn inside(inner: &str, outer: &str) -> bool {
+    inner
+        .strip_prefix(outer)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+fn invalid(mut problems: Vec<Problem>) -> LoadError {
+    problems.sort_by(|a, b| (a.line, a.col).cmp(&(b.line, b.col)).then_with(|| a.cmp(b)));
+    problems.dedup();
+    LoadError::Invalid(Problems(problems))
+}

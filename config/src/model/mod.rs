@@ -1,0 +1,225 @@
+//! The configuration model: serde structs mirroring DESIGN.md's YAML, field for field.
+//! Every optional field's default is written once, in a `Default` impl or a named constant;
+//! required fields have none and are reported missing. Cross-field rules live in `validate`.
+
+mod messaging;
+mod retry;
+mod upstream;
+
+pub use messaging::{
+    Concurrency, ConcurrencyRange, Delivery, Messaging, Retention, Subscription,
+    SubscriptionBreaker, Throttle,
+};
+pub use retry::{Backoff, BackoffStrategy, Budget, Jitter, Retry, RetryOn};
+pub use upstream::{
+    CircuitBreaker, Discovery, Dns, DnsRecord, HealthCheck, LoadBalancer, OutlierDetection,
+    Protocol, RateLimit, RegistryDiscovery, Timeouts, Tls, Upstream, Upstreams,
+};
+
+use crate::types::{AppUrl, ByteSize, Duration, ListenAddr, NameServer, Ratio};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// The whole file. An empty file is a valid config: every section at its defaults.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    pub service: Service,
+    pub admin: Admin,
+    pub outbound: Outbound,
+    pub upstreams: Upstreams,
+    /// Needed by `discovery: { registry: ... }` and `service.register: true`.
+    pub registry: Option<Registry>,
+    pub resolver: Resolver,
+    pub messaging: Messaging,
+    pub telemetry: Telemetry,
+    pub lifecycle: Lifecycle,
+}
+
+/// This service: its name (metrics label, consumer group, registry entry) and its local app.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Service {
+    pub name: String,
+    /// The application beside the sidecar: message deliveries and readiness go to it.
+    pub app: Option<App>,
+    /// Keep this instance registered in the registry while it is ready.
+    pub register: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct App {
+    pub url: AppUrl,
+    /// Probed for readiness when set; must start with `/`.
+    pub health_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Admin {
+    pub listen: ListenAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Outbound {
+    pub listen: ListenAddr,
+    pub limits: Limits,
+}
+
+/// Limits on what clients of the outbound listener may send, per connection and request.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Larger request heads get 431.
+    pub max_header_bytes: ByteSize,
+    /// More headers than this get 431.
+    pub max_headers: usize,
+    /// A client that has not sent its headers by then is disconnected.
+    pub header_read_timeout: Duration,
+    /// An idle client connection is closed after this.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Registry {
+    pub etcd: Etcd,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Etcd {
+    /// `http(s)://HOST:PORT` each; at least one.
+    pub endpoints: Vec<String>,
+    #[serde(default = "Etcd::default_prefix")]
+    pub prefix: String,
+    #[serde(default = "Etcd::default_lease_ttl")]
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Resolver {
+    /// `None`: the system's resolv.conf.
+    pub nameservers: Option<Vec<NameServer>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Telemetry {
+    pub log: Log,
+    /// `None`: no spans are exported (trace context is still propagated).
+    pub tracing: Option<Tracing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A level (`info`) or directives in tracing's EnvFilter syntax (`info,outrigger=debug`).
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Tracing {
+    /// OTLP over HTTP, e.g. `http://127.0.0.1:4318`.
+    pub otlp_endpoint: String,
+    #[serde(default = "Tracing::default_sample_ratio")]
+    pub sample_ratio: Ratio,
+    /// `None`: `service.name`.
+    pub service_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Lifecycle {
+    /// On SIGTERM, how long in-flight work may finish.
+    pub drain_timeout: Duration,
+}
+
+// === defaults ===
+
+impl Default for Service {
+    fn default() -> Self {
+        Service {
+            name: "outrigger".to_owned(),
+            app: None,
+            register: false,
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: ListenAddr::new(Ipv4Addr::UNSPECIFIED, 9901),
+        }
+    }
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            listen: ListenAddr::new(Ipv4Addr::LOCALHOST, 4140),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: ByteSize::kib(64),
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Etcd {
+    fn default_prefix() -> String {
+        "/outrigger/services".to_owned()
+    }
+
+    fn default_lease_ttl() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+impl Tracing {
+    fn default_sample_ratio() -> Ratio {
+        Ratio::new_const(1.0)
+    }
+
+    /// The name spans are exported under.
+    pub fn service_name<'a>(&'a self, service: &'a Service) -> &'a str {
+        self.service_name.as_deref().unwrap_or(&service.name)
+    }
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! `Broker`: `embedded`, or a Redis URL (`redis://`, `rediss://` for TLS).
+//! The URL may carry a password, so everything that prints it (`Display`, `Debug`, serde for
+//! `/v1/config`) writes `***` in its place; only `RedisUrl::as_str` gives the real one.
+
+use super::net::split_host_port;
+use super::{ValueError, string_conversions};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Where messages are stored and exchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Broker {
+    /// The durable store in `messaging.data_dir`: one machine.
+    #[default]
+    Embedded,
+    /// Redis Streams with consumer groups: several replicas share the work.
+    Redis(RedisUrl),
+}
+
+/// `redis[s]://[USER[:PASSWORD]@]HOST[:PORT][/DB]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL as written, password included: for the Redis client, never for a log.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `rediss://`: connect with TLS.
+    pub fn tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+}
+
+impl FromStr for RedisUrl {
+    type Err = ValueError;
+
+    fn from_str(text: &str) -> Result<Self, ValueError> {
+        let rest = text
+            .strip_prefix("redis://")
+            .or_else(|| text.strip_prefix("rediss://"));
+        let valid = rest.is_some_and(|rest| {
+            let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
+            let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let port_ok =
+                |p: Option<&str>| p.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0));
+            let db_ok = db.is_empty() || db.bytes().all(|b| b.is_ascii_digit());
+            split_host_port(host_port).is_some_and(|(_, port)| port_ok(port)) && db_ok
+        });
+        match valid {
+            true => Ok(RedisUrl(text.to_owned())),
+            false => Err(broker_error(text)),
+        }
+    }
+}
+
+/// The URL with its password replaced by `***`.
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (scheme, rest) = self.0.split_once("://").expect("checked when parsed");
+        let (authority, path) = rest
+            .split_once('/')
+            .map_or((rest, None), |(a, p)| (a, Some(p)));
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let password = if userinfo.contains(':') { ":***" } else { "" };
+                write!(f, "{scheme}://{user}{password}@{host}")?;
+            }
+            None => write!(f, "{scheme}://{authority}")?,
+        }
+        match path {
+            Some(path) => write!(f, "/{path}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
+}
+
+impl FromStr for Broker {
+    type Err = ValueError;
+
+    fn from_str(text: &str) -> Result<Self, ValueError> {
+        match text {
+            "embedded" => Ok(Broker::Embedded),
+            _ if text.starts_with("redis") => text.parse().map(Broker::Redis),
+            _ => Err(broker_error(text)),
+        }
+    }
+}
+
+impl fmt::Display for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Broker::Embedded => f.write_str("embedded"),
+            Broker::Redis(url) => url.fmt(f),
+        }
+    }
+}
+
+fn broker_error(text: &str) -> ValueError {
+    ValueError::new(
+        format!("{text:?} is not a broker"),
+        "embedded, redis://HOST:PORT or rediss://HOST:PORT",
+    )
+}
+
+string_conversions!(Broker);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_passwords_never_print() {
+        let broker: Broker = "redis://app:s3cret@redis.internal:6379/2".parse().unwrap();
+        assert_eq!(broker.to_string(), "redis://app:***@redis.internal:6379/2");
+        assert!(!format!("{broker:?}").contains("s3cret"));
+        let Broker::Redis(url) = &broker else {
+            panic!("a redis broker")
+        };
+        assert_eq!(url.as_str(), "redis://app:s3cret@redis.internal:6379/2");
+        assert_eq!(
+            "rediss://:pw@r:6380".parse::<Broker>().unwrap().to_string(),
+            "rediss://:***@r:6380"
+        );
+        assert_eq!(
+            "redis://r".parse::<Broker>().unwrap().to_string(),
+            "redis://r"
+        );
+    }
+
+    #[test]
+    fn refuses_other_brokers() {
+        for bad in [
+            "kafka://k:9092",
+            "redis://",
+            "redis://r:port",
+            "redis://r/db0",
+            "Embedded",
+        ] {
+            assert!(bad.parse::<Broker>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The rules of `messaging:`: subscriptions need an app to deliver to, one subscription per
+//! queue, and ranges and durations that can be acted on.
+
+use super::Checks;
+use crate::model::{Concurrency, Messaging};
+use std::collections::HashSet;
+
+impl Checks {
+    pub(super) fn messaging(&mut self, messaging: &Messaging, has_app: bool) {
+        self.positive("messaging.claim_idle", messaging.claim_idle);
+        self.positive("messaging.dedup_window", messaging.dedup_window);
+        self.positive(
+            "messaging.dead_letter_retention.max_age",
+            messaging.dead_letter_retention.max_age,
+        );
+        if !messaging.subscriptions.is_empty() && !has_app {
+            let expected = Some("service.app.url, e.g. http://127.0.0.1:8080");
+            self.push(
+                "messaging.subscriptions",
+                "need service.app to deliver to",
+                expected,
+            )
+            .reading("service.app");
+        }
+        let mut queues = HashSet::new();
+        for (i, sub) in messaging.subscriptions.iter().enumerate() {
+            let path = format!("messaging.subscriptions[{i}]");
+            if !queues.insert(&sub.queue) {
+                let message = format!("queue {:?} is already subscribed above", sub.queue.as_str());
+                self.push(
+                    format!("{path}.queue"),
+                    message,
+                    Some("one subscription per queue"),
+                );
+            }
+            self.absolute_path(format!("{path}.path"), &sub.path);
+            self.backoff(&format!("{path}.backoff"), &sub.backoff);
+            self.positive(format!("{path}.timeout"), sub.timeout);
+            if let Concurrency::Scaled(range) = sub.concurrency {
+                let min = format!("{path}.concurrency.min");
+                if range.min == 0 {
+                    self.push(
+                        min,
+                        "must be at least 1",
+                        Some("a whole number >= 1, got 0"),
+                    );
+                } else if range.min > range.max {
+                    let expected = format!("at most {}, got {}", range.max, range.min);
+                    self.push(min, "must not exceed concurrency.max", Some(&expected));
+                }
+            }
+            if let Some(throttle) = &sub.throttle {
+                self.positive(format!("{path}.throttle.per"), throttle.per);
+            }
+            if let Some(breaker) = &sub.circuit_breaker {
+                self.positive(format!("{path}.circuit_breaker.open_for"), breaker.open_for);
+            }
+        }
+    }
+}

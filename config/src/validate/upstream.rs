@@ -1,0 +1,153 @@
+//! The rules of one upstream: discovery that can find endpoints, timeouts that fit together,
+//! a health check that checks one thing.
+
+use super::Checks;
+use crate::model::{Discovery, DnsRecord, Upstream};
+use crate::types::is_host;
+
+impl Checks {
+    pub(super) fn upstream(&mut self, upstream: &Upstream, has_registry: bool) {
+        let path = format!("upstreams.{}", upstream.name);
+        self.discovery(
+            &format!("{path}.discovery"),
+            &upstream.discovery,
+            has_registry,
+        );
+
+        let timeouts = &upstream.timeouts;
+        self.positive(format!("{path}.timeouts.connect"), timeouts.connect);
+        self.positive(format!("{path}.timeouts.request"), timeouts.request);
+        self.positive(format!("{path}.timeouts.idle"), timeouts.idle);
+        if let Some(per_try) = timeouts.per_try {
+            self.positive(format!("{path}.timeouts.per_try"), per_try);
+            if per_try > timeouts.request {
+                let expected = format!("at most {}, got {per_try}", timeouts.request);
+                self.push(
+                    format!("{path}.timeouts.per_try"),
+                    "must not exceed timeouts.request",
+                    Some(&expected),
+                )
+                .reading(format!("{path}.timeouts.request"));
+            }
+        }
+        if let Some(retry) = &upstream.retry {
+            self.backoff(&format!("{path}.retry.backoff"), &retry.backoff);
+        }
+        if let Some(breaker) = &upstream.circuit_breaker {
+            self.positive(format!("{path}.circuit_breaker.window"), breaker.window);
+            self.positive(format!("{path}.circuit_breaker.open_for"), breaker.open_for);
+        }
+        if let Some(check) = &upstream.health_check {
+            let at = format!("{path}.health_check");
+            let expected = Some("exactly one of: path, tcp: true");
+            match (&check.path, check.tcp) {
+                (None, false) => {
+                    self.push(&at, "checks nothing", expected);
+                }
+                (Some(_), true) => {
+                    self.push(&at, "has both path and tcp: true", expected);
+                }
+                (Some(p), false) => self.absolute_path(format!("{at}.path"), p),
+                (None, true) => {}
+            }
+            self.positive(format!("{at}.interval"), check.interval);
+            self.positive(format!("{at}.timeout"), check.timeout);
+        }
+        if let Some(name) = upstream
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.server_name.as_deref())
+        {
+            self.not_empty(format!("{path}.tls.server_name"), name);
+        }
+        if let Some(outlier) = &upstream.outlier_detection {
+            self.positive(
+                format!("{path}.outlier_detection.base_ejection"),
+                outlier.base_ejection,
+            );
+            if outlier.max_ejected_percent > 100 {
+                let expected = format!(
+                    "a whole number from 0 to 100, got {}",
+                    outlier.max_ejected_percent
+                );
+                self.push(
+                    format!("{path}.outlier_detection.max_ejected_percent"),
+                    "must be at most 100",
+                    Some(&expected),
+                );
+            }
+        }
+    }
+
+    fn discovery(&mut self, path: &str, discovery: &Discovery, has_registry: bool) {
+        match discovery {
+            Discovery::Static(endpoints) if endpoints.is_empty() => {
+                let expected = Some("e.g. [\"10.0.0.7:8080\"]");
+                let at = format!("{path}.static");
+                // Reads its own list: an empty list may be what is left after refusing every item.
+                self.push(&at, "must list at least one endpoint", expected)
+                    .reading(at.clone());
+            }
+            Discovery::Static(_) => {}
+            Discovery::Dns(dns) => {
+                let at = format!("{path}.dns");
+                if !is_host(&dns.name) {
+                    let message = format!("{:?} is not a DNS name", dns.name);
+                    self.push(
+                        format!("{at}.name"),
+                        message,
+                        Some("e.g. payments.prod.svc.cluster.local"),
+                    );
+                }
+                match (dns.record, dns.port) {
+                    (DnsRecord::Srv, Some(_)) => {
+                        let expected = Some("no port: SRV records carry their own");
+                        self.push(
+                            format!("{at}.port"),
+                            "not allowed with record srv",
+                            expected,
+                        );
+                    }
+                    (DnsRecord::A | DnsRecord::Aaaa, None) => {
+                        let record = if dns.record == DnsRecord::A {
+                            "a"
+                        } else {
+                            "aaaa"
+                        };
+                        let message = format!("required with record {record}");
+                        self.push(
+                            format!("{at}.port"),
+                            message,
+                            Some("the port to connect to, e.g. 8080"),
+                        );
+                    }
+                    (DnsRecord::A | DnsRecord::Aaaa, Some(0)) => {
+                        self.push(
+                            format!("{at}.port"),
+                            "must not be 0",
+                            Some("a port from 1 to 65535"),
+                        );
+                    }
+                    _ => {}
+                }
+                self.positive(format!("{at}.refresh"), dns.refresh);
+            }
+            Discovery::File(file) => {
+                self.not_empty(format!("{path}.file"), &file.to_string_lossy())
+            }
+            Discovery::Registry(registry) => {
+                self.not_empty(format!("{path}.registry.service"), &registry.service);
+                if !has_registry {
+                    let expected =
+                        Some("registry: { etcd: { endpoints: [...] } } at the top level");
+                    self.push(
+                        format!("{path}.registry"),
+                        "needs the top-level registry section",
+                        expected,
+                    )
+                    .reading("registry");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! Every rule, as a table: a small bad YAML and the exact lines `outrigger validate` prints.
+//! Rows are checked all together, so one run shows every row that differs.
+
+const UP: &str = "upstreams:\n  payments:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n";
+const APP: &str = "service: { app: { url: http://127.0.0.1:8080 } }\n";
+
+/// (what the row shows, the YAML, the expected output lines).
+fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
+    let s = |t: &str| t.to_owned();
+    let up = |t: &str| format!("{UP}{t}");
+    let app = |t: &str| format!("{APP}{t}");
+    vec![
+        // --- from YAML to types ---
+        (
+            "yaml syntax error",
+            s("service:\n  name: a\n   app: b\n"),
+            vec!["outrigger.yaml:3:7: (yaml): mapping values are not allowed in this context"],
+        ),
+        (
+            "a second document",
+            s("service: {}\n---\nadmin: {}\n"),
+            vec![
+                "outrigger.yaml:2:1: (yaml): a second document; the configuration is one document",
+            ],
+        ),
+        (
+            "unknown top-level field",
+            s("servce:\n  name: checkout\n"),
+            vec![
+                "outrigger.yaml:1:1: servce: unknown field (expected one of: service, admin, outbound, upstreams, registry, resolver, messaging, telemetry, lifecycle)",
+            ],
+        ),
+        (
+            "unknown nested field",
+            up("    circuit_breakr: { window: 10s }\n"),
+            vec![
+                "outrigger.yaml:4:5: upstreams.payments.circuit_breakr: unknown field (expected one of: listen, discovery, load_balancer, protocol, timeouts, retry, circuit_breaker, rate_limit, concurrency_limit, health_check, tls, outlier_detection)",
+            ],
+        ),
+        (
+            "unknown discovery kind",
+            s("upstreams:\n  payments:\n    discovery: { dsn: { name: x } }\n"),
+            vec![
+                "outrigger.yaml:3:18: upstreams.payments.discovery.dsn: unknown field (expected one of: static, dns, file, registry)",
+            ],
+        ),
+        (
+            "bad duration",
+            up("    timeouts: { per_try: 3 seconds }\n"),
+            vec![
+                "outrigger.yaml:4:26: upstreams.payments.timeouts.per_try: \"3 seconds\" is not a duration (expected e.g. 250ms, 5s, 1m)",
+            ],
+        ),
+        (
+            "a bare number is not a duration",
+            s("lifecycle: { drain_timeout: 30 }\n"),
+            vec![
+                "outrigger.yaml:1:29: lifecycle.drain_timeout: \"30\" is not a duration (expected e.g. 250ms, 5s, 1m)",
+            ],
+        ),
+        (
+            "bad address",
+            s("admin:\n  listen: localhost:9901\n"),
+            vec![
+                "outrigger.yaml:2:11: admin.listen: \"localhost:9901\" is not an address (expected IP:PORT, e.g. 127.0.0.1:4140)",
+            ],
+        ),
+        (
+            "bad endpoint",
+            s("upstreams:\n  payments:\n    discovery: { static: [\"10.0.0.7\"] }\n"),
+            vec![
+                "outrigger.yaml:3:27: upstreams.payments.discovery.static[0]: \"10.0.0.7\" is not an endpoint (expected HOST:PORT, e.g. 10.0.0.7:8080 or payments.internal:8080)",
+            ],
+        ),
+        (
+            "bad enum value",
+            up("    load_balancer: fastest\n"),
+            vec![
+                "outrigger.yaml:4:20: upstreams.payments.load_balancer: unknown value \"fastest\" (expected one of: p2c_ewma, round_robin, random)",
+            ],
+        ),
+        (
+            "string where a number goes",
+            up("    retry: { max_attempts: three }\n"),
+            vec![
+                "outrigger.yaml:4:28: upstreams.payments.retry.max_attempts: \"three\" is not a number (expected a whole number from 1 to 4294967295)",
+            ],
+        ),
+        (
+            "zero where at least one is needed",
+            up("    concurrency_limit: 0\n"),
+            vec![
+                "outrigger.yaml:4:24: upstreams.payments.concurrency_limit: 0 is out of range (expected a whole number >= 1)",
+            ],
+        ),
+        (
+            "a mapping where a list goes",
+            app("messaging: { subscriptions: { queue: a } }\n"),
+            vec![
+                "outrigger.yaml:2:29: messaging.subscriptions: a mapping is not a list (expected a list, e.g. [a, b])",
+            ],
+        ),
+        (
+            "a scalar where a section goes",
+            up("    timeouts: 5s\n"),
+            vec![
+                "outrigger.yaml:4:15: upstreams.payments.timeouts: \"5s\" is not a mapping (expected a mapping with keys: connect, request, per_try, idle)",
+            ],
+        ),
+        (
+            "not a boolean",
+            s("service: { register: yes }\n"),
+            vec![
+                "outrigger.yaml:1:22: service.register: \"yes\" is not a boolean (expected true or false)",
+            ],
+        ),
+        (
+            "ratio out of range",
+            up("    circuit_breaker: { failure_rate: 1.5 }\n"),
+            vec![
+                "outrigger.yaml:4:38: upstreams.payments.circuit_breaker.failure_rate: 1.5 is out of range (expected a number from 0.0 to 1.0, e.g. 0.2)",
+            ],
+        ),
+        (
+            "bad size",
+            s("outbound: { limits: { max_header_bytes: 64 KiB } }\n"),
+            vec![
+                "outrigger.yaml:1:41: outbound.limits.max_header_bytes: \"64 KiB\" is not a size (expected a whole number of bytes with an optional unit, e.g. 512, 64KiB, 1MiB)",
+            ],
+        ),
+        (
+            "bad retry condition",
+            up("    retry: { on: [reset, 700, flaky] }\n"),
+            vec![
+                "outrigger.yaml:4:26: upstreams.payments.retry.on[1]: 700 is not a status code (expected connect-failure, reset, timeout, or a status code from 100 to 599)",
+                "outrigger.yaml:4:31: upstreams.payments.retry.on[2]: unknown value \"flaky\" (expected connect-failure, reset, timeout, or a status code from 100 to 599)",
+            ],
+        ),
+        (
+            "bad upstream name",
+            s("upstreams:\n  Payments_1:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n"),
+            vec![
+                "outrigger.yaml:2:3: upstreams.Payments_1: \"Payments_1\" is not a valid upstream name (expected a lowercase DNS name such as payments or payments.prod: a-z, 0-9 and -, dots between parts)",
+            ],
+        ),
+        (
+            "missing required field",
+            s("upstreams:\n  payments:\n    timeouts: { request: 5s }\n"),
+            vec!["outrigger.yaml:3:5: upstreams.payments.discovery: required field is missing"],
+        ),
+        (
+            "duplicate keys",
+            s("service:\n  name: a\n  name: b\nservice: {}\n"),
+            vec![
+                "outrigger.yaml:3:3: service.name: duplicate key (expected each key once; the first is at line 2)",
+                "outrigger.yaml:4:1: service: duplicate key (expected each key once; the first is at line 1)",
+            ],
+        ),
+        (
+            "bad broker, password not echoed",
+            s("messaging: { broker: kafka://k:9092 }\n"),
+            vec![
+                "outrigger.yaml:1:22: messaging.broker: \"kafka://k:9092\" is not a broker (expected embedded, redis://HOST:PORT or rediss://HOST:PORT)",
+            ],
+        ),
+        (
+            "three problems, in file order",
+            s(concat!(
+                "admin: { listen: \"9901\" }\n",
+                "upstreams:\n  payments:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n",
+                "    timeouts: { connect: 1s, request: 2s, per_try: 5s }\n",
+                "    retry: { backoff: { multiplier: 0.5 } }\n",
+            )),
+            vec![
+                "outrigger.yaml:1:18: admin.listen: \"9901\" is not an address (expected IP:PORT, e.g. 127.0.0.1:4140)",
+                "outrigger.yaml:5:52: upstreams.payments.timeouts.per_try: must not exceed timeouts.request (expected at most 2s, got 5s)",
+                "outrigger.yaml:6:37: upstreams.payments.retry.backoff.multiplier: must be at least 1.0 (expected a number >= 1.0, got 0.5)",
+            ],
+        ),
+        // --- semantic rules (validate.rs) ---
+        (
+            "per_try <= request",
+            up("    timeouts: { request: 1s, per_try: 3s }\n"),
+            vec![
+                "outrigger.yaml:4:39: upstreams.payments.timeouts.per_try: must not exceed timeouts.request (expected at most 1s, got 3s)",
+            ],
+        ),
+        (
+            "backoff initial <= max",
+            up("    retry:\n      backoff: { initial: 2s, max: 1s }\n"),
+            vec![
+                "outrigger.yaml:5:27: upstreams.payments.retry.backoff.initial: must not exceed backoff.max (expected at most 1s, got 2s)",
+            ],
+        ),
+        (
+            "backoff initial <= max, against a default",
+            app(
+                "messaging:\n  subscriptions:\n    - { queue: q, path: /q, backoff: { initial: 2m } }\n",
+            ),
+            vec![
+                "outrigger.yaml:4:49: messaging.subscriptions[0].backoff.initial: must not exceed backoff.max (expected at most 1m, got 2m)",
+            ],
+        ),
+        (
+            "multiplier >= 1.0",
+            up("    retry:\n      max_attempts: 3\n      backoff:\n        multiplier: 0.5\n"),
+            vec![
+                "outrigger.yaml:7:21: upstreams.payments.retry.backoff.multiplier: must be at least 1.0 (expected a number >= 1.0, got 0.5)",
+            ],
+        ),
+        (
+            "durations that must not be zero",
+            up(concat!(
+                "    timeouts: { connect: 0s, request: 0ms }\n",
+                "    health_check: { tcp: true, interval: 0s }\n",
+                "    circuit_breaker: { window: 0s, open_for: 0s }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:26: upstreams.payments.timeouts.connect: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:4:39: upstreams.payments.timeouts.request: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:5:42: upstreams.payments.health_check.interval: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:6:32: upstreams.payments.circuit_breaker.window: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:6:46: upstreams.payments.circuit_breaker.open_for: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+        (
+            "more durations that must not be zero",
+            s(concat!(
+                "outbound: { limits: { header_read_timeout: 0s } }\n",
+                "upstreams:\n  orders:\n    discovery: { dns: { name: orders.svc, port: 80, refresh: 0s } }\n",
+            )),
+            vec![
+                "outrigger.yaml:1:44: outbound.limits.header_read_timeout: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:4:62: upstreams.orders.discovery.dns.refresh: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+        (
+            "listen addresses are unique: the default outbound",
+            up("    listen: 127.0.0.1:4140\n"),
+            vec![
+                "outrigger.yaml:4:13: upstreams.payments.listen: listen address 127.0.0.1:4140 is already used by outbound.listen",
+            ],
+        ),
+        (
+            "listen addresses are unique: admin, and a wildcard",
+            s(concat!(
+                "admin: { listen: 127.0.0.1:5000 }\n",
+                "upstreams:\n  a:\n    listen: 0.0.0.0:5000\n    discovery: { static: [\"10.0.0.7:8080\"] }\n",
+                "  b:\n    listen: 127.0.0.1:5001\n    discovery: { static: [\"10.0.0.7:8080\"] }\n",
+                "  c:\n    listen: 127.0.0.1:5001\n    discovery: { static: [\"10.0.0.7:8080\"] }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:13: upstreams.a.listen: listen address 0.0.0.0:5000 is already used by admin.listen",
+                "outrigger.yaml:10:13: upstreams.c.listen: listen address 127.0.0.1:5001 is already used by upstreams.b.listen",
+            ],
+        ),
+        (
+            "health check: exactly one of path and tcp",
+            s(concat!(
+                "upstreams:\n",
+                "  a:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n    health_check: { interval: 5s }\n",
+                "  b:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n    health_check: { path: /healthz, tcp: true }\n",
+                "  c:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n    health_check: { path: healthz }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:19: upstreams.a.health_check: checks nothing (expected exactly one of: path, tcp: true)",
+                "outrigger.yaml:7:19: upstreams.b.health_check: has both path and tcp: true (expected exactly one of: path, tcp: true)",
+                "outrigger.yaml:10:27: upstreams.c.health_check.path: \"healthz\" does not start with / (expected a path such as /healthz)",
+            ],
+        ),
+        (
+            "concurrency: min >= 1 and min <= max",
+            app(concat!(
+                "messaging:\n  subscriptions:\n",
+                "    - { queue: a, path: /a, concurrency: { min: 0, max: 4 } }\n",
+                "    - { queue: b, path: /b, concurrency: { min: 8, max: 4 } }\n",
+                "    - { queue: c, path: /c, concurrency: { max: 4, maximum: 9 } }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:49: messaging.subscriptions[0].concurrency.min: must be at least 1 (expected a whole number >= 1, got 0)",
+                "outrigger.yaml:5:49: messaging.subscriptions[1].concurrency.min: must not exceed concurrency.max (expected at most 4, got 8)",
+                "outrigger.yaml:6:52: messaging.subscriptions[2].concurrency.maximum: unknown field (expected one of: min, max)",
+            ],
+        ),
+        (
+            "dns: a port for a/aaaa, none for srv",
+            s(concat!(
+                "upstreams:\n",
+                "  a:\n    discovery: { dns: { name: a.svc.cluster.local } }\n",
+                "  b:\n    discovery: { dns: { name: _http._tcp.b.svc, record: srv, port: 80 } }\n",
+            )),
+            vec![
+                "outrigger.yaml:3:23: upstreams.a.discovery.dns.port: required with record a (expected the port to connect to, e.g. 8080)",
+                "outrigger.yaml:5:68: upstreams.b.discovery.dns.port: not allowed with record srv (expected no port: SRV records carry their own)",
+            ],
+        ),
+        (
+            "registry discovery needs the top-level registry",
+            s("upstreams:\n  a:\n    discovery: { registry: { service: a } }\n"),
+            vec![
+                "outrigger.yaml:3:28: upstreams.a.discovery.registry: needs the top-level registry section (expected registry: { etcd: { endpoints: [...] } } at the top level)",
+            ],
+        ),
+        (
+            "service.register needs a registry and an app",
+            s("service:\n  register: true\n"),
+            vec![
+                "outrigger.yaml:2:13: service.register: needs service.app (expected service.app.url, the instance to register)",
+                "outrigger.yaml:2:13: service.register: needs the top-level registry section (expected registry: { etcd: { endpoints: [...] } })",
+            ],
+        ),
+        (
+            "subscriptions need service.app",
+            s("messaging:\n  subscriptions:\n    - { queue: a, path: /a }\n"),
+            vec![
+                "outrigger.yaml:3:5: messaging.subscriptions: need service.app to deliver to (expected service.app.url, e.g. http://127.0.0.1:8080)",
+            ],
+        ),
+        (
+            "subscription queues are unique",
+            app(concat!(
+                "messaging:\n  subscriptions:\n",
+                "    - { queue: orders.created, path: /a }\n",
+                "    - { queue: orders.created, path: /b }\n",
+            )),
+            vec![
+                "outrigger.yaml:5:16: messaging.subscriptions[1].queue: queue \"orders.created\" is already subscribed above (expected one subscription per queue)",
+            ],
+        ),
+        (
+            "max_headers >= 1",
+            s("outbound: { limits: { max_headers: 0 } }\n"),
+            vec![
+                "outrigger.yaml:1:36: outbound.limits.max_headers: must be from 1 to 1000 (expected a whole number from 1 to 1000, got 0)",
+            ],
+        ),
+        (
+            "max_header_bytes >= 1KiB",
+            s("outbound: { limits: { max_header_bytes: 512 } }\n"),
+            vec![
+                "outrigger.yaml:1:41: outbound.limits.max_header_bytes: must be at least 1KiB (expected a size >= 1KiB, got 512B)",
+            ],
+        ),
+        (
+            "static lists at least one endpoint",
+            s("upstreams:\n  a:\n    discovery: { static: [] }\n"),
+            vec![
+                "outrigger.yaml:3:26: upstreams.a.discovery.static: must list at least one endpoint (expected e.g. [\"10.0.0.7:8080\"])",
+            ],
+        ),
+        (
+            "etcd endpoints and lease",
+            s("registry:\n  etcd: { endpoints: [\"127.0.0.1:2379\"], lease_ttl: 500ms }\n"),
+            vec![
+                "outrigger.yaml:2:23: registry.etcd.endpoints[0]: \"127.0.0.1:2379\" is not an etcd endpoint (expected http(s)://HOST:PORT, e.g. http://127.0.0.1:2379)",
+                "outrigger.yaml:2:53: registry.etcd.lease_ttl: must be at least 1s (expected at least 1s, e.g. 10s, got 500ms)",
+            ],
+        ),
+        (
+            "paths start with /",
+            s(concat!(
+                "service: { app: { url: http://127.0.0.1:8080, health_path: healthz } }\n",
+                "messaging: { subscriptions: [{ queue: a, path: events/a }] }\n",
+            )),
+            vec![
+                "outrigger.yaml:1:60: service.app.health_path: \"healthz\" does not start with / (expected a path such as /healthz)",
+                "outrigger.yaml:2:48: messaging.subscriptions[0].path: \"events/a\" does not start with / (expected a path such as /healthz)",
+            ],
+        ),
+        (
+            "outlier ejection percent",
+            up("    outlier_detection: { max_ejected_percent: 150 }\n"),
+            vec![
+                "outrigger.yaml:4:47: upstreams.payments.outlier_detection.max_ejected_percent: must be at most 100 (expected a whole number from 0 to 100, got 150)",
+            ],
+        ),
+        (
+            "log level words",
+            s("telemetry:\n  log: { level: \"info,outrigger=verbose\" }\n"),
+            vec![
+                "outrigger.yaml:2:17: telemetry.log.level: \"outrigger=verbose\" is not a log level (expected trace, debug, info, warn, error or off, or directives such as info,outrigger=debug)",
+            ],
+        ),
+        (
+            "otlp endpoint is an http url",
+            s("telemetry:\n  tracing: { otlp_endpoint: \"127.0.0.1:4318\" }\n"),
+            vec![
+                "outrigger.yaml:2:29: telemetry.tracing.otlp_endpoint: \"127.0.0.1:4318\" is not an http URL (expected e.g. http://127.0.0.1:4318)",
+            ],
+        ),
+        // --- one problem, one line: no echoes of a refused value ---
+        (
+            "a refused item is not also an empty list",
+            s("upstreams:\n  a:\n    discovery: { static: [\"nope\"] }\n"),
+            vec![
+                "outrigger.yaml:3:27: upstreams.a.discovery.static[0]: \"nope\" is not an endpoint (expected HOST:PORT, e.g. 10.0.0.7:8080 or payments.internal:8080)",
+            ],
+        ),
+        (
+            "a refused request timeout is not judged as its default",
+            up("    timeouts: { request: soon, per_try: 30s }\n"),
+            vec![
+                "outrigger.yaml:4:26: upstreams.payments.timeouts.request: \"soon\" is not a duration (expected e.g. 250ms, 5s, 1m)",
+            ],
+        ),
+        (
+            "a refused required value is not also missing",
+            up("    rate_limit: { requests_per_second: 0 }\n"),
+            vec![
+                "outrigger.yaml:4:40: upstreams.payments.rate_limit.requests_per_second: 0 is out of range (expected a whole number from 1 to 4294967295)",
+            ],
+        ),
+        (
+            "paths keep the written index after a removal",
+            app(concat!(
+                "messaging:\n  subscriptions:\n",
+                "    - { queue: \"bad queue\", path: /a }\n",
+                "    - { queue: b, path: /b, timeout: 0s }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:16: messaging.subscriptions[0].queue: \"bad queue\" is not a valid queue name (expected 1 to 200 of A-Z, a-z, 0-9, '.', '_' and '-', e.g. registration.welcome_email)",
+                "outrigger.yaml:5:38: messaging.subscriptions[1].timeout: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+        (
+            "dotted upstream names are found in the file",
+            s(concat!(
+                "upstreams:\n  payments.prod:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n",
+                "    timeouts: { request: 0s }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:26: upstreams.payments.prod.timeouts.request: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn each_rule_prints_exactly_its_lines() {
+    let mut failures = Vec::new();
+    let rows = rows();
+    for (name, yaml, expected) in &rows {
+        let actual = match outrigger_config::load_str("outrigger.yaml", yaml) {
+            Ok(_) => String::from("(loaded without problems)"),
+            Err(e) => e.to_string(),
+        };
+        if actual != expected.join("\n") {
+            failures.push(format!(
+                "row {name:?}\n  yaml:\n{yaml}\n  expected:\n{}\n  actual:\n{actual}\n",
+                expected.join("\n")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows differ:\n\n{}",
+        failures.len(),
+        rows.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn problems_carry_their_parts() {
+    let Err(outrigger_config::LoadError::Invalid(problems)) =
+        outrigger_config::load_str("f.yaml", "lifecycle: { drain_timeout: soon }\n")
+    else {
+        panic!("should be invalid");
+    };
+    let problem = &problems.0[0];
+    assert_eq!(
+        (problem.file.as_str(), problem.line, problem.col),
+        ("f.yaml", 1, 29)
+    );
+    assert_eq!(problem.path, "lifecycle.drain_timeout");
+    assert_eq!(problem.message, "\"soon\" is not a duration");
+    assert_eq!(problem.expected.as_deref(), Some("e.g. 250ms, 5s, 1m"));
+}

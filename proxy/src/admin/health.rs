@@ -1,0 +1,135 @@
+//! `/healthz` and `/readyz` (DESIGN.md "Health").
+//!
+//! Liveness never depends on upstreams. Readiness is green once every upstream's discovery has
+//! produced its first endpoint set (a source that failed is reported, not waited on) and the
+//! local app answers its health path, when one is configured; it fails at once on SIGTERM.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use outrigger_discovery::{Endpoints, Status};
+use serde::Serialize;
+
+use crate::http::Body;
+
+const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What readiness looks at.
+#[derive(Debug)]
+pub struct Health {
+    draining: AtomicBool,
+    upstreams: Vec<(Arc<str>, Endpoints)>,
+    app: Option<(Uri, Client<HttpConnector, Body>)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Readiness {
+    pub status: &'static str,
+    pub checks: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    status: &'static str,
+    detail: String,
+}
+
+impl Health {
+    pub fn new(upstreams: Vec<(Arc<str>, Endpoints)>, app_health: Option<Uri>) -> Self {
+        let app = app_health.map(|uri| (uri, Client::builder(TokioExecutor::new()).build_http()));
+        Self {
+            draining: AtomicBool::new(false),
+            upstreams,
+            app,
+        }
+    }
+
+    /// From now on, readiness fails: the sidecar is shutting down.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub async fn readiness(&self) -> Readiness {
+        let mut checks = serde_json::Map::new();
+        let mut ready = true;
+        let mut put = |name: String, check: Check, blocks: bool| {
+            ready &= check.status == "ok" || !blocks;
+            checks.insert(
+                name,
+                serde_json::to_value(check).expect("a check serializes"),
+            );
+        };
+        put("config".into(), Check::ok("loaded"), true);
+        put("listeners".into(), Check::ok("bound"), true);
+        if self.draining.load(Ordering::SeqCst) {
+            put("lifecycle".into(), Check::failing("shutting down"), true);
+        }
+        for (name, endpoints) in &self.upstreams {
+            let snapshot = endpoints.snapshot();
+            let n = snapshot.endpoints.len();
+            let (check, blocks) = match snapshot.status {
+                Status::Ready => (Check::ok(format!("{n} endpoint(s)")), false),
+                Status::Pending => (Check::failing("waiting for the first endpoint set"), true),
+                // a source that failed is reported, not waited on: its last set (if any) serves
+                Status::Failing(detail) if n > 0 => {
+                    let detail = format!("{detail}; serving the last {n} endpoint(s)");
+                    (
+                        Check {
+                            status: "degraded",
+                            detail,
+                        },
+                        false,
+                    )
+                }
+                Status::Failing(detail) => (Check::failing(detail), false),
+            };
+            put(format!("upstream.{name}"), check, blocks);
+        }
+        if let Some((uri, client)) = &self.app {
+            let check = match check_app(client, uri).await {
+                Ok(detail) => Check::ok(detail),
+                Err(detail) => Check::failing(detail),
+            };
+            put("app".into(), check, true);
+        }
+        Readiness {
+            status: if ready { "ready" } else { "not_ready" },
+            checks,
+        }
+    }
+}
+
+impl Check {
+    fn ok(detail: impl Into<String>) -> Self {
+        Self {
+            status: "ok",
+            detail: detail.into(),
+        }
+    }
+
+    fn failing(detail: impl Into<String>) -> Self {
+        Self {
+            status: "failing",
+            detail: detail.into(),
+        }
+    }
+}
+
+async fn check_app(client: &Client<HttpConnector, Body>, uri: &Uri) -> Result<String, String> {
+    let req = Request::get(uri.clone())
+        .body(Body::empty())
+        .expect("a GET with a valid URI");
+    match tokio::time::timeout(APP_CHECK_TIMEOUT, client.request(req)).await {
+        Ok(Ok(res)) if res.status().is_success() => {
+            Ok(format!("{uri} answered {}", res.status().as_u16()))
+        }
+        Ok(Ok(res)) => Err(format!("{uri} answered {}", res.status().as_u16())),
+        Ok(Err(error)) => Err(format!("{uri}: {error}")),
+        Err(_) => Err(format!("{uri}: no answer within {APP_CHECK_TIMEOUT:?}")),
+    }
+}

@@ -1,0 +1,8 @@
+//! The admin listener: probes for the orchestrator, metrics for Prometheus, and control
+//! endpoints for the operator on the same host.
+
+pub mod health;
+pub mod server;
+
+pub use health::Health;
+pub use server::Admin;

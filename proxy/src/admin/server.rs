@@ -1,0 +1,122 @@
+//! The admin listener's routes. Probes and metrics answer anyone (the listener may be public
+//! for the kubelet and Prometheus); control endpoints answer loopback clients only, others 403,
+//! and nothing here changes state without being on loopback.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::admin::Health;
+use crate::http::Body;
+use crate::telemetry::metrics::Metrics;
+
+/// The state the admin routes read.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    health: Arc<Health>,
+    metrics: Metrics,
+    /// The running config as JSON, secrets redacted, rendered once.
+    config: Bytes,
+}
+
+impl Admin {
+    pub fn new(health: Arc<Health>, metrics: Metrics, config: Bytes) -> Self {
+        Self {
+            health,
+            metrics,
+            config,
+        }
+    }
+
+    /// The service for one connection from `peer`.
+    pub fn service(&self, peer: SocketAddr) -> AdminService {
+        AdminService {
+            admin: self.clone(),
+            peer,
+        }
+    }
+
+    async fn answer(self, peer: SocketAddr, method: Method, path: &str) -> Response<Body> {
+        let control = path.starts_with("/v1/");
+        if control && !peer.ip().is_loopback() {
+            return text(
+                StatusCode::FORBIDDEN,
+                "control endpoints answer loopback clients only\n",
+            );
+        }
+        if method != Method::GET && method != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "admin endpoints are read-only here\n",
+            );
+        }
+        match path {
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => {
+                let readiness = self.health.readiness().await;
+                let status = if readiness.status == "ready" {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let body = serde_json::to_vec(&readiness).expect("readiness serializes");
+                json(status, body.into())
+            }
+            "/metrics" => {
+                let mut res = Response::new(Body::full(self.metrics.encode()));
+                res.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                res
+            }
+            "/v1/config" => json(StatusCode::OK, self.config.clone()),
+            _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut res = Response::new(Body::full(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut res = Response::new(Body::full(body));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// The admin routes for one connection.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    admin: Admin,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let (admin, peer) = (self.admin.clone(), self.peer);
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        Box::pin(async move { Ok(admin.answer(peer, method, &path).await) })
+    }
+}

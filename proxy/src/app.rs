@@ -1,0 +1,207 @@
+//! Config -> a running sidecar: bind every listener first (so a taken port fails the start,
+//! not a request later), spawn the servers, and drain them on SIGTERM.
+//!
+//! Shutdown (DESIGN.md "Lifecycle"): readiness fails at once, listeners stop accepting,
+//! in-flight requests get up to `lifecycle.drain_timeout` to finish, then the process exits 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper_util::server::graceful::GracefulShutdown;
+use outrigger_config::{self as config, Config};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::{Admin, Health};
+use crate::http::listener::{self, Serving};
+use crate::http::route::Route;
+use crate::stack;
+use crate::telemetry::metrics::{Metrics, NO_UPSTREAM};
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started sidecar: where it listens, and the handle to stop it.
+#[derive(Debug)]
+pub struct Running {
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// Each dedicated `upstreams.NAME.listen`, as bound.
+    pub dedicated: Vec<(Arc<str>, SocketAddr)>,
+    stop: watch::Sender<bool>,
+    graceful: Arc<GracefulShutdown>,
+    health: Arc<Health>,
+    servers: JoinSet<()>,
+    drain_timeout: Duration,
+}
+
+async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: what.into(),
+            addr,
+            source,
+        })
+}
+
+/// Binds and starts everything `config` describes.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let metrics = Metrics::new();
+    let outbound = bind("outbound.listen", config.outbound.listen.get()).await?;
+    let admin = bind("admin.listen", config.admin.listen.get()).await?;
+    let mut dedicated = Vec::new();
+    for upstream in config.upstreams.iter() {
+        if let Some(addr) = upstream.listen {
+            let what = format!("upstreams.{}.listen", upstream.name.as_str());
+            dedicated.push((upstream.name.as_str(), bind(what, addr.get()).await?));
+        }
+    }
+
+    let upstreams: Vec<stack::BuiltUpstream> = config
+        .upstreams
+        .iter()
+        .map(|u| stack::upstream(u, &metrics))
+        .collect();
+    let routes = Arc::new(stack::routes(&upstreams, &metrics));
+    let health = Arc::new(Health::new(
+        upstreams
+            .iter()
+            .map(|u| (u.name.clone(), u.endpoints.clone()))
+            .collect(),
+        config.service.app.as_ref().and_then(app_health_uri),
+    ));
+    let config_json =
+        Bytes::from(serde_json::to_vec_pretty(&config).expect("the config serializes"));
+    let admin_routes = Admin::new(health.clone(), metrics.clone(), config_json);
+
+    let (stop, stopped) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let serving = Serving::new(&config.outbound.limits);
+    let mut servers = JoinSet::new();
+    let mut running = Running {
+        outbound: outbound
+            .local_addr()
+            .expect("a bound socket has an address"),
+        admin: admin.local_addr().expect("a bound socket has an address"),
+        dedicated: Vec::new(),
+        stop,
+        graceful,
+        health,
+        servers: JoinSet::new(),
+        drain_timeout: config.lifecycle.drain_timeout.get(),
+    };
+
+    let route = Route::ByAuthority(routes);
+    servers.spawn(listener::serve(
+        outbound,
+        serving.clone(),
+        move |_| route.clone(),
+        running.graceful.clone(),
+        stopped.clone(),
+    ));
+    servers.spawn(listener::serve(
+        admin,
+        serving.clone(),
+        move |peer| admin_routes.service(peer),
+        running.graceful.clone(),
+        stopped.clone(),
+    ));
+    for (name, listener) in dedicated {
+        let addr = listener
+            .local_addr()
+            .expect("a bound socket has an address");
+        let built = upstreams
+            .iter()
+            .find(|u| &*u.name == name)
+            .expect("every dedicated listener has its upstream");
+        running.dedicated.push((built.name.clone(), addr));
+        let route = Route::Dedicated {
+            upstream: built.service.clone(),
+            unmatched: metrics.upstream(NO_UPSTREAM),
+        };
+        servers.spawn(listener::serve(
+            listener,
+            serving.clone(),
+            move |_| route.clone(),
+            running.graceful.clone(),
+            stopped.clone(),
+        ));
+    }
+    running.servers = servers;
+    tracing::info!(
+        outbound = %running.outbound,
+        admin = %running.admin,
+        upstreams = upstreams.len(),
+        "outrigger started"
+    );
+    Ok(running)
+}
+
+/// `service.app.url` + `health_path`, when a health path is configured.
+fn app_health_uri(app: &config::App) -> Option<http::Uri> {
+    let path = app.health_path.as_deref()?;
+    let url = &app.url;
+    let uri = format!(
+        "http://{}:{}{}{path}",
+        url.host(),
+        url.port(),
+        url.base_path()
+    );
+    // config validated both parts; an IPv6 host needs its brackets back
+    let uri = if url.host().contains(':') {
+        uri.replacen(url.host(), &format!("[{}]", url.host()), 1)
+    } else {
+        uri
+    };
+    uri.parse().ok()
+}
+
+impl Running {
+    /// Fails readiness, stops accepting, and waits up to the drain timeout for in-flight work.
+    pub async fn shutdown(mut self) {
+        self.health.drain();
+        let _ = self.stop.send(true);
+        while self.servers.join_next().await.is_some() {}
+        tracing::info!(timeout = ?self.drain_timeout, "draining in-flight requests");
+        // every listener task has ended, so this is the last reference
+        let graceful = Arc::into_inner(self.graceful).expect("the listeners have stopped");
+        if tokio::time::timeout(self.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing what is left");
+        }
+        tracing::info!("outrigger stopped");
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then drains.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let running = start(config).await?;
+    shutdown_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,218 @@
+//! `outrigger demo`: scripted upstreams, a sidecar on `examples/demo.yaml`, traffic, and a
+//! live table of what the sidecar did with it. Each capability adds its scene here.
+
+mod upstreams;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Request;
+use http::header::HOST;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::http::Body;
+use crate::http::respond::ERROR_HEADER;
+use crate::{app, config};
+use upstreams::Behaviour;
+
+/// The demo's configuration; the scripted upstreams' addresses replace its 127.0.0.1:1808x.
+const DEMO_YAML: &str = include_str!("../../../examples/demo.yaml");
+
+/// The scenes: the `Host` a request names, and what the table calls it.
+const SCENES: [(&str, &str); 5] = [
+    ("healthy", "answers 200 at once"),
+    ("flaky", "answers 503 to one request in three"),
+    ("slow", "answers after 150-300 ms"),
+    ("gone", "its only endpoint refuses connections"),
+    ("nowhere", "names no configured upstream"),
+];
+
+const WORKERS: usize = 4;
+const PAUSE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("could not start a scripted upstream: {0}")]
+    Upstream(#[from] std::io::Error),
+    #[error("the embedded demo configuration is invalid:\n{0}")]
+    Config(#[from] config::LoadError),
+    #[error(transparent)]
+    Start(#[from] app::StartError),
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    by_class: [u64; 5],
+    outcomes: BTreeMap<String, u64>,
+}
+
+type Tallies = Arc<Mutex<BTreeMap<&'static str, Tally>>>;
+
+pub async fn run(length: Duration) -> Result<(), DemoError> {
+    let healthy = upstreams::start(Behaviour::Healthy).await?;
+    let flaky = upstreams::start(Behaviour::Flaky { every: 3 }).await?;
+    let slow = upstreams::start(Behaviour::Slow {
+        min: Duration::from_millis(150),
+    })
+    .await?;
+    let gone = closed_port().await?;
+    let yaml = DEMO_YAML
+        .replace("127.0.0.1:18081", &healthy.to_string())
+        .replace("127.0.0.1:18082", &flaky.to_string())
+        .replace("127.0.0.1:18083", &slow.to_string())
+        .replace("127.0.0.1:18084", &gone.to_string());
+    let config = config::load_str("examples/demo.yaml", &yaml)?;
+    let sidecar = app::start(config).await?;
+    println!(
+        "Outrigger demo: a sidecar on {} (admin http://{}), scripted upstreams:",
+        sidecar.outbound, sidecar.admin
+    );
+    for (name, what) in SCENES {
+        println!("  {name:<8} {what}");
+    }
+    println!();
+
+    let tallies: Tallies = Arc::default();
+    let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
+    let started = Instant::now();
+    let deadline = started + length;
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..WORKERS {
+        let (client, tallies, outbound) = (client.clone(), tallies.clone(), sidecar.outbound);
+        workers.spawn(drive(worker, client, outbound, tallies, deadline));
+    }
+    let live = std::io::stdout().is_terminal();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let elapsed = started.elapsed().as_secs().min(length.as_secs());
+        if live {
+            print!(
+                "\x1b[{}F\x1b[J",
+                if elapsed > 1 { SCENES.len() + 2 } else { 0 }
+            );
+            print_table(
+                &tallies,
+                &format!("after {elapsed}s of {}s", length.as_secs()),
+            );
+        }
+    }
+    while workers.join_next().await.is_some() {}
+    if live {
+        print!("\x1b[{}F\x1b[J", SCENES.len() + 2);
+    }
+    print_table(&tallies, &format!("after {}s", length.as_secs()));
+    println!();
+    println!(
+        "outcome: `upstream` = the upstream's own answer passed through; any other word is the"
+    );
+    println!(
+        "`outrigger-error` kind of an answer the sidecar gave itself (see docs/request-path.md)."
+    );
+    sidecar.shutdown().await;
+    Ok(())
+}
+
+/// A loopback port with nothing listening on it.
+async fn closed_port() -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    listener.local_addr()
+}
+
+async fn drive(
+    worker: usize,
+    client: Client<HttpConnector, Body>,
+    outbound: SocketAddr,
+    tallies: Tallies,
+    deadline: Instant,
+) {
+    let mut n = worker;
+    while Instant::now() < deadline {
+        let (host, _) = SCENES[n % SCENES.len()];
+        n += 1;
+        let req = Request::get(format!("http://{outbound}/demo"))
+            .header(HOST, host)
+            .body(Body::empty())
+            .expect("a valid request");
+        let sent = Instant::now();
+        let outcome = match client.request(req).await {
+            Ok(res) => {
+                let status = res.status().as_u16();
+                let kind = res
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let _ = res.into_body().collect().await;
+                Some((status, kind.unwrap_or_else(|| "upstream".to_owned())))
+            }
+            Err(_) => None,
+        };
+        let elapsed = sent.elapsed();
+        let (class, outcome) = match outcome {
+            Some((status, kind)) => (usize::from(status / 100).clamp(1, 5) - 1, kind),
+            None => (4, "client-error".to_owned()),
+        };
+        tally(&tallies, host, elapsed, class, outcome);
+        tokio::time::sleep(PAUSE).await;
+    }
+}
+
+fn tally(tallies: &Tallies, host: &'static str, elapsed: Duration, class: usize, outcome: String) {
+    let mut tallies = tallies.lock().expect("no panics while the lock is held");
+    let tally = tallies.entry(host).or_default();
+    tally.latencies.push(elapsed);
+    tally.by_class[class] += 1;
+    *tally.outcomes.entry(outcome).or_default() += 1;
+}
+
+fn print_table(tallies: &Tallies, when: &str) {
+    let tallies = tallies.lock().expect("no panics while the lock is held");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{when:<18} {:>8} {:>5} {:>5} {:>5} {:>9} {:>9}  outcomes",
+        "requests", "2xx", "4xx", "5xx", "p50", "p99"
+    );
+    for (host, _) in SCENES {
+        let empty = Tally::default();
+        let t = tallies.get(host).unwrap_or(&empty);
+        let mut sorted = t.latencies.clone();
+        sorted.sort_unstable();
+        let outcomes: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            out,
+            "{host:<18} {:>8} {:>5} {:>5} {:>5} {:>9} {:>9}  {}",
+            sorted.len(),
+            t.by_class[1],
+            t.by_class[3],
+            t.by_class[4],
+            percentile(&sorted, 0.50),
+            percentile(&sorted, 0.99),
+            outcomes.join(", "),
+        );
+    }
+    let _ = writeln!(out);
+    let _ = out.flush();
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> String {
+    if sorted.is_empty() {
+        return "-".into();
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    let d = sorted[i];
+    if d < Duration::from_millis(10) {
+        format!("{:.2}ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}

@@ -1,0 +1,93 @@
+//! `ProxyError`: every answer Outrigger gives instead of an upstream's.
+//!
+//! Status and kind live in one `match` each, with no `_ =>` arm, so a new variant does not
+//! compile until someone decides what the user sees (DESIGN.md, "What Outrigger answers itself").
+
+use std::sync::Arc;
+
+use http::StatusCode;
+
+/// Why Outrigger answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no upstream is configured for {authority:?}")]
+    UnknownUpstream { authority: Box<str> },
+    #[error("upstream {upstream} has no healthy endpoint")]
+    NoHealthyEndpoints { upstream: Arc<str> },
+    #[error("could not connect to upstream {upstream}: {source}")]
+    ConnectFailed {
+        upstream: Arc<str>,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("upstream {upstream} closed or reset the connection: {source}")]
+    UpstreamReset {
+        upstream: Arc<str>,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: Box<str> },
+    #[error("request headers too large: {reason}")]
+    HeadersTooLarge { reason: Box<str> },
+}
+
+impl ProxyError {
+    /// The stable name sent as `outrigger-error`, used as a metrics label and in tests.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnknownUpstream { .. } => "unknown-upstream",
+            Self::NoHealthyEndpoints { .. } => "no-healthy-endpoints",
+            Self::ConnectFailed { .. } => "connect-failed",
+            Self::UpstreamReset { .. } => "upstream-reset",
+            Self::BadRequest { .. } | Self::HeadersTooLarge { .. } => "bad-request",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
+            Self::NoHealthyEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectFailed { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// Whether the client connection must be closed after this answer: its framing can no
+    /// longer be trusted, so reading another request from it could desynchronise.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Self::BadRequest { .. } | Self::HeadersTooLarge { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_statuses_match_the_design_table() {
+        let unknown = ProxyError::UnknownUpstream {
+            authority: "x".into(),
+        };
+        assert_eq!(
+            (unknown.status(), unknown.kind()),
+            (StatusCode::NOT_FOUND, "unknown-upstream")
+        );
+        let empty = ProxyError::NoHealthyEndpoints {
+            upstream: "p".into(),
+        };
+        assert_eq!(
+            (empty.status().as_u16(), empty.kind()),
+            (503, "no-healthy-endpoints")
+        );
+        let bad = ProxyError::BadRequest { reason: "r".into() };
+        assert_eq!((bad.status().as_u16(), bad.kind()), (400, "bad-request"));
+        let large = ProxyError::HeadersTooLarge { reason: "r".into() };
+        assert_eq!(
+            (large.status().as_u16(), large.kind()),
+            (431, "bad-request")
+        );
+        assert!(large.closes_connection());
+    }
+}

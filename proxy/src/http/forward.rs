@@ -1,0 +1,365 @@
+//! Forwarding one request to one endpoint of its upstream, over a pooled connection.
+//!
+//! The balancer picks an endpoint of the current healthy set (none: 503
+//! `no-healthy-endpoints`); the request keeps its method, path, query and `Host`, loses its
+//! hop-by-hop headers (RFC 9110 section 7.6.1) and streams to the endpoint. hyper's errors are
+//! classified here, where they enter: could not connect -> 502 `connect-failed`, anything after
+//! -> 502 `upstream-reset`. A `101 Switching Protocols` answer (WebSocket) becomes a byte tunnel.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{self, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use outrigger_config as config;
+use outrigger_discovery::{Balancer, Endpoint, Endpoints};
+
+use crate::error::ProxyError;
+use crate::http::Body;
+
+/// The innermost service of an upstream: pick an endpoint, send, classify the outcome.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    upstream: Arc<str>,
+    endpoints: Endpoints,
+    balancer: Balancer,
+    protocol: config::Protocol,
+    http1: Client<HttpConnector, Body>,
+    http2: Client<HttpConnector, Body>,
+}
+
+impl Forward {
+    pub fn new(upstream: &str, endpoints: Endpoints, cfg: &config::Upstream) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                upstream: upstream.into(),
+                endpoints,
+                balancer: Balancer::new(cfg.load_balancer),
+                protocol: cfg.protocol,
+                http1: client(&cfg.timeouts, false),
+                http2: client(&cfg.timeouts, true),
+            }),
+        }
+    }
+}
+
+/// A pooled client: connections are kept per endpoint (the pool is keyed by the URI's
+/// authority, which is the endpoint's address) and closed after `timeouts.idle` unused.
+fn client(timeouts: &config::Timeouts, http2: bool) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(timeouts.connect.get()));
+    connector.set_nodelay(true);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(timeouts.idle.get())
+        .http2_only(http2);
+    builder.build(connector)
+}
+
+impl tower::Service<Request<Body>> for Forward {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> ResponseFuture {
+        let inner = &self.inner;
+        let endpoints = inner.endpoints.current();
+        let Some(endpoint) = inner.balancer.pick(&endpoints) else {
+            let err = ProxyError::NoHealthyEndpoints {
+                upstream: inner.upstream.clone(),
+            };
+            return ResponseFuture::failed(err);
+        };
+        let http2 = match inner.protocol {
+            config::Protocol::Auto => req.version() == Version::HTTP_2,
+            config::Protocol::Http1 => false,
+            config::Protocol::Http2 => true,
+        };
+        let (req, upgrade) = prepare(req, endpoint, http2);
+        let client = if http2 { &inner.http2 } else { &inner.http1 };
+        ResponseFuture {
+            state: State::Sent {
+                fut: client.request(req),
+                upstream: inner.upstream.clone(),
+                upgrade,
+            },
+        }
+    }
+}
+
+/// Rewrites the request for `endpoint`; returns the client's side of an upgrade, if asked.
+fn prepare(
+    mut req: Request<Body>,
+    endpoint: &Endpoint,
+    http2: bool,
+) -> (Request<Body>, Option<OnUpgrade>) {
+    let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    if !http2 && !parts.headers.contains_key(header::HOST) {
+        // an HTTP/2 client's :authority becomes the HTTP/1 Host: the upstream's logical name
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+    } else if http2 {
+        // HTTP/2 carries the authority as :authority (the endpoint's address); a Host header
+        // beside it is redundant and some servers refuse the pair
+        parts.headers.remove(header::HOST);
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    let path = parts
+        .uri
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(endpoint.authority.clone());
+    uri.path_and_query = Some(path);
+    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+    parts.version = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    (Request::from_parts(parts, body), upgrade)
+}
+
+/// An HTTP/1.1 protocol upgrade (WebSocket and the like), but not `h2c`: HTTP/2 is spoken
+/// with prior knowledge on our ports, and an `Upgrade: h2c` is dropped like any hop header.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        && has_token(req.headers(), header::CONNECTION, "upgrade")
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110 7.6.1):
+/// those named in `Connection`, and the fixed list. `TE: trailers` stays (gRPC needs it), and
+/// an upgrade keeps `Connection: upgrade` and `Upgrade`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        let listed: Vec<HeaderName> = connection
+            .as_bytes()
+            .split(|b| *b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !t.eq_ignore_ascii_case(b"upgrade"))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    let trailers = has_token(headers, header::TE, "trailers");
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        if upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream's answer, classified; no box beyond the one hyper's client makes.
+    #[allow(missing_debug_implementations)]
+    pub struct ResponseFuture {
+        #[pin]
+        state: State,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State {
+        Failed { err: Option<ProxyError> },
+        Sent {
+            #[pin]
+            fut: legacy::ResponseFuture,
+            upstream: Arc<str>,
+            upgrade: Option<OnUpgrade>,
+        },
+    }
+}
+
+impl ResponseFuture {
+    fn failed(err: ProxyError) -> Self {
+        Self {
+            state: State::Failed { err: Some(err) },
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Body>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Failed { err } => {
+                Poll::Ready(Err(err.take().expect("polled after completion")))
+            }
+            StateProj::Sent {
+                fut,
+                upstream,
+                upgrade,
+            } => {
+                let mut res = match ready!(fut.poll(cx)) {
+                    Ok(res) => res,
+                    Err(source) => {
+                        let upstream = upstream.clone();
+                        return Poll::Ready(Err(if source.is_connect() {
+                            ProxyError::ConnectFailed { upstream, source }
+                        } else {
+                            ProxyError::UpstreamReset { upstream, source }
+                        }));
+                    }
+                };
+                let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
+                if upgraded {
+                    let client_side = upgrade.take().expect("checked above");
+                    tokio::spawn(tunnel(
+                        upstream.clone(),
+                        client_side,
+                        hyper::upgrade::on(&mut res),
+                    ));
+                }
+                strip_hop_by_hop(res.headers_mut(), upgraded);
+                Poll::Ready(Ok(res.map(Body::from)))
+            }
+        }
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and endpoint until either side closes.
+async fn tunnel(upstream: Arc<str>, client: OnUpgrade, endpoint: OnUpgrade) {
+    let (client, endpoint) = match tokio::try_join!(client, endpoint) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%upstream, %error, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut endpoint) = (TokioIo::new(client), TokioIo::new(endpoint));
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await {
+        tracing::debug!(%upstream, %error, "upgraded connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic x"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-end-to-end"]);
+    }
+
+    #[test]
+    fn te_trailers_survives_for_grpc() {
+        let mut h = headers(&[("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_connection_and_upgrade() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(
+            (
+                h["connection"].to_str().unwrap(),
+                h["upgrade"].to_str().unwrap()
+            ),
+            ("upgrade", "websocket")
+        );
+    }
+
+    #[test]
+    fn the_request_goes_to_the_endpoint_with_path_query_and_host_kept() {
+        let req = Request::builder()
+            .uri("http://payments/charge?id=7")
+            .header("host", "payments")
+            .body(Body::empty())
+            .unwrap();
+        let endpoint = Endpoint::new(([127, 0, 0, 1], 9001).into());
+        let (req, upgrade) = prepare(req, &endpoint, false);
+        assert_eq!(req.uri(), "http://127.0.0.1:9001/charge?id=7");
+        assert_eq!(req.headers()["host"], "payments");
+        assert!(upgrade.is_none());
+    }
+
+    #[test]
+    fn an_http2_request_without_host_gets_its_authority_as_host_on_http1() {
+        let req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://payments:80/x")
+            .body(Body::empty())
+            .unwrap();
+        let endpoint = Endpoint::new(([127, 0, 0, 1], 9001).into());
+        let (req, _) = prepare(req, &endpoint, false);
+        assert_eq!(req.headers()["host"], "payments:80");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+}

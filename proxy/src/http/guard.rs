@@ -1,0 +1,573 @@
+//! The connection guard: strict HTTP/1 framing and client deadlines, in front of hyper.
+//!
+//! hyper accepts a request with both `Content-Length` and `Transfer-Encoding` (it drops the
+//! length) and answers its own parse errors without our `outrigger-error` header. DESIGN.md wants
+//! such requests refused with 400 and nothing forwarded, so this reader scans each request head
+//! before hyper sees a byte of it (RFC 9112 sections 2.2, 5.2, 6.1 and 6.3), follows the body
+//! framing to find the next head, and on a violation hands hyper a synthetic head that routes to a
+//! 400/431 answer with `connection: close`. It also cuts a client off that trickles its headers
+//! past `header_read_timeout` or sends nothing for `idle_timeout`. HTTP/2 (prior knowledge) and
+//! upgraded connections pass through: their framing is length-prefixed or no longer HTTP/1.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The header a synthetic head carries to the router: `"<status> <reason>"`.
+pub(crate) const REJECTED_HEADER: &str = "outrigger-rejected";
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const READ_CHUNK: usize = 8 * 1024;
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+const STACK_HEADERS: usize = 128;
+
+/// What the guard enforces, from `outbound.limits`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GuardLimits {
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    /// Connection start: an HTTP/1 head or the HTTP/2 preface?
+    Sniff,
+    /// Waiting for the next request head; its bytes are held back until it is complete and valid.
+    Head,
+    /// `Content-Length` body bytes still to come.
+    Body(u64),
+    Chunked(Chunk),
+    /// HTTP/2, or an upgraded connection: bytes are not HTTP/1 framing any more.
+    Passthrough,
+    /// A synthetic head was queued; nothing more is read from the client.
+    Rejected,
+    /// The chunked framing of a body already forwarded is malformed: end the connection.
+    Broken,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// Wraps a client connection; hyper reads and writes through it.
+#[derive(Debug)]
+pub(crate) struct GuardedIo<T> {
+    inner: T,
+    limits: GuardLimits,
+    /// `storage[start..end]` holds bytes read from the client that hyper has not taken yet;
+    /// the first `released` of them are approved.
+    storage: Vec<u8>,
+    start: usize,
+    end: usize,
+    released: usize,
+    /// How far the current head has been searched for its end, so a trickled head is not
+    /// rescanned from its start on every byte.
+    head_searched: usize,
+    state: State,
+    synthetic: Bytes,
+    head_started: Option<Instant>,
+    last_activity: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<T> GuardedIo<T> {
+    pub(crate) fn new(inner: T, limits: GuardLimits) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            limits,
+            storage: Vec::new(),
+            start: 0,
+            end: 0,
+            released: 0,
+            head_searched: 0,
+            state: State::Sniff,
+            synthetic: Bytes::new(),
+            // a connection that sends nothing is held to the header deadline: a slowloris
+            // client opens connections and never finishes a head
+            head_started: Some(now),
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + limits.header_read_timeout)),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        match (self.state, self.head_started) {
+            (State::Sniff | State::Head, Some(started)) => {
+                started + self.limits.header_read_timeout
+            }
+            _ => self.last_activity + self.limits.idle_timeout,
+        }
+    }
+
+    /// Pending, unless the connection's deadline has passed: then a `TimedOut` error, which makes
+    /// hyper close the connection. The timer is only moved when it fires early (activity pushed
+    /// the deadline back) or a head starts, not on every read.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.timer.as_mut().poll(cx));
+            let deadline = self.deadline();
+            if Instant::now() >= deadline {
+                let what = match self.state {
+                    State::Sniff | State::Head => "request headers not received in time",
+                    _ => "connection idle",
+                };
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+
+    fn head_begins(&mut self, now: Instant) {
+        if self.head_started.is_none() {
+            self.head_started = Some(now);
+            let deadline = now + self.limits.header_read_timeout;
+            if self.timer.deadline() > deadline {
+                self.timer.as_mut().reset(deadline);
+            }
+        }
+    }
+
+    /// Approve what can be approved of the unscanned bytes, following the framing.
+    fn scan(&mut self) {
+        loop {
+            let unscanned = self.end - self.start - self.released;
+            if unscanned == 0 {
+                return;
+            }
+            let from = self.start + self.released;
+            match self.state {
+                State::Sniff => {
+                    let seen = &self.storage[from..self.end];
+                    let n = seen.len().min(H2_PREFACE.len());
+                    if seen[..n] != H2_PREFACE[..n] {
+                        self.state = State::Head;
+                    } else if n == H2_PREFACE.len() {
+                        self.state = State::Passthrough;
+                    } else {
+                        return; // a prefix of the preface: wait for more
+                    }
+                }
+                State::Head => {
+                    // RFC 9112 2.2: empty lines before a request line are ignored (hyper too)
+                    let skip = self.storage[from..self.end]
+                        .iter()
+                        .take_while(|b| **b == b'\r' || **b == b'\n')
+                        .count();
+                    if skip > 0 && self.head_searched == 0 {
+                        self.released += skip;
+                        continue;
+                    }
+                    self.head_begins(Instant::now());
+                    if !self.scan_head(from) {
+                        return;
+                    }
+                }
+                State::Body(left) => {
+                    let n = (unscanned as u64).min(left);
+                    self.released += n as usize;
+                    self.state = if n == left {
+                        self.next_head()
+                    } else {
+                        State::Body(left - n)
+                    };
+                }
+                State::Chunked(chunk) => {
+                    if !self.scan_chunked(from, chunk) {
+                        return;
+                    }
+                }
+                State::Passthrough => {
+                    self.released += unscanned;
+                }
+                State::Rejected | State::Broken => return,
+            }
+        }
+    }
+
+    fn next_head(&mut self) -> State {
+        self.head_started = None;
+        self.head_searched = 0;
+        State::Head
+    }
+
+    /// Looks for the end of the head starting at `from`; returns whether progress was made.
+    fn scan_head(&mut self, from: usize) -> bool {
+        let seen = &self.storage[from..self.end];
+        let search_from = self.head_searched.saturating_sub(3);
+        let Some(end) = find(&seen[search_from..], b"\r\n\r\n").map(|i| search_from + i + 4) else {
+            self.head_searched = seen.len();
+            if seen.len() > self.limits.max_header_bytes {
+                let reason = format!(
+                    "request headers exceed {} bytes",
+                    self.limits.max_header_bytes
+                );
+                self.reject(431, &reason);
+                return true;
+            }
+            return false;
+        };
+        if end > self.limits.max_header_bytes {
+            let reason = format!(
+                "request headers exceed {} bytes",
+                self.limits.max_header_bytes
+            );
+            self.reject(431, &reason);
+            return true;
+        }
+        match check_head(&self.storage[from..from + end], self.limits.max_headers) {
+            Ok(next) => {
+                self.released += end;
+                self.head_searched = 0;
+                self.state = match next {
+                    Framing::None => self.next_head(),
+                    Framing::Length(n) => State::Body(n),
+                    Framing::Chunked => State::Chunked(Chunk::Size),
+                    Framing::Upgrade => State::Passthrough,
+                };
+            }
+            Err((status, reason)) => self.reject(status, &reason),
+        }
+        true
+    }
+
+    fn scan_chunked(&mut self, from: usize, chunk: Chunk) -> bool {
+        let seen = &self.storage[from..self.end];
+        let line_end = |seen: &[u8]| seen.iter().position(|b| *b == b'\n').map(|i| i + 1);
+        let (used, next) = match chunk {
+            Chunk::Data(left) => {
+                let n = (seen.len() as u64).min(left);
+                let next = if n == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - n)
+                };
+                (n as usize, State::Chunked(next))
+            }
+            Chunk::Size | Chunk::DataEnd | Chunk::Trailers => {
+                let Some(used) = line_end(seen) else {
+                    if seen.len() > MAX_CHUNK_LINE {
+                        self.state = State::Broken;
+                    }
+                    return false;
+                };
+                let line = &seen[..used];
+                let next = match chunk {
+                    Chunk::Size => match chunk_size(line) {
+                        Some(0) => State::Chunked(Chunk::Trailers),
+                        Some(n) => State::Chunked(Chunk::Data(n)),
+                        None => {
+                            self.state = State::Broken;
+                            return false;
+                        }
+                    },
+                    Chunk::DataEnd => State::Chunked(Chunk::Size),
+                    _ if line == b"\r\n" || line == b"\n" => self.next_head(),
+                    _ => State::Chunked(Chunk::Trailers),
+                };
+                (used, next)
+            }
+        };
+        self.released += used;
+        self.state = next;
+        true
+    }
+
+    /// Replace the offending head with a synthetic one; the router answers it with `status`.
+    fn reject(&mut self, status: u16, reason: &str) {
+        tracing::debug!(status, reason, "request refused by the framing guard");
+        self.end = self.start + self.released;
+        self.synthetic = Bytes::from(format!(
+            "GET / HTTP/1.1\r\nhost: outrigger.invalid\r\n{REJECTED_HEADER}: {status} {reason}\r\n\r\n"
+        ));
+        self.state = State::Rejected;
+    }
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    Upgrade,
+}
+
+/// Checks one complete request head against RFC 9112's framing rules and our limits.
+fn check_head(head: &[u8], max_headers: usize) -> Result<Framing, (u16, String)> {
+    if max_headers <= STACK_HEADERS {
+        let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
+        check_head_with(head, &mut headers[..max_headers])
+    } else {
+        let mut headers = vec![MaybeUninit::uninit(); max_headers];
+        check_head_with(head, &mut headers)
+    }
+}
+
+fn check_head_with<'h>(
+    head: &'h [u8],
+    headers: &mut [MaybeUninit<httparse::Header<'h>>],
+) -> Result<Framing, (u16, String)> {
+    let max = headers.len();
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, headers) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err((400, "incomplete request head".into())),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err((431, format!("more than {max} request headers")));
+        }
+        Err(e) => return Err((400, format!("malformed request head: {e}"))),
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    let mut upgrade = req.method == Some("CONNECT");
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            for part in h.value.split(|b| *b == b',') {
+                let n = parse_length(part.trim_ascii())
+                    .ok_or((400, "invalid Content-Length".to_string()))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err((400, "conflicting Content-Length values".into()));
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        } else if name.eq_ignore_ascii_case(REJECTED_HEADER) {
+            return Err((400, format!("the {REJECTED_HEADER} header is reserved")));
+        }
+    }
+    match (chunked, length) {
+        (Some(_), Some(_)) => Err((400, "both Content-Length and Transfer-Encoding".into())),
+        (Some(_), None) if req.version == Some(0) => {
+            Err((400, "Transfer-Encoding in an HTTP/1.0 request".into()))
+        }
+        (Some(false), None) => Err((400, "Transfer-Encoding must end in chunked".into())),
+        (Some(true), None) => Ok(Framing::Chunked),
+        // an upgrade's bytes after the head are the new protocol's
+        (None, _) if upgrade => Ok(Framing::Upgrade),
+        (None, Some(n)) if n > 0 => Ok(Framing::Length(n)),
+        (None, _) => Ok(Framing::None),
+    }
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// The size of a chunk-size line (`1a;ext=v\r\n`); `None` when malformed.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return None;
+    }
+    let rest = &line[digits..];
+    if !(rest.starts_with(b";")
+        || rest.starts_with(b" ")
+        || rest.starts_with(b"\t")
+        || rest.starts_with(b"\r\n")
+        || rest == b"\n")
+    {
+        return None;
+    }
+    let hex = std::str::from_utf8(&line[..digits]).ok()?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+// === impl GuardedIo: AsyncRead ===
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.released > 0 {
+                let n = this.released.min(out.remaining());
+                out.put_slice(&this.storage[this.start..this.start + n]);
+                this.start += n;
+                this.released -= n;
+                if this.start == this.end {
+                    (this.start, this.end) = (0, 0);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.state == State::Broken {
+                // the request is already forwarded: all that is left is to end it
+                let e = io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body");
+                return Poll::Ready(Err(e));
+            }
+            if this.state == State::Rejected {
+                if this.synthetic.is_empty() {
+                    // never EOF: hyper writes the refusal, sees `connection: close` and closes
+                    ready!(this.poll_deadline(cx))?;
+                    return Poll::Pending;
+                }
+                let n = this.synthetic.len().min(out.remaining());
+                out.put_slice(&this.synthetic.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            // zero-copy: nothing held back, and whatever fits in `out` needs no scanning (the end
+            // of a body, where the next head may follow, takes the scanning path below)
+            if this.start == this.end {
+                let direct = match this.state {
+                    State::Passthrough => true,
+                    State::Body(left) => left >= out.remaining() as u64,
+                    _ => false,
+                };
+                if direct {
+                    return this.read_direct(cx, out);
+                }
+            }
+            match this.fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    // EOF: hand over what is held back; hyper reports the incomplete message
+                    this.released = this.end - this.start;
+                    if this.released == 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Ok(_)) => this.scan(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    ready!(this.poll_deadline(cx))?;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> GuardedIo<T> {
+    /// Reads straight into hyper's buffer; only called when every byte that can arrive needs
+    /// no scanning (passthrough, or a body at least as long as the buffer's free space).
+    fn read_direct(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = out.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, out) {
+            Poll::Ready(Ok(())) => {
+                let n = (out.filled().len() - before) as u64;
+                if n > 0 {
+                    self.last_activity = Instant::now();
+                }
+                if let State::Body(left) = self.state {
+                    self.state = if n >= left {
+                        self.next_head()
+                    } else {
+                        State::Body(left - n)
+                    };
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                ready!(self.poll_deadline(cx))?;
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Reads more client bytes into `storage`; the number read, 0 at EOF.
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.start > 0 && self.storage.len() - self.end < READ_CHUNK {
+            self.storage.copy_within(self.start..self.end, 0);
+            (self.end, self.start) = (self.end - self.start, 0);
+        }
+        let want = self.end + READ_CHUNK;
+        if self.storage.len() < want {
+            // grows only as far as a head needs: max_header_bytes plus one read
+            self.storage.resize(want, 0);
+        }
+        let mut buf = ReadBuf::new(&mut self.storage[self.end..]);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        if n > 0 {
+            self.end += n;
+            self.last_activity = Instant::now();
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+// === impl GuardedIo: AsyncWrite ===
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.after_write(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.after_write(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T> GuardedIo<T> {
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                self.last_activity = Instant::now();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                // a client that stops reading our response is idle too
+                ready!(self.poll_deadline(cx))?;
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! The guard driven byte by byte over an in-memory pipe: what hyper would read.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::*;
+
+const LIMITS: GuardLimits = GuardLimits {
+    max_header_bytes: 1024,
+    max_headers: 8,
+    header_read_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(60),
+    max_connections: 16,
+};
+
+fn guard() -> (DuplexStream, GuardedIo<DuplexStream>) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    (client, GuardedIo::new(server, LIMITS))
+}
+
+/// Everything the guard hands over, until it would wait.
+async fn drain(io: &mut GuardedIo<DuplexStream>) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), io.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
+fn rejected(status: u16) -> String {
+    format!("{REJECTED_HEADER}: {status} ")
+}
+
+#[tokio::test(start_paused = true)]
+async fn passes_a_well_formed_request_unchanged() {
+    let (mut client, mut io) = guard();
+    let req = b"GET /a?b=c HTTP/1.1\r\nhost: payments\r\n\r\n";
+    client.write_all(req).await.unwrap();
+    assert_eq!(drain(&mut io).await, req);
+}
+
+#[tokio::test(start_paused = true)]
+async fn passes_pipelined_requests_with_length_and_chunked_bodies() {
+    let (mut client, mut io) = guard();
+    let stream = b"POST /1 HTTP/1.1\r\nhost: p\r\ncontent-length: 5\r\n\r\nhelloPOST /2 HTTP/1.1\r\nhost: p\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\ntrailer: t\r\n\r\nGET /3 HTTP/1.1\r\nhost: p\r\n\r\n";
+    client.write_all(stream).await.unwrap();
+    assert_eq!(drain(&mut io).await, stream);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_looks_like_a_smuggled_head_is_only_body() {
+    let (mut client, mut io) = guard();
+    // the body holds bytes that would be a forbidden head; they are body, not a request
+    let body = b"GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+    let head = format!(
+        "POST / HTTP/1.1\r\nhost: p\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(body).await.unwrap();
+    let seen = drain(&mut io).await;
+    assert_eq!(seen.len(), head.len() + body.len());
+    assert!(!String::from_utf8_lossy(&seen).contains(REJECTED_HEADER));
+}
+
+#[tokio::test(start_paused = true)]
+async fn refuses_framing_that_could_smuggle_a_request() {
+    let cases: [(&[u8], u16); 6] = [
+        (b"POST / HTTP/1.1\r\nhost: p\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nhost: p\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nhost: p\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nhost: p\r\ntransfer-encoding: chunked, gzip\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nhost: p\r\nx-folded: a\r\n b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nhost: p\r\noutrigger-rejected: 200 ok\r\n\r\n", 400),
+    ];
+    for (req, status) in cases {
+        let (mut client, mut io) = guard();
+        client.write_all(req).await.unwrap();
+        let seen = String::from_utf8(drain(&mut io).await).unwrap();
+        assert!(
+            seen.starts_with("GET / HTTP/1.1\r\nhost: outrigger.invalid\r\n"),
+            "{seen}"
+        );
+        assert!(
+            seen.contains(&rejected(status)),
+            "{} -> {seen}",
+            String::from_utf8_lossy(req)
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forbidden_second_request_is_refused_after_the_first_passes() {
+    let (mut client, mut io) = guard();
+    let first = b"GET /ok HTTP/1.1\r\nhost: p\r\n\r\n";
+    client.write_all(first).await.unwrap();
+    client
+        .write_all(b"POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nx")
+        .await
+        .unwrap();
+    let seen = String::from_utf8(drain(&mut io).await).unwrap();
+    assert!(seen.starts_with(
+        "GET /ok HTTP/1.1\r\nhost: p\r\n\r\nGET / HTTP/1.1\r\nhost: outrigger.invalid"
+    ));
+    assert!(seen.contains(&rejected(400)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_many_or_too_large_headers_get_431() {
+    let many = format!("GET / HTTP/1.1\r\n{}\r\n", "x: y\r\n".repeat(9));
+    let large = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(1100));
+    let unterminated = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(1100));
+    for req in [many, large, unterminated] {
+        let (mut client, mut io) = guard();
+        client.write_all(req.as_bytes()).await.unwrap();
+        let seen = String::from_utf8(drain(&mut io).await).unwrap();
+        assert!(seen.contains(&rejected(431)), "{seen}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_arriving_byte_by_byte_is_held_back_until_complete() {
+    let (mut client, mut io) = guard();
+    let req = b"GET / HTTP/1.1\r\nhost: p\r\n\r\n";
+    for b in &req[..req.len() - 1] {
+        client.write_all(&[*b]).await.unwrap();
+        assert!(drain(&mut io).await.is_empty());
+    }
+    client.write_all(&req[req.len() - 1..]).await.unwrap();
+    assert_eq!(drain(&mut io).await, req);
+}
+
+#[tokio::test(start_paused = true)]
+async fn http2_prior_knowledge_passes_through() {
+    let (mut client, mut io) = guard();
+    let bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    client.write_all(bytes).await.unwrap();
+    assert_eq!(drain(&mut io).await, bytes);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_trickling_its_headers_is_cut_off_at_the_header_deadline() {
+    let (mut client, mut io) = guard();
+    client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let read = tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        io.read(&mut buf).await
+    });
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    client.write_all(b"x: y\r\n").await.unwrap(); // activity does not extend the header deadline
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let err = read.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let (mut client, mut io) = guard();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: p\r\n\r\n")
+        .await
+        .unwrap();
+    drain(&mut io).await;
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let err = io.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    // the idle deadline, not the (shorter) header deadline, applies between requests
+    assert!(
+        started.elapsed() >= Duration::from_secs(59),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn chunk_size_lines() {
+    assert_eq!(chunk_size(b"1a\r\n"), Some(26));
+    assert_eq!(chunk_size(b"0;name=value\r\n"), Some(0));
+    assert_eq!(chunk_size(b"zz\r\n"), None);
+    assert_eq!(chunk_size(b"1a-\r\n"), None);
+    assert_eq!(chunk_size(b"1234567890abcdef0\r\n"), None);
+}

@@ -1,0 +1,10 @@
+//! The outbound data plane: accept, guard, route, forward, and answer for ourselves.
+
+pub mod body;
+pub mod forward;
+pub(crate) mod guard;
+pub mod listener;
+pub mod respond;
+pub mod route;
+
+pub use body::Body;

@@ -1,0 +1,26 @@
+//! `ProxyError` -> the response the client gets: status, `outrigger-error: KIND`, a one-line
+//! body from `Display`, and `connection: close` when the connection's framing is not trusted.
+
+use http::Response;
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+
+use crate::error::ProxyError;
+use crate::http::Body;
+
+pub const ERROR_HEADER: &str = "outrigger-error";
+
+pub fn error_response(err: &ProxyError) -> Response<Body> {
+    tracing::debug!(kind = err.kind(), error = %err, "answering for the upstream");
+    let mut res = Response::new(Body::full(format!("{err}\n")));
+    *res.status_mut() = err.status();
+    let headers = res.headers_mut();
+    headers.insert(ERROR_HEADER, HeaderValue::from_static(err.kind()));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if err.closes_connection() {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}

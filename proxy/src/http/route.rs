@@ -1,0 +1,199 @@
+//! Which upstream does a request name? Its authority (absolute-form or HTTP/2 `:authority`,
+//! else the `Host` header) must be a configured upstream's name, or the request gets 404
+//! `unknown-upstream` and nothing is forwarded: Outrigger is never an open proxy.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tower::ServiceExt;
+use tower::util::Oneshot;
+
+use crate::error::ProxyError;
+use crate::http::Body;
+use crate::http::guard::REJECTED_HEADER;
+use crate::http::respond::error_response;
+use crate::stack::UpstreamService;
+use crate::telemetry::metrics::UpstreamMetrics;
+
+/// Every upstream by name, plus the metrics of requests that matched none.
+#[derive(Debug)]
+pub struct Routes {
+    by_name: HashMap<Box<str>, UpstreamService>,
+    unmatched: UpstreamMetrics,
+}
+
+impl Routes {
+    pub fn new(by_name: HashMap<Box<str>, UpstreamService>, unmatched: UpstreamMetrics) -> Self {
+        Self { by_name, unmatched }
+    }
+
+    fn find(&self, host: &str) -> Option<&UpstreamService> {
+        // names are lowercase (config validates them); most clients send lowercase hosts
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_name.get(host.to_ascii_lowercase().as_str())
+        } else {
+            self.by_name.get(host)
+        }
+    }
+}
+
+/// The hyper service of one listener: the outbound port routes by authority, a dedicated
+/// `upstreams.NAME.listen` port sends everything to its upstream.
+#[derive(Debug, Clone)]
+pub enum Route {
+    ByAuthority(Arc<Routes>),
+    Dedicated {
+        upstream: UpstreamService,
+        unmatched: UpstreamMetrics,
+    },
+}
+
+impl Route {
+    fn unmatched(&self) -> &UpstreamMetrics {
+        match self {
+            Self::ByAuthority(routes) => &routes.unmatched,
+            Self::Dedicated { unmatched, .. } => unmatched,
+        }
+    }
+
+    fn select(&self, req: &Request<Body>) -> Result<UpstreamService, ProxyError> {
+        let routes = match self {
+            Self::Dedicated { upstream, .. } => return Ok(upstream.clone()),
+            Self::ByAuthority(routes) => routes,
+        };
+        let host = request_host(req).unwrap_or_default();
+        routes
+            .find(host)
+            .cloned()
+            .ok_or_else(|| ProxyError::UnknownUpstream {
+                authority: host.into(),
+            })
+    }
+}
+
+/// The host a request names, without its port.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.host());
+    }
+    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
+    Some(match host.rfind(':') {
+        // `[::1]:80` and `name:80` lose the port; a bare `[::1]` keeps its brackets
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    })
+}
+
+/// A request the framing guard refused: the reason travels in the synthetic head.
+fn rejected(value: &http::HeaderValue) -> ProxyError {
+    let text = value.to_str().unwrap_or("400 malformed request");
+    let (status, reason) = text.split_once(' ').unwrap_or(("400", text));
+    let reason = reason.into();
+    if status == "431" {
+        ProxyError::HeadersTooLarge { reason }
+    } else {
+        ProxyError::BadRequest { reason }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for Route {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let req = req.map(Body::from);
+        let answer = match req.headers().get(REJECTED_HEADER) {
+            Some(value) => Err(rejected(value)),
+            None => self.select(&req),
+        };
+        match answer {
+            Ok(upstream) => RouteFuture::Upstream {
+                inner: upstream.oneshot(req),
+            },
+            Err(err) => {
+                self.unmatched()
+                    .record(err.status().as_u16(), std::time::Duration::ZERO);
+                RouteFuture::Ready {
+                    response: Some(error_response(&err)),
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = RouteFutureProj]
+    #[allow(missing_debug_implementations)]
+    pub enum RouteFuture {
+        Ready { response: Option<Response<Body>> },
+        Upstream { #[pin] inner: Oneshot<UpstreamService, Request<Body>> },
+    }
+}
+
+impl Future for RouteFuture {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            RouteFutureProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            RouteFutureProj::Upstream { inner } => inner
+                .poll(cx)
+                .map(|result| Ok(result.unwrap_or_else(|err| error_response(&err)))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_of(uri: &str, host: Option<&str>) -> Option<String> {
+        let mut req = Request::builder().uri(uri);
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        request_host(&req.body(()).unwrap()).map(str::to_owned)
+    }
+
+    #[test]
+    fn the_authority_comes_from_the_target_then_the_host_header() {
+        assert_eq!(
+            host_of("http://payments/charge", Some("other")).as_deref(),
+            Some("payments")
+        );
+        assert_eq!(
+            host_of("/charge", Some("payments:8080")).as_deref(),
+            Some("payments")
+        );
+        assert_eq!(
+            host_of("/charge", Some("payments")).as_deref(),
+            Some("payments")
+        );
+        assert_eq!(
+            host_of("/charge", Some("[::1]:4140")).as_deref(),
+            Some("[::1]")
+        );
+        assert_eq!(host_of("/charge", None), None);
+    }
+
+    #[test]
+    fn a_rejection_keeps_its_status_and_reason() {
+        let err = rejected(&http::HeaderValue::from_static(
+            "431 more than 100 request headers",
+        ));
+        assert_eq!(err.status().as_u16(), 431);
+        assert_eq!(
+            err.to_string(),
+            "request headers too large: more than 100 request headers"
+        );
+    }
+}

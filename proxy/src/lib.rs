@@ -1,0 +1,15 @@
+//! Outrigger: a per-service sidecar resilience proxy.
+//!
+//! Start at `stack.rs` (the request path on one screen) and `app.rs` (config -> listeners).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod demo;
+pub mod error;
+pub mod http;
+pub mod stack;
+pub mod telemetry;
+
+pub use outrigger_config as config;

@@ -1,0 +1,226 @@
+//! Prometheus metrics, with the `outrigger_` prefix and unit suffixes of DESIGN.md "Telemetry".
+//!
+//! Label handles are made when the stack is built, never per request: an upstream's counters
+//! for each status code are created on first use and then read from a lock-free slot, so the hot
+//! path does no string formatting and no registry lookup.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+/// The upstream label of requests that matched no upstream: a fixed value, so a client cannot
+/// create label values (and memory) by sending made-up authorities.
+pub const NO_UPSTREAM: &str = "(none)";
+
+/// Latency buckets from 0.5 ms to 30 s: a sidecar's answers are sub-millisecond, its
+/// upstreams' range up to the longest sensible request timeout.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The process's metrics registry and its families.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "outrigger_requests_total",
+                "Requests answered, by upstream and final status",
+            ),
+            &["upstream", "code"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "outrigger_request_duration_seconds",
+                "Time from receiving a request to sending its response headers",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("registered once");
+        Self {
+            registry,
+            requests,
+            duration,
+        }
+    }
+
+    /// The handles of one upstream (or of [`NO_UPSTREAM`]).
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        UpstreamMetrics(Arc::new(Handles {
+            name: name.into(),
+            requests: self.requests.clone(),
+            by_code: std::array::from_fn(|_| OnceLock::new()),
+            duration: self.duration.with_label_values(&[name]),
+        }))
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec does not fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One upstream's metric handles; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct UpstreamMetrics(Arc<Handles>);
+
+#[derive(Debug)]
+struct Handles {
+    name: Box<str>,
+    requests: IntCounterVec,
+    /// One counter per status code 100..=599, made on first use.
+    by_code: [OnceLock<IntCounter>; 500],
+    duration: prometheus::Histogram,
+}
+
+impl UpstreamMetrics {
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        let h = &self.0;
+        if let Some(slot) = status
+            .checked_sub(100)
+            .and_then(|i| h.by_code.get(usize::from(i)))
+        {
+            slot.get_or_init(|| {
+                h.requests
+                    .with_label_values(&[&*h.name, &status.to_string()])
+            })
+            .inc();
+        }
+        h.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_requests_by_upstream_and_code() {
+        let metrics = Metrics::new();
+        let payments = metrics.upstream("payments");
+        payments.record(200, Duration::from_millis(3));
+        payments.record(200, Duration::from_millis(4));
+        payments.record(503, Duration::from_millis(1));
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(
+            text.contains(r#"outrigger_requests_total{code="200",upstream="payments"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"outrigger_requests_total{code="503",upstream="payments"} 1"#));
+        assert!(
+            text.contains(r#"outrigger_request_duration_seconds_count{upstream="payments"} 3"#)
+        );
+    }
+}
+
+// === impl MetricsLayer ===
+
+/// Counts each upstream answer by status and times it to its response headers.
+#[derive(Debug, Clone)]
+pub struct MetricsLayer {
+    metrics: UpstreamMetrics,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: UpstreamMetrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = Measured<S>;
+
+    fn layer(&self, inner: S) -> Measured<S> {
+        Measured {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Measured<S> {
+    inner: S,
+    metrics: UpstreamMetrics,
+}
+
+impl<S, Req, B> tower::Service<Req> for Measured<S>
+where
+    S: tower::Service<Req, Response = http::Response<B>, Error = crate::error::ProxyError>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = MeasuredFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        MeasuredFuture {
+            inner: self.inner.call(req),
+            metrics: self.metrics.clone(),
+            started: tokio::time::Instant::now(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[allow(missing_debug_implementations)]
+    pub struct MeasuredFuture<F> {
+        #[pin]
+        inner: F,
+        metrics: UpstreamMetrics,
+        started: tokio::time::Instant,
+    }
+}
+
+impl<F, B> std::future::Future for MeasuredFuture<F>
+where
+    F: std::future::Future<Output = Result<http::Response<B>, crate::error::ProxyError>>,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let status = match &result {
+            Ok(res) => res.status(),
+            Err(err) => err.status(),
+        };
+        this.metrics.record(status.as_u16(), this.started.elapsed());
+        std::task::Poll::Ready(result)
+    }
+}

@@ -1,0 +1,37 @@
+//! The end-to-end harness: the real `outrigger` binary, started with a YAML the test writes,
+//! against real HTTP servers the test scripts, all on loopback.
+//!
+//! Nothing sleeps and hopes: every wait is `wait_until` a condition, with a deadline, failing
+//! with what never happened. Every child process is killed when its handle drops.
+
+#![forbid(unsafe_code)]
+
+mod sidecar;
+mod upstream;
+
+pub use sidecar::{Sidecar, binary, free_port, send};
+pub use upstream::{Reply, Seen, Upstream};
+
+use std::future::Future;
+use std::time::Duration;
+
+/// How long a test waits for something that should happen promptly.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it returns `Some`, or panics after `deadline` saying what was awaited.
+pub async fn wait_until<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("waited {deadline:?} for {what}, and it never happened");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

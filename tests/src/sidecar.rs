@@ -1,0 +1,275 @@
+//! The real `outrigger` binary as a child process, and clients that talk to it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{DEADLINE, wait_until};
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `outrigger` binary beside this test executable (`target/<profile>/outrigger`): the
+/// README's test command builds it before the tests run.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = dir.join("outrigger");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p outrigger-proxy` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory for one test, removed on drop.
+#[derive(Debug)]
+pub(crate) struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "outrigger-e2e-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running sidecar; killed when dropped.
+#[derive(Debug)]
+pub struct Sidecar {
+    child: Child,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    scratch: Scratch,
+}
+
+impl Sidecar {
+    /// Writes `yaml` (with `$OUTBOUND` and `$ADMIN` replaced by free loopback addresses; an
+    /// `outbound:` or `admin:` section is added when the YAML has none) and starts the binary.
+    /// Returns once `/readyz` answers 200; panics with the sidecar's log after the deadline.
+    pub async fn start(yaml: &str) -> Self {
+        let sidecar = Self::spawn(yaml);
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    /// Like `start`, but returns as soon as `/healthz` answers, ready or not.
+    pub async fn start_unready(yaml: &str) -> Self {
+        let sidecar = Self::spawn(yaml);
+        let admin = sidecar.admin;
+        wait_until(DEADLINE, "the sidecar to answer /healthz", || async move {
+            admin_get(admin, "/healthz")
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        })
+        .await;
+        sidecar
+    }
+
+    fn spawn(yaml: &str) -> Self {
+        let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut text = String::new();
+        if !yaml.lines().any(|l| l.starts_with("outbound:")) {
+            text.push_str("outbound: { listen: \"$OUTBOUND\" }\n");
+        }
+        if !yaml.lines().any(|l| l.starts_with("admin:")) {
+            text.push_str("admin: { listen: \"$ADMIN\" }\n");
+        }
+        text.push_str(yaml);
+        let text = text
+            .replace("$OUTBOUND", &outbound.to_string())
+            .replace("$ADMIN", &admin.to_string());
+        let scratch = Scratch::new();
+        let config = scratch.0.join("outrigger.yaml");
+        std::fs::write(&config, text).expect("write the config");
+        let log = std::fs::File::create(scratch.0.join("outrigger.log")).expect("a log file");
+        let child = Command::new(binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("OUTRIGGER_LOG", "debug")
+            .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start outrigger");
+        Self {
+            child,
+            outbound,
+            admin,
+            scratch,
+        }
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub async fn wait_ready(&self) {
+        let until = tokio::time::Instant::now() + DEADLINE;
+        while tokio::time::Instant::now() < until {
+            if let Ok((200, _)) = admin_get(self.admin, "/readyz").await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the sidecar was not ready within {DEADLINE:?}; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Everything the sidecar logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.scratch.0.join("outrigger.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status, up to the deadline.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the child") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "no exit {DEADLINE:?} after SIGTERM; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `GET http://{outbound}{path}` with `Host: {host}`.
+    pub async fn get(&self, host: &str, path: &str) -> Response<Bytes> {
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(self.outbound, req).await.expect("the sidecar answers")
+    }
+
+    /// Sends `req` to the outbound listener over a fresh HTTP/1.1 connection, exactly as built
+    /// (an absolute URI goes out in absolute form).
+    pub async fn send<B>(&self, req: Request<B>) -> Response<Bytes>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        send(self.outbound, req).await.expect("the sidecar answers")
+    }
+
+    /// Sends raw bytes and returns everything the sidecar writes back until it closes the
+    /// connection, or until `wait` passes.
+    pub async fn raw(&self, bytes: &[u8], wait: Duration) -> String {
+        raw(self.outbound, bytes, wait).await
+    }
+
+    /// `GET` on the admin listener: status and body.
+    pub async fn admin(&self, path: &str) -> (u16, String) {
+        admin_get(self.admin, path)
+            .await
+            .expect("the admin listener answers")
+    }
+
+    /// The sidecar's peak resident memory (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("a VmHWM line");
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("a number of kB")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request over a fresh HTTP/1.1 connection to `addr`, body collected.
+pub async fn send<B>(addr: SocketAddr, req: Request<B>) -> Result<Response<Bytes>, hyper::Error>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let res = sender.send_request(req).await?;
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Response::from_parts(parts, body))
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "admin")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}

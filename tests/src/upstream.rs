@@ -1,0 +1,165 @@
+//! A scripted upstream: a real HTTP/1.1 + HTTP/2 server on loopback that answers from a
+//! script and records what it saw, so a test can assert the count and shape of what arrived.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// This status, with a short body.
+    Status(u16),
+    /// This status after a delay.
+    Delayed(Duration, u16),
+    /// Drop the connection without answering.
+    Reset,
+    /// 200 with the number of request body bytes received, counted as they stream in.
+    CountBody,
+    /// 101 and then echo every byte back (a WebSocket-like upgrade).
+    UpgradeEcho,
+}
+
+/// What one request looked like on arrival.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    script: Vec<Reply>,
+    seen: Vec<Seen>,
+}
+
+/// A running scripted upstream; it stops with the test's runtime.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl Upstream {
+    /// Answers with `replies` in order, then repeats the last one.
+    pub async fn scripted(replies: impl IntoIterator<Item = Reply>) -> Self {
+        let script: Vec<Reply> = replies.into_iter().collect();
+        assert!(!script.is_empty(), "a script needs at least one reply");
+        Self::scripted_on(0, script).await
+    }
+
+    /// Answers every request with `status`, on a given loopback port.
+    pub async fn status_on(port: u16, status: u16) -> Self {
+        Self::scripted_on(port, vec![Reply::Status(status)]).await
+    }
+
+    async fn scripted_on(port: u16, script: Vec<Reply>) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("a free loopback port");
+        let addr = listener.local_addr().expect("bound");
+        let state = Arc::new(Mutex::new(State {
+            script,
+            seen: Vec::new(),
+        }));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = shared.clone();
+                let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
+                tokio::spawn(async move {
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    /// Answers every request with `status`.
+    pub async fn status(status: u16) -> Self {
+        Self::scripted([Reply::Status(status)]).await
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How many requests arrived.
+    pub fn requests(&self) -> usize {
+        self.state.lock().unwrap().seen.len()
+    }
+
+    /// Every request that arrived, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+}
+
+type Answer = Result<Response<Full<Bytes>>, std::io::Error>;
+
+async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer {
+    let reply = {
+        let mut state = state.lock().unwrap();
+        let n = state.seen.len();
+        state.seen.push(Seen {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        });
+        state.script[n.min(state.script.len() - 1)].clone()
+    };
+    match reply {
+        Reply::Status(status) => Ok(respond(status, format!("{status} from upstream\n"))),
+        Reply::Delayed(delay, status) => {
+            tokio::time::sleep(delay).await;
+            Ok(respond(status, format!("{status} from upstream\n")))
+        }
+        Reply::Reset => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "scripted reset",
+        )),
+        Reply::CountBody => {
+            let mut body = req.into_body();
+            let mut count = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
+                    count += data.len() as u64;
+                }
+            }
+            Ok(respond(200, count.to_string()))
+        }
+        Reply::UpgradeEcho => {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgrade.await {
+                    let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                }
+            });
+            let mut res = respond(101, String::new());
+            res.headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            res.headers_mut().insert("upgrade", "echo".parse().unwrap());
+            Ok(res)
+        }
+    }
+}
+
+fn respond(status: u16, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = StatusCode::from_u16(status).expect("a scripted status is valid");
+    res
+}

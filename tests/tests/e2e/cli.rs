@@ -1,0 +1,118 @@
+//! The command line: `validate`, `run` refusing bad config, `--version`, SIGTERM.
+
+use std::process::Command;
+
+use outrigger_tests::{Sidecar, Upstream};
+
+fn outrigger(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(outrigger_tests::binary())
+        .args(args)
+        .output()
+        .expect("run outrigger");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+fn write(name: &str, yaml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("outrigger-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+const BAD: &str = "upstreams:\n  payments:\n    discovery: { static: [\"127.0.0.1:9001\"] }\n    timeouts: { request: 3 seconds }\n    circuit_breakr: {}\n";
+
+#[test]
+fn validate_prints_ok_for_a_good_file() {
+    let path = write(
+        "good.yaml",
+        "upstreams:\n  payments:\n    discovery: { static: [\"127.0.0.1:9001\"] }\n",
+    );
+    let (code, stdout, _) = outrigger(&["validate", "--config", path.to_str().unwrap()]);
+    assert_eq!((code, stdout.as_str()), (0, "ok\n"));
+}
+
+#[test]
+fn validate_prints_every_problem_with_file_line_column_and_exits_1() {
+    let path = write("bad.yaml", BAD);
+    let file = path.display();
+    let (code, stdout, _) = outrigger(&["validate", "--config", &path.to_string_lossy()]);
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "{file}:4:26: upstreams.payments.timeouts.request: \"3 seconds\" is not a duration"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "{file}:5:5: upstreams.payments.circuit_breakr: unknown field"
+        )),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_file_with_the_same_lines() {
+    let path = write("bad-run.yaml", BAD);
+    let (code, _, stderr) = outrigger(&["run", "--config", &path.to_string_lossy()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("upstreams.payments.circuit_breakr: unknown field"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_config_file_may_come_from_outrigger_config() {
+    let path = write("env.yaml", "service: { name: from-env }\n");
+    let out = Command::new(outrigger_tests::binary())
+        .arg("validate")
+        .env("OUTRIGGER_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+}
+
+#[test]
+fn version_prints_the_version() {
+    let (code, stdout, _) = outrigger(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("outrigger "), "{stdout}");
+}
+
+#[tokio::test]
+async fn sigterm_fails_readiness_and_exits_0() {
+    let up = Upstream::status(200).await;
+    let yaml = format!(
+        "upstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\nlifecycle: {{ drain_timeout: 2s }}\n",
+        up.addr()
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+
+    let status = sidecar.terminate().await;
+
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn every_example_configuration_validates() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let (code, stdout, _) = outrigger(&["validate", "--config", &path.to_string_lossy()]);
+            assert_eq!((code, stdout.as_str()), (0, "ok\n"), "{}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "examples/ holds the demo and a quick start");
+}

@@ -1,0 +1,130 @@
+//! Bad input: a clear status or a closed connection, nothing malformed forwarded, and the
+//! process keeps serving.
+
+use std::time::Duration;
+
+use outrigger_tests::{Sidecar, Upstream};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn sidecar_with(up: &Upstream, limits: &str) -> Sidecar {
+    let yaml = format!(
+        "outbound:\n  listen: \"$OUTBOUND\"\n  limits: {{ {limits} }}\nupstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\n",
+        up.addr()
+    );
+    Sidecar::start(&yaml).await
+}
+
+/// The status line and headers of a raw answer, and whether the sidecar closed afterwards
+/// (`raw` reads to EOF: an answer followed by a close returns before the wait runs out).
+fn status_of(answer: &str) -> &str {
+    answer.lines().next().unwrap_or("")
+}
+
+#[tokio::test]
+async fn request_smuggling_shapes_get_400_and_are_never_forwarded() {
+    let up = Upstream::status(200).await;
+    let sidecar = sidecar_with(&up, "max_headers: 100").await;
+    let cases: [&[u8]; 4] = [
+        b"POST / HTTP/1.1\r\nhost: payments\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: payments\r\ncontent-length: 4\r\ncontent-length: 5\r\n\r\nabcde",
+        b"GET / HTTP/1.1\r\nhost: payments\r\nx-folded: a\r\n folded\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost payments\r\n\r\n",
+    ];
+    for case in cases {
+        let started = tokio::time::Instant::now();
+        let answer = sidecar.raw(case, WAIT).await;
+        assert_eq!(
+            status_of(&answer),
+            "HTTP/1.1 400 Bad Request",
+            "{}",
+            String::from_utf8_lossy(case)
+        );
+        assert!(answer.contains("outrigger-error: bad-request"), "{answer}");
+        assert!(
+            started.elapsed() < WAIT,
+            "the connection stayed open after a 400"
+        );
+    }
+    assert_eq!(up.requests(), 0);
+    assert_eq!(
+        sidecar.get("payments", "/after").await.status(),
+        200,
+        "still serving"
+    );
+}
+
+#[tokio::test]
+async fn too_many_or_too_large_headers_get_431() {
+    let up = Upstream::status(200).await;
+    let sidecar = sidecar_with(&up, "max_headers: 20, max_header_bytes: 4KiB").await;
+    let many = format!(
+        "GET / HTTP/1.1\r\nhost: payments\r\n{}\r\n",
+        "x-n: 1\r\n".repeat(21)
+    );
+    let large = format!(
+        "GET / HTTP/1.1\r\nhost: payments\r\nx-big: {}\r\n\r\n",
+        "a".repeat(5000)
+    );
+
+    for case in [many, large] {
+        let answer = sidecar.raw(case.as_bytes(), WAIT).await;
+        assert_eq!(
+            status_of(&answer),
+            "HTTP/1.1 431 Request Header Fields Too Large"
+        );
+        assert!(answer.contains("outrigger-error: bad-request"), "{answer}");
+    }
+    assert_eq!(up.requests(), 0);
+    assert_eq!(
+        sidecar.get("payments", "/after").await.status(),
+        200,
+        "still serving"
+    );
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_disconnected_at_the_header_read_timeout() {
+    let up = Upstream::status(200).await;
+    let sidecar = sidecar_with(&up, "header_read_timeout: 300ms").await;
+
+    let started = tokio::time::Instant::now();
+    let answer = sidecar
+        .raw(b"GET / HTTP/1.1\r\nhost: payments\r\n", WAIT)
+        .await;
+    let took = started.elapsed();
+
+    assert_eq!(answer, "", "nothing is answered to an unfinished head");
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed after {took:?}: before the timeout"
+    );
+    assert!(took < WAIT, "still open after {took:?}");
+    assert_eq!(up.requests(), 0);
+    assert_eq!(
+        sidecar.get("payments", "/after").await.status(),
+        200,
+        "still serving"
+    );
+}
+
+#[tokio::test]
+async fn garbage_and_half_requests_never_crash_the_sidecar() {
+    let up = Upstream::status(200).await;
+    let sidecar = sidecar_with(&up, "header_read_timeout: 200ms").await;
+    let junk: [&[u8]; 5] = [
+        b"\x00\x01\x02\xff\xfe\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: payments\r\ncontent-length: 100\r\n\r\nshort",
+        b"POST / HTTP/1.1\r\nhost: payments\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\ngarbage-not-frames",
+    ];
+    for bytes in junk {
+        let _ = sidecar.raw(bytes, Duration::from_secs(2)).await;
+    }
+    assert_eq!(
+        sidecar.get("payments", "/after").await.status(),
+        200,
+        "still serving"
+    );
+}
