@@ -308,3 +308,26 @@ fn an_unreadable_file_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn the_reference_example_in_the_docs_loads() {
+    let doc = std::fs::read_to_string("../docs/configuration.md").unwrap();
+    let example = doc
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap();
+    let config = load(example);
+    let payments = config.upstreams.get("payments").unwrap();
+    assert_eq!(
+        payments.retry.as_ref().unwrap(),
+        &Retry::default(),
+        "the example shows the defaults"
+    );
+    assert_eq!(payments.circuit_breaker, Some(CircuitBreaker::default()));
+    assert_eq!(
+        config.messaging.subscriptions[0].backoff,
+        Backoff::MESSAGING
+    );
+    assert_eq!(config.outbound, Outbound::default());
+}

@@ -30,8 +30,6 @@ const EXAMPLES: &str = "e.g. 250ms, 5s, 1m";
 pub struct Duration(std::time::Duration);
 
 impl Duration {
-    pub const ZERO: Duration = Duration(std::time::Duration::ZERO);
-
     pub const fn from_millis(millis: u64) -> Self {
         Duration(std::time::Duration::from_millis(millis))
     }

@@ -89,25 +89,28 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         let (client, tallies, outbound) = (client.clone(), tallies.clone(), sidecar.outbound);
         workers.spawn(drive(worker, client, outbound, tallies, deadline));
     }
+    // on a terminal the table redraws in place every second; in a log, only the final one
     let live = std::io::stdout().is_terminal();
+    let redraw = format!("\x1b[{}F\x1b[J", SCENES.len() + 2);
+    let mut shown = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < deadline {
         tick.tick().await;
-        let elapsed = started.elapsed().as_secs().min(length.as_secs());
         if live {
-            print!(
-                "\x1b[{}F\x1b[J",
-                if elapsed > 1 { SCENES.len() + 2 } else { 0 }
-            );
+            let elapsed = started.elapsed().as_secs().min(length.as_secs());
+            if shown {
+                print!("{redraw}");
+            }
             print_table(
                 &tallies,
                 &format!("after {elapsed}s of {}s", length.as_secs()),
             );
+            shown = true;
         }
     }
     while workers.join_next().await.is_some() {}
-    if live {
-        print!("\x1b[{}F\x1b[J", SCENES.len() + 2);
+    if shown {
+        print!("{redraw}");
     }
     print_table(&tallies, &format!("after {}s", length.as_secs()));
     println!();

@@ -115,10 +115,10 @@ fn prepare(
     let (mut parts, body) = req.into_parts();
     if !http2 && !parts.headers.contains_key(header::HOST) {
         // an HTTP/2 client's :authority becomes the HTTP/1 Host: the upstream's logical name
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, host);
-            }
+        if let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
         }
     } else if http2 {
         // HTTP/2 carries the authority as :authority (the endpoint's address); a Host header
