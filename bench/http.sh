@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# HTTP data-plane benchmark: Outrigger against a direct connection, nginx and haproxy, in one run.
+#
+#   bash bench/http.sh [ROUNDS] [SECONDS]        (defaults: 3 rounds of 5 s per contender and load)
+#
+# One upstream (an nginx worker answering 200 "ok") serves every contender. wrk runs alone on
+# CPU 0; the proxy under test and the upstream share CPU 1, as a sidecar shares its pod's CPU
+# with its app. Contenders are interleaved round by round after a warm-up, at 16 and 256
+# connections; the table gives medians over rounds. CPU per request comes from the proxy
+# processes' own utime+stime; peak RSS from VmHWM. Installs wrk, nginx, haproxy when missing.
+# All traffic stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+SECONDS_PER_RUN=${2:-5}
+LOADS=(16 256)
+
+need=()
+for pair in wrk:wrk nginx:nginx haproxy:haproxy; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if ((${#need[@]})); then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
+cargo build --release --locked -p outrigger-proxy --bin outrigger >&2
+OUTRIGGER=$CARGO_TARGET_DIR/release/outrigger
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+UP=127.0.0.1:18180
+cat >"$work/upstream.conf" <<CONF
+worker_processes 1; daemon off; pid $work/upstream.pid; error_log stderr error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000;
+  server { listen $UP; location / { return 200 "ok\n"; } } }
+CONF
+cat >"$work/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $work/nginx.pid; error_log stderr error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000;
+  upstream up { server $UP; keepalive 256; }
+  server { listen 127.0.0.1:18181;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:18182
+  default_backend b
+backend b
+  server s1 $UP
+CONF
+cat >"$work/outrigger.yaml" <<CONF
+admin: { listen: 127.0.0.1:18193 }
+outbound: { listen: 127.0.0.1:18183 }
+upstreams:
+  bench:
+    discovery: { static: ["$UP"] }
+telemetry: { log: { level: warn } }
+CONF
+
+start() { taskset -c 1 "$@" >"$work/$(basename "$1").log" 2>&1 & pids+=($!); }
+start nginx -c "$work/upstream.conf"
+start nginx -c "$work/nginx.conf"
+start haproxy -f "$work/haproxy.cfg"
+start "$OUTRIGGER" run --config "$work/outrigger.yaml"
+for port in 18180 18181 18182 18183; do
+  for _ in $(seq 100); do curl -fsS -o /dev/null -H 'Host: bench' "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.1; done
+done
+
+# contender -> "port pid-of-the-process-doing-the-work"
+declare -A PORT=([direct]=18180 [nginx]=18181 [haproxy]=18182 [outrigger]=18183)
+declare -A PIDS=(
+  [direct]=""
+  [nginx]="$(pgrep -P "${pids[1]}" | tr '\n' ' ')"
+  [haproxy]="${pids[2]} $(pgrep -P "${pids[2]}" | tr '\n' ' ')"
+  [outrigger]="${pids[3]}"
+)
+ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+hwm() { local m=0; for p in $1; do m=$((m + $(awk '/VmHWM/ {print $2}' "/proc/$p/status"))); done; echo "$m"; }
+
+results=$work/results.tsv
+run() { # contender connections seconds -> one TSV row
+  local who=$1 conns=$2 secs=$3 before after out
+  before=$(ticks "${PIDS[$who]}")
+  taskset -c 0 wrk -t1 -c"$conns" -d"${secs}s" --latency -H 'Host: bench' "http://127.0.0.1:${PORT[$who]}/" >"$work/wrk.out"
+  after=$(ticks "${PIDS[$who]}")
+  python3 - "$who" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$work/wrk.out" <<'PY' >>"$results"
+import re, sys
+who, conns, ticks, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out = open(sys.argv[5]).read()
+if "Requests/sec" not in out:
+    sys.exit(f"wrk against {who} printed no result:\n{out}")
+def dur(s):
+    n, u = re.match(r"([\d.]+)(us|ms|s)", s).groups()
+    return float(n) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+total = int(re.search(r"(\d+) requests in", out).group(1))
+p50 = dur(re.search(r"50%\s+(\S+)", out).group(1))
+p99 = dur(re.search(r"99%\s+(\S+)", out).group(1))
+errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+errors += int(non2xx.group(1)) if non2xx else 0
+cpu_s = ticks / hz
+per_cpu_s = total / cpu_s if cpu_s else 0
+print(f"{who}\t{conns}\t{rps:.0f}\t{p50:.3f}\t{p99:.3f}\t{per_cpu_s:.0f}\t{errors}")
+PY
+}
+
+echo "warming up" >&2
+for who in direct nginx haproxy outrigger; do run "$who" 16 2 >/dev/null; done
+: >"$results"
+for round in $(seq "$ROUNDS"); do
+  for conns in "${LOADS[@]}"; do
+    for who in direct nginx haproxy outrigger; do
+      echo "round $round/$ROUNDS: $who at $conns connections" >&2
+      run "$who" "$conns" "$SECONDS_PER_RUN"
+    done
+  done
+done
+
+declare -A RSS
+for who in nginx haproxy outrigger; do RSS[$who]=$(hwm "${PIDS[$who]}"); done
+python3 - "$results" "${RSS[nginx]}" "${RSS[haproxy]}" "${RSS[outrigger]}" "$ROUNDS" "$SECONDS_PER_RUN" <<'PY'
+import statistics, sys
+from collections import defaultdict
+path, rss_nginx, rss_haproxy, rss_out, rounds, secs = sys.argv[1:]
+rss = {"direct": "-", "nginx": rss_nginx, "haproxy": rss_haproxy, "outrigger": rss_out}
+rows = defaultdict(list)
+for line in open(path):
+    who, conns, rps, p50, p99, per_cpu, errors = line.split("\t")
+    rows[(who, int(conns))].append((float(rps), float(p50), float(p99), float(per_cpu), int(errors)))
+med = lambda xs: statistics.median(xs)
+print(f"median of {rounds} rounds of {secs} s each; wrk on CPU 0, proxy + upstream on CPU 1\n")
+print("| contender | conns | req/s | vs direct | vs nginx | p50 ms | p99 ms | req per proxy CPU-s | peak RSS KiB | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for conns in sorted({c for _, c in rows}):
+    base = {w: med([r[0] for r in rows[(w, conns)]]) for w in ("direct", "nginx")}
+    for who in ("direct", "nginx", "haproxy", "outrigger"):
+        rs = rows[(who, conns)]
+        rps = med([r[0] for r in rs])
+        per_cpu = "-" if who == "direct" else f"{med([r[3] for r in rs]):.0f}"
+        print(f"| {who} | {conns} | {rps:.0f} | {rps / base['direct']:.2f} | {rps / base['nginx']:.2f} | "
+              f"{med([r[1] for r in rs]):.3f} | {med([r[2] for r in rs]):.3f} | {per_cpu} | {rss[who]} | {sum(r[4] for r in rs)} |")
+PY
