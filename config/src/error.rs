@@ -7,10 +7,7 @@ use std::fmt;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{file}: cannot read: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
+    Read { file: String, source: std::io::Error },
     #[error("{0}")]
     Invalid(Problems),
 }
@@ -34,11 +31,7 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}: {}",
-            self.file, self.line, self.col, self.path, self.message
-        )?;
+        write!(f, "{}:{}:{}: {}: {}", self.file, self.line, self.col, self.path, self.message)?;
         match &self.expected {
             Some(expected) => write!(f, " (expected {expected})"),
             None => Ok(()),

@@ -31,13 +31,7 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
         Ok(Some(root)) => root,
         Ok(None) => return Ok(Config::default()),
         Err(e) => {
-            return Err(invalid(vec![problem(
-                "(yaml)".into(),
-                e.line,
-                e.col,
-                e.message,
-                None,
-            )]));
+            return Err(invalid(vec![problem("(yaml)".into(), e.line, e.col, e.message, None)]));
         }
     };
     let mut duplicates = Vec::new();
@@ -45,10 +39,7 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
     let mut problems: Vec<Problem> = duplicates
         .into_iter()
         .map(|d| {
-            let expected = Some(format!(
-                "each key once; the first is at line {}",
-                d.first_line
-            ));
+            let expected = Some(format!("each key once; the first is at line {}", d.first_line));
             problem(d.path, d.line, d.col, "duplicate key".into(), expected)
         })
         .collect();
@@ -56,11 +47,7 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
     let (config, found, removed) = yaml::deserialize::<Config>(&root);
     problems.extend(found.into_iter().map(|e: DeError| {
         let at = e.at.expect("problems are noted with their position");
-        let path = if at.path.is_empty() {
-            "(top level)".to_owned()
-        } else {
-            at.path
-        };
+        let path = if at.path.is_empty() { "(top level)".to_owned() } else { at.path };
         problem(path, at.line, at.col, e.message, e.expected)
     }));
     if let Some(config) = &config {
@@ -91,9 +78,7 @@ fn place(root: &Node, issue: &Issue, removed: &[String]) -> Option<(String, usiz
 
 /// Is `inner` the path `outer`, or inside it?
 fn inside(inner: &str, outer: &str) -> bool {
-    inner
-        .strip_prefix(outer)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    inner.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
 }
 
 fn invalid(mut problems: Vec<Problem>) -> LoadError {

@@ -468,10 +468,7 @@ fn problems_carry_their_parts() {
         panic!("should be invalid");
     };
     let problem = &problems.0[0];
-    assert_eq!(
-        (problem.file.as_str(), problem.line, problem.col),
-        ("f.yaml", 1, 29)
-    );
+    assert_eq!((problem.file.as_str(), problem.line, problem.col), ("f.yaml", 1, 29));
     assert_eq!(problem.path, "lifecycle.drain_timeout");
     assert_eq!(problem.message, "\"soon\" is not a duration");
     assert_eq!(problem.expected.as_deref(), Some("e.g. 250ms, 5s, 1m"));

@@ -15,12 +15,7 @@ fn nz(n: u32) -> NonZeroU32 {
 
 #[test]
 fn an_empty_file_is_all_defaults() {
-    for text in [
-        "",
-        "# nothing but a comment\n",
-        "---\n",
-        "service:\nupstreams:\n",
-    ] {
+    for text in ["", "# nothing but a comment\n", "---\n", "service:\nupstreams:\n"] {
         assert_eq!(load(text), Config::default(), "{text:?}");
     }
     let config = Config::default();
@@ -29,15 +24,9 @@ fn an_empty_file_is_all_defaults() {
     assert_eq!(config.outbound.listen.to_string(), "127.0.0.1:4140");
     assert_eq!(config.outbound.limits.max_header_bytes.bytes(), 65_536);
     assert_eq!(config.outbound.limits.max_headers, 100);
-    assert_eq!(
-        config.outbound.limits.header_read_timeout.get(),
-        Std::from_secs(10)
-    );
+    assert_eq!(config.outbound.limits.header_read_timeout.get(), Std::from_secs(10));
     assert_eq!(config.messaging.broker, Broker::Embedded);
-    assert_eq!(
-        config.messaging.dead_letter_retention.max_age.get(),
-        Std::from_secs(14 * 86_400)
-    );
+    assert_eq!(config.messaging.dead_letter_retention.max_age.get(), Std::from_secs(14 * 86_400));
     assert_eq!(config.telemetry.log.level, "info");
     assert_eq!(config.lifecycle.drain_timeout.get(), Std::from_secs(30));
     assert!(config.upstreams.is_empty() && config.registry.is_none());
@@ -48,78 +37,46 @@ fn the_design_example_loads_and_lands_where_expected() {
     let config =
         load_file(std::path::Path::new("tests/full.yaml")).unwrap_or_else(|e| panic!("{e}"));
     let app = config.service.app.as_ref().unwrap();
-    assert_eq!(
-        (config.service.name.as_str(), app.url.port()),
-        ("checkout", 8080)
-    );
+    assert_eq!((config.service.name.as_str(), app.url.port()), ("checkout", 8080));
     assert_eq!(app.health_path.as_deref(), Some("/healthz"));
 
     let payments = config.upstreams.get("payments").unwrap();
     assert_eq!(payments.listen.unwrap().to_string(), "127.0.0.1:4141");
-    let Discovery::Static(endpoints) = &payments.discovery else {
-        panic!("static discovery")
-    };
+    let Discovery::Static(endpoints) = &payments.discovery else { panic!("static discovery") };
     let endpoints: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
     assert_eq!(endpoints, ["127.0.0.1:9001", "127.0.0.1:9002"]);
-    assert_eq!(
-        payments.timeouts.per_try.map(Duration::get),
-        Some(Std::from_secs(3))
-    );
+    assert_eq!(payments.timeouts.per_try.map(Duration::get), Some(Std::from_secs(3)));
     assert_eq!(payments.timeouts.request.get(), Std::from_secs(10));
 
     let retry = payments.retry.as_ref().unwrap();
     assert_eq!(retry.max_attempts, nz(3));
     assert_eq!(retry.backoff, Backoff::HTTP);
     use RetryOn::*;
-    assert_eq!(
-        retry.on,
-        [ConnectFailure, Reset, Status(502), Status(503), Status(504)]
-    );
+    assert_eq!(retry.on, [ConnectFailure, Reset, Status(502), Status(503), Status(504)]);
     assert_eq!(retry.budget.ratio.get(), 0.2);
 
     let breaker = payments.circuit_breaker.unwrap();
-    assert_eq!(
-        (breaker.failure_rate.get(), breaker.consecutive_failures),
-        (0.5, Some(nz(5)))
-    );
+    assert_eq!((breaker.failure_rate.get(), breaker.consecutive_failures), (0.5, Some(nz(5))));
     let rate_limit = payments.rate_limit.unwrap();
-    assert_eq!(
-        (rate_limit.requests_per_second, rate_limit.effective_burst()),
-        (nz(100), nz(20))
-    );
+    assert_eq!((rate_limit.requests_per_second, rate_limit.effective_burst()), (nz(100), nz(20)));
     assert_eq!(payments.concurrency_limit, NonZeroUsize::new(256));
-    assert_eq!(
-        payments.health_check.as_ref().unwrap().path.as_deref(),
-        Some("/healthz")
-    );
-    assert_eq!(
-        payments.tls.as_ref().unwrap().server_name.as_deref(),
-        Some("api.example.com")
-    );
+    assert_eq!(payments.health_check.as_ref().unwrap().path.as_deref(), Some("/healthz"));
+    assert_eq!(payments.tls.as_ref().unwrap().server_name.as_deref(), Some("api.example.com"));
     assert_eq!(payments.outlier_detection.unwrap().max_ejected_percent, 50);
 
     let etcd = &config.registry.as_ref().unwrap().etcd;
     assert_eq!(
         (etcd.endpoints.as_slice(), etcd.prefix.as_str()),
-        (
-            &["http://127.0.0.1:2379".to_owned()][..],
-            "/outrigger/services"
-        )
+        (&["http://127.0.0.1:2379".to_owned()][..], "/outrigger/services")
     );
     let nameservers = config.resolver.nameservers.as_ref().unwrap();
     assert_eq!(nameservers[0].get().to_string(), "127.0.0.1:53");
 
     let sub = &config.messaging.subscriptions[0];
     assert_eq!(sub.queue.as_str(), "registration.welcome_email");
-    assert_eq!(
-        sub.dead_letter_queue().as_str(),
-        "registration.welcome_email_deadletter"
-    );
+    assert_eq!(sub.dead_letter_queue().as_str(), "registration.welcome_email_deadletter");
     assert_eq!(sub.backoff, Backoff::MESSAGING);
-    assert_eq!(
-        sub.concurrency,
-        Concurrency::Fixed(NonZeroUsize::new(8).unwrap())
-    );
+    assert_eq!(sub.concurrency, Concurrency::Fixed(NonZeroUsize::new(8).unwrap()));
     assert_eq!(sub.throttle.unwrap().per.get(), Std::from_secs(60));
     assert_eq!(sub.circuit_breaker.unwrap().half_open_requests, nz(1));
     assert_eq!(config.messaging.dedup_window.get(), Std::from_secs(3600));
@@ -132,10 +89,7 @@ fn a_minimal_upstream_gets_the_documented_defaults() {
     let config = load("upstreams:\n  payments:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n");
     let up = config.upstreams.get("payments").unwrap();
     assert_eq!(up.name.as_str(), "payments");
-    assert_eq!(
-        (up.load_balancer, up.protocol),
-        (LoadBalancer::P2cEwma, Protocol::Auto)
-    );
+    assert_eq!((up.load_balancer, up.protocol), (LoadBalancer::P2cEwma, Protocol::Auto));
     assert_eq!(up.timeouts, Timeouts::default());
     assert_eq!(up.timeouts.connect.get(), Std::from_secs(1));
     assert_eq!(up.timeouts.request.get(), Std::from_secs(15));
@@ -154,10 +108,7 @@ fn empty_sections_take_their_defaults() {
     let up = config.upstreams.get("payments").unwrap();
     assert_eq!(up.retry, Some(Retry::default()));
     assert_eq!(up.circuit_breaker, None, "an empty value is no section");
-    assert_eq!(
-        up.health_check.as_ref().unwrap().interval.get(),
-        Std::from_secs(5)
-    );
+    assert_eq!(up.health_check.as_ref().unwrap().interval.get(), Std::from_secs(5));
 }
 
 #[test]
@@ -168,29 +119,10 @@ fn a_partial_backoff_takes_the_defaults_of_its_context() {
         "    retry: { backoff: { jitter: none } }\n",
         "messaging:\n  subscriptions:\n    - { queue: q, path: /q, backoff: { jitter: none } }\n",
     ));
-    let http = config
-        .upstreams
-        .get("payments")
-        .unwrap()
-        .retry
-        .as_ref()
-        .unwrap()
-        .backoff;
-    assert_eq!(
-        http,
-        Backoff {
-            jitter: Jitter::None,
-            ..Backoff::HTTP
-        }
-    );
+    let http = config.upstreams.get("payments").unwrap().retry.as_ref().unwrap().backoff;
+    assert_eq!(http, Backoff { jitter: Jitter::None, ..Backoff::HTTP });
     let messaging = config.messaging.subscriptions[0].backoff;
-    assert_eq!(
-        messaging,
-        Backoff {
-            jitter: Jitter::None,
-            ..Backoff::MESSAGING
-        }
-    );
+    assert_eq!(messaging, Backoff { jitter: Jitter::None, ..Backoff::MESSAGING });
     assert_eq!(
         (messaging.initial.get(), messaging.max.get()),
         (Std::from_secs(1), Std::from_secs(60))
@@ -218,11 +150,7 @@ fn aliases_and_merge_keys_are_expanded() {
     ));
     let b = config.upstreams.get("b").unwrap();
     assert_eq!(b.discovery, config.upstreams.get("a").unwrap().discovery);
-    assert_eq!(
-        b.timeouts.request.get(),
-        Std::from_secs(7),
-        "written keys win over merged ones"
-    );
+    assert_eq!(b.timeouts.request.get(), Std::from_secs(7), "written keys win over merged ones");
 }
 
 #[test]
@@ -234,14 +162,8 @@ fn concurrency_is_a_number_or_a_range() {
         "    - { queue: b, path: /b, concurrency: { max: 32 } }\n",
     );
     let subs = load(text).messaging.subscriptions;
-    assert_eq!(
-        subs[0].concurrency,
-        Concurrency::Fixed(NonZeroUsize::new(3).unwrap())
-    );
-    assert_eq!(
-        subs[1].concurrency,
-        Concurrency::Scaled(ConcurrencyRange { min: 1, max: 32 })
-    );
+    assert_eq!(subs[0].concurrency, Concurrency::Fixed(NonZeroUsize::new(3).unwrap()));
+    assert_eq!(subs[1].concurrency, Concurrency::Scaled(ConcurrencyRange { min: 1, max: 32 }));
 }
 
 #[test]
@@ -258,17 +180,9 @@ fn durations_and_sizes_round_trip_through_json() {
     for text in ["250ms", "5s", "1m", "1h", "14d", "100us"] {
         assert_eq!(text.parse::<Duration>().unwrap().to_string(), text);
     }
-    for (text, bytes) in [
-        ("64KiB", 65_536),
-        ("1MiB", 1_048_576),
-        ("64KB", 64_000),
-        ("512", 512),
-    ] {
+    for (text, bytes) in [("64KiB", 65_536), ("1MiB", 1_048_576), ("64KB", 64_000), ("512", 512)] {
         let size: ByteSize = text.parse().unwrap();
-        assert_eq!(
-            (size.bytes(), size.to_string().parse::<ByteSize>().unwrap()),
-            (bytes, size)
-        );
+        assert_eq!((size.bytes(), size.to_string().parse::<ByteSize>().unwrap()), (bytes, size));
     }
 }
 
@@ -282,19 +196,14 @@ fn the_full_config_round_trips_through_json() {
 #[test]
 fn json_of_the_config_redacts_the_redis_password() {
     let config = load("messaging: { broker: \"redis://app:s3cret@redis.internal:6379/0\" }\n");
-    let Broker::Redis(url) = &config.messaging.broker else {
-        panic!("a redis broker")
-    };
+    let Broker::Redis(url) = &config.messaging.broker else { panic!("a redis broker") };
     assert_eq!(
         url.as_str(),
         "redis://app:s3cret@redis.internal:6379/0",
         "the client gets the real URL"
     );
     let json = serde_json::to_string(&config).unwrap();
-    assert!(
-        json.contains(r#""broker":"redis://app:***@redis.internal:6379/0""#),
-        "{json}"
-    );
+    assert!(json.contains(r#""broker":"redis://app:***@redis.internal:6379/0""#), "{json}");
     assert!(!json.contains("s3cret") && !format!("{config:?}").contains("s3cret"));
 }
 
@@ -302,21 +211,13 @@ fn json_of_the_config_redacts_the_redis_password() {
 fn an_unreadable_file_says_so() {
     let err = load_file(std::path::Path::new("tests/no-such-file.yaml")).unwrap_err();
     assert!(matches!(err, LoadError::Read { .. }));
-    assert!(
-        err.to_string()
-            .starts_with("tests/no-such-file.yaml: cannot read: "),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("tests/no-such-file.yaml: cannot read: "), "{err}");
 }
 
 #[test]
 fn the_reference_example_in_the_docs_loads() {
     let doc = std::fs::read_to_string("../docs/configuration.md").unwrap();
-    let example = doc
-        .split("```yaml\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .unwrap();
+    let example = doc.split("```yaml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
     let config = load(example);
     let payments = config.upstreams.get("payments").unwrap();
     assert_eq!(
@@ -325,9 +226,6 @@ fn the_reference_example_in_the_docs_loads() {
         "the example shows the defaults"
     );
     assert_eq!(payments.circuit_breaker, Some(CircuitBreaker::default()));
-    assert_eq!(
-        config.messaging.subscriptions[0].backoff,
-        Backoff::MESSAGING
-    );
+    assert_eq!(config.messaging.subscriptions[0].backoff, Backoff::MESSAGING);
     assert_eq!(config.outbound, Outbound::default());
 }

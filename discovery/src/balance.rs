@@ -46,9 +46,7 @@ mod tests {
     use super::*;
 
     fn endpoints(n: u16) -> Vec<Endpoint> {
-        (0..n)
-            .map(|i| Endpoint::new(([127, 0, 0, 1], 9000 + i).into()))
-            .collect()
+        (0..n).map(|i| Endpoint::new(([127, 0, 0, 1], 9000 + i).into())).collect()
     }
 
     #[test]
@@ -61,16 +59,8 @@ mod tests {
 
     #[test]
     fn an_empty_set_gives_no_endpoint() {
-        assert!(
-            Balancer::new(config::LoadBalancer::Random)
-                .pick(&[])
-                .is_none()
-        );
-        assert!(
-            Balancer::new(config::LoadBalancer::RoundRobin)
-                .pick(&[])
-                .is_none()
-        );
+        assert!(Balancer::new(config::LoadBalancer::Random).pick(&[]).is_none());
+        assert!(Balancer::new(config::LoadBalancer::RoundRobin).pick(&[]).is_none());
     }
 
     #[test]

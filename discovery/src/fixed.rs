@@ -18,17 +18,11 @@ pub(crate) fn start(upstream: &str, list: Vec<config::Endpoint>, tx: watch::Send
     let literal: Option<Vec<Endpoint>> = list
         .iter()
         .map(|e| {
-            e.host()
-                .parse()
-                .ok()
-                .map(|ip| Endpoint::new(std::net::SocketAddr::new(ip, e.port())))
+            e.host().parse().ok().map(|ip| Endpoint::new(std::net::SocketAddr::new(ip, e.port())))
         })
         .collect();
     if let Some(endpoints) = literal {
-        tx.send_replace(Snapshot {
-            endpoints: endpoints.into(),
-            status: Status::Ready,
-        });
+        tx.send_replace(Snapshot { endpoints: endpoints.into(), status: Status::Ready });
         return;
     }
     let upstream: Arc<str> = upstream.into();

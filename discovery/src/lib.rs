@@ -61,10 +61,8 @@ pub struct Endpoints {
 impl Endpoints {
     /// Starts the configured source; it runs until every `Endpoints` clone is dropped.
     pub fn start(upstream: &str, discovery: &config::Discovery) -> Self {
-        let (tx, rx) = watch::channel(Snapshot {
-            endpoints: Arc::from([]),
-            status: Status::Pending,
-        });
+        let (tx, rx) =
+            watch::channel(Snapshot { endpoints: Arc::from([]), status: Status::Pending });
         match discovery {
             config::Discovery::Static(list) => fixed::start(upstream, list.clone(), tx),
             other => {
@@ -87,10 +85,7 @@ impl Endpoints {
     /// A fixed set, for tests and callers that already know their endpoints.
     pub fn fixed(addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
         let endpoints: Arc<[Endpoint]> = addrs.into_iter().map(Endpoint::new).collect();
-        let (_tx, rx) = watch::channel(Snapshot {
-            endpoints,
-            status: Status::Ready,
-        });
+        let (_tx, rx) = watch::channel(Snapshot { endpoints, status: Status::Ready });
         Self { rx }
     }
 

@@ -48,13 +48,11 @@ pub struct Running {
 }
 
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            what: what.into(),
-            addr,
-            source,
-        })
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+        what: what.into(),
+        addr,
+        source,
+    })
 }
 
 /// Binds and starts everything `config` describes.
@@ -70,17 +68,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     }
 
-    let upstreams: Vec<stack::BuiltUpstream> = config
-        .upstreams
-        .iter()
-        .map(|u| stack::upstream(u, &metrics))
-        .collect();
+    let upstreams: Vec<stack::BuiltUpstream> =
+        config.upstreams.iter().map(|u| stack::upstream(u, &metrics)).collect();
     let routes = Arc::new(stack::routes(&upstreams, &metrics));
     let health = Arc::new(Health::new(
-        upstreams
-            .iter()
-            .map(|u| (u.name.clone(), u.endpoints.clone()))
-            .collect(),
+        upstreams.iter().map(|u| (u.name.clone(), u.endpoints.clone())).collect(),
         config.service.app.as_ref().and_then(app_health_uri),
     ));
     let config_json =
@@ -92,9 +84,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let serving = Serving::new(&config.outbound.limits);
     let mut servers = JoinSet::new();
     let mut running = Running {
-        outbound: outbound
-            .local_addr()
-            .expect("a bound socket has an address"),
+        outbound: outbound.local_addr().expect("a bound socket has an address"),
         admin: admin.local_addr().expect("a bound socket has an address"),
         dedicated: Vec::new(),
         stop,
@@ -120,9 +110,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stopped.clone(),
     ));
     for (name, listener) in dedicated {
-        let addr = listener
-            .local_addr()
-            .expect("a bound socket has an address");
+        let addr = listener.local_addr().expect("a bound socket has an address");
         let built = upstreams
             .iter()
             .find(|u| &*u.name == name)
@@ -154,12 +142,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 fn app_health_uri(app: &config::App) -> Option<http::Uri> {
     let path = app.health_path.as_deref()?;
     let url = &app.url;
-    let uri = format!(
-        "http://{}:{}{}{path}",
-        url.host(),
-        url.port(),
-        url.base_path()
-    );
+    let uri = format!("http://{}:{}{}{path}", url.host(), url.port(), url.base_path());
     // config validated both parts; an IPv6 host needs its brackets back
     let uri = if url.host().contains(':') {
         uri.replacen(url.host(), &format!("[{}]", url.host()), 1)
@@ -178,10 +161,7 @@ impl Running {
         tracing::info!(timeout = ?self.drain_timeout, "draining in-flight requests");
         // every listener task has ended, so this is the last reference
         let graceful = Arc::into_inner(self.graceful).expect("the listeners have stopped");
-        if tokio::time::timeout(self.drain_timeout, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.drain_timeout, graceful.shutdown()).await.is_err() {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing what is left");
         }
         tracing::info!("outrigger stopped");

@@ -67,27 +67,14 @@ mod tests {
 
     #[test]
     fn kinds_and_statuses_match_the_design_table() {
-        let unknown = ProxyError::UnknownUpstream {
-            authority: "x".into(),
-        };
-        assert_eq!(
-            (unknown.status(), unknown.kind()),
-            (StatusCode::NOT_FOUND, "unknown-upstream")
-        );
-        let empty = ProxyError::NoHealthyEndpoints {
-            upstream: "p".into(),
-        };
-        assert_eq!(
-            (empty.status().as_u16(), empty.kind()),
-            (503, "no-healthy-endpoints")
-        );
+        let unknown = ProxyError::UnknownUpstream { authority: "x".into() };
+        assert_eq!((unknown.status(), unknown.kind()), (StatusCode::NOT_FOUND, "unknown-upstream"));
+        let empty = ProxyError::NoHealthyEndpoints { upstream: "p".into() };
+        assert_eq!((empty.status().as_u16(), empty.kind()), (503, "no-healthy-endpoints"));
         let bad = ProxyError::BadRequest { reason: "r".into() };
         assert_eq!((bad.status().as_u16(), bad.kind()), (400, "bad-request"));
         let large = ProxyError::HeadersTooLarge { reason: "r".into() };
-        assert_eq!(
-            (large.status().as_u16(), large.kind()),
-            (431, "bad-request")
-        );
+        assert_eq!((large.status().as_u16(), large.kind()), (431, "bad-request"));
         assert!(large.closes_connection());
     }
 }

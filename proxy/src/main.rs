@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 use outrigger_proxy::{app, config, demo, telemetry};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "outrigger",
-    version,
-    about = "A per-service sidecar resilience proxy"
-)]
+#[command(name = "outrigger", version, about = "A per-service sidecar resilience proxy")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

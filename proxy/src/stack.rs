@@ -37,18 +37,12 @@ pub fn upstream(cfg: &config::Upstream, metrics: &Metrics) -> BuiltUpstream {
     let service = ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.upstream(name))) // counts the final status, ours or theirs
         .service(Forward::new(name, endpoints.clone(), cfg)); // balancer, pool; 502/503 classified
-    BuiltUpstream {
-        name: name.into(),
-        service: BoxCloneSyncService::new(service),
-        endpoints,
-    }
+    BuiltUpstream { name: name.into(), service: BoxCloneSyncService::new(service), endpoints }
 }
 
 /// The outbound listener's routing table.
 pub fn routes(upstreams: &[BuiltUpstream], metrics: &Metrics) -> Routes {
-    let by_name: HashMap<Box<str>, UpstreamService> = upstreams
-        .iter()
-        .map(|u| (Box::from(&*u.name), u.service.clone()))
-        .collect();
+    let by_name: HashMap<Box<str>, UpstreamService> =
+        upstreams.iter().map(|u| (Box::from(&*u.name), u.service.clone())).collect();
     Routes::new(by_name, metrics.upstream(NO_UPSTREAM))
 }

@@ -17,21 +17,14 @@ use crate::{DEADLINE, wait_until};
 
 /// A free loopback port (bound, then released for the child to take).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The `outrigger` binary beside this test executable (`target/<profile>/outrigger`): the
 /// README's test command builds it before the tests run.
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable has a path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
     let bin = dir.join("outrigger");
     assert!(
         bin.exists(),
@@ -88,10 +81,7 @@ impl Sidecar {
         let sidecar = Self::spawn(yaml);
         let admin = sidecar.admin;
         wait_until(DEADLINE, "the sidecar to answer /healthz", || async move {
-            admin_get(admin, "/healthz")
-                .await
-                .ok()
-                .filter(|(s, _)| *s == 200)
+            admin_get(admin, "/healthz").await.ok().filter(|(s, _)| *s == 200)
         })
         .await;
         sidecar
@@ -108,9 +98,8 @@ impl Sidecar {
             text.push_str("admin: { listen: \"$ADMIN\" }\n");
         }
         text.push_str(yaml);
-        let text = text
-            .replace("$OUTBOUND", &outbound.to_string())
-            .replace("$ADMIN", &admin.to_string());
+        let text =
+            text.replace("$OUTBOUND", &outbound.to_string()).replace("$ADMIN", &admin.to_string());
         let scratch = Scratch::new();
         let config = scratch.0.join("outrigger.yaml");
         std::fs::write(&config, text).expect("write the config");
@@ -123,12 +112,7 @@ impl Sidecar {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start outrigger");
-        Self {
-            child,
-            outbound,
-            admin,
-            scratch,
-        }
+        Self { child, outbound, admin, scratch }
     }
 
     /// Waits for `/readyz` to answer 200.
@@ -140,10 +124,7 @@ impl Sidecar {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!(
-            "the sidecar was not ready within {DEADLINE:?}; its log:\n{}",
-            self.log()
-        );
+        panic!("the sidecar was not ready within {DEADLINE:?}; its log:\n{}", self.log());
     }
 
     /// Everything the sidecar logged so far.
@@ -157,9 +138,7 @@ impl Sidecar {
 
     /// Sends SIGTERM and waits for the exit status, up to the deadline.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let until = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the child") {
@@ -176,11 +155,17 @@ impl Sidecar {
 
     /// `GET http://{outbound}{path}` with `Host: {host}`.
     pub async fn get(&self, host: &str, path: &str) -> Response<Bytes> {
-        let req = Request::get(path)
-            .header("host", host)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = Request::get(path).header("host", host).body(Full::new(Bytes::new())).unwrap();
         send(self.outbound, req).await.expect("the sidecar answers")
+    }
+
+    /// Asserts that a plain request to `host` still gets 200: the sidecar kept serving.
+    pub async fn assert_still_serving(&self, host: &str) {
+        assert_eq!(
+            self.get(host, "/still-serving").await.status(),
+            200,
+            "the sidecar stopped serving"
+        );
     }
 
     /// Sends `req` to the outbound listener over a fresh HTTP/1.1 connection, exactly as built
@@ -202,23 +187,15 @@ impl Sidecar {
 
     /// `GET` on the admin listener: status and body.
     pub async fn admin(&self, path: &str) -> (u16, String) {
-        admin_get(self.admin, path)
-            .await
-            .expect("the admin listener answers")
+        admin_get(self.admin, path).await.expect("the admin listener answers")
     }
 
     /// The sidecar's peak resident memory (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .expect("a VmHWM line");
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .expect("a number of kB")
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("a VmHWM line");
+        line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB")
     }
 }
 
@@ -251,18 +228,10 @@ async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = Request::get(path)
-        .header("host", "admin")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = Request::get(path).header("host", "admin").body(Full::new(Bytes::new())).unwrap();
     let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = res.status().as_u16();
-    let body = res
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = res.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 

@@ -64,14 +64,9 @@ impl Upstream {
     }
 
     async fn scripted_on(port: u16, script: Vec<Reply>) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("a free loopback port");
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("a free loopback port");
         let addr = listener.local_addr().expect("bound");
-        let state = Arc::new(Mutex::new(State {
-            script,
-            seen: Vec::new(),
-        }));
+        let state = Arc::new(Mutex::new(State { script, seen: Vec::new() }));
         let shared = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -94,6 +89,11 @@ impl Upstream {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The YAML of an `upstreams:` section with one upstream, `name`, on this server.
+    pub fn yaml(&self, name: &str) -> String {
+        format!("upstreams:\n  {name}:\n    discovery: {{ static: [\"{}\"] }}\n", self.addr)
     }
 
     /// How many requests arrived.
@@ -127,10 +127,9 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
             tokio::time::sleep(delay).await;
             Ok(respond(status, format!("{status} from upstream\n")))
         }
-        Reply::Reset => Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "scripted reset",
-        )),
+        Reply::Reset => {
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "scripted reset"))
+        }
         Reply::CountBody => {
             let mut body = req.into_body();
             let mut count = 0u64;
@@ -150,8 +149,7 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
                 }
             });
             let mut res = respond(101, String::new());
-            res.headers_mut()
-                .insert("connection", "upgrade".parse().unwrap());
+            res.headers_mut().insert("connection", "upgrade".parse().unwrap());
             res.headers_mut().insert("upgrade", "echo".parse().unwrap());
             Ok(res)
         }

@@ -111,9 +111,7 @@ pub struct SubscriptionBreaker {
 impl Subscription {
     /// Where exhausted and permanently failed messages go.
     pub fn dead_letter_queue(&self) -> QueueName {
-        self.dead_letter_queue
-            .clone()
-            .unwrap_or_else(|| self.queue.dead_letter())
+        self.dead_letter_queue.clone().unwrap_or_else(|| self.queue.dead_letter())
     }
 }
 
@@ -171,10 +169,7 @@ impl Default for Messaging {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention {
-            max_messages: 10_000,
-            max_age: Duration::from_secs(14 * 86_400),
-        }
+        Retention { max_messages: 10_000, max_age: Duration::from_secs(14 * 86_400) }
     }
 }
 

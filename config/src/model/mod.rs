@@ -149,28 +149,19 @@ pub struct Lifecycle {
 
 impl Default for Service {
     fn default() -> Self {
-        Service {
-            name: "outrigger".to_owned(),
-            app: None,
-            register: false,
-        }
+        Service { name: "outrigger".to_owned(), app: None, register: false }
     }
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin {
-            listen: ListenAddr::new(Ipv4Addr::UNSPECIFIED, 9901),
-        }
+        Admin { listen: ListenAddr::new(Ipv4Addr::UNSPECIFIED, 9901) }
     }
 }
 
 impl Default for Outbound {
     fn default() -> Self {
-        Outbound {
-            listen: ListenAddr::new(Ipv4Addr::LOCALHOST, 4140),
-            limits: Limits::default(),
-        }
+        Outbound { listen: ListenAddr::new(Ipv4Addr::LOCALHOST, 4140), limits: Limits::default() }
     }
 }
 
@@ -198,10 +189,7 @@ impl Etcd {
 
 impl Default for Log {
     fn default() -> Self {
-        Log {
-            format: LogFormat::Text,
-            level: "info".to_owned(),
-        }
+        Log { format: LogFormat::Text, level: "info".to_owned() }
     }
 }
 
@@ -218,8 +206,6 @@ impl Tracing {
 
 impl Default for Lifecycle {
     fn default() -> Self {
-        Lifecycle {
-            drain_timeout: Duration::from_secs(30),
-        }
+        Lifecycle { drain_timeout: Duration::from_secs(30) }
     }
 }

@@ -88,10 +88,7 @@ impl Default for Retry {
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget {
-            ratio: Ratio::new_const(0.2),
-            min_per_second: 10,
-        }
+        Budget { ratio: Ratio::new_const(0.2), min_per_second: 10 }
     }
 }
 
@@ -101,10 +98,7 @@ const RETRY_ON: &str = "connect-failure, reset, timeout, or a status code from 1
 
 impl RetryOn {
     fn status(code: u64) -> Option<RetryOn> {
-        u16::try_from(code)
-            .ok()
-            .filter(|c| (100..=599).contains(c))
-            .map(RetryOn::Status)
+        u16::try_from(code).ok().filter(|c| (100..=599).contains(c)).map(RetryOn::Status)
     }
 }
 
@@ -135,9 +129,7 @@ impl Visitor<'_> for RetryOnVisitor {
             "timeout" => Ok(RetryOn::Timeout),
             _ => match text.parse() {
                 Ok(code) => self.visit_u64(code),
-                Err(_) => Err(E::custom(format!(
-                    "unknown value {text:?} (expected {RETRY_ON})"
-                ))),
+                Err(_) => Err(E::custom(format!("unknown value {text:?} (expected {RETRY_ON})"))),
             },
         }
     }
@@ -168,11 +160,8 @@ impl Backoff {
     };
 
     /// Between message deliveries: slow, since nobody waits and the app may need time.
-    pub const MESSAGING: Backoff = Backoff {
-        initial: Duration::from_secs(1),
-        max: Duration::from_secs(60),
-        ..Backoff::HTTP
-    };
+    pub const MESSAGING: Backoff =
+        Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(60), ..Backoff::HTTP };
 
     /// The linear strategy's increment.
     pub fn linear_step(&self) -> Duration {

@@ -39,9 +39,7 @@ impl FromStr for RedisUrl {
     type Err = ValueError;
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
-        let rest = text
-            .strip_prefix("redis://")
-            .or_else(|| text.strip_prefix("rediss://"));
+        let rest = text.strip_prefix("redis://").or_else(|| text.strip_prefix("rediss://"));
         let valid = rest.is_some_and(|rest| {
             let (authority, db) = rest.split_once('/').unwrap_or((rest, ""));
             let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -61,9 +59,7 @@ impl FromStr for RedisUrl {
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (scheme, rest) = self.0.split_once("://").expect("checked when parsed");
-        let (authority, path) = rest
-            .split_once('/')
-            .map_or((rest, None), |(a, p)| (a, Some(p)));
+        let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
         match authority.rsplit_once('@') {
             Some((userinfo, host)) => {
                 let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
@@ -124,29 +120,18 @@ mod tests {
         let broker: Broker = "redis://app:s3cret@redis.internal:6379/2".parse().unwrap();
         assert_eq!(broker.to_string(), "redis://app:***@redis.internal:6379/2");
         assert!(!format!("{broker:?}").contains("s3cret"));
-        let Broker::Redis(url) = &broker else {
-            panic!("a redis broker")
-        };
+        let Broker::Redis(url) = &broker else { panic!("a redis broker") };
         assert_eq!(url.as_str(), "redis://app:s3cret@redis.internal:6379/2");
         assert_eq!(
             "rediss://:pw@r:6380".parse::<Broker>().unwrap().to_string(),
             "rediss://:***@r:6380"
         );
-        assert_eq!(
-            "redis://r".parse::<Broker>().unwrap().to_string(),
-            "redis://r"
-        );
+        assert_eq!("redis://r".parse::<Broker>().unwrap().to_string(), "redis://r");
     }
 
     #[test]
     fn refuses_other_brokers() {
-        for bad in [
-            "kafka://k:9092",
-            "redis://",
-            "redis://r:port",
-            "redis://r/db0",
-            "Embedded",
-        ] {
+        for bad in ["kafka://k:9092", "redis://", "redis://r:port", "redis://r/db0", "Embedded"] {
             assert!(bad.parse::<Broker>().is_err(), "{bad}");
         }
     }

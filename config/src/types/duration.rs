@@ -76,9 +76,7 @@ fn parse_nanos(text: &str) -> Option<u128> {
     while !rest.is_empty() {
         let number_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let (number, after) = rest.split_at(number_end);
-        let unit_end = after
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(after.len());
+        let unit_end = after.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(after.len());
         let (unit, after) = after.split_at(unit_end);
         let scale = match unit {
             "µs" => 1_000,
@@ -97,11 +95,7 @@ fn parse_scaled(number: &str, scale: u128) -> Option<u128> {
     if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
         return None;
     }
-    let whole: u128 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().ok()?
-    };
+    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
     let mut nanos = whole.checked_mul(scale)?;
     if !fraction.is_empty() {
         let denominator = 10u128.pow(u32::try_from(fraction.len()).ok()?);
@@ -135,9 +129,7 @@ mod tests {
     use std::time::Duration as Std;
 
     fn parse(text: &str) -> Result<Std, String> {
-        text.parse::<Duration>()
-            .map(Duration::get)
-            .map_err(|e| e.to_string())
+        text.parse::<Duration>().map(Duration::get).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -158,10 +150,7 @@ mod tests {
     #[test]
     fn refuses_what_is_not_a_duration() {
         let err = parse("3 seconds").unwrap_err();
-        assert_eq!(
-            err,
-            r#""3 seconds" is not a duration (expected e.g. 250ms, 5s, 1m)"#
-        );
+        assert_eq!(err, r#""3 seconds" is not a duration (expected e.g. 250ms, 5s, 1m)"#);
         for bad in ["", "5", "s", "5 s", "1.2.3s", "-1s", "5sec", "1e3s"] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
@@ -170,9 +159,7 @@ mod tests {
 
     #[test]
     fn prints_back_what_it_parses() {
-        for text in [
-            "0s", "250ms", "5s", "1m", "1m30s", "1s500ms", "14d", "100us", "1h1ns",
-        ] {
+        for text in ["0s", "250ms", "5s", "1m", "1m30s", "1s500ms", "14d", "100us", "1h1ns"] {
             let d: Duration = text.parse().unwrap();
             assert_eq!(d.to_string(), text);
             assert_eq!(d.to_string().parse::<Duration>(), Ok(d));

@@ -28,10 +28,7 @@ pub struct ValueError {
 
 impl ValueError {
     pub(crate) fn new(message: impl Into<String>, expected: impl Into<String>) -> Self {
-        ValueError {
-            message: message.into(),
-            expected: expected.into(),
-        }
+        ValueError { message: message.into(), expected: expected.into() }
     }
 }
 
@@ -106,8 +103,7 @@ pub(crate) fn is_host(host: &str) -> bool {
     }
     let label_ok = |l: &str| {
         (1..=63).contains(&l.len())
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
@@ -123,22 +119,13 @@ mod tests {
         assert_eq!(Ratio::try_from(0.0).map(Ratio::get), Ok(0.0));
         assert_eq!(Ratio::try_from(1.0).map(Ratio::get), Ok(1.0));
         let err = Ratio::try_from(1.5).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "1.5 is out of range (expected a number from 0.0 to 1.0, e.g. 0.2)"
-        );
+        assert_eq!(err, "1.5 is out of range (expected a number from 0.0 to 1.0, e.g. 0.2)");
         assert!(Ratio::try_from(f64::NAN).is_err());
     }
 
     #[test]
     fn hosts_are_ips_or_dns_names() {
-        for ok in [
-            "127.0.0.1",
-            "::1",
-            "payments",
-            "api.example.com",
-            "_http._tcp.x.local",
-        ] {
+        for ok in ["127.0.0.1", "::1", "payments", "api.example.com", "_http._tcp.x.local"] {
             assert!(is_host(ok), "{ok}");
         }
         for bad in ["", "a b", "-x", "x..y", "a/b"] {

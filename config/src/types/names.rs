@@ -37,8 +37,7 @@ impl FromStr for UpstreamName {
     fn from_str(text: &str) -> Result<Self, ValueError> {
         let label_ok = |l: &str| {
             (1..=63).contains(&l.len())
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         };
@@ -83,9 +82,7 @@ impl FromStr for QueueName {
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
         let ok = (1..=200).contains(&text.len())
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         match ok {
             true => Ok(QueueName(text.to_owned())),
             false => Err(ValueError::new(
@@ -110,25 +107,10 @@ mod tests {
 
     #[test]
     fn upstream_names_are_lowercase_dns_names() {
-        for ok in [
-            "payments",
-            "payments.prod",
-            "a",
-            "api-v2.example.com",
-            "9lives",
-        ] {
+        for ok in ["payments", "payments.prod", "a", "api-v2.example.com", "9lives"] {
             assert!(ok.parse::<UpstreamName>().is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "Payments",
-            "pay_ments",
-            "-x",
-            "x-",
-            "a..b",
-            "a.",
-            "has space",
-        ] {
+        for bad in ["", "Payments", "pay_ments", "-x", "x-", "a..b", "a.", "has space"] {
             assert!(bad.parse::<UpstreamName>().is_err(), "{bad}");
         }
     }
@@ -136,10 +118,7 @@ mod tests {
     #[test]
     fn queue_names_and_their_dead_letter_queue() {
         let q: QueueName = "registration.welcome_email".parse().unwrap();
-        assert_eq!(
-            q.dead_letter().as_str(),
-            "registration.welcome_email_deadletter"
-        );
+        assert_eq!(q.dead_letter().as_str(), "registration.welcome_email_deadletter");
         for bad in ["", "a b", "a/b", &"x".repeat(201)] {
             assert!(bad.parse::<QueueName>().is_err(), "{bad}");
         }

@@ -59,10 +59,7 @@ impl FromStr for ListenAddr {
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
         text.parse().map(ListenAddr).map_err(|_| {
-            ValueError::new(
-                format!("{text:?} is not an address"),
-                "IP:PORT, e.g. 127.0.0.1:4140",
-            )
+            ValueError::new(format!("{text:?} is not an address"), "IP:PORT, e.g. 127.0.0.1:4140")
         })
     }
 }
@@ -120,12 +117,7 @@ impl FromStr for Endpoint {
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
         split_host_port(text)
-            .and_then(|(host, port)| {
-                Some(Endpoint {
-                    host,
-                    port: port?.parse().ok()?,
-                })
-            })
+            .and_then(|(host, port)| Some(Endpoint { host, port: port?.parse().ok()? }))
             .filter(|e| e.port != 0)
             .ok_or_else(|| {
                 ValueError::new(
@@ -186,12 +178,7 @@ impl HttpUrl {
             Some(p) => Some(p.parse::<u16>().ok().filter(|p| *p != 0)?),
             None => None,
         };
-        Some(HttpUrl {
-            https,
-            host,
-            port,
-            path: path.trim_end_matches('/').to_owned(),
-        })
+        Some(HttpUrl { https, host, port, path: path.trim_end_matches('/').to_owned() })
     }
 }
 
@@ -230,15 +217,12 @@ impl FromStr for AppUrl {
     type Err = ValueError;
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
-        HttpUrl::parse(text)
-            .filter(|url| !url.https)
-            .map(AppUrl)
-            .ok_or_else(|| {
-                ValueError::new(
-                    format!("{text:?} is not an app URL"),
-                    "http://HOST:PORT[/base], e.g. http://127.0.0.1:8080",
-                )
-            })
+        HttpUrl::parse(text).filter(|url| !url.https).map(AppUrl).ok_or_else(|| {
+            ValueError::new(
+                format!("{text:?} is not an app URL"),
+                "http://HOST:PORT[/base], e.g. http://127.0.0.1:8080",
+            )
+        })
     }
 }
 
@@ -256,22 +240,13 @@ mod tests {
 
     #[test]
     fn listen_addresses_are_ip_and_port() {
-        assert_eq!(
-            "[::1]:4140".parse::<ListenAddr>().unwrap().to_string(),
-            "[::1]:4140"
-        );
-        let err = "localhost:4140"
-            .parse::<ListenAddr>()
-            .unwrap_err()
-            .to_string();
+        assert_eq!("[::1]:4140".parse::<ListenAddr>().unwrap().to_string(), "[::1]:4140");
+        let err = "localhost:4140".parse::<ListenAddr>().unwrap_err().to_string();
         assert_eq!(
             err,
             r#""localhost:4140" is not an address (expected IP:PORT, e.g. 127.0.0.1:4140)"#
         );
-        assert_eq!(
-            "10.0.0.10".parse::<NameServer>().unwrap().to_string(),
-            "10.0.0.10:53"
-        );
+        assert_eq!("10.0.0.10".parse::<NameServer>().unwrap().to_string(), "10.0.0.10:53");
     }
 
     #[test]
@@ -282,14 +257,9 @@ mod tests {
             ("[::1]:80", "::1", 80),
         ] {
             let e: Endpoint = text.parse().unwrap();
-            assert_eq!(
-                (e.host(), e.port(), e.to_string().as_str()),
-                (host, port, text)
-            );
+            assert_eq!((e.host(), e.port(), e.to_string().as_str()), (host, port, text));
         }
-        for bad in [
-            "payments", "x:0", "x:99999", ":80", "a b:80", "[::1]", "::1:80",
-        ] {
+        for bad in ["payments", "x:0", "x:99999", ":80", "a b:80", "[::1]", "::1:80"] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
     }
@@ -297,18 +267,10 @@ mod tests {
     #[test]
     fn app_urls_are_plain_http() {
         let url: AppUrl = "http://127.0.0.1:8080/base/".parse().unwrap();
-        assert_eq!(
-            (url.host(), url.port(), url.base_path()),
-            ("127.0.0.1", 8080, "/base")
-        );
+        assert_eq!((url.host(), url.port(), url.base_path()), ("127.0.0.1", 8080, "/base"));
         assert_eq!(url.to_string(), "http://127.0.0.1:8080/base");
         assert_eq!("http://app".parse::<AppUrl>().unwrap().port(), 80);
-        for bad in [
-            "https://app:443",
-            "127.0.0.1:8080",
-            "http://u:p@app",
-            "http://app:8080?x",
-        ] {
+        for bad in ["https://app:443", "127.0.0.1:8080", "http://u:p@app", "http://app:8080?x"] {
             assert!(bad.parse::<AppUrl>().is_err(), "{bad}");
         }
     }

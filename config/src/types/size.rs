@@ -44,19 +44,13 @@ impl FromStr for ByteSize {
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
         let error = || ValueError::new(format!("{text:?} is not a size"), EXAMPLES);
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let number: u64 = number.parse().map_err(|_| error())?;
         let scale = match unit {
             "" => 1,
             _ => {
-                UNITS
-                    .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(unit))
-                    .ok_or_else(error)?
-                    .1
+                UNITS.iter().find(|(name, _)| name.eq_ignore_ascii_case(unit)).ok_or_else(error)?.1
             }
         };
         number.checked_mul(scale).map(ByteSize).ok_or_else(error)
@@ -81,9 +75,7 @@ mod tests {
     use super::*;
 
     fn bytes(text: &str) -> Result<u64, String> {
-        text.parse::<ByteSize>()
-            .map(ByteSize::bytes)
-            .map_err(|e| e.to_string())
+        text.parse::<ByteSize>().map(ByteSize::bytes).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -106,28 +98,16 @@ mod tests {
             err,
             r#""lots" is not a size (expected a whole number of bytes with an optional unit, e.g. 512, 64KiB, 1MiB)"#
         );
-        for bad in [
-            "",
-            "KiB",
-            "1.5MiB",
-            "64 KiB",
-            "64XB",
-            "-1",
-            "99999999999999999999GiB",
-        ] {
+        for bad in ["", "KiB", "1.5MiB", "64 KiB", "64XB", "-1", "99999999999999999999GiB"] {
             assert!(bytes(bad).is_err(), "{bad:?} should be refused");
         }
     }
 
     #[test]
     fn prints_back_what_it_parses() {
-        for (text, printed) in [
-            ("65536", "64KiB"),
-            ("1MiB", "1MiB"),
-            ("64KB", "64KB"),
-            ("513", "513B"),
-            ("0", "0B"),
-        ] {
+        for (text, printed) in
+            [("65536", "64KiB"), ("1MiB", "1MiB"), ("64KB", "64KB"), ("513", "513B"), ("0", "0B")]
+        {
             let size: ByteSize = text.parse().unwrap();
             assert_eq!(size.to_string(), printed);
             assert_eq!(printed.parse::<ByteSize>(), Ok(size));

@@ -15,23 +15,15 @@ impl Checks {
         );
         if !messaging.subscriptions.is_empty() && !has_app {
             let expected = Some("service.app.url, e.g. http://127.0.0.1:8080");
-            self.push(
-                "messaging.subscriptions",
-                "need service.app to deliver to",
-                expected,
-            )
-            .reading("service.app");
+            self.push("messaging.subscriptions", "need service.app to deliver to", expected)
+                .reading("service.app");
         }
         let mut queues = HashSet::new();
         for (i, sub) in messaging.subscriptions.iter().enumerate() {
             let path = format!("messaging.subscriptions[{i}]");
             if !queues.insert(&sub.queue) {
                 let message = format!("queue {:?} is already subscribed above", sub.queue.as_str());
-                self.push(
-                    format!("{path}.queue"),
-                    message,
-                    Some("one subscription per queue"),
-                );
+                self.push(format!("{path}.queue"), message, Some("one subscription per queue"));
             }
             self.absolute_path(format!("{path}.path"), &sub.path);
             self.backoff(&format!("{path}.backoff"), &sub.backoff);
@@ -39,11 +31,7 @@ impl Checks {
             if let Concurrency::Scaled(range) = sub.concurrency {
                 let min = format!("{path}.concurrency.min");
                 if range.min == 0 {
-                    self.push(
-                        min,
-                        "must be at least 1",
-                        Some("a whole number >= 1, got 0"),
-                    );
+                    self.push(min, "must be at least 1", Some("a whole number >= 1, got 0"));
                 } else if range.min > range.max {
                     let expected = format!("at most {}, got {}", range.max, range.min);
                     self.push(min, "must not exceed concurrency.max", Some(&expected));

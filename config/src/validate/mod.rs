@@ -67,11 +67,7 @@ impl Checks {
     /// For timeouts, intervals and windows, where zero would mean "never" or "always".
     fn positive(&mut self, path: impl Into<String>, duration: Duration) {
         if duration.is_zero() {
-            self.push(
-                path,
-                "must be greater than 0",
-                Some("a duration such as 1s"),
-            );
+            self.push(path, "must be greater than 0", Some("a duration such as 1s"));
         }
     }
 
@@ -101,11 +97,7 @@ impl Checks {
         }
         if !(backoff.multiplier >= 1.0 && backoff.multiplier.is_finite()) {
             let expected = format!("a number >= 1.0, got {}", backoff.multiplier);
-            self.push(
-                format!("{path}.multiplier"),
-                "must be at least 1.0",
-                Some(&expected),
-            );
+            self.push(format!("{path}.multiplier"), "must be at least 1.0", Some(&expected));
         }
         if let Some(step) = backoff.step {
             self.positive(format!("{path}.step"), step);
@@ -115,26 +107,17 @@ impl Checks {
     fn service(&mut self, config: &Config) {
         let service = &config.service;
         self.not_empty("service.name", &service.name);
-        if let Some(path) = service
-            .app
-            .as_ref()
-            .and_then(|app| app.health_path.as_deref())
-        {
+        if let Some(path) = service.app.as_ref().and_then(|app| app.health_path.as_deref()) {
             self.absolute_path("service.app.health_path", path);
         }
         if service.register && config.registry.is_none() {
             let expected = Some("registry: { etcd: { endpoints: [...] } }");
-            self.push(
-                "service.register",
-                "needs the top-level registry section",
-                expected,
-            )
-            .reading("registry");
+            self.push("service.register", "needs the top-level registry section", expected)
+                .reading("registry");
         }
         if service.register && service.app.is_none() {
             let expected = Some("service.app.url, the instance to register");
-            self.push("service.register", "needs service.app", expected)
-                .reading("service.app");
+            self.push("service.register", "needs service.app", expected).reading("service.app");
         }
     }
 
@@ -143,19 +126,11 @@ impl Checks {
         let path = "outbound.limits";
         if limits.max_header_bytes < ByteSize::kib(1) {
             let expected = format!("a size >= 1KiB, got {}", limits.max_header_bytes);
-            self.push(
-                format!("{path}.max_header_bytes"),
-                "must be at least 1KiB",
-                Some(&expected),
-            );
+            self.push(format!("{path}.max_header_bytes"), "must be at least 1KiB", Some(&expected));
         }
         if !(1..=1000).contains(&limits.max_headers) {
             let expected = format!("a whole number from 1 to 1000, got {}", limits.max_headers);
-            self.push(
-                format!("{path}.max_headers"),
-                "must be from 1 to 1000",
-                Some(&expected),
-            );
+            self.push(format!("{path}.max_headers"), "must be from 1 to 1000", Some(&expected));
         }
         if limits.max_connections == 0 {
             self.push(
@@ -164,10 +139,7 @@ impl Checks {
                 Some("a whole number >= 1, got 0"),
             );
         }
-        self.positive(
-            format!("{path}.header_read_timeout"),
-            limits.header_read_timeout,
-        );
+        self.positive(format!("{path}.header_read_timeout"), limits.header_read_timeout);
         self.positive(format!("{path}.idle_timeout"), limits.idle_timeout);
     }
 
@@ -193,8 +165,7 @@ impl Checks {
             });
             if let Some((earlier_path, _)) = clash {
                 let message = format!("listen address {addr} is already used by {earlier_path}");
-                self.push(path.clone(), message, None)
-                    .reading(earlier_path.clone());
+                self.push(path.clone(), message, None).reading(earlier_path.clone());
             }
         }
     }
@@ -204,12 +175,8 @@ impl Checks {
         if etcd.endpoints.is_empty() {
             let expected = Some("e.g. [\"http://127.0.0.1:2379\"]");
             // Reads its own list: an empty list may be what is left after refusing every item.
-            self.push(
-                "registry.etcd.endpoints",
-                "must list at least one endpoint",
-                expected,
-            )
-            .reading("registry.etcd.endpoints");
+            self.push("registry.etcd.endpoints", "must list at least one endpoint", expected)
+                .reading("registry.etcd.endpoints");
         }
         for (i, endpoint) in etcd.endpoints.iter().enumerate() {
             if HttpUrl::parse(endpoint).is_none_or(|url| url.port.is_none() || !url.path.is_empty())
@@ -225,11 +192,7 @@ impl Checks {
         self.absolute_path("registry.etcd.prefix", &etcd.prefix);
         if etcd.lease_ttl < Duration::from_secs(1) {
             let expected = format!("at least 1s, e.g. 10s, got {}", etcd.lease_ttl);
-            self.push(
-                "registry.etcd.lease_ttl",
-                "must be at least 1s",
-                Some(&expected),
-            );
+            self.push("registry.etcd.lease_ttl", "must be at least 1s", Some(&expected));
         }
     }
 
@@ -264,10 +227,7 @@ fn check_log_level(directives: &str) -> Result<(), &str> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
     let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word));
     let is_target = |word: &str| {
-        !word.is_empty()
-            && word
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_:-.".contains(&b))
+        !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:-.".contains(&b))
     };
     for directive in directives.split(',').map(str::trim) {
         let ok = match directive.split_once('=') {
@@ -287,21 +247,14 @@ mod tests {
 
     #[test]
     fn log_levels_and_directives() {
-        for ok in [
-            "info",
-            "WARN",
-            "off",
-            "info,outrigger=debug",
-            "outrigger::http=trace, hyper=warn",
-        ] {
+        for ok in
+            ["info", "WARN", "off", "info,outrigger=debug", "outrigger::http=trace, hyper=warn"]
+        {
             assert_eq!(check_log_level(ok), Ok(()), "{ok}");
         }
-        for (bad, word) in [
-            ("verbose", "verbose"),
-            ("info,", ""),
-            ("=debug", "=debug"),
-            ("info,x=loud", "x=loud"),
-        ] {
+        for (bad, word) in
+            [("verbose", "verbose"), ("info,", ""), ("=debug", "=debug"), ("info,x=loud", "x=loud")]
+        {
             assert_eq!(check_log_level(bad), Err(word), "{bad}");
         }
     }

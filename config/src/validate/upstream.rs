@@ -8,11 +8,7 @@ use crate::types::is_host;
 impl Checks {
     pub(super) fn upstream(&mut self, upstream: &Upstream, has_registry: bool) {
         let path = format!("upstreams.{}", upstream.name);
-        self.discovery(
-            &format!("{path}.discovery"),
-            &upstream.discovery,
-            has_registry,
-        );
+        self.discovery(&format!("{path}.discovery"), &upstream.discovery, has_registry);
 
         let timeouts = &upstream.timeouts;
         self.positive(format!("{path}.timeouts.connect"), timeouts.connect);
@@ -53,23 +49,14 @@ impl Checks {
             self.positive(format!("{at}.interval"), check.interval);
             self.positive(format!("{at}.timeout"), check.timeout);
         }
-        if let Some(name) = upstream
-            .tls
-            .as_ref()
-            .and_then(|tls| tls.server_name.as_deref())
-        {
+        if let Some(name) = upstream.tls.as_ref().and_then(|tls| tls.server_name.as_deref()) {
             self.not_empty(format!("{path}.tls.server_name"), name);
         }
         if let Some(outlier) = &upstream.outlier_detection {
-            self.positive(
-                format!("{path}.outlier_detection.base_ejection"),
-                outlier.base_ejection,
-            );
+            self.positive(format!("{path}.outlier_detection.base_ejection"), outlier.base_ejection);
             if outlier.max_ejected_percent > 100 {
-                let expected = format!(
-                    "a whole number from 0 to 100, got {}",
-                    outlier.max_ejected_percent
-                );
+                let expected =
+                    format!("a whole number from 0 to 100, got {}", outlier.max_ejected_percent);
                 self.push(
                     format!("{path}.outlier_detection.max_ejected_percent"),
                     "must be at most 100",
@@ -85,8 +72,7 @@ impl Checks {
                 let expected = Some("e.g. [\"10.0.0.7:8080\"]");
                 let at = format!("{path}.static");
                 // Reads its own list: an empty list may be what is left after refusing every item.
-                self.push(&at, "must list at least one endpoint", expected)
-                    .reading(at.clone());
+                self.push(&at, "must list at least one endpoint", expected).reading(at.clone());
             }
             Discovery::Static(_) => {}
             Discovery::Dns(dns) => {
@@ -102,18 +88,10 @@ impl Checks {
                 match (dns.record, dns.port) {
                     (DnsRecord::Srv, Some(_)) => {
                         let expected = Some("no port: SRV records carry their own");
-                        self.push(
-                            format!("{at}.port"),
-                            "not allowed with record srv",
-                            expected,
-                        );
+                        self.push(format!("{at}.port"), "not allowed with record srv", expected);
                     }
                     (DnsRecord::A | DnsRecord::Aaaa, None) => {
-                        let record = if dns.record == DnsRecord::A {
-                            "a"
-                        } else {
-                            "aaaa"
-                        };
+                        let record = if dns.record == DnsRecord::A { "a" } else { "aaaa" };
                         let message = format!("required with record {record}");
                         self.push(
                             format!("{at}.port"),

@@ -51,13 +51,7 @@ impl<'a> MapAccess<'a> {
         path: &'a str,
         session: &'a Session,
     ) -> Self {
-        MapAccess {
-            entries: entries.iter(),
-            fields,
-            path,
-            session,
-            current: None,
-        }
+        MapAccess { entries: entries.iter(), fields, path, session, current: None }
     }
 }
 
@@ -91,10 +85,7 @@ impl<'de> serde::de::MapAccess<'de> for MapAccess<'_> {
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
-        let (entry, path) = self
-            .current
-            .take()
-            .expect("serde asks for a value after its key");
+        let (entry, path) = self.current.take().expect("serde asks for a value after its key");
         seed.deserialize(De::new(&entry.value, path.clone(), self.session))
             .map_err(|e| e.remove(&entry.value, &path))
     }
@@ -104,11 +95,7 @@ impl<'de> serde::de::MapAccess<'de> for MapAccess<'_> {
 
 impl<'a> SeqAccess<'a> {
     pub(crate) fn new(items: &'a [Node], path: &'a str, session: &'a Session) -> Self {
-        SeqAccess {
-            items: items.iter().enumerate(),
-            path,
-            session,
-        }
+        SeqAccess { items: items.iter().enumerate(), path, session }
     }
 }
 
@@ -142,13 +129,7 @@ impl<'a> EnumAccess<'a> {
         path: &'a str,
         session: &'a Session,
     ) -> Self {
-        EnumAccess {
-            name: &entry.key,
-            value: Some(&entry.value),
-            variants,
-            path,
-            session,
-        }
+        EnumAccess { name: &entry.key, value: Some(&entry.value), variants, path, session }
     }
 
     pub(crate) fn named(
@@ -157,13 +138,7 @@ impl<'a> EnumAccess<'a> {
         path: &'a str,
         session: &'a Session,
     ) -> Self {
-        EnumAccess {
-            name: node,
-            value: None,
-            variants,
-            path,
-            session,
-        }
+        EnumAccess { name: node, value: None, variants, path, session }
     }
 
     /// The variant's data, reported under `enum_path.variant`.

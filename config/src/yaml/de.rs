@@ -42,11 +42,7 @@ macro_rules! signed {
 
 impl<'a> De<'a> {
     pub(crate) fn new(node: &'a Node, path: String, session: &'a Session) -> Self {
-        De {
-            node,
-            path,
-            session,
-        }
+        De { node, path, session }
     }
 
     fn resolved(&self) -> Option<Resolved> {
@@ -66,10 +62,7 @@ impl<'a> De<'a> {
     /// An unsigned integer within `low..=high`; `low` is 1 for serde's `NonZero*` visitors, so
     /// that a zero is worded like any other out-of-range number.
     fn integer<'de, V: Visitor<'de>>(&self, visitor: &V, high: u64) -> Result<u64, DeError> {
-        let low = match (visitor as &dyn Expected)
-            .to_string()
-            .starts_with("a nonzero")
-        {
+        let low = match (visitor as &dyn Expected).to_string().starts_with("a nonzero") {
             true => 1,
             false => 0,
         };
@@ -272,12 +265,9 @@ impl<'de> serde::Deserializer<'de> for De<'_> {
                 let access = EnumAccess::keyed(&entries[0], variants, &self.path, self.session);
                 visitor.visit_enum(access)
             }
-            Kind::Scalar(_) if !self.node.is_null() => visitor.visit_enum(EnumAccess::named(
-                self.node,
-                variants,
-                &self.path,
-                self.session,
-            )),
+            Kind::Scalar(_) if !self.node.is_null() => {
+                visitor.visit_enum(EnumAccess::named(self.node, variants, &self.path, self.session))
+            }
             Kind::Map(_) => {
                 let message = "needs exactly one key";
                 Err(DeError::new(message, Some(one_of(variants))).report_at(self.node, &self.path))

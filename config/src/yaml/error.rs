@@ -35,13 +35,7 @@ pub(crate) struct Target {
 
 impl DeError {
     pub(crate) fn new(message: impl Into<String>, expected: Option<String>) -> Self {
-        DeError {
-            message: message.into(),
-            expected,
-            missing: None,
-            at: None,
-            target: None,
-        }
+        DeError { message: message.into(), expected, missing: None, at: None, target: None }
     }
 
     pub(crate) fn of_type(got: &Node, noun: &str, expected: impl Into<String>) -> Self {
@@ -60,11 +54,7 @@ impl DeError {
                 Some(field) => super::key_path(path, field),
                 None => path.to_owned(),
             };
-            self.at = Some(At {
-                path,
-                line: node.line,
-                col: node.col,
-            });
+            self.at = Some(At { path, line: node.line, col: node.col });
         }
         self
     }
@@ -72,10 +62,7 @@ impl DeError {
     /// Sets the report position (if unset) and the node to remove (if unset).
     pub(crate) fn remove(self, node: &Node, path: &str) -> Self {
         let mut e = self.report_at(node, path);
-        e.target.get_or_insert_with(|| Target {
-            id: node.id,
-            path: path.to_owned(),
-        });
+        e.target.get_or_insert_with(|| Target { id: node.id, path: path.to_owned() });
         e
     }
 }
@@ -97,10 +84,7 @@ impl serde::de::Error for DeError {
     /// again so that every problem has the same shape.
     fn custom<T: fmt::Display>(msg: T) -> Self {
         let text = msg.to_string();
-        match text
-            .strip_suffix(')')
-            .and_then(|t| t.split_once(" (expected "))
-        {
+        match text.strip_suffix(')').and_then(|t| t.split_once(" (expected ")) {
             Some((message, expected)) => DeError::new(message, Some(expected.to_owned())),
             None => DeError::new(text, None),
         }
@@ -125,10 +109,7 @@ impl serde::de::Error for DeError {
     }
 
     fn missing_field(field: &'static str) -> Self {
-        DeError {
-            missing: Some(field),
-            ..DeError::new("required field is missing", None)
-        }
+        DeError { missing: Some(field), ..DeError::new("required field is missing", None) }
     }
 
     fn duplicate_field(_field: &'static str) -> Self {

@@ -65,11 +65,7 @@ pub(crate) fn tidy(node: &mut Node, path: &str, duplicates: &mut Vec<Duplicate>)
             Kind::Map(entries) => entries,
             _ => Vec::new(),
         }) {
-            let key = entry
-                .key
-                .scalar()
-                .map(|s| s.text.clone())
-                .unwrap_or_default();
+            let key = entry.key.scalar().map(|s| s.text.clone()).unwrap_or_default();
             if let Slot::Vacant(slot) = seen.entry(key) {
                 slot.insert(entry.key.line);
                 kept.push(entry);

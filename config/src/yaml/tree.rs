@@ -92,10 +92,7 @@ impl Node {
         1 + match &self.kind {
             Kind::Scalar(_) => 0,
             Kind::Seq(items) => items.iter().map(Node::count).sum(),
-            Kind::Map(entries) => entries
-                .iter()
-                .map(|e| e.key.count() + e.value.count())
-                .sum(),
+            Kind::Map(entries) => entries.iter().map(|e| e.key.count() + e.value.count()).sum(),
         }
     }
 }
@@ -124,9 +121,7 @@ impl Scalar {
         }
         // The core schema's float: digits with a dot and/or an exponent, and nothing else
         // (Rust's parser alone would also take "inf" and "NaN").
-        let float_chars = t
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+        let float_chars = t.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
         if float_chars
             && t.bytes().any(|b| b.is_ascii_digit())
             && let Ok(f) = t.parse::<f64>()
@@ -172,18 +167,12 @@ struct Open {
 impl Builder {
     fn event(&mut self, event: Event<'_>, span: Span) -> Result<(), SyntaxError> {
         let (line, col) = (span.start.line(), span.start.col() + 1);
-        let error = |message: &str| SyntaxError {
-            line,
-            col,
-            message: message.to_owned(),
-        };
+        let error = |message: &str| SyntaxError { line, col, message: message.to_owned() };
         match event {
             Event::DocumentStart(_) => {
                 self.documents += 1;
                 if self.documents > 1 {
-                    return Err(error(
-                        "a second document; the configuration is one document",
-                    ));
+                    return Err(error("a second document; the configuration is one document"));
                 }
             }
             Event::Scalar(text, style, anchor, tag) => {
@@ -192,10 +181,7 @@ impl Builder {
                 }
                 // `!!str 5` is the string "5"; other core tags leave the schema to decide.
                 let plain = style == ScalarStyle::Plain && tag.is_none_or(|t| t.suffix != "str");
-                let scalar = Scalar {
-                    text: text.into_owned(),
-                    plain,
-                };
+                let scalar = Scalar { text: text.into_owned(), plain };
                 let node = self.node(line, col, Kind::Scalar(scalar))?;
                 self.finish(node, anchor);
             }
@@ -205,25 +191,15 @@ impl Builder {
                     _ => Kind::Map(Vec::new()),
                 };
                 let node = self.node(line, col, kind)?;
-                self.open.push(Open {
-                    node,
-                    anchor,
-                    pending_key: None,
-                });
+                self.open.push(Open { node, anchor, pending_key: None });
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let open = self
-                    .open
-                    .pop()
-                    .expect("the parser balances start and end events");
+                let open = self.open.pop().expect("the parser balances start and end events");
                 self.finish(open.node, open.anchor);
             }
             Event::Alias(anchor) => {
-                let copy = self
-                    .anchors
-                    .get(&anchor)
-                    .cloned()
-                    .ok_or_else(|| error("unknown alias"))?;
+                let copy =
+                    self.anchors.get(&anchor).cloned().ok_or_else(|| error("unknown alias"))?;
                 self.nodes += copy.count();
                 if self.nodes > MAX_NODES {
                     return Err(error("aliases expand to too many nodes"));
@@ -242,12 +218,7 @@ impl Builder {
             let message = "the document has too many nodes".to_owned();
             return Err(SyntaxError { line, col, message });
         }
-        Ok(Node {
-            id: self.next_id,
-            line,
-            col,
-            kind,
-        })
+        Ok(Node { id: self.next_id, line, col, kind })
     }
 
     /// Places a complete node: into the open collection, or as the document's root.
@@ -282,9 +253,7 @@ mod tests {
 
     fn resolve(text: &str) -> Resolved {
         let root = parse(&format!("k: {text}\n")).unwrap().unwrap();
-        let Kind::Map(entries) = root.kind else {
-            panic!("a mapping")
-        };
+        let Kind::Map(entries) = root.kind else { panic!("a mapping") };
         entries[0].value.scalar().unwrap().resolve()
     }
 
@@ -299,9 +268,7 @@ mod tests {
         assert_eq!(resolve("0.5"), Resolved::Float(0.5));
         assert_eq!(resolve("1e3"), Resolved::Float(1000.0));
         // YAML 1.1's booleans and other near-numbers stay strings.
-        for text in [
-            "yes", "off", "1_000", "5s", "\"5\"", "'true'", "inf", "!!str 5",
-        ] {
+        for text in ["yes", "off", "1_000", "5s", "\"5\"", "'true'", "inf", "!!str 5"] {
             assert_eq!(resolve(text), Resolved::Str, "{text}");
         }
     }
@@ -309,9 +276,7 @@ mod tests {
     #[test]
     fn positions_are_one_based_and_aliases_copy_their_anchor() {
         let root = parse("a: &x [1]\nb: *x\n").unwrap().unwrap();
-        let Kind::Map(entries) = &root.kind else {
-            panic!("a mapping")
-        };
+        let Kind::Map(entries) = &root.kind else { panic!("a mapping") };
         assert_eq!((entries[0].key.line, entries[0].key.col), (1, 1));
         assert_eq!(
             (entries[1].value.line, entries[1].value.id),

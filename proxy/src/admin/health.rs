@@ -42,11 +42,7 @@ struct Check {
 impl Health {
     pub fn new(upstreams: Vec<(Arc<str>, Endpoints)>, app_health: Option<Uri>) -> Self {
         let app = app_health.map(|uri| (uri, Client::builder(TokioExecutor::new()).build_http()));
-        Self {
-            draining: AtomicBool::new(false),
-            upstreams,
-            app,
-        }
+        Self { draining: AtomicBool::new(false), upstreams, app }
     }
 
     /// From now on, readiness fails: the sidecar is shutting down.
@@ -59,10 +55,7 @@ impl Health {
         let mut ready = true;
         let mut put = |name: String, check: Check, blocks: bool| {
             ready &= check.status == "ok" || !blocks;
-            checks.insert(
-                name,
-                serde_json::to_value(check).expect("a check serializes"),
-            );
+            checks.insert(name, serde_json::to_value(check).expect("a check serializes"));
         };
         put("config".into(), Check::ok("loaded"), true);
         put("listeners".into(), Check::ok("bound"), true);
@@ -78,13 +71,7 @@ impl Health {
                 // a source that failed is reported, not waited on: its last set (if any) serves
                 Status::Failing(detail) if n > 0 => {
                     let detail = format!("{detail}; serving the last {n} endpoint(s)");
-                    (
-                        Check {
-                            status: "degraded",
-                            detail,
-                        },
-                        false,
-                    )
+                    (Check { status: "degraded", detail }, false)
                 }
                 Status::Failing(detail) => (Check::failing(detail), false),
             };
@@ -97,33 +84,22 @@ impl Health {
             };
             put("app".into(), check, true);
         }
-        Readiness {
-            status: if ready { "ready" } else { "not_ready" },
-            checks,
-        }
+        Readiness { status: if ready { "ready" } else { "not_ready" }, checks }
     }
 }
 
 impl Check {
     fn ok(detail: impl Into<String>) -> Self {
-        Self {
-            status: "ok",
-            detail: detail.into(),
-        }
+        Self { status: "ok", detail: detail.into() }
     }
 
     fn failing(detail: impl Into<String>) -> Self {
-        Self {
-            status: "failing",
-            detail: detail.into(),
-        }
+        Self { status: "failing", detail: detail.into() }
     }
 }
 
 async fn check_app(client: &Client<HttpConnector, Body>, uri: &Uri) -> Result<String, String> {
-    let req = Request::get(uri.clone())
-        .body(Body::empty())
-        .expect("a GET with a valid URI");
+    let req = Request::get(uri.clone()).body(Body::empty()).expect("a GET with a valid URI");
     match tokio::time::timeout(APP_CHECK_TIMEOUT, client.request(req)).await {
         Ok(Ok(res)) if res.status().is_success() => {
             Ok(format!("{uri} answered {}", res.status().as_u16()))

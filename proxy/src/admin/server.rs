@@ -28,34 +28,21 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(health: Arc<Health>, metrics: Metrics, config: Bytes) -> Self {
-        Self {
-            health,
-            metrics,
-            config,
-        }
+        Self { health, metrics, config }
     }
 
     /// The service for one connection from `peer`.
     pub fn service(&self, peer: SocketAddr) -> AdminService {
-        AdminService {
-            admin: self.clone(),
-            peer,
-        }
+        AdminService { admin: self.clone(), peer }
     }
 
     async fn answer(self, peer: SocketAddr, method: Method, path: &str) -> Response<Body> {
         let control = path.starts_with("/v1/");
         if control && !peer.ip().is_loopback() {
-            return text(
-                StatusCode::FORBIDDEN,
-                "control endpoints answer loopback clients only\n",
-            );
+            return text(StatusCode::FORBIDDEN, "control endpoints answer loopback clients only\n");
         }
         if method != Method::GET && method != Method::HEAD {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "admin endpoints are read-only here\n",
-            );
+            return text(StatusCode::METHOD_NOT_ALLOWED, "admin endpoints are read-only here\n");
         }
         match path {
             "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -86,18 +73,14 @@ impl Admin {
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut res = Response::new(Body::full(body));
     *res.status_mut() = status;
-    res.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     res
 }
 
 fn json(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut res = Response::new(Body::full(body));
     *res.status_mut() = status;
-    res.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
 }
 
@@ -118,5 +101,33 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         Box::pin(async move { Ok(admin.answer(peer, method, &path).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin() -> Admin {
+        let health = Arc::new(Health::new(Vec::new(), None));
+        Admin::new(health, Metrics::new(), Bytes::from_static(b"{}"))
+    }
+
+    #[tokio::test]
+    async fn control_endpoints_refuse_clients_that_are_not_on_loopback() {
+        let remote: SocketAddr = ([10, 1, 2, 3], 40000).into();
+        let local: SocketAddr = ([127, 0, 0, 1], 40000).into();
+        assert_eq!(admin().answer(remote, Method::GET, "/v1/config").await.status(), 403);
+        assert_eq!(admin().answer(local, Method::GET, "/v1/config").await.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn probes_and_metrics_answer_anyone_but_change_nothing() {
+        let remote: SocketAddr = ([10, 1, 2, 3], 40000).into();
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(admin().answer(remote, Method::GET, path).await.status(), 200, "{path}");
+        }
+        assert_eq!(admin().answer(remote, Method::POST, "/readyz").await.status(), 405);
+        assert_eq!(admin().answer(remote, Method::GET, "/nope").await.status(), 404);
     }
 }

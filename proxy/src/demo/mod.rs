@@ -59,10 +59,7 @@ type Tallies = Arc<Mutex<BTreeMap<&'static str, Tally>>>;
 pub async fn run(length: Duration) -> Result<(), DemoError> {
     let healthy = upstreams::start(Behaviour::Healthy).await?;
     let flaky = upstreams::start(Behaviour::Flaky { every: 3 }).await?;
-    let slow = upstreams::start(Behaviour::Slow {
-        min: Duration::from_millis(150),
-    })
-    .await?;
+    let slow = upstreams::start(Behaviour::Slow { min: Duration::from_millis(150) }).await?;
     let gone = closed_port().await?;
     let yaml = DEMO_YAML
         .replace("127.0.0.1:18081", &healthy.to_string())
@@ -101,10 +98,7 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
             if shown {
                 print!("{redraw}");
             }
-            print_table(
-                &tallies,
-                &format!("after {elapsed}s of {}s", length.as_secs()),
-            );
+            print_table(&tallies, &format!("after {elapsed}s of {}s", length.as_secs()));
             shown = true;
         }
     }

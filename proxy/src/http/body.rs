@@ -26,9 +26,7 @@ impl Body {
 
     pub fn full(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
-        Self::Full {
-            data: (!data.is_empty()).then_some(data),
-        }
+        Self::Full { data: (!data.is_empty()).then_some(data) }
     }
 }
 

@@ -83,9 +83,7 @@ impl tower::Service<Request<Body>> for Forward {
         let inner = &self.inner;
         let endpoints = inner.endpoints.current();
         let Some(endpoint) = inner.balancer.pick(&endpoints) else {
-            let err = ProxyError::NoHealthyEndpoints {
-                upstream: inner.upstream.clone(),
-            };
+            let err = ProxyError::NoHealthyEndpoints { upstream: inner.upstream.clone() };
             return ResponseFuture::failed(err);
         };
         let http2 = match inner.protocol {
@@ -126,21 +124,14 @@ fn prepare(
         parts.headers.remove(header::HOST);
     }
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    let path = parts
-        .uri
-        .into_parts()
-        .path_and_query
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path =
+        parts.uri.into_parts().path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(endpoint.authority.clone());
     uri.path_and_query = Some(path);
     parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
-    parts.version = if http2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
+    parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
     (Request::from_parts(parts, body), upgrade)
 }
 
@@ -228,9 +219,7 @@ pin_project_lite::pin_project! {
 
 impl ResponseFuture {
     fn failed(err: ProxyError) -> Self {
-        Self {
-            state: State::Failed { err: Some(err) },
-        }
+        Self { state: State::Failed { err: Some(err) } }
     }
 }
 
@@ -242,11 +231,7 @@ impl Future for ResponseFuture {
             StateProj::Failed { err } => {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
-            StateProj::Sent {
-                fut,
-                upstream,
-                upgrade,
-            } => {
+            StateProj::Sent { fut, upstream, upgrade } => {
                 let mut res = match ready!(fut.poll(cx)) {
                     Ok(res) => res,
                     Err(source) => {
@@ -328,10 +313,7 @@ mod tests {
         let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         strip_hop_by_hop(&mut h, true);
         assert_eq!(
-            (
-                h["connection"].to_str().unwrap(),
-                h["upgrade"].to_str().unwrap()
-            ),
+            (h["connection"].to_str().unwrap(), h["upgrade"].to_str().unwrap()),
             ("upgrade", "websocket")
         );
     }

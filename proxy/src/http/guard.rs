@@ -179,11 +179,7 @@ impl<T> GuardedIo<T> {
                 State::Body(left) => {
                     let n = (unscanned as u64).min(left);
                     self.released += n as usize;
-                    self.state = if n == left {
-                        self.next_head()
-                    } else {
-                        State::Body(left - n)
-                    };
+                    self.state = if n == left { self.next_head() } else { State::Body(left - n) };
                 }
                 State::Chunked(chunk) => {
                     if !self.scan_chunked(from, chunk) {
@@ -211,20 +207,15 @@ impl<T> GuardedIo<T> {
         let Some(end) = find(&seen[search_from..], b"\r\n\r\n").map(|i| search_from + i + 4) else {
             self.head_searched = seen.len();
             if seen.len() > self.limits.max_header_bytes {
-                let reason = format!(
-                    "request headers exceed {} bytes",
-                    self.limits.max_header_bytes
-                );
+                let reason =
+                    format!("request headers exceed {} bytes", self.limits.max_header_bytes);
                 self.reject(431, &reason);
                 return true;
             }
             return false;
         };
         if end > self.limits.max_header_bytes {
-            let reason = format!(
-                "request headers exceed {} bytes",
-                self.limits.max_header_bytes
-            );
+            let reason = format!("request headers exceed {} bytes", self.limits.max_header_bytes);
             self.reject(431, &reason);
             return true;
         }
@@ -250,11 +241,7 @@ impl<T> GuardedIo<T> {
         let (used, next) = match chunk {
             Chunk::Data(left) => {
                 let n = (seen.len() as u64).min(left);
-                let next = if n == left {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left - n)
-                };
+                let next = if n == left { Chunk::DataEnd } else { Chunk::Data(left - n) };
                 (n as usize, State::Chunked(next))
             }
             Chunk::Size | Chunk::DataEnd | Chunk::Trailers => {
@@ -370,9 +357,7 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    digits.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
+    digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 /// The size of a chunk-size line (`1a;ext=v\r\n`); `None` when malformed.
@@ -476,11 +461,7 @@ impl<T: AsyncRead + Unpin> GuardedIo<T> {
                     self.last_activity = Instant::now();
                 }
                 if let State::Body(left) = self.state {
-                    self.state = if n >= left {
-                        self.next_head()
-                    } else {
-                        State::Body(left - n)
-                    };
+                    self.state = if n >= left { self.next_head() } else { State::Body(left - n) };
                 }
                 Poll::Ready(Ok(()))
             }

@@ -99,10 +99,8 @@ pub async fn serve<S>(
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(GuardedIo::new(stream, serving.limits));
-        let conn = serving
-            .builder
-            .serve_connection_with_upgrades(io, make_service(peer))
-            .into_owned();
+        let conn =
+            serving.builder.serve_connection_with_upgrades(io, make_service(peer)).into_owned();
         let conn = graceful.watcher().watch(conn);
         tokio::spawn(async move {
             if let Err(error) = conn.await {

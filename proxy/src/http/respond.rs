@@ -15,10 +15,7 @@ pub fn error_response(err: &ProxyError) -> Response<Body> {
     *res.status_mut() = err.status();
     let headers = res.headers_mut();
     headers.insert(ERROR_HEADER, HeaderValue::from_static(err.kind()));
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     if err.closes_connection() {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }

@@ -48,10 +48,7 @@ impl Routes {
 #[derive(Debug, Clone)]
 pub enum Route {
     ByAuthority(Arc<Routes>),
-    Dedicated {
-        upstream: UpstreamService,
-        unmatched: UpstreamMetrics,
-    },
+    Dedicated { upstream: UpstreamService, unmatched: UpstreamMetrics },
 }
 
 impl Route {
@@ -71,9 +68,7 @@ impl Route {
         routes
             .find(host)
             .cloned()
-            .ok_or_else(|| ProxyError::UnknownUpstream {
-                authority: host.into(),
-            })
+            .ok_or_else(|| ProxyError::UnknownUpstream { authority: host.into() })
     }
 }
 
@@ -114,15 +109,10 @@ impl hyper::service::Service<Request<Incoming>> for Route {
             None => self.select(&req),
         };
         match answer {
-            Ok(upstream) => RouteFuture::Upstream {
-                inner: upstream.oneshot(req),
-            },
+            Ok(upstream) => RouteFuture::Upstream { inner: upstream.oneshot(req) },
             Err(err) => {
-                self.unmatched()
-                    .record(err.status().as_u16(), std::time::Duration::ZERO);
-                RouteFuture::Ready {
-                    response: Some(error_response(&err)),
-                }
+                self.unmatched().record(err.status().as_u16(), std::time::Duration::ZERO);
+                RouteFuture::Ready { response: Some(error_response(&err)) }
             }
         }
     }
@@ -145,9 +135,9 @@ impl Future for RouteFuture {
             RouteFutureProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            RouteFutureProj::Upstream { inner } => inner
-                .poll(cx)
-                .map(|result| Ok(result.unwrap_or_else(|err| error_response(&err)))),
+            RouteFutureProj::Upstream { inner } => {
+                inner.poll(cx).map(|result| Ok(result.unwrap_or_else(|err| error_response(&err))))
+            }
         }
     }
 }
@@ -166,34 +156,17 @@ mod tests {
 
     #[test]
     fn the_authority_comes_from_the_target_then_the_host_header() {
-        assert_eq!(
-            host_of("http://payments/charge", Some("other")).as_deref(),
-            Some("payments")
-        );
-        assert_eq!(
-            host_of("/charge", Some("payments:8080")).as_deref(),
-            Some("payments")
-        );
-        assert_eq!(
-            host_of("/charge", Some("payments")).as_deref(),
-            Some("payments")
-        );
-        assert_eq!(
-            host_of("/charge", Some("[::1]:4140")).as_deref(),
-            Some("[::1]")
-        );
+        assert_eq!(host_of("http://payments/charge", Some("other")).as_deref(), Some("payments"));
+        assert_eq!(host_of("/charge", Some("payments:8080")).as_deref(), Some("payments"));
+        assert_eq!(host_of("/charge", Some("payments")).as_deref(), Some("payments"));
+        assert_eq!(host_of("/charge", Some("[::1]:4140")).as_deref(), Some("[::1]"));
         assert_eq!(host_of("/charge", None), None);
     }
 
     #[test]
     fn a_rejection_keeps_its_status_and_reason() {
-        let err = rejected(&http::HeaderValue::from_static(
-            "431 more than 100 request headers",
-        ));
+        let err = rejected(&http::HeaderValue::from_static("431 more than 100 request headers"));
         assert_eq!(err.status().as_u16(), 431);
-        assert_eq!(
-            err.to_string(),
-            "request headers too large: more than 100 request headers"
-        );
+        assert_eq!(err.to_string(), "request headers too large: more than 100 request headers");
     }
 }

@@ -15,9 +15,8 @@ pub const NO_UPSTREAM: &str = "(none)";
 
 /// Latency buckets from 0.5 ms to 30 s: a sidecar's answers are sub-millisecond, its
 /// upstreams' range up to the longest sensible request timeout.
-const DURATION_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+const DURATION_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// The process's metrics registry and its families.
 #[derive(Debug, Clone)]
@@ -47,17 +46,9 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("registered once");
-        registry
-            .register(Box::new(duration.clone()))
-            .expect("registered once");
-        Self {
-            registry,
-            requests,
-            duration,
-        }
+        registry.register(Box::new(requests.clone())).expect("registered once");
+        registry.register(Box::new(duration.clone())).expect("registered once");
+        Self { registry, requests, duration }
     }
 
     /// The handles of one upstream (or of [`NO_UPSTREAM`]).
@@ -102,15 +93,9 @@ struct Handles {
 impl UpstreamMetrics {
     pub fn record(&self, status: u16, elapsed: Duration) {
         let h = &self.0;
-        if let Some(slot) = status
-            .checked_sub(100)
-            .and_then(|i| h.by_code.get(usize::from(i)))
-        {
-            slot.get_or_init(|| {
-                h.requests
-                    .with_label_values(&[&*h.name, &status.to_string()])
-            })
-            .inc();
+        if let Some(slot) = status.checked_sub(100).and_then(|i| h.by_code.get(usize::from(i))) {
+            slot.get_or_init(|| h.requests.with_label_values(&[&*h.name, &status.to_string()]))
+                .inc();
         }
         h.duration.observe(elapsed.as_secs_f64());
     }
@@ -157,10 +142,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
     type Service = Measured<S>;
 
     fn layer(&self, inner: S) -> Measured<S> {
-        Measured {
-            inner,
-            metrics: self.metrics.clone(),
-        }
+        Measured { inner, metrics: self.metrics.clone() }
     }
 }
 

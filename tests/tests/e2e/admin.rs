@@ -5,10 +5,7 @@ use outrigger_tests::{DEADLINE, Sidecar, Upstream, free_port, wait_until};
 #[tokio::test]
 async fn probes_answer_and_readyz_names_each_check_in_json() {
     let up = Upstream::status(200).await;
-    let yaml = format!(
-        "upstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\n",
-        up.addr()
-    );
+    let yaml = up.yaml("payments");
     let sidecar = Sidecar::start(&yaml).await;
 
     assert_eq!(sidecar.admin("/healthz").await.0, 200);
@@ -33,11 +30,7 @@ async fn readiness_follows_the_local_apps_health_path() {
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["status"], "not_ready");
     assert_eq!(json["checks"]["app"]["status"], "failing");
-    assert_eq!(
-        sidecar.admin("/healthz").await.0,
-        200,
-        "liveness does not depend on the app"
-    );
+    assert_eq!(sidecar.admin("/healthz").await.0, 200, "liveness does not depend on the app");
 
     let _app = Upstream::status_on(app_port, 200).await;
     wait_until(DEADLINE, "readiness once the app answers", || async {
@@ -49,10 +42,7 @@ async fn readiness_follows_the_local_apps_health_path() {
 #[tokio::test]
 async fn metrics_count_requests_by_upstream_and_status() {
     let up = Upstream::status(200).await;
-    let yaml = format!(
-        "upstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\n",
-        up.addr()
-    );
+    let yaml = up.yaml("payments");
     let sidecar = Sidecar::start(&yaml).await;
 
     sidecar.get("payments", "/").await;
@@ -65,10 +55,7 @@ async fn metrics_count_requests_by_upstream_and_status() {
         text.contains(r#"outrigger_requests_total{code="200",upstream="payments"} 2"#),
         "{text}"
     );
-    assert!(
-        text.contains(r#"outrigger_requests_total{code="404",upstream="(none)"} 1"#),
-        "{text}"
-    );
+    assert!(text.contains(r#"outrigger_requests_total{code="404",upstream="(none)"} 1"#), "{text}");
     assert!(
         text.contains(r#"outrigger_request_duration_seconds_count{upstream="payments"} 2"#),
         "{text}"
@@ -78,10 +65,7 @@ async fn metrics_count_requests_by_upstream_and_status() {
 #[tokio::test]
 async fn the_running_config_is_served_to_loopback_clients_as_json() {
     let up = Upstream::status(200).await;
-    let yaml = format!(
-        "service: {{ name: checkout }}\nupstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\n",
-        up.addr()
-    );
+    let yaml = format!("service: {{ name: checkout }}\n{}", up.yaml("payments"));
     let sidecar = Sidecar::start(&yaml).await;
 
     let (status, body) = sidecar.admin("/v1/config").await;

@@ -5,16 +5,9 @@ use std::process::Command;
 use outrigger_tests::{Sidecar, Upstream};
 
 fn outrigger(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(outrigger_tests::binary())
-        .args(args)
-        .output()
-        .expect("run outrigger");
+    let out = Command::new(outrigger_tests::binary()).args(args).output().expect("run outrigger");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (
-        out.status.code().unwrap_or(-1),
-        text(&out.stdout),
-        text(&out.stderr),
-    )
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
 
 fn write(name: &str, yaml: &str) -> std::path::PathBuf {
@@ -52,9 +45,8 @@ fn validate_prints_every_problem_with_file_line_column_and_exits_1() {
         "{stdout}"
     );
     assert!(
-        lines[1].starts_with(&format!(
-            "{file}:5:5: upstreams.payments.circuit_breakr: unknown field"
-        )),
+        lines[1]
+            .starts_with(&format!("{file}:5:5: upstreams.payments.circuit_breakr: unknown field")),
         "{stdout}"
     );
 }
@@ -64,10 +56,7 @@ fn run_refuses_an_invalid_file_with_the_same_lines() {
     let path = write("bad-run.yaml", BAD);
     let (code, _, stderr) = outrigger(&["run", "--config", &path.to_string_lossy()]);
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("upstreams.payments.circuit_breakr: unknown field"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("upstreams.payments.circuit_breakr: unknown field"), "{stderr}");
 }
 
 #[test]
@@ -91,10 +80,7 @@ fn version_prints_the_version() {
 #[tokio::test]
 async fn sigterm_fails_readiness_and_exits_0() {
     let up = Upstream::status(200).await;
-    let yaml = format!(
-        "upstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\nlifecycle: {{ drain_timeout: 2s }}\n",
-        up.addr()
-    );
+    let yaml = format!("{}lifecycle: {{ drain_timeout: 2s }}\n", up.yaml("payments"));
     let sidecar = Sidecar::start(&yaml).await;
 
     let status = sidecar.terminate().await;

@@ -9,17 +9,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use outrigger_tests::{Reply, Sidecar, Upstream, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn one_upstream(name: &str, up: &Upstream) -> String {
-    format!(
-        "upstreams:\n  {name}:\n    discovery: {{ static: [\"{}\"] }}\n",
-        up.addr()
-    )
-}
-
 #[tokio::test]
 async fn a_host_header_naming_an_upstream_reaches_it_with_path_query_and_host_kept() {
     let up = Upstream::status(200).await;
-    let sidecar = Sidecar::start(&one_upstream("payments", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("payments")).await;
 
     let res = sidecar.get("payments", "/charge?id=7&x=%20y").await;
 
@@ -35,7 +28,7 @@ async fn a_host_header_naming_an_upstream_reaches_it_with_path_query_and_host_ke
 #[tokio::test]
 async fn an_absolute_form_request_works_as_a_forward_proxy() {
     let up = Upstream::status(201).await;
-    let sidecar = Sidecar::start(&one_upstream("payments", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("payments")).await;
 
     let req = Request::get("http://payments/charge")
         .header("host", "payments")
@@ -62,9 +55,7 @@ async fn a_dedicated_listen_port_sends_every_request_to_its_upstream() {
         .header("host", "whatever.example")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let res = outrigger_tests::send(([127, 0, 0, 1], port).into(), req)
-        .await
-        .unwrap();
+    let res = outrigger_tests::send(([127, 0, 0, 1], port).into(), req).await.unwrap();
 
     assert_eq!(res.status(), 200);
     assert_eq!(up.requests(), 1);
@@ -73,12 +64,10 @@ async fn a_dedicated_listen_port_sends_every_request_to_its_upstream() {
 #[tokio::test]
 async fn an_unknown_authority_gets_404_and_nothing_is_forwarded() {
     let up = Upstream::status(200).await;
-    let sidecar = Sidecar::start(&one_upstream("payments", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("payments")).await;
 
     let by_host = sidecar.get("evil.example.com", "/").await;
-    let req = Request::get("http://evil.example.com/")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = Request::get("http://evil.example.com/").body(Full::new(Bytes::new())).unwrap();
     let absolute = sidecar.send(req).await;
 
     for res in [by_host, absolute] {
@@ -105,7 +94,7 @@ async fn a_dead_endpoint_gives_502_connect_failed() {
 #[tokio::test]
 async fn an_upstream_that_drops_the_connection_gives_502_upstream_reset() {
     let up = Upstream::scripted([Reply::Reset]).await;
-    let sidecar = Sidecar::start(&one_upstream("payments", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("payments")).await;
 
     let res = sidecar.get("payments", "/").await;
 
@@ -117,22 +106,19 @@ async fn an_upstream_that_drops_the_connection_gives_502_upstream_reset() {
 #[tokio::test]
 async fn an_upstream_error_status_passes_through_unchanged() {
     let up = Upstream::status(503).await;
-    let sidecar = Sidecar::start(&one_upstream("payments", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("payments")).await;
 
     let res = sidecar.get("payments", "/").await;
 
     assert_eq!(res.status(), 503);
     assert_eq!(res.body(), "503 from upstream\n");
-    assert!(
-        res.headers().get("outrigger-error").is_none(),
-        "the upstream's answer, not ours"
-    );
+    assert!(res.headers().get("outrigger-error").is_none(), "the upstream's answer, not ours");
 }
 
 #[tokio::test]
 async fn hop_by_hop_headers_stay_on_their_hop() {
     let up = Upstream::status(200).await;
-    let sidecar = Sidecar::start(&one_upstream("payments", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("payments")).await;
 
     let req = Request::get("/")
         .header("host", "payments")
@@ -155,11 +141,9 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
 #[tokio::test]
 async fn http2_prior_knowledge_reaches_the_upstream_as_http2() {
     let up = Upstream::status(200).await;
-    let sidecar = Sidecar::start(&one_upstream("grpc", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("grpc")).await;
 
-    let stream = tokio::net::TcpStream::connect(sidecar.outbound)
-        .await
-        .unwrap();
+    let stream = tokio::net::TcpStream::connect(sidecar.outbound).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -175,11 +159,7 @@ async fn http2_prior_knowledge_reaches_the_upstream_as_http2() {
     assert_eq!(res.version(), Version::HTTP_2);
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
-    assert_eq!(
-        seen[0].version,
-        Version::HTTP_2,
-        "auto protocol: h2 in, h2 out"
-    );
+    assert_eq!(seen[0].version, Version::HTTP_2, "auto protocol: h2 in, h2 out");
     assert_eq!(seen[0].uri.path(), "/pkg.Service/Method");
     assert_eq!(seen[0].headers["te"], "trailers");
 }
@@ -212,17 +192,11 @@ impl hyper::body::Body for Generated {
 async fn a_large_body_streams_through_without_being_buffered() {
     const SIZE: u64 = 512 * 1024 * 1024;
     let up = Upstream::scripted([Reply::CountBody]).await;
-    let sidecar = Sidecar::start(&one_upstream("uploads", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("uploads")).await;
     let before = sidecar.peak_rss_kib();
 
-    let body = Generated {
-        left: SIZE,
-        chunk: Bytes::from(vec![b'x'; 64 * 1024]),
-    };
-    let req = Request::post("/upload")
-        .header("host", "uploads")
-        .body(body)
-        .unwrap();
+    let body = Generated { left: SIZE, chunk: Bytes::from(vec![b'x'; 64 * 1024]) };
+    let req = Request::post("/upload").header("host", "uploads").body(body).unwrap();
     let res = sidecar.send(req).await;
 
     assert_eq!(res.status(), 200);
@@ -237,11 +211,9 @@ async fn a_large_body_streams_through_without_being_buffered() {
 #[tokio::test]
 async fn a_websocket_style_upgrade_is_tunnelled_to_the_endpoint() {
     let up = Upstream::scripted([Reply::UpgradeEcho]).await;
-    let sidecar = Sidecar::start(&one_upstream("ws", &up)).await;
+    let sidecar = Sidecar::start(&up.yaml("ws")).await;
 
-    let mut stream = tokio::net::TcpStream::connect(sidecar.outbound)
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(sidecar.outbound).await.unwrap();
     stream
         .write_all(
             b"GET /socket HTTP/1.1\r\nhost: ws\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
@@ -263,11 +235,7 @@ async fn a_websocket_style_upgrade_is_tunnelled_to_the_endpoint() {
         );
         head.push(byte[0]);
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
 
     stream.write_all(b"ping through the tunnel").await.unwrap();
     let mut echoed = [0u8; 23];

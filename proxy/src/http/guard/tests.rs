@@ -57,10 +57,7 @@ async fn a_body_that_looks_like_a_smuggled_head_is_only_body() {
     let (mut client, mut io) = guard();
     // the body holds bytes that would be a forbidden head; they are body, not a request
     let body = b"GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
-    let head = format!(
-        "POST / HTTP/1.1\r\nhost: p\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = format!("POST / HTTP/1.1\r\nhost: p\r\ncontent-length: {}\r\n\r\n", body.len());
     client.write_all(head.as_bytes()).await.unwrap();
     client.write_all(body).await.unwrap();
     let seen = drain(&mut io).await;
@@ -82,15 +79,8 @@ async fn refuses_framing_that_could_smuggle_a_request() {
         let (mut client, mut io) = guard();
         client.write_all(req).await.unwrap();
         let seen = String::from_utf8(drain(&mut io).await).unwrap();
-        assert!(
-            seen.starts_with("GET / HTTP/1.1\r\nhost: outrigger.invalid\r\n"),
-            "{seen}"
-        );
-        assert!(
-            seen.contains(&rejected(status)),
-            "{} -> {seen}",
-            String::from_utf8_lossy(req)
-        );
+        assert!(seen.starts_with("GET / HTTP/1.1\r\nhost: outrigger.invalid\r\n"), "{seen}");
+        assert!(seen.contains(&rejected(status)), "{} -> {seen}", String::from_utf8_lossy(req));
     }
 }
 
@@ -161,21 +151,14 @@ async fn a_client_trickling_its_headers_is_cut_off_at_the_header_deadline() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let (mut client, mut io) = guard();
-    client
-        .write_all(b"GET / HTTP/1.1\r\nhost: p\r\n\r\n")
-        .await
-        .unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\nhost: p\r\n\r\n").await.unwrap();
     drain(&mut io).await;
     let started = Instant::now();
     let mut buf = [0u8; 64];
     let err = io.read(&mut buf).await.unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     // the idle deadline, not the (shorter) header deadline, applies between requests
-    assert!(
-        started.elapsed() >= Duration::from_secs(59),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_secs(59), "{:?}", started.elapsed());
 }
 
 #[test]
