@@ -4,6 +4,7 @@
 //! compile until someone decides what the user sees (DESIGN.md, "What Outrigger answers itself").
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 
@@ -26,6 +27,14 @@ pub enum ProxyError {
         #[source]
         source: hyper_util::client::legacy::Error,
     },
+    #[error("request did not complete within {after:?}")]
+    Timeout { after: Duration },
+    #[error("circuit open for upstream {upstream}")]
+    CircuitOpen { upstream: Arc<str>, retry_after: Duration },
+    #[error("rate limit reached for upstream {upstream}")]
+    RateLimited { upstream: Arc<str>, retry_after: Duration },
+    #[error("upstream {upstream} already has {limit} requests in flight")]
+    Overloaded { upstream: Arc<str>, limit: usize },
     #[error("bad request: {reason}")]
     BadRequest { reason: Box<str> },
     #[error("request headers too large: {reason}")]
@@ -40,6 +49,10 @@ impl ProxyError {
             Self::NoHealthyEndpoints { .. } => "no-healthy-endpoints",
             Self::ConnectFailed { .. } => "connect-failed",
             Self::UpstreamReset { .. } => "upstream-reset",
+            Self::Timeout { .. } => "timeout",
+            Self::CircuitOpen { .. } => "circuit-open",
+            Self::RateLimited { .. } => "rate-limited",
+            Self::Overloaded { .. } => "overloaded",
             Self::BadRequest { .. } | Self::HeadersTooLarge { .. } => "bad-request",
         }
     }
@@ -47,10 +60,24 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
-            Self::NoHealthyEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoHealthyEndpoints { .. }
+            | Self::CircuitOpen { .. }
+            | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ConnectFailed { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// How long the client should wait before trying again, sent as `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::CircuitOpen { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
         }
     }
 
@@ -76,5 +103,15 @@ mod tests {
         let large = ProxyError::HeadersTooLarge { reason: "r".into() };
         assert_eq!((large.status().as_u16(), large.kind()), (431, "bad-request"));
         assert!(large.closes_connection());
+        let timeout = ProxyError::Timeout { after: Duration::from_secs(1) };
+        assert_eq!((timeout.status().as_u16(), timeout.kind()), (504, "timeout"));
+        let open =
+            ProxyError::CircuitOpen { upstream: "p".into(), retry_after: Duration::from_secs(3) };
+        assert_eq!((open.status().as_u16(), open.kind()), (503, "circuit-open"));
+        assert_eq!(open.retry_after(), Some(Duration::from_secs(3)));
+        let limited = ProxyError::RateLimited { upstream: "p".into(), retry_after: Duration::ZERO };
+        assert_eq!((limited.status().as_u16(), limited.kind()), (429, "rate-limited"));
+        let overloaded = ProxyError::Overloaded { upstream: "p".into(), limit: 1 };
+        assert_eq!((overloaded.status().as_u16(), overloaded.kind()), (503, "overloaded"));
     }
 }

@@ -1,8 +1,8 @@
 //! The request path, outermost first. Change the order here and in DESIGN.md together.
 //!
 //! Listener -> framing guard -> `Route` (authority -> upstream, else 404) -> the upstream's
-//! stack below -> `Forward` (balancer, pooled client). The resilience policies of DESIGN.md
-//! ("Policies, in the order a request meets them") slot in between `MetricsLayer` and `Forward`.
+//! stack below, in DESIGN.md's order ("Policies, in the order a request meets them") ->
+//! `Forward` (balancer, pooled client).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +17,11 @@ use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::forward::Forward;
 use crate::http::route::Routes;
+use crate::policy::circuit_breaker::CircuitBreakerLayer;
+use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
+use crate::policy::rate_limit::RateLimitLayer;
+use crate::policy::retry::RetryLayer;
+use crate::policy::timeout::DeadlineLayer;
 use crate::telemetry::metrics::{Metrics, MetricsLayer, NO_UPSTREAM};
 
 /// One upstream's whole stack, boxed once so every upstream has the same type.
@@ -32,12 +37,23 @@ pub struct BuiltUpstream {
 
 /// One upstream's policies. An absent YAML section means no layer, not a disabled one.
 pub fn upstream(cfg: &config::Upstream, metrics: &Metrics) -> BuiltUpstream {
-    let name = cfg.name.as_str();
-    let endpoints = Endpoints::start(name, &cfg.discovery);
+    let name: Arc<str> = cfg.name.as_str().into();
+    let endpoints = Endpoints::start(&name, &cfg.discovery);
     let service = ServiceBuilder::new()
-        .layer(MetricsLayer::new(metrics.upstream(name))) // counts the final status, ours or theirs
-        .service(Forward::new(name, endpoints.clone(), cfg)); // balancer, pool; 502/503 classified
-    BuiltUpstream { name: name.into(), service: BoxCloneSyncService::new(service), endpoints }
+        .layer(MetricsLayer::new(metrics.upstream(&name))) // counts what the client got
+        .option_layer(
+            cfg.rate_limit.map(|r| RateLimitLayer::new(&name, &r, metrics.rate_limited(&name))),
+        ) // 429 rate-limited
+        .option_layer(cfg.concurrency_limit.map(|n| ConcurrencyLimitLayer::new(&name, n))) // 503 overloaded
+        .option_layer(
+            cfg.circuit_breaker
+                .map(|c| CircuitBreakerLayer::new(&name, c, metrics.circuit_state(&name))),
+        ) // 503 circuit-open
+        .layer(DeadlineLayer::whole_request(cfg.timeouts.request.get())) // 504 timeout
+        .option_layer(cfg.retry.as_ref().map(|r| RetryLayer::new(r, metrics.retries(&name)))) // backoff, budget, replay cap
+        .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::per_try(t.get()))) // one attempt
+        .service(Forward::new(&name, endpoints.clone(), cfg)); // balancer, pool; 502/503 classified
+    BuiltUpstream { name, service: BoxCloneSyncService::new(service), endpoints }
 }
 
 /// The outbound listener's routing table.

@@ -35,6 +35,8 @@ pub struct Seen {
     pub uri: http::Uri,
     pub version: Version,
     pub headers: HeaderMap,
+    /// The request body (empty for `CountBody`, which counts without keeping).
+    pub body: Bytes,
 }
 
 #[derive(Debug, Default)]
@@ -110,16 +112,26 @@ impl Upstream {
 type Answer = Result<Response<Full<Bytes>>, std::io::Error>;
 
 async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer {
-    let reply = {
+    // claim this request's place in the script on arrival, so `requests()` counts requests
+    // still in progress and concurrent requests get consecutive replies
+    let (n, reply) = {
         let mut state = state.lock().unwrap();
         let n = state.seen.len();
-        state.seen.push(Seen {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-        });
-        state.script[n.min(state.script.len() - 1)].clone()
+        let (method, uri, version, headers) =
+            (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone());
+        state.seen.push(Seen { method, uri, version, headers, body: Bytes::new() });
+        (n, state.script[n.min(state.script.len() - 1)].clone())
+    };
+    let upgrade = matches!(reply, Reply::UpgradeEcho).then(|| hyper::upgrade::on(&mut req));
+    let body = req.into_body();
+    // CountBody counts as the bytes stream in; UpgradeEcho has no body to keep
+    let mut streaming = match reply {
+        Reply::CountBody | Reply::UpgradeEcho => Some(body),
+        _ => {
+            let kept = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            state.lock().unwrap().seen[n].body = kept;
+            None
+        }
     };
     match reply {
         Reply::Status(status) => Ok(respond(status, format!("{status} from upstream\n"))),
@@ -131,7 +143,7 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
             Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "scripted reset"))
         }
         Reply::CountBody => {
-            let mut body = req.into_body();
+            let body = streaming.as_mut().expect("kept streaming above");
             let mut count = 0u64;
             while let Some(frame) = body.frame().await {
                 if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
@@ -141,7 +153,7 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
             Ok(respond(200, count.to_string()))
         }
         Reply::UpgradeEcho => {
-            let upgrade = hyper::upgrade::on(&mut req);
+            let upgrade = upgrade.expect("taken above for this reply");
             tokio::spawn(async move {
                 if let Ok(upgraded) = upgrade.await {
                     let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));

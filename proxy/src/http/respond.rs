@@ -2,7 +2,7 @@
 //! body from `Display`, and `connection: close` when the connection's framing is not trusted.
 
 use http::Response;
-use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
+use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 use crate::error::ProxyError;
 use crate::http::Body;
@@ -16,6 +16,11 @@ pub fn error_response(err: &ProxyError) -> Response<Body> {
     let headers = res.headers_mut();
     headers.insert(ERROR_HEADER, HeaderValue::from_static(err.kind()));
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Some(wait) = err.retry_after() {
+        // whole seconds, rounded up: "0" would invite an immediate retry that fails again
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
     if err.closes_connection() {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }

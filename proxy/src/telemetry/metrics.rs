@@ -7,7 +7,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 /// The upstream label of requests that matched no upstream: a fixed value, so a client cannot
 /// create label values (and memory) by sending made-up authorities.
@@ -24,6 +27,9 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     duration: HistogramVec,
+    retries: IntCounterVec,
+    circuit_state: IntGaugeVec,
+    rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -46,9 +52,49 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
-        registry.register(Box::new(requests.clone())).expect("registered once");
-        registry.register(Box::new(duration.clone())).expect("registered once");
-        Self { registry, requests, duration }
+        let retries = IntCounterVec::new(
+            Opts::new("outrigger_retries_total", "Retries sent, after the first attempt"),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "outrigger_circuit_state",
+                "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new("outrigger_rate_limited_total", "Requests refused by the rate limit"),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        for family in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(retries.clone()),
+            Box::new(circuit_state.clone()),
+            Box::new(rate_limited.clone()),
+        ] {
+            registry.register(family).expect("registered once");
+        }
+        Self { registry, requests, duration, retries, circuit_state, rate_limited }
+    }
+
+    /// `outrigger_retries_total{upstream}`, for an upstream with retries.
+    pub fn retries(&self, upstream: &str) -> IntCounter {
+        self.retries.with_label_values(&[upstream])
+    }
+
+    /// `outrigger_circuit_state{upstream}`, for an upstream with a breaker.
+    pub fn circuit_state(&self, upstream: &str) -> IntGauge {
+        self.circuit_state.with_label_values(&[upstream])
+    }
+
+    /// `outrigger_rate_limited_total{upstream}`, for an upstream with a rate limit.
+    pub fn rate_limited(&self, upstream: &str) -> IntCounter {
+        self.rate_limited.with_label_values(&[upstream])
     }
 
     /// The handles of one upstream (or of [`NO_UPSTREAM`]).

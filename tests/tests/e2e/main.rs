@@ -4,4 +4,5 @@
 mod admin;
 mod cli;
 mod malformed;
+mod policies;
 mod proxy;

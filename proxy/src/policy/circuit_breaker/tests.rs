@@ -1,0 +1,136 @@
+//! The breaker driven step by step with paused time, and the layer around a scripted service.
+
+use std::num::NonZeroU32;
+
+use tower::{Layer, Service, ServiceExt};
+
+use super::*;
+
+fn cfg() -> config::CircuitBreaker {
+    config::CircuitBreaker {
+        failure_rate: config::Ratio::try_from(0.5).unwrap(),
+        window: config::Duration::from_secs(10),
+        min_requests: 4,
+        consecutive_failures: NonZeroU32::new(3),
+        open_for: config::Duration::from_secs(30),
+        half_open_requests: NonZeroU32::new(2).unwrap(),
+    }
+}
+
+fn pass(b: &mut Breaker, failed: bool) {
+    let now = Instant::now();
+    let admission = b.admit(now).expect("admitted");
+    b.record(now, admission, failed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_after_consecutive_failures_and_half_opens_after_open_for() {
+    let mut b = Breaker::new(config::CircuitBreaker { min_requests: 100, ..cfg() }, Instant::now());
+    pass(&mut b, true);
+    pass(&mut b, false); // a success resets the run
+    pass(&mut b, true);
+    pass(&mut b, true);
+    assert_eq!(b.state(), State::Closed);
+    pass(&mut b, true);
+    assert!(matches!(b.state(), State::Open { .. }), "three in a row");
+
+    assert_eq!(b.admit(Instant::now()), Err(Duration::from_secs(30)));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(b.admit(Instant::now()), Err(Duration::from_secs(20)), "Retry-After counts down");
+    tokio::time::advance(Duration::from_secs(20)).await;
+    assert_eq!(b.admit(Instant::now()), Ok(Admission::Probe));
+    assert!(matches!(b.state(), State::HalfOpen { .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_on_the_failure_rate_once_min_requests_were_seen() {
+    let mut b = Breaker::new(
+        config::CircuitBreaker { consecutive_failures: None, ..cfg() },
+        Instant::now(),
+    );
+    pass(&mut b, true);
+    pass(&mut b, false);
+    pass(&mut b, true);
+    assert_eq!(b.state(), State::Closed, "3 requests: below min_requests");
+    pass(&mut b, true);
+    assert!(matches!(b.state(), State::Open { .. }), "3 of 4 failed >= 50%");
+}
+
+#[tokio::test(start_paused = true)]
+async fn old_failures_leave_the_window() {
+    let mut b = Breaker::new(
+        config::CircuitBreaker { consecutive_failures: None, ..cfg() },
+        Instant::now(),
+    );
+    pass(&mut b, true);
+    pass(&mut b, true);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    pass(&mut b, false);
+    pass(&mut b, false);
+    pass(&mut b, false);
+    pass(&mut b, true);
+    assert_eq!(b.state(), State::Closed, "1 of 4 in the window failed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn half_open_admits_only_the_probes_and_their_success_closes() {
+    let mut b = Breaker::new(cfg(), Instant::now());
+    for _ in 0..3 {
+        pass(&mut b, true);
+    }
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let now = Instant::now();
+    let (p1, p2) = (b.admit(now).unwrap(), b.admit(now).unwrap());
+    assert_eq!(b.admit(now), Err(PROBING_RETRY_AFTER), "only two probes");
+    b.record(now, p1, false);
+    assert!(matches!(b.state(), State::HalfOpen { .. }));
+    b.record(now, p2, false);
+    assert_eq!(b.state(), State::Closed);
+    assert_eq!(b.admit(now), Ok(Admission::Normal));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_reopens_and_a_cancelled_probe_frees_its_slot() {
+    let mut b = Breaker::new(cfg(), Instant::now());
+    for _ in 0..3 {
+        pass(&mut b, true);
+    }
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let now = Instant::now();
+    let p1 = b.admit(now).unwrap();
+    let p2 = b.admit(now).unwrap();
+    b.cancel(p1);
+    let p3 = b.admit(now).expect("the cancelled probe's slot is free");
+    b.record(now, p2, true);
+    assert_eq!(b.state(), State::Open { until: now + Duration::from_secs(30) });
+    b.record(now, p3, false); // finished after the re-open: ignored
+    assert!(matches!(b.state(), State::Open { .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_errors_are_not_failures_and_the_layer_answers_circuit_open() {
+    let gauge = IntGauge::new("g", "g").unwrap();
+    let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), gauge.clone());
+    let mut svc = layer.layer(tower::service_fn(|status: u16| async move {
+        let mut res = Response::new(());
+        *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        Ok::<_, ProxyError>(res)
+    }));
+    for _ in 0..5 {
+        assert_eq!(svc.ready().await.unwrap().call(404).await.unwrap().status(), 404);
+    }
+    assert_eq!(gauge.get(), 0, "4xx do not open the breaker");
+    for _ in 0..3 {
+        svc.ready().await.unwrap().call(503).await.unwrap();
+    }
+    assert_eq!(gauge.get(), 2, "open");
+    let err = svc.ready().await.unwrap().call(200).await.unwrap_err();
+    assert!(
+        matches!(err, ProxyError::CircuitOpen { retry_after, .. } if retry_after == Duration::from_secs(30))
+    );
+    tokio::time::advance(Duration::from_secs(30)).await;
+    svc.ready().await.unwrap().call(200).await.unwrap();
+    assert_eq!(gauge.get(), 1, "half-open after one good probe of two");
+    svc.ready().await.unwrap().call(200).await.unwrap();
+    assert_eq!(gauge.get(), 0, "closed");
+}

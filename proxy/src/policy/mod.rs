@@ -1,0 +1,60 @@
+//! The resilience policies, one tower layer each, in the order a request meets them
+//! (DESIGN.md, "Policies, in the order a request meets them"); `stack.rs` assembles them.
+//!
+//! Every policy rejects rather than waits: a request over a limit is answered at once, never
+//! queued behind `poll_ready`, because in a proxy a waiting request is a hung client.
+
+pub mod backoff;
+pub mod budget;
+pub mod circuit_breaker;
+pub mod concurrency_limit;
+pub mod rate_limit;
+pub mod retry;
+pub mod timeout;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use crate::error::ProxyError;
+
+pin_project_lite::pin_project! {
+    /// A policy's answer: refused at once, or the inner service's future with a guard (a
+    /// semaphore permit, say) that is released when the inner future completes.
+    #[project = AdmittedProj]
+    #[allow(missing_debug_implementations)]
+    pub enum Admitted<F, G> {
+        Inner { #[pin] fut: F, guard: Option<G> },
+        Refused { err: Option<ProxyError> },
+    }
+}
+
+impl<F, G> Admitted<F, G> {
+    pub(crate) fn inner(fut: F, guard: G) -> Self {
+        Self::Inner { fut, guard: Some(guard) }
+    }
+
+    pub(crate) fn refused(err: ProxyError) -> Self {
+        Self::Refused { err: Some(err) }
+    }
+}
+
+impl<F, G, T> Future for Admitted<F, G>
+where
+    F: Future<Output = Result<T, ProxyError>>,
+{
+    type Output = Result<T, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AdmittedProj::Inner { fut, guard } => {
+                let out = std::task::ready!(fut.poll(cx));
+                drop(guard.take());
+                Poll::Ready(out)
+            }
+            AdmittedProj::Refused { err } => {
+                Poll::Ready(Err(err.take().expect("polled after completion")))
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Deadlines: `timeouts.request` bounds the whole request (every attempt and every backoff
+//! sleep; past it the client gets 504 `timeout`), `timeouts.per_try` bounds one attempt (a cut
+//! attempt may be retried). The whole-request deadline travels in the request's extensions so
+//! the retry layer never starts a backoff sleep that would run past it.
+//!
+//! Both end when the response headers arrive; a streaming body is not cut.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+
+/// When the whole request must be answered by; set by the whole-request deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub Instant);
+
+#[derive(Debug, Clone, Copy)]
+pub struct DeadlineLayer {
+    after: Duration,
+    whole_request: bool,
+}
+
+impl DeadlineLayer {
+    /// `timeouts.request`: all attempts and backoff included.
+    pub fn whole_request(after: Duration) -> Self {
+        Self { after, whole_request: true }
+    }
+
+    /// `timeouts.per_try`: one attempt.
+    pub fn per_try(after: Duration) -> Self {
+        Self { after, whole_request: false }
+    }
+}
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline { inner, layer: *self }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    layer: DeadlineLayer,
+}
+
+impl<S, B> tower::Service<Request<B>> for Deadline<S>
+where
+    S: tower::Service<Request<B>, Error = ProxyError>,
+{
+    type Response = S::Response;
+    type Error = ProxyError;
+    type Future = DeadlineFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let after = self.layer.after;
+        let deadline = Instant::now() + after;
+        if self.layer.whole_request {
+            req.extensions_mut().insert(RequestDeadline(deadline));
+        }
+        DeadlineFuture { inner: tokio::time::timeout_at(deadline, self.inner.call(req)), after }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[allow(missing_debug_implementations)]
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+        after: Duration,
+    }
+}
+
+impl<F, T> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<T, ProxyError>>,
+{
+    type Output = Result<T, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let after = *this.after;
+        this.inner.poll(cx).map(|out| out.unwrap_or(Err(ProxyError::Timeout { after })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+
+    fn slow(
+        delay: Duration,
+    ) -> impl tower::Service<
+        Request<()>,
+        Response = Option<Instant>,
+        Error = ProxyError,
+        Future: Send,
+    > + Clone {
+        tower::service_fn(move |req: Request<()>| async move {
+            tokio::time::sleep(delay).await;
+            Ok(req.extensions().get::<RequestDeadline>().map(|d| d.0))
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_its_deadline_gets_timeout_at_the_deadline() {
+        let mut svc = DeadlineLayer::whole_request(Duration::from_secs(2))
+            .layer(slow(Duration::from_secs(5)));
+        let started = Instant::now();
+        let err = svc.ready().await.unwrap().call(Request::new(())).await.unwrap_err();
+        assert!(matches!(err, ProxyError::Timeout { after } if after == Duration::from_secs(2)));
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_whole_request_deadline_is_handed_down_and_per_try_is_not() {
+        let started = Instant::now();
+        let mut whole =
+            DeadlineLayer::whole_request(Duration::from_secs(2)).layer(slow(Duration::ZERO));
+        let deadline = whole.ready().await.unwrap().call(Request::new(())).await.unwrap();
+        assert_eq!(deadline, Some(started + Duration::from_secs(2)));
+
+        let mut per_try =
+            DeadlineLayer::per_try(Duration::from_secs(2)).layer(slow(Duration::ZERO));
+        assert_eq!(per_try.ready().await.unwrap().call(Request::new(())).await.unwrap(), None);
+    }
+}
