@@ -25,14 +25,19 @@ use upstreams::Behaviour;
 /// The demo's configuration; the scripted upstreams' addresses replace its 127.0.0.1:1808x.
 const DEMO_YAML: &str = include_str!("../../../examples/demo.yaml");
 
-/// The scenes: the `Host` a request names, and what the table calls it.
-const SCENES: [(&str, &str); 5] = [
+/// The scenes: the `Host` a request names, and what happens there.
+const SCENES: [(&str, &str); 7] = [
     ("healthy", "answers 200 at once"),
-    ("flaky", "answers 503 to one request in three"),
-    ("slow", "answers after 150-300 ms"),
+    ("flaky", "answers 503 to one request in three; the sidecar retries (up to 3 attempts)"),
+    ("slow", "answers after 150-300 ms; the sidecar's request timeout is 250 ms"),
+    ("outage", "fails from 4 s to 12 s; the circuit breaker opens, probes, and closes"),
+    ("burst", "healthy, but rate-limited to 5 requests/s; the excess gets 429"),
     ("gone", "its only endpoint refuses connections"),
     ("nowhere", "names no configured upstream"),
 ];
+
+/// When the `outage` upstream fails, from the demo's start.
+const OUTAGE: (Duration, Duration) = (Duration::from_secs(4), Duration::from_secs(12));
 
 const WORKERS: usize = 4;
 const PAUSE: Duration = Duration::from_millis(20);
@@ -60,12 +65,18 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     let healthy = upstreams::start(Behaviour::Healthy).await?;
     let flaky = upstreams::start(Behaviour::Flaky { every: 3 }).await?;
     let slow = upstreams::start(Behaviour::Slow { min: Duration::from_millis(150) }).await?;
+    let (from, until) = OUTAGE;
+    let outage =
+        upstreams::start(Behaviour::Outage { started: Instant::now(), from, until }).await?;
+    let burst = upstreams::start(Behaviour::Healthy).await?;
     let gone = closed_port().await?;
     let yaml = DEMO_YAML
         .replace("127.0.0.1:18081", &healthy.to_string())
         .replace("127.0.0.1:18082", &flaky.to_string())
         .replace("127.0.0.1:18083", &slow.to_string())
-        .replace("127.0.0.1:18084", &gone.to_string());
+        .replace("127.0.0.1:18084", &gone.to_string())
+        .replace("127.0.0.1:18085", &outage.to_string())
+        .replace("127.0.0.1:18086", &burst.to_string());
     let config = config::load_str("examples/demo.yaml", &yaml)?;
     let sidecar = app::start(config).await?;
     println!(
@@ -109,11 +120,10 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     print_table(&tallies, &format!("after {}s", length.as_secs()));
     println!();
     println!(
-        "outcome: `upstream` = the upstream's own answer passed through; any other word is the"
+        "outcome: `upstream` = the upstream's own answer passed through (`after N tries` when"
     );
-    println!(
-        "`outrigger-error` kind of an answer the sidecar gave itself (see docs/request-path.md)."
-    );
+    println!("the sidecar retried); any other word is the `outrigger-error` kind of an answer the");
+    println!("sidecar gave itself. docs/request-path.md shows the order the policies act in.");
     sidecar.shutdown().await;
     Ok(())
 }
@@ -143,13 +153,16 @@ async fn drive(
         let outcome = match client.request(req).await {
             Ok(res) => {
                 let status = res.status().as_u16();
-                let kind = res
-                    .headers()
-                    .get(ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
+                let header = |name: &str| {
+                    res.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+                };
+                let outcome = match (header(ERROR_HEADER), header("outrigger-attempts")) {
+                    (Some(kind), _) => kind,
+                    (None, Some(n)) => format!("upstream after {n} tries"),
+                    (None, None) => "upstream".to_owned(),
+                };
                 let _ = res.into_body().collect().await;
-                Some((status, kind.unwrap_or_else(|| "upstream".to_owned())))
+                Some((status, outcome))
             }
             Err(_) => None,
         };

@@ -1,6 +1,6 @@
 //! The demo's scripted upstreams: real HTTP servers on loopback that behave as a healthy, a
-//! flaky and a slow service would, so the sidecar's answers can be watched without installing
-//! anything.
+//! flaky, a slow and a failing-then-recovering service would, so the sidecar's answers can be
+//! watched without installing anything.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,6 +25,8 @@ pub(crate) enum Behaviour {
     Flaky { every: u64 },
     /// 200 after a delay that varies between `min` and twice `min`.
     Slow { min: Duration },
+    /// 503 from `from` to `until` (since `started`), 200 before and after: an outage that heals.
+    Outage { started: tokio::time::Instant, from: Duration, until: Duration },
 }
 
 /// Starts a scripted upstream on a free loopback port; it runs until the runtime stops.
@@ -58,6 +60,14 @@ async fn answer(
         Behaviour::Healthy => StatusCode::OK,
         Behaviour::Flaky { every } if n % every == every - 1 => StatusCode::SERVICE_UNAVAILABLE,
         Behaviour::Flaky { .. } => StatusCode::OK,
+        Behaviour::Outage { started, from, until } => {
+            let now = started.elapsed();
+            if now >= from && now < until {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            }
+        }
         Behaviour::Slow { min } => {
             // a spread of latencies, deterministic per request number
             let extra = min.mul_f64((n % 10) as f64 / 10.0);
