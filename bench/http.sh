@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# HTTP data-plane benchmark: Outrigger against a direct connection, nginx and haproxy, in one run.
+# HTTP data-plane benchmark: Outrigger (bare, and with every policy on) against a direct
+# connection, nginx and haproxy, in one run.
 #
 #   bash bench/http.sh [ROUNDS] [SECONDS]        (defaults: 3 rounds of 5 s per contender and load)
 #
@@ -68,23 +69,39 @@ upstreams:
     discovery: { static: ["$UP"] }
 telemetry: { log: { level: warn } }
 CONF
+# every policy on, set so that none trips: the cost of the whole stack
+cat >"$work/outrigger-full.yaml" <<CONF
+admin: { listen: 127.0.0.1:18194 }
+outbound: { listen: 127.0.0.1:18184 }
+upstreams:
+  bench:
+    discovery: { static: ["$UP"] }
+    timeouts: { connect: 1s, request: 10s, per_try: 5s }
+    retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10 } }
+    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
+    rate_limit: { requests_per_second: 1000000, burst: 100000 }
+    concurrency_limit: 100000
+telemetry: { log: { level: warn } }
+CONF
 
 start() { taskset -c 1 "$@" >"$work/$(basename "$1").log" 2>&1 & pids+=($!); }
 start nginx -c "$work/upstream.conf"
 start nginx -c "$work/nginx.conf"
 start haproxy -f "$work/haproxy.cfg"
 start "$OUTRIGGER" run --config "$work/outrigger.yaml"
-for port in 18180 18181 18182 18183; do
+start "$OUTRIGGER" run --config "$work/outrigger-full.yaml"
+for port in 18180 18181 18182 18183 18184; do
   for _ in $(seq 100); do curl -fsS -o /dev/null -H 'Host: bench' "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.1; done
 done
 
 # contender -> "port pid-of-the-process-doing-the-work"
-declare -A PORT=([direct]=18180 [nginx]=18181 [haproxy]=18182 [outrigger]=18183)
+declare -A PORT=([direct]=18180 [nginx]=18181 [haproxy]=18182 [outrigger]=18183 [outrigger-full]=18184)
 declare -A PIDS=(
   [direct]=""
   [nginx]="$(pgrep -P "${pids[1]}" | tr '\n' ' ')"
   [haproxy]="${pids[2]} $(pgrep -P "${pids[2]}" | tr '\n' ' ')"
   [outrigger]="${pids[3]}"
+  [outrigger-full]="${pids[4]}"
 )
 ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 hwm() { local m=0; for p in $1; do m=$((m + $(awk '/VmHWM/ {print $2}' "/proc/$p/status"))); done; echo "$m"; }
@@ -102,7 +119,10 @@ out = open(sys.argv[5]).read()
 if "Requests/sec" not in out:
     sys.exit(f"wrk against {who} printed no result:\n{out}")
 def dur(s):
-    n, u = re.match(r"([\d.]+)(us|ms|s)", s).groups()
+    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    if m is None:
+        sys.exit(f"cannot read a latency of {s!r} in:\n{out}")
+    n, u = m.groups()
     return float(n) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[u]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 total = int(re.search(r"(\d+) requests in", out).group(1))
@@ -118,24 +138,26 @@ PY
 }
 
 echo "warming up" >&2
-for who in direct nginx haproxy outrigger; do run "$who" 16 2 >/dev/null; done
+CONTENDERS=(direct nginx haproxy outrigger outrigger-full)
+for who in "${CONTENDERS[@]}"; do run "$who" 16 2; done
 : >"$results"
 for round in $(seq "$ROUNDS"); do
   for conns in "${LOADS[@]}"; do
-    for who in direct nginx haproxy outrigger; do
+    for who in "${CONTENDERS[@]}"; do
       echo "round $round/$ROUNDS: $who at $conns connections" >&2
       run "$who" "$conns" "$SECONDS_PER_RUN"
     done
   done
 done
 
-declare -A RSS
-for who in nginx haproxy outrigger; do RSS[$who]=$(hwm "${PIDS[$who]}"); done
-python3 - "$results" "${RSS[nginx]}" "${RSS[haproxy]}" "${RSS[outrigger]}" "$ROUNDS" "$SECONDS_PER_RUN" <<'PY'
+rss=()
+for who in "${CONTENDERS[@]:1}"; do rss+=("$who=$(hwm "${PIDS[$who]}")"); done
+python3 - "$results" "$ROUNDS" "$SECONDS_PER_RUN" "${CONTENDERS[*]}" "${rss[@]}" <<'PY'
 import statistics, sys
 from collections import defaultdict
-path, rss_nginx, rss_haproxy, rss_out, rounds, secs = sys.argv[1:]
-rss = {"direct": "-", "nginx": rss_nginx, "haproxy": rss_haproxy, "outrigger": rss_out}
+path, rounds, secs, contenders, *peaks = sys.argv[1:]
+contenders = contenders.split()
+rss = {"direct": "-", **dict(p.split("=") for p in peaks)}
 rows = defaultdict(list)
 for line in open(path):
     who, conns, rps, p50, p99, per_cpu, errors = line.split("\t")
@@ -146,7 +168,7 @@ print("| contender | conns | req/s | vs direct | vs nginx | p50 ms | p99 ms | re
 print("|---|---|---|---|---|---|---|---|---|---|")
 for conns in sorted({c for _, c in rows}):
     base = {w: med([r[0] for r in rows[(w, conns)]]) for w in ("direct", "nginx")}
-    for who in ("direct", "nginx", "haproxy", "outrigger"):
+    for who in contenders:
         rs = rows[(who, conns)]
         rps = med([r[0] for r in rs])
         per_cpu = "-" if who == "direct" else f"{med([r[3] for r in rs]):.0f}"

@@ -28,7 +28,7 @@ const DEMO_YAML: &str = include_str!("../../../examples/demo.yaml");
 /// The scenes: the `Host` a request names, and what happens there.
 const SCENES: [(&str, &str); 7] = [
     ("healthy", "answers 200 at once"),
-    ("flaky", "answers 503 to one request in three; the sidecar retries (up to 3 attempts)"),
+    ("flaky", "every third answer is a 503; the sidecar retries it (up to 3 attempts)"),
     ("slow", "answers after 150-300 ms; the sidecar's request timeout is 250 ms"),
     ("outage", "fails from 4 s to 12 s; the circuit breaker opens, probes, and closes"),
     ("burst", "healthy, but rate-limited to 5 requests/s; the excess gets 429"),

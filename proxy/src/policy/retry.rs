@@ -149,11 +149,14 @@ where
     let idempotent = idempotent(&req);
     let deadline = req.extensions().get::<RequestDeadline>().map(|d| d.0);
     let upgrade = req.headers().contains_key(http::header::UPGRADE);
+    // a request that can never be sent twice streams through: holding its body back would
+    // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)
+    let replayable =
+        !upgrade && (idempotent || shared.on.contains(&config::RetryOn::ConnectFailure));
     let (parts, body) = req.into_parts();
-    let replay = match upgrade {
-        // an upgrade's connection becomes a tunnel: there is no second attempt at it
-        true => Replay::Streaming(body),
-        false => buffer(body, shared.replay_cap).await?,
+    let replay = match replayable {
+        true => buffer(body, shared.replay_cap).await?,
+        false => Replay::Streaming(body),
     };
     let Replay::Complete(data, trailers) = replay else {
         let Replay::Streaming(body) = replay else { unreachable!() };

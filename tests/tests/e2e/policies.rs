@@ -245,3 +245,28 @@ async fn the_retry_budget_stops_a_retry_storm() {
     // 1 retry per second over the 10 s window: 10 retries, not 20 x 4
     assert_eq!(up.requests(), 30);
 }
+
+#[tokio::test]
+async fn a_request_that_can_never_be_retried_streams_through_unbuffered() {
+    use tokio::io::AsyncWriteExt;
+
+    let up = Upstream::status(200).await;
+    // no connect-failure in `on`: a POST without a key can never be sent twice
+    let sidecar = Sidecar::start(&payments(&up, "retry: { on: [503] }")).await;
+    let mut client = tokio::net::TcpStream::connect(sidecar.outbound).await.unwrap();
+    client
+        .write_all(b"POST /charge HTTP/1.1\r\nhost: payments\r\ncontent-length: 10\r\n\r\nhalf-")
+        .await
+        .unwrap();
+
+    // the upstream sees the request while the client has sent only half of its body
+    wait_until(DEADLINE, "the request to reach the upstream before its body ended", || async {
+        (up.requests() == 1).then_some(())
+    })
+    .await;
+    client.write_all(b"done!").await.unwrap();
+    wait_until(DEADLINE, "the whole body to arrive", || async {
+        (up.seen()[0].body.as_ref() == b"half-done!").then_some(())
+    })
+    .await;
+}
