@@ -126,8 +126,8 @@ def dur(s):
     return float(n) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[u]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 total = int(re.search(r"(\d+) requests in", out).group(1))
-p50 = dur(re.search(r"50%\s+(\S+)", out).group(1))
-p99 = dur(re.search(r"99%\s+(\S+)", out).group(1))
+p50 = dur(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
+p99 = dur(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
 errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
 non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 errors += int(non2xx.group(1)) if non2xx else 0

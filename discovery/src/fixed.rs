@@ -22,7 +22,7 @@ pub(crate) fn start(upstream: &str, list: Vec<config::Endpoint>, tx: watch::Send
         })
         .collect();
     if let Some(endpoints) = literal {
-        tx.send_replace(Snapshot { endpoints: endpoints.into(), status: Status::Ready });
+        tx.send_replace(Snapshot::ready(endpoints));
         return;
     }
     let upstream: Arc<str> = upstream.into();
@@ -31,10 +31,7 @@ pub(crate) fn start(upstream: &str, list: Vec<config::Endpoint>, tx: watch::Send
             match resolve(&list).await {
                 Ok(endpoints) => {
                     tracing::info!(%upstream, endpoints = endpoints.len(), "static endpoints resolved");
-                    tx.send_replace(Snapshot {
-                        endpoints: endpoints.into(),
-                        status: Status::Ready,
-                    });
+                    tx.send_replace(Snapshot::ready(endpoints));
                     return;
                 }
                 Err(detail) => {

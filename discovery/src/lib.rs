@@ -2,12 +2,16 @@
 //!
 //! Each upstream's discovery source publishes its current endpoint set on a `watch` channel:
 //! the balancer reads the latest set per request without a lock held across an `.await`, and
-//! readiness asks whether the first set has arrived. This release has the static list; DNS, file
-//! and registry sources publish through the same channel in a later one.
+//! readiness asks whether the first set has arrived. Sources: `static` (fixed.rs), `file`,
+//! `dns` and `registry` (etcd.rs); each keeps its last good set when it fails, and says so in
+//! its `Status`.
 
 #![forbid(unsafe_code)]
 
 mod balance;
+mod dns;
+mod etcd;
+mod file;
 mod fixed;
 
 use std::net::SocketAddr;
@@ -24,13 +28,19 @@ pub use balance::Balancer;
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub authority: Authority,
+    /// Relative share of traffic (an SRV record's weight); 1 unless the source says otherwise.
+    pub weight: u32,
 }
 
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
+        Self::weighted(addr, 1)
+    }
+
+    pub fn weighted(addr: SocketAddr, weight: u32) -> Self {
         let authority =
             Authority::try_from(addr.to_string()).expect("a socket address is an authority");
-        Self { addr, authority }
+        Self { addr, authority, weight }
     }
 }
 
@@ -50,6 +60,35 @@ pub enum Status {
 pub struct Snapshot {
     pub endpoints: Arc<[Endpoint]>,
     pub status: Status,
+    /// When the source last confirmed `endpoints` (`None`: never); their age while it fails.
+    pub confirmed: Option<tokio::time::Instant>,
+}
+
+impl Snapshot {
+    /// A set the source has just confirmed.
+    pub fn ready(endpoints: impl Into<Arc<[Endpoint]>>) -> Self {
+        let confirmed = Some(tokio::time::Instant::now());
+        Self { endpoints: endpoints.into(), status: Status::Ready, confirmed }
+    }
+}
+
+/// What the sources need beyond their upstream's own `discovery` section.
+#[derive(Debug, Clone, Default)]
+pub struct SourceConfig {
+    /// For `dns`: the nameservers to ask.
+    pub resolver: config::Resolver,
+    /// For `registry`: the top-level `registry` section (validation guarantees it is set).
+    pub registry: Option<config::Registry>,
+}
+
+/// Which kind of source an upstream's endpoints come from, for the admin view.
+pub fn source_kind(discovery: &config::Discovery) -> &'static str {
+    match discovery {
+        config::Discovery::Static(_) => "static",
+        config::Discovery::Dns(_) => "dns",
+        config::Discovery::File(_) => "file",
+        config::Discovery::Registry(_) => "registry",
+    }
 }
 
 /// The current endpoint set of one upstream, as its discovery source keeps it.
@@ -60,23 +99,19 @@ pub struct Endpoints {
 
 impl Endpoints {
     /// Starts the configured source; it runs until every `Endpoints` clone is dropped.
-    pub fn start(upstream: &str, discovery: &config::Discovery) -> Self {
-        let (tx, rx) =
-            watch::channel(Snapshot { endpoints: Arc::from([]), status: Status::Pending });
+    pub fn start(upstream: &str, discovery: &config::Discovery, sources: &SourceConfig) -> Self {
+        let (tx, rx) = watch::channel(Snapshot {
+            endpoints: Arc::from([]),
+            status: Status::Pending,
+            confirmed: None,
+        });
         match discovery {
             config::Discovery::Static(list) => fixed::start(upstream, list.clone(), tx),
-            other => {
-                let what = match other {
-                    config::Discovery::Dns(_) => "dns",
-                    config::Discovery::File(_) => "file",
-                    _ => "registry",
-                };
-                let detail = format!("{what} discovery is not available in this release");
-                tracing::error!(upstream, "{detail}");
-                tx.send_replace(Snapshot {
-                    endpoints: Arc::from([]),
-                    status: Status::Failing(detail),
-                });
+            config::Discovery::File(path) => file::start(upstream, path.clone(), tx),
+            config::Discovery::Dns(dns) => dns::start(upstream, dns.clone(), &sources.resolver, tx),
+            config::Discovery::Registry(registry) => {
+                let etcd = sources.registry.as_ref().map(|r| r.etcd.clone());
+                etcd::start(upstream, registry.service.clone(), etcd, tx)
             }
         }
         Self { rx }
@@ -85,7 +120,7 @@ impl Endpoints {
     /// A fixed set, for tests and callers that already know their endpoints.
     pub fn fixed(addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
         let endpoints: Arc<[Endpoint]> = addrs.into_iter().map(Endpoint::new).collect();
-        let (_tx, rx) = watch::channel(Snapshot { endpoints, status: Status::Ready });
+        let (_tx, rx) = watch::channel(Snapshot::ready(endpoints));
         Self { rx }
     }
 
@@ -97,4 +132,12 @@ impl Endpoints {
     pub fn snapshot(&self) -> Snapshot {
         self.rx.borrow().clone()
     }
+}
+
+/// A source not built yet: it reports itself failing, so readiness says why and requests get
+/// 503 `no-healthy-endpoints` rather than a pretence.
+fn unavailable(upstream: &str, what: &str, tx: &watch::Sender<Snapshot>) {
+    let detail = format!("{what} discovery is not available in this build");
+    tracing::error!(upstream, "{detail}");
+    tx.send_modify(|s| s.status = Status::Failing(detail));
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper_util::server::graceful::GracefulShutdown;
 use outrigger_config::{self as config, Config};
+use outrigger_discovery::SourceConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -68,8 +69,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     }
 
+    let sources =
+        SourceConfig { resolver: config.resolver.clone(), registry: config.registry.clone() };
     let upstreams: Vec<stack::BuiltUpstream> =
-        config.upstreams.iter().map(|u| stack::upstream(u, &metrics)).collect();
+        config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
     let routes = Arc::new(stack::routes(&upstreams, &metrics));
     let health = Arc::new(Health::new(
         upstreams.iter().map(|u| (u.name.clone(), u.endpoints.clone())).collect(),

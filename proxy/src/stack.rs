@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::{Request, Response};
 use outrigger_config as config;
-use outrigger_discovery::Endpoints;
+use outrigger_discovery::{Endpoints, SourceConfig};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
@@ -36,9 +36,13 @@ pub struct BuiltUpstream {
 }
 
 /// One upstream's policies. An absent YAML section means no layer, not a disabled one.
-pub fn upstream(cfg: &config::Upstream, metrics: &Metrics) -> BuiltUpstream {
+pub fn upstream(
+    cfg: &config::Upstream,
+    sources: &SourceConfig,
+    metrics: &Metrics,
+) -> BuiltUpstream {
     let name: Arc<str> = cfg.name.as_str().into();
-    let endpoints = Endpoints::start(&name, &cfg.discovery);
+    let endpoints = Endpoints::start(&name, &cfg.discovery, sources);
     let service = ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.upstream(&name))) // counts what the client got
         .option_layer(
