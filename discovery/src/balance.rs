@@ -1,72 +1,188 @@
-//! Picking one endpoint of the current set for a request.
+//! Picking one usable endpoint for a request.
 //!
-//! `round_robin` and `random` are here; `p2c_ewma` (power of two choices over peak-EWMA
-//! latency, as Linkerd does) needs per-endpoint latency feedback and arrives with health
-//! checking; until then it balances round-robin.
+//! - `p2c_ewma` (the default): two distinct usable endpoints at random, and the one with the
+//!   lower cost wins: peak-EWMA latency × (requests in flight + 1) ÷ weight. Linkerd's and
+//!   Finagle's balancer: it follows latency without the herding of "always the fastest".
+//! - `round_robin`: the usable endpoints in turn (weights are not used).
+//! - `random`: at random, in proportion to the weights.
+//!
+//! Usable = healthy and not ejected; the caller says which. No allocation per pick: the usable
+//! members are counted and indexed in place.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use outrigger_config as config;
 use rand::RngExt;
+use tokio::time::Instant;
 
-use crate::Endpoint;
+use crate::pool::Member;
 
 #[derive(Debug)]
-pub enum Balancer {
+pub(crate) enum Balancer {
+    P2cEwma,
     RoundRobin(AtomicUsize),
     Random,
 }
 
 impl Balancer {
-    pub fn new(kind: config::LoadBalancer) -> Self {
+    pub(crate) fn new(kind: config::LoadBalancer) -> Self {
         match kind {
+            config::LoadBalancer::P2cEwma => Self::P2cEwma,
+            config::LoadBalancer::RoundRobin => Self::RoundRobin(AtomicUsize::new(0)),
             config::LoadBalancer::Random => Self::Random,
-            config::LoadBalancer::RoundRobin | config::LoadBalancer::P2cEwma => {
-                Self::RoundRobin(AtomicUsize::new(0))
-            }
         }
     }
 
-    /// One endpoint of `endpoints`, or `None` when the set is empty.
-    pub fn pick<'e>(&self, endpoints: &'e [Endpoint]) -> Option<&'e Endpoint> {
-        if endpoints.len() <= 1 {
-            return endpoints.first();
+    /// One member for which `usable` holds, or `None`.
+    pub(crate) fn pick<'m>(
+        &self,
+        members: &'m [Arc<Member>],
+        usable: impl Fn(&Member) -> bool,
+        now: Instant,
+    ) -> Option<&'m Arc<Member>> {
+        let count = members.iter().filter(|m| usable(m)).count();
+        let nth = |n: usize| members.iter().filter(|m| usable(m)).nth(n);
+        match count {
+            0 => None,
+            1 => nth(0),
+            _ => match self {
+                Self::RoundRobin(next) => {
+                    // Relaxed: the counter only spreads load, it orders nothing
+                    nth(next.fetch_add(1, Ordering::Relaxed) % count)
+                }
+                Self::Random => {
+                    let total: u64 = members
+                        .iter()
+                        .filter(|m| usable(m))
+                        .map(|m| u64::from(m.endpoint.weight.max(1)))
+                        .sum();
+                    let mut ticket = rand::rng().random_range(0..total);
+                    members.iter().filter(|m| usable(m)).find(|m| {
+                        let weight = u64::from(m.endpoint.weight.max(1));
+                        let hit = ticket < weight;
+                        ticket = ticket.saturating_sub(weight);
+                        hit
+                    })
+                }
+                Self::P2cEwma => {
+                    let mut rng = rand::rng();
+                    let a = rng.random_range(0..count);
+                    let b = (a + 1 + rng.random_range(0..count - 1)) % count;
+                    let (a, b) = (nth(a)?, nth(b)?);
+                    Some(if cost(a, now) <= cost(b, now) { a } else { b })
+                }
+            },
         }
-        let i = match self {
-            // Relaxed: the counter only spreads load, it orders nothing
-            Self::RoundRobin(next) => next.fetch_add(1, Ordering::Relaxed),
-            Self::Random => rand::rng().random_range(0..endpoints.len()),
-        };
-        endpoints.get(i % endpoints.len())
     }
+}
+
+/// What sending one more request to `member` is expected to cost.
+fn cost(member: &Member, now: Instant) -> f64 {
+    let pending = f64::from(member.in_flight()) + 1.0;
+    member.latency(now) * pending / f64::from(member.endpoint.weight.max(1))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
     use super::*;
+    use crate::Endpoint;
+    use crate::pool::test_member;
 
-    fn endpoints(n: u16) -> Vec<Endpoint> {
-        (0..n).map(|i| Endpoint::new(([127, 0, 0, 1], 9000 + i).into())).collect()
+    fn members(latencies_ms: &[u64]) -> Vec<Arc<Member>> {
+        let now = Instant::now();
+        latencies_ms
+            .iter()
+            .enumerate()
+            .map(|(i, ms)| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16));
+                test_member(Endpoint::new(addr), Duration::from_millis(*ms), now)
+            })
+            .collect()
     }
 
-    #[test]
-    fn round_robin_visits_every_endpoint_in_turn() {
-        let set = endpoints(3);
+    fn port(m: &Arc<Member>) -> u16 {
+        m.endpoint.addr.port()
+    }
+
+    fn tally(
+        balancer: &Balancer,
+        set: &[Arc<Member>],
+        usable: impl Fn(&Member) -> bool,
+    ) -> HashMap<u16, usize> {
+        let now = Instant::now();
+        let mut seen = HashMap::new();
+        for _ in 0..1000 {
+            *seen.entry(port(balancer.pick(set, &usable, now).unwrap())).or_default() += 1;
+        }
+        seen
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_visits_every_usable_endpoint_in_turn() {
+        let set = members(&[1, 1, 1]);
         let rr = Balancer::new(config::LoadBalancer::RoundRobin);
-        let picked: Vec<u16> = (0..6).map(|_| rr.pick(&set).unwrap().addr.port()).collect();
+        let now = Instant::now();
+        let picked: Vec<u16> =
+            (0..6).map(|_| port(rr.pick(&set, |_| true, now).unwrap())).collect();
         assert_eq!(picked, [9000, 9001, 9002, 9000, 9001, 9002]);
+        let skip_middle = |m: &Member| m.endpoint.addr.port() != 9001;
+        let picked: Vec<u16> =
+            (0..4).map(|_| port(rr.pick(&set, skip_middle, now).unwrap())).collect();
+        assert!(!picked.contains(&9001));
     }
 
-    #[test]
-    fn an_empty_set_gives_no_endpoint() {
-        assert!(Balancer::new(config::LoadBalancer::Random).pick(&[]).is_none());
-        assert!(Balancer::new(config::LoadBalancer::RoundRobin).pick(&[]).is_none());
+    #[tokio::test(start_paused = true)]
+    async fn no_usable_endpoint_gives_none() {
+        let set = members(&[1, 1]);
+        let now = Instant::now();
+        for kind in [
+            config::LoadBalancer::P2cEwma,
+            config::LoadBalancer::RoundRobin,
+            config::LoadBalancer::Random,
+        ] {
+            let balancer = Balancer::new(kind);
+            assert!(balancer.pick(&[], |_| true, now).is_none());
+            assert!(balancer.pick(&set, |_| false, now).is_none());
+        }
     }
 
-    #[test]
-    fn random_only_picks_members_of_the_set() {
-        let set = endpoints(4);
-        let random = Balancer::new(config::LoadBalancer::Random);
-        assert!((0..100).all(|_| set.contains(random.pick(&set).unwrap())));
+    #[tokio::test(start_paused = true)]
+    async fn p2c_ewma_favours_the_faster_endpoint() {
+        let set = members(&[1, 50, 50]);
+        let seen = tally(&Balancer::new(config::LoadBalancer::P2cEwma), &set, |_| true);
+        // the fast one wins every comparison it is in: 2 of the 3 possible pairs
+        assert!(seen[&9000] > 600, "{seen:?}");
+        assert!(
+            seen.get(&9001).copied().unwrap_or(0) > 100,
+            "the slow ones still get some: {seen:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_ewma_weighs_requests_in_flight() {
+        let set = members(&[10, 10]);
+        let now = Instant::now();
+        let p2c = Balancer::new(config::LoadBalancer::P2cEwma);
+        let _busy: Vec<_> = (0..5).map(|_| crate::pool::hold(&set[0])).collect();
+        assert!((0..50).all(|_| port(p2c.pick(&set, |_| true, now).unwrap()) == 9001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn random_spreads_in_proportion_to_the_weights() {
+        let now = Instant::now();
+        let set: Vec<Arc<Member>> = [(9000, 1), (9001, 3)]
+            .into_iter()
+            .map(|(p, w)| {
+                let endpoint = Endpoint::weighted(SocketAddr::from(([127, 0, 0, 1], p)), w);
+                test_member(endpoint, Duration::from_millis(1), now)
+            })
+            .collect();
+        let seen = tally(&Balancer::new(config::LoadBalancer::Random), &set, |_| true);
+        assert!((650..=850).contains(&seen[&9001]), "about 3 in 4: {seen:?}");
     }
 }

@@ -13,6 +13,10 @@ mod dns;
 mod etcd;
 mod file;
 mod fixed;
+mod health;
+mod load;
+mod outlier;
+mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +25,8 @@ use http::uri::Authority;
 use outrigger_config as config;
 use tokio::sync::watch;
 
-pub use balance::Balancer;
+pub use health::{Health, Probe, tcp_probe};
+pub use pool::{EndpointReport, Picked, Pool, PoolConfig, State};
 
 /// One address a request can be sent to, with its `HOST:PORT` rendered once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,9 +129,14 @@ impl Endpoints {
         Self { rx }
     }
 
-    /// The endpoints to balance over right now: a cheap `Arc` clone.
+    /// The endpoints discovered right now: a cheap `Arc` clone.
     pub fn current(&self) -> Arc<[Endpoint]> {
         self.rx.borrow().endpoints.clone()
+    }
+
+    /// A receiver of every change, for the pool that follows this source.
+    pub(crate) fn receiver(&self) -> watch::Receiver<Snapshot> {
+        self.rx.clone()
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -75,7 +75,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
     let routes = Arc::new(stack::routes(&upstreams, &metrics));
     let health = Arc::new(Health::new(
-        upstreams.iter().map(|u| (u.name.clone(), u.endpoints.clone())).collect(),
+        upstreams.iter().map(|u| u.pool.clone()).collect(),
         config.service.app.as_ref().and_then(app_health_uri),
     ));
     let config_json =

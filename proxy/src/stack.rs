@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use http::{Request, Response};
 use outrigger_config as config;
-use outrigger_discovery::{Endpoints, SourceConfig};
+use outrigger_discovery::{Endpoints, Pool, PoolConfig, SourceConfig};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::forward::Forward;
+use crate::http::probe;
 use crate::http::route::Routes;
 use crate::policy::circuit_breaker::CircuitBreakerLayer;
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
@@ -27,12 +28,15 @@ use crate::telemetry::metrics::{Metrics, MetricsLayer, NO_UPSTREAM};
 /// One upstream's whole stack, boxed once so every upstream has the same type.
 pub type UpstreamService = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;
 
-/// An upstream, built: its service and its discovery, which readiness watches.
+/// An upstream, built: its service, and its endpoint pool, which readiness, metrics and the
+/// admin view read.
 #[derive(Debug, Clone)]
 pub struct BuiltUpstream {
     pub name: Arc<str>,
     pub service: UpstreamService,
-    pub endpoints: Endpoints,
+    pub pool: Pool,
+    /// `static`, `dns`, `file` or `registry`.
+    pub source: &'static str,
 }
 
 /// One upstream's policies. An absent YAML section means no layer, not a disabled one.
@@ -43,6 +47,18 @@ pub fn upstream(
 ) -> BuiltUpstream {
     let name: Arc<str> = cfg.name.as_str().into();
     let endpoints = Endpoints::start(&name, &cfg.discovery, sources);
+    let pool = Pool::start(
+        &name,
+        endpoints,
+        PoolConfig {
+            load_balancer: cfg.load_balancer,
+            health_check: cfg
+                .health_check
+                .as_ref()
+                .map(|c| (c.clone(), probe::for_check(&name, c))),
+            outlier_detection: cfg.outlier_detection,
+        },
+    );
     let service = ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.upstream(&name))) // counts what the client got
         .option_layer(
@@ -56,8 +72,9 @@ pub fn upstream(
         .layer(DeadlineLayer::whole_request(cfg.timeouts.request.get())) // 504 timeout
         .option_layer(cfg.retry.as_ref().map(|r| RetryLayer::new(r, metrics.retries(&name)))) // backoff, budget, replay cap
         .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::per_try(t.get()))) // one attempt
-        .service(Forward::new(&name, endpoints.clone(), cfg)); // balancer, pool; 502/503 classified
-    BuiltUpstream { name, service: BoxCloneSyncService::new(service), endpoints }
+        .service(Forward::new(pool.clone(), cfg)); // balancer over healthy endpoints, connection pool; 502/503
+    let source = outrigger_discovery::source_kind(&cfg.discovery);
+    BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool, source }
 }
 
 /// The outbound listener's routing table.

@@ -1,10 +1,13 @@
 //! `/healthz` and `/readyz` (DESIGN.md "Health").
 //!
 //! Liveness never depends on upstreams. Readiness is green once every upstream's discovery has
-//! produced its first endpoint set (a source that failed is reported, not waited on) and the
-//! local app answers its health path, when one is configured; it fails at once on SIGTERM.
+//! produced its first endpoint set (a source that failed is reported, not waited on), every
+//! endpoint has had its first active health check (when checks are configured), and the local
+//! app answers its health path, when one is configured; it fails at once on SIGTERM. An
+//! upstream with no healthy endpoint, or whose source is failing, shows as `degraded` without
+//! failing readiness: failing every caller's readiness because one upstream is down would
+//! turn its outage into theirs.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -12,7 +15,7 @@ use http::{Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use outrigger_discovery::{Endpoints, Status};
+use outrigger_discovery::{Pool, State, Status};
 use serde::Serialize;
 
 use crate::http::Body;
@@ -23,7 +26,7 @@ const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Health {
     draining: AtomicBool,
-    upstreams: Vec<(Arc<str>, Endpoints)>,
+    upstreams: Vec<Pool>,
     app: Option<(Uri, Client<HttpConnector, Body>)>,
 }
 
@@ -40,7 +43,7 @@ struct Check {
 }
 
 impl Health {
-    pub fn new(upstreams: Vec<(Arc<str>, Endpoints)>, app_health: Option<Uri>) -> Self {
+    pub fn new(upstreams: Vec<Pool>, app_health: Option<Uri>) -> Self {
         let app = app_health.map(|uri| (uri, Client::builder(TokioExecutor::new()).build_http()));
         Self { draining: AtomicBool::new(false), upstreams, app }
     }
@@ -62,20 +65,9 @@ impl Health {
         if self.draining.load(Ordering::SeqCst) {
             put("lifecycle".into(), Check::failing("shutting down"), true);
         }
-        for (name, endpoints) in &self.upstreams {
-            let snapshot = endpoints.snapshot();
-            let n = snapshot.endpoints.len();
-            let (check, blocks) = match snapshot.status {
-                Status::Ready => (Check::ok(format!("{n} endpoint(s)")), false),
-                Status::Pending => (Check::failing("waiting for the first endpoint set"), true),
-                // a source that failed is reported, not waited on: its last set (if any) serves
-                Status::Failing(detail) if n > 0 => {
-                    let detail = format!("{detail}; serving the last {n} endpoint(s)");
-                    (Check { status: "degraded", detail }, false)
-                }
-                Status::Failing(detail) => (Check::failing(detail), false),
-            };
-            put(format!("upstream.{name}"), check, blocks);
+        for pool in &self.upstreams {
+            let (check, blocks) = upstream_check(pool);
+            put(format!("upstream.{}", pool.upstream()), check, blocks);
         }
         if let Some((uri, client)) = &self.app {
             let check = match check_app(client, uri).await {
@@ -85,6 +77,46 @@ impl Health {
             put("app".into(), check, true);
         }
         Readiness { status: if ready { "ready" } else { "not_ready" }, checks }
+    }
+
+    /// Every upstream's endpoint pool.
+    pub fn upstreams(&self) -> &[Pool] {
+        &self.upstreams
+    }
+}
+
+/// One upstream's readiness check, and whether it holds readiness back.
+fn upstream_check(pool: &Pool) -> (Check, bool) {
+    let snapshot = pool.endpoints().snapshot();
+    let n = snapshot.endpoints.len();
+    let age = snapshot.confirmed.map(|at| at.elapsed().as_secs());
+    match snapshot.status {
+        Status::Pending => (Check::failing("waiting for the first endpoint set"), true),
+        // a source that failed is reported, not waited on: its last set (if any) serves
+        Status::Failing(detail) if n > 0 => {
+            let age = age.map(|s| format!(", confirmed {s}s ago")).unwrap_or_default();
+            let detail = format!("{detail}; serving the last {n} endpoint(s){age}");
+            (Check { status: "degraded", detail }, false)
+        }
+        Status::Failing(detail) => (Check::failing(detail), false),
+        Status::Ready if !pool.checked() => {
+            (Check::failing("waiting for the first health check of every endpoint"), true)
+        }
+        Status::Ready => {
+            let report = pool.report();
+            let count = |state| report.iter().filter(|e| e.state == state).count();
+            let healthy = count(State::Healthy);
+            let mut detail = format!("{n} endpoint(s), {healthy} healthy");
+            for state in [State::Unhealthy, State::Ejected] {
+                if count(state) > 0 {
+                    detail += &format!(", {} {}", count(state), state.as_str());
+                }
+            }
+            match healthy {
+                0 => (Check { status: "degraded", detail }, false),
+                _ => (Check::ok(detail), false),
+            }
+        }
     }
 }
 

@@ -1,14 +1,15 @@
 //! Forwarding one request to one endpoint of its upstream, over a pooled connection.
 //!
-//! The balancer picks an endpoint of the current healthy set (none: 503
-//! `no-healthy-endpoints`); the request keeps its method, path, query and `Host`, loses its
+//! The pool picks an endpoint of the current healthy set (none: 503 `no-healthy-endpoints`),
+//! avoiding those a retry already tried when it can; the request keeps its method, path, query and `Host`, loses its
 //! hop-by-hop headers (RFC 9110 section 7.6.1) and streams to the endpoint. hyper's errors are
 //! classified here, where they enter: could not connect -> 502 `connect-failed`, anything after
 //! -> 502 `upstream-reset`. A `101 Switching Protocols` answer (WebSocket) becomes a byte tunnel.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -19,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{self, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use outrigger_config as config;
-use outrigger_discovery::{Balancer, Endpoint, Endpoints};
+use outrigger_discovery::{Endpoint, Picked, Pool};
 
 use crate::error::ProxyError;
 use crate::http::Body;
@@ -33,25 +34,38 @@ pub struct Forward {
 #[derive(Debug)]
 struct Inner {
     upstream: Arc<str>,
-    endpoints: Endpoints,
-    balancer: Balancer,
+    pool: Pool,
     protocol: config::Protocol,
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
 }
 
 impl Forward {
-    pub fn new(upstream: &str, endpoints: Endpoints, cfg: &config::Upstream) -> Self {
+    pub fn new(pool: Pool, cfg: &config::Upstream) -> Self {
         Self {
             inner: Arc::new(Inner {
-                upstream: upstream.into(),
-                endpoints,
-                balancer: Balancer::new(cfg.load_balancer),
+                upstream: pool.upstream().clone(),
+                pool,
                 protocol: cfg.protocol,
                 http1: client(&cfg.timeouts, false),
                 http2: client(&cfg.timeouts, true),
             }),
         }
+    }
+}
+
+/// The endpoints the attempts of one request went to, so that a retry goes elsewhere when
+/// another endpoint is available. The retry layer puts it in the request's extensions; every
+/// attempt's copy shares the list.
+#[derive(Debug, Clone, Default)]
+pub struct TriedEndpoints(Arc<Mutex<Vec<SocketAddr>>>);
+
+impl TriedEndpoints {
+    fn pick(&self, pool: &Pool) -> Option<Picked> {
+        let mut tried = self.0.lock().expect("no panics under the tried lock");
+        let picked = pool.pick(&tried)?;
+        tried.push(picked.endpoint().addr);
+        Some(picked)
     }
 }
 
@@ -81,8 +95,11 @@ impl tower::Service<Request<Body>> for Forward {
 
     fn call(&mut self, req: Request<Body>) -> ResponseFuture {
         let inner = &self.inner;
-        let endpoints = inner.endpoints.current();
-        let Some(endpoint) = inner.balancer.pick(&endpoints) else {
+        let picked = match req.extensions().get::<TriedEndpoints>() {
+            Some(tried) => tried.pick(&inner.pool),
+            None => inner.pool.pick(&[]),
+        };
+        let Some(picked) = picked else {
             let err = ProxyError::NoHealthyEndpoints { upstream: inner.upstream.clone() };
             return ResponseFuture::failed(err);
         };
@@ -91,13 +108,14 @@ impl tower::Service<Request<Body>> for Forward {
             config::Protocol::Http1 => false,
             config::Protocol::Http2 => true,
         };
-        let (req, upgrade) = prepare(req, endpoint, http2);
+        let (req, upgrade) = prepare(req, picked.endpoint(), http2);
         let client = if http2 { &inner.http2 } else { &inner.http1 };
         ResponseFuture {
             state: State::Sent {
                 fut: client.request(req),
                 upstream: inner.upstream.clone(),
                 upgrade,
+                picked: Some(picked),
             },
         }
     }
@@ -213,6 +231,8 @@ pin_project_lite::pin_project! {
             fut: legacy::ResponseFuture,
             upstream: Arc<str>,
             upgrade: Option<OnUpgrade>,
+            // the endpoint's in-flight count; its latency and outcome when the answer comes
+            picked: Option<Picked>,
         },
     }
 }
@@ -231,8 +251,13 @@ impl Future for ResponseFuture {
             StateProj::Failed { err } => {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
-            StateProj::Sent { fut, upstream, upgrade } => {
-                let mut res = match ready!(fut.poll(cx)) {
+            StateProj::Sent { fut, upstream, upgrade, picked } => {
+                let result = ready!(fut.poll(cx));
+                if let Some(picked) = picked.take() {
+                    let failed = result.as_ref().is_ok_and(|res| res.status().is_server_error());
+                    picked.finish(failed || result.is_err());
+                }
+                let mut res = match result {
                     Ok(res) => res,
                     Err(source) => {
                         let upstream = upstream.clone();

@@ -4,6 +4,7 @@ pub mod body;
 pub mod forward;
 pub(crate) mod guard;
 pub mod listener;
+pub mod probe;
 pub mod respond;
 pub mod route;
 

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::http::Body;
+use crate::http::forward::TriedEndpoints;
 use crate::http::respond::error_response;
 use crate::policy::backoff::{Backoff, parse_retry_after};
 use crate::policy::budget::Budget;
@@ -162,6 +163,9 @@ where
         let Replay::Streaming(body) = replay else { unreachable!() };
         return inner.ready().await?.call(Request::from_parts(parts, body)).await;
     };
+    // every attempt's copy of the parts shares this: a retry goes to another endpoint
+    let mut parts = parts;
+    parts.extensions.insert(TriedEndpoints::default());
 
     let mut attempt = 1;
     let mut previous_delay = shared.backoff.initial();
