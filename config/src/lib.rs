@@ -12,7 +12,7 @@ mod validate;
 mod yaml;
 
 pub use error::{LoadError, Problem, Problems};
-pub use load::{load_file, load_str};
+pub use load::{load_endpoints_str, load_file, load_str};
 pub use model::*;
 pub use types::{
     AppUrl, Broker, ByteSize, Duration, Endpoint, ListenAddr, NameServer, QueueName, Ratio,

@@ -4,6 +4,7 @@
 
 use crate::error::{LoadError, Problem, Problems};
 use crate::model::Config;
+use crate::types::Endpoint;
 use crate::validate::{Issue, validate};
 use crate::yaml::{self, DeError, Node};
 use std::path::Path;
@@ -59,6 +60,39 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
     }
     match (config, problems.is_empty()) {
         (Some(config), true) => Ok(config),
+        _ => Err(invalid(problems)),
+    }
+}
+
+/// Loads a `file` discovery source's endpoint list: a YAML sequence of `HOST:PORT`, the same
+/// syntax as `discovery.static`. Problems carry their position like the config's own.
+pub fn load_endpoints_str(file_name: &str, text: &str) -> Result<Vec<Endpoint>, LoadError> {
+    let problem = |path: String, line, col, message: String, expected| Problem {
+        file: file_name.to_owned(),
+        line,
+        col,
+        path,
+        message,
+        expected,
+    };
+    let root = match yaml::parse(text) {
+        Ok(Some(root)) => root,
+        Ok(None) => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(invalid(vec![problem("(yaml)".into(), e.line, e.col, e.message, None)]));
+        }
+    };
+    let (list, found, _) = yaml::deserialize::<Vec<Endpoint>>(&root);
+    let problems: Vec<Problem> = found
+        .into_iter()
+        .map(|e: DeError| {
+            let at = e.at.expect("problems are noted with their position");
+            let path = if at.path.is_empty() { "(top level)".to_owned() } else { at.path };
+            problem(path, at.line, at.col, e.message, e.expected)
+        })
+        .collect();
+    match (list, problems.is_empty()) {
+        (Some(list), true) => Ok(list),
         _ => Err(invalid(problems)),
     }
 }

@@ -47,7 +47,7 @@ pub(crate) fn start(upstream: &str, list: Vec<config::Endpoint>, tx: watch::Send
     });
 }
 
-async fn resolve(list: &[config::Endpoint]) -> Result<Vec<Endpoint>, String> {
+pub(crate) async fn resolve(list: &[config::Endpoint]) -> Result<Vec<Endpoint>, String> {
     let mut endpoints = Vec::new();
     for e in list {
         let addrs = tokio::net::lookup_host((e.host(), e.port()))

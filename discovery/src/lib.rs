@@ -87,7 +87,7 @@ pub struct SourceConfig {
 }
 
 /// Which kind of source an upstream's endpoints come from, for the admin view.
-pub fn source_kind(discovery: &config::Discovery) -> &'static str {
+fn source_kind(discovery: &config::Discovery) -> &'static str {
     match discovery {
         config::Discovery::Static(_) => "static",
         config::Discovery::Dns(_) => "dns",
@@ -100,6 +100,7 @@ pub fn source_kind(discovery: &config::Discovery) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     rx: watch::Receiver<Snapshot>,
+    source: &'static str,
 }
 
 impl Endpoints {
@@ -119,14 +120,19 @@ impl Endpoints {
                 etcd::start(upstream, registry.service.clone(), etcd, tx)
             }
         }
-        Self { rx }
+        Self { rx, source: source_kind(discovery) }
+    }
+
+    /// `static`, `dns`, `file` or `registry`.
+    pub fn source(&self) -> &'static str {
+        self.source
     }
 
     /// A fixed set, for tests and callers that already know their endpoints.
     pub fn fixed(addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
         let endpoints: Arc<[Endpoint]> = addrs.into_iter().map(Endpoint::new).collect();
         let (_tx, rx) = watch::channel(Snapshot::ready(endpoints));
-        Self { rx }
+        Self { rx, source: "static" }
     }
 
     /// The endpoints discovered right now: a cheap `Arc` clone.

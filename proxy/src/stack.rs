@@ -35,8 +35,6 @@ pub struct BuiltUpstream {
     pub name: Arc<str>,
     pub service: UpstreamService,
     pub pool: Pool,
-    /// `static`, `dns`, `file` or `registry`.
-    pub source: &'static str,
 }
 
 /// One upstream's policies. An absent YAML section means no layer, not a disabled one.
@@ -73,8 +71,7 @@ pub fn upstream(
         .option_layer(cfg.retry.as_ref().map(|r| RetryLayer::new(r, metrics.retries(&name)))) // backoff, budget, replay cap
         .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::per_try(t.get()))) // one attempt
         .service(Forward::new(pool.clone(), cfg)); // balancer over healthy endpoints, connection pool; 502/503
-    let source = outrigger_discovery::source_kind(&cfg.discovery);
-    BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool, source }
+    BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool }
 }
 
 /// The outbound listener's routing table.

@@ -43,7 +43,13 @@ pub struct Seen {
 struct State {
     script: Vec<Reply>,
     seen: Vec<Seen>,
+    /// When set, `GET /healthz` answers this status and is counted apart from `seen`.
+    health: Option<u16>,
+    health_checks: usize,
 }
+
+/// The path a health-checked upstream answers on its own.
+const HEALTH_PATH: &str = "/healthz";
 
 /// A running scripted upstream; it stops with the test's runtime.
 #[derive(Debug, Clone)]
@@ -68,7 +74,7 @@ impl Upstream {
     async fn scripted_on(port: u16, script: Vec<Reply>) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("a free loopback port");
         let addr = listener.local_addr().expect("bound");
-        let state = Arc::new(Mutex::new(State { script, seen: Vec::new() }));
+        let state = Arc::new(Mutex::new(State { script, ..State::default() }));
         let shared = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -87,6 +93,23 @@ impl Upstream {
     /// Answers every request with `status`.
     pub async fn status(status: u16) -> Self {
         Self::scripted([Reply::Status(status)]).await
+    }
+
+    /// Answers `GET /healthz` with `health` (see `set_health`), everything else with `status`.
+    pub async fn health_checked(status: u16, health: u16) -> Self {
+        let up = Self::status(status).await;
+        up.set_health(health);
+        up
+    }
+
+    /// What `GET /healthz` answers from now on.
+    pub fn set_health(&self, status: u16) {
+        self.state.lock().unwrap().health = Some(status);
+    }
+
+    /// How many health checks arrived (they are not in `requests`).
+    pub fn health_checks(&self) -> usize {
+        self.state.lock().unwrap().health_checks
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -116,6 +139,10 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
     // still in progress and concurrent requests get consecutive replies
     let (n, reply) = {
         let mut state = state.lock().unwrap();
+        if let (Some(status), HEALTH_PATH) = (state.health, req.uri().path()) {
+            state.health_checks += 1;
+            return Ok(respond(status, format!("health {status}\n")));
+        }
         let n = state.seen.len();
         let (method, uri, version, headers) =
             (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone());

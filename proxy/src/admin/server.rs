@@ -57,6 +57,7 @@ impl Admin {
                 json(status, body.into())
             }
             "/metrics" => {
+                self.metrics.observe_endpoints(self.health.upstreams());
                 let mut res = Response::new(Body::full(self.metrics.encode()));
                 res.headers_mut().insert(
                     CONTENT_TYPE,
@@ -65,9 +66,55 @@ impl Admin {
                 res
             }
             "/v1/config" => json(StatusCode::OK, self.config.clone()),
+            "/v1/endpoints" => {
+                let view = endpoints_view(self.health.upstreams());
+                json(StatusCode::OK, serde_json::to_vec_pretty(&view).expect("serializes").into())
+            }
             _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
         }
     }
+}
+
+/// `/v1/endpoints`: every upstream's endpoints with their state, weight, latency estimate and
+/// requests in flight, and where they came from.
+fn endpoints_view(pools: &[outrigger_discovery::Pool]) -> serde_json::Value {
+    use outrigger_discovery::Status;
+    let upstreams: serde_json::Map<String, serde_json::Value> = pools
+        .iter()
+        .map(|pool| {
+            let snapshot = pool.endpoints().snapshot();
+            let (status, detail) = match &snapshot.status {
+                Status::Pending => ("pending", String::new()),
+                Status::Ready => ("ready", String::new()),
+                Status::Failing(detail) => ("failing", detail.clone()),
+            };
+            let endpoints: Vec<serde_json::Value> = pool
+                .report()
+                .into_iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "address": e.addr.to_string(),
+                        "state": e.state.as_str(),
+                        "weight": e.weight,
+                        "latency_ms": (e.latency.as_secs_f64() * 1e6).round() / 1e3,
+                        "in_flight": e.in_flight,
+                        "ejections_in_a_row": e.ejections_in_a_row,
+                    })
+                })
+                .collect();
+            let view = serde_json::json!({
+                "source": pool.endpoints().source(),
+                "discovery": {
+                    "status": status,
+                    "detail": detail,
+                    "confirmed_seconds_ago": snapshot.confirmed.map(|at| at.elapsed().as_secs()),
+                },
+                "endpoints": endpoints,
+            });
+            (pool.upstream().to_string(), view)
+        })
+        .collect();
+    serde_json::json!({ "upstreams": upstreams })
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

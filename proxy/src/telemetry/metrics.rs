@@ -7,9 +7,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use outrigger_discovery::{Pool, State};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// The upstream label of requests that matched no upstream: a fixed value, so a client cannot
@@ -30,6 +31,8 @@ pub struct Metrics {
     retries: IntCounterVec,
     circuit_state: IntGaugeVec,
     rate_limited: IntCounterVec,
+    endpoints: IntGaugeVec,
+    discovery_age: GaugeVec,
 }
 
 impl Metrics {
@@ -70,16 +73,43 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
+        let endpoints = IntGaugeVec::new(
+            Opts::new(
+                "outrigger_endpoints",
+                "Endpoints of each upstream by state: healthy, unchecked, unhealthy, ejected",
+            ),
+            &["upstream", "state"],
+        )
+        .expect("valid metric");
+        let discovery_age = GaugeVec::new(
+            Opts::new(
+                "outrigger_discovery_age_seconds",
+                "Time since each upstream's discovery source last confirmed its endpoints",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
         for family in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
             Box::new(retries.clone()),
             Box::new(circuit_state.clone()),
             Box::new(rate_limited.clone()),
+            Box::new(endpoints.clone()),
+            Box::new(discovery_age.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
-        Self { registry, requests, duration, retries, circuit_state, rate_limited }
+        Self {
+            registry,
+            requests,
+            duration,
+            retries,
+            circuit_state,
+            rate_limited,
+            endpoints,
+            discovery_age,
+        }
     }
 
     /// `outrigger_retries_total{upstream}`, for an upstream with retries.
@@ -105,6 +135,24 @@ impl Metrics {
             by_code: std::array::from_fn(|_| OnceLock::new()),
             duration: self.duration.with_label_values(&[name]),
         }))
+    }
+
+    /// Sets the endpoint gauges from the pools; called at each scrape, so the request path
+    /// never touches them.
+    pub fn observe_endpoints(&self, pools: &[Pool]) {
+        for pool in pools {
+            let upstream = pool.upstream();
+            let report = pool.report();
+            for state in State::ALL {
+                let n = report.iter().filter(|e| e.state == state).count();
+                self.endpoints
+                    .with_label_values(&[upstream, state.as_str()])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            if let Some(at) = pool.endpoints().snapshot().confirmed {
+                self.discovery_age.with_label_values(&[upstream]).set(at.elapsed().as_secs_f64());
+            }
+        }
     }
 
     /// The Prometheus text exposition of everything registered.

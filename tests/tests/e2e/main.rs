@@ -2,6 +2,7 @@
 //! One test binary, so the harness compiles and links once.
 
 mod admin;
+mod balance;
 mod cli;
 mod malformed;
 mod policies;
