@@ -26,12 +26,13 @@ use upstreams::Behaviour;
 const DEMO_YAML: &str = include_str!("../../../examples/demo.yaml");
 
 /// The scenes: the `Host` a request names, and what happens there.
-const SCENES: [(&str, &str); 7] = [
+const SCENES: [(&str, &str); 8] = [
     ("healthy", "answers 200 at once"),
     ("flaky", "every third answer is a 503; the sidecar retries it (up to 3 attempts)"),
     ("slow", "answers after 150-300 ms; the sidecar's request timeout is 250 ms"),
     ("outage", "fails from 4 s to 12 s; the circuit breaker opens, probes, and closes"),
     ("burst", "healthy, but rate-limited to 5 requests/s; the excess gets 429"),
+    ("ejecting", "two endpoints, one always 503; outlier detection ejects it after 3 failures"),
     ("gone", "its only endpoint refuses connections"),
     ("nowhere", "names no configured upstream"),
 ];
@@ -69,6 +70,13 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     let outage =
         upstreams::start(Behaviour::Outage { started: Instant::now(), from, until }).await?;
     let burst = upstreams::start(Behaviour::Healthy).await?;
+    let steady = upstreams::start(Behaviour::Healthy).await?;
+    let broken = upstreams::start(Behaviour::Outage {
+        started: Instant::now(),
+        from: Duration::ZERO,
+        until: Duration::MAX,
+    })
+    .await?;
     let gone = closed_port().await?;
     let yaml = DEMO_YAML
         .replace("127.0.0.1:18081", &healthy.to_string())
@@ -76,7 +84,9 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         .replace("127.0.0.1:18083", &slow.to_string())
         .replace("127.0.0.1:18084", &gone.to_string())
         .replace("127.0.0.1:18085", &outage.to_string())
-        .replace("127.0.0.1:18086", &burst.to_string());
+        .replace("127.0.0.1:18086", &burst.to_string())
+        .replace("127.0.0.1:18087", &steady.to_string())
+        .replace("127.0.0.1:18088", &broken.to_string());
     let config = config::load_str("examples/demo.yaml", &yaml)?;
     let sidecar = app::start(config).await?;
     println!(
