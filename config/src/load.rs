@@ -20,41 +20,13 @@ pub fn load_file(path: &Path) -> Result<Config, LoadError> {
 
 /// Loads a config from `text`; `file_name` is what problems print as their file.
 pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
-    let problem = |path: String, line, col, message: String, expected| Problem {
-        file: file_name.to_owned(),
-        line,
-        col,
-        path,
-        message,
-        expected,
-    };
-    let mut root = match yaml::parse(text) {
-        Ok(Some(root)) => root,
-        Ok(None) => return Ok(Config::default()),
-        Err(e) => {
-            return Err(invalid(vec![problem("(yaml)".into(), e.line, e.col, e.message, None)]));
-        }
-    };
-    let mut duplicates = Vec::new();
-    yaml::tidy(&mut root, "", &mut duplicates);
-    let mut problems: Vec<Problem> = duplicates
-        .into_iter()
-        .map(|d| {
-            let expected = Some(format!("each key once; the first is at line {}", d.first_line));
-            problem(d.path, d.line, d.col, "duplicate key".into(), expected)
-        })
-        .collect();
-
+    let Some((root, mut problems)) = tree(file_name, text)? else { return Ok(Config::default()) };
     let (config, found, removed) = yaml::deserialize::<Config>(&root);
-    problems.extend(found.into_iter().map(|e: DeError| {
-        let at = e.at.expect("problems are noted with their position");
-        let path = if at.path.is_empty() { "(top level)".to_owned() } else { at.path };
-        problem(path, at.line, at.col, e.message, e.expected)
-    }));
+    problems.extend(noted(file_name, found));
     if let Some(config) = &config {
         for issue in validate(config) {
             if let Some((path, line, col)) = place(&root, &issue, &removed) {
-                problems.push(problem(path, line, col, issue.message, issue.expected));
+                problems.push(problem(file_name, path, (line, col), issue.message, issue.expected));
             }
         }
     }
@@ -67,34 +39,54 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
 /// Loads a `file` discovery source's endpoint list: a YAML sequence of `HOST:PORT`, the same
 /// syntax as `discovery.static`. Problems carry their position like the config's own.
 pub fn load_endpoints_str(file_name: &str, text: &str) -> Result<Vec<Endpoint>, LoadError> {
-    let problem = |path: String, line, col, message: String, expected| Problem {
-        file: file_name.to_owned(),
-        line,
-        col,
-        path,
-        message,
-        expected,
-    };
-    let root = match yaml::parse(text) {
-        Ok(Some(root)) => root,
-        Ok(None) => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(invalid(vec![problem("(yaml)".into(), e.line, e.col, e.message, None)]));
-        }
-    };
+    let Some((root, mut problems)) = tree(file_name, text)? else { return Ok(Vec::new()) };
     let (list, found, _) = yaml::deserialize::<Vec<Endpoint>>(&root);
-    let problems: Vec<Problem> = found
-        .into_iter()
-        .map(|e: DeError| {
-            let at = e.at.expect("problems are noted with their position");
-            let path = if at.path.is_empty() { "(top level)".to_owned() } else { at.path };
-            problem(path, at.line, at.col, e.message, e.expected)
-        })
-        .collect();
+    problems.extend(noted(file_name, found));
     match (list, problems.is_empty()) {
         (Some(list), true) => Ok(list),
         _ => Err(invalid(problems)),
     }
+}
+
+/// The tidied tree of `text` and the duplicate keys found in it; `None` for an empty file.
+fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, LoadError> {
+    let mut root = match yaml::parse(text) {
+        Ok(Some(root)) => root,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            let at = (e.line, e.col);
+            return Err(invalid(vec![problem(file_name, "(yaml)".into(), at, e.message, None)]));
+        }
+    };
+    let mut duplicates = Vec::new();
+    yaml::tidy(&mut root, "", &mut duplicates);
+    let problems = duplicates
+        .into_iter()
+        .map(|d| {
+            let expected = Some(format!("each key once; the first is at line {}", d.first_line));
+            problem(file_name, d.path, (d.line, d.col), "duplicate key".into(), expected)
+        })
+        .collect();
+    Ok(Some((root, problems)))
+}
+
+/// The problems deserialization noted, each at its position.
+fn noted(file_name: &str, found: Vec<DeError>) -> impl Iterator<Item = Problem> + '_ {
+    found.into_iter().map(move |e| {
+        let at = e.at.expect("problems are noted with their position");
+        let path = if at.path.is_empty() { "(top level)".to_owned() } else { at.path };
+        problem(file_name, path, (at.line, at.col), e.message, e.expected)
+    })
+}
+
+fn problem(
+    file_name: &str,
+    path: String,
+    (line, col): (usize, usize),
+    message: String,
+    expected: Option<String>,
+) -> Problem {
+    Problem { file: file_name.to_owned(), line, col, path, message, expected }
 }
 
 /// The issue's path as written and its position; `None` when the rule judged a stand-in: the
