@@ -135,6 +135,17 @@ impl Endpoints {
         Self { rx, source: "static" }
     }
 
+    /// A source the caller drives, for tests.
+    #[cfg(test)]
+    pub(crate) fn driven() -> (watch::Sender<Snapshot>, Self) {
+        let (tx, rx) = watch::channel(Snapshot {
+            endpoints: Arc::from([]),
+            status: Status::Pending,
+            confirmed: None,
+        });
+        (tx, Self { rx, source: "static" })
+    }
+
     /// The endpoints discovered right now: a cheap `Arc` clone.
     pub fn current(&self) -> Arc<[Endpoint]> {
         self.rx.borrow().endpoints.clone()

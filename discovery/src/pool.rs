@@ -370,3 +370,113 @@ pub(crate) fn hold(member: &Arc<Member>) -> impl Drop {
     member.in_flight.fetch_add(1, Ordering::Relaxed);
     Held(member.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+
+    fn endpoint(port: u16) -> Endpoint {
+        Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn outlier(percent: u8) -> config::OutlierDetection {
+        config::OutlierDetection {
+            consecutive_failures: NonZeroU32::new(2).unwrap(),
+            base_ejection: config::Duration::from_secs(10),
+            max_ejected_percent: percent,
+        }
+    }
+
+    fn pool(cfg: PoolConfig, ports: &[u16]) -> (watch::Sender<Snapshot>, Pool) {
+        let (tx, endpoints) = Endpoints::driven();
+        tx.send_replace(Snapshot::ready(ports.iter().map(|p| endpoint(*p)).collect::<Vec<_>>()));
+        (tx, Pool::start("p", endpoints, cfg))
+    }
+
+    fn state_of(pool: &Pool, port: u16) -> State {
+        pool.report().into_iter().find(|e| e.addr.port() == port).expect("a member").state
+    }
+
+    /// Sends one request to whichever endpoint the pool picks; `fail` decides by port.
+    fn send(pool: &Pool, fail: impl Fn(u16) -> bool) -> u16 {
+        let picked = pool.pick(&[]).expect("an endpoint");
+        let port = picked.endpoint().addr.port();
+        picked.finish(fail(port));
+        port
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_is_ejected_after_consecutive_failures_and_returns_after_its_time() {
+        let cfg = PoolConfig {
+            load_balancer: config::LoadBalancer::RoundRobin,
+            outlier_detection: Some(outlier(50)),
+            ..PoolConfig::default()
+        };
+        let (_tx, pool) = pool(cfg, &[9000, 9001]);
+        let ports: Vec<u16> = (0..8).map(|_| send(&pool, |p| p == 9001)).collect();
+        assert_eq!(ports.iter().filter(|p| **p == 9001).count(), 2, "{ports:?}");
+        assert_eq!(state_of(&pool, 9001), State::Ejected);
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(state_of(&pool, 9001), State::Healthy, "back after base_ejection");
+        let ports: Vec<u16> = (0..4).map(|_| send(&pool, |_| false)).collect();
+        assert!(ports.contains(&9001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_stops_at_max_ejected_percent() {
+        let cfg = PoolConfig {
+            load_balancer: config::LoadBalancer::RoundRobin,
+            outlier_detection: Some(outlier(50)),
+            ..PoolConfig::default()
+        };
+        let (_tx, pool) = pool(cfg, &[9000, 9001]);
+        for _ in 0..20 {
+            send(&pool, |_| true);
+        }
+        let ejected = pool.report().iter().filter(|e| e.state == State::Ejected).count();
+        assert_eq!(ejected, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pick_avoids_the_endpoints_already_tried_while_another_is_usable() {
+        let (_tx, pool) = pool(PoolConfig::default(), &[9000, 9001]);
+        let tried = [SocketAddr::from(([127, 0, 0, 1], 9000))];
+        for _ in 0..20 {
+            assert_eq!(pool.pick(&tried).unwrap().endpoint().addr.port(), 9001);
+        }
+        let both = [tried[0], SocketAddr::from(([127, 0, 0, 1], 9001))];
+        assert!(pool.pick(&both).is_some(), "every endpoint tried: one of them again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_discovery_update_keeps_the_state_of_endpoints_that_stay() {
+        let cfg = PoolConfig { outlier_detection: Some(outlier(100)), ..PoolConfig::default() };
+        let (tx, pool) = pool(cfg, &[9000]);
+        send(&pool, |_| true);
+        send(&pool, |_| true);
+        assert_eq!(state_of(&pool, 9000), State::Ejected);
+
+        tx.send_replace(Snapshot::ready(vec![endpoint(9000), endpoint(9001)]));
+        tokio::task::yield_now().await;
+        assert_eq!(pool.report().len(), 2);
+        assert_eq!(state_of(&pool, 9000), State::Ejected, "still ejected after the update");
+        assert_eq!(state_of(&pool, 9001), State::Healthy);
+        assert_eq!(pool.pick(&[]).unwrap().endpoint().addr.port(), 9001);
+
+        tx.send_replace(Snapshot::ready(vec![endpoint(9001)]));
+        tokio::task::yield_now().await;
+        assert_eq!(pool.report().len(), 1, "a removed endpoint leaves the pool");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_counts_in_flight_until_it_ends() {
+        let (_tx, pool) = pool(PoolConfig::default(), &[9000]);
+        let picked = pool.pick(&[]).unwrap();
+        assert_eq!(pool.report()[0].in_flight, 1);
+        drop(picked);
+        assert_eq!(pool.report()[0].in_flight, 0, "a dropped attempt frees its count");
+    }
+}
