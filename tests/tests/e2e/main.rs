@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod dns;
 mod malformed;
 mod policies;
 mod proxy;
