@@ -164,7 +164,8 @@ impl Source {
                 s.confirmed = Some(Instant::now());
                 return false;
             }
-            change = Some(if same { Change::Recovered } else { Change::Set });
+            let failing = matches!(s.status, Status::Failing(_));
+            change = Some(if same && failing { Change::Recovered } else { Change::Set });
             *s = Snapshot::ready(endpoints.clone());
             true
         });
