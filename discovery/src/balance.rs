@@ -2,7 +2,8 @@
 //!
 //! - `p2c_ewma` (the default): two distinct usable endpoints at random, and the one with the
 //!   lower cost wins: peak-EWMA latency × (requests in flight + 1) ÷ weight. Linkerd's and
-//!   Finagle's balancer: it follows latency without the herding of "always the fastest".
+//!   Finagle's balancer: it follows latency without the herding of "always the fastest". An
+//!   endpoint not measured yet takes its opponent's latency, so it wins or loses on its load.
 //! - `round_robin`: the usable endpoints in turn (weights are not used).
 //! - `random`: at random, in proportion to the weights.
 //!
@@ -70,17 +71,22 @@ impl Balancer {
                     let a = rng.random_range(0..count);
                     let b = (a + 1 + rng.random_range(0..count - 1)) % count;
                     let (a, b) = (nth(a)?, nth(b)?);
-                    Some(if cost(a, now) <= cost(b, now) { a } else { b })
+                    let (la, lb) = match (a.latency(now), b.latency(now)) {
+                        (Some(la), Some(lb)) => (la, lb),
+                        (Some(known), None) | (None, Some(known)) => (known, known),
+                        (None, None) => (1.0, 1.0),
+                    };
+                    Some(if cost(a, la) <= cost(b, lb) { a } else { b })
                 }
             },
         }
     }
 }
 
-/// What sending one more request to `member` is expected to cost.
-fn cost(member: &Member, now: Instant) -> f64 {
+/// What sending one more request to `member` is expected to cost, given its latency.
+fn cost(member: &Member, latency: f64) -> f64 {
     let pending = f64::from(member.in_flight()) + 1.0;
-    member.latency(now) * pending / f64::from(member.endpoint.weight.max(1))
+    latency * pending / f64::from(member.endpoint.weight.max(1))
 }
 
 #[cfg(test)]
@@ -100,7 +106,7 @@ mod tests {
             .enumerate()
             .map(|(i, ms)| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16));
-                test_member(Endpoint::new(addr), Duration::from_millis(*ms), now)
+                test_member(Endpoint::new(addr), Some(Duration::from_millis(*ms)), now)
             })
             .collect()
     }
@@ -173,13 +179,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn p2c_ewma_gives_an_unmeasured_endpoint_its_share_until_it_is_measured() {
+        let now = Instant::now();
+        let set: Vec<Arc<Member>> = [Some(1), None]
+            .into_iter()
+            .enumerate()
+            .map(|(i, ms)| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16));
+                test_member(Endpoint::new(addr), ms.map(Duration::from_millis), now)
+            })
+            .collect();
+        let seen = tally(&Balancer::new(config::LoadBalancer::P2cEwma), &set, |_| true);
+        assert!(seen.get(&9001).copied().unwrap_or(0) > 300, "the newcomer is tried: {seen:?}");
+        let _busy = crate::pool::hold(&set[1]);
+        assert!(
+            (0..50).all(|_| port(
+                Balancer::new(config::LoadBalancer::P2cEwma).pick(&set, |_| true, now).unwrap()
+            ) == 9000),
+            "but not flooded: one request in flight makes it lose the tie"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn random_spreads_in_proportion_to_the_weights() {
         let now = Instant::now();
         let set: Vec<Arc<Member>> = [(9000, 1), (9001, 3)]
             .into_iter()
             .map(|(p, w)| {
                 let endpoint = Endpoint::weighted(SocketAddr::from(([127, 0, 0, 1], p)), w);
-                test_member(endpoint, Duration::from_millis(1), now)
+                test_member(endpoint, Some(Duration::from_millis(1)), now)
             })
             .collect();
         let seen = tally(&Balancer::new(config::LoadBalancer::Random), &set, |_| true);

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::balance::Balancer;
 use crate::health::{self, Health, Probe};
-use crate::load::{DEFAULT_RTT, PeakEwma};
+use crate::load::PeakEwma;
 use crate::outlier::{self, Ejections};
 use crate::{Endpoint, Endpoints, Snapshot};
 
@@ -65,20 +65,21 @@ pub struct EndpointReport {
     pub addr: SocketAddr,
     pub weight: u32,
     pub state: State,
-    pub latency: Duration,
+    /// The latency estimate; `None` until the endpoint answered once.
+    pub latency: Option<Duration>,
     pub in_flight: u32,
     pub ejections_in_a_row: u32,
 }
 
 impl Member {
-    fn new(endpoint: Endpoint, health: Health, latency: Duration, now: Instant) -> Self {
+    fn new(endpoint: Endpoint, health: Health) -> Self {
         Self {
             endpoint,
             health: AtomicU8::new(health as u8),
             ejected_until: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             in_flight: AtomicU32::new(0),
-            latency: Mutex::new(PeakEwma::new(latency, now)),
+            latency: Mutex::default(),
             ejections: Mutex::default(),
         }
     }
@@ -99,8 +100,8 @@ impl Member {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate, in nanoseconds.
-    pub(crate) fn latency(&self, now: Instant) -> f64 {
+    /// The latency estimate, in nanoseconds; `None` if never measured.
+    pub(crate) fn latency(&self, now: Instant) -> Option<f64> {
         self.latency.lock().expect("no panics under the latency lock").estimate(now)
     }
 }
@@ -216,7 +217,7 @@ impl Pool {
                     (false, Health::Unchecked) => State::Unchecked,
                     (false, Health::Unhealthy) => State::Unhealthy,
                 },
-                latency: Duration::from_nanos(m.latency(now) as u64),
+                latency: m.latency(now).map(|nanos| Duration::from_nanos(nanos as u64)),
                 in_flight: m.in_flight(),
                 ejections_in_a_row: m
                     .ejections
@@ -319,15 +320,7 @@ struct Follow {
 
 impl Follow {
     fn apply(&mut self, snapshot: &Snapshot) {
-        let now = Instant::now();
         let current = self.tx.borrow().clone();
-        // a newcomer starts at the others' average, so it is neither flooded nor starved
-        let initial = match current.len() {
-            0 => DEFAULT_RTT,
-            n => Duration::from_nanos(
-                (current.iter().map(|m| m.latency(now)).sum::<f64>() / n as f64) as u64,
-            ),
-        };
         let start_health =
             if self.health_check.is_some() { Health::Unchecked } else { Health::Healthy };
         let members: Arc<[Arc<Member>]> = snapshot
@@ -337,7 +330,7 @@ impl Follow {
                 if let Some(kept) = current.iter().find(|m| m.endpoint == *endpoint) {
                     return kept.clone();
                 }
-                let member = Arc::new(Member::new(endpoint.clone(), start_health, initial, now));
+                let member = Arc::new(Member::new(endpoint.clone(), start_health));
                 if let Some((cfg, probe)) = &self.health_check {
                     tokio::spawn(health::check(
                         self.upstream.clone(),
@@ -354,8 +347,16 @@ impl Follow {
 }
 
 #[cfg(test)]
-pub(crate) fn test_member(endpoint: Endpoint, latency: Duration, now: Instant) -> Arc<Member> {
-    Arc::new(Member::new(endpoint, Health::Healthy, latency, now))
+pub(crate) fn test_member(
+    endpoint: Endpoint,
+    latency: Option<Duration>,
+    now: Instant,
+) -> Arc<Member> {
+    let member = Arc::new(Member::new(endpoint, Health::Healthy));
+    if let Some(latency) = latency {
+        member.latency.lock().unwrap().observe(latency, now);
+    }
+    member
 }
 
 /// A request in flight on `member` until dropped.

@@ -6,9 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+mod dnsmasq;
 mod sidecar;
 mod upstream;
 
+pub use dnsmasq::{Dnsmasq, Zone};
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use upstream::{Reply, Seen, Upstream};
 

@@ -71,8 +71,20 @@ impl Upstream {
         Self::scripted_on(port, vec![Reply::Status(status)]).await
     }
 
+    /// Like `scripted`, on a given address: all of 127.0.0.0/8 is loopback, so upstreams on
+    /// 127.0.0.2 and 127.0.0.3 can share a port, as DNS A records with one port need.
+    pub async fn scripted_at(addr: SocketAddr, replies: impl IntoIterator<Item = Reply>) -> Self {
+        let script: Vec<Reply> = replies.into_iter().collect();
+        assert!(!script.is_empty(), "a script needs at least one reply");
+        Self::serve(addr, script).await
+    }
+
     async fn scripted_on(port: u16, script: Vec<Reply>) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("a free loopback port");
+        Self::serve(([127, 0, 0, 1], port).into(), script).await
+    }
+
+    async fn serve(addr: SocketAddr, script: Vec<Reply>) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("a free loopback address");
         let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State { script, ..State::default() }));
         let shared = state.clone();

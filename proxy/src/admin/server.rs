@@ -96,7 +96,7 @@ fn endpoints_view(pools: &[outrigger_discovery::Pool]) -> serde_json::Value {
                         "address": e.addr.to_string(),
                         "state": e.state.as_str(),
                         "weight": e.weight,
-                        "latency_ms": (e.latency.as_secs_f64() * 1e6).round() / 1e3,
+                        "latency_ms": e.latency.map(|l| (l.as_secs_f64() * 1e6).round() / 1e3),
                         "in_flight": e.in_flight,
                         "ejections_in_a_row": e.ejections_in_a_row,
                     })

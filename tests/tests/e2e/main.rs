@@ -4,6 +4,7 @@
 mod admin;
 mod balance;
 mod cli;
+mod dns;
 mod malformed;
 mod policies;
 mod proxy;
