@@ -4,7 +4,7 @@
 //! the balancer reads the latest set per request without a lock held across an `.await`, and
 //! readiness asks whether the first set has arrived. Sources: `static` (fixed.rs), `file`,
 //! `dns` and `registry` (etcd.rs); each keeps its last good set when it fails, and says so in
-//! its `Status`.
+//! its `Status`. etcd.rs also holds self-registration (`Registration`).
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +22,7 @@ use outrigger_config as config;
 use tokio::sync::watch;
 
 pub use balance::Balancer;
+pub use etcd::{Instance, Registration};
 
 /// One address a request can be sent to, with its `HOST:PORT` rendered once.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,9 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+mod etcd;
 mod sidecar;
 mod upstream;
 
+pub use etcd::{Etcd, Kv};
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use upstream::{Reply, Seen, Upstream};
 
