@@ -3,7 +3,9 @@
 //!
 //! Range the prefix and publish the set; watch from the range's revision + 1 and apply each
 //! put and delete. A broken watch resumes from the last revision seen, so no change is lost
-//! across a reconnect; when etcd has compacted that revision away, the source ranges again.
+//! across a reconnect; when etcd has compacted that revision away, or the watch lands on a
+//! different cluster or one whose revision went backwards (etcd restored from a backup, or
+//! replaced), the source ranges again.
 //! Reconnects back off exponentially with jitter, up to a few seconds apart. While etcd is
 //! unreachable the last known set keeps serving and the status says for how long (readiness
 //! shows `degraded`, and `Snapshot.confirmed` dates the last good read). A quiet watch is
@@ -61,6 +63,7 @@ pub(crate) fn start(
         tx,
         instances: BTreeMap::new(),
         revision: None,
+        cluster: 0,
         failing_since: None,
     };
     tokio::spawn(source.run());
@@ -68,8 +71,8 @@ pub(crate) fn start(
 
 /// How a watch session ended without failing.
 enum Ended {
-    /// The revision to resume from was compacted: read the whole set again.
-    Compacted,
+    /// The revision to resume from is gone (compacted, or another cluster): read the set again.
+    Reread,
     /// Every `Endpoints` is gone: stop.
     Closed,
 }
@@ -84,6 +87,8 @@ struct Source {
     instances: BTreeMap<Vec<u8>, Vec<Endpoint>>,
     /// The revision the set is current at; `None`: range first.
     revision: Option<i64>,
+    /// The cluster `revision` belongs to.
+    cluster: u64,
     /// When the current outage began.
     failing_since: Option<Instant>,
 }
@@ -94,7 +99,7 @@ impl Source {
         loop {
             match self.session(&mut backoff).await {
                 Ok(Ended::Closed) => return,
-                Ok(Ended::Compacted) => continue,
+                Ok(Ended::Reread) => continue,
                 Err(error) => self.failing(&error),
             }
             tokio::select! {
@@ -118,6 +123,7 @@ impl Source {
                     self.apply(Event::Put(kv)).await;
                 }
                 self.revision = Some(range.revision);
+                self.cluster = range.cluster;
                 self.recovered();
                 range.revision
             }
@@ -133,7 +139,19 @@ impl Source {
             };
             match message {
                 Err(_quiet) => self.probe(&stream).await?,
-                Ok(Ok(WatchMessage::Created)) => {
+                Ok(Ok(WatchMessage::Created { cluster, revision: now })) => {
+                    if cluster != self.cluster || now < revision {
+                        tracing::warn!(
+                            upstream = %self.upstream,
+                            cluster,
+                            revision = now,
+                            was_cluster = self.cluster,
+                            was_revision = revision,
+                            "etcd is another cluster, or its history went backwards; reading the set again"
+                        );
+                        self.revision = None;
+                        return Ok(Ended::Reread);
+                    }
                     backoff.reset();
                     self.recovered();
                 }
@@ -162,7 +180,7 @@ impl Source {
                         "registry watch start revision was compacted; reading the set again"
                     );
                     self.revision = None;
-                    return Ok(Ended::Compacted);
+                    return Ok(Ended::Reread);
                 }
                 Ok(Ok(WatchMessage::Canceled { reason, .. })) => {
                     return Err(gateway::Error::Unavailable(format!(

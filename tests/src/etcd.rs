@@ -113,6 +113,14 @@ impl Etcd {
         }
     }
 
+    /// Replaces etcd with an empty one on the same ports (a new cluster, as after a disaster
+    /// recovery), and waits until it answers.
+    pub async fn restart_empty(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(self.dir.join("data")).expect("remove etcd's data");
+        self.restart().await;
+    }
+
     /// Everything etcd logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()

@@ -74,9 +74,10 @@ pub(crate) struct Kv {
     pub(crate) lease: i64,
 }
 
-/// Every key under a prefix, as of `revision`.
+/// Every key under a prefix, as of `revision` of cluster `cluster`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Range {
+    pub(crate) cluster: u64,
     pub(crate) revision: i64,
     pub(crate) kvs: Vec<Kv>,
 }
@@ -100,8 +101,8 @@ impl Event {
 /// One message of a watch stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum WatchMessage {
-    /// The watch is in place.
-    Created,
+    /// The watch is in place, on cluster `cluster` at `revision`.
+    Created { cluster: u64, revision: i64 },
     /// etcd ended the watch; `compact_revision > 0`: the start revision was compacted away.
     Canceled { compact_revision: i64, reason: String },
     /// Changes, in revision order; none for a progress notification. Every change up to
@@ -418,7 +419,7 @@ fn parse_range(answer: &Value) -> Result<Range, String> {
         Some(Value::Array(kvs)) => kvs.iter().map(parse_kv).collect::<Result<_, _>>()?,
         _ => Vec::new(),
     };
-    Ok(Range { revision, kvs })
+    Ok(Range { cluster: cluster(answer), revision, kvs })
 }
 
 fn parse_watch(line: &[u8]) -> Result<WatchMessage, Error> {
@@ -431,7 +432,8 @@ fn parse_watch(line: &[u8]) -> Result<WatchMessage, Error> {
         });
     }
     if result.get("created").and_then(Value::as_bool) == Some(true) {
-        return Ok(WatchMessage::Created);
+        let revision = int(&result["header"], "revision");
+        return Ok(WatchMessage::Created { cluster: cluster(&result), revision });
     }
     let events = match result.get("events") {
         Some(Value::Array(events)) => events.iter().map(parse_event).collect::<Result<_, _>>(),
@@ -468,6 +470,14 @@ fn parse_kv(kv: &Value) -> Result<Kv, String> {
         mod_revision: int(kv, "mod_revision"),
         lease: int(kv, "lease"),
     })
+}
+
+/// The id of the cluster that answered (an unsigned 64-bit integer, as a string).
+fn cluster(answer: &Value) -> u64 {
+    match &answer["header"]["cluster_id"] {
+        Value::String(text) => text.parse().unwrap_or(0),
+        other => other.as_u64().unwrap_or(0),
+    }
 }
 
 /// A 64-bit integer field: a string in etcd's JSON, a number in some; 0 when absent (proto3
@@ -528,7 +538,7 @@ mod tests {
         );
         let answer = parse_answer(StatusCode::OK, body.as_bytes()).unwrap();
         let range = parse_range(&answer).unwrap();
-        assert_eq!(range.revision, 7);
+        assert_eq!((range.cluster, range.revision), (324952591200643719, 7));
         assert_eq!(
             range.kvs,
             [Kv {
@@ -543,13 +553,17 @@ mod tests {
     #[test]
     fn an_empty_range_has_no_kvs_field() {
         let answer = parse_answer(StatusCode::OK, format!("{{{HEADER}}}").as_bytes()).unwrap();
-        assert_eq!(parse_range(&answer), Ok(Range { revision: 7, kvs: Vec::new() }));
+        let range = parse_range(&answer).unwrap();
+        assert_eq!((range.revision, range.kvs), (7, Vec::new()));
     }
 
     #[test]
     fn reads_watch_messages() {
         let created = format!(r#"{{"result":{{{HEADER},"created":true}}}}"#);
-        assert_eq!(parse_watch(created.as_bytes()), Ok(WatchMessage::Created));
+        assert_eq!(
+            parse_watch(created.as_bytes()),
+            Ok(WatchMessage::Created { cluster: 324952591200643719, revision: 7 })
+        );
 
         let events = format!(
             r#"{{"result":{{{HEADER},"events":[{{"kv":{{"key":"L3JlZy9wL2E=","create_revision":"6","mod_revision":"6","version":"1","value":"e30="}}}},{{"type":"DELETE","kv":{{"key":"L3JlZy9wL2I=","mod_revision":"7"}}}}]}}}}"#

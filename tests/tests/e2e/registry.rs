@@ -150,6 +150,31 @@ async fn registry_watch_that_resumes_past_a_compaction_reads_the_set_again() {
     assert!(sidecar.log().contains("was compacted; reading the set again"), "{}", sidecar.log());
 }
 
+#[tokio::test]
+async fn registry_replaced_by_a_new_etcd_cluster_is_read_again() {
+    let mut etcd = Etcd::start().await;
+    let (one, two) = (Upstream::status(200).await, Upstream::status(200).await);
+    for _ in 0..3 {
+        etcd.put(&key("payments", "one"), &instance(one.addr())).await;
+    }
+    let sidecar = Sidecar::start(&payments_yaml(&etcd)).await;
+    send_payments(&sidecar, 1).await;
+
+    // a new, empty cluster on the same address: its revisions start again from 1
+    etcd.restart_empty().await;
+    etcd.put(&key("payments", "two"), &instance(two.addr())).await;
+
+    wait_until(2 * DEADLINE, "ten requests in a row to the new cluster's instance", || async {
+        let before = (one.requests(), two.requests());
+        for _ in 0..10 {
+            sidecar.get("payments", "/charge").await;
+        }
+        (one.requests() == before.0 && two.requests() == before.1 + 10).then_some(())
+    })
+    .await;
+    assert!(sidecar.log().contains("another cluster"), "{}", sidecar.log());
+}
+
 /// The registry entries of service `checkout`.
 async fn checkout_entries(etcd: &Etcd) -> Vec<Kv> {
     etcd.keys(&format!("{PREFIX}/checkout/")).await
