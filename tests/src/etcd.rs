@@ -158,6 +158,11 @@ impl Etcd {
         self.call("/v3/kv/compaction", &body).await;
     }
 
+    /// Ends `lease` and deletes its keys, as its expiry would.
+    pub async fn revoke(&self, lease: i64) {
+        self.call("/v3/lease/revoke", &json!({ "ID": lease.to_string() })).await;
+    }
+
     /// The seconds `lease` has left, or `None` when it does not exist (expired or revoked).
     pub async fn lease_ttl(&self, lease: i64) -> Option<i64> {
         let answer = self.call("/v3/lease/timetolive", &json!({ "ID": lease.to_string() })).await;

@@ -215,6 +215,28 @@ async fn registry_self_registration_holds_a_lease_and_is_deleted_on_sigterm() {
 }
 
 #[tokio::test]
+async fn registry_self_registration_comes_back_under_a_new_lease_when_its_lease_is_lost() {
+    let etcd = Etcd::start().await;
+    let app = Upstream::status(200).await;
+    let _sidecar = Sidecar::start(&register_yaml(&etcd, app.addr())).await;
+    let first = wait_until(DEADLINE, "the sidecar's own registry entry", || async {
+        checkout_entries(&etcd).await.into_iter().next()
+    })
+    .await;
+
+    etcd.revoke(first.lease).await; // as if it had expired: the key goes with it
+    assert_eq!(checkout_entries(&etcd).await, []);
+
+    let again = wait_until(DEADLINE, "the entry to be written again", || async {
+        checkout_entries(&etcd).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(again.key, first.key);
+    assert_ne!(again.lease, first.lease);
+    assert!(etcd.lease_ttl(again.lease).await.is_some(), "the new lease is alive");
+}
+
+#[tokio::test]
 async fn registry_entry_is_removed_while_the_app_is_unhealthy_and_comes_back() {
     let etcd = Etcd::start().await;
     let app = ToggledApp::start().await;
