@@ -192,7 +192,7 @@ impl Source {
         }
     }
 
-    /// A quiet watch: is its endpoint still there? Either way the set is as current as before.
+    /// A quiet watch: does its member still answer? Then the set is still current.
     async fn probe(&mut self, stream: &WatchStream) -> Result<(), gateway::Error> {
         self.gateway.probe(stream.endpoint(), &self.prefix).await?;
         self.recovered();
@@ -310,6 +310,111 @@ fn failing_detail(for_: Duration, last_good: Option<Duration>, error: &gateway::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gateway::Kv;
+
+    fn source() -> (Source, watch::Receiver<Snapshot>) {
+        let pending =
+            Snapshot { endpoints: Arc::from([]), status: Status::Pending, confirmed: None };
+        let (tx, rx) = watch::channel(pending);
+        let source = Source {
+            upstream: "payments".into(),
+            prefix: b"/reg/payments/".to_vec(),
+            gateway: Gateway::new(&["http://127.0.0.1:1".to_owned()]),
+            tx,
+            instances: BTreeMap::new(),
+            revision: None,
+            cluster: 0,
+            failing_since: None,
+        };
+        (source, rx)
+    }
+
+    fn kv(id: &str, value: &str) -> Kv {
+        let key = format!("/reg/payments/{id}").into_bytes();
+        Kv { key, value: value.as_bytes().to_vec(), mod_revision: 1, lease: 0 }
+    }
+
+    fn at(address: &str) -> String {
+        format!(r#"{{"address": "{address}", "metadata": {{}}}}"#)
+    }
+
+    fn addrs(rx: &watch::Receiver<Snapshot>) -> Vec<String> {
+        rx.borrow().endpoints.iter().map(|e| e.addr.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn puts_and_deletes_change_the_published_set_and_bad_entries_are_skipped() {
+        let (mut source, rx) = source();
+        source.apply(Event::Put(kv("a", &at("10.0.0.1:80")))).await;
+        source.apply(Event::Put(kv("b", "not json"))).await;
+        source.apply(Event::Put(kv("c", &at("10.0.0.1:80")))).await; // same address as a
+        source.apply(Event::Put(kv("d", &at("10.0.0.2:80")))).await;
+        source.recovered();
+        assert_eq!(addrs(&rx), ["10.0.0.1:80", "10.0.0.2:80"]);
+        assert_eq!(rx.borrow().status, Status::Ready);
+
+        source.apply(Event::Delete(kv("a", ""))).await;
+        source.recovered();
+        assert_eq!(addrs(&rx), ["10.0.0.1:80", "10.0.0.2:80"], "c still has 10.0.0.1");
+
+        source.apply(Event::Delete(kv("c", ""))).await;
+        source.apply(Event::Put(kv("d", r#"{"address": "no port"}"#))).await;
+        source.apply(Event::Put(kv("e", &at("[fd00::5]:8080")))).await;
+        source.recovered();
+        assert_eq!(addrs(&rx), ["[fd00::5]:8080"], "d's new value is unreadable, so d is out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_keeps_the_set_and_says_how_long_it_has_lasted() {
+        let (mut source, mut rx) = source();
+        source.apply(Event::Put(kv("a", &at("10.0.0.1:80")))).await;
+        source.recovered();
+        rx.borrow_and_update();
+        let error = gateway::Error::Unavailable("http://127.0.0.1:1: connection refused".into());
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        source.failing(&error);
+        assert!(rx.has_changed().unwrap(), "the first failure is announced");
+        let Status::Failing(detail) = rx.borrow_and_update().status.clone() else {
+            panic!("failing expected");
+        };
+        assert!(
+            detail.starts_with("etcd unreachable for 0s (endpoints last confirmed 2s ago)"),
+            "{detail}"
+        );
+        assert_eq!(addrs(&rx), ["10.0.0.1:80"], "the last set keeps serving");
+
+        tokio::time::advance(Duration::from_secs(30)).await;
+        source.failing(&error);
+        assert!(!rx.has_changed().unwrap(), "a retry only refreshes the detail");
+        let Status::Failing(detail) = rx.borrow().status.clone() else {
+            panic!("failing expected");
+        };
+        assert!(
+            detail.starts_with("etcd unreachable for 30s (endpoints last confirmed 32s ago)"),
+            "{detail}"
+        );
+
+        source.recovered();
+        assert!(rx.has_changed().unwrap(), "the recovery is announced");
+        let snapshot = rx.borrow_and_update().clone();
+        assert_eq!(snapshot.status, Status::Ready);
+        assert_eq!(snapshot.confirmed, Some(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmation_without_change_refreshes_the_age_silently() {
+        let (mut source, mut rx) = source();
+        source.apply(Event::Put(kv("a", &at("10.0.0.1:80")))).await;
+        source.recovered();
+        rx.borrow_and_update();
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        source.recovered(); // e.g. a probe of a quiet watch answered
+
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(rx.borrow().confirmed, Some(Instant::now()));
+    }
 
     #[test]
     fn the_failing_detail_says_how_long_and_how_old_the_set_is() {

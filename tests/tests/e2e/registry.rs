@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use outrigger_tests::{DEADLINE, Etcd, Kv, Sidecar, Upstream, wait_until};
+use outrigger_tests::{DEADLINE, Etcd, Kv, Sidecar, Upstream, free_port, wait_until};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -85,6 +85,23 @@ async fn registry_instances_put_and_deleted_in_etcd_are_followed() {
     assert_eq!(one.requests(), before_one, "the deleted instance got traffic");
     assert_eq!(two.requests(), before_two + 20);
     assert!(sidecar.log().contains("registry entry skipped"), "{}", sidecar.log());
+}
+
+#[tokio::test]
+async fn registry_endpoints_are_tried_in_turn() {
+    let etcd = Etcd::start().await;
+    let one = Upstream::status(200).await;
+    etcd.put(&key("payments", "one"), &instance(one.addr())).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let endpoints = format!("\"{dead}\", \"{}\"", etcd.endpoint());
+    let yaml = payments_yaml(&etcd).replace(&format!("\"{}\"", etcd.endpoint()), &endpoints);
+    assert!(yaml.contains(&dead), "{yaml}");
+    let sidecar = Sidecar::start(&yaml).await;
+
+    send_payments(&sidecar, 3).await;
+    assert_eq!(one.requests(), 3);
+    let (status, check) = payments_check(&sidecar).await;
+    assert_eq!((status, check["status"].as_str()), (200, Some("ok")), "{check}");
 }
 
 #[tokio::test]
