@@ -4,7 +4,7 @@
 //! the balancer reads the latest set per request without a lock held across an `.await`, and
 //! readiness asks whether the first set has arrived. Sources: `static` (fixed.rs), `file`,
 //! `dns` and `registry` (etcd.rs); each keeps its last good set when it fails, and says so in
-//! its `Status`.
+//! its `Status`. etcd.rs also holds self-registration (`Registration`).
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +25,7 @@ use http::uri::Authority;
 use outrigger_config as config;
 use tokio::sync::watch;
 
+pub use etcd::{Instance, Registration};
 pub use health::{Health, Probe, tcp_probe};
 pub use pool::{EndpointReport, Picked, Pool, PoolConfig, State};
 
@@ -159,12 +160,4 @@ impl Endpoints {
     pub fn snapshot(&self) -> Snapshot {
         self.rx.borrow().clone()
     }
-}
-
-/// A source not built yet: it reports itself failing, so readiness says why and requests get
-/// 503 `no-healthy-endpoints` rather than a pretence.
-fn unavailable(upstream: &str, what: &str, tx: &watch::Sender<Snapshot>) {
-    let detail = format!("{what} discovery is not available in this build");
-    tracing::error!(upstream, "{detail}");
-    tx.send_modify(|s| s.status = Status::Failing(detail));
 }

@@ -3,6 +3,8 @@
 //!
 //! Shutdown (DESIGN.md "Lifecycle"): readiness fails at once, listeners stop accepting,
 //! in-flight requests get up to `lifecycle.drain_timeout` to finish, then the process exits 0.
+//! With `service.register: true` the registry entry is deleted right after readiness fails,
+//! before the drain, so callers stop choosing this instance before it goes away.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper_util::server::graceful::GracefulShutdown;
 use outrigger_config::{self as config, Config};
-use outrigger_discovery::SourceConfig;
+use outrigger_discovery::{Instance, Registration, SourceConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -32,6 +34,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("service.register: {0}")]
+    Register(String),
 }
 
 /// A started sidecar: where it listens, and the handle to stop it.
@@ -46,6 +50,7 @@ pub struct Running {
     health: Arc<Health>,
     servers: JoinSet<()>,
     drain_timeout: Duration,
+    registration: Option<Registration>,
 }
 
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -95,6 +100,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         health,
         servers: JoinSet::new(),
         drain_timeout: config.lifecycle.drain_timeout.get(),
+        registration: None,
     };
 
     let route = Route::ByAuthority(routes);
@@ -132,6 +138,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ));
     }
     running.servers = servers;
+    running.registration = register(&config, &running.health)?;
     tracing::info!(
         outbound = %running.outbound,
         admin = %running.admin,
@@ -139,6 +146,31 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         "outrigger started"
     );
     Ok(running)
+}
+
+/// With `service.register: true`: keeps this instance in the registry while `/readyz` is
+/// green, as a task evaluates it every second.
+fn register(config: &Config, health: &Arc<Health>) -> Result<Option<Registration>, StartError> {
+    let (true, Some(registry), Some(app)) =
+        (config.service.register, &config.registry, &config.service.app)
+    else {
+        return Ok(None);
+    };
+    let instance = Instance::from_env(&app.url).map_err(StartError::Register)?;
+    let (ready_tx, ready) = watch::channel(false);
+    let health = health.clone();
+    tokio::spawn(async move {
+        loop {
+            let ready = health.readiness().await.status == "ready";
+            ready_tx.send_if_modified(|was| std::mem::replace(was, ready) != ready);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = ready_tx.closed() => return, // the registration has stopped
+            }
+        }
+    });
+    let etcd = registry.etcd.clone();
+    Ok(Some(Registration::start(etcd, &config.service.name, instance, ready)))
 }
 
 /// `service.app.url` + `health_path`, when a health path is configured.
@@ -159,6 +191,9 @@ impl Running {
     /// Fails readiness, stops accepting, and waits up to the drain timeout for in-flight work.
     pub async fn shutdown(mut self) {
         self.health.drain();
+        if let Some(registration) = self.registration.take() {
+            registration.stop().await;
+        }
         let _ = self.stop.send(true);
         while self.servers.join_next().await.is_some() {}
         tracing::info!(timeout = ?self.drain_timeout, "draining in-flight requests");

@@ -7,10 +7,12 @@
 #![forbid(unsafe_code)]
 
 mod dnsmasq;
+mod etcd;
 mod sidecar;
 mod upstream;
 
 pub use dnsmasq::{Dnsmasq, Zone};
+pub use etcd::{Etcd, Kv};
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use upstream::{Reply, Seen, Upstream};
 

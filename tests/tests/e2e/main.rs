@@ -8,3 +8,4 @@ mod dns;
 mod malformed;
 mod policies;
 mod proxy;
+mod registry;
