@@ -7,9 +7,11 @@
 #![forbid(unsafe_code)]
 
 mod sidecar;
+mod tls;
 mod upstream;
 
 pub use sidecar::{Sidecar, binary, free_port, send};
+pub use tls::{Pki, SERVER_NAME, TlsServer};
 pub use upstream::{Reply, Seen, Upstream};
 
 use std::future::Future;

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// One scripted answer.
 #[derive(Debug, Clone)]
@@ -66,6 +67,12 @@ impl Upstream {
     }
 
     async fn scripted_on(port: u16, script: Vec<Reply>) -> Self {
+        Self::serve(port, script, None).await
+    }
+
+    /// Serves `script` on a loopback port; over TLS when `tls` is given (a failed handshake
+    /// never reaches the script).
+    pub(crate) async fn serve(port: u16, script: Vec<Reply>, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("a free loopback port");
         let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State { script, seen: Vec::new() }));
@@ -74,10 +81,23 @@ impl Upstream {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = shared.clone();
                 let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => {
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                let io = TokioIo::new(stream);
+                                builder.serve_connection_with_upgrades(io, service).await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });

@@ -1,10 +1,12 @@
 //! The outbound data plane: accept, guard, route, forward, and answer for ourselves.
 
 pub mod body;
+pub(crate) mod connect;
 pub mod forward;
 pub(crate) mod guard;
 pub mod listener;
 pub mod respond;
 pub mod route;
+pub mod tls;
 
 pub use body::Body;

@@ -6,3 +6,4 @@ mod cli;
 mod malformed;
 mod policies;
 mod proxy;
+mod tls;
