@@ -237,3 +237,107 @@ impl tower::Service<Uri> for TlsConnector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file in a directory of its own, removed when the returned guard drops.
+    fn file(name: &str, text: &str) -> (PathBuf, Removed) {
+        let dir = std::env::temp_dir().join(format!("outrigger-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        (path, Removed(dir))
+    }
+
+    struct Removed(PathBuf);
+
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn load(tls: config::Tls) -> String {
+        Loaded::load("payments", &tls).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_missing_file_is_named_with_its_field() {
+        let missing = PathBuf::from("/nonexistent/outrigger/ca.pem");
+        let err = load(config::Tls { ca_file: Some(missing), ..Default::default() });
+        assert!(
+            err.starts_with(
+                "upstreams.payments.tls.ca_file: cannot read /nonexistent/outrigger/ca.pem: "
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        let (path, _dir) = file("empty-ca.pem", "not a certificate\n");
+        let err = load(config::Tls { ca_file: Some(path.clone()), ..Default::default() });
+        assert_eq!(
+            err,
+            format!(
+                "upstreams.payments.tls.ca_file: {}: holds no certificate (expected -----BEGIN CERTIFICATE-----)",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_certificate_that_is_not_der_inside_its_pem_is_refused() {
+        let pem = "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n";
+        let (path, _dir) = file("bad-ca.pem", pem);
+        let err = load(config::Tls { ca_file: Some(path), ..Default::default() });
+        assert!(err.contains("certificate 1 cannot be trusted"), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_without_a_key_is_refused_after_the_certificate_is_read() {
+        let pem = "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n";
+        let (cert, _cert_dir) = file("client.pem", pem);
+        let (key, _key_dir) = file("client.key", pem);
+        // system roots: the trust side must load for the key to be reached
+        let err = load(config::Tls {
+            cert_file: Some(cert),
+            key_file: Some(key.clone()),
+            ..Default::default()
+        });
+        if err.contains("no trusted CA") {
+            return; // a machine without system roots stops earlier; covered by the next test
+        }
+        assert!(
+            err.starts_with(&format!(
+                "upstreams.payments.tls.key_file: {}: holds no usable private key",
+                key.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn without_roots_the_error_says_to_set_ca_file() {
+        let err = TlsError::NoRoots { field: "upstreams.p.tls".into(), reason: String::new() };
+        assert_eq!(
+            err.to_string(),
+            "upstreams.p.tls: no trusted CA: the system has no root certificates; set ca_file"
+        );
+    }
+
+    #[tokio::test]
+    async fn settings_that_stopped_loading_fail_every_connect_with_their_reason() {
+        let missing = PathBuf::from("/nonexistent/outrigger/ca.pem");
+        let tls = config::Tls { ca_file: Some(missing), ..Default::default() };
+        let origination = Origination::new("payments", &tls);
+        let mut connector =
+            origination.connector(HttpConnector::new(), Duration::from_secs(1), false);
+        let err = tower::Service::call(&mut connector, Uri::from_static("https://127.0.0.1:9/"))
+            .await
+            .expect_err("no connection without settings");
+        assert!(err.to_string().contains("tls.ca_file: cannot read"), "{err}");
+    }
+}

@@ -148,6 +148,37 @@ async fn a_wrong_server_name_fails_with_502_connect_failed_and_reaches_no_handle
 }
 
 #[tokio::test]
+async fn a_server_that_never_completes_the_handshake_fails_within_the_connect_timeout() {
+    // accepts TCP, then says nothing: the handshake hangs until timeouts.connect
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let pki = Pki::new();
+    let yaml = format!(
+        "upstreams:\n  payments:\n    discovery: {{ static: [\"{addr}\"] }}\n    timeouts: {{ connect: 200ms, request: 5s }}\n    tls: {{ {} }}\n",
+        trusting(&pki)
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+
+    let started = tokio::time::Instant::now();
+    let res = sidecar.get("payments", "/charge").await;
+
+    assert_eq!(res.status(), 502, "{}", body(&res));
+    assert_eq!(res.headers()["outrigger-error"], "connect-failed");
+    assert!(body(&res).contains("no TLS connection within 200ms"), "{}", body(&res));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "bounded by the connect timeout, not the request's"
+    );
+    held.abort();
+}
+
+#[tokio::test]
 async fn mutual_tls_succeeds_with_the_client_certificate_and_fails_without() {
     let pki = Pki::new();
     let server = TlsServer::new().requiring_client_cert();
@@ -231,7 +262,7 @@ async fn rest(mut stream: TcpStream) -> String {
     let mut rest = Vec::new();
     tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
         .await
-        .expect("the sidecar closes a refused CONNECT's connection")
+        .expect("the sidecar closes the connection")
         .unwrap();
     String::from_utf8_lossy(&rest).into_owned()
 }
@@ -284,7 +315,8 @@ async fn connect_to_an_unknown_host_gets_404_and_nothing_is_opened() {
     assert!(head.contains("outrigger-error: unknown-upstream"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     rest(stream).await;
-    let accepted = tokio::time::timeout(Duration::from_millis(200), bait.accept()).await;
+    // a tunnel is dialled before its answer, so a dial would be in the accept queue by now
+    let accepted = tokio::time::timeout(Duration::ZERO, bait.accept()).await;
     assert!(accepted.is_err(), "the sidecar connected to an address that names no upstream");
     assert_eq!(up.requests(), 0);
 }
@@ -305,6 +337,44 @@ async fn connect_to_a_dead_endpoint_gets_502_connect_failed_after_its_retries() 
     assert!(head.contains("connection: close"), "{head}");
     let body = rest(stream).await;
     assert!(body.contains(&format!("tcp connect to {dead}")), "{body}");
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_at_the_outbound_idle_timeout() {
+    let up = Upstream::status(200).await;
+    // (the guard re-arms its timer for idleness when its header deadline fires: keep that earlier)
+    let outbound = "outbound: { listen: \"$OUTBOUND\", limits: { header_read_timeout: 200ms, idle_timeout: 300ms } }\n";
+    let sidecar = Sidecar::start(&format!("{outbound}{}", up.yaml("payments"))).await;
+
+    let (stream, head) = connect(&sidecar, "payments:443").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    let started = tokio::time::Instant::now();
+    assert_eq!(rest(stream).await, "", "nothing crosses an idle tunnel");
+    let idle = started.elapsed();
+    assert!(idle >= Duration::from_millis(250), "closed after {idle:?}, before it was idle");
+    assert!(idle < Duration::from_secs(3), "closed after {idle:?}, not at the idle timeout");
+}
+
+#[tokio::test]
+async fn connect_over_http2_is_refused_with_400() {
+    let up = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&up.yaml("payments")).await;
+
+    let stream = TcpStream::connect(sidecar.outbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("an h2c handshake with the sidecar");
+    tokio::spawn(conn);
+    let req = Request::connect("payments:443").body(Full::new(Bytes::new())).unwrap();
+    let res = sender.send_request(req).await.expect("an answer");
+
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.headers()["outrigger-error"], "bad-request");
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("use HTTP/1.1"), "{text:?}");
+    assert_eq!(up.requests(), 0);
 }
 
 #[tokio::test]
