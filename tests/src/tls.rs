@@ -31,6 +31,8 @@ pub struct Pki {
     /// A client certificate for mutual TLS, and its key.
     pub client_cert_file: PathBuf,
     pub client_key_file: PathBuf,
+    /// A private key that belongs to no certificate here.
+    pub stray_key_file: PathBuf,
     ca: CertificateDer<'static>,
     server_chain: Vec<CertificateDer<'static>>,
     server_key: Vec<u8>,
@@ -41,7 +43,7 @@ impl Pki {
     pub fn new() -> Self {
         let dir = Scratch::new();
         let (ca_cert, issuer) = new_ca("outrigger test CA");
-        let (other_ca, _) = new_ca("an unrelated CA");
+        let (other_ca, other_issuer) = new_ca("an unrelated CA");
 
         let server_key = KeyPair::generate().expect("a key");
         let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()]).expect("params");
@@ -64,6 +66,7 @@ impl Pki {
             other_ca_file: write("other-ca.pem", other_ca.pem()),
             client_cert_file: write("client.pem", client.pem()),
             client_key_file: write("client.key", client_key.serialize_pem()),
+            stray_key_file: write("stray.key", other_issuer.key().serialize_pem()),
             ca: ca_cert.der().clone(),
             server_chain: vec![server.der().clone()],
             server_key: server_key.serialize_der(),

@@ -92,7 +92,7 @@ impl Origination {
         let inner = self.loaded.as_ref().map_err(Clone::clone).map(|loaded| {
             let mut config = ClientConfig::clone(&loaded.config);
             config.alpn_protocols = vec![if http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
-            // the URI says https: HttpConnector refuses that unless told it is not alone
+            // HttpConnector refuses https URIs unless told a TLS layer sits on top of it
             http.enforce_http(false);
             let name = Arc::new(FixedServerNameResolver::new(loaded.server_name.clone()));
             HttpsConnector::new(http, config, true, name)

@@ -210,32 +210,51 @@ async fn mutual_tls_succeeds_with_the_client_certificate_and_fails_without() {
     assert_eq!(up.seen()[0].uri, "/with-cert");
 }
 
-#[tokio::test]
-async fn a_missing_ca_file_stops_the_start_naming_the_field_and_the_file() {
-    let pki = Pki::new();
-    let missing = pki.ca_file.with_file_name("missing-ca.pem");
-    let dir = pki.ca_file.parent().unwrap().to_owned();
-    let config = dir.join("outrigger.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "upstreams:\n  payments:\n    discovery: {{ static: [\"127.0.0.1:9\"] }}\n    tls: {{ ca_file: \"{}\" }}\n",
-            missing.display()
-        ),
-    )
-    .unwrap();
-
+/// Runs `outrigger run` on one TLS upstream with `tls`; it must exit 1. Returns its stderr.
+fn refused_start(pki: &Pki, tls: &str) -> String {
+    let config = pki.ca_file.with_file_name("outrigger.yaml");
+    let yaml = format!(
+        "upstreams:\n  payments:\n    discovery: {{ static: [\"127.0.0.1:9\"] }}\n    tls: {{ {tls} }}\n"
+    );
+    std::fs::write(&config, yaml).unwrap();
     let out = Command::new(outrigger_tests::binary())
         .args(["run", "--config"])
         .arg(&config)
         .output()
         .expect("run outrigger");
-
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_missing_ca_file_stops_the_start_naming_the_field_and_the_file() {
+    let pki = Pki::new();
+    let missing = pki.ca_file.with_file_name("missing-ca.pem");
+
+    let stderr = refused_start(&pki, &format!("ca_file: \"{}\"", missing.display()));
+
     let expected =
         format!("upstreams.payments.tls.ca_file: cannot read {}: No such file", missing.display());
     assert!(stderr.contains(&expected), "{stderr}");
+}
+
+#[test]
+fn a_key_that_does_not_fit_the_client_certificate_stops_the_start() {
+    let pki = Pki::new();
+    let tls = format!(
+        "{}, cert_file: \"{}\", key_file: \"{}\"",
+        trusting(&pki),
+        pki.client_cert_file.display(),
+        pki.stray_key_file.display()
+    );
+
+    let stderr = refused_start(&pki, &tls);
+
+    assert!(
+        stderr.contains("upstreams.payments.tls.key_file: cannot be used with cert_file"),
+        "{stderr}"
+    );
 }
 
 // --- CONNECT tunnels ---
