@@ -269,6 +269,27 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "tls: a client certificate and its key come together",
+            s(concat!(
+                "upstreams:\n",
+                "  a:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n    tls: { cert_file: /etc/outrigger/client.pem }\n",
+                "  b:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n    tls: { key_file: /etc/outrigger/client.key }\n",
+                "  c:\n    discovery: { static: [\"10.0.0.7:8080\"] }\n    tls: { cert_file: c.pem, key_file: c.key, ca_file: ca.pem }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:23: upstreams.a.tls.cert_file: needs key_file beside it (expected both cert_file and key_file (a client certificate and its key), or neither)",
+                "outrigger.yaml:7:22: upstreams.b.tls.key_file: needs cert_file beside it (expected both cert_file and key_file (a client certificate and its key), or neither)",
+            ],
+        ),
+        (
+            "tls: server_name is a host name, files are not empty",
+            up("    tls: { server_name: \"api example\", ca_file: \"\" }\n"),
+            vec![
+                "outrigger.yaml:4:25: upstreams.payments.tls.server_name: \"api example\" is not a DNS name or IP address (expected e.g. api.example.com)",
+                "outrigger.yaml:4:49: upstreams.payments.tls.ca_file: must not be empty",
+            ],
+        ),
+        (
             "concurrency: min >= 1 and min <= max",
             app(concat!(
                 "messaging:\n  subscriptions:\n",

@@ -229,3 +229,17 @@ fn the_reference_example_in_the_docs_loads() {
     assert_eq!(config.messaging.subscriptions[0].backoff, Backoff::MESSAGING);
     assert_eq!(config.outbound, Outbound::default());
 }
+
+#[test]
+fn the_tls_example_in_the_docs_loads() {
+    let doc = std::fs::read_to_string("../docs/configuration.md").unwrap();
+    let section = doc.split("### tls\n").nth(1).unwrap();
+    let example =
+        section.split("```yaml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+    let config = load(example);
+    let api = config.upstreams.get("api.example.com").unwrap().tls.as_ref().unwrap();
+    assert_eq!(api, &Tls::default(), "tls: {{}} means the system roots and the upstream's name");
+    let payments = config.upstreams.get("payments").unwrap().tls.as_ref().unwrap();
+    assert_eq!(payments.server_name.as_deref(), Some("payments.internal"));
+    assert!(payments.cert_file.is_some() && payments.key_file.is_some());
+}

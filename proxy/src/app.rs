@@ -36,6 +36,8 @@ pub enum StartError {
     },
     #[error("service.register: {0}")]
     Register(String),
+    #[error("{0}")]
+    Tls(#[from] crate::http::tls::TlsError),
 }
 
 /// A started sidecar: where it listens, and the handle to stop it.
@@ -63,6 +65,7 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
 
 /// Binds and starts everything `config` describes.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    crate::http::tls::check(&config.upstreams)?;
     let metrics = Metrics::new();
     let outbound = bind("outbound.listen", config.outbound.listen.get()).await?;
     let admin = bind("admin.listen", config.admin.listen.get()).await?;

@@ -15,13 +15,14 @@ pub enum ProxyError {
     UnknownUpstream { authority: Box<str> },
     #[error("upstream {upstream} has no healthy endpoint")]
     NoHealthyEndpoints { upstream: Arc<str> },
-    #[error("could not connect to upstream {upstream}: {source}")]
+    /// No connection: TCP connect, the TLS handshake, or a CONNECT tunnel's dial failed.
+    #[error("could not connect to upstream {upstream}: {}", Chain(source.as_ref()))]
     ConnectFailed {
         upstream: Arc<str>,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
-    #[error("upstream {upstream} closed or reset the connection: {source}")]
+    #[error("upstream {upstream} closed or reset the connection: {}", Chain(source))]
     UpstreamReset {
         upstream: Arc<str>,
         #[source]
@@ -39,6 +40,25 @@ pub enum ProxyError {
     BadRequest { reason: Box<str> },
     #[error("request headers too large: {reason}")]
     HeadersTooLarge { reason: Box<str> },
+}
+
+/// Any error, boxed: what a connect failure carries, whichever layer it came from.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error and its sources, `a: b: c`: hyper's own message ("client error (Connect)") says
+/// little, the reason (a refused port, an unknown certificate issuer) is further down.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
 }
 
 impl ProxyError {

@@ -53,7 +53,7 @@ pub fn upstream(
             health_check: cfg
                 .health_check
                 .as_ref()
-                .map(|c| (c.clone(), probe::for_check(&name, c))),
+                .map(|c| (c.clone(), probe::for_check(&name, c, cfg.tls.as_ref()))),
             outlier_detection: cfg.outlier_detection,
         },
     );

@@ -39,7 +39,7 @@ pub fn binary() -> PathBuf {
 pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "outrigger-e2e-{}-{}",
@@ -48,6 +48,10 @@ impl Scratch {
         ));
         std::fs::create_dir_all(&dir).expect("a scratch directory");
         Self(dir)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
     }
 }
 

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// One scripted answer.
 #[derive(Debug, Clone)]
@@ -76,14 +77,20 @@ impl Upstream {
     pub async fn scripted_at(addr: SocketAddr, replies: impl IntoIterator<Item = Reply>) -> Self {
         let script: Vec<Reply> = replies.into_iter().collect();
         assert!(!script.is_empty(), "a script needs at least one reply");
-        Self::serve(addr, script).await
+        Self::serve(addr, script, None).await
     }
 
     async fn scripted_on(port: u16, script: Vec<Reply>) -> Self {
-        Self::serve(([127, 0, 0, 1], port).into(), script).await
+        Self::serve(([127, 0, 0, 1], port).into(), script, None).await
     }
 
-    async fn serve(addr: SocketAddr, script: Vec<Reply>) -> Self {
+    /// Serves `script` on `addr`; over TLS when `tls` is given (a failed handshake never
+    /// reaches the script).
+    pub(crate) async fn serve(
+        addr: SocketAddr,
+        script: Vec<Reply>,
+        tls: Option<TlsAcceptor>,
+    ) -> Self {
         let listener = TcpListener::bind(addr).await.expect("a free loopback address");
         let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State { script, ..State::default() }));
@@ -92,10 +99,23 @@ impl Upstream {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = shared.clone();
                 let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        None => {
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                let io = TokioIo::new(stream);
+                                builder.serve_connection_with_upgrades(io, service).await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });

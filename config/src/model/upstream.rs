@@ -142,14 +142,20 @@ pub struct HealthCheck {
     pub unhealthy_threshold: NonZeroU32,
 }
 
-/// Originate TLS to the upstream.
+/// Originate TLS to the upstream: the app speaks plain HTTP to the sidecar, the sidecar speaks
+/// HTTPS to the endpoints. The files are read when the sidecar starts, not by `validate`: they
+/// often exist only where it runs (a mounted Secret).
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Tls {
-    /// SNI and certificate name; `None`: the endpoint's host.
+    /// SNI and the name the server's certificate must carry; `None`: the upstream's name.
     pub server_name: Option<String>,
-    /// Trust this CA bundle instead of the system's roots.
+    /// Trust only the CAs in this PEM bundle; `None`: the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// A client certificate chain (PEM) for mutual TLS; set together with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of `cert_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// Passive ejection of endpoints that keep failing real requests.

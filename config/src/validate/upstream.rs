@@ -2,7 +2,7 @@
 //! a health check that checks one thing.
 
 use super::Checks;
-use crate::model::{Discovery, DnsRecord, Upstream};
+use crate::model::{Discovery, DnsRecord, Tls, Upstream};
 use crate::types::is_host;
 
 impl Checks {
@@ -49,8 +49,8 @@ impl Checks {
             self.positive(format!("{at}.interval"), check.interval);
             self.positive(format!("{at}.timeout"), check.timeout);
         }
-        if let Some(name) = upstream.tls.as_ref().and_then(|tls| tls.server_name.as_deref()) {
-            self.not_empty(format!("{path}.tls.server_name"), name);
+        if let Some(tls) = &upstream.tls {
+            self.tls(&format!("{path}.tls"), tls);
         }
         if let Some(outlier) = &upstream.outlier_detection {
             self.positive(format!("{path}.outlier_detection.base_ejection"), outlier.base_ejection);
@@ -63,6 +63,34 @@ impl Checks {
                     Some(&expected),
                 );
             }
+        }
+    }
+
+    /// The names and pairs; the files themselves are read at startup (`proxy::http::tls`).
+    fn tls(&mut self, path: &str, tls: &Tls) {
+        if let Some(name) = tls.server_name.as_deref()
+            && !is_host(name)
+        {
+            let message = format!("{name:?} is not a DNS name or IP address");
+            self.push(format!("{path}.server_name"), message, Some("e.g. api.example.com"));
+        }
+        for (field, file) in
+            [("ca_file", &tls.ca_file), ("cert_file", &tls.cert_file), ("key_file", &tls.key_file)]
+        {
+            if let Some(file) = file {
+                self.not_empty(format!("{path}.{field}"), &file.to_string_lossy());
+            }
+        }
+        let expected =
+            Some("both cert_file and key_file (a client certificate and its key), or neither");
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                self.push(format!("{path}.cert_file"), "needs key_file beside it", expected);
+            }
+            (None, Some(_)) => {
+                self.push(format!("{path}.key_file"), "needs cert_file beside it", expected);
+            }
+            _ => {}
         }
     }
 

@@ -5,6 +5,8 @@
 //! hop-by-hop headers (RFC 9110 section 7.6.1) and streams to the endpoint. hyper's errors are
 //! classified here, where they enter: could not connect -> 502 `connect-failed`, anything after
 //! -> 502 `upstream-reset`. A `101 Switching Protocols` answer (WebSocket) becomes a byte tunnel.
+//! A TLS upstream gets its own pools over `tls::TlsConnector`; a CONNECT becomes a tunnel to the
+//! picked endpoint (`connect.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,7 +16,7 @@ use std::task::{Context, Poll, ready};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{self, Client};
@@ -24,6 +26,8 @@ use outrigger_discovery::{Endpoint, Picked, Pool};
 
 use crate::error::ProxyError;
 use crate::http::Body;
+use crate::http::connect::{Opening, Tunnels};
+use crate::http::tls::{Origination, TlsConnector};
 
 /// The innermost service of an upstream: pick an endpoint, send, classify the outcome.
 #[derive(Debug, Clone)]
@@ -36,19 +40,22 @@ struct Inner {
     upstream: Arc<str>,
     pool: Pool,
     protocol: config::Protocol,
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
+    http1: UpstreamClient,
+    http2: UpstreamClient,
+    tunnels: Tunnels,
 }
 
 impl Forward {
     pub fn new(pool: Pool, cfg: &config::Upstream) -> Self {
+        let tls = cfg.tls.as_ref().map(|tls| Origination::new(pool.upstream(), tls));
         Self {
             inner: Arc::new(Inner {
                 upstream: pool.upstream().clone(),
                 pool,
                 protocol: cfg.protocol,
-                http1: client(&cfg.timeouts, false),
-                http2: client(&cfg.timeouts, true),
+                http1: client(&cfg.timeouts, tls.as_ref(), false),
+                http2: client(&cfg.timeouts, tls.as_ref(), true),
+                tunnels: Tunnels::new(&cfg.timeouts),
             }),
         }
     }
@@ -69,9 +76,38 @@ impl TriedEndpoints {
     }
 }
 
+/// One pool of an upstream: plain HTTP, or HTTPS through the TLS connector. Two types, so the
+/// plain path keeps hyper's connector as it is, with no TLS machinery on it.
+#[derive(Debug)]
+pub(crate) enum UpstreamClient {
+    Plain(Client<HttpConnector, Body>),
+    Tls(Client<TlsConnector, Body>),
+}
+
+impl UpstreamClient {
+    pub(crate) fn request(&self, req: Request<Body>) -> legacy::ResponseFuture {
+        match self {
+            Self::Plain(client) => client.request(req),
+            Self::Tls(client) => client.request(req),
+        }
+    }
+
+    pub(crate) fn scheme(&self) -> Scheme {
+        match self {
+            Self::Plain(_) => Scheme::HTTP,
+            Self::Tls(_) => Scheme::HTTPS,
+        }
+    }
+}
+
 /// A pooled client: connections are kept per endpoint (the pool is keyed by the URI's
-/// authority, which is the endpoint's address) and closed after `timeouts.idle` unused.
-fn client(timeouts: &config::Timeouts, http2: bool) -> Client<HttpConnector, Body> {
+/// scheme and authority, which is the endpoint's address) and closed after `timeouts.idle`
+/// unused.
+pub(crate) fn client(
+    timeouts: &config::Timeouts,
+    tls: Option<&Origination>,
+    http2: bool,
+) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(timeouts.connect.get()));
     connector.set_nodelay(true);
@@ -81,7 +117,14 @@ fn client(timeouts: &config::Timeouts, http2: bool) -> Client<HttpConnector, Bod
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(timeouts.idle.get())
         .http2_only(http2);
-    builder.build(connector)
+    match tls {
+        None => UpstreamClient::Plain(builder.build(connector)),
+        Some(tls) => UpstreamClient::Tls(builder.build(tls.connector(
+            connector,
+            timeouts.connect.get(),
+            http2,
+        ))),
+    }
 }
 
 impl tower::Service<Request<Body>> for Forward {
@@ -103,13 +146,17 @@ impl tower::Service<Request<Body>> for Forward {
             let err = ProxyError::NoHealthyEndpoints { upstream: inner.upstream.clone() };
             return ResponseFuture::failed(err);
         };
+        if req.method() == Method::CONNECT {
+            let opening = inner.tunnels.open(inner.upstream.clone(), req, picked.endpoint());
+            return ResponseFuture { state: State::Tunnel { opening, picked: Some(picked) } };
+        }
         let http2 = match inner.protocol {
             config::Protocol::Auto => req.version() == Version::HTTP_2,
             config::Protocol::Http1 => false,
             config::Protocol::Http2 => true,
         };
-        let (req, upgrade) = prepare(req, picked.endpoint(), http2);
         let client = if http2 { &inner.http2 } else { &inner.http1 };
+        let (req, upgrade) = prepare(req, picked.endpoint(), client.scheme(), http2);
         ResponseFuture {
             state: State::Sent {
                 fut: client.request(req),
@@ -125,6 +172,7 @@ impl tower::Service<Request<Body>> for Forward {
 fn prepare(
     mut req: Request<Body>,
     endpoint: &Endpoint,
+    scheme: Scheme,
     http2: bool,
 ) -> (Request<Body>, Option<OnUpgrade>) {
     let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
@@ -145,7 +193,7 @@ fn prepare(
     let path =
         parts.uri.into_parts().path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
+    uri.scheme = Some(scheme);
     uri.authority = Some(endpoint.authority.clone());
     uri.path_and_query = Some(path);
     parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
@@ -234,6 +282,8 @@ pin_project_lite::pin_project! {
             // the endpoint's in-flight count; its latency and outcome when the answer comes
             picked: Option<Picked>,
         },
+        // the endpoint is held until the tunnel is open or failed to open
+        Tunnel { opening: Opening, picked: Option<Picked> },
     }
 }
 
@@ -262,7 +312,7 @@ impl Future for ResponseFuture {
                     Err(source) => {
                         let upstream = upstream.clone();
                         return Poll::Ready(Err(if source.is_connect() {
-                            ProxyError::ConnectFailed { upstream, source }
+                            ProxyError::ConnectFailed { upstream, source: source.into() }
                         } else {
                             ProxyError::UpstreamReset { upstream, source }
                         }));
@@ -279,6 +329,13 @@ impl Future for ResponseFuture {
                 }
                 strip_hop_by_hop(res.headers_mut(), upgraded);
                 Poll::Ready(Ok(res.map(Body::from)))
+            }
+            StateProj::Tunnel { opening, picked } => {
+                let result = ready!(opening.as_mut().poll(cx));
+                if let Some(picked) = picked.take() {
+                    picked.finish(result.is_err());
+                }
+                Poll::Ready(result)
             }
         }
     }
@@ -351,7 +408,7 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         let endpoint = Endpoint::new(([127, 0, 0, 1], 9001).into());
-        let (req, upgrade) = prepare(req, &endpoint, false);
+        let (req, upgrade) = prepare(req, &endpoint, Scheme::HTTP, false);
         assert_eq!(req.uri(), "http://127.0.0.1:9001/charge?id=7");
         assert_eq!(req.headers()["host"], "payments");
         assert!(upgrade.is_none());
@@ -365,7 +422,7 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         let endpoint = Endpoint::new(([127, 0, 0, 1], 9001).into());
-        let (req, _) = prepare(req, &endpoint, false);
+        let (req, _) = prepare(req, &endpoint, Scheme::HTTP, false);
         assert_eq!(req.headers()["host"], "payments:80");
         assert_eq!(req.version(), Version::HTTP_11);
     }

@@ -1,11 +1,13 @@
 //! The outbound data plane: accept, guard, route, forward, and answer for ourselves.
 
 pub mod body;
+pub(crate) mod connect;
 pub mod forward;
 pub(crate) mod guard;
 pub mod listener;
 pub mod probe;
 pub mod respond;
 pub mod route;
+pub mod tls;
 
 pub use body::Body;

@@ -9,13 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use crate::error::ProxyError;
 use crate::http::Body;
+use crate::http::connect::close_if_refused;
 use crate::http::guard::REJECTED_HEADER;
 use crate::http::respond::error_response;
 use crate::stack::UpstreamService;
@@ -104,15 +105,20 @@ impl hyper::service::Service<Request<Incoming>> for Route {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let req = req.map(Body::from);
+        let connect = req.method() == Method::CONNECT;
         let answer = match req.headers().get(REJECTED_HEADER) {
             Some(value) => Err(rejected(value)),
             None => self.select(&req),
         };
         match answer {
-            Ok(upstream) => RouteFuture::Upstream { inner: upstream.oneshot(req) },
+            Ok(upstream) => RouteFuture::Upstream { inner: upstream.oneshot(req), connect },
             Err(err) => {
                 self.unmatched().record(err.status().as_u16(), std::time::Duration::ZERO);
-                RouteFuture::Ready { response: Some(error_response(&err)) }
+                let mut response = error_response(&err);
+                if connect {
+                    close_if_refused(&mut response);
+                }
+                RouteFuture::Ready { response: Some(response) }
             }
         }
     }
@@ -123,7 +129,7 @@ pin_project_lite::pin_project! {
     #[allow(missing_debug_implementations)]
     pub enum RouteFuture {
         Ready { response: Option<Response<Body>> },
-        Upstream { #[pin] inner: Oneshot<UpstreamService, Request<Body>> },
+        Upstream { #[pin] inner: Oneshot<UpstreamService, Request<Body>>, connect: bool },
     }
 }
 
@@ -135,9 +141,13 @@ impl Future for RouteFuture {
             RouteFutureProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            RouteFutureProj::Upstream { inner } => {
-                inner.poll(cx).map(|result| Ok(result.unwrap_or_else(|err| error_response(&err))))
-            }
+            RouteFutureProj::Upstream { inner, connect } => inner.poll(cx).map(|result| {
+                let mut response = result.unwrap_or_else(|err| error_response(&err));
+                if *connect {
+                    close_if_refused(&mut response);
+                }
+                Ok(response)
+            }),
         }
     }
 }

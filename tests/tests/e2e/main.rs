@@ -9,3 +9,4 @@ mod malformed;
 mod policies;
 mod proxy;
 mod registry;
+mod tls;

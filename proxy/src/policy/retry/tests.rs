@@ -80,7 +80,7 @@ async fn connect_failed() -> ProxyError {
     let req = Request::get("http://127.0.0.1:1/").body(Body::empty()).unwrap();
     let source = client.request(req).await.unwrap_err();
     assert!(source.is_connect());
-    ProxyError::ConnectFailed { upstream: "p".into(), source }
+    ProxyError::ConnectFailed { upstream: "p".into(), source: source.into() }
 }
 
 fn retry(max_attempts: u32) -> config::Retry {
