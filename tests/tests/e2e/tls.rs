@@ -98,12 +98,7 @@ async fn an_http2_client_reaches_a_tls_upstream_over_h2_negotiated_by_alpn() {
     let up = Upstream::scripted_tls([Reply::Status(200)], &pki, TlsServer::new()).await;
     let sidecar = Sidecar::start(&tls_yaml("payments", &up, &trusting(&pki), "")).await;
 
-    let stream = TcpStream::connect(sidecar.outbound).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("an h2c handshake with the sidecar");
-    tokio::spawn(conn);
+    let mut sender = h2c(&sidecar).await;
     let req = Request::get("http://payments/h2").body(Full::new(Bytes::new())).unwrap();
     let res = sender.send_request(req).await.expect("an answer");
 
@@ -395,12 +390,7 @@ async fn connect_over_http2_is_refused_with_400() {
     let up = Upstream::status(200).await;
     let sidecar = Sidecar::start(&up.yaml("payments")).await;
 
-    let stream = TcpStream::connect(sidecar.outbound).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("an h2c handshake with the sidecar");
-    tokio::spawn(conn);
+    let mut sender = h2c(&sidecar).await;
     let req = Request::connect("payments:443").body(Full::new(Bytes::new())).unwrap();
     let res = sender.send_request(req).await.expect("an answer");
 
@@ -423,4 +413,15 @@ async fn connect_tunnels_meet_the_upstreams_rate_limit() {
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     assert!(second.starts_with("HTTP/1.1 429"), "{second}");
     assert!(second.contains("outrigger-error: rate-limited"), "{second}");
+}
+
+/// An HTTP/2 (prior knowledge) connection to the sidecar's outbound port.
+async fn h2c(sidecar: &Sidecar) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(sidecar.outbound).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("an h2c handshake with the sidecar");
+    tokio::spawn(conn);
+    sender
 }
