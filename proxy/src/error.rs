@@ -39,6 +39,16 @@ pub enum ProxyError {
     BadRequest { reason: Box<str> },
     #[error("request headers too large: {reason}")]
     HeadersTooLarge { reason: Box<str> },
+    #[error("publish refused: {reason}")]
+    BadPublish { reason: Box<str> },
+    #[error("publish refused: the payload is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("no messaging endpoint {path:?} (expected POST /v1/publish/QUEUE)")]
+    UnknownEndpoint { path: Box<str> },
+    #[error("method not allowed here (expected {allowed})")]
+    MethodNotAllowed { allowed: &'static str },
+    #[error("the message was not stored: {reason}")]
+    Outbox { reason: Box<str> },
 }
 
 impl ProxyError {
@@ -54,6 +64,11 @@ impl ProxyError {
             Self::RateLimited { .. } => "rate-limited",
             Self::Overloaded { .. } => "overloaded",
             Self::BadRequest { .. } | Self::HeadersTooLarge { .. } => "bad-request",
+            Self::BadPublish { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::MethodNotAllowed { .. } => "bad-request",
+            Self::UnknownEndpoint { .. } => "unknown-endpoint",
+            Self::Outbox { .. } => "outbox-unavailable",
         }
     }
 
@@ -68,6 +83,11 @@ impl ProxyError {
             Self::ConnectFailed { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BadPublish { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownEndpoint { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Outbox { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -84,7 +104,11 @@ impl ProxyError {
     /// Whether the client connection must be closed after this answer: its framing can no
     /// longer be trusted, so reading another request from it could desynchronise.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Self::BadRequest { .. } | Self::HeadersTooLarge { .. })
+        // a payload over the limit was not read to its end: the rest must not be parsed as a request
+        matches!(
+            self,
+            Self::BadRequest { .. } | Self::HeadersTooLarge { .. } | Self::PayloadTooLarge { .. }
+        )
     }
 }
 
