@@ -5,5 +5,6 @@ mod admin;
 mod balance;
 mod cli;
 mod malformed;
+mod messaging;
 mod policies;
 mod proxy;
