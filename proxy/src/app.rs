@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use crate::admin::{Admin, Health};
 use crate::http::listener::{self, Serving};
 use crate::http::route::Route;
+use crate::messaging::Messaging;
 use crate::stack;
 use crate::telemetry::metrics::{Metrics, NO_UPSTREAM};
 
@@ -38,6 +39,8 @@ pub enum StartError {
     Register(String),
     #[error("{0}")]
     Tls(#[from] crate::http::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::messaging::broker::embedded::OpenError),
 }
 
 /// A started sidecar: where it listens, and the handle to stop it.
@@ -81,14 +84,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         SourceConfig { resolver: config.resolver.clone(), registry: config.registry.clone() };
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
-    let routes = Arc::new(stack::routes(&upstreams, &metrics));
+    let messaging = Messaging::start(&config.messaging, &metrics).await?;
+    let routes = Arc::new(stack::routes(&upstreams, &metrics).with_messaging(messaging.clone()));
     let health = Arc::new(Health::new(
         upstreams.iter().map(|u| u.pool.clone()).collect(),
         config.service.app.as_ref().and_then(app_health_uri),
     ));
     let config_json =
         Bytes::from(serde_json::to_vec_pretty(&config).expect("the config serializes"));
-    let admin_routes = Admin::new(health.clone(), metrics.clone(), config_json);
+    let admin_routes =
+        Admin::new(health.clone(), metrics.clone(), config_json).with_messaging(messaging);
 
     let (stop, stopped) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());

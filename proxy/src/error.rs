@@ -40,6 +40,16 @@ pub enum ProxyError {
     BadRequest { reason: Box<str> },
     #[error("request headers too large: {reason}")]
     HeadersTooLarge { reason: Box<str> },
+    #[error("publish refused: {reason}")]
+    BadPublish { reason: Box<str> },
+    #[error("publish refused: the payload is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("no messaging endpoint {path:?} (expected POST /v1/publish/QUEUE)")]
+    UnknownEndpoint { path: Box<str> },
+    #[error("method not allowed here (expected {allowed})")]
+    MethodNotAllowed { allowed: &'static str },
+    #[error("the message was not stored: {reason}")]
+    Outbox { reason: Box<str> },
 }
 
 /// Any error, boxed: what a connect failure carries, whichever layer it came from.
@@ -74,6 +84,11 @@ impl ProxyError {
             Self::RateLimited { .. } => "rate-limited",
             Self::Overloaded { .. } => "overloaded",
             Self::BadRequest { .. } | Self::HeadersTooLarge { .. } => "bad-request",
+            Self::BadPublish { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::MethodNotAllowed { .. } => "bad-request",
+            Self::UnknownEndpoint { .. } => "unknown-endpoint",
+            Self::Outbox { .. } => "outbox-unavailable",
         }
     }
 
@@ -88,6 +103,11 @@ impl ProxyError {
             Self::ConnectFailed { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BadPublish { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownEndpoint { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Outbox { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -104,7 +124,11 @@ impl ProxyError {
     /// Whether the client connection must be closed after this answer: its framing can no
     /// longer be trusted, so reading another request from it could desynchronise.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, Self::BadRequest { .. } | Self::HeadersTooLarge { .. })
+        // a payload over the limit was not read to its end: the rest must not be parsed as a request
+        matches!(
+            self,
+            Self::BadRequest { .. } | Self::HeadersTooLarge { .. } | Self::PayloadTooLarge { .. }
+        )
     }
 }
 

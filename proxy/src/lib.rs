@@ -9,6 +9,7 @@ pub mod app;
 pub mod demo;
 pub mod error;
 pub mod http;
+pub mod messaging;
 pub mod policy;
 pub mod stack;
 pub mod telemetry;

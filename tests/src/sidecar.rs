@@ -71,7 +71,8 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Writes `yaml` (with `$OUTBOUND` and `$ADMIN` replaced by free loopback addresses; an
+    /// Writes `yaml` (with `$OUTBOUND` and `$ADMIN` replaced by free loopback addresses and
+    /// `$SCRATCH` by the test's own directory, which outlives restarts; an
     /// `outbound:` or `admin:` section is added when the YAML has none) and starts the binary.
     /// Returns once `/readyz` answers 200; panics with the sidecar's log after the deadline.
     pub async fn start(yaml: &str) -> Self {
@@ -102,21 +103,28 @@ impl Sidecar {
             text.push_str("admin: { listen: \"$ADMIN\" }\n");
         }
         text.push_str(yaml);
-        let text =
-            text.replace("$OUTBOUND", &outbound.to_string()).replace("$ADMIN", &admin.to_string());
         let scratch = Scratch::new();
-        let config = scratch.0.join("outrigger.yaml");
-        std::fs::write(&config, text).expect("write the config");
-        let log = std::fs::File::create(scratch.0.join("outrigger.log")).expect("a log file");
-        let child = Command::new(binary())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("OUTRIGGER_LOG", "debug")
-            .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start outrigger");
+        let text = text
+            .replace("$OUTBOUND", &outbound.to_string())
+            .replace("$ADMIN", &admin.to_string())
+            .replace("$SCRATCH", &scratch.0.display().to_string());
+        std::fs::write(scratch.0.join("outrigger.yaml"), text).expect("write the config");
+        let child = launch(&scratch);
         Self { child, outbound, admin, scratch }
+    }
+
+    /// SIGKILL: no drain, no flush, no destructor; waits until the process is gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the binary again on the same YAML, ports and scratch directory (after `kill9`
+    /// or an exit), and waits for `/readyz`.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.child = launch(&self.scratch);
+        self.wait_ready().await;
     }
 
     /// Waits for `/readyz` to answer 200.
@@ -201,6 +209,23 @@ impl Sidecar {
         let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("a VmHWM line");
         line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB")
     }
+}
+
+/// Runs `outrigger` on the scratch directory's config, appending to its log.
+fn launch(scratch: &Scratch) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(scratch.0.join("outrigger.log"))
+        .expect("a log file");
+    Command::new(binary())
+        .args(["run", "--config"])
+        .arg(scratch.0.join("outrigger.yaml"))
+        .env("OUTRIGGER_LOG", "debug")
+        .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start outrigger")
 }
 
 impl Drop for Sidecar {

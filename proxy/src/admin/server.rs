@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 use crate::admin::Health;
 use crate::http::Body;
+use crate::messaging::Messaging;
 use crate::telemetry::metrics::Metrics;
 
 /// The state the admin routes read.
@@ -24,11 +25,18 @@ pub struct Admin {
     metrics: Metrics,
     /// The running config as JSON, secrets redacted, rendered once.
     config: Bytes,
+    messaging: Option<Arc<Messaging>>,
 }
 
 impl Admin {
     pub fn new(health: Arc<Health>, metrics: Metrics, config: Bytes) -> Self {
-        Self { health, metrics, config }
+        Self { health, metrics, config, messaging: None }
+    }
+
+    /// Adds `GET /v1/queues`: each queue's stored and dead-lettered messages.
+    pub fn with_messaging(mut self, messaging: Arc<Messaging>) -> Self {
+        self.messaging = Some(messaging);
+        self
     }
 
     /// The service for one connection from `peer`.
@@ -69,6 +77,25 @@ impl Admin {
             "/v1/endpoints" => {
                 let view = endpoints_view(self.health.upstreams());
                 json(StatusCode::OK, serde_json::to_vec_pretty(&view).expect("serializes").into())
+            }
+            "/v1/queues" if self.messaging.is_some() => {
+                let messaging = self.messaging.as_ref().expect("checked");
+                match messaging.depths().await {
+                    Ok(queues) => {
+                        let view = serde_json::json!({ "queues": queues });
+                        json(
+                            StatusCode::OK,
+                            serde_json::to_vec_pretty(&view).expect("serializes").into(),
+                        )
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "reading queue depths failed");
+                        text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the message store could not be read\n",
+                        )
+                    }
+                }
             }
             _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
         }

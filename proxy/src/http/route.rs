@@ -1,6 +1,7 @@
 //! Which upstream does a request name? Its authority (absolute-form or HTTP/2 `:authority`,
 //! else the `Host` header) must be a configured upstream's name, or the request gets 404
 //! `unknown-upstream` and nothing is forwarded: Outrigger is never an open proxy.
+//! `/v1/…` with a local authority (`localhost`, `127.0.0.1`, `[::1]`) is the messaging API.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,6 +20,7 @@ use crate::http::Body;
 use crate::http::connect::close_if_refused;
 use crate::http::guard::REJECTED_HEADER;
 use crate::http::respond::error_response;
+use crate::messaging::{Messaging, publish};
 use crate::stack::UpstreamService;
 use crate::telemetry::metrics::UpstreamMetrics;
 
@@ -27,11 +29,25 @@ use crate::telemetry::metrics::UpstreamMetrics;
 pub struct Routes {
     by_name: HashMap<Box<str>, UpstreamService>,
     unmatched: UpstreamMetrics,
+    messaging: Option<Arc<Messaging>>,
 }
 
 impl Routes {
     pub fn new(by_name: HashMap<Box<str>, UpstreamService>, unmatched: UpstreamMetrics) -> Self {
-        Self { by_name, unmatched }
+        Self { by_name, unmatched, messaging: None }
+    }
+
+    /// Serves `/v1/…` for a local authority from `messaging`.
+    pub fn with_messaging(mut self, messaging: Arc<Messaging>) -> Self {
+        self.messaging = Some(messaging);
+        self
+    }
+
+    /// The messaging API, when `req` is for it: a `/v1/` path and a local authority.
+    fn messaging_for<B>(&self, req: &Request<B>) -> Option<&Arc<Messaging>> {
+        let messaging = self.messaging.as_ref()?;
+        let local = matches!(request_host(req), Some("localhost" | "127.0.0.1" | "[::1]"));
+        (local && req.uri().path().starts_with("/v1/")).then_some(messaging)
     }
 
     fn find(&self, host: &str) -> Option<&UpstreamService> {
@@ -108,7 +124,15 @@ impl hyper::service::Service<Request<Incoming>> for Route {
         let connect = req.method() == Method::CONNECT;
         let answer = match req.headers().get(REJECTED_HEADER) {
             Some(value) => Err(rejected(value)),
-            None => self.select(&req),
+            None => {
+                if let Self::ByAuthority(routes) = self
+                    && let Some(messaging) = routes.messaging_for(&req)
+                {
+                    let inner = Box::pin(publish::handle(messaging.clone(), req));
+                    return RouteFuture::Local { inner };
+                }
+                self.select(&req)
+            }
         };
         match answer {
             Ok(upstream) => RouteFuture::Upstream { inner: upstream.oneshot(req), connect },
@@ -130,6 +154,7 @@ pin_project_lite::pin_project! {
     pub enum RouteFuture {
         Ready { response: Option<Response<Body>> },
         Upstream { #[pin] inner: Oneshot<UpstreamService, Request<Body>>, connect: bool },
+        Local { inner: Pin<Box<dyn Future<Output = Response<Body>> + Send>> },
     }
 }
 
@@ -148,6 +173,7 @@ impl Future for RouteFuture {
                 }
                 Ok(response)
             }),
+            RouteFutureProj::Local { inner } => inner.as_mut().poll(cx).map(Ok),
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct Metrics {
     rate_limited: IntCounterVec,
     endpoints: IntGaugeVec,
     discovery_age: GaugeVec,
+    published: IntCounterVec,
+    outbox_pending: IntGauge,
 }
 
 impl Metrics {
@@ -89,6 +91,17 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
+        let published = IntCounterVec::new(
+            Opts::new(
+                "outrigger_messages_published_total",
+                "Messages stored by POST /v1/publish, by queue (idempotent replays not counted)",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let outbox_pending =
+            IntGauge::new("outrigger_outbox_pending", "Messages stored and not yet acknowledged")
+                .expect("valid metric");
         for family in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -97,6 +110,8 @@ impl Metrics {
             Box::new(rate_limited.clone()),
             Box::new(endpoints.clone()),
             Box::new(discovery_age.clone()),
+            Box::new(published.clone()),
+            Box::new(outbox_pending.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -109,7 +124,19 @@ impl Metrics {
             rate_limited,
             endpoints,
             discovery_age,
+            published,
+            outbox_pending,
         }
+    }
+
+    /// `outrigger_messages_published_total{queue}`: made once per queue by its caller.
+    pub fn messages_published(&self, queue: &str) -> IntCounter {
+        self.published.with_label_values(&[queue])
+    }
+
+    /// `outrigger_outbox_pending`: the message store keeps it equal to what it holds.
+    pub fn outbox_pending(&self) -> IntGauge {
+        self.outbox_pending.clone()
     }
 
     /// `outrigger_retries_total{upstream}`, for an upstream with retries.

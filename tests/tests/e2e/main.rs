@@ -6,6 +6,7 @@ mod balance;
 mod cli;
 mod dns;
 mod malformed;
+mod messaging;
 mod policies;
 mod proxy;
 mod registry;

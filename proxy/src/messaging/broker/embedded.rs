@@ -1,0 +1,582 @@
+//! The `embedded` broker: a redb file in `messaging.data_dir` that is outbox, queue and
+//! dead-letter store at once (no relay hop: a message is in its queue the moment it is durable).
+//!
+//! Group commit: every write goes to one writer thread through a channel. The thread takes what
+//! has queued up (up to [`MAX_BATCH`] requests), applies it in ONE write transaction, commits
+//! with `Durability::Immediate` (one fsync), and only then answers each caller. While a commit
+//! is on disk the next batch queues, so under load many publishes share one fsync; alone, a
+//! publish pays exactly one. redb calls never run on the async workers: writes on that thread,
+//! reads in `spawn_blocking`. A crash loses only what was never answered; redb repairs the file
+//! on the next open.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use prometheus::IntGauge;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, UnixMillis};
+use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
+
+/// (queue, id) -> the envelope as JSON: every message not yet acknowledged, in id order.
+const MESSAGES: TableDefinition<'_, (&str, u128), &[u8]> = TableDefinition::new("messages");
+/// (queue, id) -> (attempts so far, parked until; 0 = due now).
+const STATE: TableDefinition<'_, (&str, u128), (u32, u64)> = TableDefinition::new("state");
+/// (queue, parked until, id): when each queue's parked messages fall due, soonest first.
+const PARKED: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition::new("parked");
+/// (queue, Idempotency-Key) -> (id, expires at).
+const DEDUP: TableDefinition<'_, (&str, &str), (u128, u64)> = TableDefinition::new("dedup");
+/// (expires at, queue, Idempotency-Key): lets each commit sweep a few expired keys, oldest first.
+const DEDUP_EXPIRY: TableDefinition<'_, (u64, &str, &str), ()> =
+    TableDefinition::new("dedup_expiry");
+/// (dead-letter queue, id) -> the envelope with its whole error history.
+const DEAD: TableDefinition<'_, (&str, u128), &[u8]> = TableDefinition::new("dead_letters");
+
+/// Requests applied in one transaction at most: bounds a commit's size and its callers' wait.
+pub const MAX_BATCH: usize = 512;
+/// Expired dedup keys removed per commit at most, so sweeping never makes a commit slow.
+const SWEEP_PER_COMMIT: usize = 64;
+/// The file inside `data_dir`.
+pub const FILE_NAME: &str = "messages.redb";
+
+/// The embedded broker; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Arc<Database>,
+    writes: mpsc::Sender<Command>,
+    /// Messages leased to a consumer: not read again until acked, parked or dead-lettered.
+    /// In memory on purpose: after a restart every unacknowledged message is due again.
+    leases: Mutex<HashSet<(Box<str>, u128)>>,
+    commits: Arc<AtomicU64>,
+    pending: IntGauge,
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the message store {path}: {reason}")]
+pub struct OpenError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// One queue's depth, for the admin view.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueDepth {
+    pub queue: String,
+    /// Stored, not acknowledged.
+    pub messages: u64,
+    pub dead_letters: u64,
+}
+
+// === impl Embedded ===
+
+impl Embedded {
+    /// Opens (or creates) the store in `dir`, repairing it after a crash, and starts its writer
+    /// thread. `pending` is set to the stored messages and follows every commit.
+    pub fn open(
+        dir: &Path,
+        dedup_window: std::time::Duration,
+        pending: IntGauge,
+    ) -> Result<Self, OpenError> {
+        let path = dir.join(FILE_NAME);
+        let fail = |reason: String| OpenError { path: path.clone(), reason };
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
+        let stored = create_tables(&db).map_err(|e| fail(e.to_string()))?;
+        pending.set(stored as i64);
+        let db = Arc::new(db);
+        let commits = Arc::new(AtomicU64::new(0));
+        let (writes, requests) = mpsc::channel(MAX_BATCH * 4);
+        let writer = Writer {
+            db: db.clone(),
+            dedup_window: dedup_window.as_millis() as u64,
+            commits: commits.clone(),
+            pending: pending.clone(),
+        };
+        std::thread::Builder::new()
+            .name("outrigger-store".into())
+            .spawn(move || writer.run(requests))
+            .map_err(|e| fail(e.to_string()))?;
+        tracing::info!(path = %path.display(), stored, "message store open");
+        Ok(Embedded {
+            inner: Arc::new(Inner {
+                db,
+                writes,
+                leases: Mutex::new(HashSet::new()),
+                commits,
+                pending,
+            }),
+        })
+    }
+
+    /// Write transactions committed so far (each one fsync).
+    pub fn commits(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    /// Messages stored and not acknowledged.
+    pub fn pending(&self) -> i64 {
+        self.inner.pending.get()
+    }
+
+    /// Every queue with stored messages or dead letters, by name.
+    pub async fn depths(&self) -> Result<Vec<QueueDepth>, BrokerError> {
+        self.read_with(|txn| {
+            let mut depths: std::collections::BTreeMap<String, QueueDepth> = Default::default();
+            for (table, dead) in [(MESSAGES, false), (DEAD, true)] {
+                for entry in txn.open_table(table)?.iter()? {
+                    let (key, _) = entry?;
+                    let queue = key.value().0;
+                    let depth = depths.entry(queue.to_owned()).or_insert_with(|| QueueDepth {
+                        queue: queue.to_owned(),
+                        messages: 0,
+                        dead_letters: 0,
+                    });
+                    *(if dead { &mut depth.dead_letters } else { &mut depth.messages }) += 1;
+                }
+            }
+            Ok(depths.into_values().collect())
+        })
+        .await
+    }
+
+    /// When the soonest parked message of `queue` falls due, if any is parked.
+    pub async fn next_parked(&self, queue: &str) -> Result<Option<UnixMillis>, BrokerError> {
+        let queue = queue.to_owned();
+        self.read_with(move |txn| {
+            let parked = txn.open_table(PARKED)?;
+            let first = parked
+                .range((queue.as_str(), 0, 0)..=(queue.as_str(), u64::MAX, u128::MAX))?
+                .next();
+            Ok(match first {
+                Some(entry) => Some(entry?.0.value().1),
+                None => None,
+            })
+        })
+        .await
+    }
+
+    /// Asks the writer thread to stop after what it has queued, and waits until it has closed
+    /// its handle on the file; the file is closed once every clone of this handle is dropped.
+    pub async fn close(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.writes.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn write(&self, op: Op) -> Result<Reply, BrokerError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .writes
+            .send(Command::Write(Request { op, reply }))
+            .await
+            .map_err(|_| BrokerError::Stopped)?;
+        answer.await.map_err(|_| BrokerError::Stopped)?
+    }
+
+    async fn read_with<T, F>(&self, read: F) -> Result<T, BrokerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error> + Send + 'static,
+    {
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read()?;
+            read(&txn)
+        })
+        .await
+        .map_err(|e| BrokerError::Store(e.to_string()))?
+        .map_err(store_error)
+    }
+
+    fn release(&self, queue: &str, id: MessageId) {
+        let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        leases.remove(&(Box::from(queue), id.as_u128()));
+    }
+}
+
+fn create_tables(db: &Database) -> Result<u64, redb::Error> {
+    let txn = db.begin_write()?;
+    let stored = {
+        txn.open_table(STATE)?;
+        txn.open_table(PARKED)?;
+        txn.open_table(DEDUP)?;
+        txn.open_table(DEDUP_EXPIRY)?;
+        txn.open_table(DEAD)?;
+        txn.open_table(MESSAGES)?.len()?
+    };
+    txn.commit()?;
+    Ok(stored)
+}
+
+fn store_error(err: impl Into<redb::Error>) -> BrokerError {
+    BrokerError::Store(err.into().to_string())
+}
+
+impl Broker for Embedded {
+    async fn publish(&self, batch: Vec<Publish>) -> Result<Vec<Published>, BrokerError> {
+        match self.write(Op::Publish(batch)).await? {
+            Reply::Published(done) => Ok(done),
+            other => unreachable!("publish answered {other:?}"),
+        }
+    }
+
+    async fn read(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        now: UnixMillis,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        let (queue, this) = (queue.to_owned(), self.clone());
+        tracing::trace!(%queue, consumer, max, "reading due messages");
+        self.read_with(move |txn| {
+            let messages = txn.open_table(MESSAGES)?;
+            let state = txn.open_table(STATE)?;
+            let mut found = Vec::new();
+            // the lock is taken inside the blocking task, never across an await
+            let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let q = queue.as_str();
+            for entry in messages.range((q, 0)..=(q, u128::MAX))? {
+                if found.len() >= max {
+                    break;
+                }
+                let (key, value) = entry?;
+                let id = key.value().1;
+                let (attempts, until) = state.get((q, id))?.map_or((0, 0), |s| s.value());
+                if until > now || leases.contains(&(Box::from(q), id)) {
+                    continue;
+                }
+                let Ok(envelope) = Envelope::from_json(value.value()) else {
+                    tracing::error!(queue = q, id = %MessageId::from_u128(id), "unreadable stored envelope skipped");
+                    continue;
+                };
+                leases.insert((Box::from(q), id));
+                found.push(Leased { envelope, attempts });
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn ack(&self, queue: &str, id: MessageId) -> Result<(), BrokerError> {
+        let result = self.write(Op::Ack { queue: queue.to_owned(), id }).await;
+        if result.is_ok() {
+            self.release(queue, id);
+        }
+        result.map(drop)
+    }
+
+    async fn park(
+        &self,
+        envelope: Envelope,
+        attempts: u32,
+        until: UnixMillis,
+    ) -> Result<(), BrokerError> {
+        let (queue, id) = (envelope.queue.clone(), envelope.id);
+        let result = self.write(Op::Park { envelope, attempts, until }).await;
+        // released even on failure: the stored copy is due again and will be retried
+        self.release(&queue, id);
+        result.map(drop)
+    }
+
+    async fn dead_letter(
+        &self,
+        envelope: Envelope,
+        dead_letter_queue: &str,
+    ) -> Result<(), BrokerError> {
+        let (queue, id) = (envelope.queue.clone(), envelope.id);
+        let op = Op::DeadLetter { envelope, dead_letter_queue: dead_letter_queue.to_owned() };
+        let result = self.write(op).await;
+        self.release(&queue, id);
+        result.map(drop)
+    }
+
+    async fn dead_letters(
+        &self,
+        dead_letter_queue: &str,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, BrokerError> {
+        let queue = dead_letter_queue.to_owned();
+        let end = before.map_or(u128::MAX, |id| id.as_u128().saturating_sub(1));
+        self.read_with(move |txn| {
+            let dead = txn.open_table(DEAD)?;
+            let q = queue.as_str();
+            let mut messages = Vec::new();
+            let mut next = None;
+            for entry in dead.range((q, 0)..=(q, end))?.rev() {
+                let (key, value) = entry?;
+                if messages.len() == limit {
+                    next = messages.last().map(|e: &Envelope| e.id);
+                    break;
+                }
+                match Envelope::from_json(value.value()) {
+                    Ok(envelope) => messages.push(envelope),
+                    Err(_) => tracing::error!(queue = q, id = %MessageId::from_u128(key.value().1), "unreadable dead letter skipped"),
+                }
+            }
+            Ok(DeadLetterPage { messages, next })
+        })
+        .await
+    }
+
+    async fn dead_letter_get(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> Result<Option<Envelope>, BrokerError> {
+        let queue = dead_letter_queue.to_owned();
+        self.read_with(move |txn| {
+            let dead = txn.open_table(DEAD)?;
+            let found = dead.get((queue.as_str(), id.as_u128()))?;
+            Ok(found.and_then(|v| Envelope::from_json(v.value()).ok()))
+        })
+        .await
+    }
+
+    async fn dead_letter_delete(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> Result<bool, BrokerError> {
+        let op = Op::DeleteDeadLetter { queue: dead_letter_queue.to_owned(), id };
+        match self.write(op).await? {
+            Reply::Deleted(found) => Ok(found),
+            other => unreachable!("delete answered {other:?}"),
+        }
+    }
+}
+
+// === the writer thread ===
+
+#[derive(Debug)]
+enum Command {
+    Write(Request),
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, BrokerError>>,
+}
+
+#[derive(Debug)]
+enum Op {
+    Publish(Vec<Publish>),
+    Ack { queue: String, id: MessageId },
+    Park { envelope: Envelope, attempts: u32, until: UnixMillis },
+    DeadLetter { envelope: Envelope, dead_letter_queue: String },
+    DeleteDeadLetter { queue: String, id: MessageId },
+}
+
+#[derive(Debug)]
+enum Reply {
+    Published(Vec<Published>),
+    Done,
+    Deleted(bool),
+}
+
+struct Writer {
+    db: Arc<Database>,
+    dedup_window: u64,
+    commits: Arc<AtomicU64>,
+    pending: IntGauge,
+}
+
+impl Writer {
+    fn run(self, mut requests: mpsc::Receiver<Command>) {
+        let mut closing = None;
+        while closing.is_none() {
+            let Some(first) = requests.blocking_recv() else { break };
+            let mut batch = Vec::new();
+            let mut next = Some(first);
+            // take what queued while the last commit was on disk: that is the group commit
+            while let Some(command) = next {
+                match command {
+                    Command::Write(request) => batch.push(request),
+                    Command::Close(done) => {
+                        closing = Some(done);
+                        break;
+                    }
+                }
+                next = if batch.len() < MAX_BATCH { requests.try_recv().ok() } else { None };
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+        }
+        let Writer { db, .. } = self;
+        drop(db);
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    /// Applies `batch` in one transaction, commits it (one fsync), then answers every caller:
+    /// all with their results, or all with the error if the transaction failed.
+    fn commit(&self, batch: Vec<Request>) {
+        let now = unix_millis(SystemTime::now());
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let mut delta = 0i64;
+        let result = (|| -> Result<Vec<Reply>, redb::Error> {
+            let mut txn = self.db.begin_write()?;
+            // redb's default, spelled out: commit() returns after the fsync
+            txn.set_durability(Durability::Immediate).expect("Immediate is never refused");
+            let mut answers = Vec::with_capacity(ops.len());
+            for op in ops {
+                answers.push(self.apply(&txn, op, now, &mut delta)?);
+            }
+            sweep_dedup(&txn, now)?;
+            txn.commit()?;
+            Ok(answers)
+        })();
+        match result {
+            Ok(answers) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                self.pending.add(delta);
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, requests = replies.len(), "message store commit failed");
+                for reply in replies {
+                    let _ = reply.send(Err(BrokerError::Store(err.to_string())));
+                }
+            }
+        }
+    }
+
+    fn apply(
+        &self,
+        txn: &WriteTransaction,
+        op: Op,
+        now: u64,
+        delta: &mut i64,
+    ) -> Result<Reply, redb::Error> {
+        let mut messages = txn.open_table(MESSAGES)?;
+        let mut state = txn.open_table(STATE)?;
+        let mut parked = txn.open_table(PARKED)?;
+        Ok(match op {
+            Op::Publish(batch) => {
+                let mut dedup = txn.open_table(DEDUP)?;
+                let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+                let mut done = Vec::with_capacity(batch.len());
+                for message in batch {
+                    let q = message.queue.as_str();
+                    if let Some(key) = message.idempotency_key.as_deref() {
+                        let seen = dedup.get((q, key))?.map(|v| v.value());
+                        if let Some((id, expires)) = seen.filter(|&(_, expires)| expires > now) {
+                            let _ = expires;
+                            done.push(Published::Duplicate(MessageId::from_u128(id)));
+                            continue;
+                        }
+                    }
+                    let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now);
+                    let id = MessageId::generate(SystemTime::now().max(at));
+                    let mut envelope = Envelope::new(id, q, at, message.payload);
+                    let metadata = &mut envelope.metadata;
+                    for (name, value) in [
+                        ("idempotency_key", &message.idempotency_key),
+                        ("ordering_key", &message.ordering_key),
+                        ("traceparent", &message.traceparent),
+                    ] {
+                        if let Some(value) = value {
+                            metadata.insert(name.into(), value.clone().into());
+                        }
+                    }
+                    messages.insert((q, id.as_u128()), envelope.to_json().as_slice())?;
+                    state.insert((q, id.as_u128()), (0u32, 0u64))?;
+                    if let Some(key) = message.idempotency_key.as_deref() {
+                        let expires = now + self.dedup_window;
+                        if let Some(old) = dedup.insert((q, key), (id.as_u128(), expires))? {
+                            expiry.remove((old.value().1, q, key))?;
+                        }
+                        expiry.insert((expires, q, key), ())?;
+                    }
+                    *delta += 1;
+                    done.push(Published::Stored(id));
+                }
+                Reply::Published(done)
+            }
+            Op::Ack { queue, id } => {
+                let q = queue.as_str();
+                if messages.remove((q, id.as_u128()))?.is_some() {
+                    *delta -= 1;
+                }
+                if let Some(old) = state.remove((q, id.as_u128()))? {
+                    let until = old.value().1;
+                    parked.remove((q, until, id.as_u128()))?;
+                }
+                Reply::Done
+            }
+            Op::Park { envelope, attempts, until } => {
+                let (q, id) = (envelope.queue.as_str(), envelope.id.as_u128());
+                if messages.get((q, id))?.is_none() {
+                    // acknowledged meanwhile (a duplicate delivery): nothing to keep
+                    return Ok(Reply::Done);
+                }
+                messages.insert((q, id), envelope.to_json().as_slice())?;
+                if let Some(old) = state.insert((q, id), (attempts, until))? {
+                    let old_until = old.value().1;
+                    parked.remove((q, old_until, id))?;
+                }
+                parked.insert((q, until, id), ())?;
+                Reply::Done
+            }
+            Op::DeadLetter { envelope, dead_letter_queue } => {
+                let (q, id) = (envelope.queue.as_str(), envelope.id.as_u128());
+                // the dead letter and the removal commit together or not at all
+                txn.open_table(DEAD)?
+                    .insert((dead_letter_queue.as_str(), id), envelope.to_json().as_slice())?;
+                if messages.remove((q, id))?.is_some() {
+                    *delta -= 1;
+                }
+                if let Some(old) = state.remove((q, id))? {
+                    let until = old.value().1;
+                    parked.remove((q, until, id))?;
+                }
+                Reply::Done
+            }
+            Op::DeleteDeadLetter { queue, id } => {
+                let found = txn.open_table(DEAD)?.remove((queue.as_str(), id.as_u128()))?.is_some();
+                Reply::Deleted(found)
+            }
+        })
+    }
+}
+
+/// Forgets up to [`SWEEP_PER_COMMIT`] Idempotency-Keys whose window has passed.
+fn sweep_dedup(txn: &WriteTransaction, now: u64) -> Result<(), redb::Error> {
+    let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
+    let mut dedup = txn.open_table(DEDUP)?;
+    let mut expired = Vec::new();
+    for entry in expiry.range((0, "", "")..(now, "", ""))?.take(SWEEP_PER_COMMIT) {
+        let (key, _) = entry?;
+        let (at, queue, key) = key.value();
+        expired.push((at, queue.to_owned(), key.to_owned()));
+    }
+    for (at, queue, key) in &expired {
+        expiry.remove((*at, queue.as_str(), key.as_str()))?;
+        dedup.remove((queue.as_str(), key.as_str()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

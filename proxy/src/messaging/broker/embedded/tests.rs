@@ -1,0 +1,232 @@
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::*;
+
+/// A directory of its own per test, removed at the end.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "outrigger-store-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn open(dir: &TempDir) -> Embedded {
+    Embedded::open(&dir.0, HOUR, IntGauge::new("pending", "test").unwrap()).unwrap()
+}
+
+fn message(queue: &str, payload: &str, key: Option<&str>) -> Publish {
+    Publish {
+        queue: queue.into(),
+        payload: RawValue::from_string(payload.into()).unwrap(),
+        idempotency_key: key.map(Into::into),
+        ordering_key: None,
+        traceparent: None,
+    }
+}
+
+async fn publish_one(store: &Embedded, queue: &str, payload: &str) -> MessageId {
+    store.publish(vec![message(queue, payload, None)]).await.unwrap()[0].id()
+}
+
+fn now() -> UnixMillis {
+    unix_millis(SystemTime::now())
+}
+
+#[tokio::test]
+async fn a_published_message_is_read_in_id_order_with_its_payload_and_metadata() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let mut first = message("orders", r#"{"n": 1}"#, Some("k-1"));
+    first.ordering_key = Some("customer-7".into());
+    first.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+    let ids = store.publish(vec![first, message("orders", r#"{"n": 2}"#, None)]).await.unwrap();
+    publish_one(&store, "other", "[]").await;
+
+    let read = store.read("orders", "test", 10, now()).await.unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0].envelope.id, ids[0].id());
+    assert_eq!(read[1].envelope.id, ids[1].id());
+    assert!(ids[0].id() < ids[1].id());
+    assert_eq!(read[0].envelope.payload.get(), r#"{"n": 1}"#);
+    assert_eq!(read[0].envelope.queue, "orders");
+    assert_eq!(read[0].envelope.metadata["idempotency_key"], "k-1");
+    assert_eq!(read[0].envelope.metadata["ordering_key"], "customer-7");
+    assert!(read[0].envelope.metadata["traceparent"].as_str().unwrap().starts_with("00-0af7"));
+    assert!(!read[1].envelope.metadata.contains_key("idempotency_key"));
+    assert_eq!(read[0].attempts, 0);
+    assert_eq!(store.pending(), 3);
+}
+
+#[tokio::test]
+async fn a_leased_message_is_not_read_again_until_released_and_an_ack_forgets_it() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let id = publish_one(&store, "q", "1").await;
+    let second = publish_one(&store, "q", "2").await;
+
+    assert_eq!(store.read("q", "a", 1, now()).await.unwrap()[0].envelope.id, id);
+    let next = store.read("q", "b", 10, now()).await.unwrap();
+    assert_eq!(next.len(), 1, "the first is leased to a");
+    assert_eq!(next[0].envelope.id, second);
+
+    store.ack("q", id).await.unwrap();
+    store.ack("q", second).await.unwrap();
+    assert!(store.read("q", "a", 10, now()).await.unwrap().is_empty());
+    assert_eq!(store.pending(), 0);
+}
+
+#[tokio::test]
+async fn a_parked_message_keeps_its_error_history_and_waits_until_its_time() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let id = publish_one(&store, "q", "{}").await;
+    let mut leased = store.read("q", "c", 1, now()).await.unwrap().remove(0);
+    leased.envelope.error.push(crate::messaging::envelope::ErrorRecord {
+        status_code: Some(503),
+        message: "busy".into(),
+        stack_trace: String::new(),
+        date: "2026-01-01T00:00:00.000Z".into(),
+    });
+    let until = now() + 60_000;
+    store.park(leased.envelope, 1, until).await.unwrap();
+
+    assert!(store.read("q", "c", 10, now()).await.unwrap().is_empty(), "parked for a minute");
+    assert_eq!(store.next_parked("q").await.unwrap(), Some(until));
+    let due = store.read("q", "c", 10, until).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].envelope.id, id);
+    assert_eq!(due[0].attempts, 1);
+    assert_eq!(due[0].envelope.error[0].status_code, Some(503));
+
+    store.ack("q", id).await.unwrap();
+    assert_eq!(store.next_parked("q").await.unwrap(), None, "the ack clears the park index");
+}
+
+#[tokio::test]
+async fn a_dead_letter_moves_atomically_and_can_be_listed_read_and_deleted() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let first = publish_one(&store, "q", "1").await;
+    let second = publish_one(&store, "q", "2").await;
+    for leased in store.read("q", "c", 10, now()).await.unwrap() {
+        store.dead_letter(leased.envelope, "q_deadletter").await.unwrap();
+    }
+    assert_eq!(store.pending(), 0);
+    assert!(store.read("q", "c", 10, now()).await.unwrap().is_empty());
+
+    let page = store.dead_letters("q_deadletter", None, 1).await.unwrap();
+    assert_eq!(page.messages[0].id, second, "newest first");
+    assert_eq!(page.next, Some(second));
+    let older = store.dead_letters("q_deadletter", page.next, 1).await.unwrap();
+    assert_eq!(older.messages[0].id, first);
+    assert_eq!(older.next, None);
+    assert!(store.dead_letter_get("q_deadletter", first).await.unwrap().is_some());
+    assert!(store.dead_letter_delete("q_deadletter", first).await.unwrap());
+    assert!(!store.dead_letter_delete("q_deadletter", first).await.unwrap());
+    let depths = store.depths().await.unwrap();
+    assert_eq!(
+        depths,
+        vec![QueueDepth { queue: "q_deadletter".into(), messages: 0, dead_letters: 1 }]
+    );
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_within_the_window_returns_the_first_id_and_stores_nothing() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let first = store.publish(vec![message("q", "1", Some("k"))]).await.unwrap()[0];
+    // in one batch too: the second sees the first's key inside the same transaction
+    let again = store
+        .publish(vec![message("q", "2", Some("k")), message("q", "3", Some("k"))])
+        .await
+        .unwrap();
+    assert!(matches!(first, Published::Stored(_)));
+    assert_eq!(again, vec![Published::Duplicate(first.id()), Published::Duplicate(first.id())]);
+    let other_queue = store.publish(vec![message("r", "1", Some("k"))]).await.unwrap()[0];
+    assert!(matches!(other_queue, Published::Stored(_)), "keys are per queue");
+    assert_eq!(store.pending(), 2);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_is_forgotten_after_the_dedup_window() {
+    let dir = TempDir::new();
+    let store =
+        Embedded::open(&dir.0, Duration::from_millis(1), IntGauge::new("p", "t").unwrap()).unwrap();
+    let first = store.publish(vec![message("q", "1", Some("k"))]).await.unwrap()[0];
+    // the window is 1 ms of wall clock (stored times must be wall clock): wait it out
+    let until = now() + 5;
+    while now() <= until {
+        tokio::task::yield_now().await;
+    }
+    let second = store.publish(vec![message("q", "1", Some("k"))]).await.unwrap()[0];
+    assert!(matches!(second, Published::Stored(id) if id != first.id()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_share_commits() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let before = store.commits();
+    let publishers: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { publish_one(&store, "q", &i.to_string()).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for publisher in publishers {
+        ids.push(publisher.await.unwrap());
+    }
+    let commits = store.commits() - before;
+    assert_eq!(store.pending(), 200);
+    assert!(commits < 200, "200 publishes took {commits} commits: no grouping");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+}
+
+#[tokio::test]
+async fn a_reopened_store_has_everything_committed_and_its_state() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(publish_one(&store, "q", &i.to_string()).await);
+    }
+    let leased = store.read("q", "c", 1, now()).await.unwrap().remove(0);
+    store.park(leased.envelope, 3, now() + 3_600_000).await.unwrap();
+    store.ack("q", ids[1]).await.unwrap();
+    let dup = store.publish(vec![message("q", r#""x""#, Some("key"))]).await.unwrap()[0];
+    store.close().await;
+
+    let gauge = IntGauge::new("pending", "test").unwrap();
+    let store = Embedded::open(&dir.0, HOUR, gauge.clone()).unwrap();
+    assert_eq!(gauge.get(), 20, "19 of the 20 and the keyed one");
+    let due = store.read("q", "c", 100, now()).await.unwrap();
+    assert_eq!(due.len(), 19, "18 of the 20 (one acknowledged, one parked) and the keyed one");
+    assert_eq!(due[0].envelope.id, ids[2]);
+    let later = store.read("q", "c", 100, now() + 3_600_000).await.unwrap();
+    assert_eq!(later[0].envelope.id, ids[0]);
+    assert_eq!(later[0].attempts, 3, "the attempt count survives");
+    let again = store.publish(vec![message("q", r#""x""#, Some("key"))]).await.unwrap()[0];
+    assert_eq!(again, Published::Duplicate(dup.id()), "the dedup index survives");
+}

@@ -1,0 +1,143 @@
+//! The broker interface: what publishing, delivery and the dead-letter tools need from a place
+//! that keeps messages, whether it is the embedded store in `messaging.data_dir` or, later,
+//! Redis Streams (`XADD`, `XREADGROUP`, `XACK`, `XADD`+`XACK` in a `MULTI` for dead letters).
+//!
+//! Every write is durable when its future resolves: a publish is answered 202 only then, an ack
+//! forgets a message only then, and a dead letter exists before its original is acknowledged.
+//! Time is wall-clock Unix milliseconds, because park times must survive a restart.
+
+pub mod embedded;
+
+use std::future::Future;
+
+use serde_json::value::RawValue;
+
+use crate::messaging::envelope::{Envelope, MessageId};
+
+pub use embedded::Embedded;
+
+/// Unix time in milliseconds: what a parked message waits for, and what outlives the process.
+pub type UnixMillis = u64;
+
+/// One message to publish.
+#[derive(Debug)]
+pub struct Publish {
+    pub queue: String,
+    pub payload: Box<RawValue>,
+    /// With a key, a second publish within the dedup window returns the first one's id.
+    pub idempotency_key: Option<String>,
+    pub ordering_key: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Stored now, under this id.
+    Stored(MessageId),
+    /// Its Idempotency-Key was seen within the dedup window: nothing stored, the first id.
+    Duplicate(MessageId),
+}
+
+impl Published {
+    pub fn id(self) -> MessageId {
+        match self {
+            Published::Stored(id) | Published::Duplicate(id) => id,
+        }
+    }
+}
+
+/// A message handed to a consumer, leased to it until it is acknowledged, parked or
+/// dead-lettered (or, for the embedded broker, until a restart: at-least-once).
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub envelope: Envelope,
+    /// Deliveries already attempted (0 for a fresh message): survives restarts.
+    pub attempts: u32,
+}
+
+/// Why a broker operation failed. The message concerned stays where it was.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the message store failed: {0}")]
+    Store(String),
+    #[error("the message store has stopped")]
+    Stopped,
+    #[error("no message {id} in queue {queue}")]
+    NotFound { queue: String, id: MessageId },
+}
+
+/// A page of dead letters, newest first.
+#[derive(Debug)]
+pub struct DeadLetterPage {
+    pub messages: Vec<Envelope>,
+    /// Pass as `before` to read the next (older) page.
+    pub next: Option<MessageId>,
+}
+
+/// A place that keeps messages. Implemented by [`Embedded`]; a Redis Streams broker is next.
+/// The sidecar dispatches over the implementations with an enum (static dispatch; no boxed
+/// futures per message).
+pub trait Broker: Send + Sync + 'static {
+    /// Stores every message durably (one commit for the whole batch where the broker allows),
+    /// answering each in order.
+    fn publish(
+        &self,
+        batch: Vec<Publish>,
+    ) -> impl Future<Output = Result<Vec<Published>, BrokerError>> + Send;
+
+    /// Up to `max` messages of `queue` that are due at `now` (not parked past it) and not leased,
+    /// in id order, leased to `consumer`.
+    fn read(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        now: UnixMillis,
+    ) -> impl Future<Output = Result<Vec<Leased>, BrokerError>> + Send;
+
+    /// Forgets a delivered message; its id is remembered for the dedup window.
+    fn ack(
+        &self,
+        queue: &str,
+        id: MessageId,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Keeps a failed message until `until`, replacing its envelope (with the new error record)
+    /// and counting the attempt, durably; it is not read again before then.
+    fn park(
+        &self,
+        envelope: Envelope,
+        attempts: u32,
+        until: UnixMillis,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Stores `envelope` in `dead_letter_queue` and removes the original from its queue, in one
+    /// atomic step: if it fails, the original stays.
+    fn dead_letter(
+        &self,
+        envelope: Envelope,
+        dead_letter_queue: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Dead letters of `dead_letter_queue`, newest first, older than `before` when given.
+    fn dead_letters(
+        &self,
+        dead_letter_queue: &str,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<DeadLetterPage, BrokerError>> + Send;
+
+    fn dead_letter_get(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> impl Future<Output = Result<Option<Envelope>, BrokerError>> + Send;
+
+    /// Removes a dead letter; `Ok(false)` when there was none.
+    fn dead_letter_delete(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+}

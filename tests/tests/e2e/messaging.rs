@@ -1,0 +1,145 @@
+//! Messaging: `POST /v1/publish/{queue}` on the outbound listener, the durable store behind it,
+//! and what survives a `kill -9`.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use outrigger_tests::{Sidecar, Upstream, send};
+
+/// Every test stores its messages in its own scratch directory.
+const YAML: &str = "messaging: { data_dir: \"$SCRATCH/data\", dedup_window: 1h }\n";
+
+fn publish(queue: &str) -> http::request::Builder {
+    Request::post(format!("/v1/publish/{queue}")).header("host", "localhost")
+}
+
+async fn post(sidecar: &Sidecar, queue: &str, body: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = publish(queue).header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let res = sidecar.send(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await;
+    (res.status().as_u16(), String::from_utf8_lossy(res.body()).into_owned())
+}
+
+fn id_of(body: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(body).expect("a JSON answer");
+    json["id"].as_str().expect("an id").to_owned()
+}
+
+/// The value of an unlabelled or fully spelled-out metric line.
+async fn metric(sidecar: &Sidecar, series: &str) -> Option<f64> {
+    let (_, text) = sidecar.admin("/metrics").await;
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn queues(sidecar: &Sidecar) -> serde_json::Value {
+    let (status, body) = sidecar.admin("/v1/queues").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("/v1/queues answers JSON")
+}
+
+#[tokio::test]
+async fn publish_answers_202_with_an_id_once_stored() {
+    let sidecar = Sidecar::start(YAML).await;
+
+    let (status, body) = post(&sidecar, "orders.created", r#"{"order": 42}"#, None).await;
+    assert_eq!(status, 202, "{body}");
+    let id = id_of(&body);
+    assert_eq!(id.len(), 26, "{id}");
+
+    let (status, second) = post(&sidecar, "orders.created", "[1, 2]", None).await;
+    assert_eq!(status, 202);
+    assert!(id_of(&second) > id, "ids sort by publish order");
+    assert_eq!(
+        metric(&sidecar, r#"outrigger_messages_published_total{queue="orders.created"}"#).await,
+        Some(2.0)
+    );
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(2.0));
+    assert_eq!(queues(&sidecar).await["queues"][0]["messages"], 2);
+    assert_eq!(queues(&sidecar).await["queues"][0]["queue"], "orders.created");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_with_a_reason_and_nothing_is_stored() {
+    let sidecar = Sidecar::start(YAML).await;
+
+    let (status, body) = post(&sidecar, "orders", "{not json", None).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("not JSON"), "{body}");
+    let (status, body) = post(&sidecar, "orders!", "{}", None).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("queue name"), "{body}");
+    let big = format!("[{}0]", "0,".repeat(600_000));
+    let (status, body) = post(&sidecar, "orders", &big, None).await;
+    assert_eq!(status, 413);
+    assert!(body.contains("larger than 1048576 bytes"), "{body}");
+
+    let res =
+        sidecar.send(publish("orders").body(Full::new(Bytes::from_static(b"x"))).unwrap()).await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.headers()["outrigger-error"], "bad-request");
+    let res = sidecar.get("localhost", "/v1/publish/orders").await;
+    assert_eq!(res.status(), 405, "publishing is a POST");
+
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(0.0));
+    assert_eq!(queues(&sidecar).await["queues"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_twice_gives_the_same_id_and_stores_once() {
+    let sidecar = Sidecar::start(YAML).await;
+
+    let (status, first) = post(&sidecar, "payments", r#"{"charge": 1}"#, Some("order-7")).await;
+    assert_eq!(status, 202);
+    let (status, again) = post(&sidecar, "payments", r#"{"charge": 1}"#, Some("order-7")).await;
+    assert_eq!(status, 202);
+    assert_eq!(id_of(&first), id_of(&again));
+    let (_, other) = post(&sidecar, "payments", r#"{"charge": 1}"#, Some("order-8")).await;
+    assert_ne!(id_of(&first), id_of(&other));
+
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(2.0));
+    assert_eq!(
+        metric(&sidecar, r#"outrigger_messages_published_total{queue="payments"}"#).await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn a_v1_path_for_another_authority_is_proxied_as_before() {
+    let up = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&format!("{YAML}{}", up.yaml("payments"))).await;
+
+    let req = Request::post("/v1/publish/orders")
+        .header("host", "payments")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(sidecar.send(req).await.status(), 200, "the upstream answered");
+    assert_eq!(up.requests(), 1);
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(0.0));
+}
+
+#[tokio::test]
+async fn twenty_accepted_messages_survive_a_kill_9() {
+    let mut sidecar = Sidecar::start(YAML).await;
+
+    let publishes: Vec<_> = (0..20)
+        .map(|i| {
+            let req =
+                publish("orders").body(Full::new(Bytes::from(format!(r#"{{"n": {i}}}"#)))).unwrap();
+            tokio::spawn(send(sidecar.outbound, req))
+        })
+        .collect();
+    for publish in publishes {
+        let res = publish.await.unwrap().expect("the sidecar answers");
+        assert_eq!(res.status(), 202, "{:?}", res.body());
+    }
+    sidecar.kill9();
+    sidecar.restart().await;
+
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(20.0));
+    assert_eq!(queues(&sidecar).await["queues"][0]["messages"], 20);
+    let (status, _) = post(&sidecar, "orders", "{}", None).await;
+    assert_eq!(status, 202, "the reopened store takes new messages");
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(21.0));
+}
