@@ -481,8 +481,7 @@ impl Writer {
                     let q = message.queue.as_str();
                     if let Some(key) = message.idempotency_key.as_deref() {
                         let seen = dedup.get((q, key))?.map(|v| v.value());
-                        if let Some((id, expires)) = seen.filter(|&(_, expires)| expires > now) {
-                            let _ = expires;
+                        if let Some((id, _)) = seen.filter(|&(_, expires)| expires > now) {
                             done.push(Published::Duplicate(MessageId::from_u128(id)));
                             continue;
                         }

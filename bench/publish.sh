@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Durable publish benchmark: POST /v1/publish/bench with a small JSON payload, answered 202 only
+# after the message's commit (fsync) in the embedded store, with 1 and 64 concurrent publishers
+# (wrk connections, one request in flight each). Also times the disk's own fsync, for comparison:
+# one publisher cannot beat one fsync per message; many publishers share one (group commit).
+#
+#   bash bench/publish.sh [SECONDS]        (default: 10 s per load)
+#
+# wrk runs on CPU 0, the sidecar on CPU 1. The store lives in a fresh temp dir on the disk that
+# holds $TMPDIR (default /tmp): run it where the real data_dir would be. Installs wrk if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN=${1:-10}
+LOADS=(1 64)
+
+command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
+cargo build --release --locked -p outrigger-proxy --bin outrigger >&2
+OUTRIGGER=$CARGO_TARGET_DIR/release/outrigger
+
+work=$(mktemp -d)
+pid=
+cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# the disk's own flush: 4 KiB rewritten in place then fsync (data + inode), or fdatasync (data
+# only, what a commit into an already allocated file needs); 200 samples each, median and p99 ms
+python3 - "$work/fsync.probe" <<'PY' >"$work/fsync.txt"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
+block = b"x" * 4096
+for i in range(16): os.pwrite(fd, block, i * 4096)
+os.fsync(fd)
+out = []
+for flush in (os.fsync, os.fdatasync):
+    times = []
+    for i in range(200):
+        os.pwrite(fd, block, (i % 16) * 4096)
+        t = time.perf_counter(); flush(fd); times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    out += [f"{times[100]:.3f}", f"{times[197]:.3f}"]
+print(" ".join(out))
+PY
+read -r fsync_median fsync_p99 fdatasync_median fdatasync_p99 <"$work/fsync.txt"
+
+cat >"$work/outrigger.yaml" <<YAML
+outbound: { listen: 127.0.0.1:18190 }
+admin: { listen: 127.0.0.1:18191 }
+messaging: { data_dir: $work/data }
+telemetry: { log: { level: warn } }
+YAML
+taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >"$work/outrigger.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+
+cat >"$work/publish.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Host"] = "localhost"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}'
+done = function(summary, latency, requests)
+  local bad = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format("RESULT %.0f %.2f %.2f %d\n", summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, bad))
+end
+LUA
+
+# a short warm-up creates the store file (it opens at the first publish)
+taskset -c 0 wrk -t1 -c1 -d1s -s "$work/publish.lua" http://127.0.0.1:18190/v1/publish/bench >/dev/null
+echo "| publishers | durable publishes/s | p50 ms | p99 ms | non-202 or errors |"
+echo "|---|---|---|---|---|"
+for c in "${LOADS[@]}"; do
+  threads=$((c < 2 ? 1 : 2))
+  line=$(taskset -c 0 wrk -t"$threads" -c"$c" -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
+    http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
+  read -r _ rps p50 p99 bad <<<"$line"
+  echo "| $c | $rps | $p50 | $p99 | $bad |"
+done
+echo
+echo "disk, 4 KiB rewrite + fsync: median ${fsync_median} ms, p99 ${fsync_p99} ms; + fdatasync: median ${fdatasync_median} ms, p99 ${fdatasync_p99} ms (200 samples each)"
+echo "messages pending in the store: $(curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}')"
