@@ -183,7 +183,8 @@ impl Pool {
     /// Picks an endpoint for one request, avoiding `avoid` (those a retry already tried) when
     /// another is available. `None`: no endpoint is healthy.
     pub fn pick(&self, avoid: &[SocketAddr]) -> Option<Picked> {
-        let members = self.inner.members.borrow().clone();
+        // a short read of the current set, released before this returns: no clone of the slice
+        let members = self.inner.members.borrow();
         let now = Instant::now();
         let since_epoch = self.since_epoch(now);
         let usable = |m: &Member| m.health() == Health::Healthy && !m.ejected(since_epoch);

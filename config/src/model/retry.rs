@@ -163,6 +163,42 @@ impl Backoff {
     pub const MESSAGING: Backoff =
         Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(60), ..Backoff::HTTP };
 
+    /// The delay before retry number `retry` (0 for the first), given the previous delay (used
+    /// by decorrelated jitter) and a random draw `unit` in `[0, 1)`: pure, so HTTP retries,
+    /// message redelivery and discovery reconnects share one formula and tests pin the draw.
+    pub fn delay_with(
+        &self,
+        retry: u32,
+        previous: std::time::Duration,
+        unit: f64,
+    ) -> std::time::Duration {
+        let cfg = self;
+        let (initial, max) = (cfg.initial.get(), cfg.max.get());
+        let base = match cfg.strategy {
+            BackoffStrategy::Exponential => {
+                // f64 keeps a large `retry` from overflowing; the cap applies right after
+                let factor = cfg.multiplier.powi(i32::try_from(retry).unwrap_or(i32::MAX));
+                std::time::Duration::try_from_secs_f64(initial.as_secs_f64() * factor)
+                    .unwrap_or(max)
+            }
+            BackoffStrategy::Linear => {
+                initial.saturating_add(cfg.linear_step().get().saturating_mul(retry))
+            }
+            BackoffStrategy::Fixed => initial,
+        }
+        .min(max);
+        match cfg.jitter {
+            Jitter::None => base,
+            Jitter::Full => base.mul_f64(unit),
+            Jitter::Equal => base / 2 + (base / 2).mul_f64(unit),
+            Jitter::Decorrelated => {
+                // min(max, random_between(initial, previous × 3))
+                let high = previous.saturating_mul(3).max(initial);
+                (initial + (high - initial).mul_f64(unit)).min(max)
+            }
+        }
+    }
+
     /// The linear strategy's increment.
     pub fn linear_step(&self) -> Duration {
         self.step.unwrap_or(self.initial)

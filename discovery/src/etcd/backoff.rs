@@ -4,18 +4,28 @@
 
 use std::time::Duration;
 
+use outrigger_config as config;
 use rand::RngExt;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Backoff {
-    initial: Duration,
-    max: Duration,
-    step: Duration,
+    /// The formula HTTP retries use: exponential ×2, equal jitter, capped.
+    policy: config::Backoff,
+    /// Failures since the last success.
+    failures: u32,
 }
 
 impl Backoff {
     pub(crate) fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, step: initial }
+        let policy = config::Backoff {
+            strategy: config::BackoffStrategy::Exponential,
+            initial: initial.into(),
+            max: max.into(),
+            multiplier: 2.0,
+            step: None,
+            jitter: config::Jitter::Equal,
+        };
+        Self { policy, failures: 0 }
     }
 
     /// The delay before the next attempt; each call doubles the step, up to `max`.
@@ -25,14 +35,14 @@ impl Backoff {
 
     /// `next_delay` with the random share given: `unit` in `0.0..=1.0`.
     fn next_with(&mut self, unit: f64) -> Duration {
-        let step = self.step;
-        self.step = (step * 2).min(self.max);
-        step / 2 + (step / 2).mul_f64(unit.clamp(0.0, 1.0))
+        let delay = self.policy.delay_with(self.failures, Duration::ZERO, unit.clamp(0.0, 1.0));
+        self.failures = self.failures.saturating_add(1);
+        delay
     }
 
     /// After a success: the next failure starts again from `initial`.
     pub(crate) fn reset(&mut self) {
-        self.step = self.initial;
+        self.failures = 0;
     }
 }
 

@@ -37,30 +37,7 @@ impl Backoff {
 
     /// The same with the random draw `unit` in `[0, 1)` given, for tests.
     pub fn delay_with(&self, retry: u32, previous: Duration, unit: f64) -> Duration {
-        let cfg = &self.cfg;
-        let (initial, max) = (cfg.initial.get(), cfg.max.get());
-        let base = match cfg.strategy {
-            config::BackoffStrategy::Exponential => {
-                // f64 keeps a large `retry` from overflowing; the cap applies right after
-                let factor = cfg.multiplier.powi(i32::try_from(retry).unwrap_or(i32::MAX));
-                Duration::try_from_secs_f64(initial.as_secs_f64() * factor).unwrap_or(max)
-            }
-            config::BackoffStrategy::Linear => {
-                initial.saturating_add(cfg.linear_step().get().saturating_mul(retry))
-            }
-            config::BackoffStrategy::Fixed => initial,
-        }
-        .min(max);
-        match cfg.jitter {
-            config::Jitter::None => base,
-            config::Jitter::Full => base.mul_f64(unit),
-            config::Jitter::Equal => base / 2 + (base / 2).mul_f64(unit),
-            config::Jitter::Decorrelated => {
-                // min(max, random_between(initial, previous × 3))
-                let high = previous.saturating_mul(3).max(initial);
-                (initial + (high - initial).mul_f64(unit)).min(max)
-            }
-        }
+        self.cfg.delay_with(retry, previous, unit)
     }
 }
 

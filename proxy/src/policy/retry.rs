@@ -154,7 +154,7 @@ where
     // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)
     let replayable =
         !upgrade && (idempotent || shared.on.contains(&config::RetryOn::ConnectFailure));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let replay = match replayable {
         true => buffer(body, shared.replay_cap).await?,
         false => Replay::Streaming(body),
@@ -164,7 +164,6 @@ where
         return inner.ready().await?.call(Request::from_parts(parts, body)).await;
     };
     // every attempt's copy of the parts shares this: a retry goes to another endpoint
-    let mut parts = parts;
     parts.extensions.insert(TriedEndpoints::default());
 
     let mut attempt = 1;

@@ -90,7 +90,11 @@ async fn sigterm_fails_readiness_and_exits_0() {
 
 #[test]
 fn every_example_configuration_validates() {
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    // the runner's CARGO_MANIFEST_DIR, not the compile-time one: a cached test binary built in
+    // another checkout of the workspace is not rebuilt (cargo fingerprints relative paths)
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+    let examples = std::path::Path::new(&manifest_dir).join("../examples");
     let mut checked = 0;
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
