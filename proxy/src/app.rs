@@ -56,6 +56,8 @@ pub struct Running {
     servers: JoinSet<()>,
     drain_timeout: Duration,
     registration: Option<Registration>,
+    /// One dispatcher per subscription; each ends after its deliveries in flight.
+    dispatchers: JoinSet<()>,
 }
 
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -93,7 +95,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let config_json =
         Bytes::from(serde_json::to_vec_pretty(&config).expect("the config serializes"));
     let admin_routes =
-        Admin::new(health.clone(), metrics.clone(), config_json).with_messaging(messaging);
+        Admin::new(health.clone(), metrics.clone(), config_json).with_messaging(messaging.clone());
 
     let (stop, stopped) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
@@ -109,7 +111,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         servers: JoinSet::new(),
         drain_timeout: config.lifecycle.drain_timeout.get(),
         registration: None,
+        dispatchers: JoinSet::new(),
     };
+    if let Some(app) = &config.service.app
+        && !config.messaging.subscriptions.is_empty()
+    {
+        let app_up = app_up(&running.health, stopped.clone());
+        running.dispatchers =
+            messaging.deliver(&config.service.name, app_base(app), app_up, stopped.clone());
+    }
 
     let route = Route::ByAuthority(routes);
     servers.spawn(listener::serve(
@@ -181,18 +191,51 @@ fn register(config: &Config, health: &Arc<Health>) -> Result<Option<Registration
     Ok(Some(Registration::start(etcd, &config.service.name, instance, ready)))
 }
 
+/// `service.app.url` with its base path and no trailing `/`: paths are appended to it.
+fn app_base(app: &config::App) -> String {
+    let url = &app.url;
+    // an IPv6 host needs its brackets back
+    let host = match url.host() {
+        host if host.contains(':') => format!("[{host}]"),
+        host => host.to_owned(),
+    };
+    let base = url.base_path().trim_end_matches('/');
+    format!("http://{host}:{}{base}", url.port())
+}
+
 /// `service.app.url` + `health_path`, when a health path is configured.
 fn app_health_uri(app: &config::App) -> Option<http::Uri> {
     let path = app.health_path.as_deref()?;
-    let url = &app.url;
-    let uri = format!("http://{}:{}{}{path}", url.host(), url.port(), url.base_path());
-    // config validated both parts; an IPv6 host needs its brackets back
-    let uri = if url.host().contains(':') {
-        uri.replacen(url.host(), &format!("[{}]", url.host()), 1)
-    } else {
-        uri
-    };
-    uri.parse().ok()
+    // config validated both parts
+    format!("{}{path}", app_base(app)).parse().ok()
+}
+
+/// Whether message deliveries may go to the app: with a health path, what it answered at its
+/// last check (every second; false until the first passes); without one, always.
+fn app_up(health: &Arc<Health>, mut stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    if !health.checks_app() {
+        return watch::channel(true).1;
+    }
+    let (up_tx, up) = watch::channel(false);
+    let health = health.clone();
+    tokio::spawn(async move {
+        loop {
+            let answered = health.app_answers().await;
+            if up_tx.send_if_modified(|was| std::mem::replace(was, answered.is_ok()) != *was) {
+                match &answered {
+                    Ok(detail) => tracing::info!(%detail, "the app is healthy: deliveries go on"),
+                    Err(detail) => {
+                        tracing::warn!(%detail, "the app's health check fails: deliveries wait")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    });
+    up
 }
 
 impl Running {
@@ -207,7 +250,12 @@ impl Running {
         tracing::info!(timeout = ?self.drain_timeout, "draining in-flight requests");
         // every listener task has ended, so this is the last reference
         let graceful = Arc::into_inner(self.graceful).expect("the listeners have stopped");
-        if tokio::time::timeout(self.drain_timeout, graceful.shutdown()).await.is_err() {
+        let mut dispatchers = self.dispatchers;
+        let drained = async move {
+            graceful.shutdown().await;
+            while dispatchers.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(self.drain_timeout, drained).await.is_err() {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing what is left");
         }
         tracing::info!("outrigger stopped");

@@ -79,6 +79,19 @@ impl Health {
         Readiness { status: if ready { "ready" } else { "not_ready" }, checks }
     }
 
+    /// Whether the app has a health path to check.
+    pub fn checks_app(&self) -> bool {
+        self.app.is_some()
+    }
+
+    /// The app's health check now: what it answered, or why it failed. `Ok` without a path.
+    pub async fn app_answers(&self) -> Result<String, String> {
+        match &self.app {
+            Some((uri, client)) => check_app(client, uri).await,
+            None => Ok("no health path".to_owned()),
+        }
+    }
+
     /// Every upstream's endpoint pool.
     pub fn upstreams(&self) -> &[Pool] {
         &self.upstreams

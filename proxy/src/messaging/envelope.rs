@@ -55,6 +55,11 @@ impl Envelope {
         }
     }
 
+    /// The `outrigger-ordering-key` it was published with.
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.metadata.get("ordering_key")?.as_str()
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an envelope serializes")
     }

@@ -3,10 +3,11 @@
 //!
 //! The store (the `embedded` broker, a redb file in `messaging.data_dir`) opens at startup when
 //! its file already exists, so a restarted sidecar reports what it still holds; otherwise at the
-//! first publish, so a sidecar that never publishes never writes to disk. Delivery, retries and
-//! dead-letter tooling build on [`broker::Broker`] next (TODO(issue 6)).
+//! first publish, so a sidecar that never publishes never writes to disk; with subscriptions,
+//! at startup. [`deliver`] runs one dispatcher per subscription; a publish wakes its queue's.
 
 pub mod broker;
+pub mod deliver;
 pub mod envelope;
 pub mod publish;
 
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 use outrigger_config as config;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell, watch};
+use tokio::task::JoinSet;
 
 use crate::messaging::broker::embedded::{self, Embedded, OpenError, QueueDepth};
 use crate::telemetry::metrics::Metrics;
@@ -32,6 +34,9 @@ pub struct Messaging {
     pending: IntGauge,
     /// `outrigger_messages_published_total{queue}` handles, made at a queue's first message.
     published: RwLock<HashMap<Box<str>, IntCounter>>,
+    /// Each subscribed queue's dispatcher wake-up, notified by a publish to it.
+    wakers: HashMap<Box<str>, Arc<Notify>>,
+    subscriptions: Vec<config::Subscription>,
 }
 
 impl Messaging {
@@ -44,8 +49,14 @@ impl Messaging {
             metrics: metrics.clone(),
             pending: metrics.outbox_pending(),
             published: RwLock::new(HashMap::new()),
+            wakers: cfg
+                .subscriptions
+                .iter()
+                .map(|s| (Box::from(s.queue.as_str()), Arc::new(Notify::new())))
+                .collect(),
+            subscriptions: cfg.subscriptions.clone(),
         });
-        if cfg.data_dir.join(embedded::FILE_NAME).exists() {
+        if !cfg.subscriptions.is_empty() || cfg.data_dir.join(embedded::FILE_NAME).exists() {
             messaging.store().await?;
         }
         Ok(messaging)
@@ -74,8 +85,42 @@ impl Messaging {
         }
     }
 
-    /// Counts a stored message of `queue`.
-    fn count_published(&self, queue: &str) {
+    /// Starts one dispatcher per subscription, delivering to `app_base` (`service.app.url`
+    /// with its base path) while `app_up`; they stop when `stop` turns true, after the
+    /// deliveries in flight. Only after [`Messaging::start`], which opened the store.
+    pub fn deliver(
+        &self,
+        service: &str,
+        app_base: String,
+        app_up: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
+    ) -> JoinSet<()> {
+        let mut dispatchers = JoinSet::new();
+        let Some(store) = self.store.get() else { return dispatchers };
+        let ctx = deliver::Context {
+            broker: store.clone(),
+            service: service.to_owned(),
+            app_base,
+            dedup_window: self.dedup_window,
+            metrics: self.metrics.clone(),
+        };
+        for sub in &self.subscriptions {
+            let wake = self.wakers[sub.queue.as_str()].clone();
+            let subscriber = deliver::Subscriber::new(sub, &ctx, wake);
+            dispatchers.spawn(subscriber.run(app_up.clone(), stop.clone()));
+        }
+        dispatchers
+    }
+
+    /// Wakes the dispatcher of `queue`, if it is subscribed: a message was stored.
+    fn wake(&self, queue: &str) {
+        if let Some(wake) = self.wakers.get(queue) {
+            wake.notify_one();
+        }
+    }
+
+    /// Counts a stored message of `queue` and wakes its dispatcher.
+    fn stored(&self, queue: &str) {
         let known = self.published.read().unwrap_or_else(|e| e.into_inner()).get(queue).cloned();
         let counter = known.unwrap_or_else(|| {
             let mut all = self.published.write().unwrap_or_else(|e| e.into_inner());
@@ -84,5 +129,6 @@ impl Messaging {
                 .clone()
         });
         counter.inc();
+        self.wake(queue);
     }
 }

@@ -64,7 +64,7 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     match published {
         Published::Stored(id) => {
-            messaging.count_published(queue.as_str());
+            messaging.stored(queue.as_str());
             tracing::debug!(queue = %queue, %id, "message stored");
         }
         Published::Duplicate(_) => {

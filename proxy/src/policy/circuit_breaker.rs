@@ -30,7 +30,7 @@ pub enum State {
 
 impl State {
     /// The `outrigger_circuit_state` value: 0 closed, 1 half-open, 2 open.
-    fn gauge(self) -> i64 {
+    pub fn gauge(self) -> i64 {
         match self {
             Self::Closed => 0,
             Self::HalfOpen { .. } => 1,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use outrigger_discovery::{Pool, State};
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 
@@ -35,6 +35,10 @@ pub struct Metrics {
     discovery_age: GaugeVec,
     published: IntCounterVec,
     outbox_pending: IntGauge,
+    delivered: IntCounterVec,
+    dead_letters: IntCounterVec,
+    delivery_duration: HistogramVec,
+    subscription_circuit: IntGaugeVec,
 }
 
 impl Metrics {
@@ -102,6 +106,40 @@ impl Metrics {
         let outbox_pending =
             IntGauge::new("outrigger_outbox_pending", "Messages stored and not yet acknowledged")
                 .expect("valid metric");
+        let delivered = IntCounterVec::new(
+            Opts::new(
+                "outrigger_messages_delivered_total",
+                "Deliveries to the app by queue and outcome: acked, retried, dead_lettered, \
+                 dropped (at_most_once), duplicate (an acknowledged id read again, not delivered)",
+            ),
+            &["queue", "outcome"],
+        )
+        .expect("valid metric");
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "outrigger_deadletter_messages_total",
+                "Messages moved to a dead-letter queue, by the queue they came from",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let delivery_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "outrigger_delivery_duration_seconds",
+                "Time from POSTing a message to the app to its answer (or timeout), per attempt",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let subscription_circuit = IntGaugeVec::new(
+            Opts::new(
+                "outrigger_subscription_circuit_state",
+                "A subscription's circuit breaker: 0 closed, 1 half-open, 2 open",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
         for family in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -112,6 +150,10 @@ impl Metrics {
             Box::new(discovery_age.clone()),
             Box::new(published.clone()),
             Box::new(outbox_pending.clone()),
+            Box::new(delivered.clone()),
+            Box::new(dead_letters.clone()),
+            Box::new(delivery_duration.clone()),
+            Box::new(subscription_circuit.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -126,7 +168,31 @@ impl Metrics {
             discovery_age,
             published,
             outbox_pending,
+            delivered,
+            dead_letters,
+            delivery_duration,
+            subscription_circuit,
         }
+    }
+
+    /// `outrigger_messages_delivered_total{queue,outcome}`: made once per subscription.
+    pub fn messages_delivered(&self, queue: &str, outcome: &str) -> IntCounter {
+        self.delivered.with_label_values(&[queue, outcome])
+    }
+
+    /// `outrigger_deadletter_messages_total{queue}`, `queue` being where the message came from.
+    pub fn deadletter_messages(&self, queue: &str) -> IntCounter {
+        self.dead_letters.with_label_values(&[queue])
+    }
+
+    /// `outrigger_delivery_duration_seconds{queue}`.
+    pub fn delivery_duration(&self, queue: &str) -> Histogram {
+        self.delivery_duration.with_label_values(&[queue])
+    }
+
+    /// `outrigger_subscription_circuit_state{queue}`.
+    pub fn subscription_circuit_state(&self, queue: &str) -> IntGauge {
+        self.subscription_circuit.with_label_values(&[queue])
     }
 
     /// `outrigger_messages_published_total{queue}`: made once per queue by its caller.

@@ -22,7 +22,7 @@ use redb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, UnixMillis};
+use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
 /// (queue, id) -> the envelope as JSON: every message not yet acknowledged, in id order.
@@ -238,15 +238,16 @@ impl Broker for Embedded {
         &self,
         queue: &str,
         consumer: &str,
-        max: usize,
-        now: UnixMillis,
+        Read { max, now, ordered }: Read,
     ) -> Result<Vec<Leased>, BrokerError> {
         let (queue, this) = (queue.to_owned(), self.clone());
-        tracing::trace!(%queue, consumer, max, "reading due messages");
+        tracing::trace!(%queue, consumer, max, ordered, "reading due messages");
         self.read_with(move |txn| {
             let messages = txn.open_table(MESSAGES)?;
             let state = txn.open_table(STATE)?;
             let mut found = Vec::new();
+            // ordering keys held by an earlier message (leased, parked, or taken just now)
+            let mut held: HashSet<String> = HashSet::new();
             // the lock is taken inside the blocking task, never across an await
             let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
             let q = queue.as_str();
@@ -257,13 +258,22 @@ impl Broker for Embedded {
                 let (key, value) = entry?;
                 let id = key.value().1;
                 let (attempts, until) = state.get((q, id))?.map_or((0, 0), |s| s.value());
-                if until > now || leases.contains(&(Box::from(q), id)) {
+                let waiting = until > now || leases.contains(&(Box::from(q), id));
+                if waiting && !ordered {
                     continue;
                 }
                 let Ok(envelope) = Envelope::from_json(value.value()) else {
                     tracing::error!(queue = q, id = %MessageId::from_u128(id), "unreadable stored envelope skipped");
                     continue;
                 };
+                if ordered && let Some(key) = envelope.ordering_key() {
+                    // the first message of a key holds it; later ones wait their turn
+                    if !held.insert(key.to_owned()) || waiting {
+                        continue;
+                    }
+                } else if waiting {
+                    continue;
+                }
                 leases.insert((Box::from(q), id));
                 found.push(Leased { envelope, attempts });
             }
@@ -272,11 +282,14 @@ impl Broker for Embedded {
         .await
     }
 
+    async fn next_due(&self, queue: &str) -> Result<Option<UnixMillis>, BrokerError> {
+        self.next_parked(queue).await
+    }
+
     async fn ack(&self, queue: &str, id: MessageId) -> Result<(), BrokerError> {
         let result = self.write(Op::Ack { queue: queue.to_owned(), id }).await;
-        if result.is_ok() {
-            self.release(queue, id);
-        }
+        // released even on failure: read again, the consumer acknowledges it again
+        self.release(queue, id);
         result.map(drop)
     }
 

@@ -47,6 +47,16 @@ impl Published {
     }
 }
 
+/// What a consumer asks of [`Broker::read`].
+#[derive(Debug, Clone, Copy)]
+pub struct Read {
+    pub max: usize,
+    /// Messages parked until later than this are not due.
+    pub now: UnixMillis,
+    /// One message per ordering key at a time (see [`Broker::read`]).
+    pub ordered: bool,
+}
+
 /// A message handed to a consumer, leased to it until it is acknowledged, parked or
 /// dead-lettered (or, for the embedded broker, until a restart: at-least-once).
 #[derive(Debug, Clone)]
@@ -87,16 +97,24 @@ pub trait Broker: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Published>, BrokerError>> + Send;
 
     /// Up to `max` messages of `queue` that are due at `now` (not parked past it) and not leased,
-    /// in id order, leased to `consumer`.
+    /// in id order, leased to `consumer`. With `ordered`, a message whose ordering key belongs
+    /// to an earlier message that is leased or parked is not due: one message per key at a
+    /// time, in publish order (messages without a key are not held back).
     fn read(
         &self,
         queue: &str,
         consumer: &str,
-        max: usize,
-        now: UnixMillis,
+        read: Read,
     ) -> impl Future<Output = Result<Vec<Leased>, BrokerError>> + Send;
 
-    /// Forgets a delivered message; its id is remembered for the dedup window.
+    /// When the soonest parked message of `queue` falls due, if one is parked.
+    fn next_due(
+        &self,
+        queue: &str,
+    ) -> impl Future<Output = Result<Option<UnixMillis>, BrokerError>> + Send;
+
+    /// Forgets a delivered message. Whether or not it succeeds, the lease ends: a message whose
+    /// ack failed is read again, and its consumer acknowledges it again without redelivering.
     fn ack(
         &self,
         queue: &str,

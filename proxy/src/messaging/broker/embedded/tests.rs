@@ -33,6 +33,10 @@ fn open(dir: &TempDir) -> Embedded {
     Embedded::open(&dir.0, HOUR, IntGauge::new("pending", "test").unwrap()).unwrap()
 }
 
+fn unordered(max: usize, now: UnixMillis) -> Read {
+    Read { max, now, ordered: false }
+}
+
 fn message(queue: &str, payload: &str, key: Option<&str>) -> Publish {
     Publish {
         queue: queue.into(),
@@ -61,7 +65,7 @@ async fn a_published_message_is_read_in_id_order_with_its_payload_and_metadata()
     let ids = store.publish(vec![first, message("orders", r#"{"n": 2}"#, None)]).await.unwrap();
     publish_one(&store, "other", "[]").await;
 
-    let read = store.read("orders", "test", 10, now()).await.unwrap();
+    let read = store.read("orders", "test", unordered(10, now())).await.unwrap();
     assert_eq!(read.len(), 2);
     assert_eq!(read[0].envelope.id, ids[0].id());
     assert_eq!(read[1].envelope.id, ids[1].id());
@@ -83,14 +87,14 @@ async fn a_leased_message_is_not_read_again_until_released_and_an_ack_forgets_it
     let id = publish_one(&store, "q", "1").await;
     let second = publish_one(&store, "q", "2").await;
 
-    assert_eq!(store.read("q", "a", 1, now()).await.unwrap()[0].envelope.id, id);
-    let next = store.read("q", "b", 10, now()).await.unwrap();
+    assert_eq!(store.read("q", "a", unordered(1, now())).await.unwrap()[0].envelope.id, id);
+    let next = store.read("q", "b", unordered(10, now())).await.unwrap();
     assert_eq!(next.len(), 1, "the first is leased to a");
     assert_eq!(next[0].envelope.id, second);
 
     store.ack("q", id).await.unwrap();
     store.ack("q", second).await.unwrap();
-    assert!(store.read("q", "a", 10, now()).await.unwrap().is_empty());
+    assert!(store.read("q", "a", unordered(10, now())).await.unwrap().is_empty());
     assert_eq!(store.pending(), 0);
 }
 
@@ -99,7 +103,7 @@ async fn a_parked_message_keeps_its_error_history_and_waits_until_its_time() {
     let dir = TempDir::new();
     let store = open(&dir);
     let id = publish_one(&store, "q", "{}").await;
-    let mut leased = store.read("q", "c", 1, now()).await.unwrap().remove(0);
+    let mut leased = store.read("q", "c", unordered(1, now())).await.unwrap().remove(0);
     leased.envelope.error.push(crate::messaging::envelope::ErrorRecord {
         status_code: Some(503),
         message: "busy".into(),
@@ -109,9 +113,12 @@ async fn a_parked_message_keeps_its_error_history_and_waits_until_its_time() {
     let until = now() + 60_000;
     store.park(leased.envelope, 1, until).await.unwrap();
 
-    assert!(store.read("q", "c", 10, now()).await.unwrap().is_empty(), "parked for a minute");
+    assert!(
+        store.read("q", "c", unordered(10, now())).await.unwrap().is_empty(),
+        "parked for a minute"
+    );
     assert_eq!(store.next_parked("q").await.unwrap(), Some(until));
-    let due = store.read("q", "c", 10, until).await.unwrap();
+    let due = store.read("q", "c", unordered(10, until)).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].envelope.id, id);
     assert_eq!(due[0].attempts, 1);
@@ -127,11 +134,11 @@ async fn a_dead_letter_moves_atomically_and_can_be_listed_read_and_deleted() {
     let store = open(&dir);
     let first = publish_one(&store, "q", "1").await;
     let second = publish_one(&store, "q", "2").await;
-    for leased in store.read("q", "c", 10, now()).await.unwrap() {
+    for leased in store.read("q", "c", unordered(10, now())).await.unwrap() {
         store.dead_letter(leased.envelope, "q_deadletter").await.unwrap();
     }
     assert_eq!(store.pending(), 0);
-    assert!(store.read("q", "c", 10, now()).await.unwrap().is_empty());
+    assert!(store.read("q", "c", unordered(10, now())).await.unwrap().is_empty());
 
     let page = store.dead_letters("q_deadletter", None, 1).await.unwrap();
     assert_eq!(page.messages[0].id, second, "newest first");
@@ -212,7 +219,7 @@ async fn a_reopened_store_has_everything_committed_and_its_state() {
     for i in 0..20 {
         ids.push(publish_one(&store, "q", &i.to_string()).await);
     }
-    let leased = store.read("q", "c", 1, now()).await.unwrap().remove(0);
+    let leased = store.read("q", "c", unordered(1, now())).await.unwrap().remove(0);
     store.park(leased.envelope, 3, now() + 3_600_000).await.unwrap();
     store.ack("q", ids[1]).await.unwrap();
     let dup = store.publish(vec![message("q", r#""x""#, Some("key"))]).await.unwrap()[0];
@@ -221,12 +228,47 @@ async fn a_reopened_store_has_everything_committed_and_its_state() {
     let gauge = IntGauge::new("pending", "test").unwrap();
     let store = Embedded::open(&dir.0, HOUR, gauge.clone()).unwrap();
     assert_eq!(gauge.get(), 20, "19 of the 20 and the keyed one");
-    let due = store.read("q", "c", 100, now()).await.unwrap();
+    let due = store.read("q", "c", unordered(100, now())).await.unwrap();
     assert_eq!(due.len(), 19, "18 of the 20 (one acknowledged, one parked) and the keyed one");
     assert_eq!(due[0].envelope.id, ids[2]);
-    let later = store.read("q", "c", 100, now() + 3_600_000).await.unwrap();
+    let later = store.read("q", "c", unordered(100, now() + 3_600_000)).await.unwrap();
     assert_eq!(later[0].envelope.id, ids[0]);
     assert_eq!(later[0].attempts, 3, "the attempt count survives");
     let again = store.publish(vec![message("q", r#""x""#, Some("key"))]).await.unwrap()[0];
     assert_eq!(again, Published::Duplicate(dup.id()), "the dedup index survives");
+}
+
+fn keyed(queue: &str, key: Option<&str>) -> Publish {
+    Publish { ordering_key: key.map(Into::into), ..message(queue, "{}", None) }
+}
+
+#[tokio::test]
+async fn an_ordered_read_takes_one_message_per_key_in_publish_order() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let batch = vec![
+        keyed("q", Some("a")),
+        keyed("q", Some("a")),
+        keyed("q", Some("b")),
+        keyed("q", None),
+        keyed("q", None),
+    ];
+    let ids: Vec<MessageId> = store.publish(batch).await.unwrap().iter().map(|p| p.id()).collect();
+    let ordered = |max| Read { max, now: now(), ordered: true };
+    let mut first = store.read("q", "c", ordered(10)).await.unwrap();
+    let got: Vec<MessageId> = first.iter().map(|l| l.envelope.id).collect();
+    assert_eq!(got, [ids[0], ids[2], ids[3], ids[4]], "a's second waits for its first");
+    assert!(store.read("q", "c", ordered(10)).await.unwrap().is_empty(), "a is held by its lease");
+
+    // a parked head holds its key too, and still does after a restart forgot every lease
+    let head = first.remove(0);
+    store.park(head.envelope, 1, now() + 60_000).await.unwrap();
+    for leased in first {
+        store.ack("q", leased.envelope.id).await.unwrap();
+    }
+    store.close().await;
+    let store = open(&dir);
+    assert!(store.read("q", "c", ordered(10)).await.unwrap().is_empty(), "a waits for its head");
+    let unordered_read = store.read("q", "c", unordered(10, now())).await.unwrap();
+    assert_eq!(unordered_read[0].envelope.id, ids[1], "without ordering it would go now");
 }

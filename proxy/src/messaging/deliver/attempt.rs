@@ -1,0 +1,320 @@
+//! One delivery attempt: POST the envelope to the app, and what its answer means.
+//!
+//! A 2xx acknowledges. A 5xx, 408, 429, a timeout or a connection failure is worth another
+//! try; any other status is permanent. Every failure becomes an error record for the envelope:
+//! `message` is the start of the app's body (or the transport error), `stack_trace` the JSON
+//! field `stack_trace` of a JSON answer, else the `outrigger-stack-trace` header, else empty.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_TYPE, HeaderName, RETRY_AFTER};
+use http::{HeaderMap, Request, StatusCode, Uri};
+use http_body_util::BodyExt;
+
+use crate::http::Body;
+use crate::http::forward::UpstreamClient;
+use crate::messaging::envelope::{Envelope, ErrorRecord, rfc3339};
+use crate::policy::backoff::parse_retry_after;
+
+/// The most of the app's answer read for an error record; the rest is not waited for.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// The longest `message` kept in an error record.
+const MAX_MESSAGE_BYTES: usize = 1024;
+/// The longest `stack_trace` kept in an error record.
+const MAX_STACK_TRACE_BYTES: usize = 16 * 1024;
+/// Where an app that does not answer JSON may put its stack trace.
+pub const STACK_TRACE_HEADER: &str = "outrigger-stack-trace";
+
+/// How an attempt ended, before it is judged.
+#[derive(Debug)]
+pub enum Answer {
+    /// The app answered: its status, headers and the start of its body.
+    Status { status: StatusCode, headers: HeaderMap, body: Bytes },
+    /// No answer within the subscription's `timeout`.
+    TimedOut(Duration),
+    /// No connection, or it broke before the answer was complete.
+    Failed(String),
+}
+
+/// What an attempt means for the message.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    Acknowledge,
+    /// Deliver again after the backoff, or after the app's `Retry-After` when it gave one.
+    Retry {
+        record: ErrorRecord,
+        retry_after: Option<Duration>,
+    },
+    /// Never worth another try: dead-letter now.
+    Permanent {
+        record: ErrorRecord,
+    },
+}
+
+/// The headers of one delivery (DESIGN.md "Messaging").
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub envelope: &'a Envelope,
+    /// 1 for the first delivery.
+    pub attempt: u32,
+    pub max_attempts: u32,
+}
+
+/// POSTs the envelope to `uri` and reads the answer, all within `timeout`.
+pub(crate) async fn post(
+    client: &UpstreamClient,
+    uri: &Uri,
+    delivery: Delivery<'_>,
+    timeout: Duration,
+) -> Answer {
+    let req = request(uri, delivery);
+    let attempt = async {
+        let res = client.request(req).await.map_err(|e| chain(&e))?;
+        let (parts, mut body) = res.into_parts();
+        // only the start matters for the error record; a 2xx's body is not read at all
+        let mut start = BytesMut::new();
+        if !parts.status.is_success() {
+            while start.len() < MAX_ANSWER_BYTES {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            start.extend_from_slice(data);
+                        }
+                    }
+                    Some(Err(e)) => return Err(chain(&e)),
+                    None => break,
+                }
+            }
+        }
+        Ok(Answer::Status { status: parts.status, headers: parts.headers, body: start.freeze() })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) => Answer::Failed(error),
+        Err(_) => Answer::TimedOut(timeout),
+    }
+}
+
+/// The request of one delivery: the envelope as JSON, with its headers.
+fn request(uri: &Uri, d: Delivery<'_>) -> Request<Body> {
+    let envelope = d.envelope;
+    let id = envelope.id.to_string();
+    // a key given at publish, else the id: a handler can always deduplicate on this header
+    let key = envelope.metadata.get("idempotency_key").and_then(|v| v.as_str()).unwrap_or(&id);
+    let mut req = Request::post(uri.clone())
+        .header(CONTENT_TYPE, "application/json")
+        .header("user-agent", "outrigger-delivery")
+        .header("outrigger-message-id", &id)
+        .header("outrigger-queue", &envelope.queue)
+        .header("outrigger-attempt", d.attempt)
+        .header("outrigger-max-attempts", d.max_attempts)
+        .header("idempotency-key", key);
+    if let Some(traceparent) = envelope.metadata.get("traceparent").and_then(|v| v.as_str()) {
+        req = req.header("traceparent", traceparent);
+    }
+    req.body(Body::full(envelope.to_json())).unwrap_or_else(|_| {
+        // only a stored value that is not a valid header can fail: send without the extras
+        tracing::warn!(id = %envelope.id, "a stored header value is invalid; delivering without it");
+        Request::post(uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("outrigger-message-id", &id)
+            .body(Body::full(envelope.to_json()))
+            .expect("a request with a valid URI and plain headers")
+    })
+}
+
+/// Judges an attempt, at `now` (the error record's date and an HTTP-date `Retry-After`).
+pub fn judge(answer: &Answer, now: SystemTime) -> Verdict {
+    let record = |status_code, message: String, stack_trace: String| ErrorRecord {
+        status_code,
+        message,
+        stack_trace,
+        date: rfc3339(now),
+    };
+    match answer {
+        Answer::Status { status, .. } if status.is_success() => Verdict::Acknowledge,
+        Answer::Status { status, headers, body } => {
+            let code = status.as_u16();
+            let message = match truncate(&String::from_utf8_lossy(body), MAX_MESSAGE_BYTES) {
+                "" => format!("the app answered {code} with an empty body"),
+                text => text.to_owned(),
+            };
+            let record = record(Some(code), message, stack_trace(headers, body));
+            let retryable = status.is_server_error()
+                || *status == StatusCode::REQUEST_TIMEOUT
+                || *status == StatusCode::TOO_MANY_REQUESTS;
+            if retryable {
+                let retry_after = headers.get(RETRY_AFTER).and_then(|v| parse_retry_after(v, now));
+                Verdict::Retry { record, retry_after }
+            } else {
+                Verdict::Permanent { record }
+            }
+        }
+        Answer::TimedOut(after) => Verdict::Retry {
+            record: record(None, format!("timeout: no answer within {after:?}"), String::new()),
+            retry_after: None,
+        },
+        Answer::Failed(error) => Verdict::Retry {
+            record: record(None, truncate(error, MAX_MESSAGE_BYTES).to_owned(), String::new()),
+            retry_after: None,
+        },
+    }
+}
+
+/// The app's stack trace: `stack_trace` of a JSON object body, else the header, else empty.
+fn stack_trace(headers: &HeaderMap, body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct WithTrace {
+        stack_trace: Option<String>,
+    }
+    let from_json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| t.contains("json"))
+        .and_then(|_| serde_json::from_slice::<WithTrace>(body).ok())
+        .and_then(|b| b.stack_trace);
+    let from_header = || {
+        let value = headers.get(HeaderName::from_static(STACK_TRACE_HEADER))?;
+        Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    let trace = from_json.or_else(from_header).unwrap_or_default();
+    truncate(&trace, MAX_STACK_TRACE_BYTES).to_owned()
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim_end()
+}
+
+/// An error and its sources: hyper's own message says little, the reason is further down.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    const NOW: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn answered(code: u16, headers: &[(&'static str, &str)], body: &str) -> Answer {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        Answer::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            headers: map,
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        }
+    }
+
+    fn record_of(verdict: Verdict) -> ErrorRecord {
+        match verdict {
+            Verdict::Retry { record, .. } | Verdict::Permanent { record } => record,
+            Verdict::Acknowledge => panic!("acknowledged"),
+        }
+    }
+
+    #[test]
+    fn a_2xx_acknowledges() {
+        for code in [200, 201, 202, 204] {
+            assert_eq!(judge(&answered(code, &[], ""), NOW), Verdict::Acknowledge);
+        }
+    }
+
+    #[test]
+    fn server_errors_408_429_timeouts_and_connection_failures_are_retried() {
+        for code in [500, 502, 503, 504, 408, 429] {
+            let verdict = judge(&answered(code, &[], "busy"), NOW);
+            assert!(matches!(verdict, Verdict::Retry { .. }), "{code}: {verdict:?}");
+        }
+        let timeout = record_of(judge(&Answer::TimedOut(Duration::from_secs(2)), NOW));
+        assert_eq!(timeout.status_code, None);
+        assert_eq!(timeout.message, "timeout: no answer within 2s");
+        let refused = judge(&Answer::Failed("connection refused".into()), NOW);
+        assert!(matches!(refused, Verdict::Retry { .. }));
+        assert_eq!(record_of(refused).message, "connection refused");
+    }
+
+    #[test]
+    fn other_client_errors_are_permanent() {
+        for code in [400, 401, 403, 404, 409, 410, 422] {
+            let verdict = judge(&answered(code, &[], "no"), NOW);
+            assert!(matches!(verdict, Verdict::Permanent { .. }), "{code}: {verdict:?}");
+        }
+    }
+
+    #[test]
+    fn the_record_holds_the_status_the_start_of_the_body_and_the_date() {
+        let long = "x".repeat(5000);
+        let record = record_of(judge(&answered(500, &[], &long), NOW));
+        assert_eq!(record.status_code, Some(500));
+        assert_eq!(record.message.len(), MAX_MESSAGE_BYTES);
+        assert_eq!(record.date, "1970-01-01T00:00:00.000Z");
+        assert_eq!(record.stack_trace, "");
+        let empty = record_of(judge(&answered(503, &[], ""), NOW));
+        assert_eq!(empty.message, "the app answered 503 with an empty body");
+    }
+
+    #[test]
+    fn the_stack_trace_comes_from_json_else_from_the_header() {
+        let json = r#"{"error":"boom","stack_trace":"at handler (app.js:10)"}"#;
+        let record =
+            record_of(judge(&answered(500, &[("content-type", "application/json")], json), NOW));
+        assert_eq!(record.stack_trace, "at handler (app.js:10)");
+        assert_eq!(record.message, json, "the message is the body's start, JSON or not");
+        let headed = answered(500, &[(STACK_TRACE_HEADER, "main.go:42")], "boom");
+        assert_eq!(record_of(judge(&headed, NOW)).stack_trace, "main.go:42");
+        let both = answered(
+            500,
+            &[("content-type", "application/json"), (STACK_TRACE_HEADER, "header")],
+            r#"{"stack_trace":"json"}"#,
+        );
+        assert_eq!(record_of(judge(&both, NOW)).stack_trace, "json", "JSON first");
+    }
+
+    #[test]
+    fn retry_after_is_read_from_a_retryable_answer() {
+        let verdict = judge(&answered(429, &[("retry-after", "7")], ""), NOW);
+        let Verdict::Retry { retry_after, .. } = verdict else { panic!("{verdict:?}") };
+        assert_eq!(retry_after, Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn a_delivery_carries_its_headers() {
+        let payload = serde_json::value::RawValue::from_string("{}".into()).unwrap();
+        let id = crate::messaging::envelope::MessageId::generate(SystemTime::now());
+        let mut envelope = Envelope::new(id, "orders", SystemTime::now(), payload);
+        let uri: Uri = "http://127.0.0.1:1/events".parse().unwrap();
+        let delivery = Delivery { envelope: &envelope, attempt: 2, max_attempts: 5 };
+        let req = request(&uri, delivery);
+        let header = |name: &str| req.headers()[name].to_str().unwrap().to_owned();
+        assert_eq!(header("outrigger-message-id"), id.to_string());
+        assert_eq!(header("outrigger-queue"), "orders");
+        assert_eq!(header("outrigger-attempt"), "2");
+        assert_eq!(header("outrigger-max-attempts"), "5");
+        assert_eq!(header("idempotency-key"), id.to_string(), "the id when no key was given");
+        assert!(req.headers().get("traceparent").is_none());
+
+        envelope.metadata.insert("idempotency_key".into(), "k-1".into());
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        envelope.metadata.insert("traceparent".into(), tp.into());
+        let req = request(&uri, Delivery { envelope: &envelope, attempt: 2, max_attempts: 5 });
+        assert_eq!(req.headers()["idempotency-key"], "k-1");
+        assert_eq!(req.headers()["traceparent"], tp);
+    }
+}

@@ -1,0 +1,471 @@
+//! Delivery (DESIGN.md "Messaging"): each `messaging.subscriptions[]` entry consumes its queue
+//! and POSTs every message's envelope to `service.app.url + path`.
+//!
+//! One dispatcher task per subscription reads due messages from the broker (leasing them) as
+//! slots free up, and spawns one task per delivery; the slots bound what is in flight
+//! (`concurrency`). Before reading it waits for the app's health path to pass (when there is
+//! one), for the subscription's breaker to admit, and for the throttle's pace. A failed message
+//! is never slept on: it is parked in the broker with its new error record and attempt count
+//! until its backoff has passed, durably, and the dispatcher goes on with others. Exhausted and
+//! permanently failed messages move to the dead-letter queue, atomically with their removal;
+//! when that write fails the message stays (parked, marked) and the dead-lettering is retried.
+//!
+//! The dispatcher wakes when a message is published to its queue, when a delivery ends, when
+//! the soonest parked message falls due, and at the latest every [`POLL`].
+
+pub mod attempt;
+pub mod pace;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::Uri;
+use outrigger_config as config;
+use prometheus::{Histogram, IntCounter, IntGauge};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::http::forward::UpstreamClient;
+use crate::messaging::broker::{Broker, Leased, Read, UnixMillis};
+use crate::messaging::envelope::{Envelope, rfc3339, unix_millis};
+use crate::policy::circuit_breaker::{Admission, Breaker};
+use crate::telemetry::metrics::Metrics;
+use attempt::{Answer, Delivery, Verdict};
+use pace::{Acknowledged, Pacer};
+
+/// The longest a dispatcher waits before looking at its queue again when nothing woke it
+/// (a dead letter replayed by an operator, a message another process stored).
+const POLL: Duration = Duration::from_secs(1);
+/// After a broker error, the dispatcher waits this long before reading again.
+const BROKER_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Acknowledged ids remembered per subscription at most.
+const ACKNOWLEDGED_CAPACITY: usize = 100_000;
+
+/// Metadata keys a dead letter carries (DESIGN.md "Messaging").
+pub mod dead_letter_keys {
+    pub const ORIGINAL_QUEUE: &str = "original_queue";
+    pub const SUBSCRIBER: &str = "subscriber";
+    pub const REASON: &str = "reason";
+    pub const ATTEMPTS: &str = "attempts";
+    pub const DEAD_LETTERED_AT: &str = "dead_lettered_at";
+}
+
+/// Whether deliveries may go to the app now: follows its health path when one is configured.
+pub type AppUp = watch::Receiver<bool>;
+
+/// One subscription's delivery, shared by its dispatcher and its in-flight deliveries.
+#[derive(Debug)]
+pub struct Subscriber<B> {
+    queue: String,
+    dead_letter_queue: String,
+    /// The consumer name given to the broker: `service.name`.
+    consumer: String,
+    /// `service.name` + path, as dead letters name it.
+    subscriber: String,
+    uri: Uri,
+    client: UpstreamClient,
+    cfg: config::Subscription,
+    broker: B,
+    wake: Arc<Notify>,
+    breaker: Option<Mutex<Breaker>>,
+    acknowledged: Mutex<Acknowledged>,
+    metrics: DeliveryMetrics,
+}
+
+/// A subscription's metric handles, made once.
+#[derive(Debug)]
+struct DeliveryMetrics {
+    acked: IntCounter,
+    retried: IntCounter,
+    dead_lettered: IntCounter,
+    dropped: IntCounter,
+    duplicate: IntCounter,
+    dead_letters: IntCounter,
+    duration: Histogram,
+    circuit: IntGauge,
+}
+
+/// What a dispatcher needs from the sidecar, besides its subscription.
+#[derive(Debug, Clone)]
+pub struct Context<B> {
+    pub broker: B,
+    pub service: String,
+    /// `service.app.url` with its base path, without a trailing `/`.
+    pub app_base: String,
+    pub dedup_window: Duration,
+    pub metrics: Metrics,
+}
+
+impl<B: Broker + Clone> Subscriber<B> {
+    pub fn new(cfg: &config::Subscription, ctx: &Context<B>, wake: Arc<Notify>) -> Arc<Self> {
+        let queue = cfg.queue.to_string();
+        let uri = format!("{}{}", ctx.app_base, cfg.path)
+            .parse()
+            .expect("service.app.url and the subscription path were validated");
+        let timeouts = config::Timeouts { connect: cfg.timeout, ..config::Timeouts::default() };
+        let now = Instant::now();
+        let breaker = cfg.circuit_breaker.map(|b| {
+            let cb = config::CircuitBreaker {
+                consecutive_failures: Some(b.consecutive_failures),
+                open_for: b.open_for,
+                half_open_requests: b.half_open_requests,
+                // only failures in a row open it: a subscription has no request mix to rate
+                min_requests: u32::MAX,
+                ..config::CircuitBreaker::default()
+            };
+            Mutex::new(Breaker::new(cb, now))
+        });
+        let m = &ctx.metrics;
+        let outcome = |outcome| m.messages_delivered(&queue, outcome);
+        let metrics = DeliveryMetrics {
+            acked: outcome("acked"),
+            retried: outcome("retried"),
+            dead_lettered: outcome("dead_lettered"),
+            dropped: outcome("dropped"),
+            duplicate: outcome("duplicate"),
+            dead_letters: m.deadletter_messages(&queue),
+            duration: m.delivery_duration(&queue),
+            circuit: m.subscription_circuit_state(&queue),
+        };
+        Arc::new(Subscriber {
+            dead_letter_queue: cfg.dead_letter_queue().to_string(),
+            consumer: ctx.service.clone(),
+            subscriber: format!("{}{}", ctx.service, cfg.path),
+            uri,
+            client: crate::http::forward::client(&timeouts, None, false),
+            cfg: cfg.clone(),
+            broker: ctx.broker.clone(),
+            wake,
+            breaker,
+            acknowledged: Mutex::new(Acknowledged::new(ctx.dedup_window, ACKNOWLEDGED_CAPACITY)),
+            metrics,
+            queue,
+        })
+    }
+
+    /// Most deliveries in flight at once.
+    fn slots(&self) -> usize {
+        match self.cfg.concurrency {
+            config::Concurrency::Fixed(n) => n.get(),
+            // TODO(issue 7): scale between min and max with the backlog (supervisor consumer)
+            config::Concurrency::Scaled(range) => range.max.max(1),
+        }
+    }
+
+    /// Dispatches until `stop` turns true, then waits for the deliveries in flight.
+    pub async fn run(self: Arc<Self>, mut app_up: AppUp, mut stop: watch::Receiver<bool>) {
+        let limit = self.slots();
+        let slots = Arc::new(Semaphore::new(limit));
+        let mut pacer =
+            self.cfg.throttle.map(|t| Pacer::new(t.messages.get(), t.per.get(), Instant::now()));
+        tracing::info!(queue = %self.queue, uri = %self.uri, concurrency = limit, "delivering");
+        loop {
+            let ready = async {
+                // the app's health path must pass: messages wait, they are not tried
+                app_up.wait_for(|up| *up).await.ok()?;
+                let first = slots.clone().acquire_owned().await.ok()?;
+                let mut permits = vec![first];
+                // a throttled subscription starts one delivery per pace step
+                if let Some(pacer) = &pacer {
+                    tokio::time::sleep_until(pacer.next()).await;
+                } else {
+                    while let Ok(permit) = slots.clone().try_acquire_owned() {
+                        permits.push(permit);
+                    }
+                }
+                Some(permits)
+            };
+            let permits = tokio::select! {
+                permits = ready => match permits { Some(p) => p, None => break },
+                _ = stop.wait_for(|stop| *stop) => break,
+            };
+            let (admissions, wait) = self.admit(permits.len());
+            if admissions.is_empty() {
+                let wait = wait.unwrap_or(POLL);
+                tracing::debug!(queue = %self.queue, ?wait, "breaker open: deliveries wait");
+                self.idle(wait, &mut stop).await;
+                continue;
+            }
+            let read = Read {
+                max: admissions.len(),
+                now: unix_millis(SystemTime::now()),
+                ordered: self.cfg.ordered,
+            };
+            let leased = match self.broker.read(&self.queue, &self.consumer, read).await {
+                Ok(leased) => leased,
+                Err(error) => {
+                    tracing::error!(queue = %self.queue, %error, "reading the queue failed; trying again shortly");
+                    self.cancel(admissions);
+                    self.idle(BROKER_ERROR_PAUSE, &mut stop).await;
+                    continue;
+                }
+            };
+            let idle = leased.len() < admissions.len();
+            let mut admissions = admissions.into_iter();
+            for (leased, permit) in leased.into_iter().zip(permits) {
+                if let Some(pacer) = &mut pacer {
+                    pacer.take(Instant::now());
+                }
+                let admission = admissions.next().flatten();
+                tokio::spawn(self.clone().deliver(leased, admission, permit));
+            }
+            self.cancel(admissions.collect());
+            if idle {
+                let wait = match self.broker.next_due(&self.queue).await {
+                    Ok(Some(due)) => {
+                        let now = unix_millis(SystemTime::now());
+                        Duration::from_millis(due.saturating_sub(now)).min(POLL)
+                    }
+                    _ => POLL,
+                };
+                self.idle(wait, &mut stop).await;
+            }
+        }
+        // stopped: nothing new starts; what is in flight may finish
+        let _ = slots.acquire_many(limit as u32).await;
+        tracing::info!(queue = %self.queue, "delivery stopped");
+    }
+
+    /// Waits for a wake-up (a publish, a finished delivery), `wait`, or the stop.
+    async fn idle(&self, wait: Duration, stop: &mut watch::Receiver<bool>) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+    }
+
+    /// Up to `n` admissions from the breaker (`None` each when there is no breaker), and how
+    /// long until it admits again when it admitted fewer.
+    fn admit(&self, n: usize) -> (Vec<Option<Admission>>, Option<Duration>) {
+        let Some(breaker) = &self.breaker else { return (vec![None; n], None) };
+        let mut breaker = breaker.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let mut admitted = Vec::with_capacity(n);
+        let mut wait = None;
+        while admitted.len() < n {
+            match breaker.admit(now) {
+                Ok(admission) => admitted.push(Some(admission)),
+                Err(until) => {
+                    wait = Some(until);
+                    break;
+                }
+            }
+        }
+        self.metrics.circuit.set(breaker.state().gauge());
+        (admitted, wait)
+    }
+
+    /// Hands back admissions that found no message.
+    fn cancel(&self, admissions: Vec<Option<Admission>>) {
+        let Some(breaker) = &self.breaker else { return };
+        let mut breaker = breaker.lock().unwrap_or_else(|e| e.into_inner());
+        for admission in admissions.into_iter().flatten() {
+            breaker.cancel(admission);
+        }
+    }
+
+    fn record(&self, admission: Option<Admission>, failed: bool) {
+        let (Some(breaker), Some(admission)) = (&self.breaker, admission) else { return };
+        let mut breaker = breaker.lock().unwrap_or_else(|e| e.into_inner());
+        breaker.record(Instant::now(), admission, failed);
+        self.metrics.circuit.set(breaker.state().gauge());
+    }
+
+    /// Delivers one leased message and settles it: acknowledged, parked or dead-lettered.
+    async fn deliver(
+        self: Arc<Self>,
+        leased: Leased,
+        admission: Option<Admission>,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        let Leased { envelope, attempts } = leased;
+        let id = envelope.id;
+        if envelope.metadata.contains_key(dead_letter_keys::DEAD_LETTERED_AT) {
+            // its dead-lettering failed earlier: finish that, do not deliver again
+            self.cancel(vec![admission]);
+            self.store_dead_letter(envelope, attempts).await;
+        } else if self.acknowledged_before(id) {
+            self.cancel(vec![admission]);
+            self.metrics.duplicate.inc();
+            tracing::debug!(queue = %self.queue, %id, "already acknowledged; not delivered again");
+            self.ack(id).await;
+        } else {
+            match self.cfg.delivery {
+                config::Delivery::AtLeastOnce => {
+                    self.at_least_once(envelope, attempts, admission).await;
+                }
+                config::Delivery::AtMostOnce => self.at_most_once(envelope, admission).await,
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    async fn at_least_once(
+        &self,
+        mut envelope: Envelope,
+        attempts: u32,
+        admission: Option<Admission>,
+    ) {
+        let attempt = attempts + 1;
+        let max_attempts = self.cfg.max_attempts.get();
+        let answer = self.post(&envelope, attempt).await;
+        let verdict = attempt::judge(&answer, SystemTime::now());
+        self.record(admission, matches!(verdict, Verdict::Retry { .. }));
+        match verdict {
+            Verdict::Acknowledge => {
+                if self.cfg.duplicate_deliveries {
+                    // the same delivery again, to prove the handler idempotent
+                    let again = self.post(&envelope, attempt).await;
+                    tracing::debug!(queue = %self.queue, id = %envelope.id, second = ?status_of(&again), "delivered twice (duplicate_deliveries)");
+                }
+                self.metrics.acked.inc();
+                self.ack(envelope.id).await;
+            }
+            Verdict::Retry { record, retry_after } => {
+                let reason = record.message.clone();
+                envelope.error.push(record);
+                if attempt >= max_attempts {
+                    let reason = format!("max attempts reached ({max_attempts})");
+                    self.dead_letter(envelope, attempt, reason).await;
+                    return;
+                }
+                let delay = self.retry_delay(attempt, retry_after);
+                tracing::info!(queue = %self.queue, id = %envelope.id, attempt, max_attempts, ?delay, error = %reason, "delivery failed; retrying after the backoff");
+                self.metrics.retried.inc();
+                self.park(envelope, attempt, delay).await;
+            }
+            Verdict::Permanent { record } => {
+                let reason = match record.status_code {
+                    Some(code) => format!("permanent failure: the app answered {code}"),
+                    None => "permanent failure".to_owned(),
+                };
+                envelope.error.push(record);
+                self.dead_letter(envelope, attempt, reason).await;
+            }
+        }
+    }
+
+    /// Acknowledged first, then delivered once: a failure is dropped and counted.
+    async fn at_most_once(&self, envelope: Envelope, admission: Option<Admission>) {
+        if let Err(error) = self.broker.ack(&self.queue, envelope.id).await {
+            // not acknowledged, so not delivered: it is read again and acknowledged then
+            tracing::error!(queue = %self.queue, id = %envelope.id, %error, "acknowledging before delivery failed; not delivered");
+            self.cancel(vec![admission]);
+            return;
+        }
+        let answer = self.post(&envelope, 1).await;
+        match attempt::judge(&answer, SystemTime::now()) {
+            Verdict::Acknowledge => {
+                self.record(admission, false);
+                self.metrics.acked.inc();
+            }
+            Verdict::Retry { record, .. } | Verdict::Permanent { record } => {
+                self.record(admission, record.status_code.is_none_or(|c| c >= 500));
+                self.metrics.dropped.inc();
+                tracing::warn!(queue = %self.queue, id = %envelope.id, error = %record.message, "delivery failed; dropped (delivery: at_most_once)");
+            }
+        }
+    }
+
+    async fn post(&self, envelope: &Envelope, attempt: u32) -> Answer {
+        let delivery = Delivery { envelope, attempt, max_attempts: self.cfg.max_attempts.get() };
+        let started = Instant::now();
+        let answer = attempt::post(&self.client, &self.uri, delivery, self.cfg.timeout.get()).await;
+        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        answer
+    }
+
+    /// The wait before attempt `attempt + 1`: the app's `Retry-After` when it gave one (capped
+    /// at `backoff.max`), else the backoff's.
+    fn retry_delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let backoff = self.cfg.backoff;
+        if let Some(wait) = retry_after {
+            return wait.min(backoff.max.get());
+        }
+        // decorrelated jitter grows from the previous delay; it is not stored, so the
+        // un-jittered delay of the previous retry stands in for it
+        let retry = attempt - 1;
+        let previous = match retry {
+            0 => Duration::ZERO,
+            n => config::Backoff { jitter: config::Jitter::None, ..backoff }.delay_with(
+                n - 1,
+                Duration::ZERO,
+                0.0,
+            ),
+        };
+        crate::policy::backoff::Backoff::new(backoff).delay(retry, previous)
+    }
+
+    async fn ack(&self, id: crate::messaging::envelope::MessageId) {
+        match self.broker.ack(&self.queue, id).await {
+            Ok(()) => {
+                let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+                acknowledged.remember(id, Instant::now());
+            }
+            Err(error) => {
+                // delivered, not forgotten: read again, it is acknowledged without a delivery
+                let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+                acknowledged.remember(id, Instant::now());
+                tracing::error!(queue = %self.queue, %id, %error, "acknowledging failed; will acknowledge again");
+            }
+        }
+    }
+
+    fn acknowledged_before(&self, id: crate::messaging::envelope::MessageId) -> bool {
+        let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+        acknowledged.contains(id, Instant::now())
+    }
+
+    async fn park(&self, envelope: Envelope, attempts: u32, delay: Duration) {
+        let (id, until) = (envelope.id, later(delay));
+        if let Err(error) = self.broker.park(envelope, attempts, until).await {
+            // the stored copy stays, with its previous history: delivered again, not lost
+            tracing::error!(queue = %self.queue, %id, %error, "parking a failed message failed; it will be delivered again");
+        }
+    }
+
+    /// Marks the envelope as a dead letter and stores it in the dead-letter queue.
+    async fn dead_letter(&self, mut envelope: Envelope, attempts: u32, reason: String) {
+        use dead_letter_keys::*;
+        let metadata = &mut envelope.metadata;
+        metadata.insert(ORIGINAL_QUEUE.into(), self.queue.clone().into());
+        metadata.insert(SUBSCRIBER.into(), self.subscriber.clone().into());
+        metadata.insert(REASON.into(), reason.into());
+        metadata.insert(ATTEMPTS.into(), attempts.into());
+        metadata.insert(DEAD_LETTERED_AT.into(), rfc3339(SystemTime::now()).into());
+        self.store_dead_letter(envelope, attempts).await;
+    }
+
+    /// Moves a marked envelope to the dead-letter queue; if that fails it is parked, marked,
+    /// and the move is tried again after the backoff. Never dropped.
+    async fn store_dead_letter(&self, envelope: Envelope, attempts: u32) {
+        let id = envelope.id;
+        let reason = envelope.metadata.get(dead_letter_keys::REASON).cloned();
+        match self.broker.dead_letter(envelope.clone(), &self.dead_letter_queue).await {
+            Ok(()) => {
+                self.metrics.dead_lettered.inc();
+                self.metrics.dead_letters.inc();
+                tracing::warn!(queue = %self.queue, %id, attempts, dead_letter_queue = %self.dead_letter_queue, reason = %reason.unwrap_or_default(), "message dead-lettered");
+            }
+            Err(error) => {
+                tracing::error!(queue = %self.queue, %id, %error, "storing the dead letter failed; the message stays and the move is retried");
+                let delay = self.retry_delay(attempts.max(1), None);
+                self.park(envelope, attempts, delay).await;
+            }
+        }
+    }
+}
+
+/// Unix milliseconds `delay` from now.
+fn later(delay: Duration) -> UnixMillis {
+    unix_millis(SystemTime::now() + delay)
+}
+
+fn status_of(answer: &Answer) -> String {
+    match answer {
+        Answer::Status { status, .. } => status.as_u16().to_string(),
+        Answer::TimedOut(after) => format!("timeout after {after:?}"),
+        Answer::Failed(error) => error.clone(),
+    }
+}
