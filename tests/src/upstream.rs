@@ -38,6 +38,8 @@ pub struct Seen {
     pub headers: HeaderMap,
     /// The request body (empty for `CountBody`, which counts without keeping).
     pub body: Bytes,
+    /// When its headers arrived.
+    pub at: tokio::time::Instant,
 }
 
 #[derive(Debug, Default)]
@@ -178,7 +180,8 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
         let n = state.seen.len();
         let (method, uri, version, headers) =
             (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone());
-        state.seen.push(Seen { method, uri, version, headers, body: Bytes::new() });
+        let at = tokio::time::Instant::now();
+        state.seen.push(Seen { method, uri, version, headers, body: Bytes::new(), at });
         (n, state.script[n.min(state.script.len() - 1)].clone())
     };
     let upgrade = matches!(reply, Reply::UpgradeEcho).then(|| hyper::upgrade::on(&mut req));

@@ -4,6 +4,7 @@
 mod admin;
 mod balance;
 mod cli;
+mod delivery;
 mod dns;
 mod malformed;
 mod messaging;

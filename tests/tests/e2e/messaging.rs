@@ -13,7 +13,12 @@ fn publish(queue: &str) -> http::request::Builder {
     Request::post(format!("/v1/publish/{queue}")).header("host", "localhost")
 }
 
-async fn post(sidecar: &Sidecar, queue: &str, body: &str, key: Option<&str>) -> (u16, String) {
+pub(crate) async fn post(
+    sidecar: &Sidecar,
+    queue: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (u16, String) {
     let mut req = publish(queue).header("content-type", "application/json");
     if let Some(key) = key {
         req = req.header("idempotency-key", key);
@@ -22,18 +27,18 @@ async fn post(sidecar: &Sidecar, queue: &str, body: &str, key: Option<&str>) -> 
     (res.status().as_u16(), String::from_utf8_lossy(res.body()).into_owned())
 }
 
-fn id_of(body: &str) -> String {
+pub(crate) fn id_of(body: &str) -> String {
     let json: serde_json::Value = serde_json::from_str(body).expect("a JSON answer");
     json["id"].as_str().expect("an id").to_owned()
 }
 
 /// The value of an unlabelled or fully spelled-out metric line.
-async fn metric(sidecar: &Sidecar, series: &str) -> Option<f64> {
+pub(crate) async fn metric(sidecar: &Sidecar, series: &str) -> Option<f64> {
     let (_, text) = sidecar.admin("/metrics").await;
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-async fn queues(sidecar: &Sidecar) -> serde_json::Value {
+pub(crate) async fn queues(sidecar: &Sidecar) -> serde_json::Value {
     let (status, body) = sidecar.admin("/v1/queues").await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).expect("/v1/queues answers JSON")

@@ -332,8 +332,9 @@ impl<B: Broker + Clone> Subscriber<B> {
                 }
                 let delay = self.retry_delay(attempt, retry_after);
                 tracing::info!(queue = %self.queue, id = %envelope.id, attempt, max_attempts, ?delay, error = %reason, "delivery failed; retrying after the backoff");
-                self.metrics.retried.inc();
-                self.park(envelope, attempt, delay).await;
+                if self.park(envelope, attempt, delay).await {
+                    self.metrics.retried.inc();
+                }
             }
             Verdict::Permanent { record } => {
                 let reason = match record.status_code {
@@ -417,11 +418,16 @@ impl<B: Broker + Clone> Subscriber<B> {
         acknowledged.contains(id, Instant::now())
     }
 
-    async fn park(&self, envelope: Envelope, attempts: u32, delay: Duration) {
+    /// Parks a failed message until `delay` from now; false when that could not be stored.
+    async fn park(&self, envelope: Envelope, attempts: u32, delay: Duration) -> bool {
         let (id, until) = (envelope.id, later(delay));
-        if let Err(error) = self.broker.park(envelope, attempts, until).await {
-            // the stored copy stays, with its previous history: delivered again, not lost
-            tracing::error!(queue = %self.queue, %id, %error, "parking a failed message failed; it will be delivered again");
+        match self.broker.park(envelope, attempts, until).await {
+            Ok(()) => true,
+            Err(error) => {
+                // the stored copy stays, with its previous history: delivered again, not lost
+                tracing::error!(queue = %self.queue, %id, %error, "parking a failed message failed; it will be delivered again");
+                false
+            }
         }
     }
 
@@ -452,6 +458,7 @@ impl<B: Broker + Clone> Subscriber<B> {
                 tracing::error!(queue = %self.queue, %id, %error, "storing the dead letter failed; the message stays and the move is retried");
                 let delay = self.retry_delay(attempts.max(1), None);
                 self.park(envelope, attempts, delay).await;
+                // parked or not, it is read again and the move retried
             }
         }
     }

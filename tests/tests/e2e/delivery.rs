@@ -1,0 +1,367 @@
+//! Delivery: a subscription's messages POSTed to a scripted app, its answers judged, failures
+//! retried with their error history, dead letters, ordering, throttling, the subscription
+//! breaker, the app's health gate, and what survives a `kill -9`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use outrigger_tests::{DEADLINE, Reply, Seen, Sidecar, Upstream, wait_until};
+use serde_json::Value;
+
+use crate::messaging::{id_of, metric, post, queues};
+
+/// A sidecar delivering queue `orders` to `app` at `/events/orders`, with `extra` subscription
+/// fields (YAML flow-mapping entries, e.g. `max_attempts: 3`).
+fn config(app: &Upstream, extra: &str) -> String {
+    format!(
+        "service:\n  name: shop\n  app: {{ url: \"http://{app}\" }}\n\
+         messaging:\n  data_dir: \"$SCRATCH/data\"\n  subscriptions:\n    - {{ queue: orders, \
+         path: /events/orders, backoff: {{ initial: 50ms, max: 200ms, jitter: none }}{extra} }}\n",
+        app = app.addr(),
+    )
+}
+
+/// Publishes `body` to `queue` with extra headers; returns the message id.
+async fn publish(sidecar: &Sidecar, queue: &str, body: &str, headers: &[(&str, &str)]) -> String {
+    let mut req = Request::post(format!("/v1/publish/{queue}")).header("host", "localhost");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let res = sidecar.send(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap()).await;
+    let text = String::from_utf8_lossy(res.body()).into_owned();
+    assert_eq!(res.status(), 202, "{text}");
+    id_of(&text)
+}
+
+/// Waits until the app has seen `n` deliveries; returns them.
+async fn deliveries(app: &Upstream, n: usize) -> Vec<Seen> {
+    wait_until(DEADLINE, &format!("{n} deliveries to the app"), || async {
+        let seen = app.seen();
+        (seen.len() >= n).then_some(seen)
+    })
+    .await
+}
+
+fn envelope(seen: &Seen) -> Value {
+    serde_json::from_slice(&seen.body).expect("the delivery body is the JSON envelope")
+}
+
+fn header<'a>(seen: &'a Seen, name: &str) -> &'a str {
+    seen.headers.get(name).map_or("", |v| v.to_str().unwrap())
+}
+
+async fn wait_metric(sidecar: &Sidecar, series: &str, value: f64) {
+    wait_until(DEADLINE, &format!("{series} = {value}"), || async {
+        (metric(sidecar, series).await == Some(value)).then_some(())
+    })
+    .await;
+}
+
+async fn dead_letters(sidecar: &Sidecar) -> u64 {
+    let queues = queues(sidecar).await;
+    let queues = queues["queues"].as_array().unwrap();
+    let found = queues.iter().find(|q| q["queue"] == "orders_deadletter");
+    found.map_or(0, |q| q["dead_letters"].as_u64().unwrap())
+}
+
+const ACKED: &str = r#"outrigger_messages_delivered_total{outcome="acked",queue="orders"}"#;
+const RETRIED: &str = r#"outrigger_messages_delivered_total{outcome="retried",queue="orders"}"#;
+const DEAD: &str = r#"outrigger_messages_delivered_total{outcome="dead_lettered",queue="orders"}"#;
+
+#[tokio::test]
+async fn a_published_message_is_delivered_with_its_envelope_and_headers() {
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config(&app, "")).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let id = publish(
+        &sidecar,
+        "orders",
+        r#"{"order": 42, "total": 1.50}"#,
+        &[
+            ("idempotency-key", "order-42"),
+            ("outrigger-ordering-key", "customer-7"),
+            ("traceparent", traceparent),
+        ],
+    )
+    .await;
+
+    let seen = deliveries(&app, 1).await.remove(0);
+    assert_eq!((seen.method.as_str(), seen.uri.path()), ("POST", "/events/orders"));
+    assert_eq!(header(&seen, "content-type"), "application/json");
+    assert_eq!(header(&seen, "outrigger-message-id"), id);
+    assert_eq!(header(&seen, "outrigger-queue"), "orders");
+    assert_eq!(header(&seen, "outrigger-attempt"), "1");
+    assert_eq!(header(&seen, "outrigger-max-attempts"), "5", "the default");
+    assert_eq!(header(&seen, "idempotency-key"), "order-42");
+    assert_eq!(header(&seen, "traceparent"), traceparent);
+    let body = String::from_utf8(seen.body.to_vec()).unwrap();
+    assert!(body.contains(r#""payload":{"order": 42, "total": 1.50}"#), "verbatim: {body}");
+    let at = |key: &str| body.find(&format!("\"{key}\":")).expect(key);
+    let keys = ["id", "queue", "dispatch_date", "payload", "error", "metadata"];
+    assert!(keys.windows(2).all(|w| at(w[0]) < at(w[1])), "DESIGN.md's key order: {body}");
+    let envelope = envelope(&seen);
+    assert_eq!(envelope["id"], id.as_str());
+    assert_eq!(envelope["queue"], "orders");
+    assert_eq!(envelope["error"], serde_json::json!([]));
+    assert_eq!(envelope["metadata"]["idempotency_key"], "order-42");
+    assert_eq!(envelope["metadata"]["ordering_key"], "customer-7");
+    assert_eq!(envelope["metadata"]["traceparent"], traceparent);
+
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+    assert_eq!(app.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_500_and_a_503_then_a_200_make_three_attempts_with_two_error_records() {
+    let app =
+        Upstream::scripted([Reply::Status(500), Reply::Status(503), Reply::Status(200)]).await;
+    let sidecar = Sidecar::start(&config(&app, "")).await;
+    let id = publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+
+    let seen = deliveries(&app, 3).await;
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    let attempts: Vec<&str> = seen.iter().map(|s| header(s, "outrigger-attempt")).collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    assert!(seen.iter().all(|s| header(s, "outrigger-message-id") == id));
+    let third = envelope(&seen[2]);
+    let errors = third["error"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{third}");
+    assert_eq!(
+        (errors[0]["status_code"].as_u64(), errors[1]["status_code"].as_u64()),
+        (Some(500), Some(503))
+    );
+    assert_eq!(errors[0]["message"], "500 from upstream");
+    assert_eq!(errors[0]["stack_trace"], "");
+    assert!(errors[1]["date"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(envelope(&seen[1])["error"].as_array().unwrap().len(), 1, "history grows");
+
+    assert_eq!(metric(&sidecar, RETRIED).await, Some(2.0));
+    assert_eq!(dead_letters(&sidecar).await, 0);
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+    assert_eq!(app.requests(), 3);
+}
+
+#[tokio::test]
+async fn always_500_makes_exactly_max_attempts_then_one_dead_letter() {
+    let app = Upstream::status(500).await;
+    let sidecar = Sidecar::start(&config(&app, ", max_attempts: 3")).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+
+    wait_metric(&sidecar, DEAD, 1.0).await;
+    assert_eq!(app.requests(), 3, "max_attempts deliveries, no more");
+    assert_eq!(dead_letters(&sidecar).await, 1);
+    let seen = app.seen();
+    assert_eq!(header(&seen[2], "outrigger-attempt"), "3");
+    assert_eq!(header(&seen[2], "outrigger-max-attempts"), "3");
+    assert_eq!(
+        metric(&sidecar, r#"outrigger_deadletter_messages_total{queue="orders"}"#).await,
+        Some(1.0)
+    );
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(0.0));
+}
+
+#[tokio::test]
+async fn a_400_is_dead_lettered_after_one_attempt() {
+    let app = Upstream::status(400).await;
+    let sidecar = Sidecar::start(&config(&app, "")).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+
+    wait_metric(&sidecar, DEAD, 1.0).await;
+    assert_eq!(app.requests(), 1, "a permanent failure is not retried");
+    assert_eq!(dead_letters(&sidecar).await, 1);
+    assert_eq!(metric(&sidecar, RETRIED).await, Some(0.0));
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_twice_is_stored_and_delivered_once() {
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config(&app, "")).await;
+    let (first, second) = (
+        post(&sidecar, "orders", r#"{"n":1}"#, Some("k-1")).await,
+        post(&sidecar, "orders", r#"{"n":1}"#, Some("k-1")).await,
+    );
+    assert_eq!(id_of(&first.1), id_of(&second.1));
+    let other = publish(&sidecar, "orders", r#"{"n":2}"#, &[]).await;
+
+    let seen = deliveries(&app, 2).await;
+    wait_metric(&sidecar, ACKED, 2.0).await;
+    let ids: Vec<&str> = seen.iter().map(|s| header(s, "outrigger-message-id")).collect();
+    assert_eq!(ids, [id_of(&first.1).as_str(), other.as_str()], "the key's message once");
+    assert_eq!(app.requests(), 2);
+}
+
+#[tokio::test]
+async fn per_key_order_holds_under_concurrency_with_a_randomly_slow_app() {
+    // replies take 0 to 40 ms, in an order unrelated to the messages
+    let script = (0..60).map(|i| Reply::Delayed(Duration::from_millis((i * 37 % 5) * 10), 200));
+    let app = Upstream::scripted(script).await;
+    let sidecar = Sidecar::start(&config(&app, ", ordered: true, concurrency: 8")).await;
+    let keys = ["a", "b", "c"];
+    for n in 0..10 {
+        for key in keys {
+            let body = format!(r#"{{"key":"{key}","n":{n}}}"#);
+            publish(&sidecar, "orders", &body, &[("outrigger-ordering-key", key)]).await;
+        }
+    }
+
+    let seen = deliveries(&app, 30).await;
+    wait_metric(&sidecar, ACKED, 30.0).await;
+    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    for delivery in &seen {
+        let payload = &envelope(delivery)["payload"];
+        order
+            .entry(payload["key"].as_str().unwrap().into())
+            .or_default()
+            .push(payload["n"].as_u64().unwrap());
+    }
+    for key in keys {
+        assert_eq!(order[key], (0..10).collect::<Vec<_>>(), "key {key} in publish order");
+    }
+    assert_eq!(app.requests(), 30, "each once");
+}
+
+#[tokio::test]
+async fn an_ordering_key_waits_while_its_head_is_retried() {
+    let app = Upstream::scripted([Reply::Status(503), Reply::Status(200)]).await;
+    let sidecar = Sidecar::start(&config(&app, ", ordered: true")).await;
+    let first = publish(&sidecar, "orders", r#"{"n":0}"#, &[("outrigger-ordering-key", "k")]).await;
+    let second =
+        publish(&sidecar, "orders", r#"{"n":1}"#, &[("outrigger-ordering-key", "k")]).await;
+
+    let seen = deliveries(&app, 3).await;
+    wait_metric(&sidecar, ACKED, 2.0).await;
+    let ids: Vec<&str> = seen.iter().map(|s| header(s, "outrigger-message-id")).collect();
+    assert_eq!(ids, [first.as_str(), first.as_str(), second.as_str()]);
+}
+
+#[tokio::test]
+async fn the_throttle_caps_the_delivery_rate() {
+    let app = Upstream::status(200).await;
+    let sidecar =
+        Sidecar::start(&config(&app, ", throttle: { messages: 20, per: 1s }, concurrency: 16"))
+            .await;
+    for n in 0..21 {
+        publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+
+    let seen = deliveries(&app, 21).await;
+    let spread = seen[20].at - seen[0].at;
+    assert!(spread >= Duration::from_millis(950), "21 deliveries at 20/s took {spread:?}");
+    let fastest = seen.windows(2).map(|w| w[1].at - w[0].at).min().unwrap();
+    assert!(fastest >= Duration::from_millis(40), "evenly spaced, closest {fastest:?}");
+}
+
+#[tokio::test]
+async fn a_tripped_subscription_breaker_pauses_delivery_then_probes() {
+    let app =
+        Upstream::scripted([Reply::Status(500), Reply::Status(500), Reply::Status(200)]).await;
+    let breaker = ", max_attempts: 10, circuit_breaker: { consecutive_failures: 2, open_for: 1s }";
+    let sidecar = Sidecar::start(&config(&app, breaker)).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+
+    wait_metric(&sidecar, r#"outrigger_subscription_circuit_state{queue="orders"}"#, 2.0).await;
+    let seen = deliveries(&app, 3).await;
+    let paused = seen[2].at - seen[1].at;
+    assert!(paused >= Duration::from_millis(950), "open for 1s, yet retried after {paused:?}");
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    wait_metric(&sidecar, r#"outrigger_subscription_circuit_state{queue="orders"}"#, 0.0).await;
+    assert_eq!(dead_letters(&sidecar).await, 0, "a tripped breaker dead-letters nothing");
+}
+
+#[tokio::test]
+async fn delivery_waits_while_the_apps_health_check_fails() {
+    let app = Upstream::health_checked(200, 503).await;
+    let yaml = config(&app, "").replace(
+        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
+        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
+    );
+    let sidecar = Sidecar::start_unready(&yaml).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+
+    let checks = app.health_checks();
+    wait_until(DEADLINE, "three more health checks of the app", || async {
+        (app.health_checks() >= checks + 3).then_some(())
+    })
+    .await;
+    assert_eq!(app.requests(), 0, "nothing is delivered to an app that fails its health check");
+    app.set_health(200);
+    deliveries(&app, 1).await;
+    wait_metric(&sidecar, ACKED, 1.0).await;
+}
+
+#[tokio::test]
+async fn at_most_once_acknowledges_first_and_drops_a_failure() {
+    let app = Upstream::status(500).await;
+    let sidecar = Sidecar::start(&config(&app, ", delivery: at_most_once")).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+
+    let dropped = r#"outrigger_messages_delivered_total{outcome="dropped",queue="orders"}"#;
+    wait_metric(&sidecar, dropped, 1.0).await;
+    assert_eq!(app.requests(), 1);
+    assert_eq!(dead_letters(&sidecar).await, 0);
+    assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(0.0));
+}
+
+#[tokio::test]
+async fn duplicate_deliveries_sends_every_message_twice() {
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config(&app, ", duplicate_deliveries: true")).await;
+    let id = publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+
+    let seen = deliveries(&app, 2).await;
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    assert!(seen.iter().all(|s| header(s, "outrigger-message-id") == id));
+    assert_eq!(seen[0].body, seen[1].body, "the same delivery twice");
+    assert_eq!(app.requests(), 2);
+}
+
+#[tokio::test]
+async fn twenty_202s_survive_kill9_and_are_all_delivered_after_restart() {
+    // the app's health fails at first, so nothing is delivered before the kill
+    let app = Upstream::health_checked(200, 503).await;
+    let yaml = config(&app, "").replace(
+        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
+        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
+    );
+    let mut sidecar = Sidecar::start_unready(&yaml).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    sidecar.kill9();
+    assert_eq!(app.requests(), 0);
+
+    app.set_health(200);
+    sidecar.restart().await;
+    let seen = deliveries(&app, 20).await;
+    wait_metric(&sidecar, ACKED, 20.0).await;
+    let mut delivered: Vec<&str> = seen.iter().map(|s| header(s, "outrigger-message-id")).collect();
+    delivered.sort_unstable();
+    assert_eq!(delivered, ids, "every message answered 202, each once");
+}
+
+#[tokio::test]
+async fn kill9_during_retries_keeps_the_attempt_count_and_history() {
+    let app = Upstream::status(500).await;
+    let fixed = ", max_attempts: 5, backoff: { strategy: fixed, initial: 1s, jitter: none }";
+    let mut sidecar = Sidecar::start(
+        &config(&app, "").replace(", backoff: { initial: 50ms, max: 200ms, jitter: none }", fixed),
+    )
+    .await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    // two failures parked durably, the third attempt a second away
+    wait_metric(&sidecar, RETRIED, 2.0).await;
+    sidecar.kill9();
+    let before = app.requests();
+    assert_eq!(before, 2);
+
+    sidecar.restart().await;
+    let seen = deliveries(&app, 3).await;
+    assert_eq!(header(&seen[2], "outrigger-attempt"), "3", "the count survived");
+    let errors = envelope(&seen[2])["error"].as_array().unwrap().len();
+    assert_eq!(errors, 2, "the history survived");
+}
