@@ -1,6 +1,7 @@
 //! `outrigger demo`: scripted upstreams, a sidecar on `examples/demo.yaml`, traffic, and a
 //! live table of what the sidecar did with it. Each capability adds its scene here.
 
+mod messages;
 mod upstreams;
 
 use std::collections::BTreeMap;
@@ -78,6 +79,10 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     })
     .await?;
     let gone = closed_port().await?;
+    let handled = Arc::new(messages::Handled::default());
+    let handler = messages::handler(handled.clone()).await?;
+    let data_dir = std::env::temp_dir().join(format!("outrigger-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
     let yaml = DEMO_YAML
         .replace("127.0.0.1:18081", &healthy.to_string())
         .replace("127.0.0.1:18082", &flaky.to_string())
@@ -86,7 +91,9 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         .replace("127.0.0.1:18085", &outage.to_string())
         .replace("127.0.0.1:18086", &burst.to_string())
         .replace("127.0.0.1:18087", &steady.to_string())
-        .replace("127.0.0.1:18088", &broken.to_string());
+        .replace("127.0.0.1:18088", &broken.to_string())
+        .replace("127.0.0.1:18090", &handler.to_string())
+        .replace("./outrigger-demo-data", &data_dir.display().to_string());
     let config = config::load_str("examples/demo.yaml", &yaml)?;
     let sidecar = app::start(config).await?;
     println!(
@@ -96,6 +103,14 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     for (name, what) in SCENES {
         println!("  {name:<8} {what}");
     }
+    println!(
+        "  and messages: a welcome email published every 250 ms to queue {}; its handler fails",
+        messages::QUEUE
+    );
+    println!(
+        "  one in five twice (503) before it succeeds, and one in ten always (500): those are"
+    );
+    println!("  retried with backoff, their error history growing, then dead-lettered.");
     println!();
 
     let tallies: Tallies = Arc::default();
@@ -107,9 +122,14 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         let (client, tallies, outbound) = (client.clone(), tallies.clone(), sidecar.outbound);
         workers.spawn(drive(worker, client, outbound, tallies, deadline));
     }
+    // the last publishes leave time for their retries before the end
+    let publishing_until = deadline - length.min(Duration::from_secs(2));
+    let publisher =
+        messages::publish(client.clone(), sidecar.outbound, handled.clone(), publishing_until);
+    workers.spawn(publisher);
     // on a terminal the table redraws in place every second; in a log, only the final one
     let live = std::io::stdout().is_terminal();
-    let redraw = format!("\x1b[{}F\x1b[J", SCENES.len() + 2);
+    let redraw = format!("\x1b[{}F\x1b[J", SCENES.len() + 4);
     let mut shown = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < deadline {
@@ -120,6 +140,7 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
                 print!("{redraw}");
             }
             print_table(&tallies, &format!("after {elapsed}s of {}s", length.as_secs()));
+            print_messages(&handled, messages::counts(&client, sidecar.admin).await);
             shown = true;
         }
     }
@@ -128,14 +149,44 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         print!("{redraw}");
     }
     print_table(&tallies, &format!("after {}s", length.as_secs()));
-    println!();
+    print_messages(&handled, messages::counts(&client, sidecar.admin).await);
+    let poison = handled.last_poison.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(envelope) = poison {
+        println!(
+            "A poison message on its third and last attempt, with the history of the first two:"
+        );
+        let pretty = serde_json::from_str::<serde_json::Value>(&envelope)
+            .and_then(|v| serde_json::to_string_pretty(&v))
+            .unwrap_or(envelope);
+        println!("{pretty}");
+        println!(
+            "It failed once more and moved to {}_deadletter with its whole history.",
+            messages::QUEUE
+        );
+        println!();
+    }
     println!(
         "outcome: `upstream` = the upstream's own answer passed through (`after N tries` when"
     );
     println!("the sidecar retried); any other word is the `outrigger-error` kind of an answer the");
     println!("sidecar gave itself. docs/request-path.md shows the order the policies act in.");
     sidecar.shutdown().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
     Ok(())
+}
+
+/// The messaging scene's line: what the app published and what the sidecar did with it.
+fn print_messages(handled: &messages::Handled, [acked, retried, dead]: [u64; 3]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let published = handled.published.load(Relaxed);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<18} {published:>8} published: {acked} delivered, {retried} retried, {dead} dead-lettered",
+        messages::QUEUE
+    );
+    let _ = writeln!(out);
+    let _ = out.flush();
 }
 
 /// A loopback port with nothing listening on it.

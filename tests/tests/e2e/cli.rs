@@ -106,3 +106,24 @@ fn every_example_configuration_validates() {
     }
     assert!(checked >= 2, "examples/ holds the demo and a quick start");
 }
+
+#[test]
+fn the_demo_shows_every_policy_and_a_dead_letter_with_nothing_installed() {
+    let (code, stdout, stderr) = outrigger(&["demo", "--seconds", "6"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    for shown in [
+        "upstream after 2 tries",
+        "timeout",
+        "rate-limited",
+        "connect-failed",
+        "unknown-upstream",
+        "A poison message on its third and last attempt",
+        "\"stack_trace\": \"at send_welcome (mailer.rs:42)\"",
+        "moved to welcome_email_deadletter",
+    ] {
+        assert!(stdout.contains(shown), "the demo shows {shown:?}:\n{stdout}");
+    }
+    let messages = stdout.lines().find(|l| l.starts_with("welcome_email ")).expect(&stdout);
+    assert!(!messages.contains(" 0 dead-lettered"), "{messages}");
+    assert!(!messages.contains(" 0 retried"), "{messages}");
+}
