@@ -3,6 +3,9 @@
 # after the message's commit (fsync) in the embedded store, with 1 and 64 concurrent publishers
 # (wrk connections, one request in flight each). Also times the disk's own fsync, for comparison:
 # one publisher cannot beat one fsync per message; many publishers share one (group commit).
+# Then delivery: the sidecar restarts with a subscription on the queue the publishes filled, and
+# delivers to a local app (an nginx worker answering 200) with concurrency 64 for the same time;
+# each acknowledgement is a durable commit, shared like the publishes'.
 #
 #   bash bench/publish.sh [SECONDS]        (default: 10 s per load)
 #
@@ -13,14 +16,23 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${1:-10}
 LOADS=(1 64)
 
-command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+for pair in wrk:wrk nginx:nginx; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=" ${pair#*:}"
+done
+if [[ -n ${missing:-} ]]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
 cargo build --release --locked -p outrigger-proxy --bin outrigger >&2
 OUTRIGGER=$CARGO_TARGET_DIR/release/outrigger
 
 work=$(mktemp -d)
 pid=
-cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
+app=
+cleanup() {
+  [[ -n $pid ]] && kill "$pid" 2>/dev/null
+  [[ -n $app ]] && kill "$app" 2>/dev/null
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 # the disk's own flush: 4 KiB rewritten in place then fsync (data + inode), or fdatasync (data
@@ -79,3 +91,33 @@ done
 echo
 echo "disk, 4 KiB rewrite + fsync: median ${fsync_median} ms, p99 ${fsync_p99} ms; + fdatasync: median ${fdatasync_median} ms, p99 ${fdatasync_p99} ms (200 samples each)"
 echo "messages pending in the store: $(curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}')"
+
+# delivery: the same store, now with a subscription, to an nginx worker on CPU 1 beside it
+pending() { curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}'; }
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+cat >"$work/app.conf" <<CONF
+worker_processes 1; daemon off; pid $work/app.pid; error_log stderr error;
+events { worker_connections 1024; }
+http { access_log off; server { listen 127.0.0.1:18192; location / { return 200 "ok"; } } }
+CONF
+taskset -c 1 nginx -c "$work/app.conf" -e stderr &
+app=$!
+cat >"$work/outrigger.yaml" <<YAML
+outbound: { listen: 127.0.0.1:18190 }
+admin: { listen: 127.0.0.1:18191 }
+service: { name: bench, app: { url: "http://127.0.0.1:18192" } }
+messaging:
+  data_dir: $work/data
+  subscriptions: [ { queue: bench, path: /events, concurrency: 64 } ]
+telemetry: { log: { level: warn } }
+YAML
+taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+start_pending=$(pending); start=$(date +%s.%N)
+sleep "$SECONDS_PER_RUN"
+end_pending=$(pending); end=$(date +%s.%N)
+python3 -c "
+delivered = $start_pending - $end_pending
+print(f'delivery to a local app, concurrency 64: {delivered / ($end - $start):.0f} messages/s acknowledged ({delivered:.0f} in {$end - $start:.1f} s; {$end_pending:.0f} still pending)')
+"

@@ -152,22 +152,6 @@ impl Embedded {
         .await
     }
 
-    /// When the soonest parked message of `queue` falls due, if any is parked.
-    pub async fn next_parked(&self, queue: &str) -> Result<Option<UnixMillis>, BrokerError> {
-        let queue = queue.to_owned();
-        self.read_with(move |txn| {
-            let parked = txn.open_table(PARKED)?;
-            let first = parked
-                .range((queue.as_str(), 0, 0)..=(queue.as_str(), u64::MAX, u128::MAX))?
-                .next();
-            Ok(match first {
-                Some(entry) => Some(entry?.0.value().1),
-                None => None,
-            })
-        })
-        .await
-    }
-
     /// Asks the writer thread to stop after what it has queued, and waits until it has closed
     /// its handle on the file; the file is closed once every clone of this handle is dropped.
     pub async fn close(self) {
@@ -282,8 +266,23 @@ impl Broker for Embedded {
         .await
     }
 
-    async fn next_due(&self, queue: &str) -> Result<Option<UnixMillis>, BrokerError> {
-        self.next_parked(queue).await
+    async fn next_due(
+        &self,
+        queue: &str,
+        now: UnixMillis,
+    ) -> Result<Option<UnixMillis>, BrokerError> {
+        let queue = queue.to_owned();
+        self.read_with(move |txn| {
+            let parked = txn.open_table(PARKED)?;
+            let q = queue.as_str();
+            let first =
+                parked.range((q, now.saturating_add(1), 0)..=(q, u64::MAX, u128::MAX))?.next();
+            Ok(match first {
+                Some(entry) => Some(entry?.0.value().1),
+                None => None,
+            })
+        })
+        .await
     }
 
     async fn ack(&self, queue: &str, id: MessageId) -> Result<(), BrokerError> {

@@ -107,10 +107,11 @@ pub trait Broker: Send + Sync + 'static {
         read: Read,
     ) -> impl Future<Output = Result<Vec<Leased>, BrokerError>> + Send;
 
-    /// When the soonest parked message of `queue` falls due, if one is parked.
+    /// When the soonest message of `queue` parked past `now` falls due, if one is.
     fn next_due(
         &self,
         queue: &str,
+        now: UnixMillis,
     ) -> impl Future<Output = Result<Option<UnixMillis>, BrokerError>> + Send;
 
     /// Forgets a delivered message. Whether or not it succeeds, the lease ends: a message whose

@@ -211,11 +211,11 @@ impl<B: Broker + Clone> Subscriber<B> {
             }
             self.cancel(admissions.collect());
             if idle {
-                let wait = match self.broker.next_due(&self.queue).await {
-                    Ok(Some(due)) => {
-                        let now = unix_millis(SystemTime::now());
-                        Duration::from_millis(due.saturating_sub(now)).min(POLL)
-                    }
+                // a parked message due already is in flight (or its key is held): its
+                // delivery's end wakes the dispatcher, so only a future due time matters
+                let now = unix_millis(SystemTime::now());
+                let wait = match self.broker.next_due(&self.queue, now).await {
+                    Ok(Some(due)) if due > now => Duration::from_millis(due - now).min(POLL),
                     _ => POLL,
                 };
                 self.idle(wait, &mut stop).await;

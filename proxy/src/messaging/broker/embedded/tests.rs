@@ -117,7 +117,8 @@ async fn a_parked_message_keeps_its_error_history_and_waits_until_its_time() {
         store.read("q", "c", unordered(10, now())).await.unwrap().is_empty(),
         "parked for a minute"
     );
-    assert_eq!(store.next_parked("q").await.unwrap(), Some(until));
+    assert_eq!(store.next_due("q", now()).await.unwrap(), Some(until));
+    assert_eq!(store.next_due("q", until).await.unwrap(), None, "only what falls due later");
     let due = store.read("q", "c", unordered(10, until)).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].envelope.id, id);
@@ -125,7 +126,7 @@ async fn a_parked_message_keeps_its_error_history_and_waits_until_its_time() {
     assert_eq!(due[0].envelope.error[0].status_code, Some(503));
 
     store.ack("q", id).await.unwrap();
-    assert_eq!(store.next_parked("q").await.unwrap(), None, "the ack clears the park index");
+    assert_eq!(store.next_due("q", 0).await.unwrap(), None, "the ack clears the park index");
 }
 
 #[tokio::test]
