@@ -27,10 +27,11 @@ use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
 /// (queue, id) -> the envelope as JSON: every message not yet acknowledged, in id order.
 const MESSAGES: TableDefinition<'_, (&str, u128), &[u8]> = TableDefinition::new("messages");
-/// (queue, id) -> (attempts so far, parked until; 0 = due now).
+/// (queue, id) -> (attempts so far, due at: the publish time, or parked until).
 const STATE: TableDefinition<'_, (&str, u128), (u32, u64)> = TableDefinition::new("state");
-/// (queue, parked until, id): when each queue's parked messages fall due, soonest first.
-const PARKED: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition::new("parked");
+/// (queue, due at, id) for every stored message: a read takes what is due, soonest first,
+/// without touching what waits (a backlog of parked messages costs a read nothing).
+const DUE: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition::new("due");
 /// (queue, Idempotency-Key) -> (id, expires at).
 const DEDUP: TableDefinition<'_, (&str, &str), (u128, u64)> = TableDefinition::new("dedup");
 /// (expires at, queue, Idempotency-Key): lets each commit sweep a few expired keys, oldest first.
@@ -192,15 +193,28 @@ impl Embedded {
     }
 }
 
+/// Creates any missing table; rebuilds the due index from the messages' state if it is not
+/// whole (a file written before the index existed). Returns the messages stored.
 fn create_tables(db: &Database) -> Result<u64, redb::Error> {
     let txn = db.begin_write()?;
     let stored = {
-        txn.open_table(STATE)?;
-        txn.open_table(PARKED)?;
         txn.open_table(DEDUP)?;
         txn.open_table(DEDUP_EXPIRY)?;
         txn.open_table(DEAD)?;
-        txn.open_table(MESSAGES)?.len()?
+        let state = txn.open_table(STATE)?;
+        let mut due = txn.open_table(DUE)?;
+        let stored = txn.open_table(MESSAGES)?.len()?;
+        if due.len()? != stored {
+            tracing::warn!(stored, "rebuilding the message store's due index");
+            due.retain(|_, _| false)?;
+            for entry in txn.open_table(MESSAGES)?.iter()? {
+                let entry = entry?;
+                let (queue, id) = entry.0.value();
+                let at = state.get((queue, id))?.map_or(0, |s| s.value().1);
+                due.insert((queue, at, id), ())?;
+            }
+        }
+        stored
     };
     txn.commit()?;
     Ok(stored)
@@ -235,27 +249,44 @@ impl Broker for Embedded {
             // the lock is taken inside the blocking task, never across an await
             let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
             let q = queue.as_str();
+            if !ordered {
+                // what is due, soonest first; at most `concurrency` leased ones are skipped
+                let due = txn.open_table(DUE)?;
+                for entry in due.range((q, 0, 0)..=(q, now, u128::MAX))? {
+                    if found.len() >= max {
+                        break;
+                    }
+                    let id = entry?.0.value().2;
+                    if leases.contains(&(Box::from(q), id)) {
+                        continue;
+                    }
+                    let Some(value) = messages.get((q, id))? else { continue };
+                    let Ok(envelope) = Envelope::from_json(value.value()) else {
+                        tracing::error!(queue = q, id = %MessageId::from_u128(id), "unreadable stored envelope skipped");
+                        continue;
+                    };
+                    let attempts = state.get((q, id))?.map_or(0, |s| s.value().0);
+                    leases.insert((Box::from(q), id));
+                    found.push(Leased { envelope, attempts });
+                }
+                return Ok(found);
+            }
+            // ordered: every message in publish order, since a waiting one holds its key
             for entry in messages.range((q, 0)..=(q, u128::MAX))? {
                 if found.len() >= max {
                     break;
                 }
                 let (key, value) = entry?;
                 let id = key.value().1;
-                let (attempts, until) = state.get((q, id))?.map_or((0, 0), |s| s.value());
-                let waiting = until > now || leases.contains(&(Box::from(q), id));
-                if waiting && !ordered {
-                    continue;
-                }
+                let (attempts, at) = state.get((q, id))?.map_or((0, 0), |s| s.value());
+                let waiting = at > now || leases.contains(&(Box::from(q), id));
                 let Ok(envelope) = Envelope::from_json(value.value()) else {
                     tracing::error!(queue = q, id = %MessageId::from_u128(id), "unreadable stored envelope skipped");
                     continue;
                 };
-                if ordered && let Some(key) = envelope.ordering_key() {
-                    // the first message of a key holds it; later ones wait their turn
-                    if !held.insert(key.to_owned()) || waiting {
-                        continue;
-                    }
-                } else if waiting {
+                // the first message of a key holds it; later ones wait their turn
+                let held_before = envelope.ordering_key().is_some_and(|k| !held.insert(k.to_owned()));
+                if waiting || held_before {
                     continue;
                 }
                 leases.insert((Box::from(q), id));
@@ -273,7 +304,7 @@ impl Broker for Embedded {
     ) -> Result<Option<UnixMillis>, BrokerError> {
         let queue = queue.to_owned();
         self.read_with(move |txn| {
-            let parked = txn.open_table(PARKED)?;
+            let parked = txn.open_table(DUE)?;
             let q = queue.as_str();
             let first =
                 parked.range((q, now.saturating_add(1), 0)..=(q, u64::MAX, u128::MAX))?.next();
@@ -483,7 +514,7 @@ impl Writer {
     ) -> Result<Reply, redb::Error> {
         let mut messages = txn.open_table(MESSAGES)?;
         let mut state = txn.open_table(STATE)?;
-        let mut parked = txn.open_table(PARKED)?;
+        let mut due = txn.open_table(DUE)?;
         Ok(match op {
             Op::Publish(batch) => {
                 let mut dedup = txn.open_table(DEDUP)?;
@@ -512,7 +543,8 @@ impl Writer {
                         }
                     }
                     messages.insert((q, id.as_u128()), envelope.to_json().as_slice())?;
-                    state.insert((q, id.as_u128()), (0u32, 0u64))?;
+                    state.insert((q, id.as_u128()), (0u32, now))?;
+                    due.insert((q, now, id.as_u128()), ())?;
                     if let Some(key) = message.idempotency_key.as_deref() {
                         let expires = now + self.dedup_window;
                         if let Some(old) = dedup.insert((q, key), (id.as_u128(), expires))? {
@@ -532,7 +564,7 @@ impl Writer {
                 }
                 if let Some(old) = state.remove((q, id.as_u128()))? {
                     let until = old.value().1;
-                    parked.remove((q, until, id.as_u128()))?;
+                    due.remove((q, until, id.as_u128()))?;
                 }
                 Reply::Done
             }
@@ -545,9 +577,9 @@ impl Writer {
                 messages.insert((q, id), envelope.to_json().as_slice())?;
                 if let Some(old) = state.insert((q, id), (attempts, until))? {
                     let old_until = old.value().1;
-                    parked.remove((q, old_until, id))?;
+                    due.remove((q, old_until, id))?;
                 }
-                parked.insert((q, until, id), ())?;
+                due.insert((q, until, id), ())?;
                 Reply::Done
             }
             Op::DeadLetter { envelope, dead_letter_queue } => {
@@ -560,7 +592,7 @@ impl Writer {
                 }
                 if let Some(old) = state.remove((q, id))? {
                     let until = old.value().1;
-                    parked.remove((q, until, id))?;
+                    due.remove((q, until, id))?;
                 }
                 Reply::Done
             }
