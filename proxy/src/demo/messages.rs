@@ -16,9 +16,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::http::Body;
@@ -38,20 +35,7 @@ pub(crate) struct Handled {
 
 /// Starts the scripted handler on a free loopback port.
 pub(crate) async fn handler(handled: Arc<Handled>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let handled = handled.clone();
-            let service = hyper::service::service_fn(move |req| handle(handled.clone(), req));
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
+    super::upstreams::serve(move |req| handle(handled.clone(), req)).await
 }
 
 async fn handle(

@@ -3,6 +3,7 @@
 //! watched without installing anything.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,16 +32,21 @@ pub(crate) enum Behaviour {
 
 /// Starts a scripted upstream on a free loopback port; it runs until the runtime stops.
 pub(crate) async fn start(behaviour: Behaviour) -> std::io::Result<SocketAddr> {
+    let seen = Arc::new(AtomicU64::new(0));
+    serve(move |req| answer(behaviour, seen.fetch_add(1, Ordering::Relaxed), req)).await
+}
+
+/// Serves HTTP/1 and HTTP/2 on a free loopback port with `answer`, until the runtime stops.
+pub(crate) async fn serve<F, Fut>(answer: F) -> std::io::Result<SocketAddr>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let seen = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let n = seen.fetch_add(1, Ordering::Relaxed);
-                answer(behaviour, n, req)
-            });
+            let service = hyper::service::service_fn(answer.clone());
             tokio::spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
