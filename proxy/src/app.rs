@@ -40,7 +40,7 @@ pub enum StartError {
     #[error("{0}")]
     Tls(#[from] crate::http::tls::TlsError),
     #[error(transparent)]
-    Store(#[from] crate::messaging::broker::embedded::OpenError),
+    Messaging(#[from] crate::messaging::StartError),
 }
 
 /// A started sidecar: where it listens, and the handle to stop it.
@@ -86,12 +86,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         SourceConfig { resolver: config.resolver.clone(), registry: config.registry.clone() };
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
-    let messaging = Messaging::start(&config.messaging, &metrics).await?;
+    let messaging = Messaging::start(&config.messaging, &config.service.name, &metrics).await?;
     let routes = Arc::new(stack::routes(&upstreams, &metrics).with_messaging(messaging.clone()));
-    let health = Arc::new(Health::new(
-        upstreams.iter().map(|u| u.pool.clone()).collect(),
-        config.service.app.as_ref().and_then(app_health_uri),
-    ));
+    let health = Arc::new(
+        Health::new(
+            upstreams.iter().map(|u| u.pool.clone()).collect(),
+            config.service.app.as_ref().and_then(app_health_uri),
+        )
+        .with_messaging(messaging.clone()),
+    );
     let config_json =
         Bytes::from(serde_json::to_vec_pretty(&config).expect("the config serializes"));
     let admin_routes =
@@ -119,6 +122,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let app_up = app_up(&running.health, stopped.clone());
         running.dispatchers =
             messaging.deliver(&config.service.name, app_base(app), app_up, stopped.clone());
+    }
+    if let Some(relay) = messaging.relay(stopped.clone()) {
+        running.dispatchers.spawn(async move {
+            let _ = relay.await;
+        });
     }
 
     let route = Route::ByAuthority(routes);

@@ -8,12 +8,14 @@
 
 mod dnsmasq;
 mod etcd;
+mod redis;
 mod sidecar;
 mod tls;
 mod upstream;
 
 pub use dnsmasq::{Dnsmasq, Zone};
 pub use etcd::{Etcd, Kv};
+pub use redis::Redis;
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use tls::{Pki, SERVER_NAME, TlsServer};
 pub use upstream::{Reply, Seen, Upstream};

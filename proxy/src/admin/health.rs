@@ -8,6 +8,7 @@
 //! failing readiness: failing every caller's readiness because one upstream is down would
 //! turn its outage into theirs.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use outrigger_discovery::{Pool, State, Status};
 use serde::Serialize;
 
 use crate::http::Body;
+use crate::messaging::Messaging;
 
 const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -28,6 +30,7 @@ pub struct Health {
     draining: AtomicBool,
     upstreams: Vec<Pool>,
     app: Option<(Uri, Client<HttpConnector, Body>)>,
+    messaging: Option<Arc<Messaging>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,7 +48,14 @@ struct Check {
 impl Health {
     pub fn new(upstreams: Vec<Pool>, app_health: Option<Uri>) -> Self {
         let app = app_health.map(|uri| (uri, Client::builder(TokioExecutor::new()).build_http()));
-        Self { draining: AtomicBool::new(false), upstreams, app }
+        Self { draining: AtomicBool::new(false), upstreams, app, messaging: None }
+    }
+
+    /// Adds the `broker` check: `degraded` while a remote broker takes nothing (the outbox
+    /// keeps accepting, so readiness does not fail).
+    pub fn with_messaging(mut self, messaging: Arc<Messaging>) -> Self {
+        self.messaging = Some(messaging);
+        self
     }
 
     /// From now on, readiness fails: the sidecar is shutting down.
@@ -68,6 +78,13 @@ impl Health {
         for pool in &self.upstreams {
             let (check, blocks) = upstream_check(pool);
             put(format!("upstream.{}", pool.upstream()), check, blocks);
+        }
+        if let Some(check) = self.messaging.as_ref().and_then(|m| m.broker_check()) {
+            let check = match check {
+                Ok(detail) => Check::ok(detail),
+                Err(detail) => Check { status: "degraded", detail },
+            };
+            put("broker".into(), check, false);
         }
         if let Some((uri, client)) = &self.app {
             let check = match check_app(client, uri).await {

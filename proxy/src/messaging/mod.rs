@@ -5,11 +5,15 @@
 //! its file already exists, so a restarted sidecar reports what it still holds; otherwise at the
 //! first publish, so a sidecar that never publishes never writes to disk; with subscriptions,
 //! at startup. [`deliver`] runs one dispatcher per subscription; a publish wakes its queue's.
+//!
+//! With `broker: redis://…` the store is the outbox only: [`relay`] moves what it holds to
+//! Redis, and the dispatchers consume from Redis.
 
 pub mod broker;
 pub mod deliver;
 pub mod envelope;
 pub mod publish;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,6 +26,7 @@ use tokio::sync::{Notify, OnceCell, watch};
 use tokio::task::JoinSet;
 
 use crate::messaging::broker::embedded::{self, Embedded, OpenError, QueueDepth};
+use crate::messaging::broker::redis::{self as redis_broker, Redis};
 use crate::telemetry::metrics::Metrics;
 
 /// The sidecar's messaging: its store, opened once, and its metrics.
@@ -37,11 +42,38 @@ pub struct Messaging {
     /// Each subscribed queue's dispatcher wake-up, notified by a publish to it.
     wakers: HashMap<Box<str>, Arc<Notify>>,
     subscriptions: Vec<config::Subscription>,
+    /// With `broker: redis://…`: where messages are relayed and consumed.
+    remote: Option<Redis>,
+    relay_wake: Arc<Notify>,
+    relay_status: Arc<relay::Status>,
+}
+
+/// Why messaging could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    #[error(transparent)]
+    Broker(#[from] redis_broker::ConnectError),
 }
 
 impl Messaging {
-    /// Messaging as configured; opens the store now if `data_dir` already holds one.
-    pub async fn start(cfg: &config::Messaging, metrics: &Metrics) -> Result<Arc<Self>, OpenError> {
+    /// Messaging as configured for service `service` (the Redis consumer group); opens the
+    /// store now if `data_dir` already holds one, or a broker or subscriptions need it.
+    pub async fn start(
+        cfg: &config::Messaging,
+        service: &str,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>, StartError> {
+        let remote = match &cfg.broker {
+            config::Broker::Embedded => None,
+            config::Broker::Redis(url) => Some(Redis::new(
+                url.as_str(),
+                service,
+                cfg.claim_idle.get(),
+                cfg.dedup_window.get(),
+            )?),
+        };
         let messaging = Arc::new(Messaging {
             data_dir: cfg.data_dir.clone(),
             dedup_window: cfg.dedup_window.get(),
@@ -55,8 +87,12 @@ impl Messaging {
                 .map(|s| (Box::from(s.queue.as_str()), Arc::new(Notify::new())))
                 .collect(),
             subscriptions: cfg.subscriptions.clone(),
+            remote,
+            relay_wake: Arc::new(Notify::new()),
+            relay_status: Arc::default(),
         });
-        if !cfg.subscriptions.is_empty() || cfg.data_dir.join(embedded::FILE_NAME).exists() {
+        let needed = !cfg.subscriptions.is_empty() && messaging.remote.is_none();
+        if needed || cfg.data_dir.join(embedded::FILE_NAME).exists() {
             messaging.store().await?;
         }
         Ok(messaging)
@@ -75,6 +111,32 @@ impl Messaging {
                 }
             })
             .await
+    }
+
+    /// The store, if it is open.
+    pub fn opened(&self) -> Option<&Embedded> {
+        self.store.get()
+    }
+
+    /// With a remote broker: starts the relay from the outbox, until `stop`.
+    pub fn relay(
+        self: &Arc<Self>,
+        stop: watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let redis = self.remote.clone()?;
+        let (wake, status) = (self.relay_wake.clone(), self.relay_status.clone());
+        Some(tokio::spawn(relay::run(self.clone(), redis, wake, status, stop)))
+    }
+
+    /// The broker's readiness check: `None` for the embedded one (its failures show on each
+    /// publish); else `Ok(detail)` or `Err(detail)` while relaying fails.
+    pub fn broker_check(&self) -> Option<Result<String, String>> {
+        self.remote.as_ref()?;
+        let pending = self.pending.get();
+        Some(match self.relay_status.failing() {
+            None => Ok(format!("redis: relaying; {pending} message(s) in the outbox")),
+            Some(error) => Err(format!("{error}; {pending} message(s) wait in the outbox")),
+        })
     }
 
     /// Each queue's depth; empty while the store is not open (nothing was ever published).
@@ -96,25 +158,45 @@ impl Messaging {
         stop: watch::Receiver<bool>,
     ) -> JoinSet<()> {
         let mut dispatchers = JoinSet::new();
-        let Some(store) = self.store.get() else { return dispatchers };
-        let ctx = deliver::Context {
-            broker: store.clone(),
-            service: service.to_owned(),
-            app_base,
-            dedup_window: self.dedup_window,
-            metrics: self.metrics.clone(),
-        };
-        for sub in &self.subscriptions {
-            let wake = self.wakers[sub.queue.as_str()].clone();
-            let subscriber = deliver::Subscriber::new(sub, &ctx, wake);
-            dispatchers.spawn(subscriber.run(app_up.clone(), stop.clone()));
+        if let Some(redis) = &self.remote {
+            let ctx = self.delivery_context(redis.clone(), service, app_base);
+            for sub in &self.subscriptions {
+                let wake = self.wakers[sub.queue.as_str()].clone();
+                let subscriber = deliver::Subscriber::new(sub, &ctx, wake);
+                dispatchers.spawn(subscriber.run(app_up.clone(), stop.clone()));
+            }
+        } else if let Some(store) = self.store.get() {
+            let ctx = self.delivery_context(store.clone(), service, app_base);
+            for sub in &self.subscriptions {
+                let wake = self.wakers[sub.queue.as_str()].clone();
+                let subscriber = deliver::Subscriber::new(sub, &ctx, wake);
+                dispatchers.spawn(subscriber.run(app_up.clone(), stop.clone()));
+            }
         }
         dispatchers
     }
 
+    fn delivery_context<B>(
+        &self,
+        broker: B,
+        service: &str,
+        app_base: String,
+    ) -> deliver::Context<B> {
+        deliver::Context {
+            broker,
+            service: service.to_owned(),
+            app_base,
+            dedup_window: self.dedup_window,
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Wakes the dispatcher of `queue`, if it is subscribed: a message was stored.
     fn wake(&self, queue: &str) {
-        if let Some(wake) = self.wakers.get(queue) {
+        if self.remote.is_some() {
+            // the relay moves it first; the dispatcher's blocking read sees it arrive
+            self.relay_wake.notify_one();
+        } else if let Some(wake) = self.wakers.get(queue) {
             wake.notify_one();
         }
     }

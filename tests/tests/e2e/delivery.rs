@@ -25,7 +25,12 @@ fn config(app: &Upstream, extra: &str) -> String {
 }
 
 /// Publishes `body` to `queue` with extra headers; returns the message id.
-async fn publish(sidecar: &Sidecar, queue: &str, body: &str, headers: &[(&str, &str)]) -> String {
+pub(crate) async fn publish(
+    sidecar: &Sidecar,
+    queue: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> String {
     let mut req = Request::post(format!("/v1/publish/{queue}")).header("host", "localhost");
     for (name, value) in headers {
         req = req.header(*name, *value);
@@ -37,7 +42,7 @@ async fn publish(sidecar: &Sidecar, queue: &str, body: &str, headers: &[(&str, &
 }
 
 /// Waits until the app has seen `n` deliveries; returns them.
-async fn deliveries(app: &Upstream, n: usize) -> Vec<Seen> {
+pub(crate) async fn deliveries(app: &Upstream, n: usize) -> Vec<Seen> {
     wait_until(DEADLINE, &format!("{n} deliveries to the app"), || async {
         let seen = app.seen();
         (seen.len() >= n).then_some(seen)
@@ -45,15 +50,15 @@ async fn deliveries(app: &Upstream, n: usize) -> Vec<Seen> {
     .await
 }
 
-fn envelope(seen: &Seen) -> Value {
+pub(crate) fn envelope(seen: &Seen) -> Value {
     serde_json::from_slice(&seen.body).expect("the delivery body is the JSON envelope")
 }
 
-fn header<'a>(seen: &'a Seen, name: &str) -> &'a str {
+pub(crate) fn header<'a>(seen: &'a Seen, name: &str) -> &'a str {
     seen.headers.get(name).map_or("", |v| v.to_str().unwrap())
 }
 
-async fn wait_metric(sidecar: &Sidecar, series: &str, value: f64) {
+pub(crate) async fn wait_metric(sidecar: &Sidecar, series: &str, value: f64) {
     wait_until(DEADLINE, &format!("{series} = {value}"), || async {
         (metric(sidecar, series).await == Some(value)).then_some(())
     })
@@ -67,9 +72,12 @@ async fn dead_letters(sidecar: &Sidecar) -> u64 {
     found.map_or(0, |q| q["dead_letters"].as_u64().unwrap())
 }
 
-const ACKED: &str = r#"outrigger_messages_delivered_total{outcome="acked",queue="orders"}"#;
-const RETRIED: &str = r#"outrigger_messages_delivered_total{outcome="retried",queue="orders"}"#;
-const DEAD: &str = r#"outrigger_messages_delivered_total{outcome="dead_lettered",queue="orders"}"#;
+pub(crate) const ACKED: &str =
+    r#"outrigger_messages_delivered_total{outcome="acked",queue="orders"}"#;
+pub(crate) const RETRIED: &str =
+    r#"outrigger_messages_delivered_total{outcome="retried",queue="orders"}"#;
+pub(crate) const DEAD: &str =
+    r#"outrigger_messages_delivered_total{outcome="dead_lettered",queue="orders"}"#;
 
 #[tokio::test]
 async fn a_published_message_is_delivered_with_its_envelope_and_headers() {

@@ -10,5 +10,6 @@ mod malformed;
 mod messaging;
 mod policies;
 mod proxy;
+mod redis;
 mod registry;
 mod tls;

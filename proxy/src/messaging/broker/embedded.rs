@@ -153,6 +153,55 @@ impl Embedded {
         .await
     }
 
+    /// The outbox side, for the relay to a remote broker: up to `max` stored messages of any
+    /// queue, oldest first per queue, leased until [`Embedded::forget`] or
+    /// [`Embedded::release_all`].
+    pub async fn relay_batch(&self, max: usize) -> Result<Vec<Envelope>, BrokerError> {
+        let this = self.clone();
+        self.read_with(move |txn| {
+            let messages = txn.open_table(MESSAGES)?;
+            let due = txn.open_table(DUE)?;
+            let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let mut found = Vec::new();
+            for entry in due.iter()? {
+                if found.len() >= max {
+                    break;
+                }
+                let entry = entry?;
+                let (queue, _, id) = entry.0.value();
+                if leases.contains(&(Box::from(queue), id)) {
+                    continue;
+                }
+                let Some(value) = messages.get((queue, id))? else { continue };
+                match Envelope::from_json(value.value()) {
+                    Ok(envelope) => {
+                        leases.insert((Box::from(queue), id));
+                        found.push(envelope);
+                    }
+                    Err(_) => tracing::error!(queue, id = %MessageId::from_u128(id), "unreadable outbox entry skipped"),
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    /// Forgets relayed messages, in one commit.
+    pub async fn forget(&self, relayed: &[Envelope]) -> Result<(), BrokerError> {
+        let settled: Vec<(String, MessageId)> =
+            relayed.iter().map(|e| (e.queue.clone(), e.id)).collect();
+        let result = self.write(Op::Ack(settled)).await;
+        self.release_all(relayed);
+        result.map(drop)
+    }
+
+    /// Ends the leases of messages that could not be relayed: they are taken again later.
+    pub fn release_all(&self, envelopes: &[Envelope]) {
+        for envelope in envelopes {
+            self.release(&envelope.queue, envelope.id);
+        }
+    }
+
     /// Asks the writer thread to stop after what it has queued, and waits until it has closed
     /// its handle on the file; the file is closed once every clone of this handle is dropped.
     pub async fn close(self) {
@@ -317,7 +366,7 @@ impl Broker for Embedded {
     }
 
     async fn ack(&self, queue: &str, id: MessageId) -> Result<(), BrokerError> {
-        let result = self.write(Op::Ack { queue: queue.to_owned(), id }).await;
+        let result = self.write(Op::Ack(vec![(queue.to_owned(), id)])).await;
         // released even on failure: read again, the consumer acknowledges it again
         self.release(queue, id);
         result.map(drop)
@@ -421,10 +470,21 @@ struct Request {
 #[derive(Debug)]
 enum Op {
     Publish(Vec<Publish>),
-    Ack { queue: String, id: MessageId },
-    Park { envelope: Envelope, attempts: u32, until: UnixMillis },
-    DeadLetter { envelope: Envelope, dead_letter_queue: String },
-    DeleteDeadLetter { queue: String, id: MessageId },
+    /// Forgets messages: one acknowledged, or what the relay moved to Redis, in one commit.
+    Ack(Vec<(String, MessageId)>),
+    Park {
+        envelope: Envelope,
+        attempts: u32,
+        until: UnixMillis,
+    },
+    DeadLetter {
+        envelope: Envelope,
+        dead_letter_queue: String,
+    },
+    DeleteDeadLetter {
+        queue: String,
+        id: MessageId,
+    },
 }
 
 #[derive(Debug)]
@@ -557,14 +617,16 @@ impl Writer {
                 }
                 Reply::Published(done)
             }
-            Op::Ack { queue, id } => {
-                let q = queue.as_str();
-                if messages.remove((q, id.as_u128()))?.is_some() {
-                    *delta -= 1;
-                }
-                if let Some(old) = state.remove((q, id.as_u128()))? {
-                    let until = old.value().1;
-                    due.remove((q, until, id.as_u128()))?;
+            Op::Ack(settled) => {
+                for (queue, id) in settled {
+                    let q = queue.as_str();
+                    if messages.remove((q, id.as_u128()))?.is_some() {
+                        *delta -= 1;
+                    }
+                    if let Some(old) = state.remove((q, id.as_u128()))? {
+                        let until = old.value().1;
+                        due.remove((q, until, id.as_u128()))?;
+                    }
                 }
                 Reply::Done
             }

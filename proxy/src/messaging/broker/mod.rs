@@ -7,6 +7,7 @@
 //! Time is wall-clock Unix milliseconds, because park times must survive a restart.
 
 pub mod embedded;
+pub mod redis;
 
 use std::future::Future;
 
@@ -106,6 +107,12 @@ pub trait Broker: Send + Sync + 'static {
         consumer: &str,
         read: Read,
     ) -> impl Future<Output = Result<Vec<Leased>, BrokerError>> + Send;
+
+    /// Whether `read` itself waits a moment for messages when none is there (a remote broker
+    /// with blocking reads): then the dispatcher reads again at once instead of idling.
+    fn blocks_on_read(&self) -> bool {
+        false
+    }
 
     /// When the soonest message of `queue` parked past `now` falls due, if one is.
     fn next_due(

@@ -202,15 +202,22 @@ impl<B: Broker + Clone> Subscriber<B> {
             };
             let idle = leased.len() < admissions.len();
             let mut admissions = admissions.into_iter();
-            for (leased, permit) in leased.into_iter().zip(permits) {
+            let mut leased = leased.into_iter();
+            for (leased, permit) in leased.by_ref().zip(permits) {
                 if let Some(pacer) = &mut pacer {
                     pacer.take(Instant::now());
                 }
                 let admission = admissions.next().flatten();
                 tokio::spawn(self.clone().deliver(leased, admission, permit));
             }
+            // a broker that handed out more than was asked: those go back, due now
+            for extra in leased {
+                let Leased { envelope, attempts } = extra;
+                self.park(envelope, attempts, Duration::ZERO).await;
+            }
             self.cancel(admissions.collect());
-            if idle {
+            // a broker whose read waits for messages has already waited
+            if idle && !self.broker.blocks_on_read() {
                 // a parked message due already is in flight (or its key is held): its
                 // delivery's end wakes the dispatcher, so only a future due time matters
                 let now = unix_millis(SystemTime::now());

@@ -1,0 +1,534 @@
+//! The `redis://` broker: Redis Streams with consumer groups, so the replicas of one service
+//! share a queue's work (the group is `service.name`) while other services each get every
+//! message (their own group on the same stream).
+//!
+//! Keys, for queue `Q` (the braces keep one queue's keys in one cluster slot):
+//! - `outrigger:{Q}`: the stream; each entry has the fields `envelope` (the JSON envelope) and
+//!   `attempts` (deliveries already made);
+//! - `outrigger:{Q}:delayed:G`: consumer group G's failed messages waiting for their retry, a
+//!   sorted set scored by the Unix millisecond they fall due; a member is `ATTEMPTS\nENVELOPE`.
+//!   Any replica's read moves what is due to `outrigger:{Q}:retry:G`, a stream only group G
+//!   reads (a retry is the group's own business: other services must not see it again), in
+//!   one Lua script, so two replicas never both move the same message;
+//! - `outrigger:{Q}:relayed:ID`: set (for the dedup window) when the relay appended message ID,
+//!   so an outbox entry relayed twice (the sidecar died before forgetting it) is appended once;
+//! - a dead-letter queue `D` is a stream `outrigger:{D}` plus a hash `outrigger:{D}:ids` from
+//!   message id to entry id, so one dead letter can be found, deleted or replayed.
+//!
+//! Every state change that touches two keys is one Lua script or one MULTI: a dead letter is
+//! appended and its original acknowledged together, a parked message is in the delayed set
+//! before its entry is acknowledged. Commands have a response timeout; the connection is
+//! re-established with backoff by redis-rs's `ConnectionManager`, and a blocking read uses a
+//! connection of its own so it never stalls the other commands.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, Value};
+
+use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, Read, UnixMillis};
+use crate::messaging::envelope::{Envelope, MessageId};
+
+/// Every command but a blocking read answers within this, or fails (and is retried later).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// A read waits this long for a message to arrive when none is there.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+/// Parked messages moved back to the stream per read at most.
+const PROMOTE_PER_READ: usize = 100;
+
+/// Appends an envelope unless its id was relayed within the window.
+const RELAY: &str = r"
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', 'envelope', ARGV[2], 'attempts', '0')
+end
+return false";
+
+/// Moves parked messages that are due back to the stream.
+const PROMOTE: &str = r"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local cut = string.find(member, '\n', 1, true)
+  redis.call('XADD', KEYS[2], '*', 'envelope', string.sub(member, cut + 1),
+    'attempts', string.sub(member, 1, cut - 1))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due";
+
+/// Appends a dead letter and indexes it by message id.
+const DEAD_LETTER: &str = r"
+local entry = redis.call('XADD', KEYS[1], '*', 'envelope', ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[2], entry)
+return entry";
+
+/// Removes one dead letter by message id; 1 when there was one.
+const DELETE_DEAD_LETTER: &str = r"
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return 0 end
+redis.call('XDEL', KEYS[1], entry)
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1";
+
+/// The Redis broker; cheap to clone.
+#[derive(Clone)]
+pub struct Redis {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    commands: ConnectionManager,
+    /// The consumer group: `service.name`.
+    group: String,
+    claim_idle: Duration,
+    dedup_window: Duration,
+    /// What this consumer holds: message id -> (stream key, entry id).
+    leases: Mutex<HashMap<u128, Lease>>,
+    /// One connection per queue for blocking reads.
+    readers: Mutex<HashMap<Box<str>, ConnectionManager>>,
+    /// Streams whose consumer group this process has made sure of.
+    groups: Mutex<HashSet<Box<str>>>,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis").field("group", &self.inner.group).finish_non_exhaustive()
+    }
+}
+
+/// Where a leased message is: its stream (the queue's, or the group's retry stream) and entry.
+#[derive(Debug, Clone)]
+struct Lease {
+    stream: String,
+    entry: String,
+    /// An entry of the group's own retry stream: deleted once settled.
+    retry: bool,
+}
+
+/// Why the Redis client could not be made (a malformed URL; Redis being down is not an error
+/// here: connections are made when first needed, and again after every failure).
+#[derive(Debug, thiserror::Error)]
+#[error("messaging.broker: {0}")]
+pub struct ConnectError(String);
+
+fn stream(queue: &str) -> String {
+    format!("outrigger:{{{queue}}}")
+}
+
+/// Group `group`'s parked messages of `queue`, and the stream they return to when due.
+fn delayed(queue: &str, group: &str) -> String {
+    format!("outrigger:{{{queue}}}:delayed:{group}")
+}
+
+fn retries(queue: &str, group: &str) -> String {
+    format!("outrigger:{{{queue}}}:retry:{group}")
+}
+
+fn store_error(error: redis::RedisError) -> BrokerError {
+    BrokerError::Store(format!("redis: {error}"))
+}
+
+impl Redis {
+    /// A broker on `url` for consumer group `group`.
+    pub fn new(
+        url: &str,
+        group: &str,
+        claim_idle: Duration,
+        dedup_window: Duration,
+    ) -> Result<Self, ConnectError> {
+        let client = redis::Client::open(url).map_err(|e| ConnectError(e.to_string()))?;
+        let commands = client
+            .get_connection_manager_lazy(config(Some(COMMAND_TIMEOUT)))
+            .map_err(|e| ConnectError(e.to_string()))?;
+        Ok(Redis {
+            inner: Arc::new(Inner {
+                client,
+                commands,
+                group: group.to_owned(),
+                claim_idle,
+                dedup_window,
+                leases: Mutex::new(HashMap::new()),
+                readers: Mutex::new(HashMap::new()),
+                groups: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// Appends envelopes stored in the outbox, in order; an id relayed within the dedup window
+    /// is not appended again. Returns after Redis has them all (and, with `appendfsync always`,
+    /// has written them).
+    pub async fn relay(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        let window = self.inner.dedup_window.as_millis().to_string();
+        for envelope in envelopes {
+            let marker = format!("{}:relayed:{}", stream(&envelope.queue), envelope.id);
+            pipe.cmd("EVAL")
+                .arg(RELAY)
+                .arg(2)
+                .arg(marker)
+                .arg(stream(&envelope.queue))
+                .arg(&window)
+                .arg(envelope.to_json())
+                .ignore();
+        }
+        let mut conn = self.inner.commands.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(store_error)
+    }
+
+    /// Answers PING: the broker's health, for readiness.
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        let mut conn = self.inner.commands.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(store_error)
+    }
+
+    /// The consumer name of this process: unique per replica and start.
+    fn consumer(&self, base: &str) -> String {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        format!("{base}-{host}-{}", std::process::id())
+    }
+
+    async fn ensure_group(&self, queue: &str) -> Result<(), BrokerError> {
+        if self.inner.groups.lock().unwrap_or_else(|e| e.into_inner()).contains(queue) {
+            return Ok(());
+        }
+        let mut conn = self.inner.commands.clone();
+        // from the stream's start: a service subscribing after messages were published gets them
+        for key in [stream(queue), retries(queue, &self.inner.group)] {
+            let made: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(key)
+                .arg(&self.inner.group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match made {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        self.inner.groups.lock().unwrap_or_else(|e| e.into_inner()).insert(queue.into());
+        Ok(())
+    }
+
+    /// The connection for blocking reads of `queue`, made on first use.
+    fn reader(&self, queue: &str) -> Result<ConnectionManager, BrokerError> {
+        let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(conn) = readers.get(queue) {
+            return Ok(conn.clone());
+        }
+        let conn = self
+            .inner
+            .client
+            .get_connection_manager_lazy(config(Some(COMMAND_TIMEOUT + READ_BLOCK)))
+            .map_err(store_error)?;
+        readers.insert(queue.into(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Takes the entries of `key` into this consumer's leases and decodes them.
+    fn lease(&self, queue: &str, key: &str, entries: Vec<StreamId>, claimed: bool) -> Vec<Leased> {
+        let retry = key != stream(queue);
+        let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Some(envelope) =
+                field(&entry, "envelope").and_then(|e| Envelope::from_json(e.as_bytes()).ok())
+            else {
+                tracing::error!(queue, entry = %entry.id, "unreadable stream entry skipped");
+                continue;
+            };
+            if claimed && leases.contains_key(&envelope.id.as_u128()) {
+                continue; // ours and still in flight
+            }
+            let attempts: u32 = field(&entry, "attempts").and_then(|a| a.parse().ok()).unwrap_or(0);
+            // a claimed entry was being delivered by a replica that went away: that counts
+            let attempts = attempts + u32::from(claimed);
+            let lease = Lease { stream: key.to_owned(), entry: entry.id, retry };
+            leases.insert(envelope.id.as_u128(), lease);
+            found.push(Leased { envelope, attempts });
+        }
+        found
+    }
+
+    fn take_lease(&self, id: MessageId) -> Option<Lease> {
+        self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(&id.as_u128())
+    }
+}
+
+impl Redis {
+    /// Adds to `pipe` the acknowledgement of a leased entry (and, in the group's own retry
+    /// stream, its removal: no other group reads it).
+    fn settle(&self, pipe: &mut redis::Pipeline, lease: &Lease) {
+        pipe.cmd("XACK").arg(&lease.stream).arg(&self.inner.group).arg(&lease.entry).ignore();
+        if lease.retry {
+            pipe.cmd("XDEL").arg(&lease.stream).arg(&lease.entry).ignore();
+        }
+    }
+}
+
+fn config(response_timeout: Option<Duration>) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(response_timeout)
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+/// A stream entry's field as text.
+fn field(entry: &StreamId, name: &str) -> Option<String> {
+    match entry.map.get(name)? {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl Broker for Redis {
+    async fn publish(&self, batch: Vec<Publish>) -> Result<Vec<Published>, BrokerError> {
+        let now = SystemTime::now();
+        let envelopes: Vec<Envelope> = batch
+            .into_iter()
+            .map(|message| {
+                let mut envelope =
+                    Envelope::new(MessageId::generate(now), &message.queue, now, message.payload);
+                for (name, value) in [
+                    ("idempotency_key", message.idempotency_key),
+                    ("ordering_key", message.ordering_key),
+                    ("traceparent", message.traceparent),
+                ] {
+                    if let Some(value) = value {
+                        envelope.metadata.insert(name.into(), value.into());
+                    }
+                }
+                envelope
+            })
+            .collect();
+        self.relay(&envelopes).await?;
+        Ok(envelopes.iter().map(|e| Published::Stored(e.id)).collect())
+    }
+
+    async fn read(
+        &self,
+        queue: &str,
+        consumer: &str,
+        Read { max, now, ordered: _ }: Read,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        self.ensure_group(queue).await?;
+        let group = &self.inner.group;
+        let (key, retry_key) = (stream(queue), retries(queue, group));
+        let consumer = self.consumer(consumer);
+        let mut conn = self.inner.commands.clone();
+        // this group's parked messages that are due go to its retry stream (any replica may)
+        redis::cmd("EVAL")
+            .arg(PROMOTE)
+            .arg(2)
+            .arg(delayed(queue, group))
+            .arg(&retry_key)
+            .arg(now)
+            .arg(PROMOTE_PER_READ)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(store_error)?;
+        // messages a replica took and never settled (it died): claimed after `claim_idle`
+        let mut found = Vec::new();
+        for stream_key in [&retry_key, &key] {
+            if found.len() >= max {
+                break;
+            }
+            let claim: Value = redis::cmd("XAUTOCLAIM")
+                .arg(stream_key)
+                .arg(group)
+                .arg(&consumer)
+                .arg(self.inner.claim_idle.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(max - found.len())
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            let claimed: redis::streams::StreamAutoClaimReply = redis::from_redis_value(claim)
+                .map_err(|e| BrokerError::Store(format!("redis: {e}")))?;
+            found.extend(self.lease(queue, stream_key, claimed.claimed, true));
+        }
+        if found.len() >= max {
+            return Ok(found);
+        }
+        // new messages: the group's retries first, then the queue, waiting a moment for it
+        // when nothing was found (on a connection of its own: a blocked read stalls the rest)
+        for (stream_key, may_block) in [(&retry_key, false), (&key, true)] {
+            let remaining = max - found.len();
+            if remaining == 0 {
+                break;
+            }
+            let mut options = StreamReadOptions::default().group(group, &consumer).count(remaining);
+            let reply: Option<StreamReadReply> = if may_block && found.is_empty() {
+                options = options.block(READ_BLOCK.as_millis() as usize);
+                let mut reader = self.reader(queue)?;
+                reader.xread_options(&[stream_key], &[">"], &options).await
+            } else {
+                conn.xread_options(&[stream_key], &[">"], &options).await
+            }
+            .map_err(store_error)?;
+            for read in reply.map(|r| r.keys).unwrap_or_default() {
+                found.extend(self.lease(queue, &read.key, read.ids, false));
+            }
+        }
+        Ok(found)
+    }
+
+    fn blocks_on_read(&self) -> bool {
+        true
+    }
+
+    async fn next_due(
+        &self,
+        queue: &str,
+        now: UnixMillis,
+    ) -> Result<Option<UnixMillis>, BrokerError> {
+        let mut conn = self.inner.commands.clone();
+        let first: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(delayed(queue, &self.inner.group))
+            .arg(format!("({now}"))
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(first.first().map(|(_, score)| *score as UnixMillis))
+    }
+
+    async fn ack(&self, _queue: &str, id: MessageId) -> Result<(), BrokerError> {
+        let Some(lease) = self.take_lease(id) else { return Ok(()) };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.settle(&mut pipe, &lease);
+        let mut conn = self.inner.commands.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(store_error)
+    }
+
+    async fn park(
+        &self,
+        envelope: Envelope,
+        attempts: u32,
+        until: UnixMillis,
+    ) -> Result<(), BrokerError> {
+        let Some(lease) = self.take_lease(envelope.id) else { return Ok(()) };
+        let member = format!("{attempts}\n{}", String::from_utf8_lossy(&envelope.to_json()));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZADD")
+            .arg(delayed(&envelope.queue, &self.inner.group))
+            .arg(until)
+            .arg(member)
+            .ignore();
+        self.settle(&mut pipe, &lease);
+        let mut conn = self.inner.commands.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(store_error)
+    }
+
+    async fn dead_letter(
+        &self,
+        envelope: Envelope,
+        dead_letter_queue: &str,
+    ) -> Result<(), BrokerError> {
+        let dlq = stream(dead_letter_queue);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("EVAL")
+            .arg(DEAD_LETTER)
+            .arg(2)
+            .arg(&dlq)
+            .arg(format!("{dlq}:ids"))
+            .arg(envelope.to_json())
+            .arg(envelope.id.to_string())
+            .ignore();
+        // the dead letter and the acknowledgement of its original, in one MULTI
+        let lease = self.take_lease(envelope.id);
+        if let Some(lease) = &lease {
+            self.settle(&mut pipe, lease);
+        }
+        let mut conn = self.inner.commands.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(store_error)
+    }
+
+    async fn dead_letters(
+        &self,
+        dead_letter_queue: &str,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, BrokerError> {
+        let dlq = stream(dead_letter_queue);
+        let mut conn = self.inner.commands.clone();
+        let end = match before {
+            None => "+".to_owned(),
+            Some(id) => {
+                let entry: Option<String> =
+                    conn.hget(format!("{dlq}:ids"), id.to_string()).await.map_err(store_error)?;
+                match entry {
+                    Some(entry) => format!("({entry}"),
+                    None => return Ok(DeadLetterPage { messages: Vec::new(), next: None }),
+                }
+            }
+        };
+        let page: redis::streams::StreamRangeReply =
+            conn.xrevrange_count(&dlq, end, "-", limit + 1).await.map_err(store_error)?;
+        let mut messages: Vec<Envelope> = page
+            .ids
+            .iter()
+            .filter_map(|entry| field(entry, "envelope"))
+            .filter_map(|json| Envelope::from_json(json.as_bytes()).ok())
+            .collect();
+        let next = (messages.len() > limit).then(|| {
+            messages.truncate(limit);
+            messages.last().map(|e| e.id)
+        });
+        Ok(DeadLetterPage { messages, next: next.flatten() })
+    }
+
+    async fn dead_letter_get(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> Result<Option<Envelope>, BrokerError> {
+        let dlq = stream(dead_letter_queue);
+        let mut conn = self.inner.commands.clone();
+        let entry: Option<String> =
+            conn.hget(format!("{dlq}:ids"), id.to_string()).await.map_err(store_error)?;
+        let Some(entry) = entry else { return Ok(None) };
+        let found: redis::streams::StreamRangeReply =
+            conn.xrange(&dlq, &entry, &entry).await.map_err(store_error)?;
+        Ok(found
+            .ids
+            .first()
+            .and_then(|e| field(e, "envelope"))
+            .and_then(|json| Envelope::from_json(json.as_bytes()).ok()))
+    }
+
+    async fn dead_letter_delete(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> Result<bool, BrokerError> {
+        let dlq = stream(dead_letter_queue);
+        let mut conn = self.inner.commands.clone();
+        let removed: i64 = redis::cmd("EVAL")
+            .arg(DELETE_DEAD_LETTER)
+            .arg(2)
+            .arg(&dlq)
+            .arg(format!("{dlq}:ids"))
+            .arg(id.to_string())
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(removed == 1)
+    }
+}

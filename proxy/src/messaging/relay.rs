@@ -1,0 +1,141 @@
+//! The relay (`messaging.broker: redis://…`): the app's publishes are answered 202 once they are
+//! durable in the local outbox (the embedded store), and this task moves them to Redis, oldest
+//! first per queue, forgetting each only after Redis has it. When Redis is down or slow the
+//! outbox simply grows (`outrigger_outbox_pending`), publishes keep being accepted, and
+//! `/readyz` shows the broker as `degraded`; once Redis answers again everything is relayed in
+//! order. A message relayed twice (the sidecar died between Redis's answer and the outbox's
+//! commit) is appended once: Redis remembers relayed ids for the dedup window.
+//!
+//! Failures back off (the shared backoff, 100 ms doubling to 5 s) behind a breaker: after five
+//! failures in a row it waits five seconds between probes instead of hammering a broker that is
+//! down.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use outrigger_config as config;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::messaging::Messaging;
+use crate::messaging::broker::redis::Redis;
+use crate::policy::backoff::Backoff;
+use crate::policy::circuit_breaker::{Admission, Breaker};
+
+/// Messages moved per round trip at most.
+const BATCH: usize = 512;
+/// The longest the relay sleeps when nothing woke it.
+const POLL: Duration = Duration::from_secs(1);
+
+/// What the relay last saw of the broker, for readiness.
+#[derive(Debug, Default)]
+pub struct Status {
+    failing: Mutex<Option<String>>,
+}
+
+impl Status {
+    /// `None` while the broker takes what is relayed; else the last error.
+    pub fn failing(&self) -> Option<String> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, failing: Option<String>) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = failing;
+    }
+}
+
+/// Relays until `stop` turns true (finishing the batch in hand; the rest stays durable).
+pub async fn run(
+    messaging: Arc<Messaging>,
+    redis: Redis,
+    wake: Arc<Notify>,
+    status: Arc<Status>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let backoff = Backoff::new(config::Backoff {
+        initial: config::Duration::from_millis(100),
+        max: config::Duration::from_secs(5),
+        ..config::Backoff::HTTP
+    });
+    let mut breaker = Breaker::new(
+        config::CircuitBreaker {
+            consecutive_failures: std::num::NonZeroU32::new(5),
+            open_for: config::Duration::from_secs(5),
+            min_requests: u32::MAX,
+            ..config::CircuitBreaker::default()
+        },
+        Instant::now(),
+    );
+    let mut failures = 0u32;
+    let mut previous = Duration::ZERO;
+    loop {
+        let wait = match relay_once(&messaging, &redis, &mut breaker).await {
+            Ok(0) => POLL,
+            Ok(_) => {
+                failures = 0;
+                status.set(None);
+                continue;
+            }
+            Err(Failed::Open(wait)) => wait,
+            Err(Failed::Broker(error)) => {
+                if failures == 0 {
+                    tracing::warn!(%error, "relaying to the broker failed; publishes wait in the outbox");
+                }
+                status.set(Some(error));
+                previous = backoff.delay(failures, previous);
+                failures += 1;
+                previous
+            }
+        };
+        tokio::select! {
+            _ = wake.notified() , if failures == 0 => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+enum Failed {
+    /// The breaker is open: try again after this.
+    Open(Duration),
+    Broker(String),
+}
+
+/// Moves one batch; how many messages it moved.
+async fn relay_once(
+    messaging: &Messaging,
+    redis: &Redis,
+    breaker: &mut Breaker,
+) -> Result<usize, Failed> {
+    let Some(store) = messaging.opened() else { return Ok(0) };
+    let admission = breaker.admit(Instant::now()).map_err(Failed::Open)?;
+    let batch = match store.relay_batch(BATCH).await {
+        Ok(batch) if batch.is_empty() => {
+            // nothing to say about the broker: a probe that did not happen
+            breaker.cancel(admission);
+            return Ok(0);
+        }
+        Ok(batch) => batch,
+        Err(error) => {
+            breaker.cancel(admission);
+            return Err(Failed::Broker(format!("reading the outbox: {error}")));
+        }
+    };
+    let result = redis.relay(&batch).await;
+    record(breaker, admission, result.is_err());
+    if let Err(error) = result {
+        store.release_all(&batch);
+        return Err(Failed::Broker(error.to_string()));
+    }
+    if let Err(error) = store.forget(&batch).await {
+        // Redis has them; relayed again later, they are appended once (the relayed-id marker)
+        tracing::error!(%error, "forgetting relayed messages failed; they will be relayed again");
+    }
+    tracing::debug!(messages = batch.len(), "relayed to the broker");
+    Ok(batch.len())
+}
+
+fn record(breaker: &mut Breaker, admission: Admission, failed: bool) {
+    breaker.record(Instant::now(), admission, failed);
+}

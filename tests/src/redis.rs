@@ -1,0 +1,123 @@
+//! A real Redis (Debian's `redis-server`) for broker tests: one server on a free loopback port
+//! with a scratch directory and an append-only file, so `stop` and `restart` keep the data as a
+//! crash and recovery would; `pause` and `resume` freeze it with SIGSTOP/SIGCONT (a slow or
+//! hung broker). `cli` runs `redis-cli` against it for assertions. Killed on drop by its PID.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::{free_port, wait_until};
+
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// A running redis-server.
+#[derive(Debug)]
+pub struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// Starts Redis with `appendonly yes` and returns once it answers PING.
+    pub async fn start() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "outrigger-redis-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("a scratch directory for redis");
+        let mut redis = Self { child: None, port: free_port(), dir };
+        redis.restart().await;
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT`, for `messaging.broker`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills Redis (as a crash would); its port and data stay for `restart`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port and data, and waits until it answers PING.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))
+            .expect("a redis log file");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start redis-server (Debian package redis-server; scripts/test installs it)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(STARTUP, "redis to answer PING", move || async move {
+            (cli_at(port, &["PING"]) == "PONG").then_some(())
+        })
+        .await;
+    }
+
+    /// SIGSTOP: Redis holds its connections open and answers nothing.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([&format!("-{name}"), &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{name} redis");
+        }
+    }
+
+    /// Runs `redis-cli` with `args`; its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli_at(self.port, args)
+    }
+}
+
+fn cli_at(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run redis-cli (Debian package redis-tools, installed with redis-server)");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.resume();
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,167 @@
+//! The `redis://` broker against a real `redis-server`: publishes relayed from the durable
+//! outbox, delivery through consumer groups, retries and dead letters kept in Redis, replicas
+//! sharing a queue, services each getting every message, a Redis outage survived, and a
+//! replica's message claimed by another after a `kill -9`.
+
+use std::collections::HashSet;
+
+use outrigger_tests::{DEADLINE, Redis, Reply, Sidecar, Upstream, wait_until};
+
+use crate::delivery::{ACKED, DEAD, deliveries, envelope, header, publish, wait_metric};
+use crate::messaging::metric;
+
+/// A sidecar of service `service` on `redis`, delivering queue `orders` to `app`.
+fn config(service: &str, redis: &Redis, app: &Upstream, extra: &str) -> String {
+    format!(
+        "service:\n  name: {service}\n  app: {{ url: \"http://{app}\" }}\n\
+         messaging:\n  broker: \"{url}\"\n  data_dir: \"$SCRATCH/data\"\n  claim_idle: 1s\n  \
+         subscriptions:\n    - {{ queue: orders, path: /events/orders, \
+         backoff: {{ initial: 50ms, max: 200ms, jitter: none }}{extra} }}\n",
+        app = app.addr(),
+        url = redis.url(),
+    )
+}
+
+/// The status of `/readyz`'s broker check.
+async fn broker_check(sidecar: &Sidecar) -> String {
+    let (_, body) = sidecar.admin("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("/readyz answers JSON");
+    ready["checks"]["broker"]["status"].as_str().unwrap_or("absent").to_owned()
+}
+
+fn ids(seen: &[outrigger_tests::Seen]) -> Vec<String> {
+    seen.iter().map(|s| header(s, "outrigger-message-id").to_owned()).collect()
+}
+
+#[tokio::test]
+async fn a_message_goes_through_redis_to_the_app_with_its_envelope() {
+    let redis = Redis::start().await;
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
+    let id = publish(&sidecar, "orders", r#"{"order": 42}"#, &[("idempotency-key", "k-42")]).await;
+
+    let seen = deliveries(&app, 1).await.remove(0);
+    assert_eq!(header(&seen, "outrigger-message-id"), id);
+    assert_eq!(header(&seen, "outrigger-attempt"), "1");
+    assert_eq!(header(&seen, "idempotency-key"), "k-42");
+    assert_eq!(envelope(&seen)["payload"]["order"], 42);
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}"]), "1", "the queue is a stream");
+    let pending = redis.cli(&["XPENDING", "outrigger:{orders}", "shop"]);
+    assert!(pending.starts_with('0'), "acknowledged in the group: {pending}");
+    assert_eq!(broker_check(&sidecar).await, "ok");
+}
+
+#[tokio::test]
+async fn retries_keep_their_history_and_exhausted_messages_are_dead_lettered_in_redis() {
+    let redis = Redis::start().await;
+    let app =
+        Upstream::scripted([Reply::Status(500), Reply::Status(503), Reply::Status(200)]).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, ", max_attempts: 3")).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    let seen = deliveries(&app, 3).await;
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    let attempts: Vec<&str> = seen.iter().map(|s| header(s, "outrigger-attempt")).collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    assert_eq!(envelope(&seen[2])["error"].as_array().unwrap().len(), 2);
+
+    // the script now answers 200 forever; a second app fails forever
+    let failing = Upstream::status(500).await;
+    let other = Sidecar::start(&config("billing", &redis, &failing, ", max_attempts: 2")).await;
+    for _ in 0..100 {
+        if metric(&other, DEAD).await == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!("{}", other.log());
+    wait_metric(&other, DEAD, 1.0).await;
+    assert_eq!(failing.requests(), 2, "max_attempts deliveries, then the dead letter");
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "1");
+    let dead = redis.cli(&["XRANGE", "outrigger:{orders_deadletter}", "-", "+"]);
+    assert!(dead.contains(r#""reason":"max attempts reached (2)""#), "{dead}");
+    assert!(dead.contains(r#""subscriber":"billing/events/orders""#), "{dead}");
+}
+
+#[tokio::test]
+async fn two_replicas_of_one_service_share_a_queue_each_message_once() {
+    let redis = Redis::start().await;
+    let (app_a, app_b) = (Upstream::status(200).await, Upstream::status(200).await);
+    let a = Sidecar::start(&config("shop", &redis, &app_a, "")).await;
+    let b = Sidecar::start(&config("shop", &redis, &app_b, "")).await;
+    let mut published = HashSet::new();
+    for n in 0..20 {
+        let sidecar = if n % 2 == 0 { &a } else { &b };
+        published.insert(publish(sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+
+    let all = wait_until(DEADLINE, "20 deliveries across both replicas", || async {
+        let mut seen = ids(&app_a.seen());
+        seen.extend(ids(&app_b.seen()));
+        (seen.len() >= 20).then_some(seen)
+    })
+    .await;
+    wait_metric(&a, "outrigger_outbox_pending", 0.0).await;
+    assert_eq!(all.len(), 20, "no message twice: {all:?}");
+    assert_eq!(all.into_iter().collect::<HashSet<_>>(), published);
+}
+
+#[tokio::test]
+async fn two_services_each_receive_every_message() {
+    let redis = Redis::start().await;
+    let (shop_app, mail_app) = (Upstream::status(200).await, Upstream::status(200).await);
+    let shop = Sidecar::start(&config("shop", &redis, &shop_app, "")).await;
+    let _mail = Sidecar::start(&config("mail", &redis, &mail_app, "")).await;
+    let id = publish(&shop, "orders", r#"{"n":1}"#, &[]).await;
+
+    assert_eq!(ids(&deliveries(&shop_app, 1).await), std::slice::from_ref(&id));
+    assert_eq!(ids(&deliveries(&mail_app, 1).await), [id]);
+}
+
+#[tokio::test]
+async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_back() {
+    let mut redis = Redis::start().await;
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
+    let first = publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
+    deliveries(&app, 1).await;
+
+    redis.stop();
+    let mut published = vec![first];
+    for n in 1..=10 {
+        published.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_metric(&sidecar, "outrigger_outbox_pending", 10.0).await;
+    wait_until(DEADLINE, "readiness to show the broker degraded", || async {
+        let (status, _) = sidecar.admin("/readyz").await;
+        (status == 200 && broker_check(&sidecar).await == "degraded").then_some(())
+    })
+    .await;
+
+    redis.restart().await;
+    let seen = deliveries(&app, 11).await;
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+    let mut delivered = ids(&seen);
+    delivered.sort_unstable();
+    published.sort_unstable();
+    assert_eq!(delivered, published, "every 202 delivered, each once");
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other() {
+    let redis = Redis::start().await;
+    // replica a's app never answers in time; replica b's answers at once
+    let slow = Upstream::scripted([Reply::Delayed(std::time::Duration::from_secs(30), 200)]).await;
+    let fast = Upstream::status(200).await;
+    let mut a = Sidecar::start(&config("shop", &redis, &slow, ", timeout: 60s")).await;
+    let id = publish(&a, "orders", r#"{"n":1}"#, &[]).await;
+    deliveries(&slow, 1).await;
+    a.kill9();
+
+    let _b = Sidecar::start(&config("shop", &redis, &fast, "")).await;
+    let seen = deliveries(&fast, 1).await;
+    assert_eq!(header(&seen[0], "outrigger-message-id"), id);
+    assert_eq!(header(&seen[0], "outrigger-attempt"), "2", "the interrupted attempt counts");
+    assert_eq!(metric(&_b, ACKED).await, Some(1.0));
+}
