@@ -39,6 +39,7 @@ pub struct Metrics {
     dead_letters: IntCounterVec,
     delivery_duration: HistogramVec,
     subscription_circuit: IntGaugeVec,
+    subscription_concurrency: IntGaugeVec,
 }
 
 impl Metrics {
@@ -140,6 +141,14 @@ impl Metrics {
             &["queue"],
         )
         .expect("valid metric");
+        let subscription_concurrency = IntGaugeVec::new(
+            Opts::new(
+                "outrigger_subscription_concurrency",
+                "A subscription's delivery slots now (fixed, or scaled between min and max)",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
         for family in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -154,6 +163,7 @@ impl Metrics {
             Box::new(dead_letters.clone()),
             Box::new(delivery_duration.clone()),
             Box::new(subscription_circuit.clone()),
+            Box::new(subscription_concurrency.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -172,7 +182,13 @@ impl Metrics {
             dead_letters,
             delivery_duration,
             subscription_circuit,
+            subscription_concurrency,
         }
+    }
+
+    /// `outrigger_subscription_concurrency{queue}`.
+    pub fn subscription_concurrency(&self, queue: &str) -> IntGauge {
+        self.subscription_concurrency.with_label_values(&[queue])
     }
 
     /// `outrigger_messages_delivered_total{queue,outcome}`: made once per subscription.

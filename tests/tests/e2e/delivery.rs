@@ -373,3 +373,22 @@ async fn kill9_during_retries_keeps_the_attempt_count_and_history() {
     let errors = envelope(&seen[2])["error"].as_array().unwrap().len();
     assert_eq!(errors, 2, "the history survived");
 }
+
+#[tokio::test]
+async fn a_concurrency_range_grows_with_the_backlog_and_shrinks_when_idle() {
+    let app = Upstream::scripted([Reply::Delayed(Duration::from_millis(100), 200)]).await;
+    let sidecar = Sidecar::start(&config(&app, ", concurrency: { min: 1, max: 4 }")).await;
+    let gauge = r#"outrigger_subscription_concurrency{queue="orders"}"#;
+    assert_eq!(metric(&sidecar, gauge).await, Some(1.0), "starts at min");
+    for n in 0..60 {
+        publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+
+    wait_metric(&sidecar, gauge, 4.0).await;
+    let seen = deliveries(&app, 60).await;
+    // with 100 ms answers, arrivals closer than that overlapped
+    let overlapping = seen.windows(4).any(|w| w[3].at - w[0].at < Duration::from_millis(100));
+    assert!(overlapping, "four deliveries in flight at once at the top");
+    wait_metric(&sidecar, ACKED, 60.0).await;
+    wait_metric(&sidecar, gauge, 1.0).await;
+}

@@ -15,6 +15,7 @@
 
 pub mod attempt;
 pub mod pace;
+pub mod supervisor;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use http::Uri;
 use outrigger_config as config;
 use prometheus::{Histogram, IntCounter, IntGauge};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 
 use crate::http::forward::UpstreamClient;
@@ -70,6 +71,7 @@ pub struct Subscriber<B> {
     breaker: Option<Mutex<Breaker>>,
     acknowledged: Mutex<Acknowledged>,
     metrics: DeliveryMetrics,
+    observed: Arc<supervisor::Observed>,
 }
 
 /// A subscription's metric handles, made once.
@@ -83,6 +85,7 @@ struct DeliveryMetrics {
     dead_letters: IntCounter,
     duration: Histogram,
     circuit: IntGauge,
+    concurrency: IntGauge,
 }
 
 /// What a dispatcher needs from the sidecar, besides its subscription.
@@ -126,6 +129,7 @@ impl<B: Broker + Clone> Subscriber<B> {
             dead_letters: m.deadletter_messages(&queue),
             duration: m.delivery_duration(&queue),
             circuit: m.subscription_circuit_state(&queue),
+            concurrency: m.subscription_concurrency(&queue),
         };
         Arc::new(Subscriber {
             dead_letter_queue: cfg.dead_letter_queue().to_string(),
@@ -139,23 +143,37 @@ impl<B: Broker + Clone> Subscriber<B> {
             breaker,
             acknowledged: Mutex::new(Acknowledged::new(ctx.dedup_window, ACKNOWLEDGED_CAPACITY)),
             metrics,
+            observed: Arc::default(),
             queue,
         })
     }
 
-    /// Most deliveries in flight at once.
-    fn slots(&self) -> usize {
+    /// The deliveries in flight at most, at first; with `{ min, max }`, a supervisor task
+    /// moves it between the bounds from then on.
+    fn slots(&self, stop: &watch::Receiver<bool>) -> Arc<supervisor::Slots> {
         match self.cfg.concurrency {
-            config::Concurrency::Fixed(n) => n.get(),
-            // TODO(issue 7): scale between min and max with the backlog (supervisor consumer)
-            config::Concurrency::Scaled(range) => range.max.max(1),
+            config::Concurrency::Fixed(n) => {
+                self.metrics.concurrency.set(n.get() as i64);
+                supervisor::Slots::new(n.get())
+            }
+            config::Concurrency::Scaled(range) => {
+                let slots = supervisor::Slots::new(range.min.max(1));
+                tokio::spawn(supervisor::run(
+                    slots.clone(),
+                    self.observed.clone(),
+                    (range.min, range.max),
+                    self.metrics.concurrency.clone(),
+                    stop.clone(),
+                ));
+                slots
+            }
         }
     }
 
     /// Dispatches until `stop` turns true, then waits for the deliveries in flight.
     pub async fn run(self: Arc<Self>, mut app_up: AppUp, mut stop: watch::Receiver<bool>) {
-        let limit = self.slots();
-        let slots = Arc::new(Semaphore::new(limit));
+        let scaled = self.slots(&stop);
+        let (limit, slots) = (scaled.total(), scaled.semaphore.clone());
         let mut pacer =
             self.cfg.throttle.map(|t| Pacer::new(t.messages.get(), t.per.get(), Instant::now()));
         tracing::info!(queue = %self.queue, uri = %self.uri, concurrency = limit, "delivering");
@@ -200,6 +218,7 @@ impl<B: Broker + Clone> Subscriber<B> {
                     continue;
                 }
             };
+            self.observed.read(admissions.len(), leased.len(), slots.available_permits());
             let idle = leased.len() < admissions.len();
             let mut admissions = admissions.into_iter();
             let mut leased = leased.into_iter();
@@ -229,7 +248,7 @@ impl<B: Broker + Clone> Subscriber<B> {
             }
         }
         // stopped: nothing new starts; what is in flight may finish
-        let _ = slots.acquire_many(limit as u32).await;
+        let _ = slots.acquire_many(scaled.total() as u32).await;
         tracing::info!(queue = %self.queue, "delivery stopped");
     }
 
@@ -318,7 +337,9 @@ impl<B: Broker + Clone> Subscriber<B> {
         let max_attempts = self.cfg.max_attempts.get();
         let answer = self.post(&envelope, attempt).await;
         let verdict = attempt::judge(&answer, SystemTime::now());
-        self.record(admission, matches!(verdict, Verdict::Retry { .. }));
+        let failed = matches!(verdict, Verdict::Retry { .. });
+        self.record(admission, failed);
+        self.observed.delivery(failed);
         match verdict {
             Verdict::Acknowledge => {
                 if self.cfg.duplicate_deliveries {
