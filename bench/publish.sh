@@ -6,6 +6,9 @@
 # Then delivery: the sidecar restarts with a subscription on the queue the publishes filled, and
 # delivers to a local app (an nginx worker answering 200) with concurrency 64 for the same time;
 # each acknowledgement is a durable commit, shared like the publishes'.
+# Then the same through Redis (redis-server with appendonly yes, appendfsync always, on CPU 1):
+# redis-benchmark's raw XADD at 1 and 64 clients as the broker's own limit, publishes with
+# `broker: redis://`, the relay's catch-up, and delivery through a consumer group.
 #
 #   bash bench/publish.sh [SECONDS]        (default: 10 s per load)
 #
@@ -16,7 +19,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${1:-10}
 LOADS=(1 64)
 
-for pair in wrk:wrk nginx:nginx; do
+for pair in wrk:wrk nginx:nginx redis-server:redis-server; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=" ${pair#*:}"
 done
 if [[ -n ${missing:-} ]]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
@@ -27,9 +30,11 @@ OUTRIGGER=$CARGO_TARGET_DIR/release/outrigger
 work=$(mktemp -d)
 pid=
 app=
+redis=
 cleanup() {
   [[ -n $pid ]] && kill "$pid" 2>/dev/null
   [[ -n $app ]] && kill "$app" 2>/dev/null
+  [[ -n $redis ]] && kill "$redis" 2>/dev/null
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -120,4 +125,62 @@ end_pending=$(pending); end=$(date +%s.%N)
 python3 -c "
 delivered = $start_pending - $end_pending
 print(f'delivery to a local app, concurrency 64: {delivered / ($end - $start):.0f} messages/s acknowledged ({delivered:.0f} in {$end - $start:.1f} s; {$end_pending:.0f} still pending)')
+"
+
+# --- the same through Redis ---
+metric() { curl -s http://127.0.0.1:18191/metrics | awk -v m="$1" '$1 == m {print $2}'; }
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+mkdir -p "$work/redis"
+taskset -c 1 redis-server --port 18193 --bind 127.0.0.1 --dir "$work/redis" --appendonly yes \
+  --appendfsync always --save "" --daemonize no >"$work/redis.log" 2>&1 &
+redis=$!
+for _ in $(seq 100); do redis-cli -p 18193 PING >/dev/null 2>&1 && break; sleep 0.1; done
+echo
+echo "Redis (appendonly yes, appendfsync always), the broker's own limit, redis-benchmark XADD:"
+for c in 1 64; do
+  line=$(taskset -c 0 redis-benchmark -p 18193 -c "$c" -n $((c == 1 ? 20000 : 200000)) -q \
+    XADD bench:raw '*' envelope '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}' | tr '\r' '\n' | grep 'requests per second' | tail -1)
+  echo "  $c client(s): $line"
+done
+redis-cli -p 18193 DEL bench:raw >/dev/null
+cat >"$work/outrigger.yaml" <<YAML
+outbound: { listen: 127.0.0.1:18190 }
+admin: { listen: 127.0.0.1:18191 }
+service: { name: bench }
+messaging: { broker: "redis://127.0.0.1:18193", data_dir: $work/data-redis }
+telemetry: { log: { level: warn } }
+YAML
+taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+taskset -c 0 wrk -t1 -c1 -d1s -s "$work/publish.lua" http://127.0.0.1:18190/v1/publish/bench >/dev/null
+line=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
+  http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
+read -r _ rps p50 p99 bad <<<"$line"
+start=$(date +%s.%N)
+for _ in $(seq 600); do [[ $(pending) == 0 ]] && break; sleep 0.1; done
+end=$(date +%s.%N)
+streamed=$(redis-cli -p 18193 XLEN 'outrigger:{bench}')
+echo "publishes with broker redis, 64 publishers: $rps/s durable in the outbox (p50 $p50 ms, p99 $p99 ms, errors $bad); relay caught up $(python3 -c "print(f'{$end - $start:.1f}')") s after the load; $streamed messages in the stream"
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+cat >"$work/outrigger.yaml" <<YAML
+outbound: { listen: 127.0.0.1:18190 }
+admin: { listen: 127.0.0.1:18191 }
+service: { name: bench, app: { url: "http://127.0.0.1:18192" } }
+messaging:
+  broker: "redis://127.0.0.1:18193"
+  data_dir: $work/data-redis
+  subscriptions: [ { queue: bench, path: /events, concurrency: 64 } ]
+telemetry: { log: { level: warn } }
+YAML
+taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+acked='outrigger_messages_delivered_total{outcome="acked",queue="bench"}'
+first=$(metric "$acked"); start=$(date +%s.%N)
+sleep "$SECONDS_PER_RUN"
+last=$(metric "$acked"); end=$(date +%s.%N)
+python3 -c "
+n = ${last:-0} - ${first:-0}
+print(f'delivery through redis to a local app, concurrency 64: {n / ($end - $start):.0f} messages/s acknowledged ({n:.0f} in {$end - $start:.1f} s)')
 "
