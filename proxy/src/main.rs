@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use outrigger_proxy::{app, config, demo, telemetry};
+use outrigger_proxy::{app, cli as dlq_cli, config, demo, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "outrigger", version, about = "A per-service sidecar resilience proxy")]
@@ -33,6 +33,62 @@ enum Command {
         /// How long to drive traffic, in seconds.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+    },
+    /// See, replay and purge dead letters of a running sidecar (its admin port, on loopback).
+    Dlq {
+        /// The sidecar's admin endpoint.
+        #[arg(
+            long,
+            env = "OUTRIGGER_ADMIN",
+            default_value = "http://127.0.0.1:9901",
+            global = true
+        )]
+        admin: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Dead letters of a dead-letter queue (e.g. orders_deadletter), newest first.
+    List {
+        queue: String,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Show those older than this id (the `--before` a page ends with).
+        #[arg(long)]
+        before: Option<String>,
+    },
+    /// One dead letter with its whole error history.
+    Show { queue: String, id: String },
+    /// Move dead letters back to the queue they came from (error history kept).
+    Replay {
+        queue: String,
+        /// This id (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Every dead letter of the queue.
+        #[arg(long)]
+        all: bool,
+        /// Those whose last error has this status.
+        #[arg(long)]
+        status: Option<u16>,
+        /// Those whose last error's message contains this text.
+        #[arg(long)]
+        contains: Option<String>,
+    },
+    /// Remove one dead letter.
+    Delete { queue: String, id: String },
+    /// Remove every dead letter of the queue.
+    Purge {
+        queue: String,
+        /// Yes, remove them all.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -68,6 +124,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Dlq { admin, json, action } => dlq(&admin, json, action),
         Command::Demo { seconds } => {
             match runtime().block_on(demo::run(std::time::Duration::from_secs(seconds))) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -76,6 +133,39 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn dlq(admin: &str, json: bool, action: DlqAction) -> ExitCode {
+    use dlq_cli::DlqCommand;
+    let command = match action {
+        DlqAction::List { queue, limit, before } => DlqCommand::List { queue, limit, before },
+        DlqAction::Show { queue, id } => DlqCommand::Show { queue, id },
+        DlqAction::Replay { queue, ids, all, status, contains } => {
+            if ids.is_empty() && !all && status.is_none() && contains.is_none() {
+                eprintln!(
+                    "outrigger dlq replay: say which: --id ID, --all, --status N or --contains TEXT"
+                );
+                return ExitCode::FAILURE;
+            }
+            DlqCommand::Replay { queue, selection: dlq_cli::selection(ids, all, status, contains) }
+        }
+        DlqAction::Delete { queue, id } => DlqCommand::Delete { queue, id },
+        DlqAction::Purge { queue, yes: false } => {
+            eprintln!("outrigger dlq purge: this removes every dead letter of {queue}; add --yes");
+            return ExitCode::FAILURE;
+        }
+        DlqAction::Purge { queue, yes: true } => DlqCommand::Purge { queue },
+    };
+    match runtime().block_on(dlq_cli::dlq(admin, command, json)) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("outrigger dlq: {err}");
+            ExitCode::FAILURE
         }
     }
 }

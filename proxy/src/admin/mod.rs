@@ -1,6 +1,7 @@
 //! The admin listener: probes for the orchestrator, metrics for Prometheus, and control
 //! endpoints for the operator on the same host.
 
+pub mod dlq;
 pub mod health;
 pub mod server;
 

@@ -174,7 +174,19 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
         let (admin, peer) = (self.admin.clone(), self.peer);
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        Box::pin(async move { Ok(admin.answer(peer, method, &path).await) })
+        Box::pin(async move {
+            // the dead-letter API changes state: loopback only, and it reads bodies
+            if path == "/v1/dlq" || path.starts_with("/v1/dlq/") {
+                if !peer.ip().is_loopback() {
+                    return Ok(text(
+                        StatusCode::FORBIDDEN,
+                        "control endpoints answer loopback clients only\n",
+                    ));
+                }
+                return Ok(crate::admin::dlq::handle(admin.messaging.as_deref(), req).await);
+            }
+            Ok(admin.answer(peer, method, &path).await)
+        })
     }
 }
 

@@ -27,6 +27,8 @@ use tokio::task::JoinSet;
 
 use crate::messaging::broker::embedded::{self, Embedded, OpenError, QueueDepth};
 use crate::messaging::broker::redis::{self as redis_broker, Redis};
+use crate::messaging::broker::{Broker, BrokerError, DeadLetterPage};
+use crate::messaging::envelope::{Envelope, MessageId};
 use crate::telemetry::metrics::Metrics;
 
 /// The sidecar's messaging: its store, opened once, and its metrics.
@@ -34,6 +36,7 @@ use crate::telemetry::metrics::Metrics;
 pub struct Messaging {
     data_dir: PathBuf,
     dedup_window: Duration,
+    retention: embedded::Retention,
     store: OnceCell<Embedded>,
     metrics: Metrics,
     pending: IntGauge,
@@ -77,6 +80,10 @@ impl Messaging {
         let messaging = Arc::new(Messaging {
             data_dir: cfg.data_dir.clone(),
             dedup_window: cfg.dedup_window.get(),
+            retention: embedded::Retention {
+                max_messages: cfg.dead_letter_retention.max_messages,
+                max_age_ms: cfg.dead_letter_retention.max_age.get().as_millis() as u64,
+            },
             store: OnceCell::new(),
             metrics: metrics.clone(),
             pending: metrics.outbox_pending(),
@@ -102,10 +109,15 @@ impl Messaging {
     pub async fn store(&self) -> Result<&Embedded, OpenError> {
         self.store
             .get_or_try_init(|| {
-                let (dir, window, pending) =
-                    (self.data_dir.clone(), self.dedup_window, self.pending.clone());
+                let (dir, window, retention, pending) = (
+                    self.data_dir.clone(),
+                    self.dedup_window,
+                    self.retention,
+                    self.pending.clone(),
+                );
                 async move {
-                    tokio::task::spawn_blocking(move || Embedded::open(&dir, window, pending))
+                    let open = move || Embedded::open(&dir, window, retention, pending);
+                    tokio::task::spawn_blocking(open)
                         .await
                         .map_err(|e| OpenError { path: PathBuf::new(), reason: e.to_string() })?
                 }
@@ -137,6 +149,66 @@ impl Messaging {
             None => Ok(format!("redis: relaying; {pending} message(s) in the outbox")),
             Some(error) => Err(format!("{error}; {pending} message(s) wait in the outbox")),
         })
+    }
+
+    /// A page of `dlq`'s dead letters, newest first, from whichever broker holds them; empty
+    /// while the embedded store was never opened.
+    pub async fn dead_letters(
+        &self,
+        dlq: &str,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, BrokerError> {
+        match (&self.remote, self.store.get()) {
+            (Some(redis), _) => redis.dead_letters(dlq, before, limit).await,
+            (None, Some(store)) => store.dead_letters(dlq, before, limit).await,
+            (None, None) => Ok(DeadLetterPage { messages: Vec::new(), next: None }),
+        }
+    }
+
+    pub async fn dead_letter_get(
+        &self,
+        dlq: &str,
+        id: MessageId,
+    ) -> Result<Option<Envelope>, BrokerError> {
+        match (&self.remote, self.store.get()) {
+            (Some(redis), _) => redis.dead_letter_get(dlq, id).await,
+            (None, Some(store)) => store.dead_letter_get(dlq, id).await,
+            (None, None) => Ok(None),
+        }
+    }
+
+    pub async fn dead_letter_delete(&self, dlq: &str, id: MessageId) -> Result<bool, BrokerError> {
+        match (&self.remote, self.store.get()) {
+            (Some(redis), _) => redis.dead_letter_delete(dlq, id).await,
+            (None, Some(store)) => store.dead_letter_delete(dlq, id).await,
+            (None, None) => Ok(false),
+        }
+    }
+
+    pub async fn dead_letter_purge(&self, dlq: &str) -> Result<u64, BrokerError> {
+        match (&self.remote, self.store.get()) {
+            (Some(redis), _) => redis.dead_letter_purge(dlq).await,
+            (None, Some(store)) => store.dead_letter_purge(dlq).await,
+            (None, None) => Ok(0),
+        }
+    }
+
+    /// Moves dead letters back to their queues, and wakes the dispatchers.
+    pub async fn dead_letter_replay(
+        &self,
+        dlq: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<MessageId>, BrokerError> {
+        let replayed = match (&self.remote, self.store.get()) {
+            (Some(redis), _) => redis.dead_letter_replay(dlq, ids).await?,
+            (None, Some(store)) => store.dead_letter_replay(dlq, ids).await?,
+            (None, None) => Vec::new(),
+        };
+        for wake in self.wakers.values() {
+            wake.notify_one();
+        }
+        Ok(replayed)
     }
 
     /// Each queue's depth; empty while the store is not open (nothing was ever published).

@@ -5,6 +5,7 @@ mod admin;
 mod balance;
 mod cli;
 mod delivery;
+mod dlq;
 mod dns;
 mod malformed;
 mod messaging;

@@ -23,6 +23,10 @@ use redb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, Read, UnixMillis};
+use dead::DEAD;
+pub use dead::Retention;
+
+mod dead;
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
 /// (queue, id) -> the envelope as JSON: every message not yet acknowledged, in id order.
@@ -37,8 +41,6 @@ const DEDUP: TableDefinition<'_, (&str, &str), (u128, u64)> = TableDefinition::n
 /// (expires at, queue, Idempotency-Key): lets each commit sweep a few expired keys, oldest first.
 const DEDUP_EXPIRY: TableDefinition<'_, (u64, &str, &str), ()> =
     TableDefinition::new("dedup_expiry");
-/// (dead-letter queue, id) -> the envelope with its whole error history.
-const DEAD: TableDefinition<'_, (&str, u128), &[u8]> = TableDefinition::new("dead_letters");
 
 /// Requests applied in one transaction at most: bounds a commit's size and its callers' wait.
 pub const MAX_BATCH: usize = 512;
@@ -89,6 +91,7 @@ impl Embedded {
     pub fn open(
         dir: &Path,
         dedup_window: std::time::Duration,
+        retention: Retention,
         pending: IntGauge,
     ) -> Result<Self, OpenError> {
         let path = dir.join(FILE_NAME);
@@ -103,6 +106,7 @@ impl Embedded {
         let writer = Writer {
             db: db.clone(),
             dedup_window: dedup_window.as_millis() as u64,
+            retention,
             commits: commits.clone(),
             pending: pending.clone(),
         };
@@ -249,7 +253,7 @@ fn create_tables(db: &Database) -> Result<u64, redb::Error> {
     let stored = {
         txn.open_table(DEDUP)?;
         txn.open_table(DEDUP_EXPIRY)?;
-        txn.open_table(DEAD)?;
+        dead::create(&txn)?;
         let state = txn.open_table(STATE)?;
         let mut due = txn.open_table(DUE)?;
         let stored = txn.open_table(MESSAGES)?.len()?;
@@ -451,6 +455,26 @@ impl Broker for Embedded {
             other => unreachable!("delete answered {other:?}"),
         }
     }
+
+    async fn dead_letter_purge(&self, dead_letter_queue: &str) -> Result<u64, BrokerError> {
+        let op = Op::PurgeDeadLetters { queue: dead_letter_queue.to_owned() };
+        match self.write(op).await? {
+            Reply::Purged(n) => Ok(n),
+            other => unreachable!("purge answered {other:?}"),
+        }
+    }
+
+    async fn dead_letter_replay(
+        &self,
+        dead_letter_queue: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<MessageId>, BrokerError> {
+        let op = Op::Replay { dead_letter_queue: dead_letter_queue.to_owned(), ids };
+        match self.write(op).await? {
+            Reply::Replayed(ids) => Ok(ids),
+            other => unreachable!("replay answered {other:?}"),
+        }
+    }
 }
 
 // === the writer thread ===
@@ -481,6 +505,13 @@ enum Op {
         envelope: Envelope,
         dead_letter_queue: String,
     },
+    PurgeDeadLetters {
+        queue: String,
+    },
+    Replay {
+        dead_letter_queue: String,
+        ids: Vec<MessageId>,
+    },
     DeleteDeadLetter {
         queue: String,
         id: MessageId,
@@ -492,11 +523,14 @@ enum Reply {
     Published(Vec<Published>),
     Done,
     Deleted(bool),
+    Purged(u64),
+    Replayed(Vec<MessageId>),
 }
 
 struct Writer {
     db: Arc<Database>,
     dedup_window: u64,
+    retention: Retention,
     commits: Arc<AtomicU64>,
     pending: IntGauge,
 }
@@ -545,6 +579,7 @@ impl Writer {
                 answers.push(self.apply(&txn, op, now, &mut delta)?);
             }
             sweep_dedup(&txn, now)?;
+            dead::sweep(&txn, now, self.retention)?;
             txn.commit()?;
             Ok(answers)
         })();
@@ -647,8 +682,7 @@ impl Writer {
             Op::DeadLetter { envelope, dead_letter_queue } => {
                 let (q, id) = (envelope.queue.as_str(), envelope.id.as_u128());
                 // the dead letter and the removal commit together or not at all
-                txn.open_table(DEAD)?
-                    .insert((dead_letter_queue.as_str(), id), envelope.to_json().as_slice())?;
+                dead::insert(txn, &dead_letter_queue, &envelope, now, self.retention)?;
                 if messages.remove((q, id))?.is_some() {
                     *delta -= 1;
                 }
@@ -659,8 +693,34 @@ impl Writer {
                 Reply::Done
             }
             Op::DeleteDeadLetter { queue, id } => {
-                let found = txn.open_table(DEAD)?.remove((queue.as_str(), id.as_u128()))?.is_some();
-                Reply::Deleted(found)
+                Reply::Deleted(dead::remove(txn, &queue, id.as_u128())?.is_some())
+            }
+            Op::PurgeDeadLetters { queue } => Reply::Purged(dead::purge(txn, &queue)?),
+            Op::Replay { dead_letter_queue: dlq, ids } => {
+                let mut replayed = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let stored = txn
+                        .open_table(DEAD)?
+                        .get((dlq.as_str(), id.as_u128()))?
+                        .map(|v| v.value().to_vec());
+                    let Some(Ok(mut envelope)) = stored.map(|json| Envelope::from_json(&json))
+                    else {
+                        continue; // gone meanwhile, or unreadable: left where it is
+                    };
+                    super::mark_replayed(
+                        &mut envelope,
+                        &dlq,
+                        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now),
+                    );
+                    dead::remove(txn, &dlq, id.as_u128())?;
+                    let q = envelope.queue.as_str();
+                    messages.insert((q, id.as_u128()), envelope.to_json().as_slice())?;
+                    state.insert((q, id.as_u128()), (0u32, now))?;
+                    due.insert((q, now, id.as_u128()), ())?;
+                    *delta += 1;
+                    replayed.push(id);
+                }
+                Reply::Replayed(replayed)
             }
         })
     }

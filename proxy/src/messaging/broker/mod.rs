@@ -166,4 +166,39 @@ pub trait Broker: Send + Sync + 'static {
         dead_letter_queue: &str,
         id: MessageId,
     ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Removes every dead letter of `dead_letter_queue`; how many there were.
+    fn dead_letter_purge(
+        &self,
+        dead_letter_queue: &str,
+    ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// Moves dead letters back to the queue they came from (see [`mark_replayed`]), due now
+    /// with a fresh attempt count, each atomically; the ids that were moved.
+    fn dead_letter_replay(
+        &self,
+        dead_letter_queue: &str,
+        ids: Vec<MessageId>,
+    ) -> impl Future<Output = Result<Vec<MessageId>, BrokerError>> + Send;
+}
+
+/// Turns a dead letter back into a message of the queue it came from: its error history stays,
+/// the dead-letter metadata goes, and `replayed_at`, `replays` (a count) and
+/// `last_dead_letter_reason` say what happened.
+pub fn mark_replayed(envelope: &mut Envelope, dead_letter_queue: &str, now: std::time::SystemTime) {
+    use crate::messaging::deliver::dead_letter_keys::*;
+    let metadata = &mut envelope.metadata;
+    let original = metadata.remove(ORIGINAL_QUEUE).and_then(|q| q.as_str().map(str::to_owned));
+    envelope.queue = original.unwrap_or_else(|| {
+        dead_letter_queue.strip_suffix("_deadletter").unwrap_or(dead_letter_queue).to_owned()
+    });
+    if let Some(reason) = metadata.remove(REASON) {
+        metadata.insert("last_dead_letter_reason".into(), reason);
+    }
+    for key in [ATTEMPTS, DEAD_LETTERED_AT, SUBSCRIBER] {
+        metadata.remove(key);
+    }
+    let replays = metadata.get("replays").and_then(|n| n.as_u64()).unwrap_or(0) + 1;
+    metadata.insert("replays".into(), replays.into());
+    metadata.insert("replayed_at".into(), crate::messaging::envelope::rfc3339(now).into());
 }

@@ -71,6 +71,16 @@ redis.call('XDEL', KEYS[1], entry)
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1";
 
+/// Moves one dead letter back to its queue's stream: KEYS dead-letter stream, its index, the
+/// queue's stream; ARGV message id, the replayed envelope. 1 when it was there.
+const REPLAY: &str = r"
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return 0 end
+redis.call('XADD', KEYS[3], '*', 'envelope', ARGV[2], 'attempts', '0')
+redis.call('XDEL', KEYS[1], entry)
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1";
+
 /// The Redis broker; cheap to clone.
 #[derive(Clone)]
 pub struct Redis {
@@ -530,5 +540,53 @@ impl Broker for Redis {
             .await
             .map_err(store_error)?;
         Ok(removed == 1)
+    }
+
+    async fn dead_letter_purge(&self, dead_letter_queue: &str) -> Result<u64, BrokerError> {
+        let dlq = stream(dead_letter_queue);
+        let mut conn = self.inner.commands.clone();
+        let (count, _): (u64, ()) = redis::pipe()
+            .atomic()
+            .cmd("XLEN")
+            .arg(&dlq)
+            .cmd("DEL")
+            .arg(&dlq)
+            .arg(format!("{dlq}:ids"))
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        Ok(count)
+    }
+
+    async fn dead_letter_replay(
+        &self,
+        dead_letter_queue: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<MessageId>, BrokerError> {
+        let dlq = stream(dead_letter_queue);
+        let mut replayed = Vec::new();
+        for id in ids {
+            let Some(mut envelope) = self.dead_letter_get(dead_letter_queue, id).await? else {
+                continue;
+            };
+            super::mark_replayed(&mut envelope, dead_letter_queue, SystemTime::now());
+            let mut conn = self.inner.commands.clone();
+            let moved: i64 = redis::cmd("EVAL")
+                .arg(REPLAY)
+                .arg(3)
+                .arg(&dlq)
+                .arg(format!("{dlq}:ids"))
+                .arg(stream(&envelope.queue))
+                .arg(id.to_string())
+                .arg(envelope.to_json())
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            if moved == 1 {
+                replayed.push(id);
+            }
+        }
+        Ok(replayed)
     }
 }

@@ -28,9 +28,10 @@ impl Drop for TempDir {
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
+const RETAIN: Retention = Retention { max_messages: 10_000, max_age_ms: 14 * 86_400_000 };
 
 fn open(dir: &TempDir) -> Embedded {
-    Embedded::open(&dir.0, HOUR, IntGauge::new("pending", "test").unwrap()).unwrap()
+    Embedded::open(&dir.0, HOUR, RETAIN, IntGauge::new("pending", "test").unwrap()).unwrap()
 }
 
 fn unordered(max: usize, now: UnixMillis) -> Read {
@@ -178,7 +179,8 @@ async fn the_same_idempotency_key_within_the_window_returns_the_first_id_and_sto
 async fn an_idempotency_key_is_forgotten_after_the_dedup_window() {
     let dir = TempDir::new();
     let store =
-        Embedded::open(&dir.0, Duration::from_millis(1), IntGauge::new("p", "t").unwrap()).unwrap();
+        Embedded::open(&dir.0, Duration::from_millis(1), RETAIN, IntGauge::new("p", "t").unwrap())
+            .unwrap();
     let first = store.publish(vec![message("q", "1", Some("k"))]).await.unwrap()[0];
     // the window is 1 ms of wall clock (stored times must be wall clock): wait it out
     let until = now() + 5;
@@ -227,7 +229,7 @@ async fn a_reopened_store_has_everything_committed_and_its_state() {
     store.close().await;
 
     let gauge = IntGauge::new("pending", "test").unwrap();
-    let store = Embedded::open(&dir.0, HOUR, gauge.clone()).unwrap();
+    let store = Embedded::open(&dir.0, HOUR, RETAIN, gauge.clone()).unwrap();
     assert_eq!(gauge.get(), 20, "19 of the 20 and the keyed one");
     let due = store.read("q", "c", unordered(100, now())).await.unwrap();
     assert_eq!(due.len(), 19, "18 of the 20 (one acknowledged, one parked) and the keyed one");
@@ -272,4 +274,94 @@ async fn an_ordered_read_takes_one_message_per_key_in_publish_order() {
     assert!(store.read("q", "c", ordered(10)).await.unwrap().is_empty(), "a waits for its head");
     let unordered_read = store.read("q", "c", unordered(10, now())).await.unwrap();
     assert_eq!(unordered_read[0].envelope.id, ids[1], "without ordering it would go now");
+}
+
+/// Publishes `n` messages to `q` and dead-letters them all into `q_deadletter`, the way
+/// delivery does (with its metadata); their ids, oldest first.
+async fn dead_lettered(store: &Embedded, n: usize) -> Vec<MessageId> {
+    let batch = (0..n).map(|i| message("q", &i.to_string(), None)).collect();
+    let ids: Vec<MessageId> = store.publish(batch).await.unwrap().iter().map(|p| p.id()).collect();
+    for mut leased in store.read("q", "c", unordered(n, now())).await.unwrap() {
+        let metadata = &mut leased.envelope.metadata;
+        metadata.insert("original_queue".into(), "q".into());
+        metadata.insert("reason".into(), "max attempts reached (5)".into());
+        metadata.insert("attempts".into(), 5.into());
+        metadata.insert("dead_lettered_at".into(), "2026-11-25T00:00:00.000Z".into());
+        store.dead_letter(leased.envelope, "q_deadletter").await.unwrap();
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_replayed_dead_letter_is_due_again_in_its_queue_with_its_history_and_a_mark() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let ids = dead_lettered(&store, 2).await;
+    assert_eq!(store.pending(), 0);
+
+    let replayed = store.dead_letter_replay("q_deadletter", vec![ids[0]]).await.unwrap();
+    assert_eq!(replayed, [ids[0]]);
+    assert_eq!(store.pending(), 1);
+    let again = store.read("q", "c", unordered(10, now())).await.unwrap();
+    assert_eq!(again.len(), 1);
+    let (envelope, attempts) = (&again[0].envelope, again[0].attempts);
+    assert_eq!((envelope.id, envelope.queue.as_str(), attempts), (ids[0], "q", 0));
+    let metadata = &envelope.metadata;
+    assert_eq!(metadata["replays"], 1);
+    assert_eq!(metadata["last_dead_letter_reason"], "max attempts reached (5)");
+    assert!(metadata.contains_key("replayed_at"));
+    for gone in ["reason", "attempts", "dead_lettered_at", "original_queue"] {
+        assert!(!metadata.contains_key(gone), "{gone} removed");
+    }
+    assert!(store.dead_letter_get("q_deadletter", ids[0]).await.unwrap().is_none());
+    assert!(store.dead_letter_replay("q_deadletter", vec![ids[0]]).await.unwrap().is_empty());
+    assert_eq!(store.dead_letter_purge("q_deadletter").await.unwrap(), 1);
+    assert!(store.dead_letters("q_deadletter", None, 10).await.unwrap().messages.is_empty());
+}
+
+#[tokio::test]
+async fn dead_letters_past_max_messages_drop_the_oldest() {
+    let dir = TempDir::new();
+    let retain = Retention { max_messages: 3, max_age_ms: RETAIN.max_age_ms };
+    let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
+    let ids = dead_lettered(&store, 5).await;
+    let kept: Vec<MessageId> = store
+        .dead_letters("q_deadletter", None, 10)
+        .await
+        .unwrap()
+        .messages
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(kept, [ids[4], ids[3], ids[2]], "the newest three, newest first");
+}
+
+#[tokio::test]
+async fn dead_letters_older_than_max_age_are_swept() {
+    let dir = TempDir::new();
+    let retain = Retention { max_messages: 100, max_age_ms: 50 };
+    let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
+    dead_lettered(&store, 2).await;
+    let swept = outrigger_wait(|| async {
+        // every commit sweeps; a publish makes one
+        publish_one(&store, "other", "{}").await;
+        store.dead_letters("q_deadletter", None, 10).await.unwrap().messages.is_empty()
+    })
+    .await;
+    assert!(swept, "dead letters older than 50 ms are gone");
+}
+
+/// Polls `check` for up to 5 s (real time: the store's clock is the wall clock).
+async fn outrigger_wait<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }

@@ -1,0 +1,175 @@
+//! `outrigger dlq …`: the dead-letter API of a running sidecar's admin port (loopback), as
+//! readable tables, or as the API's JSON with `--json`.
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// What `outrigger dlq` was asked to do.
+#[derive(Debug, Clone)]
+pub enum DlqCommand {
+    List { queue: String, limit: usize, before: Option<String> },
+    Show { queue: String, id: String },
+    Replay { queue: String, selection: Value },
+    Delete { queue: String, id: String },
+    Purge { queue: String },
+}
+
+/// Runs `command` against the admin endpoint `admin` (e.g. `http://127.0.0.1:9901`); what to
+/// print, or a one-line error.
+pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<String, String> {
+    let admin = admin.trim_end_matches('/');
+    let (method, path, body) = match &command {
+        DlqCommand::List { queue, limit, before } => {
+            let before = before.as_ref().map(|b| format!("&before={b}")).unwrap_or_default();
+            (Method::GET, format!("/v1/dlq/{queue}?limit={limit}{before}"), None)
+        }
+        DlqCommand::Show { queue, id } => (Method::GET, format!("/v1/dlq/{queue}/{id}"), None),
+        DlqCommand::Replay { queue, selection } => {
+            (Method::POST, format!("/v1/dlq/{queue}/replay"), Some(selection.to_string()))
+        }
+        DlqCommand::Delete { queue, id } => (Method::DELETE, format!("/v1/dlq/{queue}/{id}"), None),
+        DlqCommand::Purge { queue } => (Method::DELETE, format!("/v1/dlq/{queue}"), None),
+    };
+    let answer = call(admin, method, &path, body).await?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&answer).expect("serializes"));
+    }
+    Ok(match command {
+        DlqCommand::List { queue, .. } => table(&queue, &answer),
+        DlqCommand::Show { .. } => envelope(&answer),
+        DlqCommand::Replay { queue, .. } => {
+            format!("replayed {} dead letter(s) from {queue} to their queue", answer["replayed"])
+        }
+        DlqCommand::Delete { queue, id } => format!("deleted {id} from {queue}"),
+        DlqCommand::Purge { queue } => {
+            format!("purged {} dead letter(s) from {queue}", answer["purged"])
+        }
+    })
+}
+
+async fn call(
+    admin: &str,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<Value, String> {
+    let uri = format!("{admin}{path}");
+    let req = Request::builder()
+        .method(method)
+        .uri(&uri)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| format!("{uri}: {e} (--admin takes http://HOST:PORT)"))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let res = client
+        .request(req)
+        .await
+        .map_err(|e| format!("cannot reach the admin endpoint {admin}: {}", chain(&e)))?;
+    let status = res.status();
+    let bytes = res.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let answer: Value = serde_json::from_slice(&bytes)
+        .map_err(|_| format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()))?;
+    if !status.is_success() {
+        let reason = answer["error"].as_str().unwrap_or("no reason given");
+        return Err(format!("{}: {reason}", status.as_u16()));
+    }
+    Ok(answer)
+}
+
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+/// A page as a table: one line per dead letter, newest first.
+fn table(queue: &str, page: &Value) -> String {
+    let messages = page["messages"].as_array().cloned().unwrap_or_default();
+    if messages.is_empty() {
+        return format!("{queue}: no dead letters");
+    }
+    let mut out = format!(
+        "{:<26}  {:<24}  {:>8}  {:<32}  LAST ERROR\n",
+        "ID", "DEAD-LETTERED", "ATTEMPTS", "REASON"
+    );
+    for m in &messages {
+        let last = &m["last_error"];
+        let status = last["status_code"].as_u64().map_or("-".to_owned(), |s| s.to_string());
+        let message: String = last["message"].as_str().unwrap_or("").chars().take(60).collect();
+        out += &format!(
+            "{:<26}  {:<24}  {:>8}  {:<32}  {status} {}\n",
+            m["id"].as_str().unwrap_or(""),
+            m["dead_lettered_at"].as_str().unwrap_or("-"),
+            m["attempts"].as_u64().map_or("-".to_owned(), |a| a.to_string()),
+            m["reason"].as_str().unwrap_or("-"),
+            message.replace('\n', " "),
+        );
+    }
+    if let Some(next) = page["next"].as_str() {
+        out += &format!("(more: --before {next})\n");
+    }
+    out.trim_end().to_owned()
+}
+
+/// One envelope, readable: where it came from, why it is here, its payload and its history.
+fn envelope(e: &Value) -> String {
+    let meta = &e["metadata"];
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let mut out = String::new();
+    for (label, value) in [
+        ("id", &e["id"]),
+        ("queue", &e["queue"]),
+        ("original queue", &meta["original_queue"]),
+        ("subscriber", &meta["subscriber"]),
+        ("published", &e["dispatch_date"]),
+        ("dead-lettered", &meta["dead_lettered_at"]),
+        ("attempts", &meta["attempts"]),
+        ("reason", &meta["reason"]),
+    ] {
+        if !value.is_null() {
+            out += &format!("{label:<15} {}\n", text(value));
+        }
+    }
+    out += &format!("{:<15} {}\n", "payload", e["payload"]);
+    let errors = e["error"].as_array().cloned().unwrap_or_default();
+    out += &format!("errors ({}):\n", errors.len());
+    for (n, r) in errors.iter().enumerate() {
+        let status = r["status_code"].as_u64().map_or("-".to_owned(), |s| s.to_string());
+        out += &format!("  {}. {} {status} {}\n", n + 1, text(&r["date"]), text(&r["message"]));
+        if let Some(trace) = r["stack_trace"].as_str().filter(|t| !t.is_empty()) {
+            out += &format!("     {}\n", trace.replace('\n', "\n     "));
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+/// The replay selection `outrigger dlq replay` sends.
+pub fn selection(
+    ids: Vec<String>,
+    all: bool,
+    status: Option<u16>,
+    contains: Option<String>,
+) -> Value {
+    let mut selection = json!({});
+    if !ids.is_empty() {
+        selection["ids"] = json!(ids);
+    }
+    if all {
+        selection["all"] = json!(true);
+    }
+    if let Some(status) = status {
+        selection["status"] = json!(status);
+    }
+    if let Some(text) = contains {
+        selection["contains"] = json!(text);
+    }
+    selection
+}
