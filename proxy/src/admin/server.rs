@@ -66,6 +66,19 @@ impl Admin {
             }
             "/metrics" => {
                 self.metrics.observe_endpoints(self.health.upstreams());
+                if let Some(messaging) = &self.messaging {
+                    match messaging.depths().await {
+                        Ok(depths) => {
+                            let now = crate::messaging::envelope::unix_millis(
+                                std::time::SystemTime::now(),
+                            );
+                            self.metrics.observe_queues(&depths, now);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "reading queue depths for /metrics failed")
+                        }
+                    }
+                }
                 let mut res = Response::new(Body::full(self.metrics.encode()));
                 res.headers_mut().insert(
                     CONTENT_TYPE,

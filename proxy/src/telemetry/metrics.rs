@@ -40,6 +40,10 @@ pub struct Metrics {
     delivery_duration: HistogramVec,
     subscription_circuit: IntGaugeVec,
     subscription_concurrency: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+    queue_age: GaugeVec,
+    deadletter_depth: IntGaugeVec,
+    deadletter_age: GaugeVec,
 }
 
 impl Metrics {
@@ -149,6 +153,32 @@ impl Metrics {
             &["queue"],
         )
         .expect("valid metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("outrigger_queue_depth", "Messages stored and not acknowledged, by queue"),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let queue_age = GaugeVec::new(
+            Opts::new(
+                "outrigger_queue_oldest_age_seconds",
+                "Time since the oldest stored message of each queue was published",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let deadletter_depth = IntGaugeVec::new(
+            Opts::new("outrigger_deadletter_depth", "Dead letters kept, by dead-letter queue"),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let deadletter_age = GaugeVec::new(
+            Opts::new(
+                "outrigger_deadletter_oldest_age_seconds",
+                "Time since the oldest dead letter of each dead-letter queue was dead-lettered",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
         for family in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -164,6 +194,10 @@ impl Metrics {
             Box::new(delivery_duration.clone()),
             Box::new(subscription_circuit.clone()),
             Box::new(subscription_concurrency.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(queue_age.clone()),
+            Box::new(deadletter_depth.clone()),
+            Box::new(deadletter_age.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -183,6 +217,41 @@ impl Metrics {
             delivery_duration,
             subscription_circuit,
             subscription_concurrency,
+            queue_depth,
+            queue_age,
+            deadletter_depth,
+            deadletter_age,
+        }
+    }
+
+    /// Sets the queue and dead-letter gauges from the store's view at scrape time; queues no
+    /// longer holding anything disappear.
+    pub fn observe_queues(
+        &self,
+        depths: &[crate::messaging::broker::embedded::QueueDepth],
+        now_ms: u64,
+    ) {
+        for family in [&self.queue_depth, &self.deadletter_depth] {
+            family.reset();
+        }
+        for family in [&self.queue_age, &self.deadletter_age] {
+            family.reset();
+        }
+        let age = |at: u64| now_ms.saturating_sub(at) as f64 / 1000.0;
+        for d in depths {
+            let q = [d.queue.as_str()];
+            if d.messages > 0 {
+                self.queue_depth.with_label_values(&q).set(d.messages as i64);
+                if let Some(at) = d.oldest_published_ms {
+                    self.queue_age.with_label_values(&q).set(age(at));
+                }
+            }
+            if d.dead_letters > 0 {
+                self.deadletter_depth.with_label_values(&q).set(d.dead_letters as i64);
+                if let Some(at) = d.oldest_dead_letter_ms {
+                    self.deadletter_age.with_label_values(&q).set(age(at));
+                }
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use outrigger_tests::{Reply, Sidecar, Upstream};
 use serde_json::Value;
 
 use crate::delivery::{ACKED, DEAD, deliveries, envelope, header, publish, wait_metric};
+use crate::messaging::metric;
 
 fn config(app: &Upstream) -> String {
     format!(
@@ -54,6 +55,10 @@ async fn dead_letters_are_listed_shown_replayed_deleted_and_purged_through_the_c
         ids.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
     }
     wait_metric(&sidecar, DEAD, 5.0).await;
+    let depth = r#"outrigger_deadletter_depth{queue="orders_deadletter"}"#;
+    assert_eq!(metric(&sidecar, depth).await, Some(5.0), "dead-letter depth, to alert on");
+    let age = r#"outrigger_deadletter_oldest_age_seconds{queue="orders_deadletter"}"#;
+    assert!(metric(&sidecar, age).await.is_some_and(|s| (0.0..60.0).contains(&s)));
 
     let (code, table, _) = dlq(&sidecar, &["list", "orders_deadletter"]);
     assert_eq!(code, 0);
@@ -112,6 +117,7 @@ async fn dead_letters_are_listed_shown_replayed_deleted_and_purged_through_the_c
     assert_eq!((code, out.trim()), (0, "purged 2 dead letter(s) from orders_deadletter"));
     let (_, empty, _) = dlq(&sidecar, &["list", "orders_deadletter"]);
     assert_eq!(empty.trim(), "orders_deadletter: no dead letters");
+    assert_eq!(metric(&sidecar, depth).await, None, "an empty dead-letter queue has no series");
     assert_eq!(app.requests(), 7, "five failures and two replays, nothing else");
 }
 

@@ -61,6 +61,10 @@ async fn publish_answers_202_with_an_id_once_stored() {
         Some(2.0)
     );
     assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(2.0));
+    let depth = r#"outrigger_queue_depth{queue="orders.created"}"#;
+    assert_eq!(metric(&sidecar, depth).await, Some(2.0));
+    let age = r#"outrigger_queue_oldest_age_seconds{queue="orders.created"}"#;
+    assert!(metric(&sidecar, age).await.is_some_and(|s| (0.0..60.0).contains(&s)));
     assert_eq!(queues(&sidecar).await["queues"][0]["messages"], 2);
     assert_eq!(queues(&sidecar).await["queues"][0]["queue"], "orders.created");
 }

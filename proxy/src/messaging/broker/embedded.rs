@@ -9,7 +9,7 @@
 //! reads in `spawn_blocking`. A crash loses only what was never answered; redb repairs the file
 //! on the next open.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,6 +81,10 @@ pub struct QueueDepth {
     /// Stored, not acknowledged.
     pub messages: u64,
     pub dead_letters: u64,
+    /// When the oldest stored message was published (Unix ms).
+    pub oldest_published_ms: Option<u64>,
+    /// When the oldest dead letter was dead-lettered (Unix ms).
+    pub oldest_dead_letter_ms: Option<u64>,
 }
 
 // === impl Embedded ===
@@ -139,18 +143,21 @@ impl Embedded {
     /// Every queue with stored messages or dead letters, by name.
     pub async fn depths(&self) -> Result<Vec<QueueDepth>, BrokerError> {
         self.read_with(|txn| {
-            let mut depths: std::collections::BTreeMap<String, QueueDepth> = Default::default();
-            for (table, dead) in [(MESSAGES, false), (DEAD, true)] {
-                for entry in txn.open_table(table)?.iter()? {
-                    let (key, _) = entry?;
-                    let queue = key.value().0;
-                    let depth = depths.entry(queue.to_owned()).or_insert_with(|| QueueDepth {
-                        queue: queue.to_owned(),
-                        messages: 0,
-                        dead_letters: 0,
-                    });
-                    *(if dead { &mut depth.dead_letters } else { &mut depth.messages }) += 1;
-                }
+            let mut depths: BTreeMap<String, QueueDepth> = BTreeMap::new();
+            for entry in txn.open_table(MESSAGES)?.iter()? {
+                let (key, _) = entry?;
+                let (queue, id) = key.value();
+                let d = depth_of(&mut depths, queue);
+                d.messages += 1;
+                // ids start with their publish millisecond; the first per queue is the oldest
+                d.oldest_published_ms.get_or_insert(MessageId::from_u128(id).millis());
+            }
+            for entry in txn.open_table(dead::DEAD_AT)?.iter()? {
+                let (key, at) = entry?;
+                let d = depth_of(&mut depths, key.value().0);
+                d.dead_letters += 1;
+                let at = at.value();
+                d.oldest_dead_letter_ms = Some(d.oldest_dead_letter_ms.map_or(at, |o| o.min(at)));
             }
             Ok(depths.into_values().collect())
         })
@@ -248,6 +255,16 @@ impl Embedded {
 
 /// Creates any missing table; rebuilds the due index from the messages' state if it is not
 /// whole (a file written before the index existed). Returns the messages stored.
+fn depth_of<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, queue: &str) -> &'a mut QueueDepth {
+    depths.entry(queue.to_owned()).or_insert_with(|| QueueDepth {
+        queue: queue.to_owned(),
+        messages: 0,
+        dead_letters: 0,
+        oldest_published_ms: None,
+        oldest_dead_letter_ms: None,
+    })
+}
+
 fn create_tables(db: &Database) -> Result<u64, redb::Error> {
     let txn = db.begin_write()?;
     let stored = {

@@ -152,10 +152,12 @@ async fn a_dead_letter_moves_atomically_and_can_be_listed_read_and_deleted() {
     assert!(store.dead_letter_delete("q_deadletter", first).await.unwrap());
     assert!(!store.dead_letter_delete("q_deadletter", first).await.unwrap());
     let depths = store.depths().await.unwrap();
+    assert_eq!(depths.len(), 1);
     assert_eq!(
-        depths,
-        vec![QueueDepth { queue: "q_deadletter".into(), messages: 0, dead_letters: 1 }]
+        (depths[0].queue.as_str(), depths[0].messages, depths[0].dead_letters),
+        ("q_deadletter", 0, 1)
     );
+    assert!(depths[0].oldest_dead_letter_ms.is_some_and(|at| at <= now()));
 }
 
 #[tokio::test]
