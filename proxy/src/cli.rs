@@ -97,15 +97,15 @@ fn table(queue: &str, page: &Value) -> String {
         return format!("{queue}: no dead letters");
     }
     let mut out = format!(
-        "{:<26}  {:<24}  {:>8}  {:<32}  LAST ERROR\n",
+        "{:<26}  {:<24}  {:>8}  {:<40}  LAST ERROR\n",
         "ID", "DEAD-LETTERED", "ATTEMPTS", "REASON"
     );
     for m in &messages {
         let last = &m["last_error"];
         let status = last["status_code"].as_u64().map_or("-".to_owned(), |s| s.to_string());
-        let message: String = last["message"].as_str().unwrap_or("").chars().take(60).collect();
+        let message: String = last["message"].as_str().unwrap_or("").chars().take(50).collect();
         out += &format!(
-            "{:<26}  {:<24}  {:>8}  {:<32}  {status} {}\n",
+            "{:<26}  {:<24}  {:>8}  {:<40}  {status} {}\n",
             m["id"].as_str().unwrap_or(""),
             m["dead_lettered_at"].as_str().unwrap_or("-"),
             m["attempts"].as_u64().map_or("-".to_owned(), |a| a.to_string()),
