@@ -31,6 +31,8 @@ pub(crate) struct Handled {
     pub failed: AtomicU64,
     /// The envelope of the last poison message's last attempt: its error history.
     pub last_poison: Mutex<Option<String>>,
+    /// From now on every message succeeds (the fix is deployed).
+    pub fixed: std::sync::atomic::AtomicBool,
 }
 
 /// Starts the scripted handler on a free loopback port.
@@ -50,7 +52,8 @@ async fn handle(
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let user = envelope["payload"]["user"].as_u64().unwrap_or(0);
-    let (status, answer) = if user % 10 == 7 {
+    let fixed = handled.fixed.load(Ordering::Relaxed);
+    let (status, answer) = if user % 10 == 7 && !fixed {
         if attempt == 3 {
             *handled.last_poison.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(String::from_utf8_lossy(&body).into_owned());
@@ -109,4 +112,19 @@ pub(crate) async fn counts(client: &Client<HttpConnector, Body>, admin: SocketAd
         );
         text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
     })
+}
+
+/// `POST /v1/dlq/QUEUE_deadletter/replay {"all": true}` on the admin port: how many moved.
+pub(crate) async fn replay_all(
+    client: &Client<HttpConnector, Body>,
+    admin: SocketAddr,
+) -> Result<u64, String> {
+    let req = Request::post(format!("http://{admin}/v1/dlq/{QUEUE}_deadletter/replay"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(Body::full(r#"{"all":true}"#))
+        .expect("a valid request");
+    let res = client.request(req).await.map_err(|e| e.to_string())?;
+    let body = res.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    answer["replayed"].as_u64().ok_or_else(|| String::from_utf8_lossy(&body).into_owned())
 }

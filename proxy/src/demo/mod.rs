@@ -164,6 +164,28 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
             messages::QUEUE
         );
         println!();
+        // the handler is fixed: replay the dead letters, as an operator would
+        handled.fixed.store(true, std::sync::atomic::Ordering::Relaxed);
+        let before = messages::counts(&client, sidecar.admin).await[0];
+        match messages::replay_all(&client, sidecar.admin).await {
+            Ok(replayed) => {
+                println!(
+                    "The handler is fixed; `outrigger dlq replay {}_deadletter --all` sends the {replayed} dead letter(s) back:",
+                    messages::QUEUE
+                );
+                let until = Instant::now() + Duration::from_secs(3);
+                let mut delivered = 0;
+                while Instant::now() < until && delivered < replayed {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    delivered = messages::counts(&client, sidecar.admin).await[0] - before;
+                }
+                println!(
+                    "{delivered} of them delivered and acknowledged, their error history kept."
+                );
+            }
+            Err(reason) => println!("replaying the dead letters failed: {reason}"),
+        }
+        println!();
     }
     println!(
         "outcome: `upstream` = the upstream's own answer passed through (`after N tries` when"

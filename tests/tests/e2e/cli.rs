@@ -120,10 +120,13 @@ fn the_demo_shows_every_policy_and_a_dead_letter_with_nothing_installed() {
         "A poison message on its third and last attempt",
         "\"stack_trace\": \"at send_welcome (mailer.rs:42)\"",
         "moved to welcome_email_deadletter",
+        "The handler is fixed; `outrigger dlq replay welcome_email_deadletter --all` sends the",
     ] {
         assert!(stdout.contains(shown), "the demo shows {shown:?}:\n{stdout}");
     }
     let messages = stdout.lines().find(|l| l.starts_with("welcome_email ")).expect(&stdout);
     assert!(!messages.contains(" 0 dead-lettered"), "{messages}");
     assert!(!messages.contains(" 0 retried"), "{messages}");
+    let replay = stdout.lines().find(|l| l.ends_with("their error history kept.")).expect(&stdout);
+    assert!(!replay.starts_with("0 "), "the replayed dead letters were delivered: {replay}");
 }
