@@ -349,6 +349,17 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "a priority lane is not subscribed twice",
+            app(concat!(
+                "messaging:\n  subscriptions:\n",
+                "    - { queue: orders, path: /a, priority_lanes: [orders.express] }\n",
+                "    - { queue: refunds, path: /b, priority_lanes: [orders.express] }\n",
+            )),
+            vec![
+                "outrigger.yaml:5:52: messaging.subscriptions[1].priority_lanes[0]: queue \"orders.express\" is already subscribed above (expected one subscription per queue)",
+            ],
+        ),
+        (
             "max_headers >= 1",
             s("outbound: { limits: { max_headers: 0 } }\n"),
             vec![

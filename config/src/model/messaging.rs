@@ -59,6 +59,9 @@ pub struct Subscription {
     pub circuit_breaker: Option<SubscriptionBreaker>,
     /// `None`: `<queue>_deadletter`; see `dead_letter_queue()`.
     pub dead_letter_queue: Option<QueueName>,
+    /// Queues delivered before `queue` by this subscription, highest priority first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub priority_lanes: Vec<QueueName>,
 }
 
 /// Deliveries in flight at once: a fixed number, or a range scaled with the backlog.
@@ -109,9 +112,20 @@ pub struct SubscriptionBreaker {
 // === impl Subscription ===
 
 impl Subscription {
-    /// Where exhausted and permanently failed messages go.
+    /// Where exhausted and permanently failed messages of `queue` go.
     pub fn dead_letter_queue(&self) -> QueueName {
-        self.dead_letter_queue.clone().unwrap_or_else(|| self.queue.dead_letter())
+        self.dead_letter_queue_of(&self.queue)
+    }
+
+    /// Where exhausted and permanently failed messages of `lane` go: the configured
+    /// `dead_letter_queue` for every lane, else `<lane>_deadletter`.
+    pub fn dead_letter_queue_of(&self, lane: &QueueName) -> QueueName {
+        self.dead_letter_queue.clone().unwrap_or_else(|| lane.dead_letter())
+    }
+
+    /// Every queue it consumes, highest priority first: the `priority_lanes`, then `queue`.
+    pub fn lanes(&self) -> Vec<QueueName> {
+        self.priority_lanes.iter().chain([&self.queue]).cloned().collect()
     }
 }
 

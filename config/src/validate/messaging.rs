@@ -21,9 +21,16 @@ impl Checks {
         let mut queues = HashSet::new();
         for (i, sub) in messaging.subscriptions.iter().enumerate() {
             let path = format!("messaging.subscriptions[{i}]");
-            if !queues.insert(&sub.queue) {
-                let message = format!("queue {:?} is already subscribed above", sub.queue.as_str());
-                self.push(format!("{path}.queue"), message, Some("one subscription per queue"));
+            let lanes = sub
+                .priority_lanes
+                .iter()
+                .enumerate()
+                .map(|(j, lane)| (format!("{path}.priority_lanes[{j}]"), lane));
+            for (field, queue) in lanes.chain([(format!("{path}.queue"), &sub.queue)]) {
+                if !queues.insert(queue) {
+                    let message = format!("queue {:?} is already subscribed above", queue.as_str());
+                    self.push(field, message, Some("one subscription per queue"));
+                }
             }
             self.absolute_path(format!("{path}.path"), &sub.path);
             self.backoff(&format!("{path}.backoff"), &sub.backoff);

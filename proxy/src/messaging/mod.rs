@@ -88,10 +88,14 @@ impl Messaging {
             metrics: metrics.clone(),
             pending: metrics.outbox_pending(),
             published: RwLock::new(HashMap::new()),
+            // every lane of a subscription wakes its one dispatcher
             wakers: cfg
                 .subscriptions
                 .iter()
-                .map(|s| (Box::from(s.queue.as_str()), Arc::new(Notify::new())))
+                .flat_map(|s| {
+                    let wake = Arc::new(Notify::new());
+                    s.lanes().into_iter().map(move |lane| (Box::from(lane.as_str()), wake.clone()))
+                })
                 .collect(),
             subscriptions: cfg.subscriptions.clone(),
             remote,

@@ -392,3 +392,41 @@ async fn a_concurrency_range_grows_with_the_backlog_and_shrinks_when_idle() {
     wait_metric(&sidecar, ACKED, 60.0).await;
     wait_metric(&sidecar, gauge, 1.0).await;
 }
+
+/// Publishes `ambulance` messages to `orders.ambulance` and `orders` ones to `orders` while the
+/// app's health check fails (so they wait), opens the gate, and returns the queues in the order
+/// the app received them.
+pub(crate) async fn lanes_in_delivery_order(yaml_of: impl Fn(&Upstream) -> String) -> Vec<String> {
+    let app = Upstream::health_checked(200, 503).await;
+    let yaml = yaml_of(&app).replace(
+        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
+        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
+    );
+    let sidecar = Sidecar::start_unready(&yaml).await;
+    for n in 0..3 {
+        publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+    for n in 0..30 {
+        publish(&sidecar, "orders.ambulance", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+    // every message is waiting where the dispatcher reads (relayed, with a remote broker)
+    wait_until(DEADLINE, "the outbox to be empty or the store to hold all 33", || async {
+        let pending = metric(&sidecar, "outrigger_outbox_pending").await;
+        matches!(pending, Some(0.0) | Some(33.0)).then_some(())
+    })
+    .await;
+    app.set_health(200);
+    let seen = deliveries(&app, 33).await;
+    seen.iter().map(|s| header(s, "outrigger-queue").to_owned()).collect()
+}
+
+#[tokio::test]
+async fn a_higher_priority_lane_goes_first_and_a_lower_one_gets_one_read_in_ten() {
+    let lanes = ", concurrency: 1, priority_lanes: [orders.ambulance]";
+    let order = lanes_in_delivery_order(|app| config(app, lanes)).await;
+    let first_ten: Vec<&str> = order[..10].iter().map(String::as_str).collect();
+    let mut expected = vec!["orders.ambulance"; 9];
+    expected.push("orders");
+    assert_eq!(first_ten, expected, "nine from the higher lane, then the lower one's turn");
+    assert_eq!(order.iter().filter(|q| *q == "orders").count(), 3, "every message once");
+}

@@ -165,3 +165,33 @@ async fn a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other() 
     assert_eq!(header(&seen[0], "outrigger-attempt"), "2", "the interrupted attempt counts");
     assert_eq!(metric(&_b, ACKED).await, Some(1.0));
 }
+
+#[tokio::test]
+async fn priority_lanes_hold_on_redis_too() {
+    let redis = Redis::start().await;
+    let lanes = ", concurrency: 1, priority_lanes: [orders.ambulance]";
+    let order =
+        crate::delivery::lanes_in_delivery_order(|app| config("shop", &redis, app, lanes)).await;
+    let first_ten: Vec<&str> = order[..10].iter().map(String::as_str).collect();
+    let mut expected = vec!["orders.ambulance"; 9];
+    expected.push("orders");
+    assert_eq!(first_ten, expected);
+    assert_eq!(order.len(), 33);
+}
+
+#[tokio::test]
+async fn a_concurrency_range_scales_on_redis_too() {
+    let redis = Redis::start().await;
+    let app =
+        Upstream::scripted([Reply::Delayed(std::time::Duration::from_millis(100), 200)]).await;
+    let sidecar =
+        Sidecar::start(&config("shop", &redis, &app, ", concurrency: { min: 1, max: 4 }")).await;
+    for n in 0..60 {
+        publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+    let gauge = r#"outrigger_subscription_concurrency{queue="orders"}"#;
+    wait_metric(&sidecar, gauge, 4.0).await;
+    deliveries(&app, 60).await;
+    wait_metric(&sidecar, ACKED, 60.0).await;
+    wait_metric(&sidecar, gauge, 1.0).await;
+}

@@ -306,7 +306,7 @@ impl Broker for Embedded {
         &self,
         queue: &str,
         consumer: &str,
-        Read { max, now, ordered }: Read,
+        Read { max, now, ordered, wait: _ }: Read,
     ) -> Result<Vec<Leased>, BrokerError> {
         let (queue, this) = (queue.to_owned(), self.clone());
         tracing::trace!(%queue, consumer, max, ordered, "reading due messages");

@@ -56,6 +56,9 @@ pub struct Read {
     pub now: UnixMillis,
     /// One message per ordering key at a time (see [`Broker::read`]).
     pub ordered: bool,
+    /// A broker that can wait for messages (see [`Broker::blocks_on_read`]) may wait a moment
+    /// when none is there; false: answer at once.
+    pub wait: bool,
 }
 
 /// A message handed to a consumer, leased to it until it is acknowledged, parked or

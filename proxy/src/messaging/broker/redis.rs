@@ -326,7 +326,7 @@ impl Broker for Redis {
         &self,
         queue: &str,
         consumer: &str,
-        Read { max, now, ordered: _ }: Read,
+        Read { max, now, ordered: _, wait }: Read,
     ) -> Result<Vec<Leased>, BrokerError> {
         self.ensure_group(queue).await?;
         let group = &self.inner.group;
@@ -376,7 +376,7 @@ impl Broker for Redis {
                 break;
             }
             let mut options = StreamReadOptions::default().group(group, &consumer).count(remaining);
-            let reply: Option<StreamReadReply> = if may_block && found.is_empty() {
+            let reply: Option<StreamReadReply> = if wait && may_block && found.is_empty() {
                 options = options.block(READ_BLOCK.as_millis() as usize);
                 let mut reader = self.reader(queue)?;
                 reader.xread_options(&[stream_key], &[">"], &options).await

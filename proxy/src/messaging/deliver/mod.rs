@@ -27,7 +27,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 
 use crate::http::forward::UpstreamClient;
-use crate::messaging::broker::{Broker, Leased, Read, UnixMillis};
+use crate::messaging::broker::{Broker, BrokerError, Leased, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, rfc3339, unix_millis};
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::metrics::Metrics;
@@ -57,8 +57,10 @@ pub type AppUp = watch::Receiver<bool>;
 /// One subscription's delivery, shared by its dispatcher and its in-flight deliveries.
 #[derive(Debug)]
 pub struct Subscriber<B> {
+    /// The base queue: names the subscription in logs and its own gauges.
     queue: String,
-    dead_letter_queue: String,
+    /// Every queue consumed, highest priority first (the base queue last).
+    lanes: Vec<Lane>,
     /// The consumer name given to the broker: `service.name`.
     consumer: String,
     /// `service.name` + path, as dead letters name it.
@@ -74,9 +76,11 @@ pub struct Subscriber<B> {
     observed: Arc<supervisor::Observed>,
 }
 
-/// A subscription's metric handles, made once.
+/// One queue a subscription consumes, with where its dead letters go and its counters.
 #[derive(Debug)]
-struct DeliveryMetrics {
+struct Lane {
+    queue: String,
+    dead_letter_queue: String,
     acked: IntCounter,
     retried: IntCounter,
     dead_lettered: IntCounter,
@@ -84,9 +88,18 @@ struct DeliveryMetrics {
     duplicate: IntCounter,
     dead_letters: IntCounter,
     duration: Histogram,
+}
+
+/// The subscription's own gauges, made once.
+#[derive(Debug)]
+struct DeliveryMetrics {
     circuit: IntGauge,
     concurrency: IntGauge,
 }
+
+/// Of every this many reads, one takes the lowest lane first: a busy higher lane slows a lower
+/// one, it never stops it.
+const LOWEST_FIRST_EVERY: u64 = 10;
 
 /// What a dispatcher needs from the sidecar, besides its subscription.
 #[derive(Debug, Clone)]
@@ -119,20 +132,31 @@ impl<B: Broker + Clone> Subscriber<B> {
             Mutex::new(Breaker::new(cb, now))
         });
         let m = &ctx.metrics;
-        let outcome = |outcome| m.messages_delivered(&queue, outcome);
+        let lanes = cfg
+            .lanes()
+            .iter()
+            .map(|lane| {
+                let name = lane.to_string();
+                let outcome = |outcome| m.messages_delivered(&name, outcome);
+                Lane {
+                    dead_letter_queue: cfg.dead_letter_queue_of(lane).to_string(),
+                    acked: outcome("acked"),
+                    retried: outcome("retried"),
+                    dead_lettered: outcome("dead_lettered"),
+                    dropped: outcome("dropped"),
+                    duplicate: outcome("duplicate"),
+                    dead_letters: m.deadletter_messages(&name),
+                    duration: m.delivery_duration(&name),
+                    queue: name,
+                }
+            })
+            .collect();
         let metrics = DeliveryMetrics {
-            acked: outcome("acked"),
-            retried: outcome("retried"),
-            dead_lettered: outcome("dead_lettered"),
-            dropped: outcome("dropped"),
-            duplicate: outcome("duplicate"),
-            dead_letters: m.deadletter_messages(&queue),
-            duration: m.delivery_duration(&queue),
             circuit: m.subscription_circuit_state(&queue),
             concurrency: m.subscription_concurrency(&queue),
         };
         Arc::new(Subscriber {
-            dead_letter_queue: cfg.dead_letter_queue().to_string(),
+            lanes,
             consumer: ctx.service.clone(),
             subscriber: format!("{}{}", ctx.service, cfg.path),
             uri,
@@ -177,6 +201,7 @@ impl<B: Broker + Clone> Subscriber<B> {
         let mut pacer =
             self.cfg.throttle.map(|t| Pacer::new(t.messages.get(), t.per.get(), Instant::now()));
         tracing::info!(queue = %self.queue, uri = %self.uri, concurrency = limit, "delivering");
+        let mut reads = 0u64;
         loop {
             let ready = async {
                 // the app's health path must pass: messages wait, they are not tried
@@ -204,12 +229,8 @@ impl<B: Broker + Clone> Subscriber<B> {
                 self.idle(wait, &mut stop).await;
                 continue;
             }
-            let read = Read {
-                max: admissions.len(),
-                now: unix_millis(SystemTime::now()),
-                ordered: self.cfg.ordered,
-            };
-            let leased = match self.broker.read(&self.queue, &self.consumer, read).await {
+            let max = admissions.len();
+            let leased = match self.read_lanes(max, reads).await {
                 Ok(leased) => leased,
                 Err(error) => {
                     tracing::error!(queue = %self.queue, %error, "reading the queue failed; trying again shortly");
@@ -218,6 +239,7 @@ impl<B: Broker + Clone> Subscriber<B> {
                     continue;
                 }
             };
+            reads += 1;
             self.observed.read(admissions.len(), leased.len(), slots.available_permits());
             let idle = leased.len() < admissions.len();
             let mut admissions = admissions.into_iter();
@@ -239,17 +261,60 @@ impl<B: Broker + Clone> Subscriber<B> {
             if idle && !self.broker.blocks_on_read() {
                 // a parked message due already is in flight (or its key is held): its
                 // delivery's end wakes the dispatcher, so only a future due time matters
-                let now = unix_millis(SystemTime::now());
-                let wait = match self.broker.next_due(&self.queue, now).await {
-                    Ok(Some(due)) if due > now => Duration::from_millis(due - now).min(POLL),
-                    _ => POLL,
-                };
+                let wait = self.next_due().await.unwrap_or(POLL).min(POLL);
                 self.idle(wait, &mut stop).await;
             }
         }
         // stopped: nothing new starts; what is in flight may finish
         let _ = slots.acquire_many(scaled.total() as u32).await;
         tracing::info!(queue = %self.queue, "delivery stopped");
+    }
+
+    /// Up to `max` due messages, from the lanes in priority order (on one read in
+    /// [`LOWEST_FIRST_EVERY`], lowest first); a broker that waits for messages waits only on
+    /// the last lane, and only when the others had none.
+    async fn read_lanes(&self, max: usize, reads: u64) -> Result<Vec<Leased>, BrokerError> {
+        let lowest_first = reads % LOWEST_FIRST_EVERY == LOWEST_FIRST_EVERY - 1;
+        let order: Vec<&Lane> = if lowest_first {
+            self.lanes.iter().rev().collect()
+        } else {
+            self.lanes.iter().collect()
+        };
+        let mut leased = Vec::new();
+        for (n, lane) in order.iter().enumerate() {
+            if leased.len() >= max {
+                break;
+            }
+            let read = Read {
+                max: max - leased.len(),
+                now: unix_millis(SystemTime::now()),
+                ordered: self.cfg.ordered,
+                wait: n + 1 == order.len() && leased.is_empty(),
+            };
+            leased.extend(self.broker.read(&lane.queue, &self.consumer, read).await?);
+        }
+        Ok(leased)
+    }
+
+    /// How long until the soonest message parked in any lane falls due, if one is.
+    async fn next_due(&self) -> Option<Duration> {
+        let now = unix_millis(SystemTime::now());
+        let mut soonest: Option<UnixMillis> = None;
+        for lane in &self.lanes {
+            // a parked message due already is in flight (or its key is held): its delivery's
+            // end wakes the dispatcher, so only a future due time matters
+            if let Ok(Some(due)) = self.broker.next_due(&lane.queue, now).await {
+                soonest = Some(soonest.map_or(due, |s| s.min(due)));
+            }
+        }
+        soonest.map(|due| Duration::from_millis(due.saturating_sub(now)))
+    }
+
+    /// The lane a message of `queue` came from (the base lane for an unknown name).
+    fn lane(&self, queue: &str) -> &Lane {
+        self.lanes.iter().find(|l| l.queue == queue).unwrap_or_else(|| {
+            self.lanes.last().expect("a subscription has at least its own queue")
+        })
     }
 
     /// Waits for a wake-up (a publish, a finished delivery), `wait`, or the stop.
@@ -313,9 +378,9 @@ impl<B: Broker + Clone> Subscriber<B> {
             self.store_dead_letter(envelope, attempts).await;
         } else if self.acknowledged_before(id) {
             self.cancel(vec![admission]);
-            self.metrics.duplicate.inc();
-            tracing::debug!(queue = %self.queue, %id, "already acknowledged; not delivered again");
-            self.ack(id).await;
+            self.lane(&envelope.queue).duplicate.inc();
+            tracing::debug!(queue = %envelope.queue, %id, "already acknowledged; not delivered again");
+            self.ack(&envelope.queue, id).await;
         } else {
             match self.cfg.delivery {
                 config::Delivery::AtLeastOnce => {
@@ -335,6 +400,7 @@ impl<B: Broker + Clone> Subscriber<B> {
     ) {
         let attempt = attempts + 1;
         let max_attempts = self.cfg.max_attempts.get();
+        let lane = self.lane(&envelope.queue);
         let answer = self.post(&envelope, attempt).await;
         let verdict = attempt::judge(&answer, SystemTime::now());
         let failed = matches!(verdict, Verdict::Retry { .. });
@@ -345,10 +411,10 @@ impl<B: Broker + Clone> Subscriber<B> {
                 if self.cfg.duplicate_deliveries {
                     // the same delivery again, to prove the handler idempotent
                     let again = self.post(&envelope, attempt).await;
-                    tracing::debug!(queue = %self.queue, id = %envelope.id, second = ?status_of(&again), "delivered twice (duplicate_deliveries)");
+                    tracing::debug!(queue = %envelope.queue, id = %envelope.id, second = ?status_of(&again), "delivered twice (duplicate_deliveries)");
                 }
-                self.metrics.acked.inc();
-                self.ack(envelope.id).await;
+                lane.acked.inc();
+                self.ack(&envelope.queue, envelope.id).await;
             }
             Verdict::Retry { record, retry_after } => {
                 let reason = record.message.clone();
@@ -359,9 +425,9 @@ impl<B: Broker + Clone> Subscriber<B> {
                     return;
                 }
                 let delay = self.retry_delay(attempt, retry_after);
-                tracing::info!(queue = %self.queue, id = %envelope.id, attempt, max_attempts, ?delay, error = %reason, "delivery failed; retrying after the backoff");
+                tracing::info!(queue = %envelope.queue, id = %envelope.id, attempt, max_attempts, ?delay, error = %reason, "delivery failed; retrying after the backoff");
                 if self.park(envelope, attempt, delay).await {
-                    self.metrics.retried.inc();
+                    lane.retried.inc();
                 }
             }
             Verdict::Permanent { record } => {
@@ -377,9 +443,10 @@ impl<B: Broker + Clone> Subscriber<B> {
 
     /// Acknowledged first, then delivered once: a failure is dropped and counted.
     async fn at_most_once(&self, envelope: Envelope, admission: Option<Admission>) {
-        if let Err(error) = self.broker.ack(&self.queue, envelope.id).await {
+        let lane = self.lane(&envelope.queue);
+        if let Err(error) = self.broker.ack(&envelope.queue, envelope.id).await {
             // not acknowledged, so not delivered: it is read again and acknowledged then
-            tracing::error!(queue = %self.queue, id = %envelope.id, %error, "acknowledging before delivery failed; not delivered");
+            tracing::error!(queue = %envelope.queue, id = %envelope.id, %error, "acknowledging before delivery failed; not delivered");
             self.cancel(vec![admission]);
             return;
         }
@@ -387,12 +454,12 @@ impl<B: Broker + Clone> Subscriber<B> {
         match attempt::judge(&answer, SystemTime::now()) {
             Verdict::Acknowledge => {
                 self.record(admission, false);
-                self.metrics.acked.inc();
+                lane.acked.inc();
             }
             Verdict::Retry { record, .. } | Verdict::Permanent { record } => {
                 self.record(admission, record.status_code.is_none_or(|c| c >= 500));
-                self.metrics.dropped.inc();
-                tracing::warn!(queue = %self.queue, id = %envelope.id, error = %record.message, "delivery failed; dropped (delivery: at_most_once)");
+                lane.dropped.inc();
+                tracing::warn!(queue = %envelope.queue, id = %envelope.id, error = %record.message, "delivery failed; dropped (delivery: at_most_once)");
             }
         }
     }
@@ -401,7 +468,7 @@ impl<B: Broker + Clone> Subscriber<B> {
         let delivery = Delivery { envelope, attempt, max_attempts: self.cfg.max_attempts.get() };
         let started = Instant::now();
         let answer = attempt::post(&self.client, &self.uri, delivery, self.cfg.timeout.get()).await;
-        self.metrics.duration.observe(started.elapsed().as_secs_f64());
+        self.lane(&envelope.queue).duration.observe(started.elapsed().as_secs_f64());
         answer
     }
 
@@ -426,8 +493,8 @@ impl<B: Broker + Clone> Subscriber<B> {
         crate::policy::backoff::Backoff::new(backoff).delay(retry, previous)
     }
 
-    async fn ack(&self, id: crate::messaging::envelope::MessageId) {
-        match self.broker.ack(&self.queue, id).await {
+    async fn ack(&self, queue: &str, id: crate::messaging::envelope::MessageId) {
+        match self.broker.ack(queue, id).await {
             Ok(()) => {
                 let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
                 acknowledged.remember(id, Instant::now());
@@ -436,7 +503,7 @@ impl<B: Broker + Clone> Subscriber<B> {
                 // delivered, not forgotten: read again, it is acknowledged without a delivery
                 let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
                 acknowledged.remember(id, Instant::now());
-                tracing::error!(queue = %self.queue, %id, %error, "acknowledging failed; will acknowledge again");
+                tracing::error!(queue, %id, %error, "acknowledging failed; will acknowledge again");
             }
         }
     }
@@ -448,12 +515,12 @@ impl<B: Broker + Clone> Subscriber<B> {
 
     /// Parks a failed message until `delay` from now; false when that could not be stored.
     async fn park(&self, envelope: Envelope, attempts: u32, delay: Duration) -> bool {
-        let (id, until) = (envelope.id, later(delay));
+        let (id, until, queue) = (envelope.id, later(delay), envelope.queue.clone());
         match self.broker.park(envelope, attempts, until).await {
             Ok(()) => true,
             Err(error) => {
                 // the stored copy stays, with its previous history: delivered again, not lost
-                tracing::error!(queue = %self.queue, %id, %error, "parking a failed message failed; it will be delivered again");
+                tracing::error!(%queue, %id, %error, "parking a failed message failed; it will be delivered again");
                 false
             }
         }
@@ -463,7 +530,7 @@ impl<B: Broker + Clone> Subscriber<B> {
     async fn dead_letter(&self, mut envelope: Envelope, attempts: u32, reason: String) {
         use dead_letter_keys::*;
         let metadata = &mut envelope.metadata;
-        metadata.insert(ORIGINAL_QUEUE.into(), self.queue.clone().into());
+        metadata.insert(ORIGINAL_QUEUE.into(), envelope.queue.clone().into());
         metadata.insert(SUBSCRIBER.into(), self.subscriber.clone().into());
         metadata.insert(REASON.into(), reason.into());
         metadata.insert(ATTEMPTS.into(), attempts.into());
@@ -476,14 +543,15 @@ impl<B: Broker + Clone> Subscriber<B> {
     async fn store_dead_letter(&self, envelope: Envelope, attempts: u32) {
         let id = envelope.id;
         let reason = envelope.metadata.get(dead_letter_keys::REASON).cloned();
-        match self.broker.dead_letter(envelope.clone(), &self.dead_letter_queue).await {
+        let lane = self.lane(&envelope.queue);
+        match self.broker.dead_letter(envelope.clone(), &lane.dead_letter_queue).await {
             Ok(()) => {
-                self.metrics.dead_lettered.inc();
-                self.metrics.dead_letters.inc();
-                tracing::warn!(queue = %self.queue, %id, attempts, dead_letter_queue = %self.dead_letter_queue, reason = %reason.unwrap_or_default(), "message dead-lettered");
+                lane.dead_lettered.inc();
+                lane.dead_letters.inc();
+                tracing::warn!(queue = %lane.queue, %id, attempts, dead_letter_queue = %lane.dead_letter_queue, reason = %reason.unwrap_or_default(), "message dead-lettered");
             }
             Err(error) => {
-                tracing::error!(queue = %self.queue, %id, %error, "storing the dead letter failed; the message stays and the move is retried");
+                tracing::error!(queue = %lane.queue, %id, %error, "storing the dead letter failed; the message stays and the move is retried");
                 let delay = self.retry_delay(attempts.max(1), None);
                 self.park(envelope, attempts, delay).await;
                 // parked or not, it is read again and the move retried

@@ -35,7 +35,7 @@ fn open(dir: &TempDir) -> Embedded {
 }
 
 fn unordered(max: usize, now: UnixMillis) -> Read {
-    Read { max, now, ordered: false }
+    Read { max, now, ordered: false, wait: false }
 }
 
 fn message(queue: &str, payload: &str, key: Option<&str>) -> Publish {
@@ -259,7 +259,7 @@ async fn an_ordered_read_takes_one_message_per_key_in_publish_order() {
         keyed("q", None),
     ];
     let ids: Vec<MessageId> = store.publish(batch).await.unwrap().iter().map(|p| p.id()).collect();
-    let ordered = |max| Read { max, now: now(), ordered: true };
+    let ordered = |max| Read { max, now: now(), ordered: true, wait: false };
     let mut first = store.read("q", "c", ordered(10)).await.unwrap();
     let got: Vec<MessageId> = first.iter().map(|l| l.envelope.id).collect();
     assert_eq!(got, [ids[0], ids[2], ids[3], ids[4]], "a's second waits for its first");
