@@ -195,3 +195,31 @@ async fn a_concurrency_range_scales_on_redis_too() {
     wait_metric(&sidecar, ACKED, 60.0).await;
     wait_metric(&sidecar, gauge, 1.0).await;
 }
+
+#[tokio::test]
+async fn a_frozen_redis_only_grows_the_outbox_and_an_emptied_one_gets_its_groups_back() {
+    let mut redis = Redis::start().await;
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
+    publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
+    deliveries(&app, 1).await;
+
+    // SIGSTOP: connections stay open, nothing answers; every command times out
+    redis.pause();
+    for n in 1..=5 {
+        publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+    wait_until(DEADLINE, "readiness to show the frozen broker degraded", || async {
+        (broker_check(&sidecar).await == "degraded").then_some(())
+    })
+    .await;
+    redis.resume();
+    deliveries(&app, 6).await;
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+
+    // a Redis that comes back empty (no persistence, a failover): the group is made again
+    redis.cli(&["FLUSHALL"]);
+    let id = publish(&sidecar, "orders", r#"{"n":6}"#, &[]).await;
+    let seen = deliveries(&app, 7).await;
+    assert_eq!(header(&seen[6], "outrigger-message-id"), id);
+}

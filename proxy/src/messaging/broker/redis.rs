@@ -224,6 +224,17 @@ impl Redis {
         Ok(())
     }
 
+    /// A Redis that lost its data (restarted without persistence, a failover to an empty
+    /// replica) no longer has the group: make it again at the next read instead of failing
+    /// forever.
+    fn forget_group_if_gone(&self, queue: &str, error: redis::RedisError) -> BrokerError {
+        if error.code() == Some("NOGROUP") {
+            tracing::warn!(queue, "the consumer group is gone from Redis; making it again");
+            self.inner.groups.lock().unwrap_or_else(|e| e.into_inner()).remove(queue);
+        }
+        store_error(error)
+    }
+
     /// The connection for blocking reads of `queue`, made on first use.
     fn reader(&self, queue: &str) -> Result<ConnectionManager, BrokerError> {
         let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
@@ -360,7 +371,7 @@ impl Broker for Redis {
                 .arg(max - found.len())
                 .query_async(&mut conn)
                 .await
-                .map_err(store_error)?;
+                .map_err(|e| self.forget_group_if_gone(queue, e))?;
             let claimed: redis::streams::StreamAutoClaimReply = redis::from_redis_value(claim)
                 .map_err(|e| BrokerError::Store(format!("redis: {e}")))?;
             found.extend(self.lease(queue, stream_key, claimed.claimed, true));
@@ -383,7 +394,7 @@ impl Broker for Redis {
             } else {
                 conn.xread_options(&[stream_key], &[">"], &options).await
             }
-            .map_err(store_error)?;
+            .map_err(|e| self.forget_group_if_gone(queue, e))?;
             for read in reply.map(|r| r.keys).unwrap_or_default() {
                 found.extend(self.lease(queue, &read.key, read.ids, false));
             }
