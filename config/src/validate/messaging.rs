@@ -50,6 +50,16 @@ impl Checks {
             if let Some(breaker) = &sub.circuit_breaker {
                 self.positive(format!("{path}.circuit_breaker.open_for"), breaker.open_for);
             }
+            if sub.ordered && matches!(messaging.broker, crate::types::Broker::Redis(_)) {
+                let expected = Some(
+                    "ordered: false, or broker: embedded (ordering on Redis is not built yet)",
+                );
+                self.push(
+                    format!("{path}.ordered"),
+                    "is not supported with a redis broker yet",
+                    expected,
+                );
+            }
         }
     }
 }

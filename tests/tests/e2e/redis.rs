@@ -223,3 +223,29 @@ async fn a_frozen_redis_only_grows_the_outbox_and_an_emptied_one_gets_its_groups
     let seen = deliveries(&app, 7).await;
     assert_eq!(header(&seen[6], "outrigger-message-id"), id);
 }
+
+#[tokio::test]
+async fn settled_entries_are_trimmed_from_the_stream_and_pending_ones_kept() {
+    let redis = Redis::start().await;
+    let mut script: Vec<Reply> = (0..10).map(|_| Reply::Status(200)).collect();
+    script.push(Reply::Delayed(std::time::Duration::from_secs(60), 200));
+    let app = Upstream::scripted(script).await;
+    let sidecar =
+        Sidecar::start(&config("shop", &redis, &app, ", timeout: 90s, concurrency: 1")).await;
+    for n in 0..10 {
+        publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+    wait_metric(&sidecar, ACKED, 10.0).await;
+    publish(&sidecar, "orders", r#"{"n":10}"#, &[]).await;
+    deliveries(&app, 11).await; // the eleventh is in flight, unacknowledged
+
+    // upkeep runs every 10 s: everything below the pending entry goes, the pending one stays
+    wait_until(
+        std::time::Duration::from_secs(25),
+        "the stream trimmed to its pending entry",
+        || async { (redis.cli(&["XLEN", "outrigger:{orders}"]) == "1").then_some(()) },
+    )
+    .await;
+    let left = redis.cli(&["XRANGE", "outrigger:{orders}", "-", "+"]);
+    assert!(left.contains(r#""n":10"#), "the unacknowledged message stays: {left}");
+}

@@ -117,6 +117,13 @@ pub trait Broker: Send + Sync + 'static {
         false
     }
 
+    /// Periodic upkeep of `queue` (a Redis stream trimmed below what every group has
+    /// settled); how many entries it removed. Nothing to do by default.
+    fn tidy(&self, queue: &str) -> impl Future<Output = Result<u64, BrokerError>> + Send {
+        let _ = queue;
+        async { Ok(0) }
+    }
+
     /// When the soonest message of `queue` parked past `now` falls due, if one is.
     fn next_due(
         &self,

@@ -81,6 +81,34 @@ redis.call('XDEL', KEYS[1], entry)
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1";
 
+/// Trims a queue's stream below what every consumer group has read and settled: the oldest
+/// pending entry of each group, or its last delivered entry. No group, no trim.
+const TRIM: &str = r"
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok or #groups == 0 then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id, '(%d+)-(%d+)')
+  return tonumber(ms), tonumber(seq)
+end
+local function less(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local floor = nil
+for _, group in ipairs(groups) do
+  local name, last
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] end
+    if group[i] == 'last-delivered-id' then last = group[i + 1] end
+  end
+  local keep = last
+  local pending = redis.call('XPENDING', KEYS[1], name)
+  if pending[1] > 0 and less(pending[2], keep) then keep = pending[2] end
+  if floor == nil or less(keep, floor) then floor = keep end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)";
+
 /// The Redis broker; cheap to clone.
 #[derive(Clone)]
 pub struct Redis {
@@ -185,6 +213,19 @@ impl Redis {
         }
         let mut conn = self.inner.commands.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(store_error)
+    }
+
+    /// Removes the entries of `queue`'s stream that every consumer group has read and settled;
+    /// how many. Any replica may run it at any time.
+    pub async fn trim(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut conn = self.inner.commands.clone();
+        redis::cmd("EVAL")
+            .arg(TRIM)
+            .arg(1)
+            .arg(stream(queue))
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)
     }
 
     /// Answers PING: the broker's health, for readiness.
@@ -404,6 +445,10 @@ impl Broker for Redis {
 
     fn blocks_on_read(&self) -> bool {
         true
+    }
+
+    async fn tidy(&self, queue: &str) -> Result<u64, BrokerError> {
+        self.trim(queue).await
     }
 
     async fn next_due(

@@ -39,6 +39,8 @@ use pace::{Acknowledged, Pacer};
 const POLL: Duration = Duration::from_secs(1);
 /// After a broker error, the dispatcher waits this long before reading again.
 const BROKER_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// How often each lane's queue gets its upkeep ([`Broker::tidy`]).
+const TIDY_EVERY: Duration = Duration::from_secs(10);
 /// Acknowledged ids remembered per subscription at most.
 const ACKNOWLEDGED_CAPACITY: usize = 100_000;
 
@@ -201,6 +203,7 @@ impl<B: Broker + Clone> Subscriber<B> {
         let mut pacer =
             self.cfg.throttle.map(|t| Pacer::new(t.messages.get(), t.per.get(), Instant::now()));
         tracing::info!(queue = %self.queue, uri = %self.uri, concurrency = limit, "delivering");
+        tokio::spawn(self.clone().tidy(stop.clone()));
         let mut reads = 0u64;
         loop {
             let ready = async {
@@ -315,6 +318,27 @@ impl<B: Broker + Clone> Subscriber<B> {
         self.lanes.iter().find(|l| l.queue == queue).unwrap_or_else(|| {
             self.lanes.last().expect("a subscription has at least its own queue")
         })
+    }
+
+    /// Every [`TIDY_EVERY`], each lane's upkeep, until `stop`.
+    async fn tidy(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(TIDY_EVERY) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+            for lane in &self.lanes {
+                match self.broker.tidy(&lane.queue).await {
+                    Ok(0) => {}
+                    Ok(removed) => {
+                        tracing::debug!(queue = %lane.queue, removed, "settled entries trimmed")
+                    }
+                    Err(error) => {
+                        tracing::debug!(queue = %lane.queue, %error, "upkeep failed; next time")
+                    }
+                }
+            }
+        }
     }
 
     /// Waits for a wake-up (a publish, a finished delivery), `wait`, or the stop.
