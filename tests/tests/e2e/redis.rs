@@ -198,7 +198,7 @@ async fn a_concurrency_range_scales_on_redis_too() {
 
 #[tokio::test]
 async fn a_frozen_redis_only_grows_the_outbox_and_an_emptied_one_gets_its_groups_back() {
-    let mut redis = Redis::start().await;
+    let redis = Redis::start().await;
     let app = Upstream::status(200).await;
     let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
     publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
