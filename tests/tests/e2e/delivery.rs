@@ -15,7 +15,7 @@ use crate::messaging::{id_of, metric, post, queues};
 
 /// A sidecar delivering queue `orders` to `app` at `/events/orders`, with `extra` subscription
 /// fields (YAML flow-mapping entries, e.g. `max_attempts: 3`).
-fn config(app: &Upstream, extra: &str) -> String {
+pub(crate) fn config(app: &Upstream, extra: &str) -> String {
     format!(
         "service:\n  name: shop\n  app: {{ url: \"http://{app}\" }}\n\
          messaging:\n  data_dir: \"$SCRATCH/data\"\n  subscriptions:\n    - {{ queue: orders, \

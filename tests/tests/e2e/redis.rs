@@ -249,3 +249,85 @@ async fn settled_entries_are_trimmed_from_the_stream_and_pending_ones_kept() {
     let left = redis.cli(&["XRANGE", "outrigger:{orders}", "-", "+"]);
     assert!(left.contains(r#""n":10"#), "the unacknowledged message stays: {left}");
 }
+
+/// Thousands of messages through a handler that fails at random: every message is either
+/// acknowledged once or dead-lettered after `max_attempts`, and the counts reconcile exactly.
+async fn soak(broker: Option<&Redis>) {
+    const MESSAGES: usize = 2000;
+    // a fixed pseudo-random script: about one answer in four is a 500
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let script: Vec<Reply> = (0..MESSAGES * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            Reply::Status(if state % 4 == 0 { 500 } else { 200 })
+        })
+        .collect();
+    let app = Upstream::scripted(script.clone()).await;
+    let extra = ", max_attempts: 3, concurrency: 32";
+    let yaml = match broker {
+        Some(redis) => config("shop", redis, &app, extra),
+        None => crate::delivery::config(&app, extra),
+    };
+    let sidecar = Sidecar::start(&yaml).await;
+    let publishers: Vec<_> = (0..8)
+        .map(|p| {
+            let outbound = sidecar.outbound;
+            tokio::spawn(async move {
+                for n in (p..MESSAGES).step_by(8) {
+                    let req = http::Request::post("/v1/publish/orders")
+                        .header("host", "localhost")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                            r#"{{"n":{n}}}"#
+                        ))))
+                        .unwrap();
+                    let res = outrigger_tests::send(outbound, req).await.expect("publish");
+                    assert_eq!(res.status(), 202);
+                }
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let settled =
+        wait_until(std::time::Duration::from_secs(60), "every message settled", || async {
+            let acked = metric(&sidecar, ACKED).await.unwrap_or(0.0);
+            let dead = metric(&sidecar, DEAD).await.unwrap_or(0.0);
+            (acked + dead >= MESSAGES as f64).then_some((acked as usize, dead as usize))
+        })
+        .await;
+
+    // what the app saw, judged by the script it answered from
+    let seen = app.seen();
+    let mut ok: std::collections::HashMap<String, usize> = Default::default();
+    let mut failed: std::collections::HashMap<String, usize> = Default::default();
+    for (n, request) in seen.iter().enumerate() {
+        let id = header(request, "outrigger-message-id").to_owned();
+        match script[n.min(script.len() - 1)] {
+            Reply::Status(200) => *ok.entry(id).or_default() += 1,
+            _ => *failed.entry(id).or_default() += 1,
+        }
+    }
+    let dead: Vec<&String> = failed.iter().filter(|(_, n)| **n == 3).map(|(id, _)| id).collect();
+    assert_eq!(settled, (ok.len(), dead.len()), "metrics match what the app saw");
+    assert_eq!(ok.len() + dead.len(), MESSAGES, "published = delivered + dead-lettered");
+    assert!(ok.values().all(|n| *n == 1), "no acknowledged message delivered twice");
+    assert!(dead.iter().all(|id| !ok.contains_key(*id)), "a dead letter was never acknowledged");
+    assert!(failed.values().all(|n| *n <= 3), "never more than max_attempts");
+    if let Some(redis) = broker {
+        assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), dead.len().to_string());
+    }
+}
+
+#[tokio::test]
+async fn a_soak_with_random_failures_reconciles_exactly_on_redis() {
+    let redis = Redis::start().await;
+    soak(Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn a_soak_with_random_failures_reconciles_exactly_on_the_embedded_broker() {
+    soak(None).await;
+}
