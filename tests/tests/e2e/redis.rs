@@ -261,7 +261,7 @@ async fn soak(broker: Option<&Redis>) {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            Reply::Status(if state % 4 == 0 { 500 } else { 200 })
+            Reply::Status(if state.is_multiple_of(4) { 500 } else { 200 })
         })
         .collect();
     let app = Upstream::scripted(script.clone()).await;
