@@ -425,11 +425,12 @@ impl<B: Broker + Clone> Subscriber<B> {
         let attempt = attempts + 1;
         let max_attempts = self.cfg.max_attempts.get();
         let lane = self.lane(&envelope.queue);
+        let started = Instant::now();
         let answer = self.post(&envelope, attempt).await;
         let verdict = attempt::judge(&answer, SystemTime::now());
         let failed = matches!(verdict, Verdict::Retry { .. });
         self.record(admission, failed);
-        self.observed.delivery(failed);
+        self.observed.delivery(failed, started.elapsed());
         match verdict {
             Verdict::Acknowledge => {
                 if self.cfg.duplicate_deliveries {
