@@ -370,6 +370,13 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "messaging.tls needs a rediss:// broker",
+            s("messaging:\n  broker: redis://127.0.0.1:6379\n  tls: { ca_file: ca.pem }\n"),
+            vec![
+                "outrigger.yaml:3:8: messaging.tls: applies to a rediss:// broker only (expected broker: rediss://HOST:PORT, or no tls section)",
+            ],
+        ),
+        (
             "max_headers >= 1",
             s("outbound: { limits: { max_headers: 0 } }\n"),
             vec![

@@ -18,11 +18,24 @@ pub struct Redis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// With TLS: the server's certificate and key, and the CA that signed them.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Redis {
     /// Starts Redis with `appendonly yes` and returns once it answers PING.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts Redis serving TLS only, with `pki`'s server certificate (valid for `localhost`).
+    pub async fn start_tls(pki: &crate::Pki) -> Self {
+        let files =
+            (pki.server_cert_file.clone(), pki.server_key_file.clone(), pki.ca_file.clone());
+        Self::start_with(Some(files)).await
+    }
+
+    async fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "outrigger-redis-{}-{}",
@@ -30,14 +43,17 @@ impl Redis {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("a scratch directory for redis");
-        let mut redis = Self { child: None, port: free_port(), dir };
+        let mut redis = Self { child: None, port: free_port(), dir, tls };
         redis.restart().await;
         redis
     }
 
-    /// `redis://127.0.0.1:PORT`, for `messaging.broker`.
+    /// `redis://127.0.0.1:PORT` (or `rediss://localhost:PORT`), for `messaging.broker`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://localhost:{}", self.port),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -60,8 +76,20 @@ impl Redis {
             .append(true)
             .open(self.dir.join("redis.log"))
             .expect("a redis log file");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]),
+            Some((cert, key, ca)) => command
+                .args(["--bind", "127.0.0.1", "--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "optional"]),
+        };
+        let child = command
             .arg("--dir")
             .arg(&self.dir)
             .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
@@ -71,9 +99,10 @@ impl Redis {
             .spawn()
             .expect("start redis-server (Debian package redis-server; scripts/test installs it)");
         self.child = Some(child);
-        let port = self.port;
-        wait_until(STARTUP, "redis to answer PING", move || async move {
-            (cli_at(port, &["PING"]) == "PONG").then_some(())
+        let (port, tls) = (self.port, self.tls.as_ref().map(|t| t.2.clone()));
+        wait_until(STARTUP, "redis to answer PING", move || {
+            let tls = tls.clone();
+            async move { (cli_at(port, tls.as_deref(), &["PING"]) == "PONG").then_some(()) }
         })
         .await;
     }
@@ -100,13 +129,17 @@ impl Redis {
 
     /// Runs `redis-cli` with `args`; its output, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        cli_at(self.port, args)
+        cli_at(self.port, self.tls.as_ref().map(|t| t.2.as_path()), args)
     }
 }
 
-fn cli_at(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
+fn cli_at(port: u16, ca: Option<&std::path::Path>, args: &[&str]) -> String {
+    let mut command = Command::new("redis-cli");
+    command.args(["-p", &port.to_string()]);
+    if let Some(ca) = ca {
+        command.arg("--tls").arg("--cacert").arg(ca);
+    }
+    let out = command
         .args(args)
         .stderr(Stdio::null())
         .output()

@@ -33,6 +33,10 @@ pub struct Pki {
     pub client_key_file: PathBuf,
     /// A private key that belongs to no certificate here.
     pub stray_key_file: PathBuf,
+    /// The server certificate (for `SERVER_NAME` and `localhost`) and its key, as PEM files,
+    /// for servers the tests start from Debian packages.
+    pub server_cert_file: PathBuf,
+    pub server_key_file: PathBuf,
     ca: CertificateDer<'static>,
     server_chain: Vec<CertificateDer<'static>>,
     server_key: Vec<u8>,
@@ -46,7 +50,8 @@ impl Pki {
         let (other_ca, other_issuer) = new_ca("an unrelated CA");
 
         let server_key = KeyPair::generate().expect("a key");
-        let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()]).expect("params");
+        let names = vec![SERVER_NAME.to_owned(), "localhost".to_owned()];
+        let mut params = CertificateParams::new(names).expect("params");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server = params.signed_by(&server_key, &issuer).expect("the server certificate");
 
@@ -67,6 +72,8 @@ impl Pki {
             client_cert_file: write("client.pem", client.pem()),
             client_key_file: write("client.key", client_key.serialize_pem()),
             stray_key_file: write("stray.key", other_issuer.key().serialize_pem()),
+            server_cert_file: write("server.pem", server.pem()),
+            server_key_file: write("server.key", server_key.serialize_pem()),
             ca: ca_cert.der().clone(),
             server_chain: vec![server.der().clone()],
             server_key: server_key.serialize_der(),

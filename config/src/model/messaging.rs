@@ -2,7 +2,7 @@
 //! delivered to the app. Subscriptions need `service.app` (checked in `validate`); their
 //! retries share `Backoff` with HTTP but default slower.
 
-use super::Backoff;
+use super::{Backoff, Tls};
 use crate::types::{Broker, Duration, QueueName};
 use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -22,6 +22,10 @@ pub struct Messaging {
     pub dedup_window: Duration,
     pub dead_letter_retention: Retention,
     pub subscriptions: Vec<Subscription>,
+    /// `rediss://`: whom to trust and an optional client certificate; `None`: the system's
+    /// roots and no client certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
 
 /// How many dead letters are kept, and for how long; the oldest go first.
@@ -177,6 +181,7 @@ impl Default for Messaging {
             dedup_window: Duration::from_secs(3600),
             dead_letter_retention: Retention::default(),
             subscriptions: Vec::new(),
+            tls: None,
         }
     }
 }

@@ -13,6 +13,18 @@ impl Checks {
             "messaging.dead_letter_retention.max_age",
             messaging.dead_letter_retention.max_age,
         );
+        if let Some(tls) = &messaging.tls {
+            self.tls("messaging.tls", tls);
+            let rediss = matches!(&messaging.broker, crate::types::Broker::Redis(url) if url.tls());
+            if !rediss {
+                let expected = Some("broker: rediss://HOST:PORT, or no tls section");
+                self.push("messaging.tls", "applies to a rediss:// broker only", expected);
+            }
+            if tls.server_name.is_some() {
+                let expected = Some("the host of the rediss:// URL is the name verified");
+                self.push("messaging.tls.server_name", "is not used for the broker", expected);
+            }
+        }
         if !messaging.subscriptions.is_empty() && !has_app {
             let expected = Some("service.app.url, e.g. http://127.0.0.1:8080");
             self.push("messaging.subscriptions", "need service.app to deliver to", expected)

@@ -67,7 +67,7 @@ impl Checks {
     }
 
     /// The names and pairs; the files themselves are read at startup (`proxy::http::tls`).
-    fn tls(&mut self, path: &str, tls: &Tls) {
+    pub(super) fn tls(&mut self, path: &str, tls: &Tls) {
         if let Some(name) = tls.server_name.as_deref()
             && !is_host(name)
         {

@@ -72,6 +72,7 @@ impl Messaging {
             config::Broker::Embedded => None,
             config::Broker::Redis(url) => Some(Redis::new(
                 url.as_str(),
+                cfg.tls.as_ref(),
                 service,
                 cfg.claim_idle.get(),
                 cfg.dedup_window.get(),

@@ -331,3 +331,30 @@ async fn a_soak_with_random_failures_reconciles_exactly_on_redis() {
 async fn a_soak_with_random_failures_reconciles_exactly_on_the_embedded_broker() {
     soak(None).await;
 }
+
+#[tokio::test]
+async fn rediss_carries_messages_over_tls_with_the_configured_ca() {
+    let pki = outrigger_tests::Pki::new();
+    let redis = Redis::start_tls(&pki).await;
+    let app = Upstream::status(200).await;
+    let tls = format!("  tls: {{ ca_file: \"{}\" }}\n", pki.ca_file.display());
+    let yaml =
+        config("shop", &redis, &app, "").replace("messaging:\n", &format!("messaging:\n{tls}"));
+    let sidecar = Sidecar::start(&yaml).await;
+    let id = publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    assert_eq!(header(&deliveries(&app, 1).await[0], "outrigger-message-id"), id);
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}"]), "1");
+
+    // trusting another CA: the handshake fails, publishes wait in the outbox, degraded
+    let wrong = format!("  tls: {{ ca_file: \"{}\" }}\n", pki.other_ca_file.display());
+    let yaml =
+        config("shop", &redis, &app, "").replace("messaging:\n", &format!("messaging:\n{wrong}"));
+    let untrusting = Sidecar::start(&yaml).await;
+    publish(&untrusting, "orders", r#"{"n":2}"#, &[]).await;
+    wait_until(DEADLINE, "the broker degraded for an untrusted certificate", || async {
+        (broker_check(&untrusting).await == "degraded").then_some(())
+    })
+    .await;
+    assert_eq!(metric(&untrusting, "outrigger_outbox_pending").await, Some(1.0));
+}

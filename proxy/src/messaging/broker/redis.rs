@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use outrigger_config as config;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
@@ -169,16 +170,24 @@ fn store_error(error: redis::RedisError) -> BrokerError {
 }
 
 impl Redis {
-    /// A broker on `url` for consumer group `group`.
+    /// A broker on `url` for consumer group `group`; `rediss://` with `tls` (a CA bundle and
+    /// an optional client certificate) or the system's roots.
     pub fn new(
         url: &str,
+        tls: Option<&config::Tls>,
         group: &str,
         claim_idle: Duration,
         dedup_window: Duration,
     ) -> Result<Self, ConnectError> {
-        let client = redis::Client::open(url).map_err(|e| ConnectError(e.to_string()))?;
+        let client = match tls {
+            Some(tls) if url.starts_with("rediss://") => {
+                redis::Client::build_with_tls(url, certificates(tls)?)
+            }
+            _ => redis::Client::open(url),
+        }
+        .map_err(|e| ConnectError(e.to_string()))?;
         let commands = client
-            .get_connection_manager_lazy(config(Some(COMMAND_TIMEOUT)))
+            .get_connection_manager_lazy(manager_config(Some(COMMAND_TIMEOUT)))
             .map_err(|e| ConnectError(e.to_string()))?;
         Ok(Redis {
             inner: Arc::new(Inner {
@@ -285,7 +294,7 @@ impl Redis {
         let conn = self
             .inner
             .client
-            .get_connection_manager_lazy(config(Some(COMMAND_TIMEOUT + READ_BLOCK)))
+            .get_connection_manager_lazy(manager_config(Some(COMMAND_TIMEOUT + READ_BLOCK)))
             .map_err(store_error)?;
         readers.insert(queue.into(), conn.clone());
         Ok(conn)
@@ -332,7 +341,25 @@ impl Redis {
     }
 }
 
-fn config(response_timeout: Option<Duration>) -> ConnectionManagerConfig {
+/// The files of `messaging.tls`, read at startup: a missing or unreadable one stops the start
+/// with its path.
+fn certificates(tls: &config::Tls) -> Result<redis::TlsCertificates, ConnectError> {
+    let read = |field: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| ConnectError(format!("tls.{field} {}: {e}", path.display())))
+    };
+    let root_cert = tls.ca_file.as_deref().map(|p| read("ca_file", p)).transpose()?;
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("cert_file", cert)?,
+            client_key: read("key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(redis::TlsCertificates { client_tls, root_cert })
+}
+
+fn manager_config(response_timeout: Option<Duration>) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(COMMAND_TIMEOUT))
         .set_response_timeout(response_timeout)
