@@ -51,6 +51,14 @@ pub struct Messaging {
     relay_status: Arc<relay::Status>,
 }
 
+/// `dead_letter_retention` in the brokers' units.
+fn retention(cfg: &config::Messaging) -> embedded::Retention {
+    embedded::Retention {
+        max_messages: cfg.dead_letter_retention.max_messages,
+        max_age_ms: cfg.dead_letter_retention.max_age.get().as_millis() as u64,
+    }
+}
+
 /// Why messaging could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -76,15 +84,13 @@ impl Messaging {
                 service,
                 cfg.claim_idle.get(),
                 cfg.dedup_window.get(),
+                retention(cfg),
             )?),
         };
         let messaging = Arc::new(Messaging {
             data_dir: cfg.data_dir.clone(),
             dedup_window: cfg.dedup_window.get(),
-            retention: embedded::Retention {
-                max_messages: cfg.dead_letter_retention.max_messages,
-                max_age_ms: cfg.dead_letter_retention.max_age.get().as_millis() as u64,
-            },
+            retention: retention(cfg),
             store: OnceCell::new(),
             metrics: metrics.clone(),
             pending: metrics.outbox_pending(),

@@ -358,3 +358,23 @@ async fn rediss_carries_messages_over_tls_with_the_configured_ca() {
     .await;
     assert_eq!(metric(&untrusting, "outrigger_outbox_pending").await, Some(1.0));
 }
+
+#[tokio::test]
+async fn dead_letter_retention_keeps_the_newest_on_redis() {
+    let redis = Redis::start().await;
+    let app = Upstream::status(400).await;
+    let yaml = config("shop", &redis, &app, "")
+        .replace("messaging:\n", "messaging:\n  dead_letter_retention: { max_messages: 3 }\n");
+    let sidecar = Sidecar::start(&yaml).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_metric(&sidecar, DEAD, 5.0).await;
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "3");
+    assert_eq!(redis.cli(&["HLEN", "outrigger:{orders_deadletter}:ids"]), "3", "the index follows");
+    let (status, body) = sidecar.admin(&format!("/v1/dlq/orders_deadletter/{}", ids[0])).await;
+    assert_eq!(status, 404, "the oldest went: {body}");
+    let (status, _) = sidecar.admin(&format!("/v1/dlq/orders_deadletter/{}", ids[4])).await;
+    assert_eq!(status, 200, "the newest stays");
+}

@@ -30,8 +30,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
 
+use super::embedded::Retention;
 use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, Read, UnixMillis};
-use crate::messaging::envelope::{Envelope, MessageId};
+use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
 /// Every command but a blocking read answers within this, or fails (and is retried later).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -58,10 +59,28 @@ for _, member in ipairs(due) do
 end
 return #due";
 
-/// Appends a dead letter and indexes it by message id.
+/// Appends a dead letter and indexes it by message id (the same message dead-lettered again
+/// keeps one entry), then applies the retention: past ARGV[3] entries the oldest go, and those
+/// dead-lettered at or before Unix ms ARGV[4]; at most 64 of each per call.
 const DEAD_LETTER: &str = r"
-local entry = redis.call('XADD', KEYS[1], '*', 'envelope', ARGV[1])
+local previous = redis.call('HGET', KEYS[2], ARGV[2])
+if previous then redis.call('XDEL', KEYS[1], previous) end
+local entry = redis.call('XADD', KEYS[1], '*', 'envelope', ARGV[1], 'id', ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], entry)
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[3])
+local lists = { redis.call('XRANGE', KEYS[1], '-', ARGV[4], 'COUNT', 64) }
+if excess > 0 then
+  table.insert(lists, redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', math.min(excess, 64)))
+end
+for _, list in ipairs(lists) do
+  for _, e in ipairs(list) do
+    local fields = e[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'id' then redis.call('HDEL', KEYS[2], fields[i + 1]) end
+    end
+    redis.call('XDEL', KEYS[1], e[1])
+  end
+end
 return entry";
 
 /// Removes one dead letter by message id; 1 when there was one.
@@ -123,6 +142,7 @@ struct Inner {
     group: String,
     claim_idle: Duration,
     dedup_window: Duration,
+    retention: Retention,
     /// What this consumer holds: message id -> (stream key, entry id).
     leases: Mutex<HashMap<u128, Lease>>,
     /// One connection per queue for blocking reads.
@@ -178,6 +198,7 @@ impl Redis {
         group: &str,
         claim_idle: Duration,
         dedup_window: Duration,
+        retention: Retention,
     ) -> Result<Self, ConnectError> {
         let client = match tls {
             Some(tls) if url.starts_with("rediss://") => {
@@ -196,6 +217,7 @@ impl Redis {
                 group: group.to_owned(),
                 claim_idle,
                 dedup_window,
+                retention,
                 leases: Mutex::new(HashMap::new()),
                 readers: Mutex::new(HashMap::new()),
                 groups: Mutex::new(HashSet::new()),
@@ -543,6 +565,8 @@ impl Broker for Redis {
             .arg(format!("{dlq}:ids"))
             .arg(envelope.to_json())
             .arg(envelope.id.to_string())
+            .arg(self.inner.retention.max_messages)
+            .arg(unix_millis(SystemTime::now()).saturating_sub(self.inner.retention.max_age_ms))
             .ignore();
         // the dead letter and the acknowledgement of its original, in one MULTI
         let lease = self.take_lease(envelope.id);
