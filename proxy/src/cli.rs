@@ -8,6 +8,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
+use crate::error::chain;
+
 /// What `outrigger dlq` was asked to do.
 #[derive(Debug, Clone)]
 pub enum DlqCommand {
@@ -78,16 +80,6 @@ async fn call(
         return Err(format!("{}: {reason}", status.as_u16()));
     }
     Ok(answer)
-}
-
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 /// A page as a table: one line per dead letter, newest first.

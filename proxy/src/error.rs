@@ -59,6 +59,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// little, the reason (a refused port, an unknown certificate issuer) is further down.
 struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 
+/// An error and its sources as one line, `a: b: c`.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    Chain(error).to_string()
+}
+
 impl std::fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)?;

@@ -12,6 +12,7 @@ use http::header::{CONTENT_TYPE, HeaderName, RETRY_AFTER};
 use http::{HeaderMap, Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 
+use crate::error::chain;
 use crate::http::Body;
 use crate::http::forward::UpstreamClient;
 use crate::messaging::envelope::{Envelope, ErrorRecord, rfc3339};
@@ -189,17 +190,6 @@ fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     text[..end].trim_end()
-}
-
-/// An error and its sources: hyper's own message says little, the reason is further down.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
