@@ -377,6 +377,16 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "ordered needs at_least_once",
+            app(concat!(
+                "messaging:\n  subscriptions:\n",
+                "    - { queue: orders, path: /a, ordered: true, delivery: at_most_once }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:43: messaging.subscriptions[0].ordered: cannot keep order with at_most_once (a message is gone before it is delivered) (expected ordered: true with delivery: at_least_once)",
+            ],
+        ),
+        (
             "max_headers >= 1",
             s("outbound: { limits: { max_headers: 0 } }\n"),
             vec![

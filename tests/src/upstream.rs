@@ -136,6 +136,17 @@ impl Upstream {
         up
     }
 
+    /// Answers with `replies` from now on (counting from the next request), then repeats the
+    /// last one.
+    pub fn set_script(&self, replies: impl IntoIterator<Item = Reply>) {
+        let mut state = self.state.lock().unwrap();
+        let done = state.seen.len();
+        let script: Vec<Reply> = replies.into_iter().collect();
+        assert!(!script.is_empty(), "a script needs at least one reply");
+        // the script is indexed by request number: what came before keeps its place
+        state.script = std::iter::repeat_n(script[0].clone(), done).chain(script).collect();
+    }
+
     /// What `GET /healthz` answers from now on.
     pub fn set_health(&self, status: u16) {
         self.state.lock().unwrap().health = Some(status);

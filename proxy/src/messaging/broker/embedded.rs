@@ -42,6 +42,12 @@ const DEDUP: TableDefinition<'_, (&str, &str), (u128, u64)> = TableDefinition::n
 const DEDUP_EXPIRY: TableDefinition<'_, (u64, &str, &str), ()> =
     TableDefinition::new("dedup_expiry");
 
+/// Messages leased to a consumer, by (queue, id).
+type Leases = HashSet<(Box<str>, u128)>;
+
+/// How long a message whose settling write failed waits before it is read again.
+const RETRY_FAILED_WRITE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Requests applied in one transaction at most: bounds a commit's size and its callers' wait.
 pub const MAX_BATCH: usize = 512;
 /// Expired dedup keys removed per commit at most, so sweeping never makes a commit slow.
@@ -61,7 +67,7 @@ struct Inner {
     writes: mpsc::Sender<Command>,
     /// Messages leased to a consumer: not read again until acked, parked or dead-lettered.
     /// In memory on purpose: after a restart every unacknowledged message is due again.
-    leases: Mutex<HashSet<(Box<str>, u128)>>,
+    leases: Mutex<Leases>,
     commits: Arc<AtomicU64>,
     pending: IntGauge,
 }
@@ -168,11 +174,9 @@ impl Embedded {
     /// queue, oldest first per queue, leased until [`Embedded::forget`] or
     /// [`Embedded::release_all`].
     pub async fn relay_batch(&self, max: usize) -> Result<Vec<Envelope>, BrokerError> {
-        let this = self.clone();
-        self.read_with(move |txn| {
+        self.read_leased(move |txn, leases| {
             let messages = txn.open_table(MESSAGES)?;
             let due = txn.open_table(DUE)?;
-            let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
             let mut found = Vec::new();
             for entry in due.iter()? {
                 if found.len() >= max {
@@ -247,6 +251,43 @@ impl Embedded {
         .map_err(store_error)
     }
 
+    /// Like `read_with`, with the lease set locked BEFORE the read transaction begins: a
+    /// settle that commits after this snapshot is still leased when the snapshot is read
+    /// (its release waits for the lock), so a stale copy is never handed out.
+    async fn read_leased<T, F>(&self, read: F) -> Result<T, BrokerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::ReadTransaction, &mut Leases) -> Result<T, redb::Error> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let txn = this.inner.db.begin_read()?;
+            read(&txn, &mut leases)
+        })
+        .await
+        .map_err(|e| BrokerError::Store(e.to_string()))?
+        .map_err(store_error)
+    }
+
+    /// After a write that failed: the message is read again, but only after
+    /// [`RETRY_FAILED_WRITE`], so a store that refuses writes does not make its consumer
+    /// deliver the same message in a tight loop.
+    fn release_later(&self, queue: &str, id: MessageId) {
+        let (this, queue) = (self.clone(), queue.to_owned());
+        tokio::spawn(async move {
+            tokio::time::sleep(RETRY_FAILED_WRITE).await;
+            this.release(&queue, id);
+        });
+    }
+
+    fn settled(&self, queue: &str, id: MessageId, result: &Result<Reply, BrokerError>) {
+        match result {
+            Ok(_) => self.release(queue, id),
+            Err(_) => self.release_later(queue, id),
+        }
+    }
+
     fn release(&self, queue: &str, id: MessageId) {
         let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
         leases.remove(&(Box::from(queue), id.as_u128()));
@@ -308,16 +349,14 @@ impl Broker for Embedded {
         consumer: &str,
         Read { max, now, ordered, wait: _ }: Read,
     ) -> Result<Vec<Leased>, BrokerError> {
-        let (queue, this) = (queue.to_owned(), self.clone());
+        let queue = queue.to_owned();
         tracing::trace!(%queue, consumer, max, ordered, "reading due messages");
-        self.read_with(move |txn| {
+        self.read_leased(move |txn, leases| {
             let messages = txn.open_table(MESSAGES)?;
             let state = txn.open_table(STATE)?;
             let mut found = Vec::new();
             // ordering keys held by an earlier message (leased, parked, or taken just now)
             let mut held: HashSet<String> = HashSet::new();
-            // the lock is taken inside the blocking task, never across an await
-            let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
             let q = queue.as_str();
             if !ordered {
                 // what is due, soonest first; at most `concurrency` leased ones are skipped
@@ -388,8 +427,8 @@ impl Broker for Embedded {
 
     async fn ack(&self, queue: &str, id: MessageId) -> Result<(), BrokerError> {
         let result = self.write(Op::Ack(vec![(queue.to_owned(), id)])).await;
-        // released even on failure: read again, the consumer acknowledges it again
-        self.release(queue, id);
+        // on failure it is read again (later) and the consumer acknowledges it again
+        self.settled(queue, id, &result);
         result.map(drop)
     }
 
@@ -401,8 +440,8 @@ impl Broker for Embedded {
     ) -> Result<(), BrokerError> {
         let (queue, id) = (envelope.queue.clone(), envelope.id);
         let result = self.write(Op::Park { envelope, attempts, until }).await;
-        // released even on failure: the stored copy is due again and will be retried
-        self.release(&queue, id);
+        // on failure the stored copy is due again, after a pause
+        self.settled(&queue, id, &result);
         result.map(drop)
     }
 
@@ -414,7 +453,7 @@ impl Broker for Embedded {
         let (queue, id) = (envelope.queue.clone(), envelope.id);
         let op = Op::DeadLetter { envelope, dead_letter_queue: dead_letter_queue.to_owned() };
         let result = self.write(op).await;
-        self.release(&queue, id);
+        self.settled(&queue, id, &result);
         result.map(drop)
     }
 

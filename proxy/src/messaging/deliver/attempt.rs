@@ -73,19 +73,23 @@ pub(crate) async fn post(
     let attempt = async {
         let res = client.request(req).await.map_err(|e| chain(&e))?;
         let (parts, mut body) = res.into_parts();
-        // only the start matters for the error record; a 2xx's body is not read at all
+        // the start is kept for an error record; a 2xx's body is read and dropped, so the
+        // connection goes back to the pool (past the limit, it is closed instead)
+        let keep = !parts.status.is_success();
         let mut start = BytesMut::new();
-        if !parts.status.is_success() {
-            while start.len() < MAX_ANSWER_BYTES {
-                match body.frame().await {
-                    Some(Ok(frame)) => {
-                        if let Some(data) = frame.data_ref() {
+        let mut read = 0;
+        while read < MAX_ANSWER_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        read += data.len();
+                        if keep {
                             start.extend_from_slice(data);
                         }
                     }
-                    Some(Err(e)) => return Err(chain(&e)),
-                    None => break,
                 }
+                Some(Err(e)) if keep => return Err(chain(&e)),
+                Some(Err(_)) | None => break,
             }
         }
         Ok(Answer::Status { status: parts.status, headers: parts.headers, body: start.freeze() })
@@ -101,8 +105,6 @@ pub(crate) async fn post(
 fn request(uri: &Uri, d: Delivery<'_>) -> Request<Body> {
     let envelope = d.envelope;
     let id = envelope.id.to_string();
-    // a key given at publish, else the id: a handler can always deduplicate on this header
-    let key = envelope.metadata.get("idempotency_key").and_then(|v| v.as_str()).unwrap_or(&id);
     let mut req = Request::post(uri.clone())
         .header(CONTENT_TYPE, "application/json")
         .header("user-agent", "outrigger-delivery")
@@ -110,19 +112,21 @@ fn request(uri: &Uri, d: Delivery<'_>) -> Request<Body> {
         .header("outrigger-queue", &envelope.queue)
         .header("outrigger-attempt", d.attempt)
         .header("outrigger-max-attempts", d.max_attempts)
-        .header("idempotency-key", key);
-    if let Some(traceparent) = envelope.metadata.get("traceparent").and_then(|v| v.as_str()) {
-        req = req.header("traceparent", traceparent);
+        .body(Body::full(envelope.to_json()))
+        .expect("a POST with a valid URI, an id and a validated queue name");
+    let text = |key: &str| envelope.metadata.get(key).and_then(|v| v.as_str());
+    // a key given at publish, else the id: a handler can always deduplicate on this header
+    let optional = [
+        ("idempotency-key", Some(text("idempotency_key").unwrap_or(&id))),
+        ("traceparent", text("traceparent")),
+    ];
+    for (name, value) in optional {
+        // publish checked these as visible ASCII; one that is not anyway is left out
+        if let Some(value) = value.and_then(|v| http::HeaderValue::from_str(v).ok()) {
+            req.headers_mut().insert(name, value);
+        }
     }
-    req.body(Body::full(envelope.to_json())).unwrap_or_else(|_| {
-        // only a stored value that is not a valid header can fail: send without the extras
-        tracing::warn!(id = %envelope.id, "a stored header value is invalid; delivering without it");
-        Request::post(uri.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("outrigger-message-id", &id)
-            .body(Body::full(envelope.to_json()))
-            .expect("a request with a valid URI and plain headers")
-    })
+    req
 }
 
 /// Judges an attempt, at `now` (the error record's date and an HTTP-date `Retry-After`).

@@ -247,7 +247,8 @@ impl<B: Broker + Clone> Subscriber<B> {
             let idle = leased.len() < admissions.len();
             let mut admissions = admissions.into_iter();
             let mut leased = leased.into_iter();
-            for (leased, permit) in leased.by_ref().zip(permits) {
+            // permits first: zip stops at the first exhausted side without taking from the other
+            for (permit, leased) in permits.into_iter().zip(leased.by_ref()) {
                 if let Some(pacer) = &mut pacer {
                     pacer.take(Instant::now());
                 }
@@ -294,7 +295,15 @@ impl<B: Broker + Clone> Subscriber<B> {
                 ordered: self.cfg.ordered,
                 wait: n + 1 == order.len() && leased.is_empty(),
             };
-            leased.extend(self.broker.read(&lane.queue, &self.consumer, read).await?);
+            match self.broker.read(&lane.queue, &self.consumer, read).await {
+                Ok(more) => leased.extend(more),
+                Err(error) if leased.is_empty() => return Err(error),
+                // what earlier lanes handed out is delivered; this lane is read next time
+                Err(error) => {
+                    tracing::warn!(queue = %lane.queue, %error, "reading a lane failed");
+                    break;
+                }
+            }
         }
         Ok(leased)
     }

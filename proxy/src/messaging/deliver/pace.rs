@@ -26,9 +26,12 @@ impl Pacer {
         self.next
     }
 
-    /// A delivery started at `now` (not before [`Pacer::next`]).
+    /// A delivery started at `now` (not before [`Pacer::next`]). The cadence is kept from
+    /// the slot it was due in, so the time spent reading does not slow the pace; after an idle
+    /// spell longer than one interval, the pace starts again from `now` (no burst is banked).
     pub fn take(&mut self, now: Instant) {
-        self.next = self.next.max(now) + self.interval;
+        let from = if now < self.next + self.interval { self.next } else { now };
+        self.next = from + self.interval;
     }
 }
 
@@ -95,6 +98,18 @@ mod tests {
         }
         let ms = |n| Duration::from_millis(n);
         assert_eq!(starts, [ms(0), ms(250), ms(500), ms(750), ms(1000), ms(1250)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_spent_reading_does_not_slow_the_pace() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(10, Duration::from_secs(1), start);
+        for n in 1..=5u32 {
+            tokio::time::sleep_until(pacer.next()).await;
+            tokio::time::advance(Duration::from_millis(30)).await; // a read takes 30 ms
+            pacer.take(Instant::now());
+            assert_eq!(pacer.next() - start, Duration::from_millis(100) * n);
+        }
     }
 
     #[tokio::test(start_paused = true)]
