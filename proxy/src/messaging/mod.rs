@@ -222,8 +222,20 @@ impl Messaging {
         Ok(replayed)
     }
 
-    /// Each queue's depth; empty while the store is not open (nothing was ever published).
+    /// Each queue's depth: the embedded store's queues; with Redis, each subscribed lane as
+    /// this service's group sees it, and its dead-letter queue (the outbox is
+    /// `outrigger_outbox_pending`). Empty while the embedded store was never opened.
     pub async fn depths(&self) -> Result<Vec<QueueDepth>, broker::BrokerError> {
+        if let Some(redis) = &self.remote {
+            let mut depths = Vec::new();
+            for sub in &self.subscriptions {
+                for lane in sub.lanes() {
+                    let dlq = sub.dead_letter_queue_of(&lane);
+                    depths.extend(redis.depth(lane.as_str(), dlq.as_str()).await?);
+                }
+            }
+            return Ok(depths);
+        }
         match self.store.get() {
             Some(store) => store.depths().await,
             None => Ok(Vec::new()),

@@ -378,3 +378,26 @@ async fn dead_letter_retention_keeps_the_newest_on_redis() {
     let (status, _) = sidecar.admin(&format!("/v1/dlq/orders_deadletter/{}", ids[4])).await;
     assert_eq!(status, 200, "the newest stays");
 }
+
+#[tokio::test]
+async fn queue_and_dead_letter_gauges_read_redis() {
+    let redis = Redis::start().await;
+    let app = Upstream::health_checked(400, 503).await;
+    let yaml = config("shop", &redis, &app, "").replace(
+        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
+        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
+    );
+    let sidecar = Sidecar::start_unready(&yaml).await;
+    for n in 0..4 {
+        publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
+    }
+    let depth = r#"outrigger_queue_depth{queue="orders"}"#;
+    wait_metric(&sidecar, depth, 4.0).await;
+    let age = r#"outrigger_queue_oldest_age_seconds{queue="orders"}"#;
+    assert!(metric(&sidecar, age).await.is_some_and(|s| (0.0..60.0).contains(&s)));
+
+    app.set_health(200); // the handler answers 400: every message is dead-lettered
+    wait_metric(&sidecar, DEAD, 4.0).await;
+    wait_metric(&sidecar, r#"outrigger_deadletter_depth{queue="orders_deadletter"}"#, 4.0).await;
+    assert_eq!(metric(&sidecar, depth).await, None, "nothing waits any more");
+}

@@ -30,7 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
 
-use super::embedded::Retention;
+use super::embedded::{QueueDepth, Retention};
 use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
@@ -128,6 +128,45 @@ for _, group in ipairs(groups) do
   if floor == nil or less(keep, floor) then floor = keep end
 end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)";
+
+/// One queue as a consumer group sees it: KEYS the stream, the group's delayed set and retry
+/// stream, the dead-letter stream; ARGV the group. Returns {depth, oldest ms or -1,
+/// dead letters, oldest dead letter ms or -1}. Times are stream entry times (when relayed or
+/// dead-lettered).
+const DEPTH: &str = r"
+local function ms(id) return tonumber(string.match(id, '^(%d+)')) end
+local depth, oldest = 0, -1
+local function older(m) if m and (oldest < 0 or m < oldest) then oldest = m end end
+local found = false
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, g in ipairs(groups) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == ARGV[1] then
+      found = true
+      local pending = f['pending'] or 0
+      depth = depth + pending
+      if pending > 0 then older(ms(redis.call('XPENDING', KEYS[1], ARGV[1])[2])) end
+      local nxt = redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+', 'COUNT', 1)
+      if #nxt > 0 then
+        older(ms(nxt[1][1]))
+        if type(f['lag']) == 'number' then depth = depth + f['lag'] else depth = depth + 1 end
+      end
+    end
+  end
+end
+if not found and ok then
+  -- the group is made at its first read, from the stream's start: all of it waits for it
+  depth = redis.call('XLEN', KEYS[1])
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #first > 0 then older(ms(first[1][1])) end
+end
+depth = depth + redis.call('ZCARD', KEYS[2]) + redis.call('XLEN', KEYS[3])
+local dead = redis.call('XLEN', KEYS[4])
+local dead_oldest = -1
+if dead > 0 then dead_oldest = ms(redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)[1][1]) end
+return {depth, oldest, dead, dead_oldest}";
 
 /// The Redis broker; cheap to clone.
 #[derive(Clone)]
@@ -257,6 +296,41 @@ impl Redis {
             .query_async(&mut conn)
             .await
             .map_err(store_error)
+    }
+
+    /// `queue` as this service's consumer group sees it (what waits, including retries), and
+    /// its dead-letter queue `dlq`.
+    pub async fn depth(&self, queue: &str, dlq: &str) -> Result<[QueueDepth; 2], BrokerError> {
+        let group = &self.inner.group;
+        let mut conn = self.inner.commands.clone();
+        let [depth, oldest, dead, dead_oldest]: [i64; 4] = redis::cmd("EVAL")
+            .arg(DEPTH)
+            .arg(4)
+            .arg(stream(queue))
+            .arg(delayed(queue, group))
+            .arg(retries(queue, group))
+            .arg(stream(dlq))
+            .arg(group)
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let at = |ms: i64| u64::try_from(ms).ok();
+        Ok([
+            QueueDepth {
+                queue: queue.to_owned(),
+                messages: depth.max(0) as u64,
+                dead_letters: 0,
+                oldest_published_ms: at(oldest),
+                oldest_dead_letter_ms: None,
+            },
+            QueueDepth {
+                queue: dlq.to_owned(),
+                messages: 0,
+                dead_letters: dead.max(0) as u64,
+                oldest_published_ms: None,
+                oldest_dead_letter_ms: at(dead_oldest),
+            },
+        ])
     }
 
     /// Answers PING: the broker's health, for readiness.
