@@ -360,16 +360,6 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
-            "ordered is refused on redis until it is built",
-            app(concat!(
-                "messaging:\n  broker: redis://127.0.0.1:6379\n  subscriptions:\n",
-                "    - { queue: orders, path: /a, ordered: true }\n",
-            )),
-            vec![
-                "outrigger.yaml:5:43: messaging.subscriptions[0].ordered: is not supported with a redis broker yet (expected ordered: false, or broker: embedded (ordering on Redis is not built yet))",
-            ],
-        ),
-        (
             "messaging.tls needs a rediss:// broker",
             s("messaging:\n  broker: redis://127.0.0.1:6379\n  tls: { ca_file: ca.pem }\n"),
             vec![

@@ -67,16 +67,6 @@ impl Checks {
                 let message = "cannot keep order with at_most_once (a message is gone before it is delivered)";
                 self.push(format!("{path}.ordered"), message, expected);
             }
-            if sub.ordered && matches!(messaging.broker, crate::types::Broker::Redis(_)) {
-                let expected = Some(
-                    "ordered: false, or broker: embedded (ordering on Redis is not built yet)",
-                );
-                self.push(
-                    format!("{path}.ordered"),
-                    "is not supported with a redis broker yet",
-                    expected,
-                );
-            }
         }
     }
 }

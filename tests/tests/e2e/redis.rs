@@ -401,3 +401,82 @@ async fn queue_and_dead_letter_gauges_read_redis() {
     wait_metric(&sidecar, r#"outrigger_deadletter_depth{queue="orders_deadletter"}"#, 4.0).await;
     assert_eq!(metric(&sidecar, depth).await, None, "nothing waits any more");
 }
+
+/// Waits until group `group` consumes `orders` in order (its first read registered it).
+async fn ordered_group(redis: &Redis, group: &str) {
+    wait_until(DEADLINE, "the ordered group to be registered", || async {
+        let members = redis.cli(&["SMEMBERS", "outrigger:{orders}:ordered"]);
+        members.lines().any(|m| m == group).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn per_key_order_holds_across_two_replicas_with_a_randomly_slow_app() {
+    let redis = Redis::start().await;
+    let script = |seed: u64| {
+        (0..60).map(move |i| {
+            Reply::Delayed(std::time::Duration::from_millis(((i * 37 + seed) % 5) * 10), 200)
+        })
+    };
+    let (app_a, app_b) = (Upstream::scripted(script(0)).await, Upstream::scripted(script(3)).await);
+    let ordered = ", ordered: true, concurrency: 8";
+    let a = Sidecar::start(&config("shop", &redis, &app_a, ordered)).await;
+    let _b = Sidecar::start(&config("shop", &redis, &app_b, ordered)).await;
+    ordered_group(&redis, "shop").await;
+    let keys = ["a", "b", "c"];
+    for n in 0..10 {
+        for key in keys {
+            let body = format!(r#"{{"key":"{key}","n":{n}}}"#);
+            publish(&a, "orders", &body, &[("outrigger-ordering-key", key)]).await;
+        }
+    }
+
+    let mut seen = wait_until(DEADLINE, "30 deliveries across both replicas", || async {
+        let mut seen = app_a.seen();
+        seen.extend(app_b.seen());
+        (seen.len() >= 30).then_some(seen)
+    })
+    .await;
+    seen.sort_by_key(|s| s.at);
+    let mut order: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    for delivery in &seen {
+        let payload = &envelope(delivery)["payload"];
+        order
+            .entry(payload["key"].as_str().unwrap().into())
+            .or_default()
+            .push(payload["n"].as_u64().unwrap());
+    }
+    for key in keys {
+        assert_eq!(order[key], (0..10).collect::<Vec<_>>(), "key {key} in publish order");
+    }
+    assert_eq!(seen.len(), 30, "each once");
+    assert!(!app_a.seen().is_empty() && !app_b.seen().is_empty(), "both replicas worked");
+}
+
+#[tokio::test]
+async fn on_redis_an_ordering_key_waits_while_its_head_is_retried() {
+    let redis = Redis::start().await;
+    let app = Upstream::scripted([Reply::Status(503), Reply::Status(200)]).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, ", ordered: true")).await;
+    ordered_group(&redis, "shop").await;
+    let first = publish(&sidecar, "orders", r#"{"n":0}"#, &[("outrigger-ordering-key", "k")]).await;
+    let second =
+        publish(&sidecar, "orders", r#"{"n":1}"#, &[("outrigger-ordering-key", "k")]).await;
+    let other = publish(&sidecar, "orders", r#"{"n":2}"#, &[("outrigger-ordering-key", "z")]).await;
+
+    let seen = deliveries(&app, 4).await;
+    wait_metric(&sidecar, ACKED, 3.0).await;
+    let ids: Vec<&str> = seen.iter().map(|s| header(s, "outrigger-message-id")).collect();
+    let position = |id: &str| ids.iter().position(|i| *i == id).unwrap();
+    assert_eq!(ids.iter().filter(|i| **i == first).count(), 2, "the head was retried: {ids:?}");
+    assert!(
+        ids.iter().rposition(|i| *i == first).unwrap() < position(&second),
+        "k waited: {ids:?}"
+    );
+    assert!(position(&other) < position(&second), "another key did not wait: {ids:?}");
+    wait_until(DEADLINE, "the order lists to empty", || async {
+        (redis.cli(&["EXISTS", "outrigger:{orders}:order:shop:k"]) == "0").then_some(())
+    })
+    .await;
+}

@@ -42,11 +42,49 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 const PROMOTE_PER_READ: usize = 100;
 
 /// Appends an envelope unless its id was relayed within the window.
+/// With an ordering key (ARGV[3]), the id is also appended to the key's order list of every
+/// group that consumes the queue in order (the set KEYS[3]): that list, not the moment a
+/// replica happens to read it, decides which message of the key goes next.
 const RELAY: &str = r"
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], '*', 'envelope', ARGV[2], 'attempts', '0')
+  local entry = redis.call('XADD', KEYS[2], '*', 'envelope', ARGV[2], 'attempts', '0')
+  if ARGV[3] ~= '' then
+    for _, group in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+      redis.call('RPUSH', KEYS[2] .. ':order:' .. group .. ':' .. ARGV[3], ARGV[4])
+    end
+  end
+  return entry
 end
 return false";
+
+/// May this message of an ordered group go now? KEYS the key's order list and waiting list;
+/// ARGV message id, the waiting member (`ID\nATTEMPTS\nENVELOPE`). 1: it is the key's head (or
+/// the list does not know it: no order to keep). 0: an earlier message of the key is not
+/// settled; it waits in the waiting list until that one is.
+const ACQUIRE: &str = r"
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head or head == ARGV[1] or not redis.call('LPOS', KEYS[1], ARGV[1]) then return 1 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 0";
+
+/// A message of an ordered group was settled (acknowledged or dead-lettered): the key's next
+/// message, if it already waits, goes to the group's retry stream. KEYS order list, waiting
+/// list, retry stream; ARGV message id.
+const RELEASE: &str = r"
+if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then redis.call('LPOP', KEYS[1]) end
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head then return 0 end
+for _, member in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  local first = string.find(member, '\n', 1, true)
+  if string.sub(member, 1, first - 1) == head then
+    local second = string.find(member, '\n', first + 1, true)
+    redis.call('XADD', KEYS[3], '*', 'envelope', string.sub(member, second + 1),
+      'attempts', string.sub(member, first + 1, second - 1))
+    redis.call('LREM', KEYS[2], 1, member)
+    return 1
+  end
+end
+return 0";
 
 /// Moves parked messages that are due back to the stream.
 const PROMOTE: &str = r"
@@ -199,10 +237,14 @@ impl std::fmt::Debug for Redis {
 /// Where a leased message is: its stream (the queue's, or the group's retry stream) and entry.
 #[derive(Debug, Clone)]
 struct Lease {
+    queue: String,
     stream: String,
     entry: String,
     /// An entry of the group's own retry stream: deleted once settled.
     retry: bool,
+    /// Read for an ordered subscription, with this ordering key: settling it lets the key's
+    /// next message go.
+    ordering_key: Option<String>,
 }
 
 /// Why the Redis client could not be made (a malformed URL; Redis being down is not an error
@@ -218,6 +260,21 @@ fn stream(queue: &str) -> String {
 /// Group `group`'s parked messages of `queue`, and the stream they return to when due.
 fn delayed(queue: &str, group: &str) -> String {
     format!("outrigger:{{{queue}}}:delayed:{group}")
+}
+
+/// The groups that consume `queue` with `ordered: true`.
+fn ordered_groups(queue: &str) -> String {
+    format!("outrigger:{{{queue}}}:ordered")
+}
+
+/// Group `group`'s order of ordering key `key`: the ids of its unsettled messages, as relayed.
+fn order_list(queue: &str, group: &str, key: &str) -> String {
+    format!("outrigger:{{{queue}}}:order:{group}:{key}")
+}
+
+/// Messages of `key` read by group `group` before their turn.
+fn waiting_list(queue: &str, group: &str, key: &str) -> String {
+    format!("outrigger:{{{queue}}}:waiting:{group}:{key}")
 }
 
 fn retries(queue: &str, group: &str) -> String {
@@ -274,11 +331,14 @@ impl Redis {
             let marker = format!("{}:relayed:{}", stream(&envelope.queue), envelope.id);
             pipe.cmd("EVAL")
                 .arg(RELAY)
-                .arg(2)
+                .arg(3)
                 .arg(marker)
                 .arg(stream(&envelope.queue))
+                .arg(ordered_groups(&envelope.queue))
                 .arg(&window)
                 .arg(envelope.to_json())
+                .arg(envelope.ordering_key().unwrap_or(""))
+                .arg(envelope.id.to_string())
                 .ignore();
         }
         let mut conn = self.inner.commands.clone();
@@ -345,11 +405,16 @@ impl Redis {
         format!("{base}-{host}-{}", std::process::id())
     }
 
-    async fn ensure_group(&self, queue: &str) -> Result<(), BrokerError> {
+    async fn ensure_group(&self, queue: &str, ordered: bool) -> Result<(), BrokerError> {
         if self.inner.groups.lock().unwrap_or_else(|e| e.into_inner()).contains(queue) {
             return Ok(());
         }
         let mut conn = self.inner.commands.clone();
+        if ordered {
+            // from now on the relay keeps this group's order lists
+            let _: () =
+                conn.sadd(ordered_groups(queue), &self.inner.group).await.map_err(store_error)?;
+        }
         // from the stream's start: a service subscribing after messages were published gets them
         for key in [stream(queue), retries(queue, &self.inner.group)] {
             let made: redis::RedisResult<()> = redis::cmd("XGROUP")
@@ -414,7 +479,13 @@ impl Redis {
             let attempts: u32 = field(&entry, "attempts").and_then(|a| a.parse().ok()).unwrap_or(0);
             // a claimed entry was being delivered by a replica that went away: that counts
             let attempts = attempts + u32::from(claimed);
-            let lease = Lease { stream: key.to_owned(), entry: entry.id, retry };
+            let lease = Lease {
+                queue: queue.to_owned(),
+                stream: key.to_owned(),
+                entry: entry.id,
+                retry,
+                ordering_key: None,
+            };
             leases.insert(envelope.id.as_u128(), lease);
             found.push(Leased { envelope, attempts });
         }
@@ -427,12 +498,161 @@ impl Redis {
 }
 
 impl Redis {
+    /// What is there for this consumer: its group's due retries and abandoned messages, then
+    /// new ones (waiting up to [`READ_BLOCK`] for them when `wait` and nothing else was found).
+    async fn read_entries(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: usize,
+        now: UnixMillis,
+        wait: bool,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        let group = &self.inner.group;
+        let (key, retry_key) = (stream(queue), retries(queue, group));
+        let consumer = self.consumer(consumer);
+        let mut conn = self.inner.commands.clone();
+        // this group's parked messages that are due go to its retry stream (any replica may)
+        redis::cmd("EVAL")
+            .arg(PROMOTE)
+            .arg(2)
+            .arg(delayed(queue, group))
+            .arg(&retry_key)
+            .arg(now)
+            .arg(PROMOTE_PER_READ)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(store_error)?;
+        // messages a replica took and never settled (it died): claimed after `claim_idle`
+        let mut found = Vec::new();
+        for stream_key in [&retry_key, &key] {
+            if found.len() >= max {
+                break;
+            }
+            let claim: Value = redis::cmd("XAUTOCLAIM")
+                .arg(stream_key)
+                .arg(group)
+                .arg(&consumer)
+                .arg(self.inner.claim_idle.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(max - found.len())
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.forget_group_if_gone(queue, e))?;
+            let claimed: redis::streams::StreamAutoClaimReply = redis::from_redis_value(claim)
+                .map_err(|e| BrokerError::Store(format!("redis: {e}")))?;
+            found.extend(self.lease(queue, stream_key, claimed.claimed, true));
+        }
+        if found.len() >= max {
+            return Ok(found);
+        }
+        // new messages: the group's retries first, then the queue
+        if wait && found.is_empty() {
+            // nothing yet: wait a moment on both (on a connection of its own: a blocked read
+            // stalls the commands behind it), so a retry released by another replica wakes it
+            // as a new message does; a broker may hand out up to twice `max` here
+            let options = StreamReadOptions::default()
+                .group(group, &consumer)
+                .count(max)
+                .block(READ_BLOCK.as_millis() as usize);
+            let mut reader = self.reader(queue)?;
+            let reply: Option<StreamReadReply> = reader
+                .xread_options(&[&retry_key, &key], &[">", ">"], &options)
+                .await
+                .map_err(|e| self.forget_group_if_gone(queue, e))?;
+            for read in reply.map(|r| r.keys).unwrap_or_default() {
+                found.extend(self.lease(queue, &read.key, read.ids, false));
+            }
+            return Ok(found);
+        }
+        for stream_key in [&retry_key, &key] {
+            let remaining = max - found.len();
+            if remaining == 0 {
+                break;
+            }
+            let options = StreamReadOptions::default().group(group, &consumer).count(remaining);
+            let reply: Option<StreamReadReply> = conn
+                .xread_options(&[stream_key], &[">"], &options)
+                .await
+                .map_err(|e| self.forget_group_if_gone(queue, e))?;
+            for read in reply.map(|r| r.keys).unwrap_or_default() {
+                found.extend(self.lease(queue, &read.key, read.ids, false));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Of messages read for an ordered subscription, those whose turn it is (each key's
+    /// earliest unsettled message, by the order the relay recorded); the others are
+    /// acknowledged into their key's waiting list, from which settling the one before them
+    /// moves them to the retry stream.
+    async fn in_turn(&self, queue: &str, found: Vec<Leased>) -> Result<Vec<Leased>, BrokerError> {
+        let group = &self.inner.group;
+        let mut go = Vec::with_capacity(found.len());
+        for leased in found {
+            let Some(key) = leased.envelope.ordering_key().map(str::to_owned) else {
+                go.push(leased);
+                continue;
+            };
+            let id = leased.envelope.id;
+            let member = format!(
+                "{id}\n{}\n{}",
+                leased.attempts,
+                String::from_utf8_lossy(&leased.envelope.to_json())
+            );
+            let mut conn = self.inner.commands.clone();
+            let turn: i64 = redis::cmd("EVAL")
+                .arg(ACQUIRE)
+                .arg(2)
+                .arg(order_list(queue, group, &key))
+                .arg(waiting_list(queue, group, &key))
+                .arg(id.to_string())
+                .arg(member)
+                .query_async(&mut conn)
+                .await
+                .map_err(store_error)?;
+            if turn == 1 {
+                let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(lease) = leases.get_mut(&id.as_u128()) {
+                    lease.ordering_key = Some(key);
+                }
+                drop(leases);
+                go.push(leased);
+            } else if let Some(lease) = self.take_lease(id) {
+                // it waits in its key's list now: the stream entry is done with
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                self.settle_entry(&mut pipe, &lease);
+                pipe.query_async::<()>(&mut conn).await.map_err(store_error)?;
+            }
+        }
+        Ok(go)
+    }
+
     /// Adds to `pipe` the acknowledgement of a leased entry (and, in the group's own retry
     /// stream, its removal: no other group reads it).
-    fn settle(&self, pipe: &mut redis::Pipeline, lease: &Lease) {
+    fn settle_entry(&self, pipe: &mut redis::Pipeline, lease: &Lease) {
         pipe.cmd("XACK").arg(&lease.stream).arg(&self.inner.group).arg(&lease.entry).ignore();
         if lease.retry {
             pipe.cmd("XDEL").arg(&lease.stream).arg(&lease.entry).ignore();
+        }
+    }
+
+    /// The entry settled for good (acknowledged or dead-lettered): with an ordering key, the
+    /// key's next message may go.
+    fn settle(&self, pipe: &mut redis::Pipeline, lease: &Lease, id: MessageId) {
+        self.settle_entry(pipe, lease);
+        if let Some(key) = &lease.ordering_key {
+            let group = &self.inner.group;
+            pipe.cmd("EVAL")
+                .arg(RELEASE)
+                .arg(3)
+                .arg(order_list(&lease.queue, group, key))
+                .arg(waiting_list(&lease.queue, group, key))
+                .arg(retries(&lease.queue, group))
+                .arg(id.to_string())
+                .ignore();
         }
     }
 }
@@ -501,69 +721,11 @@ impl Broker for Redis {
         &self,
         queue: &str,
         consumer: &str,
-        Read { max, now, ordered: _, wait }: Read,
+        Read { max, now, ordered, wait }: Read,
     ) -> Result<Vec<Leased>, BrokerError> {
-        self.ensure_group(queue).await?;
-        let group = &self.inner.group;
-        let (key, retry_key) = (stream(queue), retries(queue, group));
-        let consumer = self.consumer(consumer);
-        let mut conn = self.inner.commands.clone();
-        // this group's parked messages that are due go to its retry stream (any replica may)
-        redis::cmd("EVAL")
-            .arg(PROMOTE)
-            .arg(2)
-            .arg(delayed(queue, group))
-            .arg(&retry_key)
-            .arg(now)
-            .arg(PROMOTE_PER_READ)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(store_error)?;
-        // messages a replica took and never settled (it died): claimed after `claim_idle`
-        let mut found = Vec::new();
-        for stream_key in [&retry_key, &key] {
-            if found.len() >= max {
-                break;
-            }
-            let claim: Value = redis::cmd("XAUTOCLAIM")
-                .arg(stream_key)
-                .arg(group)
-                .arg(&consumer)
-                .arg(self.inner.claim_idle.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(max - found.len())
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.forget_group_if_gone(queue, e))?;
-            let claimed: redis::streams::StreamAutoClaimReply = redis::from_redis_value(claim)
-                .map_err(|e| BrokerError::Store(format!("redis: {e}")))?;
-            found.extend(self.lease(queue, stream_key, claimed.claimed, true));
-        }
-        if found.len() >= max {
-            return Ok(found);
-        }
-        // new messages: the group's retries first, then the queue, waiting a moment for it
-        // when nothing was found (on a connection of its own: a blocked read stalls the rest)
-        for (stream_key, may_block) in [(&retry_key, false), (&key, true)] {
-            let remaining = max - found.len();
-            if remaining == 0 {
-                break;
-            }
-            let mut options = StreamReadOptions::default().group(group, &consumer).count(remaining);
-            let reply: Option<StreamReadReply> = if wait && may_block && found.is_empty() {
-                options = options.block(READ_BLOCK.as_millis() as usize);
-                let mut reader = self.reader(queue)?;
-                reader.xread_options(&[stream_key], &[">"], &options).await
-            } else {
-                conn.xread_options(&[stream_key], &[">"], &options).await
-            }
-            .map_err(|e| self.forget_group_if_gone(queue, e))?;
-            for read in reply.map(|r| r.keys).unwrap_or_default() {
-                found.extend(self.lease(queue, &read.key, read.ids, false));
-            }
-        }
-        Ok(found)
+        self.ensure_group(queue, ordered).await?;
+        let found = self.read_entries(queue, consumer, max, now, wait).await?;
+        if ordered { self.in_turn(queue, found).await } else { Ok(found) }
     }
 
     fn blocks_on_read(&self) -> bool {
@@ -599,7 +761,7 @@ impl Broker for Redis {
         let Some(lease) = self.take_lease(id) else { return Ok(()) };
         let mut pipe = redis::pipe();
         pipe.atomic();
-        self.settle(&mut pipe, &lease);
+        self.settle(&mut pipe, &lease, id);
         let mut conn = self.inner.commands.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(store_error)
     }
@@ -619,7 +781,8 @@ impl Broker for Redis {
             .arg(until)
             .arg(member)
             .ignore();
-        self.settle(&mut pipe, &lease);
+        // a parked message keeps its ordering key: the next one waits for its retry
+        self.settle_entry(&mut pipe, &lease);
         let mut conn = self.inner.commands.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(store_error)
     }
@@ -645,7 +808,7 @@ impl Broker for Redis {
         // the dead letter and the acknowledgement of its original, in one MULTI
         let lease = self.take_lease(envelope.id);
         if let Some(lease) = &lease {
-            self.settle(&mut pipe, lease);
+            self.settle(&mut pipe, lease, envelope.id);
         }
         let mut conn = self.inner.commands.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(store_error)
