@@ -123,6 +123,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         running.dispatchers =
             messaging.deliver(&config.service.name, app_base(app), app_up, stopped.clone());
     }
+    let retention = messaging.retain(stopped.clone());
+    running.dispatchers.spawn(async move {
+        let _ = retention.await;
+    });
     if let Some(relay) = messaging.relay(stopped.clone()) {
         running.dispatchers.spawn(async move {
             let _ = relay.await;

@@ -44,7 +44,19 @@ pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<Stri
         DlqCommand::List { queue, .. } => table(&queue, &answer),
         DlqCommand::Show { .. } => envelope(&answer),
         DlqCommand::Replay { queue, .. } => {
-            format!("replayed {} dead letter(s) from {queue} to their queue", answer["replayed"])
+            let mut out = format!(
+                "replayed {} dead letter(s) from {queue} to their queue",
+                answer["replayed"]
+            );
+            let missing = answer["missing"].as_array().cloned().unwrap_or_default();
+            if !missing.is_empty() {
+                let missing: Vec<&str> = missing.iter().filter_map(Value::as_str).collect();
+                out += &format!(
+                    "\nnot in {queue} (deleted, expired or replayed): {}",
+                    missing.join(" ")
+                );
+            }
+            out
         }
         DlqCommand::Delete { queue, id } => format!("deleted {id} from {queue}"),
         DlqCommand::Purge { queue } => {
@@ -86,7 +98,13 @@ async fn call(
 fn table(queue: &str, page: &Value) -> String {
     let messages = page["messages"].as_array().cloned().unwrap_or_default();
     if messages.is_empty() {
-        return format!("{queue}: no dead letters");
+        if queue.ends_with("_deadletter") {
+            return format!("{queue}: no dead letters");
+        }
+        // the commonest slip: the queue's name instead of its dead-letter queue's
+        return format!(
+            "{queue}: no dead letters (the default dead-letter queue of {queue} is {queue}_deadletter)"
+        );
     }
     let mut out = format!(
         "{:<26}  {:<24}  {:>8}  {:<40}  LAST ERROR\n",

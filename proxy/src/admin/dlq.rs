@@ -4,8 +4,9 @@
 //!   its reason and last error; `next` is the `before` of the following page;
 //! - `GET /v1/dlq/{dlq}/{id}`: one whole envelope;
 //! - `POST /v1/dlq/{dlq}/replay` with `{"ids": [...]}`, `{"all": true}`, `{"status": 500}` or
-//!   `{"contains": "text"}` (the last two match the last error record): back to the original
-//!   queue, at most [`REPLAY_BATCH`] per [`REPLAY_PAUSE`];
+//!   `{"contains": "text"}` (the last two match the last error record; ids do not mix with
+//!   them): back to the original queue, at most [`REPLAY_BATCH`] per [`REPLAY_PAUSE`]; ids
+//!   that are not there come back as `missing`;
 //! - `DELETE /v1/dlq/{dlq}/{id}` and `DELETE /v1/dlq/{dlq}` (purge).
 //!
 //! `{dlq}` is the dead-letter queue's own name, e.g. `orders_deadletter`.
@@ -16,7 +17,6 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -33,7 +33,11 @@ const MAX_LIMIT: usize = 1000;
 const MAX_BODY: usize = 1024 * 1024;
 
 /// Answers one `/v1/dlq/…` request.
-pub async fn handle(messaging: Option<&Messaging>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle<B>(messaging: Option<&Messaging>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let Some(messaging) = messaging else {
         return error(StatusCode::NOT_FOUND, "messaging is not configured");
     };
@@ -41,6 +45,13 @@ pub async fn handle(messaging: Option<&Messaging>, req: Request<Incoming>) -> Re
     let query = req.uri().query().unwrap_or("").to_owned();
     let rest = path.strip_prefix("/v1/dlq/").unwrap_or("");
     let parts: Vec<&str> = rest.split('/').collect();
+    if let Some(dlq) = parts.first().filter(|q| !q.is_empty() && !is_queue_name(q)) {
+        let expected = "A-Z, a-z, 0-9, '.', '_' and '-', e.g. orders_deadletter";
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("{dlq:?} is not a queue name ({expected})"),
+        );
+    }
     match (req.method().clone(), parts.as_slice()) {
         (Method::GET, [dlq]) if !dlq.is_empty() => list(messaging, dlq, &query).await,
         (Method::GET, [dlq, id]) => match id.parse::<MessageId>() {
@@ -73,6 +84,11 @@ pub async fn handle(messaging: Option<&Messaging>, req: Request<Incoming>) -> Re
             "expected GET /v1/dlq/QUEUE[/ID], POST /v1/dlq/QUEUE/replay, DELETE /v1/dlq/QUEUE[/ID]",
         ),
     }
+}
+
+/// A queue name's characters (a dead-letter queue's name is built, so it may be long).
+fn is_queue_name(name: &str) -> bool {
+    name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// One dead letter in a list: what an operator needs to decide.
@@ -168,13 +184,20 @@ async fn replay(messaging: &Messaging, dlq: &str, body: &[u8]) -> Response<Body>
     if selection.ids.is_empty() && !filtered {
         return error(StatusCode::BAD_REQUEST, "say which: ids, all, status or contains");
     }
+    if !selection.ids.is_empty() && filtered {
+        // {"ids": [x], "all": true} must not quietly replay everything
+        return error(StatusCode::BAD_REQUEST, "ids do not mix with all, status or contains");
+    }
     let ids = if filtered {
         match matching(messaging, dlq, &selection).await {
             Ok(ids) => ids,
             Err(e) => return unavailable(&e),
         }
     } else {
-        selection.ids
+        let mut ids = selection.ids;
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(*id));
+        ids
     };
     let mut replayed = Vec::with_capacity(ids.len());
     // oldest first, so the queue gets them back in their original order
@@ -186,12 +209,20 @@ async fn replay(messaging: &Messaging, dlq: &str, body: &[u8]) -> Response<Body>
             Ok(moved) => replayed.extend(moved),
             Err(e) => {
                 tracing::error!(dead_letter_queue = dlq, error = %e, replayed = replayed.len(), "replay stopped");
-                return unavailable(&e);
+                // say what did move: those are back in their queue, the rest are not
+                let body =
+                    json!({ "error": e.to_string(), "replayed": replayed.len(), "ids": replayed });
+                let mut res = ok(body);
+                *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                return res;
             }
         }
     }
     tracing::info!(dead_letter_queue = dlq, replayed = replayed.len(), "dead letters replayed");
-    ok(json!({ "replayed": replayed.len(), "ids": replayed }))
+    // asked for by id and not moved: not there (deleted, expired, replayed meanwhile)
+    let moved: std::collections::HashSet<MessageId> = replayed.iter().copied().collect();
+    let missing: Vec<MessageId> = ids.into_iter().filter(|id| !moved.contains(id)).collect();
+    ok(json!({ "replayed": replayed.len(), "ids": replayed, "missing": missing }))
 }
 
 /// Every dead letter of `dlq` the selection's filters match, oldest first.
@@ -203,7 +234,8 @@ async fn matching(
     let mut ids = Vec::new();
     let mut before = None;
     loop {
-        let page = messaging.dead_letters(dlq, before, MAX_LIMIT).await?;
+        // a page of whole envelopes at a time (each up to 1 MiB of payload): keep it small
+        let page = messaging.dead_letters(dlq, before, REPLAY_BATCH).await?;
         for envelope in &page.messages {
             let last = envelope.error.last();
             let status_ok =
@@ -242,3 +274,6 @@ fn error(status: StatusCode, reason: &str) -> Response<Body> {
 fn unavailable(e: &crate::messaging::broker::BrokerError) -> Response<Body> {
     error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
 }
+
+#[cfg(test)]
+mod tests;

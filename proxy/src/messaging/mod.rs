@@ -31,6 +31,9 @@ use crate::messaging::broker::{Broker, BrokerError, DeadLetterPage};
 use crate::messaging::envelope::{Envelope, MessageId};
 use crate::telemetry::metrics::Metrics;
 
+/// How often dead letters past `dead_letter_retention.max_age` are looked for on an idle store.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
 /// The sidecar's messaging: its store, opened once, and its metrics.
 #[derive(Debug)]
 pub struct Messaging {
@@ -149,6 +152,38 @@ impl Messaging {
         let redis = self.remote.clone()?;
         let (wake, status) = (self.relay_wake.clone(), self.relay_status.clone());
         Some(tokio::spawn(relay::run(self.clone(), redis, wake, status, stop)))
+    }
+
+    /// Applies the dead-letter age cap every [`RETENTION_EVERY`] until `stop`, so dead letters
+    /// past `max_age` go also from a store nothing is written to (commits sweep as they go).
+    pub fn retain(
+        self: &Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let messaging = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(RETENTION_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+                let Some(messaging) = messaging.upgrade() else { return };
+                let Some(store) = messaging.store.get() else { continue };
+                // each sweep commit drops a bounded few; go on while there are more
+                loop {
+                    match store.sweep_dead_letters().await {
+                        Ok(true) if !*stop.borrow() => {}
+                        Ok(_) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "dead-letter retention sweep failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
     }
 
     /// The broker's readiness check: `None` for the embedded one (its failures show on each

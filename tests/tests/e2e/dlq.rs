@@ -142,8 +142,48 @@ async fn the_cli_says_when_the_admin_port_cannot_be_reached_and_the_api_refuses_
     let (code, _, err) = dlq(&sidecar, &["replay", "orders_deadletter"]);
     assert_eq!(code, 1);
     assert!(err.contains("say which"), "{err}");
+    let (code, out, _) =
+        dlq(&sidecar, &["replay", "orders_deadletter", "--id", "01M88XE1Y7PY2QESVD2M843AEH"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        "replayed 0 dead letter(s) from orders_deadletter to their queue\n\
+         not in orders_deadletter (deleted, expired or replayed): 01M88XE1Y7PY2QESVD2M843AEH"
+    );
+    let (code, _, err) = dlq(
+        &sidecar,
+        &["replay", "orders_deadletter", "--all", "--id", "01M88XE1Y7PY2QESVD2M843AEH"],
+    );
+    assert_eq!(code, 1, "--id with --all is refused, not taken as --all");
+    assert!(err.contains("ids do not mix"), "{err}");
+    let (_, out, _) = dlq(&sidecar, &["list", "orders"]);
+    assert_eq!(
+        out.trim(),
+        "orders: no dead letters (the default dead-letter queue of orders is orders_deadletter)"
+    );
     let (status, _) = sidecar.admin("/v1/dlq/orders_deadletter?limit=0").await;
     assert_eq!(status, 400);
     let (status, body) = sidecar.admin("/v1/dlq/orders_deadletter").await;
     assert_eq!((status, body.contains(r#""messages": []"#)), (200, true), "{body}");
+}
+
+#[tokio::test]
+async fn retention_keeps_at_most_max_messages_dead_letters_the_longest_dead_lettered_go() {
+    let app = Upstream::status(400).await;
+    let yaml = config(&app).replace(
+        "messaging:\n",
+        "messaging:\n  dead_letter_retention: { max_messages: 2, max_age: 1d }\n",
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+        // one at a time, so each is dead-lettered after the one before
+        wait_metric(&sidecar, DEAD, f64::from(n + 1)).await;
+    }
+
+    assert_eq!(listed(&sidecar), [ids[2].clone(), ids[1].clone()], "the first one went");
+    let depth = r#"outrigger_deadletter_depth{queue="orders_deadletter"}"#;
+    assert_eq!(metric(&sidecar, depth).await, Some(2.0));
+    assert!(sidecar.log().contains("dead-letter retention"), "each drop is logged");
 }

@@ -70,6 +70,7 @@ struct Inner {
     leases: Mutex<Leases>,
     commits: Arc<AtomicU64>,
     pending: IntGauge,
+    retention: Retention,
 }
 
 /// Why the store could not be opened.
@@ -132,6 +133,7 @@ impl Embedded {
                 leases: Mutex::new(HashSet::new()),
                 commits,
                 pending,
+                retention,
             }),
         })
     }
@@ -158,12 +160,11 @@ impl Embedded {
                 // ids start with their publish millisecond; the first per queue is the oldest
                 d.oldest_published_ms.get_or_insert(MessageId::from_u128(id).millis());
             }
-            for entry in txn.open_table(dead::DEAD_AT)?.iter()? {
-                let (key, at) = entry?;
-                let d = depth_of(&mut depths, key.value().0);
-                d.dead_letters += 1;
-                let at = at.value();
-                d.oldest_dead_letter_ms = Some(d.oldest_dead_letter_ms.map_or(at, |o| o.min(at)));
+            // one lookup per dead-letter queue, not one per dead letter
+            for (dlq, count, oldest) in dead::depths(txn)? {
+                let d = depth_of(&mut depths, &dlq);
+                d.dead_letters = count;
+                d.oldest_dead_letter_ms = oldest;
             }
             Ok(depths.into_values().collect())
         })
@@ -215,6 +216,18 @@ impl Embedded {
         for envelope in envelopes {
             self.release(&envelope.queue, envelope.id);
         }
+    }
+
+    /// Applies the dead-letter age cap without waiting for other writes: each commit sweeps a
+    /// few expired dead letters, but an idle store makes no commits. Commits (one fsync) only
+    /// when a dead letter has expired; `true` when it did, so the caller may go on.
+    pub async fn sweep_dead_letters(&self) -> Result<bool, BrokerError> {
+        let (now, retention) = (unix_millis(SystemTime::now()), self.inner.retention);
+        let expired = self.read_with(move |txn| dead::any_expired(txn, now, retention)).await?;
+        if expired {
+            self.write(Op::Sweep).await?;
+        }
+        Ok(expired)
     }
 
     /// Asks the writer thread to stop after what it has queued, and waits until it has closed
@@ -572,6 +585,8 @@ enum Op {
         queue: String,
         id: MessageId,
     },
+    /// Nothing of its own: the commit's retention sweep is the point.
+    Sweep,
 }
 
 #[derive(Debug)]
@@ -752,6 +767,7 @@ impl Writer {
                 Reply::Deleted(dead::remove(txn, &queue, id.as_u128())?.is_some())
             }
             Op::PurgeDeadLetters { queue } => Reply::Purged(dead::purge(txn, &queue)?),
+            Op::Sweep => Reply::Done,
             Op::Replay { dead_letter_queue: dlq, ids } => {
                 let mut replayed = Vec::with_capacity(ids.len());
                 for id in ids {
@@ -770,10 +786,16 @@ impl Writer {
                     );
                     dead::remove(txn, &dlq, id.as_u128())?;
                     let q = envelope.queue.as_str();
-                    messages.insert((q, id.as_u128()), envelope.to_json().as_slice())?;
-                    state.insert((q, id.as_u128()), (0u32, now))?;
+                    // like a fresh publish: attempts 0, due now, counted as pending; if the id
+                    // is somehow still in the queue, this copy replaces it (no double count)
+                    let key = (q, id.as_u128());
+                    if messages.insert(key, envelope.to_json().as_slice())?.is_none() {
+                        *delta += 1;
+                    }
+                    if let Some(old) = state.insert(key, (0u32, now))? {
+                        due.remove((q, old.value().1, id.as_u128()))?;
+                    }
                     due.insert((q, now, id.as_u128()), ())?;
-                    *delta += 1;
                     replayed.push(id);
                 }
                 Reply::Replayed(replayed)

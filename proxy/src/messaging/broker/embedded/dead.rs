@@ -1,11 +1,15 @@
 //! The embedded store's dead letters: the envelopes, when each was dead-lettered, and the
-//! retention that keeps a poison flood from filling the disk (`dead_letter_retention`: the
-//! oldest go first past `max_messages` per queue, and any older than `max_age`).
+//! retention that keeps a poison flood from filling the disk (`dead_letter_retention`: past
+//! `max_messages` per queue the longest dead-lettered go first, and any older than `max_age`).
+//! Both count from when a message was dead-lettered, not published: a replayed message keeps
+//! its id, and failing again must not make it the first to go.
 //!
 //! Every function works inside the caller's write transaction, so a dead letter, its indexes
 //! and its count change together.
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
 
 use crate::messaging::envelope::Envelope;
 
@@ -18,6 +22,11 @@ pub(super) const DEAD_AT: TableDefinition<'_, (&str, u128), u64> =
 /// (dead-lettered at, dead-letter queue, id): every dead letter, oldest first.
 pub(super) const DEAD_BY_TIME: TableDefinition<'_, (u64, &str, u128), ()> =
     TableDefinition::new("dead_letter_by_time");
+/// (dead-letter queue, dead-lettered at, id): each queue's dead letters, oldest first, for the
+/// count cap and the oldest-age gauge. Rebuilt from [`DEAD_AT`] at open when not whole (a file
+/// written before it existed).
+pub(super) const DEAD_BY_QUEUE: TableDefinition<'_, (&str, u64, u128), ()> =
+    TableDefinition::new("dead_letter_by_queue");
 /// Dead-letter queue -> how many it holds.
 pub(super) const DEAD_COUNT: TableDefinition<'_, &str, u64> =
     TableDefinition::new("dead_letter_count");
@@ -34,9 +43,19 @@ pub struct Retention {
 
 pub(super) fn create(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(DEAD)?;
-    txn.open_table(DEAD_AT)?;
     txn.open_table(DEAD_BY_TIME)?;
     txn.open_table(DEAD_COUNT)?;
+    let at = txn.open_table(DEAD_AT)?;
+    let mut by_queue = txn.open_table(DEAD_BY_QUEUE)?;
+    if by_queue.len()? != at.len()? {
+        by_queue.retain(|_, ()| false)?;
+        for entry in at.iter()? {
+            let (key, at) = entry?;
+            let (dlq, id) = key.value();
+            by_queue.insert((dlq, at.value(), id), ())?;
+        }
+        tracing::info!(dead_letters = by_queue.len()?, "dead-letter index rebuilt");
+    }
     Ok(())
 }
 
@@ -53,31 +72,33 @@ pub(super) fn insert(
         txn.open_table(DEAD)?.insert((dlq, id), envelope.to_json().as_slice())?.is_some();
     if replaced {
         // the same message dead-lettered again (replayed, failed again): one entry, new time
-        if let Some(at) = txn.open_table(DEAD_AT)?.remove((dlq, id))? {
-            txn.open_table(DEAD_BY_TIME)?.remove((at.value(), dlq, id))?;
-        }
+        unindex(txn, dlq, id)?;
     }
     txn.open_table(DEAD_AT)?.insert((dlq, id), now)?;
     txn.open_table(DEAD_BY_TIME)?.insert((now, dlq, id), ())?;
+    txn.open_table(DEAD_BY_QUEUE)?.insert((dlq, now, id), ())?;
     let count = count(txn, dlq)? + u64::from(!replaced);
     txn.open_table(DEAD_COUNT)?.insert(dlq, count)?;
     if count > retention.max_messages {
-        // the oldest by id (publish time) go first; bounded by how far over the cap it is
+        // the longest dead-lettered go first; bounded by how far over the cap it is
         let over: Vec<u128> = {
-            let dead = txn.open_table(DEAD)?;
+            let by_queue = txn.open_table(DEAD_BY_QUEUE)?;
             let mut ids = Vec::new();
-            for entry in dead
-                .range((dlq, 0)..=(dlq, u128::MAX))?
+            for entry in by_queue
+                .range((dlq, 0, 0)..=(dlq, u64::MAX, u128::MAX))?
                 .take((count - retention.max_messages) as usize)
             {
-                ids.push(entry?.0.value().1);
+                ids.push(entry?.0.value().2);
             }
             ids
         };
         for old in over {
+            let id = crate::messaging::envelope::MessageId::from_u128(old);
             tracing::warn!(
                 dead_letter_queue = dlq,
-                "dead-letter retention: the oldest dead letter dropped (max_messages)"
+                %id,
+                max_messages = retention.max_messages,
+                "dead-letter retention: the longest dead-lettered dropped"
             );
             remove(txn, dlq, old)?;
         }
@@ -94,9 +115,7 @@ pub(super) fn remove(
     let Some(json) = txn.open_table(DEAD)?.remove((dlq, id))?.map(|v| v.value().to_vec()) else {
         return Ok(None);
     };
-    if let Some(at) = txn.open_table(DEAD_AT)?.remove((dlq, id))? {
-        txn.open_table(DEAD_BY_TIME)?.remove((at.value(), dlq, id))?;
-    }
+    unindex(txn, dlq, id)?;
     let left = count(txn, dlq)?.saturating_sub(1);
     txn.open_table(DEAD_COUNT)?.insert(dlq, left)?;
     Ok(Some(json))
@@ -136,9 +155,53 @@ pub(super) fn sweep(
         expired
     };
     for (dlq, id) in expired {
+        let shown = crate::messaging::envelope::MessageId::from_u128(id);
+        tracing::warn!(dead_letter_queue = %dlq, id = %shown, "dead-letter retention: older than max_age, dropped");
         remove(txn, &dlq, id)?;
     }
     Ok(())
+}
+
+/// Each dead-letter queue holding dead letters: its name, how many, and when its oldest was
+/// dead-lettered. One lookup per queue, so a scrape does not read every dead letter.
+pub(super) fn depths(
+    txn: &ReadTransaction,
+) -> Result<Vec<(String, u64, Option<u64>)>, redb::Error> {
+    let by_queue = txn.open_table(DEAD_BY_QUEUE)?;
+    let mut depths = Vec::new();
+    for entry in txn.open_table(DEAD_COUNT)?.iter()? {
+        let (dlq, count) = entry?;
+        let (dlq, count) = (dlq.value(), count.value());
+        if count == 0 {
+            continue;
+        }
+        let oldest = match by_queue.range((dlq, 0, 0)..=(dlq, u64::MAX, u128::MAX))?.next() {
+            Some(first) => Some(first?.0.value().1),
+            None => None,
+        };
+        depths.push((dlq.to_owned(), count, oldest));
+    }
+    Ok(depths)
+}
+
+/// Removes a dead letter's time from every index.
+fn unindex(txn: &WriteTransaction, dlq: &str, id: u128) -> Result<(), redb::Error> {
+    if let Some(at) = txn.open_table(DEAD_AT)?.remove((dlq, id))? {
+        let at = at.value();
+        txn.open_table(DEAD_BY_TIME)?.remove((at, dlq, id))?;
+        txn.open_table(DEAD_BY_QUEUE)?.remove((dlq, at, id))?;
+    }
+    Ok(())
+}
+
+/// Whether any dead letter is older than `max_age`.
+pub(super) fn any_expired(
+    txn: &ReadTransaction,
+    now: u64,
+    retention: Retention,
+) -> Result<bool, redb::Error> {
+    let Some(before) = now.checked_sub(retention.max_age_ms) else { return Ok(false) };
+    Ok(txn.open_table(DEAD_BY_TIME)?.range((0, "", 0)..(before, "", 0))?.next().is_some())
 }
 
 fn count(txn: &WriteTransaction, dlq: &str) -> Result<u64, redb::Error> {

@@ -367,3 +367,134 @@ where
     }
     false
 }
+
+/// Waits (yielding, on the wall clock the store uses) until the clock has passed `at`.
+async fn wall_clock_past(at: UnixMillis) {
+    while now() <= at {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Publishes one message to `q` and dead-letters it into `q_deadletter`; its id.
+async fn dead_letter_one(store: &Embedded, payload: &str) -> MessageId {
+    let id = publish_one(store, "q", payload).await;
+    let leased = store.read("q", "c", unordered(100, now())).await.unwrap();
+    let leased = leased.into_iter().find(|l| l.envelope.id == id).unwrap();
+    store.dead_letter(leased.envelope, "q_deadletter").await.unwrap();
+    id
+}
+
+async fn kept(store: &Embedded) -> Vec<MessageId> {
+    let page = store.dead_letters("q_deadletter", None, 100).await.unwrap();
+    page.messages.iter().map(|e| e.id).collect()
+}
+
+#[tokio::test]
+async fn the_count_cap_drops_the_longest_dead_lettered_not_the_oldest_published() {
+    let dir = TempDir::new();
+    let retain = Retention { max_messages: 3, max_age_ms: RETAIN.max_age_ms };
+    let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
+    let ids = dead_lettered(&store, 3).await;
+    wall_clock_past(now()).await;
+    // the oldest published is replayed and fails again: dead-lettered last of all
+    store.dead_letter_replay("q_deadletter", vec![ids[0]]).await.unwrap();
+    let again = store.read("q", "c", unordered(10, now())).await.unwrap().remove(0);
+    assert_eq!(again.envelope.id, ids[0]);
+    store.dead_letter(again.envelope, "q_deadletter").await.unwrap();
+    wall_clock_past(now()).await;
+
+    let newest = dead_letter_one(&store, "4").await;
+
+    assert_eq!(
+        kept(&store).await,
+        [newest, ids[2], ids[0]],
+        "ids[1] had been dead letter longest; ids[0], published first, was dead-lettered again"
+    );
+    let depths = store.depths().await.unwrap();
+    assert_eq!(depths.iter().find(|d| d.queue == "q_deadletter").unwrap().dead_letters, 3);
+}
+
+#[tokio::test]
+async fn replaying_an_id_still_in_its_queue_replaces_it_without_counting_it_twice() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let id = publish_one(&store, "q", "{}").await;
+    let mut leased = store.read("q", "c", unordered(1, now())).await.unwrap().remove(0);
+    store.park(leased.envelope.clone(), 2, now() + 3_600_000).await.unwrap();
+    // a copy dead-lettered from another queue name, naming q as its origin
+    leased.envelope.queue = "elsewhere".into();
+    leased.envelope.metadata.insert("original_queue".into(), "q".into());
+    store.dead_letter(leased.envelope, "q_deadletter").await.unwrap();
+    assert_eq!(store.pending(), 1);
+
+    assert_eq!(store.dead_letter_replay("q_deadletter", vec![id]).await.unwrap(), [id]);
+
+    assert_eq!(store.pending(), 1, "one message, counted once");
+    let due = store.read("q", "c", unordered(10, now())).await.unwrap();
+    assert_eq!(due.len(), 1, "due now: the parked copy's due row is gone with it");
+    assert_eq!((due[0].envelope.id, due[0].attempts), (id, 0));
+    store.ack("q", id).await.unwrap();
+    assert_eq!(store.pending(), 0);
+    assert!(store.read("q", "c", unordered(10, u64::MAX)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_idle_store_drops_dead_letters_past_max_age_when_swept() {
+    let dir = TempDir::new();
+    let retain = Retention { max_messages: 100, max_age_ms: 200 };
+    let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
+    let first = dead_letter_one(&store, "1").await;
+    let commits = store.commits();
+    assert!(!store.sweep_dead_letters().await.unwrap(), "nothing expired yet");
+    assert_eq!(store.commits(), commits, "no commit when there is nothing to drop");
+
+    let dead_lettered_at = store.depths().await.unwrap()[0].oldest_dead_letter_ms.unwrap();
+    wall_clock_past(dead_lettered_at + 200).await;
+    assert!(store.sweep_dead_letters().await.unwrap());
+
+    assert!(store.dead_letter_get("q_deadletter", first).await.unwrap().is_none());
+    assert!(kept(&store).await.is_empty());
+    assert!(store.depths().await.unwrap().is_empty(), "no queue, no dead-letter depth");
+    assert!(!store.sweep_dead_letters().await.unwrap());
+}
+
+#[tokio::test]
+async fn depths_give_each_dead_letter_queue_its_count_and_oldest_dead_letter_time() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let before = now();
+    dead_lettered(&store, 2).await;
+    let after = now();
+    publish_one(&store, "p", "{}").await;
+    let leased = store.read("p", "c", unordered(1, now())).await.unwrap().remove(0);
+    store.dead_letter(leased.envelope, "p_deadletter").await.unwrap();
+    store.dead_letter_purge("p_deadletter").await.unwrap();
+
+    let depths = store.depths().await.unwrap();
+
+    assert_eq!(depths.len(), 1, "a purged dead-letter queue is not listed: {depths:?}");
+    let d = &depths[0];
+    assert_eq!((d.queue.as_str(), d.messages, d.dead_letters), ("q_deadletter", 0, 2));
+    assert!((before..=after).contains(&d.oldest_dead_letter_ms.unwrap()));
+}
+
+#[tokio::test]
+async fn a_store_without_the_per_queue_dead_letter_index_rebuilds_it_at_open() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let ids = dead_lettered(&store, 3).await;
+    store.close().await;
+    {
+        // as a file written before the index existed
+        let db = Database::create(dir.0.join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(dead::DEAD_BY_QUEUE).unwrap();
+        txn.commit().unwrap();
+    }
+
+    let retain = Retention { max_messages: 3, max_age_ms: RETAIN.max_age_ms };
+    let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
+    assert!(store.depths().await.unwrap()[0].oldest_dead_letter_ms.is_some());
+    let newest = dead_letter_one(&store, "4").await;
+    assert_eq!(kept(&store).await, [newest, ids[2], ids[1]], "the cap works on the rebuilt index");
+}
