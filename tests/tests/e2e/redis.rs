@@ -480,3 +480,43 @@ async fn on_redis_an_ordering_key_waits_while_its_head_is_retried() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_dead_letter_api_replays_and_purges_on_redis() {
+    let redis = Redis::start().await;
+    let app =
+        Upstream::scripted([Reply::Status(422), Reply::Status(422), Reply::Status(200)]).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, ", concurrency: 1")).await;
+    let first = publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
+    let second = publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    wait_metric(&sidecar, DEAD, 2.0).await;
+    let (status, page) = sidecar.admin("/v1/dlq/orders_deadletter").await;
+    assert_eq!(status, 200);
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    let listed: Vec<&str> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [second.as_str(), first.as_str()], "newest first");
+
+    // replay one through the CLI's API: delivered again from Redis, its history kept
+    let out = std::process::Command::new(outrigger_tests::binary())
+        .args(["dlq", "replay", "orders_deadletter", "--id", &first])
+        .args(["--admin", &format!("http://{}", sidecar.admin)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen = deliveries(&app, 3).await;
+    assert_eq!(header(&seen[2], "outrigger-message-id"), first);
+    assert_eq!(envelope(&seen[2])["metadata"]["replays"], 1);
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "1");
+
+    let out = std::process::Command::new(outrigger_tests::binary())
+        .args(["dlq", "purge", "orders_deadletter", "--yes"])
+        .args(["--admin", &format!("http://{}", sidecar.admin)])
+        .output()
+        .unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "purged 1 dead letter(s) from orders_deadletter", "{stderr}");
+    assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders_deadletter}"]), "0");
+}

@@ -889,7 +889,7 @@ impl Broker for Redis {
     async fn dead_letter_purge(&self, dead_letter_queue: &str) -> Result<u64, BrokerError> {
         let dlq = stream(dead_letter_queue);
         let mut conn = self.inner.commands.clone();
-        let (count, _): (u64, ()) = redis::pipe()
+        let (count,): (u64,) = redis::pipe()
             .atomic()
             .cmd("XLEN")
             .arg(&dlq)
