@@ -5,6 +5,7 @@ mod admin;
 mod balance;
 mod cli;
 mod delivery;
+mod deploy;
 mod dlq;
 mod dns;
 mod malformed;
