@@ -1,8 +1,10 @@
 //! Config -> a running sidecar: bind every listener first (so a taken port fails the start,
 //! not a request later), spawn the servers, and drain them on SIGTERM.
 //!
-//! Shutdown (DESIGN.md "Lifecycle"): readiness fails at once, listeners stop accepting,
-//! in-flight requests get up to `lifecycle.drain_timeout` to finish, then the process exits 0.
+//! Shutdown (DESIGN.md "Lifecycle"): readiness fails at once and deliveries stop taking new
+//! messages; the listeners keep serving while the app still makes calls (it may be shutting
+//! down too), until none has been in flight for [`QUIET`]; then they stop accepting and what
+//! is left gets the rest of `lifecycle.drain_timeout`; then the process exits 0.
 //! With `service.register: true` the registry entry is deleted right after readiness fails,
 //! before the drain, so callers stop choosing this instance before it goes away.
 
@@ -19,6 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin::{Admin, Health};
+use crate::http::in_flight::{Counted, InFlight};
 use crate::http::listener::{self, Serving};
 use crate::http::route::Route;
 use crate::messaging::Messaging;
@@ -43,6 +46,9 @@ pub enum StartError {
     Messaging(#[from] crate::messaging::StartError),
 }
 
+/// How long the app-facing listeners must see no request in flight before a drain closes them.
+const QUIET: Duration = Duration::from_millis(500);
+
 /// A started sidecar: where it listens, and the handle to stop it.
 #[derive(Debug)]
 pub struct Running {
@@ -50,7 +56,11 @@ pub struct Running {
     pub admin: SocketAddr,
     /// Each dedicated `upstreams.NAME.listen`, as bound.
     pub dedicated: Vec<(Arc<str>, SocketAddr)>,
+    /// Stops deliveries, the relay and the other background work.
     stop: watch::Sender<bool>,
+    /// Stops the listeners accepting (later than `stop`: the app's calls keep working).
+    stop_listeners: watch::Sender<bool>,
+    in_flight: Arc<InFlight>,
     graceful: Arc<GracefulShutdown>,
     health: Arc<Health>,
     servers: JoinSet<()>,
@@ -101,6 +111,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Admin::new(health.clone(), metrics.clone(), config_json).with_messaging(messaging.clone());
 
     let (stop, stopped) = watch::channel(false);
+    let (stop_listeners, listeners_stopped) = watch::channel(false);
+    let in_flight = Arc::new(InFlight::default());
     let graceful = Arc::new(GracefulShutdown::new());
     let serving = Serving::new(&config.outbound.limits);
     let mut servers = JoinSet::new();
@@ -109,6 +121,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin: admin.local_addr().expect("a bound socket has an address"),
         dedicated: Vec::new(),
         stop,
+        stop_listeners,
+        in_flight: in_flight.clone(),
         graceful,
         health,
         servers: JoinSet::new(),
@@ -133,20 +147,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         });
     }
 
-    let route = Route::ByAuthority(routes);
+    let route = Counted::new(Route::ByAuthority(routes), in_flight.clone());
     servers.spawn(listener::serve(
         outbound,
         serving.clone(),
         move |_| route.clone(),
         running.graceful.clone(),
-        stopped.clone(),
+        listeners_stopped.clone(),
     ));
     servers.spawn(listener::serve(
         admin,
         serving.clone(),
         move |peer| admin_routes.service(peer),
         running.graceful.clone(),
-        stopped.clone(),
+        listeners_stopped.clone(),
     ));
     for (name, listener) in dedicated {
         let addr = listener.local_addr().expect("a bound socket has an address");
@@ -159,12 +173,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             upstream: built.service.clone(),
             unmatched: metrics.upstream(NO_UPSTREAM),
         };
+        let route = Counted::new(route, in_flight.clone());
         servers.spawn(listener::serve(
             listener,
             serving.clone(),
             move |_| route.clone(),
             running.graceful.clone(),
-            stopped.clone(),
+            listeners_stopped.clone(),
         ));
     }
     running.servers = servers;
@@ -251,15 +266,25 @@ fn app_up(health: &Arc<Health>, mut stop: watch::Receiver<bool>) -> watch::Recei
 }
 
 impl Running {
-    /// Fails readiness, stops accepting, and waits up to the drain timeout for in-flight work.
+    /// Fails readiness, stops taking messages, serves the app until it is quiet, stops
+    /// accepting, and waits for what is left: all within the drain timeout.
     pub async fn shutdown(mut self) {
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
         self.health.drain();
         if let Some(registration) = self.registration.take() {
             registration.stop().await;
         }
         let _ = self.stop.send(true);
+        tracing::info!(timeout = ?self.drain_timeout, "draining: serving the app until it is quiet");
+        let quiet = self.in_flight.quiet_for(QUIET);
+        if tokio::time::timeout_at(deadline, quiet).await.is_err() {
+            tracing::warn!(
+                in_flight = self.in_flight.count(),
+                "the app was still busy at the drain timeout"
+            );
+        }
+        let _ = self.stop_listeners.send(true);
         while self.servers.join_next().await.is_some() {}
-        tracing::info!(timeout = ?self.drain_timeout, "draining in-flight requests");
         // every listener task has ended, so this is the last reference
         let graceful = Arc::into_inner(self.graceful).expect("the listeners have stopped");
         let mut dispatchers = self.dispatchers;
@@ -267,7 +292,7 @@ impl Running {
             graceful.shutdown().await;
             while dispatchers.join_next().await.is_some() {}
         };
-        if tokio::time::timeout(self.drain_timeout, drained).await.is_err() {
+        if tokio::time::timeout_at(deadline, drained).await.is_err() {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing what is left");
         }
         tracing::info!("outrigger stopped");

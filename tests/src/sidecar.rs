@@ -149,8 +149,18 @@ impl Sidecar {
     }
 
     /// Sends SIGTERM and waits for the exit status, up to the deadline.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    pub async fn terminate(self) -> std::process::ExitStatus {
+        self.sigterm();
+        self.wait_exit().await
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn sigterm(&self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
+    /// Waits for the process to exit, up to the deadline.
+    pub async fn wait_exit(mut self) -> std::process::ExitStatus {
         let until = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the child") {

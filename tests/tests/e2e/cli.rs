@@ -130,3 +130,48 @@ fn the_demo_shows_every_policy_and_a_dead_letter_with_nothing_installed() {
     let replay = stdout.lines().find(|l| l.ends_with("their error history kept.")).expect(&stdout);
     assert!(!replay.starts_with("0 "), "the replayed dead letters were delivered: {replay}");
 }
+
+#[tokio::test]
+async fn a_slow_request_finishes_after_sigterm_while_readiness_fails_and_the_app_can_still_call_out()
+ {
+    let slow = Upstream::scripted([outrigger_tests::Reply::Delayed(
+        std::time::Duration::from_secs(2),
+        200,
+    )])
+    .await;
+    let fast = Upstream::status(200).await;
+    let yaml = format!(
+        "{}{}lifecycle: {{ drain_timeout: 8s }}\n",
+        slow.yaml("slow"),
+        fast.yaml("fast").replace("upstreams:\n", "")
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    let outbound = sidecar.outbound;
+    let in_flight = tokio::spawn(async move {
+        let req = http::Request::get("/slow")
+            .header("host", "slow")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        outrigger_tests::send(outbound, req).await
+    });
+    outrigger_tests::wait_until(
+        outrigger_tests::DEADLINE,
+        "the slow request to reach its upstream",
+        || async { (slow.requests() == 1).then_some(()) },
+    )
+    .await;
+
+    sidecar.sigterm();
+    outrigger_tests::wait_until(outrigger_tests::DEADLINE, "readiness to fail", || async {
+        (sidecar.admin("/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    // the app shuts down too, and still needs its calls while the slow one is in flight
+    let during = sidecar.get("fast", "/during-drain").await;
+    assert_eq!(during.status(), 200, "the app's calls keep working during the drain");
+
+    let answered = in_flight.await.unwrap().expect("the slow request is answered");
+    assert_eq!(answered.status(), 200, "the in-flight request finished");
+    let status = sidecar.wait_exit().await;
+    assert_eq!(status.code(), Some(0));
+}
