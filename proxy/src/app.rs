@@ -23,10 +23,10 @@ use tokio::task::JoinSet;
 use crate::admin::{Admin, Health};
 use crate::http::in_flight::{Counted, InFlight};
 use crate::http::listener::{self, Serving};
-use crate::http::route::Route;
+use crate::http::route::{Route, RouteTable};
 use crate::messaging::Messaging;
 use crate::stack;
-use crate::telemetry::metrics::{Metrics, NO_UPSTREAM};
+use crate::telemetry::metrics::Metrics;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,15 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
 
 /// Binds and starts everything `config` describes.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_reloading(config, None).await
+}
+
+/// The same, and with `path` (the file `config` came from), reloads it on SIGHUP and when its
+/// content changes (see [`crate::reload`]).
+pub async fn start_reloading(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+) -> Result<Running, StartError> {
     crate::http::tls::check(&config.upstreams)?;
     let metrics = Metrics::new();
     let outbound = bind("outbound.listen", config.outbound.listen.get()).await?;
@@ -97,7 +106,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
     let messaging = Messaging::start(&config.messaging, &config.service.name, &metrics).await?;
-    let routes = Arc::new(stack::routes(&upstreams, &metrics).with_messaging(messaging.clone()));
+    let routes =
+        RouteTable::new(stack::routes(&upstreams, &metrics).with_messaging(messaging.clone()));
     let health = Arc::new(
         Health::new(
             upstreams.iter().map(|u| u.pool.clone()).collect(),
@@ -109,6 +119,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Bytes::from(serde_json::to_vec_pretty(&config).expect("the config serializes"));
     let admin_routes =
         Admin::new(health.clone(), metrics.clone(), config_json).with_messaging(messaging.clone());
+    let config_slot = admin_routes.config_slot();
 
     let (stop, stopped) = watch::channel(false);
     let (stop_listeners, listeners_stopped) = watch::channel(false);
@@ -147,7 +158,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         });
     }
 
-    let route = Counted::new(Route::ByAuthority(routes), in_flight.clone());
+    let route = Counted::new(Route::ByAuthority(routes.clone()), in_flight.clone());
     servers.spawn(listener::serve(
         outbound,
         serving.clone(),
@@ -169,10 +180,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .find(|u| &*u.name == name)
             .expect("every dedicated listener has its upstream");
         running.dedicated.push((built.name.clone(), addr));
-        let route = Route::Dedicated {
-            upstream: built.service.clone(),
-            unmatched: metrics.upstream(NO_UPSTREAM),
-        };
+        let route = Route::Dedicated { name: built.name.clone(), table: routes.clone() };
         let route = Counted::new(route, in_flight.clone());
         servers.spawn(listener::serve(
             listener,
@@ -184,6 +192,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     running.servers = servers;
     running.registration = register(&config, &running.health)?;
+    if let Some(path) = path {
+        let live = crate::reload::Live {
+            table: routes.clone(),
+            health: running.health.clone(),
+            config_json: config_slot,
+            messaging: messaging.clone(),
+            metrics: metrics.clone(),
+        };
+        let reloader = crate::reload::Reloader::new(path, config.clone(), upstreams.clone(), live);
+        running.dispatchers.spawn(reloader.run(stopped.clone()));
+    }
     tracing::info!(
         outbound = %running.outbound,
         admin = %running.admin,
@@ -299,9 +318,9 @@ impl Running {
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then drains.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let running = start(config).await?;
+/// Runs until SIGTERM or SIGINT, then drains; reloads `path` (where `config` came from).
+pub async fn run(config: Config, path: std::path::PathBuf) -> Result<(), StartError> {
+    let running = start_reloading(config, Some(path)).await?;
     shutdown_signal().await;
     running.shutdown().await;
     Ok(())

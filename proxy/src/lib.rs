@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod messaging;
 pub mod policy;
+pub mod reload;
 pub mod stack;
 pub mod telemetry;
 

@@ -105,8 +105,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config } => {
-            let config = match config::load_file(&config) {
+        Command::Run { config: path } => {
+            let config = match config::load_file(&path) {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("{err}");
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
                 }
             };
             telemetry::log::init(&config.telemetry.log);
-            match runtime().block_on(app::run(config)) {
+            match runtime().block_on(app::run(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(error = %err, "outrigger could not start");

@@ -154,6 +154,38 @@ impl Sidecar {
         self.wait_exit().await
     }
 
+    /// The config file the sidecar runs on (`outrigger.yaml` in its scratch directory).
+    pub fn config_path(&self) -> PathBuf {
+        self.scratch.0.join("outrigger.yaml")
+    }
+
+    /// Rewrites the config file as `start` would (the same `$OUTBOUND`, `$ADMIN`, `$SCRATCH`
+    /// and added sections), for a reload to pick up.
+    pub fn rewrite(&self, yaml: &str) {
+        std::fs::write(self.config_path(), self.expand(yaml)).expect("rewrite the config");
+    }
+
+    /// `yaml` as `start` writes it for this sidecar.
+    pub fn expand(&self, yaml: &str) -> String {
+        let mut text = String::new();
+        if !yaml.lines().any(|l| l.starts_with("outbound:")) {
+            text.push_str("outbound: { listen: \"$OUTBOUND\" }\n");
+        }
+        if !yaml.lines().any(|l| l.starts_with("admin:")) {
+            text.push_str("admin: { listen: \"$ADMIN\" }\n");
+        }
+        text.push_str(yaml);
+        text.replace("$OUTBOUND", &self.outbound.to_string())
+            .replace("$ADMIN", &self.admin.to_string())
+            .replace("$SCRATCH", &self.scratch.0.display().to_string())
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`) and returns at once.
+    pub fn signal(&self, name: &str) {
+        let _ =
+            Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+    }
+
     /// Sends SIGTERM and returns at once.
     pub fn sigterm(&self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

@@ -28,7 +28,8 @@ const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Health {
     draining: AtomicBool,
-    upstreams: Vec<Pool>,
+    /// Replaced whole by a config reload.
+    upstreams: std::sync::RwLock<Vec<Pool>>,
     app: Option<(Uri, Client<HttpConnector, Body>)>,
     messaging: Option<Arc<Messaging>>,
 }
@@ -48,7 +49,12 @@ struct Check {
 impl Health {
     pub fn new(upstreams: Vec<Pool>, app_health: Option<Uri>) -> Self {
         let app = app_health.map(|uri| (uri, Client::builder(TokioExecutor::new()).build_http()));
-        Self { draining: AtomicBool::new(false), upstreams, app, messaging: None }
+        Self {
+            draining: AtomicBool::new(false),
+            upstreams: std::sync::RwLock::new(upstreams),
+            app,
+            messaging: None,
+        }
     }
 
     /// Adds the `broker` check: `degraded` while a remote broker takes nothing (the outbox
@@ -75,7 +81,7 @@ impl Health {
         if self.draining.load(Ordering::SeqCst) {
             put("lifecycle".into(), Check::failing("shutting down"), true);
         }
-        for pool in &self.upstreams {
+        for pool in &self.upstreams() {
             let (check, blocks) = upstream_check(pool);
             put(format!("upstream.{}", pool.upstream()), check, blocks);
         }
@@ -110,8 +116,13 @@ impl Health {
     }
 
     /// Every upstream's endpoint pool.
-    pub fn upstreams(&self) -> &[Pool] {
-        &self.upstreams
+    pub fn upstreams(&self) -> Vec<Pool> {
+        self.upstreams.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// After a reload: the upstreams now in force.
+    pub fn set_upstreams(&self, pools: Vec<Pool>) {
+        *self.upstreams.write().unwrap_or_else(|e| e.into_inner()) = pools;
     }
 }
 

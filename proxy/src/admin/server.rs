@@ -23,14 +23,20 @@ use crate::telemetry::metrics::Metrics;
 pub struct Admin {
     health: Arc<Health>,
     metrics: Metrics,
-    /// The running config as JSON, secrets redacted, rendered once.
-    config: Bytes,
+    /// The running config as JSON, secrets redacted, rendered once per (re)load.
+    config: Arc<std::sync::RwLock<Bytes>>,
     messaging: Option<Arc<Messaging>>,
 }
 
 impl Admin {
     pub fn new(health: Arc<Health>, metrics: Metrics, config: Bytes) -> Self {
+        let config = Arc::new(std::sync::RwLock::new(config));
         Self { health, metrics, config, messaging: None }
+    }
+
+    /// Where a reload puts the new running config's JSON.
+    pub fn config_slot(&self) -> Arc<std::sync::RwLock<Bytes>> {
+        self.config.clone()
     }
 
     /// Adds `GET /v1/queues`: each queue's stored and dead-lettered messages.
@@ -65,7 +71,7 @@ impl Admin {
                 json(status, body.into())
             }
             "/metrics" => {
-                self.metrics.observe_endpoints(self.health.upstreams());
+                self.metrics.observe_endpoints(&self.health.upstreams());
                 if let Some(messaging) = &self.messaging {
                     match messaging.depths().await {
                         Ok(depths) => {
@@ -86,9 +92,12 @@ impl Admin {
                 );
                 res
             }
-            "/v1/config" => json(StatusCode::OK, self.config.clone()),
+            "/v1/config" => {
+                let config = self.config.read().unwrap_or_else(|e| e.into_inner()).clone();
+                json(StatusCode::OK, config)
+            }
             "/v1/endpoints" => {
-                let view = endpoints_view(self.health.upstreams());
+                let view = endpoints_view(&self.health.upstreams());
                 json(StatusCode::OK, serde_json::to_vec_pretty(&view).expect("serializes").into())
             }
             "/v1/queues" if self.messaging.is_some() => {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use http::{Method, Request, Response};
@@ -60,32 +60,51 @@ impl Routes {
     }
 }
 
+/// The routing table in force: a reload replaces it whole, and each request reads the one
+/// current when it arrives (requests in flight finish on the table they started with).
+#[derive(Debug)]
+pub struct RouteTable {
+    current: RwLock<Arc<Routes>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Routes) -> Arc<Self> {
+        Arc::new(Self { current: RwLock::new(Arc::new(routes)) })
+    }
+
+    pub fn current(&self) -> Arc<Routes> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, routes: Routes) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+    }
+}
+
 /// The hyper service of one listener: the outbound port routes by authority, a dedicated
 /// `upstreams.NAME.listen` port sends everything to its upstream.
 #[derive(Debug, Clone)]
 pub enum Route {
-    ByAuthority(Arc<Routes>),
-    Dedicated { upstream: UpstreamService, unmatched: UpstreamMetrics },
+    ByAuthority(Arc<RouteTable>),
+    Dedicated { name: Arc<str>, table: Arc<RouteTable> },
 }
 
 impl Route {
-    fn unmatched(&self) -> &UpstreamMetrics {
-        match self {
-            Self::ByAuthority(routes) => &routes.unmatched,
-            Self::Dedicated { unmatched, .. } => unmatched,
-        }
-    }
-
-    fn select(&self, req: &Request<Body>) -> Result<UpstreamService, ProxyError> {
-        let routes = match self {
-            Self::Dedicated { upstream, .. } => return Ok(upstream.clone()),
-            Self::ByAuthority(routes) => routes,
+    fn select(&self, routes: &Routes, req: &Request<Body>) -> Result<UpstreamService, ProxyError> {
+        let host = match self {
+            Self::Dedicated { name, .. } => name,
+            Self::ByAuthority(_) => request_host(req).unwrap_or_default(),
         };
-        let host = request_host(req).unwrap_or_default();
         routes
             .find(host)
             .cloned()
             .ok_or_else(|| ProxyError::UnknownUpstream { authority: host.into() })
+    }
+
+    fn table(&self) -> &RouteTable {
+        match self {
+            Self::ByAuthority(table) | Self::Dedicated { table, .. } => table,
+        }
     }
 }
 
@@ -122,22 +141,23 @@ impl hyper::service::Service<Request<Incoming>> for Route {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let req = req.map(Body::from);
         let connect = req.method() == Method::CONNECT;
+        let routes = self.table().current();
         let answer = match req.headers().get(REJECTED_HEADER) {
             Some(value) => Err(rejected(value)),
             None => {
-                if let Self::ByAuthority(routes) = self
+                if let Self::ByAuthority(_) = self
                     && let Some(messaging) = routes.messaging_for(&req)
                 {
                     let inner = Box::pin(publish::handle(messaging.clone(), req));
                     return RouteFuture::Local { inner };
                 }
-                self.select(&req)
+                self.select(&routes, &req)
             }
         };
         match answer {
             Ok(upstream) => RouteFuture::Upstream { inner: upstream.oneshot(req), connect },
             Err(err) => {
-                self.unmatched().record(err.status().as_u16(), std::time::Duration::ZERO);
+                routes.unmatched.record(err.status().as_u16(), std::time::Duration::ZERO);
                 let mut response = error_response(&err);
                 if connect {
                     close_if_refused(&mut response);

@@ -44,6 +44,8 @@ pub struct Metrics {
     queue_age: GaugeVec,
     deadletter_depth: IntGaugeVec,
     deadletter_age: GaugeVec,
+    config_reloads: IntCounterVec,
+    config_hash: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -179,6 +181,20 @@ impl Metrics {
             &["queue"],
         )
         .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "outrigger_config_reloads_total",
+                "Config reloads by result: applied, or invalid (refused; the running config stays)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let config_hash = prometheus::Gauge::new(
+            "outrigger_config_hash",
+            "A hash of the config file's content in force (52 bits): differs between pods that \
+             run different configs",
+        )
+        .expect("valid metric");
         for family in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -198,6 +214,8 @@ impl Metrics {
             Box::new(queue_age.clone()),
             Box::new(deadletter_depth.clone()),
             Box::new(deadletter_age.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(config_hash.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -221,7 +239,19 @@ impl Metrics {
             queue_age,
             deadletter_depth,
             deadletter_age,
+            config_reloads,
+            config_hash,
         }
+    }
+
+    /// `outrigger_config_reloads_total{result}`.
+    pub fn config_reloads(&self, result: &str) -> IntCounter {
+        self.config_reloads.with_label_values(&[result])
+    }
+
+    /// `outrigger_config_hash`.
+    pub fn config_hash(&self) -> prometheus::Gauge {
+        self.config_hash.clone()
     }
 
     /// Sets the queue and dead-letter gauges from the store's view at scrape time; queues no

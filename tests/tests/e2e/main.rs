@@ -14,4 +14,5 @@ mod policies;
 mod proxy;
 mod redis;
 mod registry;
+mod reload;
 mod tls;
