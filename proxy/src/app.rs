@@ -318,13 +318,46 @@ impl Running {
     }
 }
 
-/// Runs until SIGTERM or SIGINT, then drains; reloads `path` (where `config` came from).
-pub async fn run(config: Config, path: std::path::PathBuf) -> Result<(), StartError> {
+/// Runs until SIGTERM or SIGINT (or, with `exit_with_app`, until the app is gone), then
+/// drains; reloads `path` (where `config` came from).
+pub async fn run(
+    config: Config,
+    path: std::path::PathBuf,
+    exit_with_app: bool,
+) -> Result<(), StartError> {
     let running = start_reloading(config, Some(path)).await?;
-    shutdown_signal().await;
+    let health = running.health.clone();
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = app_gone(&health), if exit_with_app => {}
+    }
     running.shutdown().await;
     Ok(())
 }
+
+/// Job mode: resolves once the app's health check has passed and then failed
+/// [`GONE_AFTER`] times in a row (the app exited).
+async fn app_gone(health: &Health) {
+    let mut seen_up = false;
+    let mut failures = 0;
+    loop {
+        match health.app_answers().await {
+            Ok(_) => (seen_up, failures) = (true, 0),
+            Err(detail) if seen_up => {
+                failures += 1;
+                if failures >= GONE_AFTER {
+                    tracing::info!(%detail, "the app is gone (--exit-with-app): shutting down");
+                    return;
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Failed app health checks in a row, after it was up, that mean the app is gone.
+const GONE_AFTER: u32 = 3;
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

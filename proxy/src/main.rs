@@ -22,6 +22,10 @@ enum Command {
         /// The YAML configuration file.
         #[arg(long, env = "OUTRIGGER_CONFIG")]
         config: PathBuf,
+        /// Exit (draining, status 0) once the app's health path stops answering after it was
+        /// up: for Kubernetes Jobs, whose pod ends when its containers do.
+        #[arg(long)]
+        exit_with_app: bool,
     },
     /// Check a configuration file: prints `ok`, or every problem as FILE:LINE:COL: path: what.
     Validate {
@@ -105,7 +109,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config: path } => {
+        Command::Run { config: path, exit_with_app } => {
             let config = match config::load_file(&path) {
                 Ok(config) => config,
                 Err(err) => {
@@ -115,7 +119,13 @@ fn main() -> ExitCode {
                 }
             };
             telemetry::log::init(&config.telemetry.log);
-            match runtime().block_on(app::run(config, path)) {
+            if exit_with_app
+                && config.service.app.as_ref().and_then(|a| a.health_path.as_ref()).is_none()
+            {
+                eprintln!("outrigger: --exit-with-app needs service.app.health_path to watch");
+                return ExitCode::FAILURE;
+            }
+            match runtime().block_on(app::run(config, path, exit_with_app)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(error = %err, "outrigger could not start");

@@ -68,6 +68,8 @@ pub struct Sidecar {
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
     scratch: Scratch,
+    /// Arguments after `run --config FILE`, kept for restarts.
+    args: Vec<String>,
 }
 
 impl Sidecar {
@@ -92,7 +94,22 @@ impl Sidecar {
         sidecar
     }
 
+    /// Like `start_unready`, with more arguments after `run --config FILE`.
+    pub async fn start_with_args(yaml: &str, args: &[&str]) -> Self {
+        let sidecar = Self::spawn_with(yaml, args.iter().map(|a| a.to_string()).collect());
+        let admin = sidecar.admin;
+        wait_until(DEADLINE, "the sidecar to answer /healthz", || async move {
+            admin_get(admin, "/healthz").await.ok().filter(|(s, _)| *s == 200)
+        })
+        .await;
+        sidecar
+    }
+
     fn spawn(yaml: &str) -> Self {
+        Self::spawn_with(yaml, Vec::new())
+    }
+
+    fn spawn_with(yaml: &str, args: Vec<String>) -> Self {
         let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let mut text = String::new();
@@ -109,8 +126,8 @@ impl Sidecar {
             .replace("$ADMIN", &admin.to_string())
             .replace("$SCRATCH", &scratch.0.display().to_string());
         std::fs::write(scratch.0.join("outrigger.yaml"), text).expect("write the config");
-        let child = launch(&scratch);
-        Self { child, outbound, admin, scratch }
+        let child = launch(&scratch, &args);
+        Self { child, outbound, admin, scratch, args }
     }
 
     /// SIGKILL: no drain, no flush, no destructor; waits until the process is gone.
@@ -123,7 +140,7 @@ impl Sidecar {
     /// or an exit), and waits for `/readyz`.
     pub async fn restart(&mut self) {
         self.kill9();
-        self.child = launch(&self.scratch);
+        self.child = launch(&self.scratch, &self.args);
         self.wait_ready().await;
     }
 
@@ -254,7 +271,7 @@ impl Sidecar {
 }
 
 /// Runs `outrigger` on the scratch directory's config, appending to its log.
-fn launch(scratch: &Scratch) -> Child {
+fn launch(scratch: &Scratch, args: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -263,6 +280,7 @@ fn launch(scratch: &Scratch) -> Child {
     Command::new(binary())
         .args(["run", "--config"])
         .arg(scratch.0.join("outrigger.yaml"))
+        .args(args)
         .env("OUTRIGGER_LOG", "debug")
         .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
         .stderr(Stdio::from(log))

@@ -175,3 +175,35 @@ async fn a_slow_request_finishes_after_sigterm_while_readiness_fails_and_the_app
     let status = sidecar.wait_exit().await;
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn exit_with_app_ends_the_sidecar_once_the_app_is_gone() {
+    let app = Upstream::health_checked(200, 200).await;
+    let yaml = format!(
+        "service:\n  name: job\n  app: {{ url: \"http://{}\", health_path: /healthz }}\nlifecycle: {{ drain_timeout: 2s }}\n",
+        app.addr()
+    );
+    let sidecar = Sidecar::start_with_args(&yaml, &["--exit-with-app"]).await;
+    sidecar.wait_ready().await;
+    // the sidecar has seen the app up (its checks run every second)
+    let seen = app.health_checks();
+    outrigger_tests::wait_until(
+        outrigger_tests::DEADLINE,
+        "two more app health checks",
+        || async { (app.health_checks() >= seen + 2).then_some(()) },
+    )
+    .await;
+    app.set_health(503); // the job's work is done: its app goes away
+    let status = sidecar.wait_exit().await;
+    assert_eq!(status.code(), Some(0));
+
+    // without a health path to watch, the flag is refused at once
+    let (code, _, stderr) = outrigger(&[
+        "run",
+        "--config",
+        write("nohealth.yaml", "service: { name: x }\n").to_str().unwrap(),
+        "--exit-with-app",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--exit-with-app needs service.app.health_path"), "{stderr}");
+}
