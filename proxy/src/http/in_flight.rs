@@ -46,8 +46,10 @@ impl InFlight {
     }
 
     fn enter(self: &Arc<Self>) -> Guard {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_waiters();
+        // only the edges between idle and busy matter to a drain: no lock on a busy path
+        if self.count.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.changed.notify_waiters();
+        }
         Guard(self.clone())
     }
 }
@@ -59,8 +61,9 @@ struct Guard(Arc<InFlight>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
     }
 }
 
