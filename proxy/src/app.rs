@@ -27,6 +27,7 @@ use crate::http::route::{Route, RouteTable};
 use crate::messaging::Messaging;
 use crate::stack;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::Tracer;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,9 +106,10 @@ pub async fn start_reloading(
         SourceConfig { resolver: config.resolver.clone(), registry: config.registry.clone() };
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
-    let messaging = Messaging::start(&config.messaging, &config.service.name, &metrics).await?;
-    let routes =
-        RouteTable::new(stack::routes(&upstreams, &metrics).with_messaging(messaging.clone()));
+    let tracer = Tracer::from_config(config.telemetry.tracing.as_ref(), &config.service.name);
+    let messaging =
+        Messaging::start(&config.messaging, &config.service.name, &metrics, tracer.clone()).await?;
+    let routes = RouteTable::new(stack::routes(&upstreams, &metrics, &messaging));
     let health = Arc::new(
         Health::new(
             upstreams.iter().map(|u| u.pool.clone()).collect(),

@@ -18,6 +18,7 @@ use crate::http::Body;
 use crate::http::forward::Forward;
 use crate::http::probe;
 use crate::http::route::Routes;
+use crate::messaging::Messaging;
 use crate::policy::circuit_breaker::CircuitBreakerLayer;
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
 use crate::policy::rate_limit::RateLimitLayer;
@@ -74,9 +75,16 @@ pub fn upstream(
     BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool }
 }
 
-/// The outbound listener's routing table.
-pub fn routes(upstreams: &[BuiltUpstream], metrics: &Metrics) -> Routes {
+/// The outbound listener's routing table: the upstreams by name, the messaging API for a local
+/// authority, and the tracer that continues each request's trace.
+pub fn routes(
+    upstreams: &[BuiltUpstream],
+    metrics: &Metrics,
+    messaging: &Arc<Messaging>,
+) -> Routes {
     let by_name: HashMap<Box<str>, UpstreamService> =
         upstreams.iter().map(|u| (Box::from(&*u.name), u.service.clone())).collect();
     Routes::new(by_name, metrics.upstream(NO_UPSTREAM))
+        .with_messaging(messaging.clone())
+        .with_tracer(messaging.tracer().clone())
 }

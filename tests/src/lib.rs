@@ -8,6 +8,7 @@
 
 mod dnsmasq;
 mod etcd;
+mod otlp;
 mod redis;
 mod sidecar;
 mod tls;
@@ -15,6 +16,7 @@ mod upstream;
 
 pub use dnsmasq::{Dnsmasq, Zone};
 pub use etcd::{Etcd, Kv};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use redis::Redis;
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use tls::{Pki, SERVER_NAME, TlsServer};

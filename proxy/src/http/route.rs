@@ -23,6 +23,7 @@ use crate::http::respond::error_response;
 use crate::messaging::{Messaging, publish};
 use crate::stack::UpstreamService;
 use crate::telemetry::metrics::UpstreamMetrics;
+use crate::telemetry::trace::{Kind, Span, Tracer};
 
 /// Every upstream by name, plus the metrics of requests that matched none.
 #[derive(Debug)]
@@ -30,11 +31,18 @@ pub struct Routes {
     by_name: HashMap<Box<str>, UpstreamService>,
     unmatched: UpstreamMetrics,
     messaging: Option<Arc<Messaging>>,
+    tracer: Tracer,
 }
 
 impl Routes {
     pub fn new(by_name: HashMap<Box<str>, UpstreamService>, unmatched: UpstreamMetrics) -> Self {
-        Self { by_name, unmatched, messaging: None }
+        Self { by_name, unmatched, messaging: None, tracer: Tracer::disabled() }
+    }
+
+    /// Continues (or starts) a trace for every request forwarded, and records its span.
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// Serves `/v1/…` for a local authority from `messaging`.
@@ -155,7 +163,20 @@ impl hyper::service::Service<Request<Incoming>> for Route {
             }
         };
         match answer {
-            Ok(upstream) => RouteFuture::Upstream { inner: upstream.oneshot(req), connect },
+            Ok(upstream) => {
+                let mut req = req;
+                let mut span =
+                    routes.tracer.start(req.headers().get("traceparent"), "outbound", Kind::Client);
+                // the upstream continues the trace under this span
+                Tracer::inject(&span, &mut req);
+                if span.recording() {
+                    span.text("http.request.method", req.method().as_str());
+                    span.text("server.address", request_host(&req).unwrap_or_default());
+                    span.text("url.path", req.uri().path());
+                }
+                let trace = span.recording().then(|| Box::new((routes.tracer.clone(), span)));
+                RouteFuture::Upstream { inner: upstream.oneshot(req), connect, trace }
+            }
             Err(err) => {
                 routes.unmatched.record(err.status().as_u16(), std::time::Duration::ZERO);
                 let mut response = error_response(&err);
@@ -173,7 +194,12 @@ pin_project_lite::pin_project! {
     #[allow(missing_debug_implementations)]
     pub enum RouteFuture {
         Ready { response: Option<Response<Body>> },
-        Upstream { #[pin] inner: Oneshot<UpstreamService, Request<Body>>, connect: bool },
+        Upstream {
+            #[pin] inner: Oneshot<UpstreamService, Request<Body>>,
+            connect: bool,
+            // only while a span is recorded: no allocation otherwise
+            trace: Option<Box<(Tracer, Span)>>,
+        },
         Local { inner: Pin<Box<dyn Future<Output = Response<Body>> + Send>> },
     }
 }
@@ -186,10 +212,21 @@ impl Future for RouteFuture {
             RouteFutureProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            RouteFutureProj::Upstream { inner, connect } => inner.poll(cx).map(|result| {
+            RouteFutureProj::Upstream { inner, connect, trace } => inner.poll(cx).map(|result| {
                 let mut response = result.unwrap_or_else(|err| error_response(&err));
                 if *connect {
                     close_if_refused(&mut response);
+                }
+                if let Some(recorded) = trace.take() {
+                    let (tracer, mut span) = *recorded;
+                    span.int("http.response.status_code", i64::from(response.status().as_u16()));
+                    if let Some(kind) = response.headers().get(crate::http::respond::ERROR_HEADER) {
+                        span.text("outrigger.error", kind.to_str().unwrap_or_default());
+                    }
+                    if response.status().is_server_error() {
+                        span.failed();
+                    }
+                    tracer.end(span);
                 }
                 Ok(response)
             }),

@@ -30,6 +30,7 @@ use crate::messaging::broker::redis::{self as redis_broker, Redis};
 use crate::messaging::broker::{Broker, BrokerError, DeadLetterPage};
 use crate::messaging::envelope::{Envelope, MessageId};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::Tracer;
 
 /// How often dead letters past `dead_letter_retention.max_age` are looked for on an idle store.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(60);
@@ -52,6 +53,7 @@ pub struct Messaging {
     remote: Option<Redis>,
     relay_wake: Arc<Notify>,
     relay_status: Arc<relay::Status>,
+    tracer: Tracer,
 }
 
 /// `dead_letter_retention` in the brokers' units.
@@ -78,6 +80,7 @@ impl Messaging {
         cfg: &config::Messaging,
         service: &str,
         metrics: &Metrics,
+        tracer: Tracer,
     ) -> Result<Arc<Self>, StartError> {
         let remote = match &cfg.broker {
             config::Broker::Embedded => None,
@@ -111,6 +114,7 @@ impl Messaging {
             remote,
             relay_wake: Arc::new(Notify::new()),
             relay_status: Arc::default(),
+            tracer,
         });
         let needed = !cfg.subscriptions.is_empty() && messaging.remote.is_none();
         if needed || cfg.data_dir.join(embedded::FILE_NAME).exists() {
@@ -137,6 +141,11 @@ impl Messaging {
                 }
             })
             .await
+    }
+
+    /// Spans of publishes and deliveries.
+    pub fn tracer(&self) -> &Tracer {
+        &self.tracer
     }
 
     /// The store, if it is open.
@@ -318,6 +327,7 @@ impl Messaging {
             app_base,
             dedup_window: self.dedup_window,
             metrics: self.metrics.clone(),
+            tracer: self.tracer.clone(),
         }
     }
 

@@ -17,6 +17,7 @@ use crate::http::Body;
 use crate::http::respond::error_response;
 use crate::messaging::Messaging;
 use crate::messaging::broker::{Broker, Publish, Published};
+use crate::telemetry::trace::Kind;
 
 /// The largest payload accepted: bigger bodies get 413 before they are read to the end.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -43,12 +44,18 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
     }
     let queue: QueueName =
         queue.parse().map_err(|e: ValueError| bad(format!("queue name: {e}")))?;
+    header(req.headers(), "traceparent")?; // checked like the others
+    // the message carries the publish span's context: its deliveries continue the trace
+    let mut span =
+        messaging.tracer().start(req.headers().get("traceparent"), "publish", Kind::Producer);
+    span.text("messaging.destination.name", queue.as_str());
+    let traceparent = span.context.header().to_str().map(str::to_owned).ok();
     let message = Publish {
         queue: queue.to_string(),
         payload: Box::default(),
         idempotency_key: header(req.headers(), "idempotency-key")?,
         ordering_key: header(req.headers(), "outrigger-ordering-key")?,
-        traceparent: header(req.headers(), "traceparent")?,
+        traceparent,
     };
     let payload = read_json(req).await?;
     let message = Publish { payload, ..message };
@@ -59,6 +66,8 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
         .await
         .map_err(|e| ProxyError::Outbox { reason: e.to_string().into() })?;
     let published = published[0];
+    span.text("messaging.message.id", published.id().to_string());
+    messaging.tracer().end(span);
     let mut res = Response::new(Body::full(format!("{{\"id\":\"{}\"}}\n", published.id())));
     *res.status_mut() = StatusCode::ACCEPTED;
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

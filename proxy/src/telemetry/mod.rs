@@ -1,4 +1,5 @@
-//! What operators see: Prometheus metrics and logs.
+//! What operators see: Prometheus metrics, logs and traces.
 
 pub mod log;
 pub mod metrics;
+pub mod trace;

@@ -16,3 +16,4 @@ mod redis;
 mod registry;
 mod reload;
 mod tls;
+mod tracing;

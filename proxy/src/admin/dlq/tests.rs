@@ -37,7 +37,9 @@ impl Drop for Scratch {
 
 async fn messaging(dir: &Scratch) -> Arc<Messaging> {
     let cfg = outrigger_config::Messaging { data_dir: dir.0.clone(), ..Default::default() };
-    Messaging::start(&cfg, "shop", &Metrics::new()).await.unwrap()
+    Messaging::start(&cfg, "shop", &Metrics::new(), crate::telemetry::trace::Tracer::disabled())
+        .await
+        .unwrap()
 }
 
 /// Publishes to `orders` and dead-letters it into `orders_deadletter` as delivery does, its

@@ -54,12 +54,14 @@ pub enum Verdict {
 }
 
 /// The headers of one delivery (DESIGN.md "Messaging").
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Delivery<'a> {
     pub envelope: &'a Envelope,
     /// 1 for the first delivery.
     pub attempt: u32,
     pub max_attempts: u32,
+    /// The delivery span's context; `None`: the publish's, from the metadata.
+    pub traceparent: Option<http::HeaderValue>,
 }
 
 /// POSTs the envelope to `uri` and reads the answer, all within `timeout`.
@@ -125,6 +127,9 @@ fn request(uri: &Uri, d: Delivery<'_>) -> Request<Body> {
         if let Some(value) = value.and_then(|v| http::HeaderValue::from_str(v).ok()) {
             req.headers_mut().insert(name, value);
         }
+    }
+    if let Some(traceparent) = d.traceparent {
+        req.headers_mut().insert("traceparent", traceparent);
     }
     req
 }
@@ -294,7 +299,8 @@ mod tests {
         let id = crate::messaging::envelope::MessageId::generate(SystemTime::now());
         let mut envelope = Envelope::new(id, "orders", SystemTime::now(), payload);
         let uri: Uri = "http://127.0.0.1:1/events".parse().unwrap();
-        let delivery = Delivery { envelope: &envelope, attempt: 2, max_attempts: 5 };
+        let delivery =
+            Delivery { envelope: &envelope, attempt: 2, max_attempts: 5, traceparent: None };
         let req = request(&uri, delivery);
         let header = |name: &str| req.headers()[name].to_str().unwrap().to_owned();
         assert_eq!(header("outrigger-message-id"), id.to_string());
@@ -307,7 +313,10 @@ mod tests {
         envelope.metadata.insert("idempotency_key".into(), "k-1".into());
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         envelope.metadata.insert("traceparent".into(), tp.into());
-        let req = request(&uri, Delivery { envelope: &envelope, attempt: 2, max_attempts: 5 });
+        let req = request(
+            &uri,
+            Delivery { envelope: &envelope, attempt: 2, max_attempts: 5, traceparent: None },
+        );
         assert_eq!(req.headers()["idempotency-key"], "k-1");
         assert_eq!(req.headers()["traceparent"], tp);
     }

@@ -31,6 +31,7 @@ use crate::messaging::broker::{Broker, BrokerError, Leased, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, rfc3339, unix_millis};
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::{Kind, Tracer};
 use attempt::{Answer, Delivery, Verdict};
 use pace::{Acknowledged, Pacer};
 
@@ -76,6 +77,7 @@ pub struct Subscriber<B> {
     acknowledged: Mutex<Acknowledged>,
     metrics: DeliveryMetrics,
     observed: Arc<supervisor::Observed>,
+    tracer: Tracer,
 }
 
 /// One queue a subscription consumes, with where its dead letters go and its counters.
@@ -112,6 +114,7 @@ pub struct Context<B> {
     pub app_base: String,
     pub dedup_window: Duration,
     pub metrics: Metrics,
+    pub tracer: Tracer,
 }
 
 impl<B: Broker + Clone> Subscriber<B> {
@@ -170,6 +173,7 @@ impl<B: Broker + Clone> Subscriber<B> {
             acknowledged: Mutex::new(Acknowledged::new(ctx.dedup_window, ACKNOWLEDGED_CAPACITY)),
             metrics,
             observed: Arc::default(),
+            tracer: ctx.tracer.clone(),
             queue,
         })
     }
@@ -499,10 +503,32 @@ impl<B: Broker + Clone> Subscriber<B> {
     }
 
     async fn post(&self, envelope: &Envelope, attempt: u32) -> Answer {
-        let delivery = Delivery { envelope, attempt, max_attempts: self.cfg.max_attempts.get() };
+        // each attempt is a span under the publish's: the app continues the trace from it
+        let parent = envelope.metadata.get("traceparent").and_then(|v| v.as_str());
+        let parent = parent.and_then(|p| http::HeaderValue::from_str(p).ok());
+        let mut span = self.tracer.start(parent.as_ref(), "deliver", Kind::Client);
+        span.text("messaging.destination.name", envelope.queue.as_str());
+        span.text("messaging.message.id", envelope.id.to_string());
+        span.int("messaging.delivery.attempt", i64::from(attempt));
+        let delivery = Delivery {
+            envelope,
+            attempt,
+            max_attempts: self.cfg.max_attempts.get(),
+            traceparent: Some(span.context.header()),
+        };
         let started = Instant::now();
         let answer = attempt::post(&self.client, &self.uri, delivery, self.cfg.timeout.get()).await;
         self.lane(&envelope.queue).duration.observe(started.elapsed().as_secs_f64());
+        match &answer {
+            Answer::Status { status, .. } => {
+                span.int("http.response.status_code", i64::from(status.as_u16()));
+                if !status.is_success() {
+                    span.failed();
+                }
+            }
+            Answer::TimedOut(_) | Answer::Failed(_) => span.failed(),
+        }
+        self.tracer.end(span);
         answer
     }
 
