@@ -28,6 +28,7 @@ use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::connect::{Opening, Tunnels};
 use crate::http::tls::{Origination, TlsConnector};
+use crate::telemetry::trace::{Kind, Span, Tracer};
 
 /// The innermost service of an upstream: pick an endpoint, send, classify the outcome.
 #[derive(Debug, Clone)]
@@ -156,6 +157,8 @@ impl tower::Service<Request<Body>> for Forward {
             config::Protocol::Http2 => true,
         };
         let client = if http2 { &inner.http2 } else { &inner.http1 };
+        let mut req = req;
+        let trace = attempt_span(&mut req, picked.endpoint());
         let (req, upgrade) = prepare(req, picked.endpoint(), client.scheme(), http2);
         ResponseFuture {
             state: State::Sent {
@@ -163,9 +166,29 @@ impl tower::Service<Request<Body>> for Forward {
                 upstream: inner.upstream.clone(),
                 upgrade,
                 picked: Some(picked),
+                trace,
             },
         }
     }
+}
+
+/// The request's trace, as the route recorded it: each attempt is a span under the call's,
+/// and the upstream continues the trace under the attempt.
+#[derive(Debug, Clone)]
+pub struct RequestTrace {
+    pub tracer: Tracer,
+    pub parent: HeaderValue,
+}
+
+/// When the request's trace is recorded: a span for this attempt at `endpoint`, whose context
+/// the upstream receives.
+fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<(Tracer, Span)>> {
+    let trace = req.extensions().get::<RequestTrace>()?;
+    let tracer = trace.tracer.clone();
+    let mut span = tracer.start(Some(&trace.parent), "attempt", Kind::Client);
+    span.text("server.address", endpoint.addr.to_string());
+    Tracer::inject(&span, req);
+    Some(Box::new((tracer, span)))
 }
 
 /// Rewrites the request for `endpoint`; returns the client's side of an upgrade, if asked.
@@ -281,6 +304,8 @@ pin_project_lite::pin_project! {
             upgrade: Option<OnUpgrade>,
             // the endpoint's in-flight count; its latency and outcome when the answer comes
             picked: Option<Picked>,
+            // the attempt's span, only while the request's trace is recorded
+            trace: Option<Box<(Tracer, Span)>>,
         },
         // the endpoint is held until the tunnel is open or failed to open
         Tunnel { opening: Opening, picked: Option<Picked> },
@@ -301,11 +326,28 @@ impl Future for ResponseFuture {
             StateProj::Failed { err } => {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
-            StateProj::Sent { fut, upstream, upgrade, picked } => {
+            StateProj::Sent { fut, upstream, upgrade, picked, trace } => {
                 let result = ready!(fut.poll(cx));
                 if let Some(picked) = picked.take() {
                     let failed = result.as_ref().is_ok_and(|res| res.status().is_server_error());
                     picked.finish(failed || result.is_err());
+                }
+                if let Some(recorded) = trace.take() {
+                    let (tracer, mut span) = *recorded;
+                    match &result {
+                        Ok(res) => {
+                            let status = res.status().as_u16();
+                            span.int("http.response.status_code", i64::from(status));
+                            if status >= 500 {
+                                span.failed();
+                            }
+                        }
+                        Err(error) => {
+                            span.text("error.type", error.to_string());
+                            span.failed();
+                        }
+                    }
+                    tracer.end(span);
                 }
                 let mut res = match result {
                     Ok(res) => res,

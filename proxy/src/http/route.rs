@@ -18,6 +18,7 @@ use tower::util::Oneshot;
 use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::connect::close_if_refused;
+use crate::http::forward::RequestTrace;
 use crate::http::guard::REJECTED_HEADER;
 use crate::http::respond::error_response;
 use crate::messaging::{Messaging, publish};
@@ -173,6 +174,10 @@ impl hyper::service::Service<Request<Incoming>> for Route {
                     span.text("http.request.method", req.method().as_str());
                     span.text("server.address", request_host(&req).unwrap_or_default());
                     span.text("url.path", req.uri().path());
+                    // each attempt records its own span under this one
+                    let parent = span.context.header();
+                    req.extensions_mut()
+                        .insert(RequestTrace { tracer: routes.tracer.clone(), parent });
                 }
                 let trace = span.recording().then(|| Box::new((routes.tracer.clone(), span)));
                 RouteFuture::Upstream { inner: upstream.oneshot(req), connect, trace }

@@ -22,6 +22,7 @@ use crate::messaging::Messaging;
 use crate::messaging::broker::redis::Redis;
 use crate::policy::backoff::Backoff;
 use crate::policy::circuit_breaker::{Admission, Breaker};
+use crate::telemetry::trace::Kind;
 
 /// Messages moved per round trip at most.
 const BATCH: usize = 512;
@@ -122,8 +123,28 @@ async fn relay_once(
             return Err(Failed::Broker(format!("reading the outbox: {error}")));
         }
     };
+    // a span per message under its publish, when its trace is recorded
+    let tracer = messaging.tracer();
+    let mut spans: Vec<_> = batch
+        .iter()
+        .filter_map(|envelope| {
+            let parent = envelope.metadata.get("traceparent")?.as_str()?;
+            let parent = http::HeaderValue::from_str(parent).ok()?;
+            let mut span = tracer.start(Some(&parent), "relay", Kind::Producer);
+            span.recording().then(|| {
+                span.text("messaging.destination.name", envelope.queue.as_str());
+                span
+            })
+        })
+        .collect();
     let result = redis.relay(&batch).await;
     record(breaker, admission, result.is_err());
+    for mut span in spans.drain(..) {
+        if result.is_err() {
+            span.failed();
+        }
+        tracer.end(span);
+    }
     if let Err(error) = result {
         store.release_all(&batch);
         return Err(Failed::Broker(error.to_string()));

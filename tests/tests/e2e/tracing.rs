@@ -40,11 +40,16 @@ async fn span_named(receiver: &OtlpReceiver, name: &str, n: usize) -> Vec<Receiv
 }
 
 #[tokio::test]
-async fn a_proxied_call_continues_the_apps_trace_and_its_span_reaches_the_collector() {
+async fn a_proxied_call_with_a_retry_continues_the_apps_trace_and_its_spans_reach_the_collector() {
     let receiver = OtlpReceiver::start().await;
-    let upstream = Upstream::status(200).await;
+    let upstream = Upstream::scripted([
+        outrigger_tests::Reply::Status(503),
+        outrigger_tests::Reply::Status(200),
+    ])
+    .await;
+    let retry = "    retry: { max_attempts: 2, backoff: { initial: 10ms, max: 20ms } }\n";
     let yaml = format!(
-        "service: {{ name: checkout }}\n{}{}",
+        "service: {{ name: checkout }}\n{}{retry}{}",
         upstream.yaml("payments"),
         tracing_yaml(&receiver)
     );
@@ -56,16 +61,22 @@ async fn a_proxied_call_continues_the_apps_trace_and_its_span_reaches_the_collec
         .unwrap();
     assert_eq!(sidecar.send(req).await.status(), 200);
 
-    let seen = upstream.seen();
-    let (trace, parent) = ids(seen[0].headers["traceparent"].to_str().unwrap());
-    assert_eq!(trace, APP_TRACE, "the upstream continues the app's trace");
-    assert_ne!(parent, APP_SPAN, "under the sidecar's span");
-    let span = span_named(&receiver, "outbound", 1).await.remove(0);
-    assert_eq!((span.trace_id.as_str(), span.parent_span_id.as_str()), (APP_TRACE, APP_SPAN));
-    assert_eq!(span.span_id, parent, "the span the upstream saw as its parent");
-    assert_eq!(span.service, "checkout");
-    assert_eq!(span.attribute("server.address"), Some("payments"));
-    assert_eq!(span.attribute("http.response.status_code"), Some("200"));
+    let call = span_named(&receiver, "outbound", 1).await.remove(0);
+    assert_eq!((call.trace_id.as_str(), call.parent_span_id.as_str()), (APP_TRACE, APP_SPAN));
+    assert_eq!(call.service, "checkout");
+    assert_eq!(call.attribute("server.address"), Some("payments"));
+    assert_eq!(call.attribute("http.response.status_code"), Some("200"));
+    let attempts = span_named(&receiver, "attempt", 2).await;
+    assert!(attempts.iter().all(|a| a.trace_id == APP_TRACE && a.parent_span_id == call.span_id));
+    let statuses: Vec<Option<&str>> =
+        attempts.iter().map(|a| a.attribute("http.response.status_code")).collect();
+    assert_eq!(statuses, [Some("503"), Some("200")]);
+    assert_eq!(attempts[0].attribute("server.address"), Some(upstream.addr().to_string().as_str()));
+    // each request the upstream saw continues the trace under its own attempt's span
+    for (seen, attempt) in upstream.seen().iter().zip(&attempts) {
+        let (trace, parent) = ids(seen.headers["traceparent"].to_str().unwrap());
+        assert_eq!((trace.as_str(), parent.as_str()), (APP_TRACE, attempt.span_id.as_str()));
+    }
 }
 
 #[tokio::test]
