@@ -49,14 +49,22 @@ impl Context {
         Some(Context { trace_id, span_id, sampled: flags & 1 == 1 })
     }
 
+    /// The `traceparent` value; built on the stack (it is on every proxied request).
     pub fn header(&self) -> HeaderValue {
-        let mut text = String::with_capacity(55);
-        text.push_str("00-");
-        hex(&mut text, &self.trace_id);
-        text.push('-');
-        hex(&mut text, &self.span_id);
-        text.push_str(if self.sampled { "-01" } else { "-00" });
-        HeaderValue::from_str(&text).expect("hex is a valid header")
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        for (i, b) in self.trace_id.iter().enumerate() {
+            text[3 + 2 * i] = DIGITS[usize::from(b >> 4)];
+            text[4 + 2 * i] = DIGITS[usize::from(b & 15)];
+        }
+        for (i, b) in self.span_id.iter().enumerate() {
+            text[36 + 2 * i] = DIGITS[usize::from(b >> 4)];
+            text[37 + 2 * i] = DIGITS[usize::from(b & 15)];
+        }
+        if self.sampled {
+            text[54] = b'1';
+        }
+        HeaderValue::from_bytes(&text).expect("hex is a valid header")
     }
 
     pub fn trace_hex(&self) -> String {
