@@ -187,6 +187,10 @@ fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<(Tra
     let tracer = trace.tracer.clone();
     let mut span = tracer.start(Some(&trace.parent), "attempt", Kind::Client);
     span.text("server.address", endpoint.addr.to_string());
+    if let Some(info) = req.extensions().get::<crate::policy::retry::AttemptInfo>() {
+        span.int("outrigger.attempt", i64::from(info.number));
+        span.int("outrigger.backoff_ms", info.backoff.as_millis() as i64);
+    }
     Tracer::inject(&span, req);
     Some(Box::new((tracer, span)))
 }

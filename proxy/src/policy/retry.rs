@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
@@ -168,7 +168,13 @@ where
 
     let mut attempt = 1;
     let mut previous_delay = shared.backoff.initial();
+    let traced = parts.extensions.get::<crate::http::forward::RequestTrace>().is_some();
+    let mut waited = Duration::ZERO;
     loop {
+        if traced {
+            // the attempt's span says which attempt it was and what it waited for
+            parts.extensions.insert(AttemptInfo { number: attempt, backoff: waited });
+        }
         let req = Request::from_parts(parts.clone(), Body::replay(data.clone(), trailers.clone()));
         let result = inner.ready().await?.call(req).await;
         let Some(failure) = shared.retryable(&result) else { return finish(result, attempt) };
@@ -200,8 +206,16 @@ where
         drop(result);
         tokio::time::sleep(delay).await;
         previous_delay = delay;
+        waited = delay;
         attempt += 1;
     }
+}
+
+/// Which attempt a request is, and the backoff before it: read by the attempt's trace span.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptInfo {
+    pub number: u32,
+    pub backoff: Duration,
 }
 
 /// The client's answer: the last attempt's, with `outrigger-attempts` when there were several.

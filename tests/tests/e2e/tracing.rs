@@ -72,6 +72,13 @@ async fn a_proxied_call_with_a_retry_continues_the_apps_trace_and_its_spans_reac
         attempts.iter().map(|a| a.attribute("http.response.status_code")).collect();
     assert_eq!(statuses, [Some("503"), Some("200")]);
     assert_eq!(attempts[0].attribute("server.address"), Some(upstream.addr().to_string().as_str()));
+    assert_eq!(
+        (attempts[0].attribute("outrigger.attempt"), attempts[1].attribute("outrigger.attempt")),
+        (Some("1"), Some("2"))
+    );
+    assert_eq!(attempts[0].attribute("outrigger.backoff_ms"), Some("0"));
+    let waited: u64 = attempts[1].attribute("outrigger.backoff_ms").unwrap().parse().unwrap();
+    assert!(waited <= 20, "the second attempt waited its backoff: {waited} ms");
     // each request the upstream saw continues the trace under its own attempt's span
     for (seen, attempt) in upstream.seen().iter().zip(&attempts) {
         let (trace, parent) = ids(seen.headers["traceparent"].to_str().unwrap());
