@@ -112,19 +112,8 @@ impl Sidecar {
     fn spawn_with(yaml: &str, args: Vec<String>) -> Self {
         let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let mut text = String::new();
-        if !yaml.lines().any(|l| l.starts_with("outbound:")) {
-            text.push_str("outbound: { listen: \"$OUTBOUND\" }\n");
-        }
-        if !yaml.lines().any(|l| l.starts_with("admin:")) {
-            text.push_str("admin: { listen: \"$ADMIN\" }\n");
-        }
-        text.push_str(yaml);
         let scratch = Scratch::new();
-        let text = text
-            .replace("$OUTBOUND", &outbound.to_string())
-            .replace("$ADMIN", &admin.to_string())
-            .replace("$SCRATCH", &scratch.0.display().to_string());
+        let text = expand(yaml, outbound, admin, &scratch);
         std::fs::write(scratch.0.join("outrigger.yaml"), text).expect("write the config");
         let child = launch(&scratch, &args);
         Self { child, outbound, admin, scratch, args }
@@ -184,17 +173,7 @@ impl Sidecar {
 
     /// `yaml` as `start` writes it for this sidecar.
     pub fn expand(&self, yaml: &str) -> String {
-        let mut text = String::new();
-        if !yaml.lines().any(|l| l.starts_with("outbound:")) {
-            text.push_str("outbound: { listen: \"$OUTBOUND\" }\n");
-        }
-        if !yaml.lines().any(|l| l.starts_with("admin:")) {
-            text.push_str("admin: { listen: \"$ADMIN\" }\n");
-        }
-        text.push_str(yaml);
-        text.replace("$OUTBOUND", &self.outbound.to_string())
-            .replace("$ADMIN", &self.admin.to_string())
-            .replace("$SCRATCH", &self.scratch.0.display().to_string())
+        expand(yaml, self.outbound, self.admin, &self.scratch)
     }
 
     /// Sends a signal by name (`HUP`, `TERM`) and returns at once.
@@ -271,6 +250,22 @@ impl Sidecar {
 }
 
 /// Runs `outrigger` on the scratch directory's config, appending to its log.
+/// `yaml` with `$OUTBOUND`, `$ADMIN` and `$SCRATCH` filled in, and an `outbound:` or
+/// `admin:` section added when it has none.
+fn expand(yaml: &str, outbound: SocketAddr, admin: SocketAddr, scratch: &Scratch) -> String {
+    let mut text = String::new();
+    if !yaml.lines().any(|l| l.starts_with("outbound:")) {
+        text.push_str("outbound: { listen: \"$OUTBOUND\" }\n");
+    }
+    if !yaml.lines().any(|l| l.starts_with("admin:")) {
+        text.push_str("admin: { listen: \"$ADMIN\" }\n");
+    }
+    text.push_str(yaml);
+    text.replace("$OUTBOUND", &outbound.to_string())
+        .replace("$ADMIN", &admin.to_string())
+        .replace("$SCRATCH", &scratch.0.display().to_string())
+}
+
 fn launch(scratch: &Scratch, args: &[String]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)

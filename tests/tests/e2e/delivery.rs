@@ -68,6 +68,19 @@ async fn gated(app: &Upstream, extra: &str) -> Sidecar {
     Sidecar::start_unready(&yaml).await
 }
 
+/// Deliveries of `{"key": K, "n": N}` payloads came, per key, in the order 0..n.
+pub(crate) fn assert_per_key_order(seen: &[Seen], keys: &[&str], n: u64) {
+    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    for delivery in seen {
+        let payload = &envelope(delivery)["payload"];
+        let key = payload["key"].as_str().unwrap().to_owned();
+        order.entry(key).or_default().push(payload["n"].as_u64().unwrap());
+    }
+    for key in keys {
+        assert_eq!(order[*key], (0..n).collect::<Vec<_>>(), "key {key} in publish order");
+    }
+}
+
 pub(crate) async fn wait_metric(sidecar: &Sidecar, series: &str, value: f64) {
     wait_until(DEADLINE, &format!("{series} = {value}"), || async {
         (metric(sidecar, series).await == Some(value)).then_some(())
@@ -234,17 +247,7 @@ async fn per_key_order_holds_under_concurrency_with_a_randomly_slow_app() {
 
     let seen = deliveries(&app, 30).await;
     wait_metric(&sidecar, ACKED, 30.0).await;
-    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
-    for delivery in &seen {
-        let payload = &envelope(delivery)["payload"];
-        order
-            .entry(payload["key"].as_str().unwrap().into())
-            .or_default()
-            .push(payload["n"].as_u64().unwrap());
-    }
-    for key in keys {
-        assert_eq!(order[key], (0..10).collect::<Vec<_>>(), "key {key} in publish order");
-    }
+    assert_per_key_order(&seen, &keys, 10);
     assert_eq!(app.requests(), 30, "each once");
 }
 

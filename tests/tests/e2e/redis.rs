@@ -439,17 +439,7 @@ async fn per_key_order_holds_across_two_replicas_with_a_randomly_slow_app() {
     })
     .await;
     seen.sort_by_key(|s| s.at);
-    let mut order: std::collections::HashMap<String, Vec<u64>> = Default::default();
-    for delivery in &seen {
-        let payload = &envelope(delivery)["payload"];
-        order
-            .entry(payload["key"].as_str().unwrap().into())
-            .or_default()
-            .push(payload["n"].as_u64().unwrap());
-    }
-    for key in keys {
-        assert_eq!(order[key], (0..10).collect::<Vec<_>>(), "key {key} in publish order");
-    }
+    crate::delivery::assert_per_key_order(&seen, &keys, 10);
     assert_eq!(seen.len(), 30, "each once");
     assert!(!app_a.seen().is_empty() && !app_b.seen().is_empty(), "both replicas worked");
 }
