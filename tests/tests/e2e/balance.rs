@@ -148,7 +148,7 @@ async fn a_retry_goes_to_another_endpoint() {
 
 #[tokio::test]
 async fn p2c_ewma_sends_most_requests_to_the_faster_endpoint() {
-    let slow = Upstream::scripted([Reply::Delayed(Duration::from_millis(60), 200)]).await;
+    let slow = Upstream::scripted([Reply::Delayed(Duration::from_millis(150), 200)]).await;
     let fast = Upstream::status(200).await;
     let sidecar = Sidecar::start(&payments(&[&slow, &fast], "load_balancer: p2c_ewma")).await;
 
