@@ -69,6 +69,7 @@ pub struct Running {
     registration: Option<Registration>,
     /// One dispatcher per subscription; each ends after its deliveries in flight.
     dispatchers: JoinSet<()>,
+    messaging: Arc<Messaging>,
 }
 
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -142,6 +143,7 @@ pub async fn start_reloading(
         drain_timeout: config.lifecycle.drain_timeout.get(),
         registration: None,
         dispatchers: JoinSet::new(),
+        messaging: messaging.clone(),
     };
     if let Some(app) = &config.service.app
         && !config.messaging.subscriptions.is_empty()
@@ -316,6 +318,8 @@ impl Running {
         if tokio::time::timeout_at(deadline, drained).await.is_err() {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing what is left");
         }
+        // the outbox stays durable; closing the file spares the next start a repair
+        self.messaging.close().await;
         tracing::info!("outrigger stopped");
     }
 }

@@ -182,6 +182,11 @@ impl Sidecar {
             Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
     }
 
+    /// Whether the process has exited (it is reaped if so).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Sends SIGTERM and returns at once.
     pub fn sigterm(&self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

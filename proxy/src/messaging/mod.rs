@@ -148,6 +148,14 @@ impl Messaging {
         &self.tracer
     }
 
+    /// Closes the store file cleanly, after the work using it has stopped (the shutdown's
+    /// last step): the next start opens it without a repair.
+    pub async fn close(&self) {
+        if let Some(store) = self.store.get() {
+            store.close().await;
+        }
+    }
+
     /// The store, if it is open.
     pub fn opened(&self) -> Option<&Embedded> {
         self.store.get()

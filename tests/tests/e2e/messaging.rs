@@ -152,3 +152,30 @@ async fn twenty_accepted_messages_survive_a_kill_9() {
     assert_eq!(status, 202, "the reopened store takes new messages");
     assert_eq!(metric(&sidecar, "outrigger_outbox_pending").await, Some(21.0));
 }
+
+#[tokio::test]
+async fn a_graceful_stop_closes_the_store_so_the_next_start_needs_no_repair() {
+    let mut sidecar = Sidecar::start(YAML).await;
+    assert_eq!(post(&sidecar, "orders", "{}", None).await.0, 202);
+
+    // SIGTERM: the drain ends by closing the store file
+    sidecar.signal("TERM");
+    wait_until_exited(&mut sidecar).await;
+    sidecar.restart().await;
+    assert!(!sidecar.log().contains("repairing the message store"), "{}", sidecar.log());
+    assert_eq!(queues(&sidecar).await["queues"][0]["messages"], 1, "the message is still there");
+
+    // kill -9 leaves it unclean: the next open repairs it (and says so)
+    sidecar.kill9();
+    sidecar.restart().await;
+    assert!(sidecar.log().contains("repairing the message store"), "{}", sidecar.log());
+    assert_eq!(queues(&sidecar).await["queues"][0]["messages"], 1);
+}
+
+async fn wait_until_exited(sidecar: &mut Sidecar) {
+    outrigger_tests::wait_until(outrigger_tests::DEADLINE, "the sidecar to exit", || {
+        let exited = sidecar.exited();
+        async move { exited.then_some(()) }
+    })
+    .await;
+}

@@ -63,7 +63,8 @@ pub struct Embedded {
 
 #[derive(Debug)]
 struct Inner {
-    db: Arc<Database>,
+    /// `None` once closed: the file is closed when the last handle is dropped.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
     writes: mpsc::Sender<Command>,
     /// Messages leased to a consumer: not read again until acked, parked or dead-lettered.
     /// In memory on purpose: after a restart every unacknowledged message is due again.
@@ -108,7 +109,15 @@ impl Embedded {
         let path = dir.join(FILE_NAME);
         let fail = |reason: String| OpenError { path: path.clone(), reason };
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
+        let mut builder = Database::builder();
+        builder.set_repair_callback(|session| {
+            if session.progress() == 0.0 {
+                tracing::warn!(
+                    "repairing the message store after an unclean shutdown (kill -9, a crash)"
+                );
+            }
+        });
+        let db = builder.create(&path).map_err(|e| fail(e.to_string()))?;
         let stored = create_tables(&db).map_err(|e| fail(e.to_string()))?;
         pending.set(stored as i64);
         let db = Arc::new(db);
@@ -128,7 +137,7 @@ impl Embedded {
         tracing::info!(path = %path.display(), stored, "message store open");
         Ok(Embedded {
             inner: Arc::new(Inner {
-                db,
+                db: std::sync::RwLock::new(Some(db)),
                 writes,
                 leases: Mutex::new(HashSet::new()),
                 commits,
@@ -230,13 +239,22 @@ impl Embedded {
         Ok(expired)
     }
 
-    /// Asks the writer thread to stop after what it has queued, and waits until it has closed
-    /// its handle on the file; the file is closed once every clone of this handle is dropped.
-    pub async fn close(self) {
+    /// Asks the writer thread to stop after what it has queued, waits until it has let go of
+    /// the file, and lets go of this handle's: the file is closed cleanly (no repair at the
+    /// next open) as soon as no read is using it. Every later operation fails with `Stopped`.
+    pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.inner.writes.send(Command::Close(tx)).await.is_ok() {
             let _ = rx.await;
         }
+        let db = self.inner.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        drop(db);
+    }
+
+    /// The open database, or `Stopped` after [`Embedded::close`].
+    fn db(&self) -> Result<Arc<Database>, BrokerError> {
+        let db = self.inner.db.read().unwrap_or_else(|e| e.into_inner());
+        db.clone().ok_or(BrokerError::Stopped)
     }
 
     async fn write(&self, op: Op) -> Result<Reply, BrokerError> {
@@ -254,7 +272,7 @@ impl Embedded {
         T: Send + 'static,
         F: FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error> + Send + 'static,
     {
-        let db = self.inner.db.clone();
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read()?;
             read(&txn)
@@ -272,10 +290,10 @@ impl Embedded {
         T: Send + 'static,
         F: FnOnce(&redb::ReadTransaction, &mut Leases) -> Result<T, redb::Error> + Send + 'static,
     {
-        let this = self.clone();
+        let (this, db) = (self.clone(), self.db()?);
         tokio::task::spawn_blocking(move || {
             let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
-            let txn = this.inner.db.begin_read()?;
+            let txn = db.begin_read()?;
             read(&txn, &mut leases)
         })
         .await
