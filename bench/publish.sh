@@ -39,6 +39,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+wait_ready() { for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && return; sleep 0.1; done; }
 
 # the disk's own flush: 4 KiB rewritten in place then fsync (data + inode), or fdatasync (data
 # only, what a commit into an already allocated file needs); 200 samples each, median and p99 ms
@@ -68,7 +69,7 @@ telemetry: { log: { level: warn } }
 YAML
 taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >"$work/outrigger.log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+wait_ready
 
 cat >"$work/publish.lua" <<'LUA'
 wrk.method = "POST"
@@ -118,7 +119,7 @@ telemetry: { log: { level: warn } }
 YAML
 taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+wait_ready
 start_pending=$(pending); start=$(date +%s.%N)
 sleep "$SECONDS_PER_RUN"
 end_pending=$(pending); end=$(date +%s.%N)
@@ -152,7 +153,7 @@ telemetry: { log: { level: warn } }
 YAML
 taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+wait_ready
 taskset -c 0 wrk -t1 -c1 -d1s -s "$work/publish.lua" http://127.0.0.1:18190/v1/publish/bench >/dev/null
 line=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
   http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
@@ -175,7 +176,7 @@ telemetry: { log: { level: warn } }
 YAML
 taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do curl -fs http://127.0.0.1:18191/readyz >/dev/null && break; sleep 0.1; done
+wait_ready
 acked='outrigger_messages_delivered_total{outcome="acked",queue="bench"}'
 first=$(metric "$acked"); start=$(date +%s.%N)
 sleep "$SECONDS_PER_RUN"

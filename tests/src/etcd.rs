@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -82,11 +82,7 @@ impl Etcd {
     /// Starts etcd again on the same ports and data, and waits until it answers.
     pub async fn restart(&mut self) {
         self.stop();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("etcd.log"))
-            .expect("an etcd log file");
+        let (stdout, stderr) = crate::log_to(&self.dir.join("etcd.log"));
         let (client, peer) = (format!("http://{}", self.client), format!("http://{}", self.peer));
         let child = Command::new("etcd")
             .arg("--name=test")
@@ -96,8 +92,8 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=test={peer}"))
-            .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
-            .stderr(Stdio::from(log))
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("start etcd (Debian package etcd-server; scripts/test installs it)");
         self.child = Some(child);

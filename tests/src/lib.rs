@@ -25,6 +25,18 @@ pub use upstream::{Reply, Seen, Upstream};
 use std::future::Future;
 use std::time::Duration;
 
+/// A child's stdout and stderr, both appended to the log file at `path` (kept across
+/// restarts, so a test's failure message shows every run).
+pub(crate) fn log_to(path: &std::path::Path) -> (std::process::Stdio, std::process::Stdio) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("a log file {}: {e}", path.display()));
+    let out = log.try_clone().expect("dup the log file");
+    (out.into(), log.into())
+}
+
 /// How long a test waits for something that should happen promptly.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -71,11 +71,7 @@ impl Redis {
     /// Starts Redis again on the same port and data, and waits until it answers PING.
     pub async fn restart(&mut self) {
         self.stop();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("redis.log"))
-            .expect("a redis log file");
+        let (stdout, stderr) = crate::log_to(&self.dir.join("redis.log"));
         let mut command = Command::new("redis-server");
         match &self.tls {
             None => command.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]),
@@ -94,8 +90,8 @@ impl Redis {
             .arg(&self.dir)
             .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
             .args(["--daemonize", "no", "--protected-mode", "no"])
-            .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
-            .stderr(Stdio::from(log))
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("start redis-server (Debian package redis-server; scripts/test installs it)");
         self.child = Some(child);

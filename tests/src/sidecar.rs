@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -272,18 +272,14 @@ fn expand(yaml: &str, outbound: SocketAddr, admin: SocketAddr, scratch: &Scratch
 }
 
 fn launch(scratch: &Scratch, args: &[String]) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(scratch.0.join("outrigger.log"))
-        .expect("a log file");
+    let (stdout, stderr) = crate::log_to(&scratch.0.join("outrigger.log"));
     Command::new(binary())
         .args(["run", "--config"])
         .arg(scratch.0.join("outrigger.yaml"))
         .args(args)
         .env("OUTRIGGER_LOG", "debug")
-        .stdout(Stdio::from(log.try_clone().expect("dup the log file")))
-        .stderr(Stdio::from(log))
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
         .expect("start outrigger")
 }

@@ -104,14 +104,15 @@ struct Summary<'a> {
 }
 
 fn summary(envelope: &Envelope) -> Summary<'_> {
+    use crate::messaging::envelope::dead_letter_keys::*;
     let text = |key: &str| envelope.metadata.get(key).and_then(|v| v.as_str());
     Summary {
         id: envelope.id,
         dispatch_date: &envelope.dispatch_date,
-        original_queue: text("original_queue"),
-        reason: text("reason"),
-        attempts: envelope.metadata.get("attempts").and_then(|v| v.as_u64()),
-        dead_lettered_at: text("dead_lettered_at"),
+        original_queue: text(ORIGINAL_QUEUE),
+        reason: text(REASON),
+        attempts: envelope.metadata.get(ATTEMPTS).and_then(|v| v.as_u64()),
+        dead_lettered_at: text(DEAD_LETTERED_AT),
         last_error: envelope.error.last(),
     }
 }

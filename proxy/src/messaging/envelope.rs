@@ -40,6 +40,15 @@ pub struct ErrorRecord {
     pub date: String,
 }
 
+/// Metadata keys a dead letter carries (DESIGN.md "Messaging").
+pub mod dead_letter_keys {
+    pub const ORIGINAL_QUEUE: &str = "original_queue";
+    pub const SUBSCRIBER: &str = "subscriber";
+    pub const REASON: &str = "reason";
+    pub const ATTEMPTS: &str = "attempts";
+    pub const DEAD_LETTERED_AT: &str = "dead_lettered_at";
+}
+
 // === impl Envelope ===
 
 impl Envelope {

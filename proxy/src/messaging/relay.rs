@@ -127,6 +127,7 @@ async fn relay_once(
     let tracer = messaging.tracer();
     let mut spans: Vec<_> = batch
         .iter()
+        .filter(|_| tracer.exporting())
         .filter_map(|envelope| {
             let parent = envelope.metadata.get("traceparent")?.as_str()?;
             let parent = http::HeaderValue::from_str(parent).ok()?;

@@ -186,15 +186,17 @@ impl Tracer {
             }
         };
         let span_id = rand::random::<u64>().max(1).to_be_bytes();
+        let recording = sampled && self.export.is_some();
         Span {
             context: Context { trace_id, span_id, sampled },
             parent: parent_id,
             name,
             kind,
-            start: SystemTime::now(),
+            // a span that is only propagated needs no clock
+            start: if recording { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
             attributes: Vec::new(),
             error: false,
-            recording: sampled && self.export.is_some(),
+            recording,
         }
     }
 
@@ -206,6 +208,11 @@ impl Tracer {
             // a full queue drops the span, never blocks the request
             let _ = export.try_send(Finished { span, end: SystemTime::now() });
         }
+    }
+
+    /// Whether spans are exported at all (an endpoint is set).
+    pub fn exporting(&self) -> bool {
+        self.export.is_some()
     }
 
     /// Sets `traceparent` on an outgoing request to `span`.

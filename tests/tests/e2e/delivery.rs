@@ -61,7 +61,13 @@ pub(crate) fn header<'a>(seen: &'a Seen, name: &str) -> &'a str {
 /// A sidecar whose app fails its health check until the test calls `app.set_health(200)`:
 /// what is published meanwhile waits, and then goes out all at once.
 async fn gated(app: &Upstream, extra: &str) -> Sidecar {
-    let yaml = config(app, extra).replace(
+    start_gated(&config(app, extra), app).await
+}
+
+/// Starts `yaml` (whose `service.app` is `app`) with the app's `/healthz` as its health path,
+/// without waiting for readiness: while the app fails it, deliveries wait.
+pub(crate) async fn start_gated(yaml: &str, app: &Upstream) -> Sidecar {
+    let yaml = yaml.replace(
         &format!("app: {{ url: \"http://{}\" }}", app.addr()),
         &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
     );
@@ -309,11 +315,7 @@ async fn a_tripped_subscription_breaker_pauses_delivery_then_probes() {
 #[tokio::test]
 async fn delivery_waits_while_the_apps_health_check_fails() {
     let app = Upstream::health_checked(200, 503).await;
-    let yaml = config(&app, "").replace(
-        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
-        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
-    );
-    let sidecar = Sidecar::start_unready(&yaml).await;
+    let sidecar = start_gated(&config(&app, ""), &app).await;
     publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
 
     let checks = app.health_checks();
@@ -357,11 +359,7 @@ async fn duplicate_deliveries_sends_every_message_twice() {
 async fn twenty_202s_survive_kill9_and_are_all_delivered_after_restart() {
     // the app's health fails at first, so nothing is delivered before the kill
     let app = Upstream::health_checked(200, 503).await;
-    let yaml = config(&app, "").replace(
-        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
-        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
-    );
-    let mut sidecar = Sidecar::start_unready(&yaml).await;
+    let mut sidecar = start_gated(&config(&app, ""), &app).await;
     let mut ids = Vec::new();
     for n in 0..20 {
         ids.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
@@ -424,11 +422,7 @@ async fn a_concurrency_range_grows_with_the_backlog_and_shrinks_when_idle() {
 /// the app received them.
 pub(crate) async fn lanes_in_delivery_order(yaml_of: impl Fn(&Upstream) -> String) -> Vec<String> {
     let app = Upstream::health_checked(200, 503).await;
-    let yaml = yaml_of(&app).replace(
-        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
-        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
-    );
-    let sidecar = Sidecar::start_unready(&yaml).await;
+    let sidecar = start_gated(&yaml_of(&app), &app).await;
     for n in 0..3 {
         publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
     }

@@ -383,11 +383,7 @@ async fn dead_letter_retention_keeps_the_newest_on_redis() {
 async fn queue_and_dead_letter_gauges_read_redis() {
     let redis = Redis::start().await;
     let app = Upstream::health_checked(400, 503).await;
-    let yaml = config("shop", &redis, &app, "").replace(
-        &format!("app: {{ url: \"http://{}\" }}", app.addr()),
-        &format!("app: {{ url: \"http://{}\", health_path: /healthz }}", app.addr()),
-    );
-    let sidecar = Sidecar::start_unready(&yaml).await;
+    let sidecar = crate::delivery::start_gated(&config("shop", &redis, &app, ""), &app).await;
     for n in 0..4 {
         publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await;
     }

@@ -196,7 +196,7 @@ pub trait Broker: Send + Sync + 'static {
 /// the dead-letter metadata goes, and `replayed_at`, `replays` (a count) and
 /// `last_dead_letter_reason` say what happened.
 pub fn mark_replayed(envelope: &mut Envelope, dead_letter_queue: &str, now: std::time::SystemTime) {
-    use crate::messaging::deliver::dead_letter_keys::*;
+    use crate::messaging::envelope::dead_letter_keys::*;
     let metadata = &mut envelope.metadata;
     let original = metadata.remove(ORIGINAL_QUEUE).and_then(|q| q.as_str().map(str::to_owned));
     envelope.queue = original.unwrap_or_else(|| {

@@ -217,6 +217,9 @@ struct Inner {
     commands: ConnectionManager,
     /// The consumer group: `service.name`.
     group: String,
+    /// This process's consumer name in every group: `service-HOSTNAME-PID`, unique per replica
+    /// and start. (The broker interface's `consumer` argument is the group's base name.)
+    consumer: String,
     claim_idle: Duration,
     dedup_window: Duration,
     retention: Retention,
@@ -311,6 +314,11 @@ impl Redis {
                 client,
                 commands,
                 group: group.to_owned(),
+                consumer: format!(
+                    "{group}-{}-{}",
+                    std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+                    std::process::id()
+                ),
                 claim_idle,
                 dedup_window,
                 retention,
@@ -397,12 +405,6 @@ impl Redis {
     pub async fn ping(&self) -> Result<(), BrokerError> {
         let mut conn = self.inner.commands.clone();
         redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(store_error)
-    }
-
-    /// The consumer name of this process: unique per replica and start.
-    fn consumer(&self, base: &str) -> String {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-        format!("{base}-{host}-{}", std::process::id())
     }
 
     async fn ensure_group(&self, queue: &str, ordered: bool) -> Result<(), BrokerError> {
@@ -503,14 +505,13 @@ impl Redis {
     async fn read_entries(
         &self,
         queue: &str,
-        consumer: &str,
         max: usize,
         now: UnixMillis,
         wait: bool,
     ) -> Result<Vec<Leased>, BrokerError> {
         let group = &self.inner.group;
         let (key, retry_key) = (stream(queue), retries(queue, group));
-        let consumer = self.consumer(consumer);
+        let consumer = &self.inner.consumer;
         let mut conn = self.inner.commands.clone();
         // this group's parked messages that are due go to its retry stream (any replica may)
         redis::cmd("EVAL")
@@ -532,7 +533,7 @@ impl Redis {
             let claim: Value = redis::cmd("XAUTOCLAIM")
                 .arg(stream_key)
                 .arg(group)
-                .arg(&consumer)
+                .arg(consumer)
                 .arg(self.inner.claim_idle.as_millis() as u64)
                 .arg("0-0")
                 .arg("COUNT")
@@ -553,7 +554,7 @@ impl Redis {
             // stalls the commands behind it), so a retry released by another replica wakes it
             // as a new message does; a broker may hand out up to twice `max` here
             let options = StreamReadOptions::default()
-                .group(group, &consumer)
+                .group(group, consumer)
                 .count(max)
                 .block(READ_BLOCK.as_millis() as usize);
             let mut reader = self.reader(queue)?;
@@ -571,7 +572,7 @@ impl Redis {
             if remaining == 0 {
                 break;
             }
-            let options = StreamReadOptions::default().group(group, &consumer).count(remaining);
+            let options = StreamReadOptions::default().group(group, consumer).count(remaining);
             let reply: Option<StreamReadReply> = conn
                 .xread_options(&[stream_key], &[">"], &options)
                 .await
@@ -720,11 +721,12 @@ impl Broker for Redis {
     async fn read(
         &self,
         queue: &str,
-        consumer: &str,
+        // the group is `service.name`; this process's own name in it is made once, in `new`
+        _consumer: &str,
         Read { max, now, ordered, wait }: Read,
     ) -> Result<Vec<Leased>, BrokerError> {
         self.ensure_group(queue, ordered).await?;
-        let found = self.read_entries(queue, consumer, max, now, wait).await?;
+        let found = self.read_entries(queue, max, now, wait).await?;
         if ordered { self.in_turn(queue, found).await } else { Ok(found) }
     }
 

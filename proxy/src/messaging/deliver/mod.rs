@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::http::forward::UpstreamClient;
 use crate::messaging::broker::{Broker, BrokerError, Leased, Read, UnixMillis};
-use crate::messaging::envelope::{Envelope, rfc3339, unix_millis};
+use crate::messaging::envelope::{Envelope, dead_letter_keys, rfc3339, unix_millis};
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::{Kind, Tracer};
@@ -44,15 +44,6 @@ const BROKER_ERROR_PAUSE: Duration = Duration::from_secs(1);
 const TIDY_EVERY: Duration = Duration::from_secs(10);
 /// Acknowledged ids remembered per subscription at most.
 const ACKNOWLEDGED_CAPACITY: usize = 100_000;
-
-/// Metadata keys a dead letter carries (DESIGN.md "Messaging").
-pub mod dead_letter_keys {
-    pub const ORIGINAL_QUEUE: &str = "original_queue";
-    pub const SUBSCRIBER: &str = "subscriber";
-    pub const REASON: &str = "reason";
-    pub const ATTEMPTS: &str = "attempts";
-    pub const DEAD_LETTERED_AT: &str = "dead_lettered_at";
-}
 
 /// Whether deliveries may go to the app now: follows its health path when one is configured.
 pub type AppUp = watch::Receiver<bool>;
@@ -507,9 +498,11 @@ impl<B: Broker + Clone> Subscriber<B> {
         let parent = envelope.metadata.get("traceparent").and_then(|v| v.as_str());
         let parent = parent.and_then(|p| http::HeaderValue::from_str(p).ok());
         let mut span = self.tracer.start(parent.as_ref(), "deliver", Kind::Client);
-        span.text("messaging.destination.name", envelope.queue.as_str());
-        span.text("messaging.message.id", envelope.id.to_string());
-        span.int("messaging.delivery.attempt", i64::from(attempt));
+        if span.recording() {
+            span.text("messaging.destination.name", envelope.queue.as_str());
+            span.text("messaging.message.id", envelope.id.to_string());
+            span.int("messaging.delivery.attempt", i64::from(attempt));
+        }
         let delivery = Delivery {
             envelope,
             attempt,
