@@ -464,7 +464,11 @@ async fn a_timeout_and_a_refused_connection_are_retried_with_a_null_status() {
     assert_eq!(record["message"], "timeout: no answer within 200ms");
 
     // nothing listens where the app should be: two attempts, then the dead letter says why
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // a port bound and not listening: refused for the whole test (a port merely freed could be
+    // taken by another test's server meanwhile)
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap();
     let gone =
         config(&app, ", max_attempts: 2").replace(&app.addr().to_string(), &closed.to_string());
     let sidecar = Sidecar::start(&gone).await;
