@@ -27,7 +27,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown top-level field",
             s("servce:\n  name: checkout\n"),
             vec![
-                "outrigger.yaml:1:1: servce: unknown field (expected one of: service, admin, outbound, upstreams, registry, resolver, messaging, telemetry, lifecycle)",
+                "outrigger.yaml:1:1: servce: unknown field (expected one of: service, admin, outbound, upstreams, registry, resolver, messaging, telemetry, lifecycle, runtime)",
             ],
         ),
         (
@@ -56,6 +56,13 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             s("lifecycle: { drain_timeout: 30 }\n"),
             vec![
                 "outrigger.yaml:1:29: lifecycle.drain_timeout: \"30\" is not a duration (expected e.g. 250ms, 5s, 1m)",
+            ],
+        ),
+        (
+            "runtime: at least one worker",
+            s("runtime: { workers: 0 }\n"),
+            vec![
+                "outrigger.yaml:1:21: runtime.workers: must be at least 1 (expected a whole number >= 1, got 0)",
             ],
         ),
         (

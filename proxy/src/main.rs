@@ -125,7 +125,8 @@ fn main() -> ExitCode {
                 eprintln!("outrigger: --exit-with-app needs service.app.health_path to watch");
                 return ExitCode::FAILURE;
             }
-            match runtime().block_on(app::run(config, path, exit_with_app)) {
+            let runtime = serving_runtime(config.runtime.worker_threads());
+            match runtime.block_on(app::run(config, path, exit_with_app)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(error = %err, "outrigger could not start");
@@ -178,6 +179,19 @@ fn dlq(admin: &str, json: bool, action: DlqAction) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The sidecar's runtime: with one worker, a single-threaded one (no work stealing, no
+/// cross-thread wakeups: the cheapest per request, and what a sidecar limited to one CPU gets).
+fn serving_runtime(workers: usize) -> tokio::runtime::Runtime {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    builder.enable_all().build().expect("the tokio runtime starts")
 }
 
 fn runtime() -> tokio::runtime::Runtime {

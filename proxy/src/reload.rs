@@ -5,7 +5,7 @@
 //! connections), a changed or new one is built afresh, a removed one is dropped once its
 //! requests in flight are done. An invalid file is refused with each error logged as
 //! FILE:LINE:COL, and the running config stays. Sections that are bound at startup (listen
-//! addresses, service, messaging, registry, resolver, telemetry, lifecycle) are reported as
+//! addresses, service, messaging, registry, resolver, telemetry, lifecycle, runtime) are reported as
 //! needing a restart; the rest of the file still applies.
 
 use std::collections::HashMap;
@@ -179,6 +179,7 @@ fn restart_needed(running: &Config, next: &Config) -> Vec<&'static str> {
     check("messaging", running.messaging == next.messaging);
     check("telemetry", running.telemetry == next.telemetry);
     check("lifecycle", running.lifecycle == next.lifecycle);
+    check("runtime", running.runtime == next.runtime);
     let listens = |c: &Config| {
         c.upstreams.iter().map(|u| (u.name.as_str().to_owned(), u.listen)).collect::<Vec<_>>()
     };

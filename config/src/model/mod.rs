@@ -34,6 +34,7 @@ pub struct Config {
     pub messaging: Messaging,
     pub telemetry: Telemetry,
     pub lifecycle: Lifecycle,
+    pub runtime: Runtime,
 }
 
 /// This service: its name (metrics label, consumer group, registry entry) and its local app.
@@ -143,6 +144,24 @@ pub struct Tracing {
 pub struct Lifecycle {
     /// On SIGTERM, how long in-flight work may finish.
     pub drain_timeout: Duration,
+}
+
+/// The process's threads.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Runtime {
+    /// Threads serving traffic. `None`: as many as the CPUs this process may use (its
+    /// affinity and cgroup quota); one means a single-threaded runtime, the cheapest per request.
+    pub workers: Option<usize>,
+}
+
+impl Runtime {
+    /// The worker threads to start: the configured number, else the CPUs available.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 // === defaults ===

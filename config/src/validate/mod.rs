@@ -33,6 +33,9 @@ pub(crate) fn validate(config: &Config) -> Vec<Issue> {
     }
     checks.messaging(&config.messaging, config.service.app.is_some());
     checks.telemetry(&config.telemetry);
+    if config.runtime.workers == Some(0) {
+        checks.push("runtime.workers", "must be at least 1", Some("a whole number >= 1, got 0"));
+    }
     checks.issues
 }
 

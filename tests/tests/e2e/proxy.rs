@@ -263,3 +263,27 @@ async fn requests_are_balanced_round_robin_over_static_endpoints() {
 
     assert_eq!((a.requests(), b.requests()), (5, 5));
 }
+
+/// The threads named like tokio's workers in the sidecar's process.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[tokio::test]
+async fn runtime_workers_sets_the_serving_threads_and_one_worker_serves_on_the_main_thread() {
+    let up = Upstream::status(200).await;
+    for (workers, expected_threads) in [(1, 0), (3, 3)] {
+        let yaml = format!("{}runtime: {{ workers: {workers} }}\n", up.yaml("payments"));
+        let sidecar = Sidecar::start(&yaml).await;
+
+        let res = sidecar.get("payments", "/").await;
+
+        assert_eq!(res.status(), 200, "workers: {workers}");
+        assert_eq!(worker_threads(sidecar.pid()), expected_threads, "workers: {workers}");
+    }
+    assert_eq!(up.requests(), 2);
+}
