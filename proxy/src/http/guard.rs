@@ -24,6 +24,9 @@ pub(crate) const REJECTED_HEADER: &str = "outrigger-rejected";
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const READ_CHUNK: usize = 8 * 1024;
+/// Below this much room in hyper's buffer (the first bytes, which hyper's protocol sniffing reads
+/// 24 at a time), reads go through `storage`.
+const MIN_DIRECT_READ: usize = 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const STACK_HEADERS: usize = 128;
 
@@ -141,17 +144,18 @@ impl<T> GuardedIo<T> {
         }
     }
 
-    /// Approve what can be approved of the unscanned bytes, following the framing.
-    fn scan(&mut self) {
+    /// Approves what can be approved of `held[self.released..]`, following the framing;
+    /// `held` is what was read from the client and not yet handed to hyper.
+    fn scan(&mut self, held: &[u8]) {
         loop {
-            let unscanned = self.end - self.start - self.released;
+            let from = self.released;
+            let unscanned = held.len() - from;
             if unscanned == 0 {
                 return;
             }
-            let from = self.start + self.released;
+            let seen = &held[from..];
             match self.state {
                 State::Sniff => {
-                    let seen = &self.storage[from..self.end];
                     let n = seen.len().min(H2_PREFACE.len());
                     if seen[..n] != H2_PREFACE[..n] {
                         self.state = State::Head;
@@ -163,16 +167,13 @@ impl<T> GuardedIo<T> {
                 }
                 State::Head => {
                     // RFC 9112 2.2: empty lines before a request line are ignored (hyper too)
-                    let skip = self.storage[from..self.end]
-                        .iter()
-                        .take_while(|b| **b == b'\r' || **b == b'\n')
-                        .count();
+                    let skip = seen.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
                     if skip > 0 && self.head_searched == 0 {
                         self.released += skip;
                         continue;
                     }
                     self.head_begins(Instant::now());
-                    if !self.scan_head(from) {
+                    if !self.scan_head(seen) {
                         return;
                     }
                 }
@@ -182,7 +183,7 @@ impl<T> GuardedIo<T> {
                     self.state = if n == left { self.next_head() } else { State::Body(left - n) };
                 }
                 State::Chunked(chunk) => {
-                    if !self.scan_chunked(from, chunk) {
+                    if !self.scan_chunked(seen, chunk) {
                         return;
                     }
                 }
@@ -194,15 +195,24 @@ impl<T> GuardedIo<T> {
         }
     }
 
+    /// [`scan`](Self::scan) over `storage`; a rejection drops what follows the refused head.
+    fn scan_storage(&mut self) {
+        let storage = std::mem::take(&mut self.storage);
+        self.scan(&storage[self.start..self.end]);
+        self.storage = storage;
+        if self.state == State::Rejected {
+            self.end = self.start + self.released;
+        }
+    }
+
     fn next_head(&mut self) -> State {
         self.head_started = None;
         self.head_searched = 0;
         State::Head
     }
 
-    /// Looks for the end of the head starting at `from`; returns whether progress was made.
-    fn scan_head(&mut self, from: usize) -> bool {
-        let seen = &self.storage[from..self.end];
+    /// Looks for the end of the head that `seen` starts with; returns whether progress was made.
+    fn scan_head(&mut self, seen: &[u8]) -> bool {
         let search_from = self.head_searched.saturating_sub(3);
         let Some(end) = find(&seen[search_from..], b"\r\n\r\n").map(|i| search_from + i + 4) else {
             self.head_searched = seen.len();
@@ -219,7 +229,7 @@ impl<T> GuardedIo<T> {
             self.reject(431, &reason);
             return true;
         }
-        match check_head(&self.storage[from..from + end], self.limits.max_headers) {
+        match check_head(&seen[..end], self.limits.max_headers) {
             Ok(next) => {
                 self.released += end;
                 self.head_searched = 0;
@@ -235,8 +245,7 @@ impl<T> GuardedIo<T> {
         true
     }
 
-    fn scan_chunked(&mut self, from: usize, chunk: Chunk) -> bool {
-        let seen = &self.storage[from..self.end];
+    fn scan_chunked(&mut self, seen: &[u8], chunk: Chunk) -> bool {
         let line_end = |seen: &[u8]| seen.iter().position(|b| *b == b'\n').map(|i| i + 1);
         let (used, next) = match chunk {
             Chunk::Data(left) => {
@@ -274,9 +283,9 @@ impl<T> GuardedIo<T> {
     }
 
     /// Replace the offending head with a synthetic one; the router answers it with `status`.
+    /// Nothing after the approved bytes reaches hyper.
     fn reject(&mut self, status: u16, reason: &str) {
         tracing::debug!(status, reason, "request refused by the framing guard");
-        self.end = self.start + self.released;
         self.synthetic = Bytes::from(format!(
             "GET / HTTP/1.1\r\nhost: outrigger.invalid\r\n{REJECTED_HEADER}: {status} {reason}\r\n\r\n"
         ));
@@ -418,17 +427,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 out.put_slice(&this.synthetic.split_to(n));
                 return Poll::Ready(Ok(()));
             }
-            // zero-copy: nothing held back, and whatever fits in `out` needs no scanning (the end
-            // of a body, where the next head may follow, takes the scanning path below)
-            if this.start == this.end {
-                let direct = match this.state {
-                    State::Passthrough => true,
-                    State::Body(left) => left >= out.remaining() as u64,
-                    _ => false,
-                };
-                if direct {
-                    return this.read_direct(cx, out);
+            // zero-copy: nothing held back, so read straight into hyper's buffer and scan there
+            if this.start == this.end && out.remaining() >= MIN_DIRECT_READ {
+                if ready!(this.read_direct(cx, out))? {
+                    return Poll::Ready(Ok(()));
                 }
+                continue;
             }
             match this.fill(cx) {
                 Poll::Ready(Ok(0)) => {
@@ -438,7 +442,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                         return Poll::Ready(Ok(()));
                     }
                 }
-                Poll::Ready(Ok(_)) => this.scan(),
+                Poll::Ready(Ok(_)) => this.scan_storage(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     ready!(this.poll_deadline(cx))?;
@@ -450,27 +454,41 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> GuardedIo<T> {
-    /// Reads straight into hyper's buffer; only called when every byte that can arrive needs
-    /// no scanning (passthrough, or a body at least as long as the buffer's free space).
-    fn read_direct(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    /// Reads straight into hyper's buffer and scans the bytes there. What is approved stays;
+    /// an unfinished tail (a head, chunk line or preface cut by the read) is moved to `storage`
+    /// and taken back from `out`. Ready(true): `out` has bytes for hyper, or the client is
+    /// done (EOF); Ready(false): nothing approved yet, read on.
+    fn read_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<bool>> {
         let before = out.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, out) {
-            Poll::Ready(Ok(())) => {
-                let n = (out.filled().len() - before) as u64;
-                if n > 0 {
-                    self.last_activity = Instant::now();
-                }
-                if let State::Body(left) = self.state {
-                    self.state = if n >= left { self.next_head() } else { State::Body(left - n) };
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
                 ready!(self.poll_deadline(cx))?;
-                Poll::Pending
+                return Poll::Pending;
             }
         }
+        let fresh = &out.filled()[before..];
+        if fresh.is_empty() {
+            return Poll::Ready(Ok(true));
+        }
+        self.last_activity = Instant::now();
+        self.scan(fresh);
+        let approved = std::mem::take(&mut self.released);
+        let tail = &fresh[approved..];
+        if !tail.is_empty() && !matches!(self.state, State::Rejected | State::Broken) {
+            if self.storage.len() < tail.len() {
+                self.storage.resize(tail.len(), 0);
+            }
+            self.storage[..tail.len()].copy_from_slice(tail);
+            (self.start, self.end) = (0, tail.len());
+        }
+        out.set_filled(before + approved);
+        Poll::Ready(Ok(approved > 0))
     }
 
     /// Reads more client bytes into `storage`; the number read, 0 at EOF.

@@ -125,6 +125,55 @@ async fn a_head_arriving_byte_by_byte_is_held_back_until_complete() {
     assert_eq!(drain(&mut io).await, req);
 }
 
+/// Hands over what the client sent in two writes cut at `cut`, reading `read` bytes at a time.
+async fn through_the_guard(stream: &[u8], cut: usize, read: usize) -> Vec<u8> {
+    let (mut client, mut io) = guard();
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; read];
+    for part in [&stream[..cut], &stream[cut..]] {
+        client.write_all(part).await.unwrap();
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(1), io.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_cut_anywhere_passes_unchanged_whether_read_in_place_or_held_back() {
+    // reads of 4096 bytes scan in hyper's buffer; reads of 100 go through the guard's own
+    let stream: &[u8] = b"POST /1 HTTP/1.1\r\nhost: p\r\ncontent-length: 5\r\n\r\nhello\
+        POST /2 HTTP/1.1\r\nhost: p\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+        GET /3 HTTP/1.1\r\nhost: p\r\n\r\n";
+    for read in [4096, 100] {
+        for cut in 0..=stream.len() {
+            let seen = through_the_guard(stream, cut, read).await;
+            assert_eq!(seen, stream, "cut at {cut}, reads of {read}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forbidden_head_cut_anywhere_is_refused_and_nothing_of_it_passes() {
+    let first = b"GET /ok HTTP/1.1\r\nhost: p\r\n\r\n";
+    let bad = b"POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\nx";
+    let stream = [&first[..], &bad[..]].concat();
+    for cut in 0..=stream.len() {
+        let seen = String::from_utf8(through_the_guard(&stream, cut, 4096).await).unwrap();
+        assert!(
+            seen.starts_with("GET /ok HTTP/1.1\r\nhost: p\r\n\r\nGET / HTTP/1.1\r\n"),
+            "cut {cut}: {seen}"
+        );
+        assert!(seen.contains(&rejected(400)), "cut {cut}: {seen}");
+        assert!(!seen.contains("POST"), "cut {cut}: {seen}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn http2_prior_knowledge_passes_through() {
     let (mut client, mut io) = guard();
