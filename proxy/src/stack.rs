@@ -68,9 +68,13 @@ pub fn upstream(
             cfg.circuit_breaker
                 .map(|c| CircuitBreakerLayer::new(&name, c, metrics.circuit_state(&name))),
         ) // 503 circuit-open
-        .layer(DeadlineLayer::whole_request(cfg.timeouts.request.get())) // 504 timeout
-        .option_layer(cfg.retry.as_ref().map(|r| RetryLayer::new(r, metrics.retries(&name)))) // backoff, budget, replay cap
-        .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::per_try(t.get()))) // one attempt
+        .layer(DeadlineLayer::new(cfg.timeouts.request.get())) // 504 timeout, the whole request
+        .option_layer(
+            cfg.retry
+                .as_ref()
+                .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(&name))),
+        ) // backoff within the request timeout, budget, replay cap
+        .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::new(t.get()))) // one attempt
         .service(Forward::new(pool.clone(), cfg)); // balancer over healthy endpoints, connection pool; 502/503
     BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool }
 }

@@ -8,10 +8,11 @@
 //! A TLS upstream gets its own pools over `tls::TlsConnector`; a CONNECT becomes a tunnel to the
 //! picked endpoint (`connect.rs`).
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -62,18 +63,61 @@ impl Forward {
     }
 }
 
-/// The endpoints the attempts of one request went to, so that a retry goes elsewhere when
-/// another endpoint is available. The retry layer puts it in the request's extensions; every
-/// attempt's copy shares the list.
-#[derive(Debug, Clone, Default)]
-pub struct TriedEndpoints(Arc<Mutex<Vec<SocketAddr>>>);
+/// How many endpoints a request remembers having tried; later attempts may repeat one.
+const TRIED_MAX: usize = 8;
 
-impl TriedEndpoints {
-    fn pick(&self, pool: &Pool) -> Option<Picked> {
-        let mut tried = self.0.lock().expect("no panics under the tried lock");
-        let picked = pool.pick(&tried)?;
-        tried.push(picked.endpoint().addr);
-        Some(picked)
+/// The endpoints the attempts of one request went to, so that a retry goes elsewhere when
+/// another endpoint is available. The retry layer owns it and lends it to the forwarder for the
+/// moment an attempt is made ([`Tried::lend`]): no allocation, nothing in the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Tried {
+    addrs: [SocketAddr; TRIED_MAX],
+    len: usize,
+}
+
+impl Default for Tried {
+    fn default() -> Self {
+        Self { addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); TRIED_MAX], len: 0 }
+    }
+}
+
+tokio::task_local! {
+    static TRIED: Cell<Tried>;
+}
+
+impl Tried {
+    /// Runs `call` (which reaches [`Forward::call`] synchronously) with these endpoints to
+    /// avoid, and keeps the one it picks.
+    pub fn lend<R>(&mut self, call: impl FnOnce() -> R) -> R {
+        TRIED.sync_scope(Cell::new(*self), || {
+            let out = call();
+            *self = TRIED.with(Cell::get);
+            out
+        })
+    }
+
+    fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
+
+    fn push(&mut self, addr: SocketAddr) {
+        if self.len < TRIED_MAX {
+            self.addrs[self.len] = addr;
+            self.len += 1;
+        }
+    }
+
+    /// Picks an endpoint, avoiding those tried when the retry layer lent its list.
+    fn pick(pool: &Pool) -> Option<Picked> {
+        TRIED
+            .try_with(|cell| {
+                let mut tried = cell.get();
+                let picked = pool.pick(tried.as_slice())?;
+                tried.push(picked.endpoint().addr);
+                cell.set(tried);
+                Some(picked)
+            })
+            .unwrap_or_else(|_| pool.pick(&[]))
     }
 }
 
@@ -139,10 +183,7 @@ impl tower::Service<Request<Body>> for Forward {
 
     fn call(&mut self, req: Request<Body>) -> ResponseFuture {
         let inner = &self.inner;
-        let picked = match req.extensions().get::<TriedEndpoints>() {
-            Some(tried) => tried.pick(&inner.pool),
-            None => inner.pool.pick(&[]),
-        };
+        let picked = Tried::pick(&inner.pool);
         let Some(picked) = picked else {
             let err = ProxyError::NoHealthyEndpoints { upstream: inner.upstream.clone() };
             return ResponseFuture::failed(err);

@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -25,11 +25,10 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::http::Body;
-use crate::http::forward::TriedEndpoints;
+use crate::http::forward::Tried;
 use crate::http::respond::error_response;
 use crate::policy::backoff::{Backoff, parse_retry_after};
 use crate::policy::budget::Budget;
-use crate::policy::timeout::RequestDeadline;
 
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("outrigger-attempts");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -46,11 +45,15 @@ struct Shared {
     on: Vec<config::RetryOn>,
     budget: Mutex<Budget>,
     replay_cap: usize,
+    /// `timeouts.request`: no backoff sleep may end past it.
+    request_timeout: Duration,
     retries: IntCounter,
 }
 
 impl RetryLayer {
-    pub fn new(cfg: &config::Retry, retries: IntCounter) -> Self {
+    /// `request_timeout` is the upstream's whole-request timeout, which the layer outside this
+    /// one enforces; a retry that could not finish within it is not started.
+    pub fn new(cfg: &config::Retry, request_timeout: Duration, retries: IntCounter) -> Self {
         Self {
             shared: Arc::new(Shared {
                 max_attempts: cfg.max_attempts.get(),
@@ -58,6 +61,7 @@ impl RetryLayer {
                 on: cfg.on.clone(),
                 budget: Mutex::new(Budget::new(cfg.budget.ratio.get(), cfg.budget.min_per_second)),
                 replay_cap: usize::try_from(cfg.replay_buffer.bytes()).unwrap_or(usize::MAX),
+                request_timeout,
                 retries,
             }),
         }
@@ -78,26 +82,20 @@ pub struct Retry<S> {
     shared: Arc<Shared>,
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
-
 impl<S> tower::Service<Request<Body>> for Retry<S>
 where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Clone,
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture;
+    type Future = RetryFuture<S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
-        Box::pin(attempts(self.shared.clone(), self.inner.clone(), req))
+    fn call(&mut self, req: Request<Body>) -> RetryFuture<S> {
+        RetryFuture::new(self.shared.clone(), self.inner.clone(), req)
     }
 }
 
@@ -136,78 +134,201 @@ fn idempotent<B>(req: &Request<B>) -> bool {
     ) || req.headers().contains_key(IDEMPOTENCY_KEY)
 }
 
-async fn attempts<S>(
-    shared: Arc<Shared>,
-    mut inner: S,
-    req: Request<Body>,
-) -> Result<Response<Body>, ProxyError>
+type Buffering = Pin<Box<dyn Future<Output = Result<Replay, ProxyError>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// The attempts of one request. No allocation of its own: a body still to be read is
+    /// buffered behind a box (only then), and each attempt gets a copy of the request head,
+    /// which replaying needs.
+    #[allow(missing_debug_implementations)]
+    pub struct RetryFuture<S: tower::Service<Request<Body>>> {
+        shared: Arc<Shared>,
+        inner: S,
+        request: Attempts,
+        // the endpoints tried so far, lent to the forwarder while an attempt is made
+        tried: Tried,
+        #[pin]
+        state: State<S::Future>,
+    }
+}
+
+/// What the attempts of a request share.
+struct Attempts {
+    /// The request head, copied for each attempt; `None` once a streamed request was sent.
+    parts: Option<http::request::Parts>,
+    /// A body kept whole for replay, or one that streams through in a single attempt.
+    body: Replay,
+    idempotent: bool,
+    deadline: Instant,
+    attempt: u32,
+    previous_delay: Duration,
+    waited: Duration,
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        /// Reading a request body that may need replaying.
+        Buffering { fut: Buffering },
+        /// Waiting for the inner service to take the next attempt.
+        Ready,
+        Calling { #[pin] fut: F },
+        Backoff { #[pin] sleep: tokio::time::Sleep },
+        Done,
+    }
+}
+
+impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
+    fn new(shared: Arc<Shared>, inner: S, req: Request<Body>) -> Self {
+        let now = Instant::now();
+        shared.budget.lock().expect("no panics under the budget lock").deposit(now);
+        let idempotent = idempotent(&req);
+        let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        // a request that can never be sent twice streams through: holding its body back would
+        // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)
+        let replayable =
+            !upgrade && (idempotent || shared.on.contains(&config::RetryOn::ConnectFailure));
+        let (parts, body) = req.into_parts();
+        let (body, state) = match (replayable, body) {
+            (false, body) => (Replay::Streaming(body), State::Ready),
+            (true, Body::Full { data, trailers }) => {
+                (Replay::Complete(data.unwrap_or_default(), trailers), State::Ready)
+            }
+            (true, body) if http_body::Body::is_end_stream(&body) => {
+                (Replay::Complete(Bytes::new(), None), State::Ready)
+            }
+            (true, body) => {
+                let fut: Buffering = Box::pin(buffer(body, shared.replay_cap));
+                (Replay::Buffering, State::Buffering { fut })
+            }
+        };
+        let request = Attempts {
+            parts: Some(parts),
+            body,
+            idempotent,
+            deadline: now + shared.request_timeout,
+            attempt: 1,
+            previous_delay: shared.backoff.initial(),
+            waited: Duration::ZERO,
+        };
+        Self { shared, inner, request, tried: Tried::default(), state }
+    }
+}
+
+impl<S> Future for RetryFuture<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
 {
-    use tower::ServiceExt;
+    type Output = Result<Response<Body>, ProxyError>;
 
-    shared.budget.lock().expect("no panics under the budget lock").deposit(Instant::now());
-    let idempotent = idempotent(&req);
-    let deadline = req.extensions().get::<RequestDeadline>().map(|d| d.0);
-    let upgrade = req.headers().contains_key(http::header::UPGRADE);
-    // a request that can never be sent twice streams through: holding its body back would
-    // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)
-    let replayable =
-        !upgrade && (idempotent || shared.on.contains(&config::RetryOn::ConnectFailure));
-    let (mut parts, body) = req.into_parts();
-    let replay = match replayable {
-        true => buffer(body, shared.replay_cap).await?,
-        false => Replay::Streaming(body),
-    };
-    let Replay::Complete(data, trailers) = replay else {
-        let Replay::Streaming(body) = replay else { unreachable!() };
-        return inner.ready().await?.call(Request::from_parts(parts, body)).await;
-    };
-    // every attempt's copy of the parts shares this: a retry goes to another endpoint
-    parts.extensions.insert(TriedEndpoints::default());
-
-    let mut attempt = 1;
-    let mut previous_delay = shared.backoff.initial();
-    let traced = parts.extensions.get::<crate::http::forward::RequestTrace>().is_some();
-    let mut waited = Duration::ZERO;
-    loop {
-        if traced {
-            // the attempt's span says which attempt it was and what it waited for
-            parts.extensions.insert(AttemptInfo { number: attempt, backoff: waited });
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Buffering { fut } => {
+                    this.request.body = match ready!(fut.as_mut().poll(cx)) {
+                        Ok(replay) => replay,
+                        Err(err) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(err));
+                        }
+                    };
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    if let Err(err) = ready!(this.inner.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(err));
+                    }
+                    let req = this.request.next_attempt();
+                    let inner = &mut *this.inner;
+                    let fut = this.tried.lend(|| inner.call(req));
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Calling { fut } => {
+                    let result = ready!(fut.poll(cx));
+                    match this.request.after(this.shared, result) {
+                        Ok(answer) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(answer);
+                        }
+                        Err(delay) => {
+                            this.state.set(State::Backoff { sleep: tokio::time::sleep(delay) });
+                        }
+                    }
+                }
+                StateProj::Backoff { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
+                }
+                StateProj::Done => panic!("RetryFuture polled after completion"),
+            }
         }
-        let req = Request::from_parts(parts.clone(), Body::replay(data.clone(), trailers.clone()));
-        let result = inner.ready().await?.call(req).await;
-        let Some(failure) = shared.retryable(&result) else { return finish(result, attempt) };
-        if attempt >= shared.max_attempts || !(idempotent || failure == Failure::Connect) {
-            return finish(result, attempt);
+    }
+}
+
+impl Attempts {
+    /// The request of the next attempt: a copy of the head and the kept body, or the streamed
+    /// request itself.
+    fn next_attempt(&mut self) -> Request<Body> {
+        match &self.body {
+            Replay::Complete(data, trailers) => {
+                let mut parts = self.parts.clone().expect("a replayable request keeps its head");
+                if parts.extensions.get::<crate::http::forward::RequestTrace>().is_some() {
+                    // the attempt's span says which attempt it was and what it waited for
+                    parts
+                        .extensions
+                        .insert(AttemptInfo { number: self.attempt, backoff: self.waited });
+                }
+                Request::from_parts(parts, Body::replay(data.clone(), trailers.clone()))
+            }
+            Replay::Streaming(_) | Replay::Buffering => {
+                let parts = self.parts.take().expect("a streamed request is sent once");
+                let body = match std::mem::replace(&mut self.body, Replay::Buffering) {
+                    Replay::Streaming(body) => body,
+                    _ => unreachable!("matched above"),
+                };
+                Request::from_parts(parts, body)
+            }
+        }
+    }
+
+    /// The client's answer (`Ok`), or the backoff before the next attempt (`Err`).
+    fn after(
+        &mut self,
+        shared: &Shared,
+        result: Result<Response<Body>, ProxyError>,
+    ) -> Result<Result<Response<Body>, ProxyError>, Duration> {
+        let attempt = self.attempt;
+        if !matches!(self.body, Replay::Complete(..)) {
+            return Ok(result); // streamed: there is nothing to send again
+        }
+        let Some(failure) = shared.retryable(&result) else { return Ok(finish(result, attempt)) };
+        if attempt >= shared.max_attempts || !(self.idempotent || failure == Failure::Connect) {
+            return Ok(finish(result, attempt));
         }
         let delay = match result.as_ref().ok().and_then(|res| res.headers().get(RETRY_AFTER)) {
             Some(value) => match parse_retry_after(value, SystemTime::now()) {
                 // the upstream asked for longer than we would wait: its answer stands
                 Some(wait) if wait <= shared.backoff.max() => wait,
-                _ => return finish(result, attempt),
+                _ => return Ok(finish(result, attempt)),
             },
-            None => shared.backoff.delay(attempt - 1, previous_delay),
+            None => shared.backoff.delay(attempt - 1, self.previous_delay),
         };
-        if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+        let now = Instant::now();
+        if now + delay >= self.deadline {
             // the next attempt could not finish in time: answer now rather than at the deadline
-            return finish(result, attempt);
+            return Ok(finish(result, attempt));
         }
-        if !shared
-            .budget
-            .lock()
-            .expect("no panics under the budget lock")
-            .try_withdraw(Instant::now())
-        {
+        if !shared.budget.lock().expect("no panics under the budget lock").try_withdraw(now) {
             tracing::debug!(attempt, "retry budget spent");
-            return finish(result, attempt);
+            return Ok(finish(result, attempt));
         }
         shared.retries.inc();
-        drop(result);
-        tokio::time::sleep(delay).await;
-        previous_delay = delay;
-        waited = delay;
-        attempt += 1;
+        self.previous_delay = delay;
+        self.waited = delay;
+        self.attempt += 1;
+        Err(delay)
     }
 }
 
@@ -235,6 +356,8 @@ fn finish(
 enum Replay {
     Complete(Bytes, Option<http::HeaderMap>),
     Streaming(Body),
+    /// Still being read (or already sent, streamed).
+    Buffering,
 }
 
 /// Reads the body into memory if it fits `cap`; a larger one goes on as the buffered prefix

@@ -97,7 +97,8 @@ fn retry(max_attempts: u32) -> config::Retry {
 
 async fn send(cfg: &config::Retry, script: &Script, req: Request<Body>) -> Response<Body> {
     let counter = IntCounter::new("r", "r").unwrap();
-    let mut svc = RetryLayer::new(cfg, counter).layer(script.service(Instant::now()));
+    let mut svc = RetryLayer::new(cfg, Duration::from_secs(10), counter)
+        .layer(script.service(Instant::now()));
     svc.ready().await.unwrap().call(req).await.expect("an answer")
 }
 
@@ -191,10 +192,9 @@ async fn no_backoff_sleep_runs_past_the_request_deadline() {
     let script = Script::new([Step::Status(503), Step::Status(200)]);
     let counter = IntCounter::new("r", "r").unwrap();
     let started = Instant::now();
-    let mut svc = RetryLayer::new(&retry(3), counter).layer(script.service(started));
-    let mut req = get();
-    req.extensions_mut().insert(RequestDeadline(started + Duration::from_millis(50)));
-    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    let mut svc = RetryLayer::new(&retry(3), Duration::from_millis(50), counter)
+        .layer(script.service(started));
+    let res = svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(res.status(), 503, "a 100 ms backoff would end after the 50 ms deadline");
     assert_eq!(started.elapsed(), Duration::ZERO, "answered at once, not at the deadline");
 }
@@ -206,7 +206,8 @@ async fn the_budget_stops_a_retry_storm() {
     cfg.budget.min_per_second = 1; // 10 retries in the 10 s window
     let script = Script::new(std::iter::repeat_n(Step::Status(503), 100));
     let counter = IntCounter::new("r", "r").unwrap();
-    let svc = RetryLayer::new(&cfg, counter.clone()).layer(script.service(Instant::now()));
+    let svc = RetryLayer::new(&cfg, Duration::from_secs(10), counter.clone())
+        .layer(script.service(Instant::now()));
     for _ in 0..20 {
         svc.clone().oneshot(get()).await.unwrap();
     }
