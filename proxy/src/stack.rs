@@ -38,7 +38,7 @@ pub struct BuiltUpstream {
     pub pool: Pool,
 }
 
-/// One upstream's policies. An absent YAML section means no layer, not a disabled one.
+/// One upstream: its endpoint pool and its policies around the forwarder.
 pub fn upstream(
     cfg: &config::Upstream,
     sources: &SourceConfig,
@@ -58,25 +58,52 @@ pub fn upstream(
             outlier_detection: cfg.outlier_detection,
         },
     );
-    let service = ServiceBuilder::new()
-        .layer(MetricsLayer::new(metrics.upstream(&name))) // counts what the client got
+    let service = policies(cfg, &name, metrics, Forward::new(pool.clone(), cfg)); // balancer over healthy endpoints, connection pool; 502/503
+    BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool }
+}
+
+/// One upstream's policy layers around `inner`, outermost first. An absent YAML section means
+/// no layer, not a disabled one.
+pub fn policies<S>(
+    cfg: &config::Upstream,
+    name: &Arc<str>,
+    metrics: &Metrics,
+    inner: S,
+) -> impl tower::Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = ProxyError,
+    Future: Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    ServiceBuilder::new()
+        .layer(MetricsLayer::new(metrics.upstream(name))) // counts what the client got
         .option_layer(
-            cfg.rate_limit.map(|r| RateLimitLayer::new(&name, &r, metrics.rate_limited(&name))),
+            cfg.rate_limit.map(|r| RateLimitLayer::new(name, &r, metrics.rate_limited(name))),
         ) // 429 rate-limited
-        .option_layer(cfg.concurrency_limit.map(|n| ConcurrencyLimitLayer::new(&name, n))) // 503 overloaded
+        .option_layer(cfg.concurrency_limit.map(|n| ConcurrencyLimitLayer::new(name, n))) // 503 overloaded
         .option_layer(
             cfg.circuit_breaker
-                .map(|c| CircuitBreakerLayer::new(&name, c, metrics.circuit_state(&name))),
+                .map(|c| CircuitBreakerLayer::new(name, c, metrics.circuit_state(name))),
         ) // 503 circuit-open
         .layer(DeadlineLayer::new(cfg.timeouts.request.get())) // 504 timeout, the whole request
         .option_layer(
             cfg.retry
                 .as_ref()
-                .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(&name))),
+                .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(name))),
         ) // backoff within the request timeout, budget, replay cap
         .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::new(t.get()))) // one attempt
-        .service(Forward::new(pool.clone(), cfg)); // balancer over healthy endpoints, connection pool; 502/503
-    BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool }
+        .service(inner)
 }
 
 /// The outbound listener's routing table: the upstreams by name, the messaging API for a local

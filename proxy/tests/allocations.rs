@@ -1,0 +1,147 @@
+//! Heap allocations per request in the policy layers, counted by a global allocator (issue 9:
+//! none beyond what a policy needs). One test in its own binary, so that nothing else allocates
+//! while it counts.
+//!
+//! The layers are `stack::policies`, exactly as an upstream gets them, around an inner service
+//! that answers on its second poll (so every timer is armed, as with a real upstream) without
+//! allocating. Requests carry the headers a typical client sends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use outrigger_proxy::config;
+use outrigger_proxy::error::ProxyError;
+use outrigger_proxy::http::Body;
+use outrigger_proxy::stack;
+use outrigger_proxy::telemetry::metrics::Metrics;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use tower::{Service, ServiceExt};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+
+const REQUESTS: usize = 1000;
+
+/// Every HTTP policy on, as in `bench/http.sh`'s full stack.
+const FULL: &str = "
+upstreams:
+  bench:
+    discovery: { static: [\"127.0.0.1:9\"] }
+    timeouts: { connect: 1s, request: 10s, per_try: 5s }
+    retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10 } }
+    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
+    rate_limit: { requests_per_second: 1000000, burst: 100000 }
+    concurrency_limit: 100000
+";
+
+/// The same without retries.
+const NO_RETRY: &str = "
+upstreams:
+  bench:
+    discovery: { static: [\"127.0.0.1:9\"] }
+    timeouts: { connect: 1s, request: 10s, per_try: 5s }
+    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
+    rate_limit: { requests_per_second: 1000000, burst: 100000 }
+    concurrency_limit: 100000
+";
+
+/// Answers 200 on its second poll, allocating nothing.
+#[derive(Clone)]
+struct Upstream;
+
+impl Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = SecondPoll;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Body>) -> SecondPoll {
+        SecondPoll { polled: false }
+    }
+}
+
+struct SecondPoll {
+    polled: bool,
+}
+
+impl Future for SecondPoll {
+    type Output = Result<Response<Body>, ProxyError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if std::mem::replace(&mut self.polled, true) {
+            Poll::Ready(Ok(Response::new(Body::empty())))
+        } else {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+}
+
+/// A request as hyper hands it over: its header values and target share one buffer (a clone
+/// of them counts a reference, it does not allocate; one clone here makes them shared).
+fn request() -> Request<Body> {
+    let req = Request::get("http://bench/orders?page=2")
+        .header("host", "bench")
+        .header("user-agent", "curl/8.5.0")
+        .header("accept", "application/json")
+        .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .body(Body::empty())
+        .unwrap();
+    let (parts, body) = req.into_parts();
+    drop(parts.clone());
+    Request::from_parts(parts, body)
+}
+
+/// Allocations made while `REQUESTS` requests, built beforehand, go through the layers of `yaml`.
+async fn allocations_for(yaml: &str) -> usize {
+    let config = config::load_str("alloc.yaml", yaml).unwrap();
+    let upstream = &config.upstreams.0[0];
+    let name: Arc<str> = Arc::from(upstream.name.as_str());
+    let metrics = Metrics::new();
+    let mut svc = stack::policies(upstream, &name, &metrics, Upstream);
+    // warm up: metric handles, the rate limiter, the breaker's window and the timer wheel
+    for _ in 0..100 {
+        svc.ready().await.unwrap().call(request()).await.unwrap();
+    }
+    let requests: Vec<_> = (0..REQUESTS).map(|_| request()).collect();
+    let mut responses = Vec::with_capacity(REQUESTS);
+    let region = Region::new(GLOBAL);
+    for req in requests {
+        responses.push(svc.ready().await.unwrap().call(req).await.unwrap());
+    }
+    let made = region.change().allocations;
+    assert!(responses.iter().all(|r| r.status() == 200));
+    made
+}
+
+/// Allocations of the copy of a request head that the retry layer keeps for each attempt.
+fn head_copies() -> usize {
+    let (parts, _) = request().into_parts();
+    let mut copies = Vec::with_capacity(REQUESTS);
+    let region = Region::new(GLOBAL);
+    for _ in 0..REQUESTS {
+        copies.push(parts.clone());
+    }
+    region.change().allocations
+}
+
+#[test]
+fn the_policy_layers_allocate_nothing_per_request_but_the_retry_layers_copy_of_the_head() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let without_retry = runtime.block_on(allocations_for(NO_RETRY));
+    let full = runtime.block_on(allocations_for(FULL));
+    let copies = head_copies();
+
+    assert_eq!(without_retry, 0, "metrics, rate limit, concurrency limit, breaker, deadlines");
+    assert_eq!(
+        full, copies,
+        "every layer on: only the head copy a replay needs ({} per request)",
+        copies / REQUESTS
+    );
+}
