@@ -288,10 +288,30 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// The headers that describe one connection, not the message (RFC 9110 7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Removes the headers that describe one connection, not the message (RFC 9110 7.6.1):
 /// those named in `Connection`, and the fixed list. `TE: trailers` stays (gRPC needs it), and
-/// an upgrade keeps `Connection: upgrade` and `Upgrade`.
+/// an upgrade keeps `Connection: upgrade` and `Upgrade`. Most messages carry none of them:
+/// one pass over the names finds that, and nothing is looked up or removed.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.get(header::CONNECTION) {
         let listed: Vec<HeaderName> = connection
             .as_bytes()
@@ -468,6 +488,26 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-end-to-end"]);
+    }
+
+    #[test]
+    fn each_fixed_hop_by_hop_header_alone_is_removed() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = headers(&[(name, "x"), ("x-end-to-end", "kept")]);
+            strip_hop_by_hop(&mut h, false);
+            let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            assert_eq!(left, ["x-end-to-end"], "{name}");
+        }
     }
 
     #[test]
