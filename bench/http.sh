@@ -22,8 +22,8 @@ for pair in wrk:wrk nginx:nginx haproxy:haproxy; do
 done
 if ((${#need[@]})); then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
-cargo build --release --locked -p outrigger-proxy --bin outrigger >&2
-OUTRIGGER=$CARGO_TARGET_DIR/release/outrigger
+cargo build --profile dist --locked -p outrigger-proxy --bin outrigger >&2
+OUTRIGGER=$CARGO_TARGET_DIR/dist/outrigger
 
 work=$(mktemp -d)
 pids=()

@@ -24,8 +24,8 @@ for pair in wrk:wrk nginx:nginx redis-server:redis-server; do
 done
 if [[ -n ${missing:-} ]]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
-cargo build --release --locked -p outrigger-proxy --bin outrigger >&2
-OUTRIGGER=$CARGO_TARGET_DIR/release/outrigger
+cargo build --profile dist --locked -p outrigger-proxy --bin outrigger >&2
+OUTRIGGER=$CARGO_TARGET_DIR/dist/outrigger
 
 work=$(mktemp -d)
 pid=

@@ -140,7 +140,8 @@ fn the_policy_layers_allocate_nothing_per_request_but_the_retry_layers_copy_of_t
 
     assert_eq!(without_retry, 0, "metrics, rate limit, concurrency limit, breaker, deadlines");
     assert_eq!(
-        full, copies,
+        full,
+        copies,
         "every layer on: only the head copy a replay needs ({} per request)",
         copies / REQUESTS
     );

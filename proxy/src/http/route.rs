@@ -59,7 +59,8 @@ impl Routes {
         (local && req.uri().path().starts_with("/v1/")).then_some(messaging)
     }
 
-    fn find(&self, host: &str) -> Option<&UpstreamService> {
+    /// The upstream named `host`, any letter case.
+    pub fn find(&self, host: &str) -> Option<&UpstreamService> {
         // names are lowercase (config validates them); most clients send lowercase hosts
         if host.bytes().any(|b| b.is_ascii_uppercase()) {
             self.by_name.get(host.to_ascii_lowercase().as_str())

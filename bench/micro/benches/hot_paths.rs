@@ -1,0 +1,181 @@
+//! The request path's hot spots, each alone: routing an authority to its upstream, the policy
+//! layers' per-request work (every layer on, and none), the balancer's pick, backoff, the
+//! `Retry-After` parser, a trace context, and the message envelope's encoding.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderValue, Request, Response};
+use outrigger_discovery::{Endpoints, Pool, PoolConfig, SourceConfig};
+use outrigger_proxy::config;
+use outrigger_proxy::error::ProxyError;
+use outrigger_proxy::http::Body;
+use outrigger_proxy::http::route::Routes;
+use outrigger_proxy::messaging::envelope::{Envelope, ErrorRecord, MessageId};
+use outrigger_proxy::policy::backoff::{Backoff, parse_retry_after};
+use outrigger_proxy::stack::{self, UpstreamService};
+use outrigger_proxy::telemetry::metrics::Metrics;
+use outrigger_proxy::telemetry::trace::{Kind, Tracer};
+use tower::Service;
+use tower::util::BoxCloneSyncService;
+
+/// Every HTTP policy on, set so that none trips (as `bench/http.sh`'s full stack).
+const FULL: &str = "
+upstreams:
+  bench:
+    discovery: { static: [\"127.0.0.1:9001\"] }
+    timeouts: { connect: 1s, request: 10s, per_try: 5s }
+    retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10 } }
+    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
+    rate_limit: { requests_per_second: 1000000000, burst: 100000000 }
+    concurrency_limit: 100000
+";
+
+const BARE: &str = "
+upstreams:
+  bench:
+    discovery: { static: [\"127.0.0.1:9001\"] }
+";
+
+fn upstream_of(yaml: &str) -> config::Upstream {
+    config::load_str("bench.yaml", yaml).unwrap().upstreams.0.remove(0)
+}
+
+/// An upstream that answers at once.
+fn answer(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, ProxyError>> {
+    std::future::ready(Ok(Response::new(Body::empty())))
+}
+
+fn request() -> Request<Body> {
+    Request::get("/orders?page=2")
+        .header("host", "bench")
+        .header("user-agent", "wrk")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// Polls a future that completes without waiting (the upstream answers at once).
+fn now<F: Future>(fut: F) -> F::Output {
+    let mut cx = Context::from_waker(Waker::noop());
+    match pin!(fut).poll(&mut cx) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("the benchmark's upstream answers at once"),
+    }
+}
+
+fn policies(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _entered = runtime.enter();
+    let metrics = Metrics::new();
+    let mut group = c.benchmark_group("policies");
+    for (name, yaml) in [("bare", BARE), ("full", FULL)] {
+        let upstream = upstream_of(yaml);
+        let label: Arc<str> = Arc::from("bench");
+        let mut svc = stack::policies(&upstream, &label, &metrics, tower::service_fn(answer));
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                request,
+                |req| now(svc.call(req)).unwrap(),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn route(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let names = ["billing", "catalog", "inventory", "orders", "payments", "shipping", "users"];
+    let by_name: HashMap<Box<str>, UpstreamService> = names
+        .iter()
+        .map(|n| (Box::from(*n), BoxCloneSyncService::new(tower::service_fn(answer))))
+        .collect();
+    let routes = Routes::new(by_name, metrics.upstream("none"));
+    c.bench_function("route/find", |b| b.iter(|| routes.find(black_box("payments")).is_some()));
+    c.bench_function("route/find_mixed_case", |b| {
+        b.iter(|| routes.find(black_box("Payments")).is_some())
+    });
+}
+
+fn balancer(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let addrs: Vec<String> = (0..10).map(|i| format!("\"127.0.0.1:{}\"", 9000 + i)).collect();
+    for (name, lb) in [("round_robin", "round_robin"), ("least_request", "least_request")] {
+        let yaml = format!(
+            "upstreams:\n  bench:\n    discovery: {{ static: [{}] }}\n    load_balancer: {lb}\n",
+            addrs.join(", ")
+        );
+        let upstream = upstream_of(&yaml);
+        let pool = runtime.block_on(async {
+            let endpoints =
+                Endpoints::start("bench", &upstream.discovery, &SourceConfig::default());
+            let cfg = PoolConfig { load_balancer: upstream.load_balancer, ..Default::default() };
+            let pool = Pool::start("bench", endpoints, cfg);
+            while pool.pick(&[]).is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            pool
+        });
+        let _entered = runtime.enter();
+        c.bench_function(&format!("balancer/{name}_of_10"), |b| {
+            b.iter(|| pool.pick(&[]).expect("an endpoint").finish(false))
+        });
+    }
+}
+
+fn backoff(c: &mut Criterion) {
+    let backoff = Backoff::new(config::Backoff::default());
+    c.bench_function("backoff/delay", |b| {
+        b.iter(|| backoff.delay(black_box(3), black_box(Duration::from_millis(400))))
+    });
+    let value = HeaderValue::from_static("Wed, 25 Nov 2026 10:00:05 GMT");
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_600_800);
+    c.bench_function("backoff/retry_after_date", |b| {
+        b.iter(|| parse_retry_after(black_box(&value), now))
+    });
+}
+
+fn trace(c: &mut Criterion) {
+    let tracer = Tracer::disabled();
+    let parent =
+        HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    c.bench_function("trace/continue_and_propagate", |b| {
+        b.iter(|| tracer.start(Some(black_box(&parent)), "outbound", Kind::Client).context.header())
+    });
+    c.bench_function("trace/start_and_propagate", |b| {
+        b.iter(|| tracer.start(None, "outbound", Kind::Client).context.header())
+    });
+}
+
+fn envelope(c: &mut Criterion) {
+    let payload = serde_json::value::RawValue::from_string(
+        r#"{"order_id":"A-1042","amount":{"value":1999,"currency":"EUR"},"items":[1,2,3]}"#
+            .to_owned(),
+    )
+    .unwrap();
+    let now = SystemTime::now();
+    let mut envelope = Envelope::new(MessageId::generate(now), "orders", now, payload);
+    envelope.metadata.insert("idempotency_key".into(), "k-1042".into());
+    for status in [500, 503, 500] {
+        envelope.error.push(ErrorRecord {
+            status_code: Some(status),
+            message: "upstream database unavailable".into(),
+            stack_trace: "at Orders.charge (orders.js:42)\n  at main (index.js:7)".into(),
+            date: "2026-11-25T10:00:00.000Z".into(),
+        });
+    }
+    let json = envelope.to_json();
+    c.bench_function("envelope/encode_with_3_errors", |b| b.iter(|| black_box(&envelope).to_json()));
+    c.bench_function("envelope/decode_with_3_errors", |b| {
+        b.iter(|| Envelope::from_json(black_box(&json)).unwrap())
+    });
+}
+
+criterion_group!(benches, policies, route, balancer, backoff, trace, envelope);
+criterion_main!(benches);
