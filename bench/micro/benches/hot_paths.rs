@@ -106,7 +106,7 @@ fn route(c: &mut Criterion) {
 fn balancer(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let addrs: Vec<String> = (0..10).map(|i| format!("\"127.0.0.1:{}\"", 9000 + i)).collect();
-    for (name, lb) in [("round_robin", "round_robin"), ("least_request", "least_request")] {
+    for (name, lb) in [("round_robin", "round_robin"), ("p2c_ewma", "p2c_ewma")] {
         let yaml = format!(
             "upstreams:\n  bench:\n    discovery: {{ static: [{}] }}\n    load_balancer: {lb}\n",
             addrs.join(", ")
