@@ -3,8 +3,8 @@
 //! `Retry-After` parser, a trace context, and the message envelope's encoding.
 
 use std::collections::HashMap;
-use std::hint::black_box;
 use std::future::Future;
+use std::hint::black_box;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -171,7 +171,9 @@ fn envelope(c: &mut Criterion) {
         });
     }
     let json = envelope.to_json();
-    c.bench_function("envelope/encode_with_3_errors", |b| b.iter(|| black_box(&envelope).to_json()));
+    c.bench_function("envelope/encode_with_3_errors", |b| {
+        b.iter(|| black_box(&envelope).to_json())
+    });
     c.bench_function("envelope/decode_with_3_errors", |b| {
         b.iter(|| Envelope::from_json(black_box(&json)).unwrap())
     });
