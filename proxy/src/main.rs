@@ -125,7 +125,7 @@ fn main() -> ExitCode {
                 eprintln!("outrigger: --exit-with-app needs service.app.health_path to watch");
                 return ExitCode::FAILURE;
             }
-            let runtime = serving_runtime(config.runtime.worker_threads());
+            let runtime = runtime(config.runtime.worker_threads());
             match runtime.block_on(app::run(config, path, exit_with_app)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
@@ -137,7 +137,9 @@ fn main() -> ExitCode {
         }
         Command::Dlq { admin, json, action } => dlq(&admin, json, action),
         Command::Demo { seconds } => {
-            match runtime().block_on(demo::run(std::time::Duration::from_secs(seconds))) {
+            match runtime(config::Runtime::default().worker_threads())
+                .block_on(demo::run(std::time::Duration::from_secs(seconds)))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("outrigger demo: {err}");
@@ -169,7 +171,7 @@ fn dlq(admin: &str, json: bool, action: DlqAction) -> ExitCode {
         }
         DlqAction::Purge { queue, yes: true } => DlqCommand::Purge { queue },
     };
-    match runtime().block_on(dlq_cli::dlq(admin, command, json)) {
+    match runtime(1).block_on(dlq_cli::dlq(admin, command, json)) {
         Ok(text) => {
             println!("{text}");
             ExitCode::SUCCESS
@@ -181,9 +183,9 @@ fn dlq(admin: &str, json: bool, action: DlqAction) -> ExitCode {
     }
 }
 
-/// The sidecar's runtime: with one worker, a single-threaded one (no work stealing, no
+/// A runtime of `workers` threads; with one, a single-threaded runtime (no work stealing, no
 /// cross-thread wakeups: the cheapest per request, and what a sidecar limited to one CPU gets).
-fn serving_runtime(workers: usize) -> tokio::runtime::Runtime {
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
     let mut builder = if workers <= 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -192,11 +194,4 @@ fn serving_runtime(workers: usize) -> tokio::runtime::Runtime {
         builder
     };
     builder.enable_all().build().expect("the tokio runtime starts")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("the tokio runtime starts")
 }

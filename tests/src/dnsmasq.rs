@@ -72,8 +72,7 @@ impl Dnsmasq {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::kill(&mut child);
         }
         panic!("dnsmasq did not start; its log:\n{}", read_log(&dir));
     }
@@ -93,8 +92,7 @@ impl Dnsmasq {
 
     /// Kills dnsmasq and waits for it to exit: nothing answers on its port afterwards.
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::kill(&mut self.child);
     }
 
     /// Everything dnsmasq logged so far (every query is logged).

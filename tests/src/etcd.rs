@@ -74,8 +74,7 @@ impl Etcd {
     /// Kills etcd (as a crash would); its ports and data stay for `restart`.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::kill(&mut child);
         }
     }
 

@@ -37,6 +37,12 @@ pub(crate) fn log_to(path: &std::path::Path) -> (std::process::Stdio, std::proce
     (out.into(), log.into())
 }
 
+/// SIGKILL `child` and reap it: once this returns, nothing of it answers any more.
+pub(crate) fn kill(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// How long a test waits for something that should happen promptly.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -63,8 +63,7 @@ impl Redis {
     /// Kills Redis (as a crash would); its port and data stay for `restart`.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::kill(&mut child);
         }
     }
 

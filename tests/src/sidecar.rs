@@ -121,8 +121,7 @@ impl Sidecar {
 
     /// SIGKILL: no drain, no flush, no destructor; waits until the process is gone.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::kill(&mut self.child);
     }
 
     /// Starts the binary again on the same YAML, ports and scratch directory (after `kill9`
@@ -286,8 +285,7 @@ fn launch(scratch: &Scratch, args: &[String]) -> Child {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::kill(&mut self.child);
     }
 }
 

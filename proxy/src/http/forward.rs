@@ -8,7 +8,7 @@
 //! A TLS upstream gets its own pools over `tls::TlsConnector`; a CONNECT becomes a tunnel to the
 //! picked endpoint (`connect.rs`).
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -82,16 +82,16 @@ impl Default for Tried {
 }
 
 tokio::task_local! {
-    static TRIED: Cell<Tried>;
+    static TRIED: RefCell<Tried>;
 }
 
 impl Tried {
     /// Runs `call` (which reaches [`Forward::call`] synchronously) with these endpoints to
     /// avoid, and keeps the one it picks.
     pub fn lend<R>(&mut self, call: impl FnOnce() -> R) -> R {
-        TRIED.sync_scope(Cell::new(*self), || {
+        TRIED.sync_scope(RefCell::new(*self), || {
             let out = call();
-            *self = TRIED.with(Cell::get);
+            *self = TRIED.with(|tried| *tried.borrow());
             out
         })
     }
@@ -110,11 +110,10 @@ impl Tried {
     /// Picks an endpoint, avoiding those tried when the retry layer lent its list.
     fn pick(pool: &Pool) -> Option<Picked> {
         TRIED
-            .try_with(|cell| {
-                let mut tried = cell.get();
+            .try_with(|tried| {
+                let mut tried = tried.borrow_mut();
                 let picked = pool.pick(tried.as_slice())?;
                 tried.push(picked.endpoint().addr);
-                cell.set(tried);
                 Some(picked)
             })
             .unwrap_or_else(|_| pool.pick(&[]))

@@ -199,7 +199,7 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
             }
             (true, body) => {
                 let fut: Buffering = Box::pin(buffer(body, shared.replay_cap));
-                (Replay::Buffering, State::Buffering { fut })
+                (Replay::Unavailable, State::Buffering { fut })
             }
         };
         let request = Attempts {
@@ -282,9 +282,9 @@ impl Attempts {
                 }
                 Request::from_parts(parts, Body::replay(data.clone(), trailers.clone()))
             }
-            Replay::Streaming(_) | Replay::Buffering => {
+            Replay::Streaming(_) | Replay::Unavailable => {
                 let parts = self.parts.take().expect("a streamed request is sent once");
-                let body = match std::mem::replace(&mut self.body, Replay::Buffering) {
+                let body = match std::mem::replace(&mut self.body, Replay::Unavailable) {
                     Replay::Streaming(body) => body,
                     _ => unreachable!("matched above"),
                 };
@@ -356,8 +356,8 @@ fn finish(
 enum Replay {
     Complete(Bytes, Option<http::HeaderMap>),
     Streaming(Body),
-    /// Still being read (or already sent, streamed).
-    Buffering,
+    /// Not held: still being read into a buffer, or already sent (streamed).
+    Unavailable,
 }
 
 /// Reads the body into memory if it fits `cap`; a larger one goes on as the buffered prefix
