@@ -163,15 +163,19 @@ for line in open(path):
     who, conns, rps, p50, p99, per_cpu, errors = line.split("\t")
     rows[(who, int(conns))].append((float(rps), float(p50), float(p99), float(per_cpu), int(errors)))
 med = lambda xs: statistics.median(xs)
-print(f"median of {rounds} rounds of {secs} s each; wrk on CPU 0, proxy + upstream on CPU 1\n")
-print("| contender | conns | req/s | vs direct | vs nginx | p50 ms | p99 ms | req per proxy CPU-s | peak RSS KiB | errors |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+spread = lambda xs, fmt: f"{fmt.format(min(xs))}–{fmt.format(max(xs))}"
+print(f"median of {rounds} rounds of {secs} s each (the spread columns give the lowest and highest round); "
+      "wrk on CPU 0, proxy + upstream on CPU 1\n")
+print("| contender | conns | req/s | req/s spread | vs direct | vs nginx | p50 ms | p99 ms | p99 spread | req per proxy CPU-s | per CPU-s spread | peak RSS KiB | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for conns in sorted({c for _, c in rows}):
     base = {w: med([r[0] for r in rows[(w, conns)]]) for w in ("direct", "nginx")}
     for who in contenders:
         rs = rows[(who, conns)]
         rps = med([r[0] for r in rs])
         per_cpu = "-" if who == "direct" else f"{med([r[3] for r in rs]):.0f}"
-        print(f"| {who} | {conns} | {rps:.0f} | {rps / base['direct']:.2f} | {rps / base['nginx']:.2f} | "
-              f"{med([r[1] for r in rs]):.3f} | {med([r[2] for r in rs]):.3f} | {per_cpu} | {rss[who]} | {sum(r[4] for r in rs)} |")
+        per_cpu_spread = "-" if who == "direct" else spread([r[3] for r in rs], "{:.0f}")
+        print(f"| {who} | {conns} | {rps:.0f} | {spread([r[0] for r in rs], '{:.0f}')} | {rps / base['direct']:.2f} | "
+              f"{rps / base['nginx']:.2f} | {med([r[1] for r in rs]):.3f} | {med([r[2] for r in rs]):.3f} | "
+              f"{spread([r[2] for r in rs], '{:.3f}')} | {per_cpu} | {per_cpu_spread} | {rss[who]} | {sum(r[4] for r in rs)} |")
 PY
