@@ -66,6 +66,13 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "outbound: the whole sidecar's caps are at least 1",
+            s("outbound: { limits: { max_requests: 0 } }\n"),
+            vec![
+                "outrigger.yaml:1:37: outbound.limits.max_requests: must be at least 1 (expected a whole number >= 1, got 0)",
+            ],
+        ),
+        (
             "bad address",
             s("admin:\n  listen: localhost:9901\n"),
             vec![

@@ -126,9 +126,10 @@ pub async fn start_reloading(
 
     let (stop, stopped) = watch::channel(false);
     let (stop_listeners, listeners_stopped) = watch::channel(false);
-    let in_flight = Arc::new(InFlight::default());
+    let limits = &config.outbound.limits;
+    let in_flight = Arc::new(InFlight::new(limits.max_requests, metrics.shed("max_requests")));
     let graceful = Arc::new(GracefulShutdown::new());
-    let serving = Serving::new(&config.outbound.limits);
+    let serving = Serving::new(limits, metrics.shed("max_connections"));
     let mut servers = JoinSet::new();
     let mut running = Running {
         outbound: outbound.local_addr().expect("a bound socket has an address"),
@@ -170,9 +171,10 @@ pub async fn start_reloading(
         running.graceful.clone(),
         listeners_stopped.clone(),
     ));
+    // the probes have connections of their own: a flood of the app's calls never starves them
     servers.spawn(listener::serve(
         admin,
-        serving.clone(),
+        Serving::new(limits, metrics.shed("max_connections")),
         move |peer| admin_routes.service(peer),
         running.graceful.clone(),
         listeners_stopped.clone(),

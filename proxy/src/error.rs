@@ -36,6 +36,11 @@ pub enum ProxyError {
     RateLimited { upstream: Arc<str>, retry_after: Duration },
     #[error("upstream {upstream} already has {limit} requests in flight")]
     Overloaded { upstream: Arc<str>, limit: usize },
+    /// The whole sidecar's cap, `outbound.limits.max_requests`, over every upstream.
+    #[error(
+        "the sidecar already has {limit} requests in flight (outbound.limits.max_requests); try again shortly"
+    )]
+    SidecarOverloaded { limit: usize },
     #[error("bad request: {reason}")]
     BadRequest { reason: Box<str> },
     #[error("request headers too large: {reason}")]
@@ -87,7 +92,7 @@ impl ProxyError {
             Self::Timeout { .. } => "timeout",
             Self::CircuitOpen { .. } => "circuit-open",
             Self::RateLimited { .. } => "rate-limited",
-            Self::Overloaded { .. } => "overloaded",
+            Self::Overloaded { .. } | Self::SidecarOverloaded { .. } => "overloaded",
             Self::BadRequest { .. } | Self::HeadersTooLarge { .. } => "bad-request",
             Self::BadPublish { .. }
             | Self::PayloadTooLarge { .. }
@@ -102,7 +107,8 @@ impl ProxyError {
             Self::UnknownUpstream { .. } => StatusCode::NOT_FOUND,
             Self::NoHealthyEndpoints { .. }
             | Self::CircuitOpen { .. }
-            | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::Overloaded { .. }
+            | Self::SidecarOverloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ConnectFailed { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
@@ -162,5 +168,7 @@ mod tests {
         assert_eq!((limited.status().as_u16(), limited.kind()), (429, "rate-limited"));
         let overloaded = ProxyError::Overloaded { upstream: "p".into(), limit: 1 };
         assert_eq!((overloaded.status().as_u16(), overloaded.kind()), (503, "overloaded"));
+        let whole = ProxyError::SidecarOverloaded { limit: 1 };
+        assert_eq!((whole.status().as_u16(), whole.kind()), (503, "overloaded"));
     }
 }

@@ -80,7 +80,13 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// An idle client connection is closed after this.
     pub idle_timeout: Duration,
+    /// Client connections open at once on the app-facing listeners (outbound and the dedicated
+    /// ports together; the admin port has a budget of its own); one more is answered 503
+    /// `overloaded` and closed.
     pub max_connections: usize,
+    /// Requests in flight at once across every app-facing listener; one more is answered 503
+    /// `overloaded` at once.
+    pub max_requests: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -192,6 +198,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
+            max_requests: 10_000,
         }
     }
 }

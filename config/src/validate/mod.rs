@@ -135,12 +135,16 @@ impl Checks {
             let expected = format!("a whole number from 1 to 1000, got {}", limits.max_headers);
             self.push(format!("{path}.max_headers"), "must be from 1 to 1000", Some(&expected));
         }
-        if limits.max_connections == 0 {
-            self.push(
-                format!("{path}.max_connections"),
-                "must be at least 1",
-                Some("a whole number >= 1, got 0"),
-            );
+        for (field, value) in
+            [("max_connections", limits.max_connections), ("max_requests", limits.max_requests)]
+        {
+            if value == 0 {
+                self.push(
+                    format!("{path}.{field}"),
+                    "must be at least 1",
+                    Some("a whole number >= 1, got 0"),
+                );
+            }
         }
         self.positive(format!("{path}.header_read_timeout"), limits.header_read_timeout);
         self.positive(format!("{path}.idle_timeout"), limits.idle_timeout);

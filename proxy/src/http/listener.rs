@@ -1,8 +1,11 @@
 //! Accepting connections: HTTP/1.1 and HTTP/2 prior knowledge on one port, each connection
 //! behind the framing guard, at most `max_connections` at once, drained on shutdown.
 //!
-//! At the connection cap the listener stops accepting until a connection closes, so the kernel's
-//! backlog, not our memory, absorbs a flood.
+//! At the connection cap a new connection is answered `503` with `outrigger-error: overloaded`
+//! and closed at once, as Envoy's overload manager closes them: a flood is refused, never parked
+//! in the kernel's backlog with its clients hanging, and the connections already open keep
+//! being served. At most [`SHEDDING`] refusals are written at a time; past that, a connection is
+//! closed unanswered. Memory stays bounded either way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,11 +16,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use outrigger_config as config;
-use tokio::net::TcpListener;
+use prometheus::IntCounter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::http::Body;
 use crate::http::guard::{GuardLimits, GuardedIo};
+
+/// Refusals at the connection cap being written at once, at most.
+const SHEDDING: usize = 256;
+/// How long a refusal may take: writing it, then reading what the client sent until it closes
+/// (closing on unread bytes would reset the connection, and the reset can destroy the answer
+/// before the client reads it).
+const SHED_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How connections on a listener are served.
 #[derive(Debug, Clone)]
@@ -25,10 +37,15 @@ pub struct Serving {
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: GuardLimits,
     connections: Arc<Semaphore>,
+    shedding: Arc<Semaphore>,
+    /// The whole answer at the cap, made once.
+    refusal: bytes::Bytes,
+    shed: IntCounter,
 }
 
 impl Serving {
-    pub fn new(limits: &config::Limits) -> Self {
+    /// `shed` counts the connections refused at `limits.max_connections`.
+    pub fn new(limits: &config::Limits, shed: IntCounter) -> Self {
         let limits = GuardLimits {
             max_header_bytes: usize::try_from(limits.max_header_bytes.bytes())
                 .unwrap_or(usize::MAX),
@@ -37,10 +54,6 @@ impl Serving {
             idle_timeout: limits.idle_timeout.get(),
             max_connections: limits.max_connections,
         };
-        Self::with_limits(limits)
-    }
-
-    pub(crate) fn with_limits(limits: GuardLimits) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -58,9 +71,48 @@ impl Serving {
         Self {
             builder: Arc::new(builder),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
+            shedding: Arc::new(Semaphore::new(SHEDDING)),
+            refusal: refusal(limits.max_connections),
             limits,
+            shed,
         }
     }
+
+    /// Refuses `stream`, accepted past the connection cap.
+    fn shed(&self, mut stream: TcpStream, peer: SocketAddr) {
+        self.shed.inc();
+        tracing::debug!(%peer, limit = self.limits.max_connections, "connection refused: at max_connections");
+        let Ok(permit) = self.shedding.clone().try_acquire_owned() else {
+            return; // dropped: closed unanswered
+        };
+        let refusal = self.refusal.clone();
+        tokio::spawn(async move {
+            let answer = async {
+                stream.write_all(&refusal).await?;
+                stream.shutdown().await?;
+                let mut sink = [0u8; 1024];
+                while stream.read(&mut sink).await? > 0 {}
+                std::io::Result::Ok(())
+            };
+            let _ = tokio::time::timeout(SHED_LINGER, answer).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The HTTP/1.1 answer to a connection past `max_connections`.
+fn refusal(max_connections: usize) -> bytes::Bytes {
+    let body = format!(
+        "the sidecar already has {max_connections} client connections open \
+         (outbound.limits.max_connections); try again shortly\n"
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\n{}: overloaded\r\ncontent-type: text/plain; \
+         charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        crate::http::respond::ERROR_HEADER,
+        body.len()
+    );
+    bytes::Bytes::from(head + &body)
 }
 
 /// Serves `listener` until `stop` turns true; connections are watched by `graceful`, so the
@@ -81,10 +133,6 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     loop {
-        let permit = tokio::select! {
-            permit = serving.connections.clone().acquire_owned() => permit.expect("never closed"),
-            _ = stopped(&mut stop) => return,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -96,6 +144,10 @@ pub async fn serve<S>(
                 }
             },
             _ = stopped(&mut stop) => return,
+        };
+        let Ok(permit) = serving.connections.clone().try_acquire_owned() else {
+            serving.shed(stream, peer);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(GuardedIo::new(stream, serving.limits));

@@ -46,6 +46,7 @@ pub struct Metrics {
     deadletter_age: GaugeVec,
     config_reloads: IntCounterVec,
     config_hash: prometheus::Gauge,
+    shed: IntCounterVec,
 }
 
 impl Metrics {
@@ -195,6 +196,15 @@ impl Metrics {
              run different configs",
         )
         .expect("valid metric");
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "outrigger_shed_total",
+                "Connections and requests answered 503 overloaded at a whole-sidecar cap, by \
+                 the limit reached: max_connections or max_requests",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
         for family in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),
@@ -216,6 +226,7 @@ impl Metrics {
             Box::new(deadletter_age.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_hash.clone()),
+            Box::new(shed.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -241,7 +252,13 @@ impl Metrics {
             deadletter_age,
             config_reloads,
             config_hash,
+            shed,
         }
+    }
+
+    /// `outrigger_shed_total{limit}`, `limit` being `max_connections` or `max_requests`.
+    pub fn shed(&self, limit: &str) -> IntCounter {
+        self.shed.with_label_values(&[limit])
     }
 
     /// `outrigger_config_reloads_total{result}`.

@@ -10,6 +10,7 @@ mod dlq;
 mod dns;
 mod malformed;
 mod messaging;
+mod overload;
 mod policies;
 mod proxy;
 mod redis;
