@@ -7,7 +7,6 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::{DEADLINE, free_port};
@@ -56,7 +55,7 @@ pub struct Dnsmasq {
 impl Dnsmasq {
     /// Starts dnsmasq serving `zone`; returns once it accepts connections on its port.
     pub async fn start(zone: Zone) -> Self {
-        let dir = scratch_dir();
+        let dir = crate::scratch_dir("dnsmasq");
         std::fs::write(dir.join("hosts"), zone.hosts_file()).expect("write the hosts file");
         // a port free for TCP may still be taken for UDP: dnsmasq then exits, and we try another
         for _ in 0..3 {
@@ -139,14 +138,6 @@ fn spawn(dir: &Path, addr: SocketAddr, zone: &Zone) -> Child {
         .stderr(Stdio::from(log))
         .spawn()
         .expect("start dnsmasq (Debian package dnsmasq-base; scripts/test installs it)")
-}
-
-fn scratch_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("outrigger-dnsmasq-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a scratch directory");
-    dir
 }
 
 fn read_log(dir: &Path) -> String {

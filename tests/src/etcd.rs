@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -44,13 +43,7 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd and returns once it answers a read.
     pub async fn start() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "outrigger-etcd-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("a scratch directory for etcd");
+        let dir = crate::scratch_dir("etcd");
         let mut etcd = Self {
             child: None,
             client: ([127, 0, 0, 1], free_port()).into(),

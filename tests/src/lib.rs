@@ -12,6 +12,7 @@ mod otlp;
 mod redis;
 mod sidecar;
 mod tls;
+mod tmpfs;
 mod upstream;
 
 pub use dnsmasq::{Dnsmasq, Zone};
@@ -20,6 +21,7 @@ pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use redis::Redis;
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use tls::{Pki, SERVER_NAME, TlsServer};
+pub use tmpfs::Tmpfs;
 pub use upstream::{Reply, Seen, Upstream};
 
 use std::future::Future;
@@ -35,6 +37,16 @@ pub(crate) fn log_to(path: &std::path::Path) -> (std::process::Stdio, std::proce
         .unwrap_or_else(|e| panic!("a log file {}: {e}", path.display()));
     let out = log.try_clone().expect("dup the log file");
     (out.into(), log.into())
+}
+
+/// A fresh directory under the system's temp dir, `outrigger-KIND-PID-N`, for one test's files.
+pub(crate) fn scratch_dir(kind: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("outrigger-{kind}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    dir
 }
 
 /// SIGKILL `child` and reap it: once this returns, nothing of it answers any more.

@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::{free_port, wait_until};
@@ -36,13 +35,7 @@ impl Redis {
     }
 
     async fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "outrigger-redis-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("a scratch directory for redis");
+        let dir = crate::scratch_dir("redis");
         let mut redis = Self { child: None, port: free_port(), dir, tls };
         redis.restart().await;
         redis

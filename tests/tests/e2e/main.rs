@@ -8,6 +8,7 @@ mod delivery;
 mod deploy;
 mod dlq;
 mod dns;
+mod faults;
 mod malformed;
 mod messaging;
 mod overload;

@@ -9,7 +9,7 @@ use outrigger_tests::{Sidecar, Upstream, send};
 /// Every test stores its messages in its own scratch directory.
 const YAML: &str = "messaging: { data_dir: \"$SCRATCH/data\", dedup_window: 1h }\n";
 
-fn publish(queue: &str) -> http::request::Builder {
+pub(crate) fn publish(queue: &str) -> http::request::Builder {
     Request::post(format!("/v1/publish/{queue}")).header("host", "localhost")
 }
 

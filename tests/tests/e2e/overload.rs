@@ -19,13 +19,8 @@ async fn sidecar_with(up: &Upstream, limits: &str) -> Sidecar {
 }
 
 /// `outrigger_shed_total{limit="LIMIT"}` as the admin port reports it.
-async fn shed(sidecar: &Sidecar, limit: &str) -> u64 {
-    let (_, metrics) = sidecar.admin("/metrics").await;
-    let prefix = format!("outrigger_shed_total{{limit=\"{limit}\"}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |n| n.trim().parse().expect("a count"))
+async fn shed(sidecar: &Sidecar, limit: &str) -> Option<f64> {
+    crate::messaging::metric(sidecar, &format!("outrigger_shed_total{{limit=\"{limit}\"}}")).await
 }
 
 /// Reads one response head (and a body of `content-length`) from a kept-alive connection.
@@ -74,7 +69,7 @@ async fn past_max_connections_a_new_connection_gets_503_overloaded_and_the_open_
     assert!(answer.contains("max_connections"), "the body names the limit: {answer}");
     assert!(started.elapsed() < Duration::from_secs(2), "refused after {:?}", started.elapsed());
     assert_eq!(up.requests(), 2, "nothing of the refused connection was forwarded");
-    assert_eq!(shed(&sidecar, "max_connections").await, 1);
+    assert_eq!(shed(&sidecar, "max_connections").await, Some(1.0));
     // the probes have their own connections
     assert_eq!(sidecar.admin("/healthz").await.0, 200);
 
@@ -127,7 +122,7 @@ async fn past_max_requests_a_request_gets_503_overloaded_at_once_and_never_reach
         started.elapsed()
     );
     assert_eq!(up.requests(), 2, "the refused request was not forwarded");
-    assert_eq!(shed(&sidecar, "max_requests").await, 1);
+    assert_eq!(shed(&sidecar, "max_requests").await, Some(1.0));
 
     for request in slow {
         assert_eq!(request.await.unwrap(), 200, "the admitted requests complete");

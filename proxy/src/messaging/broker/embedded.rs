@@ -8,6 +8,13 @@
 //! publish pays exactly one. redb calls never run on the async workers: writes on that thread,
 //! reads in `spawn_blocking`. A crash loses only what was never answered; redb repairs the file
 //! on the next open.
+//!
+//! A write that fails on an I/O error (the disk full, the file system gone read-only) leaves
+//! redb refusing every later transaction until the file is opened again. The writer thread then
+//! lets go of the file and opens it again at once (reads go on), and if that fails, at the next
+//! writes, at most once per [`REOPEN_EVERY`]; until that works, writes are refused with the reason (a publish gets 503
+//! `outbox-unavailable`). What was committed before stays as it was: a failed commit never
+//! touches it. So the store recovers when space returns, without a restart.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -54,6 +61,10 @@ pub const MAX_BATCH: usize = 512;
 const SWEEP_PER_COMMIT: usize = 64;
 /// The file inside `data_dir`.
 pub const FILE_NAME: &str = "messages.redb";
+/// After a write error, the file is opened again at most this often.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a reopen waits for the reads still holding the old handle.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The embedded broker; cheap to clone.
 #[derive(Debug, Clone)]
@@ -61,10 +72,23 @@ pub struct Embedded {
     inner: Arc<Inner>,
 }
 
+/// The file as reads find it; the writer thread replaces it after a write error.
+#[derive(Debug)]
+enum Handle {
+    Open(Arc<Database>),
+    /// A write failed on an I/O error; the writer opens the file again at its next write.
+    Broken {
+        reason: String,
+    },
+    /// [`Embedded::close`] ran: the file is closed when the last handle is dropped.
+    Closed,
+}
+
+type SharedHandle = Arc<std::sync::RwLock<Handle>>;
+
 #[derive(Debug)]
 struct Inner {
-    /// `None` once closed: the file is closed when the last handle is dropped.
-    db: std::sync::RwLock<Option<Arc<Database>>>,
+    db: SharedHandle,
     writes: mpsc::Sender<Command>,
     /// Messages leased to a consumer: not read again until acked, parked or dead-lettered.
     /// In memory on purpose: after a restart every unacknowledged message is due again.
@@ -109,22 +133,18 @@ impl Embedded {
         let path = dir.join(FILE_NAME);
         let fail = |reason: String| OpenError { path: path.clone(), reason };
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        let mut builder = Database::builder();
-        builder.set_repair_callback(|session| {
-            if session.progress() == 0.0 {
-                tracing::warn!(
-                    "repairing the message store after an unclean shutdown (kill -9, a crash)"
-                );
-            }
-        });
-        let db = builder.create(&path).map_err(|e| fail(e.to_string()))?;
-        let stored = create_tables(&db).map_err(|e| fail(e.to_string()))?;
+        let (db, stored) = open_file(&path).map_err(fail)?;
         pending.set(stored as i64);
         let db = Arc::new(db);
+        let handle = Arc::new(std::sync::RwLock::new(Handle::Open(db.clone())));
         let commits = Arc::new(AtomicU64::new(0));
         let (writes, requests) = mpsc::channel(MAX_BATCH * 4);
         let writer = Writer {
-            db: db.clone(),
+            db: Some(db),
+            handle: handle.clone(),
+            path: path.clone(),
+            released: None,
+            last_reopen: None,
             dedup_window: dedup_window.as_millis() as u64,
             retention,
             commits: commits.clone(),
@@ -137,7 +157,7 @@ impl Embedded {
         tracing::info!(path = %path.display(), stored, "message store open");
         Ok(Embedded {
             inner: Arc::new(Inner {
-                db: std::sync::RwLock::new(Some(db)),
+                db: handle,
                 writes,
                 leases: Mutex::new(HashSet::new()),
                 commits,
@@ -247,14 +267,23 @@ impl Embedded {
         if self.inner.writes.send(Command::Close(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let db = self.inner.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        let db = std::mem::replace(
+            &mut *self.inner.db.write().unwrap_or_else(|e| e.into_inner()),
+            Handle::Closed,
+        );
         drop(db);
     }
 
-    /// The open database, or `Stopped` after [`Embedded::close`].
+    /// The open database; an error while the writer reopens it, and `Stopped` after
+    /// [`Embedded::close`].
     fn db(&self) -> Result<Arc<Database>, BrokerError> {
-        let db = self.inner.db.read().unwrap_or_else(|e| e.into_inner());
-        db.clone().ok_or(BrokerError::Stopped)
+        match &*self.inner.db.read().unwrap_or_else(|e| e.into_inner()) {
+            Handle::Open(db) => Ok(db.clone()),
+            Handle::Broken { reason } => Err(BrokerError::Store(format!(
+                "the message store is being reopened after a write error: {reason}"
+            ))),
+            Handle::Closed => Err(BrokerError::Stopped),
+        }
     }
 
     async fn write(&self, op: Op) -> Result<Reply, BrokerError> {
@@ -323,6 +352,22 @@ impl Embedded {
         let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
         leases.remove(&(Box::from(queue), id.as_u128()));
     }
+}
+
+/// Opens (or creates) the file, repairing it after a crash, with every table; returns it and
+/// the number of messages stored.
+fn open_file(path: &Path) -> Result<(Database, u64), String> {
+    let mut builder = Database::builder();
+    builder.set_repair_callback(|session| {
+        if session.progress() == 0.0 {
+            tracing::warn!(
+                "repairing the message store after an unclean shutdown (kill -9, a crash, a write error)"
+            );
+        }
+    });
+    let db = builder.create(path).map_err(|e| e.to_string())?;
+    let stored = create_tables(&db).map_err(|e| e.to_string())?;
+    Ok((db, stored))
 }
 
 /// Creates any missing table; rebuilds the due index from the messages' state if it is not
@@ -617,7 +662,14 @@ enum Reply {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    /// `None` after a write error, until the file is open again.
+    db: Option<Arc<Database>>,
+    /// What reads use: kept in step with `db`.
+    handle: SharedHandle,
+    path: PathBuf,
+    /// The handle let go of after a write error: the file opens again once no read holds it.
+    released: Option<std::sync::Weak<Database>>,
+    last_reopen: Option<tokio::time::Instant>,
     dedup_window: u64,
     retention: Retention,
     commits: Arc<AtomicU64>,
@@ -625,7 +677,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(self, mut requests: mpsc::Receiver<Command>) {
+    fn run(mut self, mut requests: mpsc::Receiver<Command>) {
         let mut closing = None;
         while closing.is_none() {
             let Some(first) = requests.blocking_recv() else { break };
@@ -646,8 +698,8 @@ impl Writer {
                 self.commit(batch);
             }
         }
-        let Writer { db, .. } = self;
-        drop(db);
+        let Writer { db, released, .. } = self;
+        drop((db, released));
         if let Some(done) = closing {
             let _ = done.send(());
         }
@@ -655,12 +707,21 @@ impl Writer {
 
     /// Applies `batch` in one transaction, commits it (one fsync), then answers every caller:
     /// all with their results, or all with the error if the transaction failed.
-    fn commit(&self, batch: Vec<Request>) {
+    fn commit(&mut self, batch: Vec<Request>) {
         let now = unix_millis(SystemTime::now());
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let db = match self.open() {
+            Ok(db) => db,
+            Err(reason) => {
+                for reply in replies {
+                    let _ = reply.send(Err(BrokerError::Store(reason.clone())));
+                }
+                return;
+            }
+        };
         let mut delta = 0i64;
         let result = (|| -> Result<Vec<Reply>, redb::Error> {
-            let mut txn = self.db.begin_write()?;
+            let mut txn = db.begin_write()?;
             // redb's default, spelled out: commit() returns after the fsync
             txn.set_durability(Durability::Immediate).expect("Immediate is never refused");
             let mut answers = Vec::with_capacity(ops.len());
@@ -682,11 +743,63 @@ impl Writer {
             }
             Err(err) => {
                 tracing::error!(error = %err, requests = replies.len(), "message store commit failed");
+                if matches!(err, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                    // at once, so reads go on; if that fails too, the next write tries again
+                    self.release(db, err.to_string());
+                    let _ = self.open();
+                }
                 for reply in replies {
                     let _ = reply.send(Err(BrokerError::Store(err.to_string())));
                 }
             }
         }
+    }
+
+    /// After a write error, redb refuses every later transaction on this handle: let go of it,
+    /// so the next write opens the file again.
+    fn release(&mut self, db: Arc<Database>, reason: String) {
+        self.released = Some(Arc::downgrade(&db));
+        drop((db, self.db.take()));
+        let mut handle = self.handle.write().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*handle, Handle::Closed) {
+            *handle = Handle::Broken { reason };
+        }
+    }
+
+    /// The open file, opening it again after a write error (at most once per
+    /// [`REOPEN_EVERY`]); the reason it cannot be written otherwise.
+    fn open(&mut self) -> Result<Arc<Database>, String> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        let broken = || match &*self.handle.read().unwrap_or_else(|e| e.into_inner()) {
+            Handle::Broken { reason } => format!("the message store cannot be written: {reason}"),
+            Handle::Open(_) | Handle::Closed => "the message store is closed".to_owned(),
+        };
+        let now = tokio::time::Instant::now();
+        if self.last_reopen.is_some_and(|at| now < at + REOPEN_EVERY) {
+            return Err(broken());
+        }
+        self.last_reopen = Some(now);
+        // redb opens a file once per process: the reads still on the old handle must end first
+        let until = now + REOPEN_WAIT;
+        while self.released.as_ref().is_some_and(|old| old.strong_count() > 0) {
+            if tokio::time::Instant::now() >= until {
+                return Err(broken());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (db, stored) = open_file(&self.path).map_err(|reason| {
+            tracing::warn!(%reason, "the message store cannot be opened again yet");
+            broken()
+        })?;
+        let db = Arc::new(db);
+        self.pending.set(stored as i64);
+        self.released = None;
+        self.db = Some(db.clone());
+        *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db.clone());
+        tracing::info!(stored, "message store opened again after a write error");
+        Ok(db)
     }
 
     fn apply(
