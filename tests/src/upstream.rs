@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -27,6 +29,9 @@ pub enum Reply {
     CountBody,
     /// 101 and then echo every byte back (a WebSocket-like upgrade).
     UpgradeEcho,
+    /// 200 with a body that never ends: 1 KiB every 10 ms until the peer goes away (see
+    /// `open_drips`).
+    Drip,
 }
 
 /// What one request looked like on arrival.
@@ -49,6 +54,8 @@ struct State {
     /// When set, `GET /healthz` answers this status and is counted apart from `seen`.
     health: Option<u16>,
     health_checks: usize,
+    /// `Drip` bodies still being written.
+    open_drips: usize,
 }
 
 /// The path a health-checked upstream answers on its own.
@@ -171,13 +178,18 @@ impl Upstream {
         self.state.lock().unwrap().seen.len()
     }
 
+    /// How many `Drip` bodies are still being written: one ends when its connection is gone.
+    pub fn open_drips(&self) -> usize {
+        self.state.lock().unwrap().open_drips
+    }
+
     /// Every request that arrived, in order.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
     }
 }
 
-type Answer = Result<Response<Full<Bytes>>, std::io::Error>;
+type Answer = Result<Response<BoxBody<Bytes, std::io::Error>>, std::io::Error>;
 
 async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer {
     // claim this request's place in the script on arrival, so `requests()` counts requests
@@ -225,6 +237,18 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
             }
             Ok(respond(200, count.to_string()))
         }
+        Reply::Drip => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+            state.lock().unwrap().open_drips += 1;
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'.'; 1024]);
+                while tx.send(chunk.clone()).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                state.lock().unwrap().open_drips -= 1;
+            });
+            Ok(Response::new(DripBody(rx).boxed()))
+        }
         Reply::UpgradeEcho => {
             let upgrade = upgrade.expect("taken above for this reply");
             tokio::spawn(async move {
@@ -241,8 +265,24 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
     }
 }
 
-fn respond(status: u16, body: String) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(Bytes::from(body)));
+/// A body of whatever chunks arrive on its channel, ending when the sender is dropped.
+struct DripBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for DripBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|chunk| Ok(Frame::data(chunk))))
+    }
+}
+
+fn respond(status: u16, body: String) -> Response<BoxBody<Bytes, std::io::Error>> {
+    let full = Full::new(Bytes::from(body)).map_err(|never| match never {});
+    let mut res = Response::new(full.boxed());
     *res.status_mut() = StatusCode::from_u16(status).expect("a scripted status is valid");
     res
 }

@@ -55,7 +55,7 @@ impl Routes {
     /// The messaging API, when `req` is for it: a `/v1/` path and a local authority.
     fn messaging_for<B>(&self, req: &Request<B>) -> Option<&Arc<Messaging>> {
         let messaging = self.messaging.as_ref()?;
-        let local = matches!(request_host(req), Some("localhost" | "127.0.0.1" | "[::1]"));
+        let local = matches!(request_host(req), Ok(Some("localhost" | "127.0.0.1" | "[::1]")));
         (local && req.uri().path().starts_with("/v1/")).then_some(messaging)
     }
 
@@ -103,7 +103,13 @@ impl Route {
     fn select(&self, routes: &Routes, req: &Request<Body>) -> Result<UpstreamService, ProxyError> {
         let host = match self {
             Self::Dedicated { name, .. } => name,
-            Self::ByAuthority(_) => request_host(req).unwrap_or_default(),
+            Self::ByAuthority(_) => match request_host(req) {
+                Ok(host) => host.unwrap_or_default(),
+                Err(authority) => {
+                    let reason = format!("the authority {authority:?} is not host[:port]");
+                    return Err(ProxyError::BadRequest { reason: reason.into() });
+                }
+            },
         };
         routes
             .find(host)
@@ -118,17 +124,53 @@ impl Route {
     }
 }
 
-/// The host a request names, without its port.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(authority) = req.uri().authority() {
-        return Some(authority.host());
-    }
-    let host = req.headers().get(http::header::HOST)?.to_str().ok()?;
-    Some(match host.rfind(':') {
-        // `[::1]:80` and `name:80` lose the port; a bare `[::1]` keeps its brackets
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    })
+/// The host a request names, without its port: `Ok(None)` when it names none, `Err` with the
+/// authority as sent when that is not `host[:port]` (a port past 65535, a space or an `@`).
+fn request_host<B>(req: &Request<B>) -> Result<Option<&str>, &str> {
+    let authority = match req.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => match req.headers().get(http::header::HOST) {
+            Some(host) => host.to_str().map_err(|_| "(not text)")?,
+            None => return Ok(None),
+        },
+    };
+    host_without_port(authority).map(Some).ok_or(authority)
+}
+
+/// `name`, `name:port`, `[v6]` or `[v6]:port` without the port, when every part is well formed.
+fn host_without_port(authority: &str) -> Option<&str> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let end = rest.find(']')? + 2;
+            let literal = &authority[1..end - 1];
+            let ok = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+            if literal.is_empty() || !literal.bytes().all(ok) {
+                return None;
+            }
+            (&authority[..end], &authority[end..])
+        }
+        None => {
+            let (host, port) = match authority.rfind(':') {
+                Some(i) => (&authority[..i], &authority[i..]),
+                None => (authority, ""),
+            };
+            let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+            if host.is_empty() || !host.bytes().all(ok) {
+                return None;
+            }
+            (host, port)
+        }
+    };
+    // the port may be empty (`name:`, RFC 3986) but never past 65535
+    let fits = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => {
+            digits.len() <= 5
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && digits.parse::<u32>().map_or(digits.is_empty(), |n| n <= 65535)
+        }
+    };
+    fits.then_some(host)
 }
 
 /// A request the framing guard refused: the reason travels in the synthetic head.
@@ -173,7 +215,8 @@ impl hyper::service::Service<Request<Incoming>> for Route {
                 Tracer::inject(&span, &mut req);
                 if span.recording() {
                     span.text("http.request.method", req.method().as_str());
-                    span.text("server.address", request_host(&req).unwrap_or_default());
+                    let host = request_host(&req).ok().flatten();
+                    span.text("server.address", host.unwrap_or_default());
                     span.text("url.path", req.uri().path());
                     // each attempt records its own span under this one
                     let parent = span.context.header();
@@ -250,7 +293,7 @@ mod tests {
         if let Some(h) = host {
             req = req.header("host", h);
         }
-        request_host(&req.body(()).unwrap()).map(str::to_owned)
+        request_host(&req.body(()).unwrap()).ok().flatten().map(str::to_owned)
     }
 
     #[test]
@@ -260,6 +303,34 @@ mod tests {
         assert_eq!(host_of("/charge", Some("payments")).as_deref(), Some("payments"));
         assert_eq!(host_of("/charge", Some("[::1]:4140")).as_deref(), Some("[::1]"));
         assert_eq!(host_of("/charge", None), None);
+    }
+
+    #[test]
+    fn a_malformed_authority_is_an_error_not_a_host() {
+        for good in
+            ["payments", "payments:", "payments:65535", "a-b.c_d:1", "[::1]", "[fe80::1]:80"]
+        {
+            assert!(host_without_port(good).is_some(), "{good}");
+        }
+        for bad in [
+            "payments:65536",
+            "payments:99999",
+            "payments:8o",
+            "pay ments",
+            "user@payments",
+            "",
+            ":80",
+            "[::1",
+            "[]:80",
+            "[::1]x",
+            "[::1]:123456",
+        ] {
+            assert_eq!(host_without_port(bad), None, "{bad}");
+        }
+        let mut req = Request::get("/charge").header("host", "payments:99999").body(()).unwrap();
+        assert_eq!(request_host(&req), Err("payments:99999"));
+        req.headers_mut().remove("host");
+        assert_eq!(request_host(&req), Ok(None));
     }
 
     #[test]
