@@ -14,6 +14,9 @@ use tokio::net::TcpStream;
 
 use crate::{DEADLINE, wait_until};
 
+/// Why a request got no answer.
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
 /// A free loopback port (bound, then released for the child to take).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -281,14 +284,15 @@ impl Drop for Sidecar {
     }
 }
 
-/// One request over a fresh HTTP/1.1 connection to `addr`, body collected.
-pub async fn send<B>(addr: SocketAddr, req: Request<B>) -> Result<Response<Bytes>, hyper::Error>
+/// One request over a fresh HTTP/1.1 connection to `addr`, body collected; `Err` when the
+/// connection is refused or cut.
+pub async fn send<B>(addr: SocketAddr, req: Request<B>) -> Result<Response<Bytes>, Error>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = TcpStream::connect(addr).await.expect("connect");
+    let stream = TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let res = sender.send_request(req).await?;

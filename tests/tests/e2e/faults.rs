@@ -1,10 +1,18 @@
-//! Faults under the sidecar: the disk under the store fills up and gets room again.
+//! Faults under the sidecar: the disk under the store fills up and gets room again; the
+//! sidecar is killed at random moments while messages flow.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use outrigger_tests::{DEADLINE, Sidecar, Tmpfs, wait_until};
+use outrigger_tests::{DEADLINE, Redis, Reply, Sidecar, Tmpfs, Upstream, wait_until};
+use tokio::task::JoinHandle;
 
-use crate::messaging::{publish, queues};
+use crate::messaging::{id_of, publish, queues};
 
 /// A publish of about 4 KiB: `(status, outrigger-error, body)`.
 async fn publish_4k(sidecar: &Sidecar) -> (u16, String, String) {
@@ -68,4 +76,148 @@ async fn a_full_disk_refuses_publishes_with_503_loses_nothing_accepted_and_recov
     sidecar.kill9();
     sidecar.restart().await;
     assert_eq!(stored(&sidecar).await, accepted);
+}
+
+/// A small xorshift: the same pseudo-random choices in every run.
+struct Dice(u64);
+
+impl Dice {
+    fn roll(&mut self, sides: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % sides
+    }
+}
+
+/// Every id in dead-letter queue `orders_deadletter`, page by page.
+async fn dead_letter_ids(sidecar: &Sidecar) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let mut path = "/v1/dlq/orders_deadletter?limit=1000".to_owned();
+    loop {
+        let (status, body) = sidecar.admin(&path).await;
+        assert_eq!(status, 200, "{body}");
+        let page: serde_json::Value = serde_json::from_str(&body).expect("a page of JSON");
+        for message in page["messages"].as_array().expect("messages") {
+            ids.insert(message["id"].as_str().expect("an id").to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/dlq/orders_deadletter?limit=1000&before={next}"),
+            None => return ids,
+        }
+    }
+}
+
+/// Publishers that keep publishing `{"n": N}` to `orders` until stopped; every id answered 202
+/// is kept. A refused or cut connection (the sidecar is being killed) is tried again.
+fn publishers(outbound: SocketAddr, stop: Arc<AtomicBool>) -> Vec<JoinHandle<Vec<String>>> {
+    (0..4)
+        .map(|p| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                let mut n = p;
+                while !stop.load(Ordering::Relaxed) {
+                    let req = publish("orders")
+                        .body(Full::new(Bytes::from(format!(r#"{{"n":{n}}}"#))))
+                        .unwrap();
+                    match outrigger_tests::send(outbound, req).await {
+                        Ok(res) if res.status() == 202 => {
+                            accepted.push(id_of(&String::from_utf8_lossy(res.body())));
+                            n += 4;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                accepted
+            })
+        })
+        .collect()
+}
+
+/// `kill -9` at pseudo-random moments while messages are published, relayed (on Redis),
+/// delivered to an app that fails one answer in three, retried and dead-lettered. After the
+/// last restart every message answered 202 is delivered or dead-lettered; a message is
+/// delivered again only when a kill cut its acknowledgement, so the redeliveries are at most
+/// the kills times the deliveries in flight.
+async fn kill9_loop(redis: Option<&Redis>) {
+    const KILLS: u64 = 8;
+    const CONCURRENCY: usize = 8;
+    let mut dice = Dice(0x9e37_79b9_7f4a_7c15);
+    let script: Vec<Reply> =
+        (0..20_000).map(|_| Reply::Status(if dice.roll(3) == 0 { 500 } else { 200 })).collect();
+    let app = Upstream::scripted(script.clone()).await;
+    let extra = format!(", max_attempts: 3, concurrency: {CONCURRENCY}");
+    let mut yaml = crate::delivery::config(&app, &extra);
+    if let Some(redis) = redis {
+        let broker = format!("messaging:\n  broker: \"{}\"\n  claim_idle: 1s\n", redis.url());
+        yaml = yaml.replace("messaging:\n", &broker);
+    }
+    let mut sidecar = Sidecar::start(&yaml).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = publishers(sidecar.outbound, stop.clone());
+
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(100 + dice.roll(400))).await;
+        sidecar.kill9();
+        sidecar.restart().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut accepted = HashSet::new();
+    for publisher in publishing {
+        accepted.extend(publisher.await.unwrap());
+    }
+    assert!(accepted.len() > 100, "only {} publishes were accepted", accepted.len());
+
+    // what the app answered 200, by message id, judged by the script it answered from
+    let acknowledged = |seen: &[outrigger_tests::Seen]| {
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for (n, delivery) in seen.iter().enumerate() {
+            if let Reply::Status(200) = script[n] {
+                let id = crate::delivery::header(delivery, "outrigger-message-id");
+                *count.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+        count
+    };
+    let (delivered, dead) = wait_until(Duration::from_secs(60), "every 202 settled", || async {
+        let pending = crate::messaging::metric(&sidecar, "outrigger_outbox_pending").await;
+        let depth = r#"outrigger_queue_depth{queue="orders"}"#;
+        let waiting = crate::messaging::metric(&sidecar, depth).await.unwrap_or(0.0);
+        if pending != Some(0.0) || waiting > 0.0 {
+            return None;
+        }
+        let delivered = acknowledged(&app.seen());
+        let dead = dead_letter_ids(&sidecar).await;
+        accepted
+            .iter()
+            .all(|id| delivered.contains_key(id) || dead.contains(id))
+            .then_some((delivered, dead))
+    })
+    .await;
+    let lost: Vec<_> =
+        accepted.iter().filter(|id| !delivered.contains_key(*id) && !dead.contains(*id)).collect();
+    assert!(lost.is_empty(), "messages answered 202 and never settled: {lost:?}");
+    let again: usize = delivered.values().map(|n| n - 1).sum();
+    eprintln!(
+        "{} accepted, {} acknowledged, {} dead-lettered, {again} delivered again, over {KILLS} kills",
+        accepted.len(),
+        delivered.len(),
+        dead.len()
+    );
+    let bound = KILLS as usize * CONCURRENCY;
+    assert!(again <= bound, "{again} redeliveries after {KILLS} kills (at most {bound})");
+    assert!(!dead.is_empty(), "one answer in three failed: some message ran out of attempts");
+}
+
+#[tokio::test]
+async fn kill9_at_random_moments_loses_no_accepted_message_on_the_embedded_broker() {
+    kill9_loop(None).await;
+}
+
+#[tokio::test]
+async fn kill9_at_random_moments_loses_no_accepted_message_on_redis() {
+    let redis = Redis::start().await;
+    kill9_loop(Some(&redis)).await;
 }
