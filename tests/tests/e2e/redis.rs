@@ -149,6 +149,36 @@ async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_bac
 }
 
 #[tokio::test]
+async fn publishes_are_accepted_while_redis_answers_errors_and_delivered_once_it_stops() {
+    let redis = Redis::start().await;
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
+    let mut published = vec![publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await];
+    deliveries(&app, 1).await;
+
+    // out of memory with nothing to evict: every write is answered `-OOM …`
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    for n in 1..=10 {
+        published.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_metric(&sidecar, "outrigger_outbox_pending", 10.0).await;
+    wait_until(DEADLINE, "readiness to show the broker degraded", || async {
+        (broker_check(&sidecar).await == "degraded").then_some(())
+    })
+    .await;
+    assert_eq!(app.requests(), 1, "nothing was delivered while Redis refused writes");
+
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let seen = deliveries(&app, 11).await;
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+    let mut delivered = ids(&seen);
+    delivered.sort_unstable();
+    published.sort_unstable();
+    assert_eq!(delivered, published, "every 202 delivered, each once");
+}
+
+#[tokio::test]
 async fn a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other() {
     let redis = Redis::start().await;
     // replica a's app never answers in time; replica b's answers at once

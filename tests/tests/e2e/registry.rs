@@ -254,6 +254,27 @@ async fn registry_self_registration_comes_back_under_a_new_lease_when_its_lease_
 }
 
 #[tokio::test]
+async fn registry_self_registration_returns_after_etcd_is_killed_and_comes_back_empty() {
+    let mut etcd = Etcd::start().await;
+    let app = Upstream::status(200).await;
+    let _sidecar = Sidecar::start(&register_yaml(&etcd, app.addr())).await;
+    let first = wait_until(DEADLINE, "the sidecar's own registry entry", || async {
+        checkout_entries(&etcd).await.into_iter().next()
+    })
+    .await;
+
+    // etcd is killed and comes back without its data: no key, no lease
+    etcd.restart_empty().await;
+    let again = wait_until(2 * DEADLINE, "the entry to be written again", || async {
+        checkout_entries(&etcd).await.into_iter().next()
+    })
+    .await;
+    assert_eq!(again.key, first.key);
+    assert_eq!(again.value, first.value);
+    assert!(etcd.lease_ttl(again.lease).await.is_some(), "under a live lease");
+}
+
+#[tokio::test]
 async fn registry_entry_is_removed_while_the_app_is_unhealthy_and_comes_back() {
     let etcd = Etcd::start().await;
     let app = ToggledApp::start().await;
