@@ -54,7 +54,7 @@ fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, Loa
         Ok(Some(root)) => root,
         Ok(None) => return Ok(None),
         Err(e) => {
-            let at = (e.line, e.col);
+            let at = within(text, (e.line, e.col));
             return Err(invalid(vec![problem(file_name, "(yaml)".into(), at, e.message, None)]));
         }
     };
@@ -68,6 +68,17 @@ fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, Loa
         })
         .collect();
     Ok(Some((root, problems)))
+}
+
+/// A position in `text`. The YAML parser reports an error at the end of a file that does not
+/// end in a line break one line past the last: that is the end of the last line.
+fn within(text: &str, (line, col): (usize, usize)) -> (usize, usize) {
+    // YAML breaks lines at LF, CRLF and a lone CR
+    let lines: Vec<&str> = text.split("\r\n").flat_map(|l| l.split(['\n', '\r'])).collect();
+    match lines.len() {
+        n if line > n => (n, lines[n - 1].chars().count() + 1),
+        _ => (line, col),
+    }
 }
 
 /// The problems deserialization noted, each at its position.

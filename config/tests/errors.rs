@@ -17,6 +17,14 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec!["outrigger.yaml:3:7: (yaml): mapping values are not allowed in this context"],
         ),
         (
+            // found by fuzzing (scripts/fuzz config): the parser placed it past the last line
+            "a flow mapping cut by the end of a file without a final line break",
+            s("outbound:\n  limits: { max_headers: 100, header_read"),
+            vec![
+                "outrigger.yaml:2:42: (yaml): while parsing a flow mapping, did not find expected ',' or '}'",
+            ],
+        ),
+        (
             "a second document",
             s("service: {}\n---\nadmin: {}\n"),
             vec![

@@ -9,6 +9,8 @@ pub mod app;
 pub mod cli;
 pub mod demo;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 pub mod http;
 pub mod messaging;
 pub mod policy;

@@ -138,7 +138,7 @@ fn request_host<B>(req: &Request<B>) -> Result<Option<&str>, &str> {
 }
 
 /// `name`, `name:port`, `[v6]` or `[v6]:port` without the port, when every part is well formed.
-fn host_without_port(authority: &str) -> Option<&str> {
+pub(crate) fn host_without_port(authority: &str) -> Option<&str> {
     let (host, port) = match authority.strip_prefix('[') {
         Some(rest) => {
             let end = rest.find(']')? + 2;

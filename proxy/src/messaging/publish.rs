@@ -35,30 +35,21 @@ pub async fn handle(messaging: Arc<Messaging>, req: Request<Body>) -> Response<B
 }
 
 async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Body>, ProxyError> {
-    let Some(queue) = req.uri().path().strip_prefix("/v1/publish/") else {
-        let path = req.uri().path().into();
-        return Err(ProxyError::UnknownEndpoint { path });
-    };
-    if req.method() != Method::POST {
-        return Err(ProxyError::MethodNotAllowed { allowed: "POST" });
-    }
-    let queue: QueueName =
-        queue.parse().map_err(|e: ValueError| bad(format!("queue name: {e}")))?;
-    header(req.headers(), "traceparent")?; // checked like the others
+    let asked = asked(&req)?;
+    let queue = asked.queue;
     // the message carries the publish span's context: its deliveries continue the trace
     let mut span =
         messaging.tracer().start(req.headers().get("traceparent"), "publish", Kind::Producer);
     span.text("messaging.destination.name", queue.as_str());
     let traceparent = span.context.header().to_str().map(str::to_owned).ok();
+    let payload = read_json(req).await?;
     let message = Publish {
         queue: queue.to_string(),
-        payload: Box::default(),
-        idempotency_key: header(req.headers(), "idempotency-key")?,
-        ordering_key: header(req.headers(), "outrigger-ordering-key")?,
+        payload,
+        idempotency_key: asked.idempotency_key,
+        ordering_key: asked.ordering_key,
         traceparent,
     };
-    let payload = read_json(req).await?;
-    let message = Publish { payload, ..message };
     let store =
         messaging.store().await.map_err(|e| ProxyError::Outbox { reason: e.to_string().into() })?;
     let published = store
@@ -83,6 +74,32 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
         }
     }
     Ok(res)
+}
+
+/// What a publish request asks for, checked; its body is read after.
+pub(crate) struct Asked {
+    pub(crate) queue: QueueName,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) ordering_key: Option<String>,
+}
+
+/// Checks everything of a publish but its body: the path names a valid queue, the method is
+/// POST, and the keys and `traceparent` are short visible ASCII.
+pub(crate) fn asked<B>(req: &Request<B>) -> Result<Asked, ProxyError> {
+    let Some(queue) = req.uri().path().strip_prefix("/v1/publish/") else {
+        let path = req.uri().path().into();
+        return Err(ProxyError::UnknownEndpoint { path });
+    };
+    if req.method() != Method::POST {
+        return Err(ProxyError::MethodNotAllowed { allowed: "POST" });
+    }
+    let queue = queue.parse().map_err(|e: ValueError| bad(format!("queue name: {e}")))?;
+    header(req.headers(), "traceparent")?; // checked like the others
+    Ok(Asked {
+        queue,
+        idempotency_key: header(req.headers(), "idempotency-key")?,
+        ordering_key: header(req.headers(), "outrigger-ordering-key")?,
+    })
 }
 
 fn bad(reason: String) -> ProxyError {
@@ -111,7 +128,12 @@ async fn read_json(req: Request<Body>) -> Result<Box<RawValue>, ProxyError> {
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large),
         Err(err) => return Err(bad(format!("the request body could not be read: {err}"))),
     };
-    serde_json::from_slice::<Box<RawValue>>(&body)
+    json(&body)
+}
+
+/// A payload: one JSON value, kept as sent.
+pub(crate) fn json(body: &[u8]) -> Result<Box<RawValue>, ProxyError> {
+    serde_json::from_slice::<Box<RawValue>>(body)
         .map_err(|e| bad(format!("the body is not JSON: {e}")))
 }
 

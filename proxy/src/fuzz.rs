@@ -1,0 +1,206 @@
+//! Entry points for the fuzz targets in `fuzz/` (built with the `fuzzing` feature). Each takes
+//! arbitrary bytes and panics only when an invariant breaks: a crash here is a bug there.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::http::guard::{GuardLimits, GuardedIo};
+use crate::messaging::envelope::{Envelope, MessageId};
+
+/// The config loader: any text gets a config or problems, each with a position in the text.
+pub fn config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Err(outrigger_config::LoadError::Invalid(problems)) =
+        outrigger_config::load_str("fuzz.yaml", &text)
+    {
+        // YAML breaks lines at LF, CRLF and a lone CR
+        let lines =
+            text.replace("\r\n", "\n").bytes().filter(|b| matches!(b, b'\n' | b'\r')).count() + 1;
+        assert!(!problems.0.is_empty(), "an error with no problem in it");
+        for problem in &problems.0 {
+            assert!(problem.line >= 1 && problem.col >= 1, "no position: {problem}");
+            assert!(problem.line <= lines, "line {} of {lines}: {problem}", problem.line);
+            assert!(!problem.message.is_empty(), "no message: {problem}");
+        }
+    }
+}
+
+/// The authority of a routed request: what is accepted as a host is the authority up to an
+/// optional `:port` of at most 65535.
+pub fn authority(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Some(host) = crate::http::route::host_without_port(text) {
+        assert!(!host.is_empty() && text.starts_with(host), "{text:?} gave {host:?}");
+        let port = &text[host.len()..];
+        if let Some(digits) = port.strip_prefix(':') {
+            assert!(digits.is_empty() || digits.parse::<u16>().is_ok(), "{text:?}");
+        } else {
+            assert!(port.is_empty(), "{text:?} left {port:?}");
+        }
+    }
+}
+
+/// The envelope decoder: what decodes encodes to bytes that decode to the same encoding.
+pub fn envelope(data: &[u8]) {
+    if let Ok(envelope) = Envelope::from_json(data) {
+        let once = envelope.to_json();
+        let again = Envelope::from_json(&once).expect("an encoded envelope decodes");
+        assert_eq!(again.to_json(), once, "encoding is stable");
+    }
+}
+
+/// `Retry-After`: delta-seconds are taken exactly, anything else is an HTTP-date or nothing.
+pub fn retry_after(data: &[u8]) {
+    let Ok(value) = http::HeaderValue::from_bytes(data) else { return };
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let wait = crate::policy::backoff::parse_retry_after(&value, now);
+    let text = value.to_str().map(str::trim).unwrap_or_default();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        assert_eq!(wait, text.parse().ok().map(Duration::from_secs), "{text:?}");
+    }
+}
+
+/// The publish API's checks. The input is `METHOD PATH\nname: value\n…\n\nbody`: what passes
+/// names a valid queue, and its payload is one JSON value that an envelope carries unchanged.
+pub fn publish_input(data: &[u8]) {
+    let split = data.windows(2).position(|w| w == b"\n\n");
+    let (head, body) = match split {
+        Some(i) => (&data[..i], &data[i + 2..]),
+        None => (data, &b""[..]),
+    };
+    let Ok(head) = std::str::from_utf8(head) else { return };
+    let mut lines = head.lines();
+    let Some((method, path)) = lines.next().and_then(|l| l.split_once(' ')) else { return };
+    let mut req = http::Request::builder().method(method).uri(path);
+    for line in lines {
+        let Some((name, value)) = line.split_once(": ") else { return };
+        req = req.header(name, value);
+    }
+    let Ok(req) = req.body(()) else { return };
+    if let Ok(asked) = crate::messaging::publish::asked(&req) {
+        let name = asked.queue.as_str();
+        assert_eq!(name.parse::<outrigger_config::QueueName>().ok().as_ref(), Some(&asked.queue));
+        for key in [&asked.idempotency_key, &asked.ordering_key].into_iter().flatten() {
+            assert!(!key.is_empty() && key.len() <= 1024, "{key:?}");
+        }
+    }
+    if let Ok(payload) = crate::messaging::publish::json(body) {
+        let text = payload.get().to_owned();
+        let id = MessageId::from_u128(1);
+        let envelope = Envelope::new(id, "orders", SystemTime::UNIX_EPOCH, payload).to_json();
+        let carried = Envelope::from_json(&envelope).expect("an envelope decodes");
+        assert_eq!(carried.payload.get(), text, "the payload arrives as it was published");
+    }
+}
+
+/// The connection guard in front of hyper: the bytes it hands over do not depend on how the
+/// client's bytes were cut into reads, and are the client's own bytes, up to a refusal.
+///
+/// The first two bytes choose the cuts: how much each client read brings, and how much room
+/// each of hyper's reads offers.
+pub fn guard(data: &[u8]) {
+    let [reads, room, input @ ..] = data else { return };
+    let whole = through_guard(input, Cuts::whole());
+    let cut = through_guard(input, Cuts::new(*reads, *room));
+    assert_eq!(whole, cut, "the same bytes cut differently were read differently");
+    let (seen, _) = &whole;
+    if !input.starts_with(seen) {
+        let at = find_last(seen, REFUSAL).expect("bytes not the client's are a refusal");
+        assert!(input.starts_with(&seen[..at]), "the bytes before a refusal are the client's");
+        assert!(seen.ends_with(b"\r\n\r\n"), "a refusal is one whole head");
+    }
+}
+
+/// How a synthetic head that refuses a request starts.
+const REFUSAL: &[u8] = b"GET / HTTP/1.1\r\nhost: outrigger.invalid\r\noutrigger-rejected: ";
+
+const LIMITS: GuardLimits = GuardLimits {
+    max_header_bytes: 1024,
+    max_headers: 8,
+    header_read_timeout: Duration::from_secs(3600),
+    idle_timeout: Duration::from_secs(3600),
+    max_connections: 1,
+};
+
+/// Where reads are cut: sizes from a small xorshift, so one byte of input picks a sequence.
+struct Cuts {
+    reads: u64,
+    room: u64,
+}
+
+impl Cuts {
+    fn whole() -> Self {
+        Self { reads: 0, room: 0 }
+    }
+
+    fn new(reads: u8, room: u8) -> Self {
+        Self { reads: u64::from(reads) | 1 << 8, room: u64::from(room) | 1 << 8 }
+    }
+
+    /// The next size from `state` (0: everything at once), between 1 and `max`.
+    fn next(state: &mut u64, max: usize) -> usize {
+        if *state == 0 {
+            return max;
+        }
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        // small sizes most of the time: heads and chunk lines cut anywhere
+        let max = if state.is_multiple_of(4) { max } else { 64 };
+        1 + (*state as usize) % max
+    }
+}
+
+/// The client: `input` in reads whose sizes `cuts` choose, then EOF.
+struct Client<'a> {
+    input: &'a [u8],
+    cuts: u64,
+}
+
+impl AsyncRead for Client<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = Cuts::next(&mut self.cuts, 16 * 1024).min(buf.remaining()).min(self.input.len());
+        let (now, rest) = self.input.split_at(n);
+        buf.put_slice(now);
+        self.input = rest;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Everything hyper would read through the guard (until it would wait, or EOF), and the error
+/// that ended it, if one did.
+fn through_guard(input: &[u8], cuts: Cuts) -> (Vec<u8>, Option<String>) {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime")
+    });
+    let _entered = runtime.enter();
+    let mut io = GuardedIo::new(Client { input, cuts: cuts.reads }, LIMITS);
+    let mut room = cuts.room;
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let size = Cuts::next(&mut room, buf.len());
+        let mut out = ReadBuf::new(&mut buf[..size]);
+        match Pin::new(&mut io).poll_read(&mut cx, &mut out) {
+            Poll::Ready(Ok(())) if out.filled().is_empty() => return (seen, None),
+            Poll::Ready(Ok(())) => seen.extend_from_slice(out.filled()),
+            Poll::Ready(Err(e)) => return (seen, Some(e.to_string())),
+            Poll::Pending => return (seen, None),
+        }
+    }
+}
+
+fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
