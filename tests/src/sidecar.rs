@@ -186,8 +186,20 @@ impl Sidecar {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
     }
 
+    /// SIGTERM, waits for the drain and the exit, then starts the binary again as `restart`
+    /// does.
+    pub async fn restart_after_sigterm(&mut self) {
+        self.sigterm();
+        self.wait_exited().await;
+        self.restart().await;
+    }
+
     /// Waits for the process to exit, up to the deadline.
     pub async fn wait_exit(mut self) -> std::process::ExitStatus {
+        self.wait_exited().await
+    }
+
+    async fn wait_exited(&mut self) -> std::process::ExitStatus {
         let until = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the child") {
@@ -241,10 +253,24 @@ impl Sidecar {
 
     /// The sidecar's peak resident memory (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// The sidecar's resident memory now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("a VmHWM line");
+        let line = status.lines().find(|l| l.starts_with(field)).expect("a line of /proc status");
         line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number of kB")
+    }
+
+    /// How many file descriptors the sidecar holds open.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).expect("/proc fd").count()
     }
 }
 
@@ -271,7 +297,8 @@ fn launch(scratch: &Scratch, args: &[String]) -> Child {
         .args(["run", "--config"])
         .arg(scratch.0.join("outrigger.yaml"))
         .args(args)
-        .env("OUTRIGGER_LOG", "debug")
+        // OUTRIGGER_TEST_LOG: a quieter level for long runs (scripts/soak)
+        .env("OUTRIGGER_LOG", std::env::var("OUTRIGGER_TEST_LOG").unwrap_or("debug".into()))
         .stdout(stdout)
         .stderr(stderr)
         .spawn()

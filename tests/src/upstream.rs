@@ -56,6 +56,8 @@ struct State {
     health_checks: usize,
     /// `Drip` bodies still being written.
     open_drips: usize,
+    /// The script starts over after its last reply (else the last reply repeats).
+    cycle: bool,
 }
 
 /// The path a health-checked upstream answers on its own.
@@ -74,6 +76,18 @@ impl Upstream {
         let script: Vec<Reply> = replies.into_iter().collect();
         assert!(!script.is_empty(), "a script needs at least one reply");
         Self::scripted_on(0, script).await
+    }
+
+    /// Answers with `replies` in order, over and over.
+    pub async fn cycling(replies: impl IntoIterator<Item = Reply>) -> Self {
+        let up = Self::scripted(replies).await;
+        up.state.lock().unwrap().cycle = true;
+        up
+    }
+
+    /// The reply request number `n` (from 0) gets.
+    pub fn reply(&self, n: usize) -> Reply {
+        self.state.lock().unwrap().reply(n)
     }
 
     /// Answers every request with `status`, on a given loopback port.
@@ -189,6 +203,13 @@ impl Upstream {
     }
 }
 
+impl State {
+    fn reply(&self, n: usize) -> Reply {
+        let last = self.script.len() - 1;
+        self.script[if self.cycle { n % self.script.len() } else { n.min(last) }].clone()
+    }
+}
+
 type Answer = Result<Response<BoxBody<Bytes, std::io::Error>>, std::io::Error>;
 
 async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer {
@@ -205,7 +226,7 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
             (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone());
         let at = tokio::time::Instant::now();
         state.seen.push(Seen { method, uri, version, headers, body: Bytes::new(), at });
-        (n, state.script[n.min(state.script.len() - 1)].clone())
+        (n, state.reply(n))
     };
     let upgrade = matches!(reply, Reply::UpgradeEcho).then(|| hyper::upgrade::on(&mut req));
     let body = req.into_body();

@@ -17,5 +17,6 @@ mod proxy;
 mod redis;
 mod registry;
 mod reload;
+mod soak;
 mod tls;
 mod tracing;
