@@ -16,27 +16,13 @@ ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-5}
 LOADS=(16 256)
 
-need=()
-for pair in wrk:wrk nginx:nginx haproxy:haproxy; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
-done
-if ((${#need[@]})); then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; fi
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
-cargo build --profile dist --locked -p outrigger-proxy --bin outrigger >&2
-OUTRIGGER=$CARGO_TARGET_DIR/dist/outrigger
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+source bench/lib.sh
+bench_needs wrk:wrk nginx:nginx haproxy:haproxy
+bench_build
+bench_workdir
 
 UP=127.0.0.1:18180
-cat >"$work/upstream.conf" <<CONF
-worker_processes 1; daemon off; pid $work/upstream.pid; error_log stderr error;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 10000000;
-  server { listen $UP; location / { return 200 "ok\n"; } } }
-CONF
+nginx_ok "$UP" "$work/upstream.conf"
 cat >"$work/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $work/nginx.pid; error_log stderr error;
 events { worker_connections 4096; }

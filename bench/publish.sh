@@ -19,13 +19,9 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${1:-10}
 LOADS=(1 64)
 
-for pair in wrk:wrk nginx:nginx redis-server:redis-server; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=" ${pair#*:}"
-done
-if [[ -n ${missing:-} ]]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
-cargo build --profile dist --locked -p outrigger-proxy --bin outrigger >&2
-OUTRIGGER=$CARGO_TARGET_DIR/dist/outrigger
+source bench/lib.sh
+bench_needs wrk:wrk nginx:nginx redis-server:redis-server
+bench_build
 
 work=$(mktemp -d)
 pid=

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::http::guard::{GuardLimits, GuardedIo};
+use crate::http::idle::Activity;
 use crate::messaging::envelope::{Envelope, MessageId};
 
 /// The config loader: any text gets a config or problems, each with a position in the text.
@@ -184,7 +185,7 @@ fn through_guard(input: &[u8], cuts: Cuts) -> (Vec<u8>, Option<String>) {
         tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime")
     });
     let _entered = runtime.enter();
-    let mut io = GuardedIo::new(Client { input, cuts: cuts.reads }, LIMITS);
+    let mut io = GuardedIo::new(Client { input, cuts: cuts.reads }, LIMITS, Activity::new());
     let mut room = cuts.room;
     let mut cx = Context::from_waker(Waker::noop());
     let mut seen = Vec::new();

@@ -55,6 +55,21 @@ pub(crate) fn kill(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+/// A small xorshift generator: pseudo-random choices that are the same in every run, so a
+/// failure can be replayed.
+#[derive(Debug, Clone)]
+pub struct Dice(pub u64);
+
+impl Dice {
+    /// A number from 0 to `sides - 1`.
+    pub fn roll(&mut self, sides: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % sides
+    }
+}
+
 /// How long a test waits for something that should happen promptly.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -32,6 +32,8 @@ pub enum Reply {
     /// 200 with a body that never ends: 1 KiB every 10 ms until the peer goes away (see
     /// `open_drips`).
     Drip,
+    /// 200 and 1 KiB of body, then nothing, until the peer goes away (counted in `open_drips`).
+    Stall,
 }
 
 /// What one request looked like on arrival.
@@ -258,12 +260,17 @@ async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer 
             }
             Ok(respond(200, count.to_string()))
         }
-        Reply::Drip => {
+        Reply::Drip | Reply::Stall => {
             let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
             state.lock().unwrap().open_drips += 1;
+            let stall = matches!(reply, Reply::Stall);
             tokio::spawn(async move {
                 let chunk = Bytes::from(vec![b'.'; 1024]);
                 while tx.send(chunk.clone()).await.is_ok() {
+                    if stall {
+                        tx.closed().await;
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 state.lock().unwrap().open_drips -= 1;

@@ -12,12 +12,15 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+
+use crate::http::idle::Activity;
 
 /// The header a synthetic head carries to the router: `"<status> <reason>"`.
 pub(crate) const REJECTED_HEADER: &str = "outrigger-rejected";
@@ -82,12 +85,13 @@ pub(crate) struct GuardedIo<T> {
     state: State,
     synthetic: Bytes,
     head_started: Option<Instant>,
-    last_activity: Instant,
+    /// When a byte last moved either way; shared with the connection's idle watcher.
+    activity: Arc<Activity>,
     timer: Pin<Box<Sleep>>,
 }
 
 impl<T> GuardedIo<T> {
-    pub(crate) fn new(inner: T, limits: GuardLimits) -> Self {
+    pub(crate) fn new(inner: T, limits: GuardLimits, activity: Arc<Activity>) -> Self {
         let now = Instant::now();
         Self {
             inner,
@@ -102,7 +106,7 @@ impl<T> GuardedIo<T> {
             // a connection that sends nothing is held to the header deadline: a slowloris
             // client opens connections and never finishes a head
             head_started: Some(now),
-            last_activity: now,
+            activity,
             timer: Box::pin(tokio::time::sleep_until(now + limits.header_read_timeout)),
         }
     }
@@ -112,7 +116,7 @@ impl<T> GuardedIo<T> {
             (State::Sniff | State::Head, Some(started)) => {
                 started + self.limits.header_read_timeout
             }
-            _ => self.last_activity + self.limits.idle_timeout,
+            _ => self.activity.last() + self.limits.idle_timeout,
         }
     }
 
@@ -476,7 +480,7 @@ impl<T: AsyncRead + Unpin> GuardedIo<T> {
         if fresh.is_empty() {
             return Poll::Ready(Ok(true));
         }
-        self.last_activity = Instant::now();
+        self.activity.touch();
         self.scan(fresh);
         let approved = std::mem::take(&mut self.released);
         let tail = &fresh[approved..];
@@ -507,7 +511,7 @@ impl<T: AsyncRead + Unpin> GuardedIo<T> {
         let n = buf.filled().len();
         if n > 0 {
             self.end += n;
-            self.last_activity = Instant::now();
+            self.activity.touch();
         }
         Poll::Ready(Ok(n))
     }
@@ -555,7 +559,7 @@ impl<T> GuardedIo<T> {
     ) -> Poll<io::Result<usize>> {
         match polled {
             Poll::Ready(Ok(n)) => {
-                self.last_activity = Instant::now();
+                self.activity.touch();
                 Poll::Ready(Ok(n))
             }
             Poll::Pending => {

@@ -23,6 +23,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::http::Body;
 use crate::http::guard::{GuardLimits, GuardedIo};
+use crate::http::idle::{Activity, Tracked};
 
 /// Refusals at the connection cap being written at once, at most.
 const SHEDDING: usize = 256;
@@ -150,13 +151,21 @@ pub async fn serve<S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(GuardedIo::new(stream, serving.limits));
-        let conn =
-            serving.builder.serve_connection_with_upgrades(io, make_service(peer)).into_owned();
+        let activity = Activity::new();
+        let io = TokioIo::new(GuardedIo::new(stream, serving.limits, activity.clone()));
+        let service = Tracked::new(make_service(peer), activity.clone());
+        let conn = serving.builder.serve_connection_with_upgrades(io, service).into_owned();
         let conn = graceful.watcher().watch(conn);
+        let idle_timeout = serving.limits.idle_timeout;
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(error) = ended {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                },
+                // hyper waiting on a stalled response body never polls the socket
+                () = activity.idle_for(idle_timeout) => {
+                    tracing::debug!(%peer, "connection idle past idle_timeout: closed");
+                }
             }
             drop(permit);
         });

@@ -4,6 +4,7 @@ pub mod body;
 pub(crate) mod connect;
 pub mod forward;
 pub(crate) mod guard;
+pub(crate) mod idle;
 pub mod in_flight;
 pub mod listener;
 pub mod probe;

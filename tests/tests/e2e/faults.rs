@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use outrigger_tests::{DEADLINE, Redis, Reply, Sidecar, Tmpfs, Upstream, wait_until};
+use outrigger_tests::{DEADLINE, Dice, Redis, Reply, Sidecar, Tmpfs, Upstream, wait_until};
 use tokio::task::JoinHandle;
 
 use crate::messaging::{id_of, publish, queues};
@@ -78,20 +78,8 @@ async fn a_full_disk_refuses_publishes_with_503_loses_nothing_accepted_and_recov
     assert_eq!(stored(&sidecar).await, accepted);
 }
 
-/// A small xorshift: the same pseudo-random choices in every run.
-struct Dice(u64);
-
-impl Dice {
-    fn roll(&mut self, sides: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % sides
-    }
-}
-
 /// Every id in dead-letter queue `orders_deadletter`, page by page.
-async fn dead_letter_ids(sidecar: &Sidecar) -> HashSet<String> {
+pub(crate) async fn dead_letter_ids(sidecar: &Sidecar) -> HashSet<String> {
     let mut ids = HashSet::new();
     let mut path = "/v1/dlq/orders_deadletter?limit=1000".to_owned();
     loop {
@@ -106,6 +94,42 @@ async fn dead_letter_ids(sidecar: &Sidecar) -> HashSet<String> {
             None => return ids,
         }
     }
+}
+
+/// Waits until the store holds nothing pending and every id of `accepted` is delivered or
+/// dead-lettered. Returns how many times the app answered 200 to each message id (judged by
+/// the script it answered from), and the ids in `orders_deadletter`.
+pub(crate) async fn settled(
+    sidecar: &Sidecar,
+    app: &Upstream,
+    accepted: &HashSet<String>,
+    deadline: Duration,
+) -> (HashMap<String, usize>, HashSet<String>) {
+    let acknowledged = || {
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for (n, delivery) in app.seen().iter().enumerate() {
+            if let Reply::Status(200) = app.reply(n) {
+                let id = crate::delivery::header(delivery, "outrigger-message-id");
+                *count.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+        count
+    };
+    wait_until(deadline, "every 202 settled", || async {
+        let pending = crate::messaging::metric(sidecar, "outrigger_outbox_pending").await;
+        let depth = r#"outrigger_queue_depth{queue="orders"}"#;
+        let waiting = crate::messaging::metric(sidecar, depth).await.unwrap_or(0.0);
+        if pending != Some(0.0) || waiting > 0.0 {
+            return None;
+        }
+        let delivered = acknowledged();
+        let dead = dead_letter_ids(sidecar).await;
+        accepted
+            .iter()
+            .all(|id| delivered.contains_key(id) || dead.contains(id))
+            .then_some((delivered, dead))
+    })
+    .await
 }
 
 /// Publishers that keep publishing `{"n": N}` to `orders` until stopped; every id answered 202
@@ -146,7 +170,7 @@ async fn kill9_loop(redis: Option<&Redis>) {
     let mut dice = Dice(0x9e37_79b9_7f4a_7c15);
     let script: Vec<Reply> =
         (0..20_000).map(|_| Reply::Status(if dice.roll(3) == 0 { 500 } else { 200 })).collect();
-    let app = Upstream::scripted(script.clone()).await;
+    let app = Upstream::scripted(script).await;
     let extra = format!(", max_attempts: 3, concurrency: {CONCURRENCY}");
     let mut yaml = crate::delivery::config(&app, &extra);
     if let Some(redis) = redis {
@@ -170,32 +194,7 @@ async fn kill9_loop(redis: Option<&Redis>) {
     }
     assert!(accepted.len() > 100, "only {} publishes were accepted", accepted.len());
 
-    // what the app answered 200, by message id, judged by the script it answered from
-    let acknowledged = |seen: &[outrigger_tests::Seen]| {
-        let mut count: HashMap<String, usize> = HashMap::new();
-        for (n, delivery) in seen.iter().enumerate() {
-            if let Reply::Status(200) = script[n] {
-                let id = crate::delivery::header(delivery, "outrigger-message-id");
-                *count.entry(id.to_owned()).or_default() += 1;
-            }
-        }
-        count
-    };
-    let (delivered, dead) = wait_until(Duration::from_secs(60), "every 202 settled", || async {
-        let pending = crate::messaging::metric(&sidecar, "outrigger_outbox_pending").await;
-        let depth = r#"outrigger_queue_depth{queue="orders"}"#;
-        let waiting = crate::messaging::metric(&sidecar, depth).await.unwrap_or(0.0);
-        if pending != Some(0.0) || waiting > 0.0 {
-            return None;
-        }
-        let delivered = acknowledged(&app.seen());
-        let dead = dead_letter_ids(&sidecar).await;
-        accepted
-            .iter()
-            .all(|id| delivered.contains_key(id) || dead.contains(id))
-            .then_some((delivered, dead))
-    })
-    .await;
+    let (delivered, dead) = settled(&sidecar, &app, &accepted, Duration::from_secs(60)).await;
     let lost: Vec<_> =
         accepted.iter().filter(|id| !delivered.contains_key(*id) && !dead.contains(*id)).collect();
     assert!(lost.is_empty(), "messages answered 202 and never settled: {lost:?}");

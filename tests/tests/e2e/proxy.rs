@@ -104,6 +104,30 @@ async fn an_upstream_that_drops_the_connection_gives_502_upstream_reset() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_at_the_idle_timeout_on_both_sides() {
+    let up = Upstream::scripted([Reply::Stall]).await;
+    let limits = "outbound:\n  listen: \"$OUTBOUND\"\n  limits: { idle_timeout: 500ms }\n";
+    let sidecar = Sidecar::start(&format!("{limits}{}", up.yaml("payments"))).await;
+
+    let started = tokio::time::Instant::now();
+    let request = b"GET / HTTP/1.1\r\nhost: payments\r\n\r\n";
+    let answer = sidecar.raw(request, Duration::from_secs(5)).await;
+    let took = started.elapsed();
+
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "the head and the first bytes came: {answer}");
+    assert!(took >= Duration::from_millis(400), "closed after {took:?}: before the idle timeout");
+    assert!(took < Duration::from_secs(3), "still open after {took:?}");
+    outrigger_tests::wait_until(
+        outrigger_tests::DEADLINE,
+        "the stalled upstream stream closed",
+        || async { (up.open_drips() == 0).then_some(()) },
+    )
+    .await;
+    up.set_script([Reply::Status(200)]);
+    sidecar.assert_still_serving("payments").await;
+}
+
+#[tokio::test]
 async fn an_upstream_error_status_passes_through_unchanged() {
     let up = Upstream::status(503).await;
     let sidecar = Sidecar::start(&up.yaml("payments")).await;

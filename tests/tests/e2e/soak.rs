@@ -12,30 +12,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use outrigger_tests::{Redis, Reply, Sidecar, Upstream, wait_until};
+use outrigger_tests::{Dice, Redis, Reply, Sidecar, Upstream};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 
-use crate::delivery::header;
-use crate::messaging::{id_of, metric, publish};
+use crate::faults::settled;
+use crate::messaging::{id_of, publish};
 
 /// The whole run, unless `OUTRIGGER_SOAK_SECS` says otherwise.
 const DEFAULT_SECS: u64 = 600;
 const PUBLISHERS: u64 = 2;
 const CLIENTS: u64 = 4;
 const CONCURRENCY: usize = 16;
-
-/// A small xorshift: the same pseudo-random choices in every run.
-struct Dice(u64);
-
-impl Dice {
-    fn roll(&mut self, sides: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % sides
-    }
-}
 
 /// What the load sees, shared by its tasks.
 #[derive(Default)]
@@ -132,24 +120,6 @@ fn publishers(outbound: SocketAddr, load: Arc<Load>) -> Vec<JoinHandle<Vec<Strin
             })
         })
         .collect()
-}
-
-/// Every id in `orders_deadletter`, page by page.
-async fn dead_letter_ids(sidecar: &Sidecar) -> HashSet<String> {
-    let mut ids = HashSet::new();
-    let mut path = "/v1/dlq/orders_deadletter?limit=1000".to_owned();
-    loop {
-        let (status, body) = sidecar.admin(&path).await;
-        assert_eq!(status, 200, "{body}");
-        let page: serde_json::Value = serde_json::from_str(&body).expect("a page of JSON");
-        for message in page["messages"].as_array().expect("messages") {
-            ids.insert(message["id"].as_str().expect("an id").to_owned());
-        }
-        match page["next"].as_str() {
-            Some(next) => path = format!("/v1/dlq/orders_deadletter?limit=1000&before={next}"),
-            None => return ids,
-        }
-    }
 }
 
 /// Pauses the load until the sidecar is idle, then reads its resident memory and open fds.
@@ -262,30 +232,10 @@ async fn soak_with_restarts_reconciles_exactly_with_flat_memory_and_no_fd_leak()
     }
 
     // every message answered 202 is delivered or dead-lettered
-    let acknowledged = |seen: &[outrigger_tests::Seen]| {
-        let mut count: HashMap<String, usize> = HashMap::new();
-        for (n, delivery) in seen.iter().enumerate() {
-            if let Reply::Status(200) = app.reply(n) {
-                *count.entry(header(delivery, "outrigger-message-id").to_owned()).or_default() += 1;
-            }
-        }
-        count
-    };
-    let (delivered, dead) = wait_until(Duration::from_secs(120), "every 202 settled", || async {
-        if metric(&sidecar, "outrigger_outbox_pending").await != Some(0.0) {
-            return None;
-        }
-        let delivered = acknowledged(&app.seen());
-        let dead = dead_letter_ids(&sidecar).await;
-        accepted
-            .iter()
-            .all(|id| delivered.contains_key(id) || dead.contains(id))
-            .then_some((delivered, dead))
-    })
-    .await;
+    let (delivered, dead) = settled(&sidecar, &app, &accepted, Duration::from_secs(120)).await;
 
-    let settled: HashSet<&String> = delivered.keys().chain(dead.iter()).collect();
-    let cut = settled.iter().filter(|id| !accepted.contains(**id)).count();
+    let stored: HashSet<&String> = delivered.keys().chain(dead.iter()).collect();
+    let cut = stored.iter().filter(|id| !accepted.contains(**id)).count();
     let both = dead.iter().filter(|id| delivered.contains_key(*id)).count();
     let again: usize = delivered.values().map(|n| n - 1).sum();
     let (requests, responses, refused, lost) = (

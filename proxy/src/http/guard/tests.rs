@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
+use crate::http::idle::Activity;
 
 const LIMITS: GuardLimits = GuardLimits {
     max_header_bytes: 1024,
@@ -16,7 +17,7 @@ const LIMITS: GuardLimits = GuardLimits {
 
 fn guard() -> (DuplexStream, GuardedIo<DuplexStream>) {
     let (client, server) = tokio::io::duplex(64 * 1024);
-    (client, GuardedIo::new(server, LIMITS))
+    (client, GuardedIo::new(server, LIMITS, Activity::new()))
 }
 
 /// Everything the guard hands over, until it would wait.

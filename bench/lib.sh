@@ -1,0 +1,37 @@
+# Shared by the bench scripts, sourced from the repository root.
+
+# bench_needs CMD:PACKAGE ... — installs the Debian package of each command that is missing.
+bench_needs() {
+  local missing=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  done
+  if ((${#missing[@]})); then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  fi
+}
+
+# bench_build — builds the binary as the container image is (dist profile); sets OUTRIGGER.
+bench_build() {
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/outrigger-target}
+  cargo build --profile dist --locked -p outrigger-proxy --bin outrigger >&2
+  OUTRIGGER=$CARGO_TARGET_DIR/dist/outrigger
+}
+
+# bench_workdir — a scratch directory in $work; on exit, every pid in $pids is killed and the
+# directory removed.
+bench_workdir() {
+  work=$(mktemp -d)
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}
+
+# nginx_ok ADDR FILE — an nginx config of one worker answering 200 "ok" on ADDR, kept-alive.
+nginx_ok() {
+  cat >"$2" <<CONF
+worker_processes 1; daemon off; pid $2.pid; error_log stderr error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000;
+  server { listen $1; location / { return 200 "ok\n"; } } }
+CONF
+}

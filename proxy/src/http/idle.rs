@@ -1,0 +1,179 @@
+//! Idle connections: `outbound.limits.idle_timeout` with no byte moved either way ends a client
+//! connection, even while nothing polls its socket.
+//!
+//! The connection guard sees every read and write and checks the deadline whenever hyper waits
+//! on the socket. But while hyper streams a response whose upstream has stalled mid-body, it
+//! waits on the body and never touches the socket: a stalled upstream would hold the client
+//! connection, and the upstream's, for ever. So the guard records each byte's time in an
+//! [`Activity`] shared with a watcher on the connection's task, which ends the connection once
+//! it has been idle for the timeout. A request waiting for its response head is not idle: that
+//! wait is bounded by the upstream's `timeouts.request`, and may rightly be longer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// When a connection last moved a byte, and how many of its requests await a response head.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    opened: Instant,
+    /// Nanoseconds from `opened` to the last byte moved.
+    last: AtomicU64,
+    awaiting: AtomicUsize,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Self> {
+        let opened = Instant::now();
+        Arc::new(Self { opened, last: AtomicU64::new(0), awaiting: AtomicUsize::new(0) })
+    }
+
+    /// A byte moved now.
+    pub(crate) fn touch(&self) {
+        let since = Instant::now().saturating_duration_since(self.opened);
+        let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last(&self) -> Instant {
+        self.opened + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once the connection has been idle for `timeout`: no byte moved, and no request
+    /// waiting for its response head.
+    pub(crate) async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let deadline = self.last() + timeout;
+            if Instant::now() < deadline {
+                tokio::time::sleep_until(deadline).await;
+            } else if self.awaiting.load(Ordering::Relaxed) > 0 {
+                // a request still waits on its upstream: not idle. Counted as activity, so
+                // the guard's own check (when hyper reads) agrees; look again a timeout later
+                self.touch();
+            } else {
+                return;
+            }
+        }
+    }
+}
+
+/// A connection's service, counting its requests until their response heads.
+#[derive(Debug, Clone)]
+pub(crate) struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<S, R> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.activity.awaiting.fetch_add(1, Ordering::Relaxed);
+        TrackedFuture { inner: self.inner.call(req), activity: Some(self.activity.clone()) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Counts its request as awaiting until the response head is ready (or the request is
+    /// dropped); the head's arrival counts as activity.
+    #[derive(Debug)]
+    pub(crate) struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl<F> PinnedDrop for TrackedFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(activity) = this.project().activity.take() {
+                activity.awaiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for TrackedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.inner.poll(cx));
+        if let Some(activity) = this.activity.take() {
+            activity.touch();
+            activity.awaiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        Poll::Ready(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_a_timeout_after_its_last_byte() {
+        let activity = Activity::new();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        activity.touch();
+        let started = Instant::now();
+        activity.idle_for(TIMEOUT).await;
+        assert_eq!(started.elapsed(), TIMEOUT, "60 s after the byte at 30 s");
+    }
+
+    /// A service whose answer takes its duration.
+    struct Slow(Duration);
+
+    impl hyper::service::Service<()> for Slow {
+        type Response = ();
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<(), Self::Error>> + Send>>;
+
+        fn call(&self, (): ()) -> Self::Future {
+            let answer = tokio::time::sleep(self.0);
+            Box::pin(async move {
+                answer.await;
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_its_response_head_is_not_idle() {
+        let activity = Activity::new();
+        let service = Tracked::new(Slow(Duration::from_secs(150)), activity.clone());
+        let started = Instant::now();
+        let request = tokio::spawn(hyper::service::Service::call(&service, ()));
+        activity.idle_for(TIMEOUT).await;
+        // the head came at 150 s; idle a timeout after that
+        assert!(request.is_finished());
+        assert_eq!(started.elapsed(), Duration::from_secs(210));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_request_no_longer_counts() {
+        let activity = Activity::new();
+        let service = Tracked::new(Slow(Duration::from_secs(1 << 30)), activity.clone());
+        drop(hyper::service::Service::call(&service, ()));
+        let started = Instant::now();
+        activity.idle_for(TIMEOUT).await;
+        assert_eq!(started.elapsed(), TIMEOUT);
+    }
+}
