@@ -7,13 +7,13 @@
 #
 #   bash bench/flood.sh [CONNECTIONS]      (default 10000, the default outbound.limits.max_connections)
 #
-# Needs nginx (the upstream) and python3; raises the open-file limit to 30000. Loopback only.
+# Needs nginx (the upstream) and python3; raises the open-file limit to the hard limit. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONNS=${1:-10000}
 source bench/lib.sh
 bench_needs nginx:nginx
-ulimit -n 30000
+ulimit -n "$(ulimit -Hn)" # the clients and the sidecar each hold CONNECTIONS + 200
 bench_build
 bench_workdir
 
@@ -36,7 +36,7 @@ sidecar=$!
 for _ in $(seq 100); do curl -fs http://127.0.0.1:18293/readyz >/dev/null && break; sleep 0.1; done
 
 rss() { awk -v f="$1:" '$1 == f { print $2 }' "/proc/$sidecar/status"; }
-echo "machine: $(nproc) CPUs, $(uname -r); outrigger $("$OUTRIGGER" version 2>/dev/null || echo '?')"
+echo "machine: $(nproc) CPUs, $(uname -r); $("$OUTRIGGER" --version)"
 echo "before: VmRSS $(rss VmRSS) KiB"
 
 python3 - "$CONNS" "$sidecar" <<'PY'

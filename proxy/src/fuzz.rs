@@ -1,5 +1,6 @@
-//! Entry points for the fuzz targets in `fuzz/` (built with the `fuzzing` feature). Each takes
-//! arbitrary bytes and panics only when an invariant breaks: a crash here is a bug there.
+//! Entry points for the fuzz targets in `fuzz/` (`bash scripts/fuzz`). Each takes arbitrary
+//! bytes and panics only when an invariant breaks: a crash here is a bug there. The test
+//! command replays every input kept in `fuzz/corpus` through them (`tests/fuzz_corpus.rs`).
 
 use std::io;
 use std::pin::Pin;

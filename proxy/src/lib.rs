@@ -9,7 +9,7 @@ pub mod app;
 pub mod cli;
 pub mod demo;
 pub mod error;
-#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
 pub mod fuzz;
 pub mod http;
 pub mod messaging;
