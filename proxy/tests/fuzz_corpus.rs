@@ -1,17 +1,21 @@
-//! Every input kept in `fuzz/corpus/TARGET` (and every crash turned into one) replayed through
-//! its fuzz target on the stable toolchain: the fuzz corpora are regression tests too, run by
-//! the test command. `bash scripts/fuzz` grows them.
+//! Every input kept in `fuzz/corpus/TARGET` and `fuzz/regressions/TARGET` (each input that once
+//! crashed a target) replayed through its fuzz target on the stable toolchain: the fuzz corpora
+//! are regression tests too, run by the test command. `bash scripts/fuzz` grows the corpora;
+//! `cargo fuzz cmin` may drop inputs from them, never from `regressions`.
 
 use std::path::{Path, PathBuf};
 
 fn corpus(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
-    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let corpus = fuzz.join("corpus").join(target);
+    let mut inputs: Vec<PathBuf> = [corpus.clone(), fuzz.join("regressions").join(target)]
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
         .map(|entry| entry.expect("a corpus entry").path())
         .collect();
     inputs.sort();
-    assert!(!inputs.is_empty(), "{} holds no input", dir.display());
+    assert!(!inputs.is_empty(), "{} holds no input", corpus.display());
     inputs
 }
 
