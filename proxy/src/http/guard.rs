@@ -82,6 +82,8 @@ pub(crate) struct GuardedIo<T> {
     /// How far the current head has been searched for its end, so a trickled head is not
     /// rescanned from its start on every byte.
     head_searched: usize,
+    /// Whether `storage` was given back once the first head was through (see `poll_read`).
+    storage_returned: bool,
     state: State,
     synthetic: Bytes,
     head_started: Option<Instant>,
@@ -101,6 +103,7 @@ impl<T> GuardedIo<T> {
             end: 0,
             released: 0,
             head_searched: 0,
+            storage_returned: false,
             state: State::Sniff,
             synthetic: Bytes::new(),
             // a connection that sends nothing is held to the header deadline: a slowloris
@@ -413,6 +416,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 this.released -= n;
                 if this.start == this.end {
                     (this.start, this.end) = (0, 0);
+                    // a connection's first head comes through `storage` (hyper's protocol
+                    // sniffing reads 24 bytes at a time); later reads go straight into hyper's
+                    // buffer, so the 8 KiB go back, once, rather than stay for the connection's
+                    // life (a head cut by a read still comes through `storage`)
+                    if !this.storage_returned && this.state != State::Sniff {
+                        this.storage = Vec::new();
+                        this.storage_returned = true;
+                    }
                 }
                 return Poll::Ready(Ok(()));
             }
