@@ -55,8 +55,10 @@ impl Routes {
     /// The messaging API, when `req` is for it: a `/v1/` path and a local authority.
     fn messaging_for<B>(&self, req: &Request<B>) -> Option<&Arc<Messaging>> {
         let messaging = self.messaging.as_ref()?;
-        let local = matches!(request_host(req), Ok(Some("localhost" | "127.0.0.1" | "[::1]")));
-        (local && req.uri().path().starts_with("/v1/")).then_some(messaging)
+        // the path first: most requests are not for the API, and their authority is read
+        // (and checked) once, when they are routed
+        let local = || matches!(request_host(req), Ok(Some("localhost" | "127.0.0.1" | "[::1]")));
+        (req.uri().path().starts_with("/v1/") && local()).then_some(messaging)
     }
 
     /// The upstream named `host`, any letter case.

@@ -136,11 +136,10 @@ impl Embedded {
         let (db, stored) = open_file(&path).map_err(fail)?;
         pending.set(stored as i64);
         let db = Arc::new(db);
-        let handle = Arc::new(std::sync::RwLock::new(Handle::Open(db.clone())));
+        let handle = Arc::new(std::sync::RwLock::new(Handle::Open(db)));
         let commits = Arc::new(AtomicU64::new(0));
         let (writes, requests) = mpsc::channel(MAX_BATCH * 4);
         let writer = Writer {
-            db: Some(db),
             handle: handle.clone(),
             path: path.clone(),
             released: None,
@@ -662,9 +661,7 @@ enum Reply {
 }
 
 struct Writer {
-    /// `None` after a write error, until the file is open again.
-    db: Option<Arc<Database>>,
-    /// What reads use: kept in step with `db`.
+    /// The file, as reads find it too; the writer alone replaces it.
     handle: SharedHandle,
     path: PathBuf,
     /// The handle let go of after a write error: the file opens again once no read holds it.
@@ -698,8 +695,7 @@ impl Writer {
                 self.commit(batch);
             }
         }
-        let Writer { db, released, .. } = self;
-        drop((db, released));
+        drop(self);
         if let Some(done) = closing {
             let _ = done.send(());
         }
@@ -759,7 +755,7 @@ impl Writer {
     /// so the next write opens the file again.
     fn release(&mut self, db: Arc<Database>, reason: String) {
         self.released = Some(Arc::downgrade(&db));
-        drop((db, self.db.take()));
+        drop(db);
         let mut handle = self.handle.write().unwrap_or_else(|e| e.into_inner());
         if !matches!(*handle, Handle::Closed) {
             *handle = Handle::Broken { reason };
@@ -769,34 +765,31 @@ impl Writer {
     /// The open file, opening it again after a write error (at most once per
     /// [`REOPEN_EVERY`]); the reason it cannot be written otherwise.
     fn open(&mut self) -> Result<Arc<Database>, String> {
-        if let Some(db) = &self.db {
-            return Ok(db.clone());
-        }
-        let broken = || match &*self.handle.read().unwrap_or_else(|e| e.into_inner()) {
+        let broken = match &*self.handle.read().unwrap_or_else(|e| e.into_inner()) {
+            Handle::Open(db) => return Ok(db.clone()),
             Handle::Broken { reason } => format!("the message store cannot be written: {reason}"),
-            Handle::Open(_) | Handle::Closed => "the message store is closed".to_owned(),
+            Handle::Closed => "the message store is closed".to_owned(),
         };
         let now = tokio::time::Instant::now();
         if self.last_reopen.is_some_and(|at| now < at + REOPEN_EVERY) {
-            return Err(broken());
+            return Err(broken);
         }
         self.last_reopen = Some(now);
         // redb opens a file once per process: the reads still on the old handle must end first
         let until = now + REOPEN_WAIT;
         while self.released.as_ref().is_some_and(|old| old.strong_count() > 0) {
             if tokio::time::Instant::now() >= until {
-                return Err(broken());
+                return Err(broken);
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let (db, stored) = open_file(&self.path).map_err(|reason| {
             tracing::warn!(%reason, "the message store cannot be opened again yet");
-            broken()
+            broken
         })?;
         let db = Arc::new(db);
         self.pending.set(stored as i64);
         self.released = None;
-        self.db = Some(db.clone());
         *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db.clone());
         tracing::info!(stored, "message store opened again after a write error");
         Ok(db)
