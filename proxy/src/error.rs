@@ -43,6 +43,13 @@ pub enum ProxyError {
     SidecarOverloaded { limit: usize },
     #[error("bad request: {reason}")]
     BadRequest { reason: Box<str> },
+    /// The client's request body broke off while it was forwarded: malformed chunked framing,
+    /// or the client went away mid-body. The client's fault, never counted against the upstream.
+    #[error("bad request: the request body broke off: {}", Chain(source))]
+    BadRequestBody {
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
     #[error("request headers too large: {reason}")]
     HeadersTooLarge { reason: Box<str> },
     #[error("publish refused: {reason}")]
@@ -93,7 +100,9 @@ impl ProxyError {
             Self::CircuitOpen { .. } => "circuit-open",
             Self::RateLimited { .. } => "rate-limited",
             Self::Overloaded { .. } | Self::SidecarOverloaded { .. } => "overloaded",
-            Self::BadRequest { .. } | Self::HeadersTooLarge { .. } => "bad-request",
+            Self::BadRequest { .. } | Self::BadRequestBody { .. } | Self::HeadersTooLarge { .. } => {
+                "bad-request"
+            }
             Self::BadPublish { .. }
             | Self::PayloadTooLarge { .. }
             | Self::MethodNotAllowed { .. } => "bad-request",
@@ -112,7 +121,7 @@ impl ProxyError {
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ConnectFailed { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BadPublish { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -138,7 +147,10 @@ impl ProxyError {
         // a payload over the limit was not read to its end: the rest must not be parsed as a request
         matches!(
             self,
-            Self::BadRequest { .. } | Self::HeadersTooLarge { .. } | Self::PayloadTooLarge { .. }
+            Self::BadRequest { .. }
+                | Self::BadRequestBody { .. }
+                | Self::HeadersTooLarge { .. }
+                | Self::PayloadTooLarge { .. }
         )
     }
 }

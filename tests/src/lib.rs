@@ -9,6 +9,7 @@
 mod dnsmasq;
 mod etcd;
 mod otlp;
+mod raw;
 mod redis;
 mod sidecar;
 mod tls;
@@ -18,6 +19,7 @@ mod upstream;
 pub use dnsmasq::{Dnsmasq, Zone};
 pub use etcd::{Etcd, Kv};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
+pub use raw::RawUpstream;
 pub use redis::Redis;
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use tls::{Pki, SERVER_NAME, TlsServer};

@@ -246,6 +246,11 @@ impl Sidecar {
         raw(self.outbound, bytes, wait).await
     }
 
+    /// Like [`raw`](Self::raw), on the admin listener.
+    pub async fn raw_admin(&self, bytes: &[u8], wait: Duration) -> String {
+        raw(self.admin, bytes, wait).await
+    }
+
     /// `GET` on the admin listener: status and body.
     pub async fn admin(&self, path: &str) -> (u16, String) {
         admin_get(self.admin, path).await.expect("the admin listener answers")

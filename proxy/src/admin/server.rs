@@ -15,6 +15,8 @@ use hyper::body::Incoming;
 
 use crate::admin::Health;
 use crate::http::Body;
+use crate::http::guard::refusal;
+use crate::http::respond::error_response;
 use crate::messaging::Messaging;
 use crate::telemetry::metrics::Metrics;
 
@@ -193,6 +195,11 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        if let Some(err) = refusal(&req) {
+            // the guard refused the client's head: the same 400/431 as the outbound port, and
+            // the connection closes
+            return Box::pin(std::future::ready(Ok(error_response(&err))));
+        }
         let (admin, peer) = (self.admin.clone(), self.peer);
         let method = req.method().clone();
         let path = req.uri().path().to_owned();

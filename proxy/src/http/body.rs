@@ -1,9 +1,11 @@
 //! `Body`: the one body type on both sides of the proxy, without a box per request.
 //!
-//! A body is hyper's streaming `Incoming` (passed through frame by frame, never buffered), a
-//! complete buffer (Outrigger's own answers, or a request body kept to be replayed by a retry),
-//! or a buffered prefix followed by the rest of a stream (a body that outgrew the replay buffer
-//! while it was being read: it is sent once, whole, and not retried).
+//! A body is hyper's streaming `Incoming` from the client or from an upstream (passed through
+//! frame by frame, never buffered), a complete buffer (Outrigger's own answers, or a request body
+//! kept to be replayed by a retry), or a buffered prefix followed by the rest of the client's
+//! stream (a body that outgrew the replay buffer while it was being read: it is sent once, whole,
+//! and not retried). A stream that breaks says whose it was ([`BodyError`]): a malformed or
+//! abandoned request body is the client's fault, never the upstream's (issue 17).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -17,9 +19,38 @@ pin_project_lite::pin_project! {
     #[project = BodyProj]
     #[derive(Debug)]
     pub enum Body {
-        Incoming { #[pin] inner: Incoming },
+        /// The client's request body, as it arrives.
+        Client { #[pin] inner: Incoming },
+        /// An upstream's response body, as it arrives.
+        Upstream { #[pin] inner: Incoming },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        /// The start of the client's request body, read, then the rest of it as it arrives.
         Prefixed { head: Option<Bytes>, #[pin] rest: Incoming },
+    }
+}
+
+/// A streamed body that broke off, and whose it was.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Malformed framing, or the client went away mid-body: a bad request, not an upstream
+    /// failure, so no breaker, outlier detector or retry counts it.
+    #[error("the client's request body broke off: {0}")]
+    Client(#[source] hyper::Error),
+    #[error("the upstream's response body broke off: {0}")]
+    Upstream(#[source] hyper::Error),
+}
+
+impl BodyError {
+    /// Whether `error`, or an error it was caused by, is a broken request body of the client.
+    pub fn from_client(error: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cause = Some(error);
+        while let Some(error) = cause {
+            if let Some(Self::Client(_)) = error.downcast_ref::<Self>() {
+                return true;
+            }
+            cause = error.source();
+        }
+        false
     }
 }
 
@@ -38,36 +69,43 @@ impl Body {
     }
 }
 
-impl From<Incoming> for Body {
-    fn from(inner: Incoming) -> Self {
-        Self::Incoming { inner }
+impl Body {
+    /// The client's request body.
+    pub fn client(inner: Incoming) -> Self {
+        Self::Client { inner }
+    }
+
+    /// An upstream's response body.
+    pub fn upstream(inner: Incoming) -> Self {
+        Self::Upstream { inner }
     }
 }
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
-            BodyProj::Incoming { inner } => inner.poll_frame(cx),
+            BodyProj::Client { inner } => inner.poll_frame(cx).map_err(BodyError::Client),
+            BodyProj::Upstream { inner } => inner.poll_frame(cx).map_err(BodyError::Upstream),
             BodyProj::Full { data, trailers } => Poll::Ready(match data.take() {
                 Some(data) => Some(Ok(Frame::data(data))),
                 None => trailers.take().map(|t| Ok(Frame::trailers(t))),
             }),
             BodyProj::Prefixed { head, rest } => match head.take() {
                 Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),
-                None => rest.poll_frame(cx),
+                None => rest.poll_frame(cx).map_err(BodyError::Client),
             },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Incoming { inner } => inner.is_end_stream(),
+            Self::Client { inner } | Self::Upstream { inner } => inner.is_end_stream(),
             Self::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Self::Prefixed { head, rest } => head.is_none() && rest.is_end_stream(),
         }
@@ -75,7 +113,7 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Incoming { inner } => inner.size_hint(),
+            Self::Client { inner } | Self::Upstream { inner } => inner.size_hint(),
             Self::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -27,6 +27,7 @@ use outrigger_discovery::{Endpoint, Picked, Pool};
 
 use crate::error::ProxyError;
 use crate::http::Body;
+use crate::http::body::BodyError;
 use crate::http::connect::{Opening, Tunnels};
 use crate::http::tls::{Origination, TlsConnector};
 use crate::telemetry::trace::{Kind, Span, Tracer};
@@ -257,6 +258,15 @@ fn prepare(
         parts.headers.remove(header::HOST);
     }
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    if !http2
+        && matches!(parts.method, Method::GET | Method::HEAD)
+        && !http_body::Body::is_end_stream(&body)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        // hyper's client sends a GET or HEAD body of unknown length as no body at all; a body
+        // the client sent is forwarded, never silently dropped
+        parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
     let path =
         parts.uri.into_parts().path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut uri = http::uri::Parts::default();
@@ -382,10 +392,13 @@ impl Future for ResponseFuture {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
             StateProj::Sent { fut, upstream, upgrade, picked, trace } => {
-                let result = ready!(fut.poll(cx));
+                let result = ready!(fut.poll(cx)).map_err(|source| classify(upstream, source));
                 if let Some(picked) = picked.take() {
-                    let failed = result.as_ref().is_ok_and(|res| res.status().is_server_error());
-                    picked.finish(failed || result.is_err());
+                    picked.finish(match &result {
+                        Ok(res) => res.status().is_server_error(),
+                        // the endpoint is not to blame for a request body the client broke
+                        Err(err) => err.status().is_server_error(),
+                    });
                 }
                 if let Some(recorded) = trace.take() {
                     let (tracer, mut span) = *recorded;
@@ -404,17 +417,7 @@ impl Future for ResponseFuture {
                     }
                     tracer.end(span);
                 }
-                let mut res = match result {
-                    Ok(res) => res,
-                    Err(source) => {
-                        let upstream = upstream.clone();
-                        return Poll::Ready(Err(if source.is_connect() {
-                            ProxyError::ConnectFailed { upstream, source: source.into() }
-                        } else {
-                            ProxyError::UpstreamReset { upstream, source }
-                        }));
-                    }
-                };
+                let mut res = result?;
                 let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
                 if upgraded {
                     let client_side = upgrade.take().expect("checked above");
@@ -424,8 +427,14 @@ impl Future for ResponseFuture {
                         hyper::upgrade::on(&mut res),
                     ));
                 }
+                if res.headers().contains_key(header::TRANSFER_ENCODING) {
+                    // RFC 9112 6.3: Transfer-Encoding frames the body and hyper read it so; a
+                    // Content-Length beside it (a hostile or broken upstream) would truncate or
+                    // overstate the body we send on
+                    res.headers_mut().remove(header::CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(res.headers_mut(), upgraded);
-                Poll::Ready(Ok(res.map(Body::from)))
+                Poll::Ready(Ok(res.map(Body::upstream)))
             }
             StateProj::Tunnel { opening, picked } => {
                 let result = ready!(opening.as_mut().poll(cx));
@@ -435,6 +444,21 @@ impl Future for ResponseFuture {
                 Poll::Ready(result)
             }
         }
+    }
+}
+
+/// hyper's error for an attempt, classified where it enters: no connection, a connection that
+/// failed after the request left, or a request body the client broke (malformed chunks, the
+/// client gone mid-body), which is a bad request and not the upstream's failure.
+fn classify(upstream: &Arc<str>, source: legacy::Error) -> ProxyError {
+    if BodyError::from_client(&source) {
+        return ProxyError::BadRequestBody { source };
+    }
+    let upstream = upstream.clone();
+    if source.is_connect() {
+        ProxyError::ConnectFailed { upstream, source: source.into() }
+    } else {
+        ProxyError::UpstreamReset { upstream, source }
     }
 }
 

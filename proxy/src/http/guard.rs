@@ -8,6 +8,14 @@
 //! 400/431 answer with `connection: close`. It also cuts a client off that trickles its headers
 //! past `header_read_timeout` or sends nothing for `idle_timeout`. HTTP/2 (prior knowledge) and
 //! upgraded connections pass through: their framing is length-prefixed or no longer HTTP/1.
+//!
+//! The guard and hyper must never disagree on where a message ends, or the bytes the guard
+//! took for a body are a request to hyper (smuggling). So the guard reads no more leniently than
+//! hyper does: a bare LF in a head is refused (RFC 9112 2.2 lets a recipient refuse it; httparse
+//! would end a head at `\n\n`), chunk lines and the CRLF after chunk data are read exactly as
+//! hyper's decoder reads them, and a connection becomes a tunnel only once the answer to its
+//! upgrade request is a real `101` (or a 2xx to CONNECT): until then the next head waits, and is
+//! checked like any other.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -20,7 +28,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::http::idle::Activity;
+use crate::error::ProxyError;
+use crate::http::idle::{Activity, Upgrade};
 
 /// The header a synthetic head carries to the router: `"<status> <reason>"`.
 pub(crate) const REJECTED_HEADER: &str = "outrigger-rejected";
@@ -52,6 +61,9 @@ enum State {
     /// `Content-Length` body bytes still to come.
     Body(u64),
     Chunked(Chunk),
+    /// An upgrade request (or CONNECT) is through: until its answer says whether the connection
+    /// became a tunnel, nothing more is handed over.
+    AwaitUpgrade,
     /// HTTP/2, or an upgraded connection: bytes are not HTTP/1 framing any more.
     Passthrough,
     /// A synthetic head was queued; nothing more is read from the client.
@@ -64,6 +76,7 @@ enum State {
 enum Chunk {
     Size,
     Data(u64),
+    /// The CRLF after a chunk's data.
     DataEnd,
     Trailers,
 }
@@ -85,6 +98,10 @@ pub(crate) struct GuardedIo<T> {
     /// Whether `storage` was given back once the first head was through (see `poll_read`).
     storage_returned: bool,
     state: State,
+    /// Heads handed over so far: the index of the next one among the connection's requests.
+    heads: u64,
+    /// The head being read asked for an upgrade; once its body is through, wait for the answer.
+    upgrade_pending: bool,
     synthetic: Bytes,
     head_started: Option<Instant>,
     /// When a byte last moved either way; shared with the connection's idle watcher.
@@ -105,6 +122,8 @@ impl<T> GuardedIo<T> {
             head_searched: 0,
             storage_returned: false,
             state: State::Sniff,
+            heads: 0,
+            upgrade_pending: false,
             synthetic: Bytes::new(),
             // a connection that sends nothing is held to the header deadline: a slowloris
             // client opens connections and never finishes a head
@@ -173,11 +192,21 @@ impl<T> GuardedIo<T> {
                     }
                 }
                 State::Head => {
-                    // RFC 9112 2.2: empty lines before a request line are ignored (hyper too)
-                    let skip = seen.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
-                    if skip > 0 && self.head_searched == 0 {
-                        self.released += skip;
-                        continue;
+                    // RFC 9112 2.2: empty lines before a request line are ignored, as httparse
+                    // ignores them (CRLF or LF); a lone CR at the end may be the start of one
+                    if self.head_searched == 0 {
+                        match seen {
+                            [b'\n', ..] => {
+                                self.released += 1;
+                                continue;
+                            }
+                            [b'\r', b'\n', ..] => {
+                                self.released += 2;
+                                continue;
+                            }
+                            [b'\r'] => return,
+                            _ => {}
+                        }
                     }
                     self.head_begins(Instant::now());
                     if !self.scan_head(seen) {
@@ -191,6 +220,11 @@ impl<T> GuardedIo<T> {
                 }
                 State::Chunked(chunk) => {
                     if !self.scan_chunked(seen, chunk) {
+                        return;
+                    }
+                }
+                State::AwaitUpgrade => {
+                    if !self.settle_upgrade(None) {
                         return;
                     }
                 }
@@ -212,39 +246,77 @@ impl<T> GuardedIo<T> {
         }
     }
 
+    /// The state after a message: the next head, or the answer to an upgrade request.
     fn next_head(&mut self) -> State {
         self.head_started = None;
         self.head_searched = 0;
-        State::Head
+        if std::mem::take(&mut self.upgrade_pending) { State::AwaitUpgrade } else { State::Head }
+    }
+
+    /// Leaves `AwaitUpgrade` once the upgrade request's answer is known: a tunnel from here on,
+    /// or HTTP/1 with the next head checked as usual. Returns whether it left; while the answer
+    /// is still to come, `waker` (if given) is woken when it arrives.
+    fn settle_upgrade(&mut self, waker: Option<&std::task::Waker>) -> bool {
+        match self.activity.upgrade_verdict(waker) {
+            Upgrade::Pending => false,
+            Upgrade::Tunnel => {
+                self.state = State::Passthrough;
+                true
+            }
+            Upgrade::Http => {
+                self.state = State::Head;
+                true
+            }
+        }
     }
 
     /// Looks for the end of the head that `seen` starts with; returns whether progress was made.
+    /// A head ends at its first empty line, and every line ends in CRLF: a bare LF is refused at
+    /// once, since httparse (and so hyper) would end lines, and the head, where the guard would not.
     fn scan_head(&mut self, seen: &[u8]) -> bool {
-        let search_from = self.head_searched.saturating_sub(3);
-        let Some(end) = find(&seen[search_from..], b"\r\n\r\n").map(|i| search_from + i + 4) else {
-            self.head_searched = seen.len();
-            if seen.len() > self.limits.max_header_bytes {
-                let reason =
-                    format!("request headers exceed {} bytes", self.limits.max_header_bytes);
-                self.reject(431, &reason);
+        let mut from = self.head_searched;
+        let mut end = None;
+        while let Some(at) = memchr::memchr(b'\n', &seen[from..]).map(|i| from + i) {
+            if at == 0 || seen[at - 1] != b'\r' {
+                self.reject(400, "a request head line ends in a bare LF (expected CRLF)");
                 return true;
             }
-            return false;
-        };
-        if end > self.limits.max_header_bytes {
+            if at >= 3 && seen[at - 3..at - 1] == *b"\r\n" {
+                end = Some(at + 1);
+                break;
+            }
+            from = at + 1;
+        }
+        let too_large = end.unwrap_or(seen.len()) > self.limits.max_header_bytes;
+        if too_large {
             let reason = format!("request headers exceed {} bytes", self.limits.max_header_bytes);
             self.reject(431, &reason);
             return true;
         }
+        let Some(end) = end else {
+            self.head_searched = seen.len();
+            return false;
+        };
         match check_head(&seen[..end], self.limits.max_headers) {
-            Ok(next) => {
+            Ok(head) => {
                 self.released += end;
-                self.head_searched = 0;
-                self.state = match next {
+                self.heads += 1;
+                if head.upgrade {
+                    // hyper turns the connection into a tunnel if the answer is a 101 (or a 2xx
+                    // to CONNECT): the guard waits for that answer before reading on
+                    self.activity.expect_upgrade(self.heads - 1);
+                    self.upgrade_pending = true;
+                }
+                self.state = match head.framing {
                     Framing::None => self.next_head(),
-                    Framing::Length(n) => State::Body(n),
-                    Framing::Chunked => State::Chunked(Chunk::Size),
-                    Framing::Upgrade => State::Passthrough,
+                    Framing::Length(n) => {
+                        self.head_searched = 0;
+                        State::Body(n)
+                    }
+                    Framing::Chunked => {
+                        self.head_searched = 0;
+                        State::Chunked(Chunk::Size)
+                    }
                 };
             }
             Err((status, reason)) => self.reject(status, &reason),
@@ -252,36 +324,48 @@ impl<T> GuardedIo<T> {
         true
     }
 
+    /// Follows a chunked body exactly as hyper's decoder reads it (RFC 9112 7.1): each line ends
+    /// in CRLF with no other CR or LF in it, chunk data is followed by exactly CRLF, trailers end
+    /// at an empty line. Anything else breaks the connection (`Broken`): the request is the
+    /// client's, malformed, and must not be read on from a point hyper might read differently.
     fn scan_chunked(&mut self, seen: &[u8], chunk: Chunk) -> bool {
-        let line_end = |seen: &[u8]| seen.iter().position(|b| *b == b'\n').map(|i| i + 1);
         let (used, next) = match chunk {
             Chunk::Data(left) => {
                 let n = (seen.len() as u64).min(left);
                 let next = if n == left { Chunk::DataEnd } else { Chunk::Data(left - n) };
                 (n as usize, State::Chunked(next))
             }
-            Chunk::Size | Chunk::DataEnd | Chunk::Trailers => {
-                let Some(used) = line_end(seen) else {
+            Chunk::DataEnd => match seen {
+                [b'\r', b'\n', ..] => (2, State::Chunked(Chunk::Size)),
+                [b'\r'] => return false,
+                _ => {
+                    self.state = State::Broken;
+                    return false;
+                }
+            },
+            Chunk::Size | Chunk::Trailers => {
+                let Some(at) = memchr::memchr(b'\n', seen) else {
                     if seen.len() > MAX_CHUNK_LINE {
                         self.state = State::Broken;
                     }
                     return false;
                 };
-                let line = &seen[..used];
-                let next = match chunk {
-                    Chunk::Size => match chunk_size(line) {
-                        Some(0) => State::Chunked(Chunk::Trailers),
-                        Some(n) => State::Chunked(Chunk::Data(n)),
-                        None => {
-                            self.state = State::Broken;
-                            return false;
-                        }
+                let line = seen[..at + 1].strip_suffix(b"\r\n").filter(|l| !l.contains(&b'\r'));
+                let next = match (chunk, line) {
+                    (_, None) => None,
+                    (Chunk::Size, Some(line)) => match chunk_size(line) {
+                        Some(0) => Some(State::Chunked(Chunk::Trailers)),
+                        Some(n) => Some(State::Chunked(Chunk::Data(n))),
+                        None => None,
                     },
-                    Chunk::DataEnd => State::Chunked(Chunk::Size),
-                    _ if line == b"\r\n" || line == b"\n" => self.next_head(),
-                    _ => State::Chunked(Chunk::Trailers),
+                    (_, Some([])) => Some(self.next_head()),
+                    (_, Some(_)) => Some(State::Chunked(Chunk::Trailers)),
                 };
-                (used, next)
+                let Some(next) = next else {
+                    self.state = State::Broken;
+                    return false;
+                };
+                (at + 1, next)
             }
         };
         self.released += used;
@@ -304,11 +388,17 @@ enum Framing {
     None,
     Length(u64),
     Chunked,
-    Upgrade,
+}
+
+/// A request head that passed: how its body is framed, and whether hyper may turn the connection
+/// into a tunnel after it.
+struct Head {
+    framing: Framing,
+    upgrade: bool,
 }
 
 /// Checks one complete request head against RFC 9112's framing rules and our limits.
-fn check_head(head: &[u8], max_headers: usize) -> Result<Framing, (u16, String)> {
+fn check_head(head: &[u8], max_headers: usize) -> Result<Head, (u16, String)> {
     if max_headers <= STACK_HEADERS {
         let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
         check_head_with(head, &mut headers[..max_headers])
@@ -321,11 +411,15 @@ fn check_head(head: &[u8], max_headers: usize) -> Result<Framing, (u16, String)>
 fn check_head_with<'h>(
     head: &'h [u8],
     headers: &mut [MaybeUninit<httparse::Header<'h>>],
-) -> Result<Framing, (u16, String)> {
+) -> Result<Head, (u16, String)> {
     let max = headers.len();
     let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(head, headers) {
-        Ok(httparse::Status::Complete(_)) => {}
+        // the parser ends the head where the guard did, or they disagree: refuse
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Ok(httparse::Status::Complete(_)) => {
+            return Err((400, "the request head ends ambiguously".into()));
+        }
         Ok(httparse::Status::Partial) => return Err((400, "incomplete request head".into())),
         Err(httparse::Error::TooManyHeaders) => {
             return Err((431, format!("more than {max} request headers")));
@@ -334,39 +428,42 @@ fn check_head_with<'h>(
     }
     let mut length: Option<u64> = None;
     let mut chunked = None;
+    // hyper's rule for a request that may switch protocols: CONNECT, or `Upgrade` on HTTP/1.1
+    // (with or without `Connection: upgrade`); its answer decides
     let mut upgrade = req.method == Some("CONNECT");
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            for part in h.value.split(|b| *b == b',') {
-                let n = parse_length(part.trim_ascii())
-                    .ok_or((400, "invalid Content-Length".to_string()))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err((400, "conflicting Content-Length values".into()));
-                }
-                length = Some(n);
+            // one number per field: hyper refuses a list, even of equal values
+            let n = parse_length(h.value.trim_ascii()).ok_or_else(|| {
+                (400, "invalid Content-Length (expected one decimal number)".to_string())
+            })?;
+            if length.is_some_and(|l| l != n) {
+                return Err((400, "conflicting Content-Length values".into()));
             }
+            length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
+            upgrade |= req.version == Some(1);
         } else if name.eq_ignore_ascii_case(REJECTED_HEADER) {
             return Err((400, format!("the {REJECTED_HEADER} header is reserved")));
         }
     }
-    match (chunked, length) {
-        (Some(_), Some(_)) => Err((400, "both Content-Length and Transfer-Encoding".into())),
-        (Some(_), None) if req.version == Some(0) => {
-            Err((400, "Transfer-Encoding in an HTTP/1.0 request".into()))
+    let framing = match (chunked, length) {
+        (Some(_), Some(_)) => {
+            return Err((400, "both Content-Length and Transfer-Encoding".into()));
         }
-        (Some(false), None) => Err((400, "Transfer-Encoding must end in chunked".into())),
-        (Some(true), None) => Ok(Framing::Chunked),
-        // an upgrade's bytes after the head are the new protocol's
-        (None, _) if upgrade => Ok(Framing::Upgrade),
-        (None, Some(n)) if n > 0 => Ok(Framing::Length(n)),
-        (None, _) => Ok(Framing::None),
-    }
+        (Some(_), None) if req.version == Some(0) => {
+            return Err((400, "Transfer-Encoding in an HTTP/1.0 request".into()));
+        }
+        (Some(false), None) => return Err((400, "Transfer-Encoding must end in chunked".into())),
+        (Some(true), None) => Framing::Chunked,
+        (None, Some(n)) if n > 0 => Framing::Length(n),
+        (None, _) => Framing::None,
+    };
+    Ok(Head { framing, upgrade })
 }
 
 fn parse_length(digits: &[u8]) -> Option<u64> {
@@ -376,27 +473,35 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
-/// The size of a chunk-size line (`1a;ext=v\r\n`); `None` when malformed.
+/// The size of a chunk-size line without its CRLF (`1a`, `1a ;ext=v`); `None` when malformed.
+/// As hyper reads it: hex digits (at most 15 here, so a size always fits), optional spaces or
+/// tabs, then nothing or an extension after `;`.
 fn chunk_size(line: &[u8]) -> Option<u64> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 || digits > 15 {
         return None;
     }
     let rest = &line[digits..];
-    if !(rest.starts_with(b";")
-        || rest.starts_with(b" ")
-        || rest.starts_with(b"\t")
-        || rest.starts_with(b"\r\n")
-        || rest == b"\n")
-    {
+    let rest = &rest[rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count()..];
+    if !(rest.is_empty() || rest.starts_with(b";")) {
         return None;
     }
     let hex = std::str::from_utf8(&line[..digits]).ok()?;
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// The client's request as the guard refused it, when `req` is the synthetic head of a refusal:
+/// the status and reason travel in [`REJECTED_HEADER`] (`"<status> <reason>"`).
+pub(crate) fn refusal<B>(req: &http::Request<B>) -> Option<ProxyError> {
+    let value = req.headers().get(REJECTED_HEADER)?;
+    let text = value.to_str().unwrap_or("400 malformed request");
+    let (status, reason) = text.split_once(' ').unwrap_or(("400", text));
+    let reason = reason.into();
+    Some(if status == "431" {
+        ProxyError::HeadersTooLarge { reason }
+    } else {
+        ProxyError::BadRequest { reason }
+    })
 }
 
 // === impl GuardedIo: AsyncRead ===
@@ -431,6 +536,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                 // the request is already forwarded: all that is left is to end it
                 let e = io::Error::new(io::ErrorKind::InvalidData, "malformed chunked body");
                 return Poll::Ready(Err(e));
+            }
+            if this.state == State::AwaitUpgrade {
+                if !this.settle_upgrade(Some(cx.waker())) {
+                    // nothing more is read meanwhile: the answer decides what the bytes are
+                    ready!(this.poll_deadline(cx))?;
+                    return Poll::Pending;
+                }
+                this.scan_storage();
+                continue;
             }
             if this.state == State::Rejected {
                 if this.synthetic.is_empty() {

@@ -8,29 +8,101 @@
 //! [`Activity`] shared with a watcher on the connection's task, which ends the connection once
 //! it has been idle for the timeout. A request waiting for its response head is not idle: that
 //! wait is bounded by the upstream's `timeouts.request`, and may rightly be longer.
+//!
+//! The same shared record carries the one fact the guard needs from the service: whether the
+//! answer to an upgrade request (or CONNECT) turned the connection into a tunnel. Requests are
+//! numbered in arrival order on both sides (an HTTP/1 connection serves them one at a time), so
+//! the answer is matched to the request the guard saw, not to one pipelined before it.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use http::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
-/// When a connection last moved a byte, and how many of its requests await a response head.
+/// When a connection last moved a byte, how many of its requests await a response head, and
+/// what the answer to its pending upgrade request was.
 #[derive(Debug)]
 pub(crate) struct Activity {
     opened: Instant,
     /// Nanoseconds from `opened` to the last byte moved.
     last: AtomicU64,
     awaiting: AtomicUsize,
+    /// Requests handed to the service so far.
+    calls: AtomicU64,
+    /// The index of the upgrade request whose answer the guard waits for, or `NO_UPGRADE`.
+    upgrade_at: AtomicU64,
+    verdict: AtomicU8,
+    /// The guard's reader, parked until the verdict.
+    reader: Mutex<Option<Waker>>,
+}
+
+const NO_UPGRADE: u64 = u64::MAX;
+const UNDECIDED: u8 = 0;
+const TUNNEL: u8 = 1;
+const HTTP: u8 = 2;
+
+/// What the answer to an upgrade request made of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Upgrade {
+    /// Not answered yet.
+    Pending,
+    /// A 101, or a 2xx to CONNECT: the bytes that follow are the new protocol's.
+    Tunnel,
+    /// Any other answer: the connection goes on as HTTP/1.
+    Http,
 }
 
 impl Activity {
     pub(crate) fn new() -> Arc<Self> {
         let opened = Instant::now();
-        Arc::new(Self { opened, last: AtomicU64::new(0), awaiting: AtomicUsize::new(0) })
+        Arc::new(Self {
+            opened,
+            last: AtomicU64::new(0),
+            awaiting: AtomicUsize::new(0),
+            calls: AtomicU64::new(0),
+            upgrade_at: AtomicU64::new(NO_UPGRADE),
+            verdict: AtomicU8::new(UNDECIDED),
+            reader: Mutex::new(None),
+        })
+    }
+
+    /// The guard let through request `index` (counted from 0 on this connection), which asks
+    /// for an upgrade: its answer decides what the connection is after it.
+    pub(crate) fn expect_upgrade(&self, index: u64) {
+        self.verdict.store(UNDECIDED, Ordering::Release);
+        self.upgrade_at.store(index, Ordering::Release);
+    }
+
+    /// The answer to the expected upgrade; while it is `Pending`, `waker` is woken when it comes.
+    pub(crate) fn upgrade_verdict(&self, waker: Option<&Waker>) -> Upgrade {
+        let read = || match self.verdict.load(Ordering::Acquire) {
+            TUNNEL => Upgrade::Tunnel,
+            HTTP => Upgrade::Http,
+            _ => Upgrade::Pending,
+        };
+        let Some(waker) = waker else { return read() };
+        if read() == Upgrade::Pending {
+            *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+        }
+        // again, once parked: the answer may have come in between
+        read()
+    }
+
+    /// The service answered request `index`; `tunnel` when the answer switches protocols.
+    pub(crate) fn answered(&self, index: u64, tunnel: bool) {
+        if self.upgrade_at.load(Ordering::Acquire) != index {
+            return; // the common case: not the request an upgrade waits on
+        }
+        self.upgrade_at.store(NO_UPGRADE, Ordering::Release);
+        self.verdict.store(if tunnel { TUNNEL } else { HTTP }, Ordering::Release);
+        if let Some(reader) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            reader.wake();
+        }
     }
 
     /// A byte moved now.
@@ -75,28 +147,37 @@ impl<S> Tracked<S> {
     }
 }
 
-impl<S, R> hyper::service::Service<R> for Tracked<S>
+impl<S, B, RB> hyper::service::Service<Request<B>> for Tracked<S>
 where
-    S: hyper::service::Service<R>,
+    S: hyper::service::Service<Request<B>, Response = Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = TrackedFuture<S::Future>;
 
-    fn call(&self, req: R) -> Self::Future {
+    fn call(&self, req: Request<B>) -> Self::Future {
+        let index = self.activity.calls.fetch_add(1, Ordering::Relaxed);
+        let connect = req.method() == Method::CONNECT;
         self.activity.awaiting.fetch_add(1, Ordering::Relaxed);
-        TrackedFuture { inner: self.inner.call(req), activity: Some(self.activity.clone()) }
+        TrackedFuture {
+            inner: self.inner.call(req),
+            activity: Some(self.activity.clone()),
+            index,
+            connect,
+        }
     }
 }
 
 pin_project_lite::pin_project! {
     /// Counts its request as awaiting until the response head is ready (or the request is
-    /// dropped); the head's arrival counts as activity.
+    /// dropped); the head's arrival counts as activity, and settles a pending upgrade.
     #[derive(Debug)]
     pub(crate) struct TrackedFuture<F> {
         #[pin]
         inner: F,
         activity: Option<Arc<Activity>>,
+        index: u64,
+        connect: bool,
     }
 
     impl<F> PinnedDrop for TrackedFuture<F> {
@@ -108,7 +189,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F: Future> Future for TrackedFuture<F> {
+impl<F, RB, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -117,6 +201,12 @@ impl<F: Future> Future for TrackedFuture<F> {
         if let Some(activity) = this.activity.take() {
             activity.touch();
             activity.awaiting.fetch_sub(1, Ordering::Relaxed);
+            // hyper ends HTTP/1 on the connection after a 101, or a 2xx to CONNECT
+            let tunnel = output.as_ref().is_ok_and(|res| {
+                res.status() == StatusCode::SWITCHING_PROTOCOLS
+                    || (*this.connect && res.status().is_success())
+            });
+            activity.answered(*this.index, tunnel);
         }
         Poll::Ready(output)
     }
@@ -141,16 +231,16 @@ mod tests {
     /// A service whose answer takes its duration.
     struct Slow(Duration);
 
-    impl hyper::service::Service<()> for Slow {
-        type Response = ();
+    impl hyper::service::Service<Request<()>> for Slow {
+        type Response = Response<()>;
         type Error = std::convert::Infallible;
-        type Future = Pin<Box<dyn Future<Output = Result<(), Self::Error>> + Send>>;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<()>, Self::Error>> + Send>>;
 
-        fn call(&self, (): ()) -> Self::Future {
+        fn call(&self, _: Request<()>) -> Self::Future {
             let answer = tokio::time::sleep(self.0);
             Box::pin(async move {
                 answer.await;
-                Ok(())
+                Ok(Response::new(()))
             })
         }
     }
@@ -160,7 +250,7 @@ mod tests {
         let activity = Activity::new();
         let service = Tracked::new(Slow(Duration::from_secs(150)), activity.clone());
         let started = Instant::now();
-        let request = tokio::spawn(hyper::service::Service::call(&service, ()));
+        let request = tokio::spawn(hyper::service::Service::call(&service, Request::new(())));
         activity.idle_for(TIMEOUT).await;
         // the head came at 150 s; idle a timeout after that
         assert!(request.is_finished());
@@ -171,7 +261,7 @@ mod tests {
     async fn a_dropped_request_no_longer_counts() {
         let activity = Activity::new();
         let service = Tracked::new(Slow(Duration::from_secs(1 << 30)), activity.clone());
-        drop(hyper::service::Service::call(&service, ()));
+        drop(hyper::service::Service::call(&service, Request::new(())));
         let started = Instant::now();
         activity.idle_for(TIMEOUT).await;
         assert_eq!(started.elapsed(), TIMEOUT);

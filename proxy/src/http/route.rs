@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
+use http::header::{HOST, HeaderValue};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
@@ -19,7 +20,7 @@ use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::connect::close_if_refused;
 use crate::http::forward::RequestTrace;
-use crate::http::guard::REJECTED_HEADER;
+use crate::http::guard::refusal;
 use crate::http::respond::error_response;
 use crate::messaging::{Messaging, publish};
 use crate::stack::UpstreamService;
@@ -175,16 +176,24 @@ pub(crate) fn host_without_port(authority: &str) -> Option<&str> {
     fits.then_some(host)
 }
 
-/// A request the framing guard refused: the reason travels in the synthetic head.
-fn rejected(value: &http::HeaderValue) -> ProxyError {
-    let text = value.to_str().unwrap_or("400 malformed request");
-    let (status, reason) = text.split_once(' ').unwrap_or(("400", text));
-    let reason = reason.into();
-    if status == "431" {
-        ProxyError::HeadersTooLarge { reason }
-    } else {
-        ProxyError::BadRequest { reason }
+/// One `Host`, and the one the target names: two `Host` headers are refused (RFC 9112 3.2), and
+/// when the target carries an authority (absolute-form, or HTTP/2's `:authority`) it wins over
+/// `Host`, which is rewritten to it (RFC 9112 3.2.2, RFC 9113 8.3.1), so the upstream is told the
+/// name the request was routed by.
+fn settle_host<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        let reason = "more than one Host header".into();
+        return Err(ProxyError::BadRequest { reason });
     }
+    let Some(authority) = req.uri().authority() else { return Ok(()) };
+    let sent = req.headers().get(HOST);
+    if sent.is_some_and(|host| host.as_bytes() != authority.as_str().as_bytes()) {
+        let target = HeaderValue::from_str(authority.as_str())
+            .expect("a parsed authority is a valid header value");
+        req.headers_mut().insert(HOST, target);
+    }
+    Ok(())
 }
 
 impl hyper::service::Service<Request<Incoming>> for Route {
@@ -193,12 +202,12 @@ impl hyper::service::Service<Request<Incoming>> for Route {
     type Future = RouteFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let req = req.map(Body::from);
+        let mut req = req.map(Body::client);
         let connect = req.method() == Method::CONNECT;
         let routes = self.table().current();
-        let answer = match req.headers().get(REJECTED_HEADER) {
-            Some(value) => Err(rejected(value)),
-            None => {
+        let answer = match refusal(&req).map_or_else(|| settle_host(&mut req), Err) {
+            Err(err) => Err(err),
+            Ok(()) => {
                 if let Self::ByAuthority(_) = self
                     && let Some(messaging) = routes.messaging_for(&req)
                 {
@@ -210,7 +219,6 @@ impl hyper::service::Service<Request<Incoming>> for Route {
         };
         match answer {
             Ok(upstream) => {
-                let mut req = req;
                 let mut span =
                     routes.tracer.start(req.headers().get("traceparent"), "outbound", Kind::Client);
                 // the upstream continues the trace under this span
@@ -337,8 +345,29 @@ mod tests {
 
     #[test]
     fn a_rejection_keeps_its_status_and_reason() {
-        let err = rejected(&http::HeaderValue::from_static("431 more than 100 request headers"));
+        let req = Request::get("/")
+            .header(crate::http::guard::REJECTED_HEADER, "431 more than 100 request headers")
+            .body(())
+            .unwrap();
+        let err = refusal(&req).expect("a refusal");
         assert_eq!(err.status().as_u16(), 431);
         assert_eq!(err.to_string(), "request headers too large: more than 100 request headers");
+    }
+
+    #[test]
+    fn the_targets_authority_wins_over_host_and_two_hosts_are_refused() {
+        let mut req =
+            Request::get("http://payments/abs").header("host", "evil.example").body(()).unwrap();
+        settle_host(&mut req).unwrap();
+        assert_eq!(req.headers()["host"], "payments");
+
+        let mut origin = Request::get("/x").header("host", "payments:8080").body(()).unwrap();
+        settle_host(&mut origin).unwrap();
+        assert_eq!(origin.headers()["host"], "payments:8080");
+
+        let mut two =
+            Request::get("/x").header("host", "payments").header("host", "evil").body(()).unwrap();
+        let err = settle_host(&mut two).unwrap_err();
+        assert_eq!((err.status().as_u16(), err.kind()), (400, "bad-request"));
     }
 }

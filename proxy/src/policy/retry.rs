@@ -367,14 +367,16 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
         Body::Full { data, trailers } => {
             return Ok(Replay::Complete(data.unwrap_or_default(), trailers));
         }
-        Body::Incoming { inner } => inner,
-        prefixed @ Body::Prefixed { .. } => return Ok(Replay::Streaming(prefixed)),
+        Body::Client { inner } => inner,
+        streaming @ (Body::Prefixed { .. } | Body::Upstream { .. }) => {
+            return Ok(Replay::Streaming(streaming));
+        }
     };
     if incoming.is_end_stream() {
         return Ok(Replay::Complete(Bytes::new(), None));
     }
     if incoming.size_hint().lower() > cap as u64 {
-        return Ok(Replay::Streaming(Body::from(incoming)));
+        return Ok(Replay::Streaming(Body::client(incoming)));
     }
     let mut data = BytesMut::new();
     while let Some(frame) = incoming.frame().await {

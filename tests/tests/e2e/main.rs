@@ -9,6 +9,7 @@ mod deploy;
 mod dlq;
 mod dns;
 mod faults;
+mod front_door;
 mod malformed;
 mod messaging;
 mod overload;

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+use std::sync::Arc;
+
 use super::*;
 use crate::http::idle::Activity;
 
@@ -16,8 +18,28 @@ const LIMITS: GuardLimits = GuardLimits {
 };
 
 fn guard() -> (DuplexStream, GuardedIo<DuplexStream>) {
+    let (client, io, _) = guard_with_activity();
+    (client, io)
+}
+
+/// A guard, and the record it shares with the connection's service (which reports answers).
+fn guard_with_activity() -> (DuplexStream, GuardedIo<DuplexStream>, Arc<Activity>) {
     let (client, server) = tokio::io::duplex(64 * 1024);
-    (client, GuardedIo::new(server, LIMITS, Activity::new()))
+    let activity = Activity::new();
+    (client, GuardedIo::new(server, LIMITS, activity.clone()), activity)
+}
+
+/// Everything the guard hands over until it would wait, and the error that ended it, if any.
+async fn drain_to_error(io: &mut GuardedIo<DuplexStream>) -> (Vec<u8>, Option<io::Error>) {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(1), io.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => return (seen, None),
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return (seen, Some(e)),
+        }
+    }
 }
 
 /// Everything the guard hands over, until it would wait.
@@ -213,9 +235,130 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
 
 #[test]
 fn chunk_size_lines() {
-    assert_eq!(chunk_size(b"1a\r\n"), Some(26));
-    assert_eq!(chunk_size(b"0;name=value\r\n"), Some(0));
-    assert_eq!(chunk_size(b"zz\r\n"), None);
-    assert_eq!(chunk_size(b"1a-\r\n"), None);
-    assert_eq!(chunk_size(b"1234567890abcdef0\r\n"), None);
+    assert_eq!(chunk_size(b"1a"), Some(26));
+    assert_eq!(chunk_size(b"1A \t;x"), Some(26));
+    assert_eq!(chunk_size(b"0;name=value"), Some(0));
+    assert_eq!(chunk_size(b"fffffffffffffff"), Some(0xfff_ffff_ffff_ffff));
+    for bad in [&b"zz"[..], b"1a-", b"", b";x", b"1 a", b"ffffffffffffffff", b"ffffffffffffffffff"] {
+        assert_eq!(chunk_size(bad), None, "{}", String::from_utf8_lossy(bad));
+    }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_bare_lf_in_a_head_is_refused_at_once_and_nothing_of_it_passes() {
+    let cases: [&[u8]; 4] = [
+        b"GET /x HTTP/1.1\nHost: svc\n\n",
+        b"GET /x HTTP/1.1\r\nHost: svc\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: svc\r\n\n",
+        b"GET /x HTTP/1.1\r\nHost: svc\r\nx: a\nb: c\r\n\r\n",
+    ];
+    for req in cases {
+        let (mut client, mut io) = guard();
+        client.write_all(req).await.unwrap();
+        let seen = String::from_utf8(drain(&mut io).await).unwrap();
+        assert!(seen.starts_with("GET / HTTP/1.1\r\nhost: outrigger.invalid\r\n"), "{seen}");
+        assert!(seen.contains(&rejected(400)), "{} -> {seen}", String::from_utf8_lossy(req));
+        assert!(!seen.contains("svc"), "nothing of the client's head passed: {seen}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bare_lf_head_cannot_hide_a_second_request_in_its_body() {
+    // httparse ends the first head at `\r\n\n`; a guard that looked only for `\r\n\r\n` would
+    // take the first 400 bytes after it for a body and let the CL + TE request through
+    let mut stream = b"POST /first HTTP/1.1\r\nHost: svc\r\nContent-Length: 400\r\n\n".to_vec();
+    stream.extend_from_slice(&[b'a'; 396]);
+    stream.extend_from_slice(
+        b"POST /second HTTP/1.1\r\nHost: svc\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    for cut in [0, 30, 60, 200, stream.len()] {
+        let seen = String::from_utf8(through_the_guard(&stream, cut, 4096).await).unwrap();
+        assert!(seen.starts_with("GET / HTTP/1.1\r\nhost: outrigger.invalid"), "cut {cut}: {seen}");
+        assert!(!seen.contains("POST"), "cut {cut}: {seen}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn empty_lines_before_a_request_line_are_skipped_as_hyper_skips_them() {
+    let (mut client, mut io) = guard();
+    let req = b"\r\n\nGET / HTTP/1.1\r\nhost: p\r\n\r\n";
+    client.write_all(req).await.unwrap();
+    assert_eq!(drain(&mut io).await, req);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_content_length_list_is_refused_as_hyper_would_refuse_it() {
+    let (mut client, mut io) = guard();
+    client.write_all(b"POST / HTTP/1.1\r\nhost: p\r\ncontent-length: 5, 5\r\n\r\nhello").await.unwrap();
+    let seen = String::from_utf8(drain(&mut io).await).unwrap();
+    assert!(seen.contains(&rejected(400)), "{seen}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upgrade_request_holds_what_follows_until_its_answer_is_known() {
+    let upgrade = b"GET /ws HTTP/1.1\r\nhost: p\r\nupgrade: websocket\r\n\r\n";
+    let smuggled = b"POST / HTTP/1.1\r\nhost: p\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    // answered 200: still HTTP/1, so the next head is checked, and refused
+    let (mut client, mut io, activity) = guard_with_activity();
+    client.write_all(&[&upgrade[..], &smuggled[..]].concat()).await.unwrap();
+    assert_eq!(drain(&mut io).await, upgrade, "nothing after the upgrade head before its answer");
+    activity.answered(0, false);
+    let seen = String::from_utf8(drain(&mut io).await).unwrap();
+    assert!(seen.starts_with("GET / HTTP/1.1\r\nhost: outrigger.invalid"), "{seen}");
+    assert!(seen.contains(&rejected(400)), "{seen}");
+
+    // answered 101: the bytes after the head are the new protocol's, passed as they are
+    let (mut client, mut io, activity) = guard_with_activity();
+    client.write_all(&[&upgrade[..], &smuggled[..]].concat()).await.unwrap();
+    assert_eq!(drain(&mut io).await, upgrade);
+    activity.answered(0, true);
+    assert_eq!(drain(&mut io).await, smuggled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_answer_to_the_upgrade_request_itself_settles_it() {
+    let first = b"GET /a HTTP/1.1\r\nhost: p\r\n\r\n";
+    let upgrade = b"GET /ws HTTP/1.1\r\nhost: p\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+    let frames = b"\x81\x05hello";
+    let (mut client, mut io, activity) = guard_with_activity();
+    client.write_all(&[&first[..], &upgrade[..], &frames[..]].concat()).await.unwrap();
+    assert_eq!(drain(&mut io).await, [&first[..], &upgrade[..]].concat());
+    activity.answered(0, false); // the answer to /a, pipelined before the upgrade
+    assert!(drain(&mut io).await.is_empty(), "the upgrade's own answer is still to come");
+    activity.answered(1, true);
+    assert_eq!(drain(&mut io).await, frames);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upgrade_header_on_http_1_0_is_not_an_upgrade() {
+    let (mut client, mut io) = guard();
+    let stream = b"GET /ws HTTP/1.0\r\nupgrade: websocket\r\n\r\nGET /next HTTP/1.1\r\nhost: p\r\n\r\n";
+    client.write_all(stream).await.unwrap();
+    assert_eq!(drain(&mut io).await, stream);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_chunked_bodies_break_the_connection_where_hyper_would_read_differently() {
+    let head = "POST / HTTP/1.1\r\nhost: p\r\ntransfer-encoding: chunked\r\n\r\n";
+    let bodies: [&str; 8] = [
+        "ffffffffffffffffff\r\n",        // a size past u64
+        "ffffffffffffffff\r\n",          // 16 hex digits
+        "3\nabc\r\n0\r\n\r\n",           // a bare-LF chunk line
+        "3\r\nabcXX\r\n0\r\n\r\n",        // junk where the CRLF after the data belongs
+        "3\r\nabc\n0\r\n\r\n",             // a bare LF after the data
+        "3;x\ry\r\nabc\r\n0\r\n\r\n",      // a CR inside a chunk line
+        "0\r\nx: y\n\r\n",                // a bare-LF trailer line
+        "0\r\n\n",                        // a bare-LF end of trailers
+    ];
+    for body in bodies {
+        let (mut client, mut io) = guard();
+        client.write_all(format!("{head}{body}GET /next HTTP/1.1\r\nhost: p\r\n\r\n").as_bytes()).await.unwrap();
+        let (seen, error) = drain_to_error(&mut io).await;
+        let seen = String::from_utf8_lossy(&seen);
+        let error = error.unwrap_or_else(|| panic!("{body:?}: not refused, passed {seen:?}"));
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{body:?}");
+        assert!(!seen.contains("/next"), "{body:?}: read on past the broken body: {seen:?}");
+    }
+}
+
