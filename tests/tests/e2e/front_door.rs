@@ -87,30 +87,33 @@ fn broken_chunked(body: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_malformed_chunked_body_is_the_clients_400_and_never_opens_the_breaker() {
-    let up = Upstream::status(200).await;
-    let extra = "    circuit_breaker: { consecutive_failures: 3, open_for: 30s }\n    retry: { max_attempts: 3, on: [reset, connect-failure, 502, 503] }\n";
-    let sidecar = Sidecar::start(&payments(&up, extra)).await;
-
-    let bodies = [
-        "ffffffffffffffffff\r\n",
-        "ffffffffffffffff\r\nabc",
-        "3\nabc\r\n0\r\n\r\n",
-        "3\r\nabcXX\r\n0\r\n\r\n",
-    ];
-    for body in bodies {
-        let answer = sidecar.raw(&broken_chunked(body), WAIT).await;
-        assert_eq!(status_of(&answer), "HTTP/1.1 400 Bad Request", "{body:?}: {answer}");
-        assert!(answer.contains("outrigger-error: bad-request"), "{body:?}: {answer}");
+    let breaker = "    circuit_breaker: { consecutive_failures: 3, open_for: 30s }\n";
+    // streamed straight to the upstream, and read whole first to be replayable by a retry
+    let retry = "    retry: { max_attempts: 3, on: [reset, connect-failure, 502, 503] }\n";
+    for extra in [breaker.to_owned(), format!("{breaker}{retry}")] {
+        let up = Upstream::status(200).await;
+        let sidecar = Sidecar::start(&payments(&up, &extra)).await;
+        let bodies = [
+            "ffffffffffffffffff\r\n",
+            "ffffffffffffffff\r\nabc",
+            "3\nabc\r\n0\r\n\r\n",
+            "3\r\nabcXX\r\n0\r\n\r\n",
+        ];
+        for body in bodies {
+            let answer = sidecar.raw(&broken_chunked(body), WAIT).await;
+            assert_eq!(status_of(&answer), "HTTP/1.1 400 Bad Request", "{body:?}: {answer}");
+            assert!(answer.contains("outrigger-error: bad-request"), "{body:?}: {answer}");
+        }
+        // four client faults in a row, a breaker that opens after three failures: still closed
+        let res = sidecar.get("payments", "/after").await;
+        assert_eq!(res.status(), 200, "{extra}: {:?}", res.headers());
+        assert!(up.requests() <= bodies.len() + 1, "a broken body was retried: {}", up.requests());
+        let (_, metrics) = sidecar.admin("/metrics").await;
+        assert!(
+            metrics.contains("outrigger_circuit_state{upstream=\"payments\"} 0"),
+            "the breaker moved: {metrics}"
+        );
     }
-    // four client faults in a row, a breaker that opens after three failures: still closed
-    let res = sidecar.get("payments", "/after").await;
-    assert_eq!(res.status(), 200, "{:?}", res.headers());
-    assert!(up.requests() <= bodies.len() + 1, "a broken body was retried: {}", up.requests());
-    let (_, metrics) = sidecar.admin("/metrics").await;
-    assert!(
-        metrics.contains("outrigger_circuit_state{upstream=\"payments\"} 0"),
-        "the breaker moved: {metrics}"
-    );
 }
 
 #[tokio::test]
