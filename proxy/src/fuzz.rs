@@ -105,17 +105,104 @@ pub fn publish_input(data: &[u8]) {
 ///
 /// The first two bytes choose the cuts: how much each client read brings, and how much room
 /// each of hyper's reads offers.
+///
+/// And the guard and hyper agree on where every message ends: each request hyper parses from
+/// what the guard handed over is a head the guard checked, in the same order (issue 17: a bare
+/// LF, a lenient chunk line or an `Upgrade` header once let a request past the guard).
 pub fn guard(data: &[u8]) {
     let [reads, room, input @ ..] = data else { return };
     let whole = through_guard(input, Cuts::whole());
     let cut = through_guard(input, Cuts::new(*reads, *room));
     assert_eq!(whole, cut, "the same bytes cut differently were read differently");
     let (seen, _) = &whole;
-    if !input.starts_with(seen) {
+    let approved = if input.starts_with(seen) {
+        &seen[..]
+    } else {
         let at = find_last(seen, REFUSAL).expect("bytes not the client's are a refusal");
         assert!(input.starts_with(&seen[..at]), "the bytes before a refusal are the client's");
         assert!(seen.ends_with(b"\r\n\r\n"), "a refusal is one whole head");
+        &seen[..at]
+    };
+    let checked = heads_checked(input);
+    let parsed = heads_hyper_parses(approved);
+    assert!(
+        checked.starts_with(&parsed),
+        "hyper read requests the guard did not check: hyper {parsed:?}, guard {checked:?}"
+    );
+}
+
+/// The request lines (method and target) of the heads the guard let through, in order. Fed one
+/// byte at a time, the guard hands over body bytes one by one and chunk lines whole, but a head
+/// only whole, once its last byte is in: so a hand-over that is one complete head is a head.
+fn heads_checked(input: &[u8]) -> Vec<(String, String)> {
+    let _entered = runtime().enter();
+    let mut io = GuardedIo::new(Client { input, cuts: BYTEWISE }, LIMITS, Activity::new());
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut heads = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut out = ReadBuf::new(&mut buf);
+        match Pin::new(&mut io).poll_read(&mut cx, &mut out) {
+            Poll::Ready(Ok(())) if out.filled().is_empty() => return heads,
+            // a refusal's synthetic head is the guard's, not one it let through
+            Poll::Ready(Ok(())) if out.filled().starts_with(REFUSAL) => return heads,
+            Poll::Ready(Ok(())) => heads.extend(whole_head(out.filled())),
+            Poll::Ready(Err(_)) | Poll::Pending => return heads,
+        }
     }
+}
+
+/// The request line of `bytes` when they are exactly one complete request head.
+fn whole_head(bytes: &[u8]) -> Option<(String, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; LIMITS.max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) if n == bytes.len() => {
+            Some((req.method?.to_owned(), req.path?.to_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// The request lines hyper's HTTP/1 server parses from `stream` (followed by EOF), each body
+/// read to its end as hyper frames it.
+fn heads_hyper_parses(stream: &[u8]) -> Vec<(String, String)> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+
+    let parsed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = parsed.clone();
+    runtime().block_on(async move {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let line = (req.method().to_string(), req.uri().to_string());
+            // (hyper normalizes nothing that matters here: the method and target as sent)
+            seen.lock().expect("not poisoned").push(line);
+            async move {
+                let _ = req.into_body().collect().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+            }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .max_headers(LIMITS.max_headers.max(100))
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let mut answers = Vec::new();
+        let client = async {
+            let _ = client.write_all(stream).await;
+            let _ = client.shutdown().await;
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut answers).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(conn, client) })
+            .await;
+    });
+    std::mem::take(&mut *parsed.lock().expect("not poisoned"))
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime")
+    })
 }
 
 /// How a synthetic head that refuses a request starts.
@@ -158,6 +245,9 @@ impl Cuts {
     }
 }
 
+/// `Client::cuts` for reads of one byte each.
+const BYTEWISE: u64 = u64::MAX;
+
 /// The client: `input` in reads whose sizes `cuts` choose, then EOF.
 struct Client<'a> {
     input: &'a [u8],
@@ -170,7 +260,11 @@ impl AsyncRead for Client<'_> {
         _: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let n = Cuts::next(&mut self.cuts, 16 * 1024).min(buf.remaining()).min(self.input.len());
+        let n = match self.cuts {
+            BYTEWISE => 1,
+            _ => Cuts::next(&mut self.cuts, 16 * 1024),
+        };
+        let n = n.min(buf.remaining()).min(self.input.len());
         let (now, rest) = self.input.split_at(n);
         buf.put_slice(now);
         self.input = rest;
@@ -181,11 +275,7 @@ impl AsyncRead for Client<'_> {
 /// Everything hyper would read through the guard (until it would wait, or EOF), and the error
 /// that ended it, if one did.
 fn through_guard(input: &[u8], cuts: Cuts) -> (Vec<u8>, Option<String>) {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    let runtime = RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime")
-    });
-    let _entered = runtime.enter();
+    let _entered = runtime().enter();
     let mut io = GuardedIo::new(Client { input, cuts: cuts.reads }, LIMITS, Activity::new());
     let mut room = cuts.room;
     let mut cx = Context::from_waker(Waker::noop());
