@@ -100,9 +100,9 @@ impl ProxyError {
             Self::CircuitOpen { .. } => "circuit-open",
             Self::RateLimited { .. } => "rate-limited",
             Self::Overloaded { .. } | Self::SidecarOverloaded { .. } => "overloaded",
-            Self::BadRequest { .. } | Self::BadRequestBody { .. } | Self::HeadersTooLarge { .. } => {
-                "bad-request"
-            }
+            Self::BadRequest { .. }
+            | Self::BadRequestBody { .. }
+            | Self::HeadersTooLarge { .. } => "bad-request",
             Self::BadPublish { .. }
             | Self::PayloadTooLarge { .. }
             | Self::MethodNotAllowed { .. } => "bad-request",

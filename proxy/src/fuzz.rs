@@ -174,15 +174,16 @@ fn heads_hyper_parses(stream: &[u8]) -> Vec<(String, String)> {
     let seen = parsed.clone();
     runtime().block_on(async move {
         let (mut client, server) = tokio::io::duplex(1 << 20);
-        let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let line = (req.method().to_string(), req.uri().to_string());
-            // (hyper normalizes nothing that matters here: the method and target as sent)
-            seen.lock().expect("not poisoned").push(line);
-            async move {
-                let _ = req.into_body().collect().await;
-                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
-            }
-        });
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let line = (req.method().to_string(), req.uri().to_string());
+                // (hyper normalizes nothing that matters here: the method and target as sent)
+                seen.lock().expect("not poisoned").push(line);
+                async move {
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+                }
+            });
         let conn = hyper::server::conn::http1::Builder::new()
             .max_headers(LIMITS.max_headers.max(100))
             .serve_connection(hyper_util::rt::TokioIo::new(server), service);

@@ -41,8 +41,7 @@ impl RawUpstream {
                     let _ = stream.write_all(answer).await;
                     // keep what else arrives, until the sidecar closes or pauses
                     let pause = std::time::Duration::from_millis(500);
-                    while let Ok(Ok(n)) = tokio::time::timeout(pause, stream.read(&mut buf)).await
-                    {
+                    while let Ok(Ok(n)) = tokio::time::timeout(pause, stream.read(&mut buf)).await {
                         if n == 0 {
                             break;
                         }

@@ -46,7 +46,8 @@ async fn a_bare_lf_head_cannot_smuggle_a_second_request_in_its_body() {
     let up = Upstream::status(200).await;
     let sidecar = Sidecar::start(&payments(&up, "")).await;
 
-    let mut attack = b"POST /first HTTP/1.1\r\nHost: payments\r\nContent-Length: 400\r\n\n".to_vec();
+    let mut attack =
+        b"POST /first HTTP/1.1\r\nHost: payments\r\nContent-Length: 400\r\n\n".to_vec();
     attack.extend_from_slice(&[b'a'; 396]);
     attack.extend_from_slice(b"POST /second HTTP/1.1\r\nHost: payments\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
     let answer = sidecar.raw(&attack, WAIT).await;
@@ -125,7 +126,9 @@ async fn a_client_that_leaves_mid_body_never_opens_the_breaker() {
     for _ in 0..4 {
         let mut client = TcpStream::connect(sidecar.outbound).await.unwrap();
         client
-            .write_all(b"POST /charge HTTP/1.1\r\nHost: payments\r\nContent-Length: 100\r\n\r\nten bytes!")
+            .write_all(
+                b"POST /charge HTTP/1.1\r\nHost: payments\r\nContent-Length: 100\r\n\r\nten bytes!",
+            )
             .await
             .unwrap();
         client.shutdown().await.unwrap(); // gone before the other 90 bytes
@@ -158,7 +161,10 @@ async fn the_targets_authority_wins_over_the_host_header() {
     let sidecar = Sidecar::start(&payments(&up, "")).await;
 
     let answer = sidecar
-        .raw(b"GET http://payments/abs HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n", WAIT)
+        .raw(
+            b"GET http://payments/abs HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+            WAIT,
+        )
         .await;
     assert_eq!(status_of(&answer), "HTTP/1.1 200 OK", "{answer}");
 
@@ -181,7 +187,12 @@ async fn the_targets_authority_wins_over_the_host_header() {
     assert_eq!(seen.len(), 2);
     for request in &seen {
         let host = request.headers.get("host").map(|h| h.to_str().unwrap().to_owned());
-        assert_ne!(host.as_deref(), Some("evil.example"), "{} went on with the client's Host", request.uri);
+        assert_ne!(
+            host.as_deref(),
+            Some("evil.example"),
+            "{} went on with the client's Host",
+            request.uri
+        );
     }
     assert_eq!(seen[0].headers["host"], "payments");
 }
@@ -191,9 +202,8 @@ async fn two_host_headers_get_400_and_nothing_is_forwarded() {
     let up = Upstream::status(200).await;
     let sidecar = Sidecar::start(&payments(&up, "")).await;
 
-    let answer = sidecar
-        .raw(b"GET / HTTP/1.1\r\nHost: payments\r\nHost: evil.example\r\n\r\n", WAIT)
-        .await;
+    let answer =
+        sidecar.raw(b"GET / HTTP/1.1\r\nHost: payments\r\nHost: evil.example\r\n\r\n", WAIT).await;
 
     assert_eq!(status_of(&answer), "HTTP/1.1 400 Bad Request", "{answer}");
     assert!(answer.contains("outrigger-error: bad-request"), "{answer}");
@@ -237,7 +247,8 @@ async fn a_content_length_list_gets_400_with_the_outrigger_error() {
 async fn the_admin_port_refuses_bad_framing_as_the_outbound_port_does() {
     let up = Upstream::status(200).await;
     let sidecar = Sidecar::start(&payments(&up, "")).await;
-    let large = format!("GET /healthz HTTP/1.1\r\nHost: admin\r\nx-big: {}\r\n\r\n", "a".repeat(70_000));
+    let large =
+        format!("GET /healthz HTTP/1.1\r\nHost: admin\r\nx-big: {}\r\n\r\n", "a".repeat(70_000));
     let cases: [(&[u8], &str); 3] = [
         (b"POST /healthz HTTP/1.1\r\nHost: admin\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "HTTP/1.1 400 Bad Request"),
         (b"GET /healthz HTTP/1.1\r\nHost: admin\r\nx-nul: a\0b\r\n\r\n", "HTTP/1.1 400 Bad Request"),

@@ -239,7 +239,8 @@ fn chunk_size_lines() {
     assert_eq!(chunk_size(b"1A \t;x"), Some(26));
     assert_eq!(chunk_size(b"0;name=value"), Some(0));
     assert_eq!(chunk_size(b"fffffffffffffff"), Some(0xfff_ffff_ffff_ffff));
-    for bad in [&b"zz"[..], b"1a-", b"", b";x", b"1 a", b"ffffffffffffffff", b"ffffffffffffffffff"] {
+    for bad in [&b"zz"[..], b"1a-", b"", b";x", b"1 a", b"ffffffffffffffff", b"ffffffffffffffffff"]
+    {
         assert_eq!(chunk_size(bad), None, "{}", String::from_utf8_lossy(bad));
     }
 }
@@ -289,7 +290,10 @@ async fn empty_lines_before_a_request_line_are_skipped_as_hyper_skips_them() {
 #[tokio::test(start_paused = true)]
 async fn a_content_length_list_is_refused_as_hyper_would_refuse_it() {
     let (mut client, mut io) = guard();
-    client.write_all(b"POST / HTTP/1.1\r\nhost: p\r\ncontent-length: 5, 5\r\n\r\nhello").await.unwrap();
+    client
+        .write_all(b"POST / HTTP/1.1\r\nhost: p\r\ncontent-length: 5, 5\r\n\r\nhello")
+        .await
+        .unwrap();
     let seen = String::from_utf8(drain(&mut io).await).unwrap();
     assert!(seen.contains(&rejected(400)), "{seen}");
 }
@@ -319,7 +323,8 @@ async fn an_upgrade_request_holds_what_follows_until_its_answer_is_known() {
 #[tokio::test(start_paused = true)]
 async fn only_the_answer_to_the_upgrade_request_itself_settles_it() {
     let first = b"GET /a HTTP/1.1\r\nhost: p\r\n\r\n";
-    let upgrade = b"GET /ws HTTP/1.1\r\nhost: p\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+    let upgrade =
+        b"GET /ws HTTP/1.1\r\nhost: p\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
     let frames = b"\x81\x05hello";
     let (mut client, mut io, activity) = guard_with_activity();
     client.write_all(&[&first[..], &upgrade[..], &frames[..]].concat()).await.unwrap();
@@ -333,7 +338,8 @@ async fn only_the_answer_to_the_upgrade_request_itself_settles_it() {
 #[tokio::test(start_paused = true)]
 async fn an_upgrade_header_on_http_1_0_is_not_an_upgrade() {
     let (mut client, mut io) = guard();
-    let stream = b"GET /ws HTTP/1.0\r\nupgrade: websocket\r\n\r\nGET /next HTTP/1.1\r\nhost: p\r\n\r\n";
+    let stream =
+        b"GET /ws HTTP/1.0\r\nupgrade: websocket\r\n\r\nGET /next HTTP/1.1\r\nhost: p\r\n\r\n";
     client.write_all(stream).await.unwrap();
     assert_eq!(drain(&mut io).await, stream);
 }
@@ -342,18 +348,21 @@ async fn an_upgrade_header_on_http_1_0_is_not_an_upgrade() {
 async fn malformed_chunked_bodies_break_the_connection_where_hyper_would_read_differently() {
     let head = "POST / HTTP/1.1\r\nhost: p\r\ntransfer-encoding: chunked\r\n\r\n";
     let bodies: [&str; 8] = [
-        "ffffffffffffffffff\r\n",        // a size past u64
-        "ffffffffffffffff\r\n",          // 16 hex digits
-        "3\nabc\r\n0\r\n\r\n",           // a bare-LF chunk line
-        "3\r\nabcXX\r\n0\r\n\r\n",        // junk where the CRLF after the data belongs
-        "3\r\nabc\n0\r\n\r\n",             // a bare LF after the data
-        "3;x\ry\r\nabc\r\n0\r\n\r\n",      // a CR inside a chunk line
-        "0\r\nx: y\n\r\n",                // a bare-LF trailer line
-        "0\r\n\n",                        // a bare-LF end of trailers
+        "ffffffffffffffffff\r\n",     // a size past u64
+        "ffffffffffffffff\r\n",       // 16 hex digits
+        "3\nabc\r\n0\r\n\r\n",        // a bare-LF chunk line
+        "3\r\nabcXX\r\n0\r\n\r\n",    // junk where the CRLF after the data belongs
+        "3\r\nabc\n0\r\n\r\n",        // a bare LF after the data
+        "3;x\ry\r\nabc\r\n0\r\n\r\n", // a CR inside a chunk line
+        "0\r\nx: y\n\r\n",            // a bare-LF trailer line
+        "0\r\n\n",                    // a bare-LF end of trailers
     ];
     for body in bodies {
         let (mut client, mut io) = guard();
-        client.write_all(format!("{head}{body}GET /next HTTP/1.1\r\nhost: p\r\n\r\n").as_bytes()).await.unwrap();
+        client
+            .write_all(format!("{head}{body}GET /next HTTP/1.1\r\nhost: p\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let (seen, error) = drain_to_error(&mut io).await;
         let seen = String::from_utf8_lossy(&seen);
         let error = error.unwrap_or_else(|| panic!("{body:?}: not refused, passed {seen:?}"));
@@ -361,4 +370,3 @@ async fn malformed_chunked_bodies_break_the_connection_where_hyper_would_read_di
         assert!(!seen.contains("/next"), "{body:?}: read on past the broken body: {seen:?}");
     }
 }
-
