@@ -177,7 +177,6 @@ fn heads_hyper_parses(stream: &[u8]) -> Vec<(String, String)> {
         let service =
             hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let line = (req.method().to_string(), req.uri().to_string());
-                // (hyper normalizes nothing that matters here: the method and target as sent)
                 seen.lock().expect("not poisoned").push(line);
                 async move {
                     let _ = req.into_body().collect().await;
