@@ -1,10 +1,11 @@
 //! Read, parse, deserialize, validate: one function for `outrigger validate`, startup and
 //! reload. Fails with every problem of the file at once, each at its line and column, sorted
-//! by position and deduplicated (retries meet some problems more than once).
+//! by position and deduplicated (retries meet some problems more than once), and with the
+//! password of any URL they quote as `***`: the problems go to a terminal, a log, CI output.
 
 use crate::error::{LoadError, Problem, Problems};
 use crate::model::Config;
-use crate::types::Endpoint;
+use crate::types::{Endpoint, redact};
 use crate::validate::{Issue, validate};
 use crate::yaml::{self, DeError, Node};
 use std::path::Path;
@@ -32,7 +33,7 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
     }
     match (config, problems.is_empty()) {
         (Some(config), true) => Ok(config),
-        _ => Err(invalid(problems)),
+        _ => Err(invalid(without_secrets(&root, problems))),
     }
 }
 
@@ -44,7 +45,7 @@ pub fn load_endpoints_str(file_name: &str, text: &str) -> Result<Vec<Endpoint>, 
     problems.extend(noted(file_name, found));
     match (list, problems.is_empty()) {
         (Some(list), true) => Ok(list),
-        _ => Err(invalid(problems)),
+        _ => Err(invalid(without_secrets(&root, problems))),
     }
 }
 
@@ -116,6 +117,34 @@ fn place(root: &Node, issue: &Issue, removed: &[String]) -> Option<(String, usiz
 /// Is `inner` the path `outer`, or inside it?
 fn inside(inner: &str, outer: &str) -> bool {
     inner.strip_prefix(outer).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+/// `problems` with every value of the file that holds a password (a URL's userinfo, a
+/// `password=` parameter) shown redacted, wherever a problem quotes it: in its message (`"…"
+/// is not a list`), its expectation or its path (a key). The types already redact the values
+/// they refuse; this covers every other place a message may quote the file.
+fn without_secrets(root: &Node, mut problems: Vec<Problem>) -> Vec<Problem> {
+    let secrets: Vec<(String, String)> = root
+        .scalar_texts()
+        .into_iter()
+        .map(|text| (text, redact(text)))
+        .filter(|(text, shown)| text != shown)
+        .flat_map(|(text, shown)| {
+            [(format!("{text:?}"), format!("{shown:?}")), (text.into(), shown)]
+        })
+        .collect();
+    if secrets.is_empty() {
+        return problems;
+    }
+    for problem in &mut problems {
+        let fields = [&mut problem.path, &mut problem.message];
+        for field in fields.into_iter().chain(problem.expected.as_mut()) {
+            for (text, shown) in &secrets {
+                *field = field.replace(text.as_str(), shown);
+            }
+        }
+    }
+    problems
 }
 
 fn invalid(mut problems: Vec<Problem>) -> LoadError {

@@ -199,6 +199,62 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "outrigger.yaml:6:37: upstreams.payments.retry.backoff.multiplier: must be at least 1.0 (expected a number >= 1.0, got 0.5)",
             ],
         ),
+        (
+            "durations are at most 365d: no Instant + duration overflows at run time",
+            up(concat!(
+                "    timeouts: { request: 200000000000000d, idle: 365d }\n",
+                "    circuit_breaker: { open_for: 200000000000000d }\n",
+            )),
+            vec![
+                "outrigger.yaml:4:26: upstreams.payments.timeouts.request: \"200000000000000d\" is too long (expected at most 365d, e.g. 250ms, 5s, 1m)",
+                "outrigger.yaml:5:34: upstreams.payments.circuit_breaker.open_for: \"200000000000000d\" is too long (expected at most 365d, e.g. 250ms, 5s, 1m)",
+            ],
+        ),
+        (
+            "durations are at most 365d: the listener's and the drain's",
+            s(concat!(
+                "outbound: { limits: { header_read_timeout: 200000000000000d } }\n",
+                "lifecycle: { drain_timeout: 365d1ns }\n",
+            )),
+            vec![
+                "outrigger.yaml:1:44: outbound.limits.header_read_timeout: \"200000000000000d\" is too long (expected at most 365d, e.g. 250ms, 5s, 1m)",
+                "outrigger.yaml:2:29: lifecycle.drain_timeout: \"365d1ns\" is too long (expected at most 365d, e.g. 250ms, 5s, 1m)",
+            ],
+        ),
+        (
+            "a duration past u64 milliseconds is refused, not wrapped around to 1ms",
+            s("messaging: { dedup_window: 18446744073709551617ms }\n"),
+            vec![
+                "outrigger.yaml:1:28: messaging.dedup_window: \"18446744073709551617ms\" is too long (expected at most 365d, e.g. 250ms, 5s, 1m)",
+            ],
+        ),
+        (
+            "a refused broker URL is echoed without its password",
+            s("messaging: { broker: \"redis://alice:s3cr3tPW@host:notaport/x\" }\n"),
+            vec![
+                "outrigger.yaml:1:22: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker (expected embedded, redis://HOST:PORT or rediss://HOST:PORT)",
+            ],
+        ),
+        (
+            "other refused URLs are echoed without their passwords",
+            s(concat!(
+                "service: { app: { url: \"http://app:s3cr3tPW@127.0.0.1:8080\" } }\n",
+                "registry: { etcd: { endpoints: [\"http://root:s3cr3tPW@127.0.0.1:2379\"] } }\n",
+                "telemetry: { tracing: { otlp_endpoint: \"https://otel:s3cr3tPW@collector:4318\" } }\n",
+            )),
+            vec![
+                "outrigger.yaml:1:24: service.app.url: \"http://app:***@127.0.0.1:8080\" is not an app URL (expected http://HOST:PORT[/base], e.g. http://127.0.0.1:8080)",
+                "outrigger.yaml:2:33: registry.etcd.endpoints[0]: \"http://root:***@127.0.0.1:2379\" is not an etcd endpoint (expected http(s)://HOST:PORT, e.g. http://127.0.0.1:2379)",
+                "outrigger.yaml:3:40: telemetry.tracing.otlp_endpoint: \"https://otel:***@collector:4318\" is not an http URL (expected e.g. http://127.0.0.1:4318)",
+            ],
+        ),
+        (
+            "a URL where a list goes is echoed without its password",
+            s("registry: { etcd: { endpoints: \"http://root:s3cr3tPW@127.0.0.1:2379\" } }\n"),
+            vec![
+                "outrigger.yaml:1:32: registry.etcd.endpoints: \"http://root:***@127.0.0.1:2379\" is not a list (expected a list, e.g. [a, b])",
+            ],
+        ),
         // --- semantic rules (validate.rs) ---
         (
             "per_try <= request",
@@ -529,6 +585,36 @@ fn each_rule_prints_exactly_its_lines() {
         rows.len(),
         failures.join("\n")
     );
+}
+
+/// However a broker URL is malformed, its password is not in any line `validate`, `run` or a
+/// refused reload prints, and the line still names the field and the URL's other parts.
+#[test]
+fn no_problem_prints_a_password() {
+    for broker in [
+        "redis://alice:s3cr3tPW@host:notaport/x",
+        "redis://alice:s3cr/3tPW@redis.internal:6379",
+        "redis://alice:s3cr3tPW@redis.internal:6379/db0",
+        "rediss://:s3cr3tPW@redis.internal:6379/0?password=s3cr3tPW",
+        "redis://alice:s3cr@3tPW@redis.internal:6379x",
+    ] {
+        // as the broker, in a list where the broker goes, as a key: wherever a line quotes it
+        for (yaml, quoted) in [
+            (format!("messaging: {{ broker: {broker:?} }}\n"), true),
+            (format!("messaging: {{ broker: [{broker:?}] }}\n"), false),
+            (format!("messaging: {{ {broker:?}: x }}\n"), true),
+        ] {
+            let Err(e) = outrigger_config::load_str("outrigger.yaml", &yaml) else {
+                panic!("{yaml} should be refused");
+            };
+            let printed = e.to_string();
+            assert!(!printed.contains("s3cr"), "the password is printed:\n{printed}");
+            assert!(printed.starts_with("outrigger.yaml:1:"), "{printed}");
+            if quoted {
+                assert!(printed.contains(":***@"), "the rest of the URL is shown:\n{printed}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -127,7 +127,7 @@ impl Source {
                 }
             };
             tokio::select! {
-                _ = tokio::time::sleep_until(started + wait) => {}
+                _ = tokio::time::sleep_until(crate::time::saturating_add(started, wait)) => {}
                 _ = tx.closed() => return,
             }
         }

@@ -17,6 +17,7 @@ mod health;
 mod load;
 mod outlier;
 mod pool;
+pub mod time;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -28,7 +28,7 @@ impl Ejections {
         let forgiven = self.returns_at.is_none_or(|at| now.saturating_duration_since(at) >= base);
         self.in_a_row = if forgiven { 1 } else { self.in_a_row + 1 };
         let length = base.saturating_mul(self.in_a_row).min(MAX_EJECTION.max(base));
-        let returns_at = now + length;
+        let returns_at = crate::time::saturating_add(now, length);
         self.returns_at = Some(returns_at);
         returns_at
     }

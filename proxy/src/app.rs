@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper_util::server::graceful::GracefulShutdown;
 use outrigger_config::{self as config, Config};
+use outrigger_discovery::time::saturating_add;
 use outrigger_discovery::{Instance, Registration, SourceConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -294,7 +295,7 @@ impl Running {
     /// Fails readiness, stops taking messages, serves the app until it is quiet, stops
     /// accepting, and waits for what is left: all within the drain timeout.
     pub async fn shutdown(mut self) {
-        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        let deadline = saturating_add(tokio::time::Instant::now(), self.drain_timeout);
         self.health.drain();
         if let Some(registration) = self.registration.take() {
             registration.stop().await;

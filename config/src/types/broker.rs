@@ -3,7 +3,7 @@
 //! `/v1/config`) writes `***` in its place; only `RedisUrl::as_str` gives the real one.
 
 use super::net::split_host_port;
-use super::{ValueError, string_conversions};
+use super::{ValueError, redact, string_conversions};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -58,20 +58,7 @@ impl FromStr for RedisUrl {
 /// The URL with its password replaced by `***`.
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (scheme, rest) = self.0.split_once("://").expect("checked when parsed");
-        let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-        match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-                let password = if userinfo.contains(':') { ":***" } else { "" };
-                write!(f, "{scheme}://{user}{password}@{host}")?;
-            }
-            None => write!(f, "{scheme}://{authority}")?,
-        }
-        match path {
-            Some(path) => write!(f, "/{path}"),
-            None => Ok(()),
-        }
+        f.write_str(&redact(&self.0))
     }
 }
 
@@ -102,9 +89,10 @@ impl fmt::Display for Broker {
     }
 }
 
+/// Echoes `text` with its password as `***`: a URL refused for a typo still holds a real one.
 fn broker_error(text: &str) -> ValueError {
     ValueError::new(
-        format!("{text:?} is not a broker"),
+        format!("{:?} is not a broker", redact(text)),
         "embedded, redis://HOST:PORT or rediss://HOST:PORT",
     )
 }
@@ -127,6 +115,25 @@ mod tests {
             "rediss://:***@r:6380"
         );
         assert_eq!("redis://r".parse::<Broker>().unwrap().to_string(), "redis://r");
+    }
+
+    #[test]
+    fn a_refused_url_is_echoed_without_its_password() {
+        for bad in [
+            "redis://alice:s3cr3tPW@host:notaport/x",
+            "redis://alice:s3cr/3tPW@host:6379",
+            "rediss://:s3cr3tPW@host:6379/db",
+            "redis://host:6379/0?password=s3cr3tPW",
+        ] {
+            let err = bad.parse::<Broker>().unwrap_err().to_string();
+            assert!(!err.contains("s3cr"), "{err}");
+            assert!(err.contains("is not a broker"), "{err}");
+        }
+        let err = "redis://alice:s3cr3tPW@host:notaport/x".parse::<Broker>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#""redis://alice:***@host:notaport/x" is not a broker (expected embedded, redis://HOST:PORT or rediss://HOST:PORT)"#
+        );
     }
 
     #[test]

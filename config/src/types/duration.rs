@@ -1,6 +1,8 @@
-//! `Duration`: a span of time written `250ms`, `5s`, `1m30s`, `1.5s`, `14d`.
+//! `Duration`: a span of time written `250ms`, `5s`, `1m30s`, `1.5s`, `14d`, at most `365d`.
 //! A bare number is refused (`"5" is not a duration`): `timeout: 5` could mean seconds or
 //! milliseconds, and a wrong guess is a silent outage. Decimals are exact, not floats.
+//! The cap keeps every `Instant + duration` and every conversion to whole milliseconds in range,
+//! so no value that validates can panic or wrap at run time.
 
 use super::{ValueError, string_conversions};
 use serde::{Deserialize, Serialize};
@@ -22,6 +24,12 @@ const UNITS: [(&str, u128); 7] = [
 
 const EXAMPLES: &str = "e.g. 250ms, 5s, 1m";
 
+/// The longest duration any field takes: 365 days. No field needs more (the longest defaults
+/// are `dead_letter_retention.max_age`'s 14d and `dedup_window`'s 1h; a lease, a timeout or a
+/// drain of a year already means "never"), and one bound for every field is one rule to learn.
+/// A year is far inside what `Instant`, tokio's timer and the stores' millisecond counts hold.
+const MAX_SECS: u64 = 365 * 86_400;
+
 /// A duration from the config: `get()` is the `std::time::Duration`.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize, Serialize,
@@ -30,12 +38,23 @@ const EXAMPLES: &str = "e.g. 250ms, 5s, 1m";
 pub struct Duration(std::time::Duration);
 
 impl Duration {
+    /// The longest a duration may be: `365d`. Longer text is refused when parsed.
+    pub const MAX: Duration = Duration(std::time::Duration::from_secs(MAX_SECS));
+
+    /// For defaults and tests; clamped to [`Duration::MAX`], like every other constructor.
     pub const fn from_millis(millis: u64) -> Self {
-        Duration(std::time::Duration::from_millis(millis))
+        match millis / 1_000 >= MAX_SECS {
+            true => Duration::MAX,
+            false => Duration(std::time::Duration::from_millis(millis)),
+        }
     }
 
+    /// For defaults and tests; clamped to [`Duration::MAX`].
     pub const fn from_secs(secs: u64) -> Self {
-        Duration(std::time::Duration::from_secs(secs))
+        match secs >= MAX_SECS {
+            true => Duration::MAX,
+            false => Duration(std::time::Duration::from_secs(secs)),
+        }
     }
 
     pub fn get(self) -> std::time::Duration {
@@ -47,9 +66,10 @@ impl Duration {
     }
 }
 
+/// Clamped to [`Duration::MAX`]: a config value is never longer, however it was made.
 impl From<std::time::Duration> for Duration {
     fn from(d: std::time::Duration) -> Self {
-        Duration(d)
+        Duration(d.min(Duration::MAX.0))
     }
 }
 
@@ -59,8 +79,13 @@ impl FromStr for Duration {
     fn from_str(text: &str) -> Result<Self, ValueError> {
         let nanos = parse_nanos(text)
             .ok_or_else(|| ValueError::new(format!("{text:?} is not a duration"), EXAMPLES))?;
-        let secs = u64::try_from(nanos / NANOS_PER_SEC)
-            .map_err(|_| ValueError::new(format!("{text:?} is too long"), EXAMPLES))?;
+        // compared in nanoseconds, before any conversion can truncate (`18446744073709551617ms`
+        // must not wrap around to 1ms)
+        if nanos > Duration::MAX.0.as_nanos() {
+            let expected = format!("at most {}, e.g. 250ms, 5s, 1m", Duration::MAX);
+            return Err(ValueError::new(format!("{text:?} is too long"), expected));
+        }
+        let secs = u64::try_from(nanos / NANOS_PER_SEC).expect("at most MAX_SECS");
         let subsec = u32::try_from(nanos % NANOS_PER_SEC).expect("below one second");
         Ok(Duration(std::time::Duration::new(secs, subsec)))
     }
@@ -155,6 +180,36 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(parse("999999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn refuses_anything_longer_than_365_days() {
+        assert_eq!(parse("365d"), Ok(Std::from_secs(365 * 86_400)));
+        assert_eq!(parse("364d23h59m59s999999999ns"), Ok(Std::new(365 * 86_400 - 1, 999_999_999)));
+        let err = parse("200000000000000d").unwrap_err();
+        assert_eq!(
+            err,
+            r#""200000000000000d" is too long (expected at most 365d, e.g. 250ms, 5s, 1m)"#
+        );
+        // past u64 milliseconds: refused, not wrapped around to 1ms
+        for long in ["365d1ns", "366d", "8761h", "18446744073709551617ms", "99999999999999999999s"]
+        {
+            assert!(
+                parse(long)
+                    .unwrap_err()
+                    .ends_with("is too long (expected at most 365d, e.g. 250ms, 5s, 1m)"),
+                "{long}"
+            );
+        }
+    }
+
+    #[test]
+    fn constructors_in_code_never_exceed_the_maximum() {
+        assert_eq!(Duration::from_secs(u64::MAX), Duration::MAX);
+        assert_eq!(Duration::from_millis(u64::MAX), Duration::MAX);
+        assert_eq!(Duration::from(Std::MAX), Duration::MAX);
+        assert_eq!(Duration::from_secs(30).get(), Std::from_secs(30));
+        assert_eq!(Duration::MAX.to_string(), "365d");
     }
 
     #[test]

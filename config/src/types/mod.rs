@@ -1,11 +1,13 @@
 //! Values that cannot be wrong: each checks its YAML text in `TryFrom`, so a bad value is
 //! reported at its own line and column, and code past `load` never checks it again.
-//! Each serializes back to the text it accepts (for `/v1/config`), secrets redacted.
+//! Each serializes back to the text it accepts (for `/v1/config`), secrets redacted, and
+//! echoes a refused text in its error through `redact`.
 
 mod broker;
 mod duration;
 mod names;
 mod net;
+mod redact;
 mod size;
 
 pub use broker::{Broker, RedisUrl};
@@ -15,6 +17,7 @@ pub use net::{AppUrl, Endpoint, ListenAddr, NameServer};
 pub use size::ByteSize;
 
 pub(crate) use net::HttpUrl;
+pub(crate) use redact::redact;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -2,7 +2,7 @@
 //! Parsed strictly (IP:PORT for listeners, http URLs without credentials or queries) so that a
 //! typo fails `outrigger validate` instead of the first connection attempt.
 
-use super::{ValueError, is_host, string_conversions};
+use super::{ValueError, is_host, redact, string_conversions};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -121,7 +121,7 @@ impl FromStr for Endpoint {
             .filter(|e| e.port != 0)
             .ok_or_else(|| {
                 ValueError::new(
-                    format!("{text:?} is not an endpoint"),
+                    format!("{:?} is not an endpoint", redact(text)),
                     "HOST:PORT, e.g. 10.0.0.7:8080 or payments.internal:8080",
                 )
             })
@@ -219,7 +219,7 @@ impl FromStr for AppUrl {
     fn from_str(text: &str) -> Result<Self, ValueError> {
         HttpUrl::parse(text).filter(|url| !url.https).map(AppUrl).ok_or_else(|| {
             ValueError::new(
-                format!("{text:?} is not an app URL"),
+                format!("{:?} is not an app URL", redact(text)),
                 "http://HOST:PORT[/base], e.g. http://127.0.0.1:8080",
             )
         })

@@ -6,7 +6,7 @@ mod messaging;
 mod upstream;
 
 use crate::model::{Backoff, Config, Registry, Telemetry};
-use crate::types::{ByteSize, Duration, HttpUrl};
+use crate::types::{ByteSize, Duration, HttpUrl, redact};
 
 /// A broken rule, before it has a position.
 #[derive(Debug, Clone, PartialEq)]
@@ -188,7 +188,7 @@ impl Checks {
         for (i, endpoint) in etcd.endpoints.iter().enumerate() {
             if HttpUrl::parse(endpoint).is_none_or(|url| url.port.is_none() || !url.path.is_empty())
             {
-                let message = format!("{endpoint:?} is not an etcd endpoint");
+                let message = format!("{:?} is not an etcd endpoint", redact(endpoint));
                 self.push(
                     format!("registry.etcd.endpoints[{i}]"),
                     message,
@@ -213,7 +213,7 @@ impl Checks {
         }
         if let Some(tracing) = &telemetry.tracing {
             if HttpUrl::parse(&tracing.otlp_endpoint).is_none() {
-                let message = format!("{:?} is not an http URL", tracing.otlp_endpoint);
+                let message = format!("{:?} is not an http URL", redact(&tracing.otlp_endpoint));
                 self.push(
                     "telemetry.tracing.otlp_endpoint",
                     message,

@@ -95,6 +95,20 @@ impl Node {
             Kind::Map(entries) => entries.iter().map(|e| e.key.count() + e.value.count()).sum(),
         }
     }
+
+    /// The text of every scalar in the tree, keys included.
+    pub(crate) fn scalar_texts(&self) -> Vec<&str> {
+        let mut texts = Vec::new();
+        let mut stack = vec![self];
+        while let Some(node) = stack.pop() {
+            match &node.kind {
+                Kind::Scalar(s) => texts.push(s.text.as_str()),
+                Kind::Seq(items) => stack.extend(items),
+                Kind::Map(entries) => stack.extend(entries.iter().flat_map(|e| [&e.key, &e.value])),
+            }
+        }
+        texts
+    }
 }
 
 // === impl Scalar ===

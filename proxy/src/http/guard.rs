@@ -25,6 +25,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use outrigger_discovery::time::saturating_add;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -129,16 +130,19 @@ impl<T> GuardedIo<T> {
             // client opens connections and never finishes a head
             head_started: Some(now),
             activity,
-            timer: Box::pin(tokio::time::sleep_until(now + limits.header_read_timeout)),
+            timer: Box::pin(tokio::time::sleep_until(saturating_add(
+                now,
+                limits.header_read_timeout,
+            ))),
         }
     }
 
     fn deadline(&self) -> Instant {
         match (self.state, self.head_started) {
             (State::Sniff | State::Head, Some(started)) => {
-                started + self.limits.header_read_timeout
+                saturating_add(started, self.limits.header_read_timeout)
             }
-            _ => self.activity.last() + self.limits.idle_timeout,
+            _ => saturating_add(self.activity.last(), self.limits.idle_timeout),
         }
     }
 
@@ -163,7 +167,7 @@ impl<T> GuardedIo<T> {
     fn head_begins(&mut self, now: Instant) {
         if self.head_started.is_none() {
             self.head_started = Some(now);
-            let deadline = now + self.limits.header_read_timeout;
+            let deadline = saturating_add(now, self.limits.header_read_timeout);
             if self.timer.deadline() > deadline {
                 self.timer.as_mut().reset(deadline);
             }

@@ -22,6 +22,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
+use outrigger_discovery::time::saturating_add;
 use tokio::time::Instant;
 
 /// When a connection last moved a byte, how many of its requests await a response head, and
@@ -120,7 +121,7 @@ impl Activity {
     /// waiting for its response head.
     pub(crate) async fn idle_for(&self, timeout: Duration) {
         loop {
-            let deadline = self.last() + timeout;
+            let deadline = saturating_add(self.last(), timeout);
             if Instant::now() < deadline {
                 tokio::time::sleep_until(deadline).await;
             } else if self.awaiting.load(Ordering::Relaxed) > 0 {
@@ -265,5 +266,13 @@ mod tests {
         let started = Instant::now();
         activity.idle_for(TIMEOUT).await;
         assert_eq!(started.elapsed(), TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_past_the_clock_never_fires_and_does_not_panic() {
+        let activity = Activity::new();
+        let year = Duration::from_secs(365 * 86_400);
+        let idle = tokio::time::timeout(year, activity.idle_for(Duration::MAX)).await;
+        assert!(idle.is_err(), "still not idle a year later");
     }
 }

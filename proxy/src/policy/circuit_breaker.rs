@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use http::Response;
 use outrigger_config as config;
+use outrigger_discovery::time::saturating_add;
 use prometheus::IntGauge;
 use tokio::time::Instant;
 
@@ -141,7 +142,7 @@ impl Breaker {
     }
 
     fn open(&mut self, now: Instant) {
-        self.state = State::Open { until: now + self.cfg.open_for.get() };
+        self.state = State::Open { until: saturating_add(now, self.cfg.open_for.get()) };
     }
 
     fn close(&mut self, now: Instant) {

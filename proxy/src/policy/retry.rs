@@ -20,6 +20,7 @@ use http::{Method, Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use outrigger_config as config;
+use outrigger_discovery::time::saturating_add;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
@@ -206,7 +207,7 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
             parts: Some(parts),
             body,
             idempotent,
-            deadline: now + shared.request_timeout,
+            deadline: saturating_add(now, shared.request_timeout),
             attempt: 1,
             previous_delay: shared.backoff.initial(),
             waited: Duration::ZERO,
@@ -316,7 +317,7 @@ impl Attempts {
             None => shared.backoff.delay(attempt - 1, self.previous_delay),
         };
         let now = Instant::now();
-        if now + delay >= self.deadline {
+        if saturating_add(now, delay) >= self.deadline {
             // the next attempt could not finish in time: answer now rather than at the deadline
             return Ok(finish(result, attempt));
         }

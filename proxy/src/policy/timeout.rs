@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
+use outrigger_discovery::time::saturating_add;
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
@@ -55,7 +56,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let after = self.layer.after;
-        let deadline = Instant::now() + after;
+        let deadline = saturating_add(Instant::now(), after);
         DeadlineFuture { inner: tokio::time::timeout_at(deadline, self.inner.call(req)), after }
     }
 }
@@ -113,5 +114,12 @@ mod tests {
         let mut svc =
             DeadlineLayer::new(Duration::from_secs(2)).layer(slow(Duration::from_secs(1)));
         svc.ready().await.unwrap().call(Request::new(())).await.expect("in time");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_past_the_clock_waits_for_the_answer_instead_of_panicking() {
+        // `Instant::now() + Duration::MAX` panicked in `call`, and the request got no answer
+        let mut svc = DeadlineLayer::new(Duration::MAX).layer(slow(Duration::from_secs(3600)));
+        svc.ready().await.unwrap().call(Request::new(())).await.expect("no deadline in sight");
     }
 }

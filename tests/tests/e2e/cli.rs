@@ -60,6 +60,62 @@ fn run_refuses_an_invalid_file_with_the_same_lines() {
 }
 
 #[test]
+fn validate_and_run_refuse_a_duration_too_long_for_the_clock() {
+    // each of these once passed `validate`, then panicked at run time: the breaker aborted
+    // the process, SIGTERM exited 101
+    let path = write(
+        "huge-duration.yaml",
+        concat!(
+            "upstreams:\n  payments:\n    discovery: { static: [\"127.0.0.1:9001\"] }\n",
+            "    circuit_breaker: { open_for: 200000000000000d }\n",
+            "lifecycle: { drain_timeout: 200000000000000d }\n",
+        ),
+    );
+    let file = path.display();
+    let (code, stdout, _) = outrigger(&["validate", "--config", &path.to_string_lossy()]);
+    let too_long = "\"200000000000000d\" is too long (expected at most 365d, e.g. 250ms, 5s, 1m)";
+    assert_eq!(
+        (code, stdout),
+        (
+            1,
+            format!(
+                "{file}:4:34: upstreams.payments.circuit_breaker.open_for: {too_long}\n\
+                 {file}:5:29: lifecycle.drain_timeout: {too_long}\n"
+            )
+        )
+    );
+    let (code, _, stderr) = outrigger(&["run", "--config", &path.to_string_lossy()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!("{file}:5:29: lifecycle.drain_timeout: {too_long}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn validate_and_run_never_print_the_redis_password_of_a_refused_broker_url() {
+    let path = write(
+        "redis-password.yaml",
+        "messaging:\n  broker: \"redis://alice:s3cr3tPW@host:notaport/x\"\n",
+    );
+    let file = path.display();
+    let (code, stdout, stderr) = outrigger(&["validate", "--config", &path.to_string_lossy()]);
+    assert_eq!(code, 1);
+    assert!(!stdout.contains("s3cr3tPW") && !stderr.contains("s3cr3tPW"), "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "{file}:2:11: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker \
+             (expected embedded, redis://HOST:PORT or rediss://HOST:PORT)\n"
+        )
+    );
+    let (code, stdout, stderr) = outrigger(&["run", "--config", &path.to_string_lossy()]);
+    assert_eq!(code, 1);
+    assert!(!stdout.contains("s3cr3tPW") && !stderr.contains("s3cr3tPW"), "{stdout}{stderr}");
+    assert!(stderr.contains("\"redis://alice:***@host:notaport/x\" is not a broker"), "{stderr}");
+}
+
+#[test]
 fn the_config_file_may_come_from_outrigger_config() {
     let path = write("env.yaml", "service: { name: from-env }\n");
     let out = Command::new(outrigger_tests::binary())

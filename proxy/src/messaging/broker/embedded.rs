@@ -144,7 +144,8 @@ impl Embedded {
             path: path.clone(),
             released: None,
             last_reopen: None,
-            dedup_window: dedup_window.as_millis() as u64,
+            // config caps durations at 365d; were one longer, it would mean "for ever", not wrap
+            dedup_window: u64::try_from(dedup_window.as_millis()).unwrap_or(u64::MAX),
             retention,
             commits: commits.clone(),
             pending: pending.clone(),
@@ -836,7 +837,7 @@ impl Writer {
                     state.insert((q, id.as_u128()), (0u32, now))?;
                     due.insert((q, now, id.as_u128()), ())?;
                     if let Some(key) = message.idempotency_key.as_deref() {
-                        let expires = now + self.dedup_window;
+                        let expires = now.saturating_add(self.dedup_window);
                         if let Some(old) = dedup.insert((q, key), (id.as_u128(), expires))? {
                             expiry.remove((old.value().1, q, key))?;
                         }

@@ -4,6 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
+use outrigger_discovery::time::saturating_add;
 use tokio::time::Instant;
 
 use crate::messaging::envelope::MessageId;
@@ -30,8 +31,8 @@ impl Pacer {
     /// the slot it was due in, so the time spent reading does not slow the pace; after an idle
     /// spell longer than one interval, the pace starts again from `now` (no burst is banked).
     pub fn take(&mut self, now: Instant) {
-        let from = if now < self.next + self.interval { self.next } else { now };
-        self.next = from + self.interval;
+        let from = if now < saturating_add(self.next, self.interval) { self.next } else { now };
+        self.next = saturating_add(from, self.interval);
     }
 }
 
