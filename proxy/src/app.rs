@@ -25,6 +25,7 @@ use crate::http::in_flight::{Counted, InFlight};
 use crate::http::listener::{self, Serving};
 use crate::http::route::{Route, RouteTable};
 use crate::messaging::Messaging;
+use crate::messaging::publish::PublishLimits;
 use crate::stack;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Tracer;
@@ -108,8 +109,15 @@ pub async fn start_reloading(
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
     let tracer = Tracer::from_config(config.telemetry.tracing.as_ref(), &config.service.name);
-    let messaging =
-        Messaging::start(&config.messaging, &config.service.name, &metrics, tracer.clone()).await?;
+    let publish_limits = PublishLimits::new(&config.outbound.limits, &metrics);
+    let messaging = Messaging::start(
+        &config.messaging,
+        &config.service.name,
+        &metrics,
+        tracer.clone(),
+        publish_limits,
+    )
+    .await?;
     let routes = RouteTable::new(stack::routes(&upstreams, &metrics, &messaging));
     let health = Arc::new(
         Health::new(
