@@ -469,6 +469,13 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "max_publish_buffer >= 1MiB",
+            s("outbound: { limits: { max_publish_buffer: 512KiB } }\n"),
+            vec![
+                "outrigger.yaml:1:43: outbound.limits.max_publish_buffer: must be at least 1MiB, the largest payload (expected a size >= 1MiB, got 512KiB)",
+            ],
+        ),
+        (
             "static lists at least one endpoint",
             s("upstreams:\n  a:\n    discovery: { static: [] }\n"),
             vec![

@@ -25,6 +25,7 @@ fn an_empty_file_is_all_defaults() {
     assert_eq!(config.outbound.limits.max_header_bytes.bytes(), 65_536);
     assert_eq!(config.outbound.limits.max_headers, 100);
     assert_eq!(config.outbound.limits.header_read_timeout.get(), Std::from_secs(10));
+    assert_eq!(config.outbound.limits.max_publish_buffer.bytes(), 64 << 20);
     assert_eq!(config.messaging.broker, Broker::Embedded);
     assert_eq!(config.messaging.dead_letter_retention.max_age.get(), Std::from_secs(14 * 86_400));
     assert_eq!(config.telemetry.log.level, "info");

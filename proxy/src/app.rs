@@ -7,6 +7,8 @@
 //! is left gets the rest of `lifecycle.drain_timeout`; then the process exits 0.
 //! With `service.register: true` the registry entry is deleted right after readiness fails,
 //! before the drain, so callers stop choosing this instance before it goes away.
+//! SIGTERM, SIGINT and SIGHUP are handled from before the first listener serves: nothing can
+//! report ready while one of them would still end the process by its default action.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use crate::http::in_flight::{Counted, InFlight};
 use crate::http::listener::{self, Serving};
 use crate::http::route::{Route, RouteTable};
 use crate::messaging::Messaging;
+use crate::messaging::publish::PublishLimits;
 use crate::stack;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Tracer;
@@ -109,8 +112,15 @@ pub async fn start_reloading(
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
     let tracer = Tracer::from_config(config.telemetry.tracing.as_ref(), &config.service.name);
-    let messaging =
-        Messaging::start(&config.messaging, &config.service.name, &metrics, tracer.clone()).await?;
+    let publish_limits = PublishLimits::new(&config.outbound.limits, &metrics);
+    let messaging = Messaging::start(
+        &config.messaging,
+        &config.service.name,
+        &metrics,
+        tracer.clone(),
+        publish_limits,
+    )
+    .await?;
     let routes = RouteTable::new(stack::routes(&upstreams, &metrics, &messaging));
     let health = Arc::new(
         Health::new(
@@ -164,6 +174,20 @@ pub async fn start_reloading(
         });
     }
 
+    if let Some(path) = path {
+        let live = crate::reload::Live {
+            table: routes.clone(),
+            health: running.health.clone(),
+            config_json: config_slot,
+            messaging: messaging.clone(),
+            metrics: metrics.clone(),
+        };
+        // made (and its SIGHUP handler installed) before any listener serves: once `/readyz`
+        // can answer 200, a SIGHUP reloads instead of ending the process by its default action
+        let reloader = crate::reload::Reloader::new(path, config.clone(), upstreams.clone(), live);
+        running.dispatchers.spawn(reloader.run(stopped.clone()));
+    }
+
     let route = Counted::new(Route::ByAuthority(routes.clone()), in_flight.clone());
     servers.spawn(listener::serve(
         outbound,
@@ -199,17 +223,6 @@ pub async fn start_reloading(
     }
     running.servers = servers;
     running.registration = register(&config, &running.health)?;
-    if let Some(path) = path {
-        let live = crate::reload::Live {
-            table: routes.clone(),
-            health: running.health.clone(),
-            config_json: config_slot,
-            messaging: messaging.clone(),
-            metrics: metrics.clone(),
-        };
-        let reloader = crate::reload::Reloader::new(path, config.clone(), upstreams.clone(), live);
-        running.dispatchers.spawn(reloader.run(stopped.clone()));
-    }
     tracing::info!(
         outbound = %running.outbound,
         admin = %running.admin,
@@ -334,10 +347,14 @@ pub async fn run(
     path: std::path::PathBuf,
     exit_with_app: bool,
 ) -> Result<(), StartError> {
+    // before any listener serves: from the moment `/readyz` can answer 200, a SIGTERM must
+    // drain, never end the process by its default action (issue 17). One that arrives while
+    // the sidecar starts is kept, and drains it as soon as it has started.
+    let mut signals = ShutdownSignals::install();
     let running = start_reloading(config, Some(path)).await?;
     let health = running.health.clone();
     tokio::select! {
-        _ = shutdown_signal() => {}
+        _ = signals.recv() => {}
         _ = app_gone(&health), if exit_with_app => {}
     }
     running.shutdown().await;
@@ -368,12 +385,27 @@ async fn app_gone(health: &Health) {
 /// Failed app health checks in a row, after it was up, that mean the app is gone.
 const GONE_AFTER: u32 = 3;
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("a SIGTERM handler installs");
-    let mut int = signal(SignalKind::interrupt()).expect("a SIGINT handler installs");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, handled by us from [`ShutdownSignals::install`] on.
+#[derive(Debug)]
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            term: signal(SignalKind::terminate()).expect("a SIGTERM handler installs"),
+            int: signal(SignalKind::interrupt()).expect("a SIGINT handler installs"),
+        }
+    }
+
+    /// Resolves at the first of them, also one that arrived before this was called.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }

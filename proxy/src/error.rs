@@ -62,6 +62,16 @@ pub enum ProxyError {
     MethodNotAllowed { allowed: &'static str },
     #[error("the message was not stored: {reason}")]
     Outbox { reason: Box<str> },
+    /// The whole sidecar's cap on publish bodies held at once, `outbound.limits.max_publish_buffer`.
+    #[error(
+        "no room for this publish: the sidecar holds at most {limit} bytes of publish bodies at once (outbound.limits.max_publish_buffer); try again shortly"
+    )]
+    PublishBufferFull { limit: usize },
+    /// A publish body still incomplete `after` its head (`outbound.limits.header_read_timeout`).
+    #[error(
+        "the publish body did not arrive within {after:?} of its head (outbound.limits.header_read_timeout)"
+    )]
+    BodyTimeout { after: Duration },
 }
 
 /// Any error, boxed: what a connect failure carries, whichever layer it came from.
@@ -99,13 +109,16 @@ impl ProxyError {
             Self::Timeout { .. } => "timeout",
             Self::CircuitOpen { .. } => "circuit-open",
             Self::RateLimited { .. } => "rate-limited",
-            Self::Overloaded { .. } | Self::SidecarOverloaded { .. } => "overloaded",
+            Self::Overloaded { .. }
+            | Self::SidecarOverloaded { .. }
+            | Self::PublishBufferFull { .. } => "overloaded",
             Self::BadRequest { .. }
             | Self::BadRequestBody { .. }
             | Self::HeadersTooLarge { .. } => "bad-request",
             Self::BadPublish { .. }
             | Self::PayloadTooLarge { .. }
-            | Self::MethodNotAllowed { .. } => "bad-request",
+            | Self::MethodNotAllowed { .. }
+            | Self::BodyTimeout { .. } => "bad-request",
             Self::UnknownEndpoint { .. } => "unknown-endpoint",
             Self::Outbox { .. } => "outbox-unavailable",
         }
@@ -128,6 +141,11 @@ impl ProxyError {
             Self::UnknownEndpoint { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Outbox { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PublishBufferFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // 408, not 400: nothing the client sent was malformed, it was too slow; RFC 9110
+            // §15.5.9 lets it repeat the request on a new connection. The kind stays
+            // `bad-request`: the client's doing, never an upstream's, never a `timeout` (504)
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -144,13 +162,16 @@ impl ProxyError {
     /// Whether the client connection must be closed after this answer: its framing can no
     /// longer be trusted, so reading another request from it could desynchronise.
     pub fn closes_connection(&self) -> bool {
-        // a payload over the limit was not read to its end: the rest must not be parsed as a request
+        // a payload over the limit was not read to its end: the rest must not be parsed as a
+        // request; the same for a publish refused at the buffer cap or cut at its deadline
         matches!(
             self,
             Self::BadRequest { .. }
                 | Self::BadRequestBody { .. }
                 | Self::HeadersTooLarge { .. }
                 | Self::PayloadTooLarge { .. }
+                | Self::PublishBufferFull { .. }
+                | Self::BodyTimeout { .. }
         )
     }
 }
@@ -182,5 +203,11 @@ mod tests {
         assert_eq!((overloaded.status().as_u16(), overloaded.kind()), (503, "overloaded"));
         let whole = ProxyError::SidecarOverloaded { limit: 1 };
         assert_eq!((whole.status().as_u16(), whole.kind()), (503, "overloaded"));
+        let full = ProxyError::PublishBufferFull { limit: 1 };
+        assert_eq!((full.status().as_u16(), full.kind()), (503, "overloaded"));
+        assert!(full.closes_connection(), "the refused body was not read");
+        let slow = ProxyError::BodyTimeout { after: Duration::from_secs(1) };
+        assert_eq!((slow.status().as_u16(), slow.kind()), (408, "bad-request"));
+        assert!(slow.closes_connection(), "the cut body was not read to its end");
     }
 }

@@ -44,6 +44,9 @@ pub struct Reloader {
     last_hash: u64,
     applied: IntCounter,
     refused: IntCounter,
+    /// Installed in `new`, before the caller's listeners serve: SIGHUP's default action ends
+    /// the process.
+    hangup: tokio::signal::unix::Signal,
 }
 
 /// The pieces the running sidecar shares with the reloader.
@@ -57,7 +60,8 @@ pub struct Live {
 }
 
 impl Reloader {
-    /// A reloader for `path`, whose content `running` was loaded from, built as `built`.
+    /// A reloader for `path`, whose content `running` was loaded from, built as `built`; from
+    /// now on SIGHUP is ours (a reload once [`Reloader::run`] runs). Within a tokio runtime.
     pub fn new(path: PathBuf, running: Config, built: Vec<BuiltUpstream>, live: Live) -> Self {
         let sources =
             SourceConfig { resolver: running.resolver.clone(), registry: running.registry.clone() };
@@ -84,17 +88,17 @@ impl Reloader {
             health: live.health,
             config_json: live.config_json,
             last_hash,
+            hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .expect("a SIGHUP handler installs"),
         }
     }
 
     /// Reloads on SIGHUP and on every change of the file's content, until `stop`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup = signal(SignalKind::hangup()).expect("a SIGHUP handler installs");
         loop {
             let forced = tokio::select! {
                 _ = tokio::time::sleep(POLL) => false,
-                _ = hangup.recv() => true,
+                _ = self.hangup.recv() => true,
                 _ = stop.wait_for(|stop| *stop) => return,
             };
             let Ok(bytes) = std::fs::read(&self.path) else { continue };

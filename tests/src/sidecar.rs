@@ -100,7 +100,8 @@ impl Sidecar {
         sidecar
     }
 
-    fn spawn(yaml: &str) -> Self {
+    /// Starts the binary and returns at once, before it listens: for tests of its start.
+    pub fn spawn(yaml: &str) -> Self {
         Self::spawn_with(yaml, Vec::new())
     }
 
@@ -199,7 +200,8 @@ impl Sidecar {
         self.wait_exited().await
     }
 
-    async fn wait_exited(&mut self) -> std::process::ExitStatus {
+    /// Waits for the process to exit, up to the deadline, keeping the handle (and its log).
+    pub async fn wait_exited(&mut self) -> std::process::ExitStatus {
         let until = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the child") {

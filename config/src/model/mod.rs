@@ -87,6 +87,9 @@ pub struct Limits {
     /// Requests in flight at once across every app-facing listener; one more is answered 503
     /// `overloaded` at once.
     pub max_requests: usize,
+    /// Bytes of publish bodies held at once across the sidecar, from the first byte read until
+    /// the message is stored; a publish that would go past it is answered 503 `overloaded`.
+    pub max_publish_buffer: ByteSize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -199,6 +202,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_requests: 10_000,
+            max_publish_buffer: ByteSize::kib(64 * 1024),
         }
     }
 }

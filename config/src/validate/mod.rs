@@ -146,6 +146,12 @@ impl Checks {
                 );
             }
         }
+        // one whole payload must fit, or a publish of the largest size could never succeed
+        if limits.max_publish_buffer < ByteSize::kib(1024) {
+            let expected = format!("a size >= 1MiB, got {}", limits.max_publish_buffer);
+            let field = format!("{path}.max_publish_buffer");
+            self.push(field, "must be at least 1MiB, the largest payload", Some(&expected));
+        }
         self.positive(format!("{path}.header_read_timeout"), limits.header_read_timeout);
         self.positive(format!("{path}.idle_timeout"), limits.idle_timeout);
     }

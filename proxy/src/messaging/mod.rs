@@ -54,6 +54,8 @@ pub struct Messaging {
     relay_wake: Arc<Notify>,
     relay_status: Arc<relay::Status>,
     tracer: Tracer,
+    /// The publish buffer and body deadline, from `outbound.limits`.
+    publish: publish::PublishLimits,
 }
 
 /// `dead_letter_retention` in the brokers' units.
@@ -74,13 +76,15 @@ pub enum StartError {
 }
 
 impl Messaging {
-    /// Messaging as configured for service `service` (the Redis consumer group); opens the
-    /// store now if `data_dir` already holds one, or a broker or subscriptions need it.
+    /// Messaging as configured for service `service` (the Redis consumer group), its publishes
+    /// held to `publish`; opens the store now if `data_dir` already holds one, or a broker or
+    /// subscriptions need it.
     pub async fn start(
         cfg: &config::Messaging,
         service: &str,
         metrics: &Metrics,
         tracer: Tracer,
+        publish: publish::PublishLimits,
     ) -> Result<Arc<Self>, StartError> {
         let remote = match &cfg.broker {
             config::Broker::Embedded => None,
@@ -115,6 +119,7 @@ impl Messaging {
             relay_wake: Arc::new(Notify::new()),
             relay_status: Arc::default(),
             tracer,
+            publish,
         });
         let needed = !cfg.subscriptions.is_empty() && messaging.remote.is_none();
         if needed || cfg.data_dir.join(embedded::FILE_NAME).exists() {
@@ -141,6 +146,11 @@ impl Messaging {
                 }
             })
             .await
+    }
+
+    /// The publish buffer and body deadline.
+    pub fn publish_limits(&self) -> &publish::PublishLimits {
+        &self.publish
     }
 
     /// Spans of publishes and deliveries.

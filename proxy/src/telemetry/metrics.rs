@@ -47,6 +47,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     config_hash: prometheus::Gauge,
     shed: IntCounterVec,
+    publish_buffer: IntGauge,
 }
 
 impl Metrics {
@@ -200,9 +201,14 @@ impl Metrics {
             Opts::new(
                 "outrigger_shed_total",
                 "Connections and requests answered 503 overloaded at a whole-sidecar cap, by \
-                 the limit reached: max_connections or max_requests",
+                 the limit reached: max_connections, max_requests or max_publish_buffer",
             ),
             &["limit"],
+        )
+        .expect("valid metric");
+        let publish_buffer = IntGauge::new(
+            "outrigger_publish_buffer_bytes",
+            "Bytes of publish bodies held now, being read or stored (outbound.limits.max_publish_buffer)",
         )
         .expect("valid metric");
         for family in [
@@ -227,6 +233,7 @@ impl Metrics {
             Box::new(config_reloads.clone()),
             Box::new(config_hash.clone()),
             Box::new(shed.clone()),
+            Box::new(publish_buffer.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -253,10 +260,17 @@ impl Metrics {
             config_reloads,
             config_hash,
             shed,
+            publish_buffer,
         }
     }
 
-    /// `outrigger_shed_total{limit}`, `limit` being `max_connections` or `max_requests`.
+    /// `outrigger_publish_buffer_bytes`: the publish buffer keeps it equal to what it holds.
+    pub fn publish_buffer(&self) -> IntGauge {
+        self.publish_buffer.clone()
+    }
+
+    /// `outrigger_shed_total{limit}`, `limit` being `max_connections`, `max_requests` or
+    /// `max_publish_buffer`.
     pub fn shed(&self, limit: &str) -> IntCounter {
         self.shed.with_label_values(&[limit])
     }

@@ -144,6 +144,105 @@ async fn sigterm_fails_readiness_and_exits_0() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `kill -SIGNAL PID` armed in a shell that waits for a line: firing it costs a pipe write, not
+/// a fork and exec, so the signal lands within microseconds of the moment the test chooses.
+struct ArmedSignal(std::process::Child);
+
+impl ArmedSignal {
+    fn at(signal: &str, pid: u32) -> Self {
+        let shell = Command::new("sh")
+            .args(["-c", &format!("read -r _ && kill -{signal} \"$0\""), &pid.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("a shell");
+        Self(shell)
+    }
+
+    fn fire(mut self) {
+        use std::io::Write;
+        self.0.stdin.take().expect("its stdin").write_all(b"\n").expect("the shell reads");
+        assert!(self.0.wait().expect("the shell ends").success(), "kill failed");
+    }
+}
+
+/// Polls `/readyz` on fresh connections, as fast as they go, until it first answers 200.
+async fn first_ready(admin: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let until = tokio::time::Instant::now() + outrigger_tests::DEADLINE * 3;
+    while tokio::time::Instant::now() < until {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        let probe = b"GET /readyz HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n";
+        let mut status = [0u8; 12];
+        if stream.write_all(probe).await.is_ok()
+            && stream.read_exact(&mut status).await.is_ok()
+            && &status == b"HTTP/1.1 200"
+        {
+            return;
+        }
+    }
+    panic!("/readyz never answered 200");
+}
+
+/// A large config: 2000 upstreams, each with a dedicated listener (one port on 2000 loopback
+/// addresses), so the start has much to do after the first listener serves.
+fn large_config() -> String {
+    use std::fmt::Write;
+    let port = outrigger_tests::free_port();
+    let mut yaml = String::from("lifecycle: { drain_timeout: 2s }\nupstreams:\n");
+    for n in 0..2000 {
+        let listen = format!("127.1.{}.{}:{port}", n / 250, n % 250 + 1);
+        let discovery = "discovery: { static: [\"127.0.0.1:9\"] }";
+        writeln!(yaml, "  u{n}: {{ listen: \"{listen}\", {discovery} }}").unwrap();
+    }
+    yaml
+}
+
+/// Issue 17: readiness must not go green before the SIGTERM handler exists. With a large
+/// config (a long start), a SIGTERM sent the moment `/readyz` first answers 200 drains and
+/// exits 0; it must never kill the process by the signal's default action.
+#[tokio::test]
+async fn sigterm_the_moment_readiness_first_answers_200_drains_and_exits_0() {
+    use std::os::unix::process::ExitStatusExt;
+    let yaml = large_config();
+    for attempt in 1..=3 {
+        let mut sidecar = Sidecar::spawn(&yaml);
+        let sigterm = ArmedSignal::at("TERM", sidecar.pid());
+        first_ready(sidecar.admin).await;
+        sigterm.fire();
+        let status = sidecar.wait_exited().await;
+        let log = sidecar.log();
+        assert_eq!(
+            (status.code(), status.signal()),
+            (Some(0), None),
+            "attempt {attempt}: SIGTERM right after readiness must drain, not kill: {status}; log:\n{log}"
+        );
+        assert!(log.contains("SIGTERM received") && log.contains("outrigger stopped"), "{log}");
+    }
+}
+
+/// The same for SIGHUP, whose default action also ends a process: the moment `/readyz` first
+/// answers 200, it reloads the config and the sidecar keeps running.
+#[tokio::test]
+async fn sighup_the_moment_readiness_first_answers_200_reloads_and_keeps_running() {
+    let mut sidecar = Sidecar::spawn(&large_config());
+    let sighup = ArmedSignal::at("HUP", sidecar.pid());
+    first_ready(sidecar.admin).await;
+    sighup.fire();
+    outrigger_tests::wait_until(outrigger_tests::DEADLINE, "the reload SIGHUP asks for", || {
+        let log = sidecar.log();
+        let reloaded = log.contains("config reloaded") && log.contains("SIGHUP");
+        async move { reloaded.then_some(()) }
+    })
+    .await;
+    assert!(!sidecar.exited(), "SIGHUP must not end the sidecar; log:\n{}", sidecar.log());
+    assert_eq!(sidecar.admin("/readyz").await.0, 200);
+    let status = sidecar.terminate().await;
+    assert_eq!(status.code(), Some(0));
+}
+
 #[test]
 fn every_example_configuration_validates() {
     // the runner's CARGO_MANIFEST_DIR, not the compile-time one: a cached test binary built in

@@ -15,6 +15,7 @@ mod messaging;
 mod overload;
 mod policies;
 mod proxy;
+mod publish;
 mod redis;
 mod registry;
 mod reload;

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 use super::*;
 use crate::messaging::broker::{Broker, Publish, Read};
 use crate::messaging::envelope::{ErrorRecord, unix_millis};
+use crate::messaging::publish::PublishLimits;
 use crate::telemetry::metrics::Metrics;
 
 /// A data directory of its own, removed at the end.
@@ -37,7 +38,9 @@ impl Drop for Scratch {
 
 async fn messaging(dir: &Scratch) -> Arc<Messaging> {
     let cfg = outrigger_config::Messaging { data_dir: dir.0.clone(), ..Default::default() };
-    Messaging::start(&cfg, "shop", &Metrics::new(), crate::telemetry::trace::Tracer::disabled())
+    let metrics = Metrics::new();
+    let publish = PublishLimits::new(&outrigger_config::Limits::default(), &metrics);
+    Messaging::start(&cfg, "shop", &metrics, crate::telemetry::trace::Tracer::disabled(), publish)
         .await
         .unwrap()
 }
