@@ -114,3 +114,22 @@ async fn sighup_reloads_at_once_even_when_nothing_changed() {
     .await;
     assert_eq!(sidecar.get("alpha", "/").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_refused_reload_never_logs_the_broker_password() {
+    let alpha = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&alpha.yaml("alpha")).await;
+
+    sidecar.rewrite(&format!(
+        "{}messaging: {{ broker: \"redis://alice:s3cr3tPW@127.0.0.1:notaport/x\" }}\n",
+        alpha.yaml("alpha")
+    ));
+    wait_until(DEADLINE, "the reload to be refused", || async {
+        (metric(&sidecar, INVALID).await == Some(1.0)).then_some(())
+    })
+    .await;
+    let log = sidecar.log();
+    assert!(log.contains("messaging.broker"), "the problem is logged: {log}");
+    assert!(log.contains("alice:***@"), "the URL is echoed redacted: {log}");
+    assert!(!log.contains("s3cr3tPW"), "the password was logged: {log}");
+}
