@@ -120,9 +120,12 @@ impl Shared {
             Err(ProxyError::UpstreamReset { .. }) => {
                 wanted(config::RetryOn::Reset).then_some(Failure::Other)
             }
-            Err(ProxyError::Timeout { .. }) => {
-                wanted(config::RetryOn::Timeout).then_some(Failure::Other)
-            }
+            // inside this layer a timeout is always a per-try cut (the whole-request deadline
+            // is outside it): the gateway timeout of that attempt, so `504` asks for it too, as
+            // Envoy counts it (DESIGN "Policies")
+            Err(ProxyError::Timeout { .. }) => (wanted(config::RetryOn::Timeout)
+                || wanted(config::RetryOn::Status(504)))
+            .then_some(Failure::Other),
             Err(_) => None,
         }
     }

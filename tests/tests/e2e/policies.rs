@@ -120,6 +120,38 @@ async fn an_attempt_cut_by_per_try_is_retried() {
 }
 
 #[tokio::test]
+async fn an_attempt_cut_by_per_try_is_retried_when_on_lists_504() {
+    // DESIGN's own example list: no `timeout` in it, but a per-try cut is the attempt's 504
+    let up =
+        Upstream::scripted([Reply::Delayed(Duration::from_secs(5), 200), Reply::Status(200)]).await;
+    let policies = "timeouts: { per_try: 300ms, request: 5s }\nretry: { on: [connect-failure, reset, 502, 503, 504], backoff: { initial: 10ms, jitter: none } }";
+    let sidecar = Sidecar::start(&payments(&up, policies)).await;
+
+    let started = tokio::time::Instant::now();
+    let res = sidecar.get("payments", "/").await;
+
+    assert_eq!(res.status(), 200, "{:?}", res.headers());
+    assert_eq!(res.headers()["outrigger-attempts"], "2");
+    assert_eq!(up.requests(), 2);
+    assert!(started.elapsed() < Duration::from_secs(2), "the slow attempt was cut at 300 ms");
+}
+
+#[tokio::test]
+async fn an_attempt_cut_by_per_try_is_not_retried_when_on_lists_neither_timeout_nor_504() {
+    let up =
+        Upstream::scripted([Reply::Delayed(Duration::from_secs(5), 200), Reply::Status(200)]).await;
+    let policies =
+        "timeouts: { per_try: 300ms, request: 5s }\nretry: { on: [connect-failure, reset, 503] }";
+    let sidecar = Sidecar::start(&payments(&up, policies)).await;
+
+    let res = sidecar.get("payments", "/").await;
+
+    assert_eq!(res.status(), 504);
+    assert_eq!(res.headers()["outrigger-error"], "timeout");
+    assert_eq!(up.requests(), 1);
+}
+
+#[tokio::test]
 async fn a_request_past_its_whole_deadline_gets_504_timeout() {
     let up = Upstream::scripted([Reply::Delayed(Duration::from_secs(5), 200)]).await;
     let sidecar = Sidecar::start(&payments(&up, "timeouts: { request: 300ms }")).await;

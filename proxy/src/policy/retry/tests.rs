@@ -214,3 +214,28 @@ async fn the_budget_stops_a_retry_storm() {
     assert_eq!(counter.get(), 10);
     assert_eq!(script.attempts(), 30, "20 requests + 10 retries, not 20 x 5");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_per_try_cut_is_retried_when_on_lists_504_or_timeout_and_only_then() {
+    let listing = |on: &[config::RetryOn]| {
+        let mut cfg = retry(2);
+        cfg.on = on.to_vec();
+        cfg
+    };
+    for on in [&[config::RetryOn::Status(504)][..], &[config::RetryOn::Timeout]] {
+        let script = Script::new([Step::Timeout, Step::Status(200)]);
+        let res = send(&listing(on), &script, get()).await;
+        assert_eq!((res.status().as_u16(), attempts_header(&res)), (200, Some("2")), "{on:?}");
+    }
+    let script = Script::new([Step::Timeout, Step::Status(200)]);
+    let counter = IntCounter::new("r", "r").unwrap();
+    let cfg = listing(&[config::RetryOn::Status(503)]);
+    let mut svc = RetryLayer::new(&cfg, Duration::from_secs(10), counter)
+        .layer(script.service(Instant::now()));
+    let answer = svc.ready().await.unwrap().call(get()).await;
+    assert!(
+        matches!(answer, Err(ProxyError::Timeout { .. })),
+        "503 alone does not ask for a per-try cut to be retried"
+    );
+    assert_eq!(script.seen.lock().unwrap().len(), 1);
+}
