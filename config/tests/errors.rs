@@ -147,7 +147,33 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "bad size",
             s("outbound: { limits: { max_header_bytes: 64 KiB } }\n"),
             vec![
-                "outrigger.yaml:1:41: outbound.limits.max_header_bytes: \"64 KiB\" is not a size (expected a whole number of bytes with an optional unit, e.g. 512, 64KiB, 1MiB)",
+                "outrigger.yaml:1:41: outbound.limits.max_header_bytes: \"64 KiB\" is not a size (expected a whole number of bytes with an optional unit, e.g. 512, 64KiB, 64Ki, 1MiB)",
+            ],
+        ),
+        (
+            "Kubernetes quantities are sizes: Ki, Mi, Gi by 1024",
+            s("outbound: { limits: { max_header_bytes: 64Ki, max_publish_buffer: 1Gi } }\n"),
+            vec!["(loaded without problems)"],
+        ),
+        (
+            "a Kubernetes binary quantity is read by 1024",
+            s("outbound: { limits: { max_publish_buffer: 512Ki } }\n"),
+            vec![
+                "outrigger.yaml:1:43: outbound.limits.max_publish_buffer: must be at least 1MiB, the largest payload (expected a size >= 1MiB, got 512KiB)",
+            ],
+        ),
+        (
+            "a Kubernetes decimal quantity is read by 1000",
+            s("outbound: { limits: { max_publish_buffer: 1M } }\n"),
+            vec![
+                "outrigger.yaml:1:43: outbound.limits.max_publish_buffer: must be at least 1MiB, the largest payload (expected a size >= 1MiB, got 1MB)",
+            ],
+        ),
+        (
+            "a lone m is Kubernetes' thousandths, not mega",
+            s("outbound: { limits: { max_publish_buffer: 128m } }\n"),
+            vec![
+                "outrigger.yaml:1:43: outbound.limits.max_publish_buffer: \"128m\" is not a size: in a Kubernetes quantity m means thousandths (expected 128M for megabytes, or 128Mi for mebibytes)",
             ],
         ),
         (
@@ -244,7 +270,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             )),
             vec![
                 "outrigger.yaml:1:24: service.app.url: \"http://app:***@127.0.0.1:8080\" is not an app URL (expected http://HOST:PORT[/base], e.g. http://127.0.0.1:8080)",
-                "outrigger.yaml:2:33: registry.etcd.endpoints[0]: \"http://root:***@127.0.0.1:2379\" is not an etcd endpoint (expected http(s)://HOST:PORT, e.g. http://127.0.0.1:2379)",
+                "outrigger.yaml:2:33: registry.etcd.endpoints[0]: \"http://root:***@127.0.0.1:2379\" is not an etcd endpoint (expected http://HOST:PORT, e.g. http://127.0.0.1:2379)",
                 "outrigger.yaml:3:40: telemetry.tracing.otlp_endpoint: \"https://otel:***@collector:4318\" is not an http URL (expected e.g. http://127.0.0.1:4318)",
             ],
         ),
@@ -483,10 +509,19 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "an https etcd endpoint is refused: the etcd client speaks plain HTTP",
+            s(
+                "registry:\n  etcd: { endpoints: [\"http://10.0.0.4:2379\", \"https://10.0.0.5:2379\"] }\n",
+            ),
+            vec![
+                "outrigger.yaml:2:47: registry.etcd.endpoints[1]: \"https://10.0.0.5:2379\" is refused: TLS to etcd is not supported (expected an http:// client URL, e.g. http://10.0.0.5:2379: give etcd a plain-HTTP client listener on a network you trust (--listen-client-urls))",
+            ],
+        ),
+        (
             "etcd endpoints and lease",
             s("registry:\n  etcd: { endpoints: [\"127.0.0.1:2379\"], lease_ttl: 500ms }\n"),
             vec![
-                "outrigger.yaml:2:23: registry.etcd.endpoints[0]: \"127.0.0.1:2379\" is not an etcd endpoint (expected http(s)://HOST:PORT, e.g. http://127.0.0.1:2379)",
+                "outrigger.yaml:2:23: registry.etcd.endpoints[0]: \"127.0.0.1:2379\" is not an etcd endpoint (expected http://HOST:PORT, e.g. http://127.0.0.1:2379)",
                 "outrigger.yaml:2:53: registry.etcd.lease_ttl: must be at least 1s (expected at least 1s, e.g. 10s, got 500ms)",
             ],
         ),
