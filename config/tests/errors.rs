@@ -16,12 +16,62 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             s("service:\n  name: a\n   app: b\n"),
             vec!["outrigger.yaml:3:7: (yaml): mapping values are not allowed in this context"],
         ),
+        // A construct left open is reported where it began, with or without a final line
+        // break (the parser notices it only at the end of the file).
+        (
+            "an unclosed flow sequence, at its '['",
+            s("service: [unclosed"),
+            vec!["outrigger.yaml:1:10: (yaml): this '[' is never closed (expected ',' or ']')"],
+        ),
+        (
+            "an unclosed flow sequence, at its '[', the file ending in a line break",
+            s("service: [unclosed\n"),
+            vec!["outrigger.yaml:1:10: (yaml): this '[' is never closed (expected ',' or ']')"],
+        ),
         (
             // found by fuzzing (scripts/fuzz config): the parser placed it past the last line
-            "a flow mapping cut by the end of a file without a final line break",
+            "an unclosed flow mapping, at its '{'",
             s("outbound:\n  limits: { max_headers: 100, header_read"),
+            vec!["outrigger.yaml:2:11: (yaml): this '{' is never closed (expected ',' or '}')"],
+        ),
+        (
+            "an unclosed flow mapping, at its '{', the file ending in a line break",
+            s("outbound:\n  limits: { max_headers: 100, header_read\n"),
+            vec!["outrigger.yaml:2:11: (yaml): this '{' is never closed (expected ',' or '}')"],
+        ),
+        (
+            "an unclosed single-quoted string, at its quote",
+            s("service: { name: 'checkout }"),
             vec![
-                "outrigger.yaml:2:42: (yaml): while parsing a flow mapping, did not find expected ',' or '}'",
+                "outrigger.yaml:1:18: (yaml): this single-quoted string is never closed (expected a closing ')",
+            ],
+        ),
+        (
+            "an unclosed single-quoted string, at its quote, the file ending in a line break",
+            s("service: { name: 'checkout }\n"),
+            vec![
+                "outrigger.yaml:1:18: (yaml): this single-quoted string is never closed (expected a closing ')",
+            ],
+        ),
+        (
+            "an unclosed double-quoted string, at its quote",
+            s("admin:\n  listen: \"127.0.0.1:9901"),
+            vec![
+                "outrigger.yaml:2:11: (yaml): this double-quoted string is never closed (expected a closing \")",
+            ],
+        ),
+        (
+            "an unclosed double-quoted string, at its quote, the file ending in a line break",
+            s("admin:\n  listen: \"127.0.0.1:9901\n"),
+            vec![
+                "outrigger.yaml:2:11: (yaml): this double-quoted string is never closed (expected a closing \")",
+            ],
+        ),
+        (
+            "an error inside an open '[' names where the '[' began",
+            s("upstreams:\n  payments:\n    discovery: { static: [\"10.0.0.7:8080\" }\n"),
+            vec![
+                "outrigger.yaml:3:43: (yaml): while parsing a flow sequence, expected ',' or ']'; the '[' at line 3, column 26 is still open",
             ],
         ),
         (
