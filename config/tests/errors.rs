@@ -722,3 +722,35 @@ fn problems_carry_their_parts() {
     assert_eq!(problem.message, "\"soon\" is not a duration");
     assert_eq!(problem.expected.as_deref(), Some("e.g. 250ms, 5s, 1m"));
 }
+
+/// A syntax error may be noticed only where the file ends, but is never reported past it: cut
+/// anywhere, the full example's problems are each on a line the editor shows, at most just past
+/// its last character. (The `config` fuzz target checks the same on any input.)
+#[test]
+fn every_position_lies_inside_the_file_wherever_it_is_cut() {
+    let full = std::fs::read_to_string("tests/full.yaml").expect("the full example");
+    // Cutting inside a word changes little but the word: cut where the syntax changes.
+    let cuts = full.char_indices().filter(|(_, c)| !c.is_alphanumeric() && *c != '_');
+    for (cut, _) in cuts {
+        for text in [full[..cut].to_owned(), format!("{}\n", &full[..cut])] {
+            let Err(outrigger_config::LoadError::Invalid(problems)) =
+                outrigger_config::load_str("outrigger.yaml", &text)
+            else {
+                continue;
+            };
+            let mut lines: Vec<&str> = text.split('\n').collect();
+            if lines.len() > 1 && lines.last() == Some(&"") {
+                lines.pop();
+            }
+            for problem in problems.iter() {
+                let line = lines.get(problem.line.wrapping_sub(1));
+                let end = line.map_or(0, |l| l.chars().count() + 1);
+                assert!(
+                    (1..=end).contains(&problem.col),
+                    "outside the file:\n{problem}\nin {} lines:\n{text}",
+                    lines.len()
+                );
+            }
+        }
+    }
+}
