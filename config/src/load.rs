@@ -33,7 +33,7 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
     }
     match (config, problems.is_empty()) {
         (Some(config), true) => Ok(config),
-        _ => Err(invalid(without_secrets(&root, problems))),
+        _ => Err(invalid(text, without_secrets(&root, problems))),
     }
 }
 
@@ -45,7 +45,7 @@ pub fn load_endpoints_str(file_name: &str, text: &str) -> Result<Vec<Endpoint>, 
     problems.extend(noted(file_name, found));
     match (list, problems.is_empty()) {
         (Some(list), true) => Ok(list),
-        _ => Err(invalid(without_secrets(&root, problems))),
+        _ => Err(invalid(text, without_secrets(&root, problems))),
     }
 }
 
@@ -55,9 +55,8 @@ fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, Loa
         Ok(Some(root)) => root,
         Ok(None) => return Ok(None),
         Err(e) => {
-            let at = within(text, (e.line, e.col));
-            let found = problem(file_name, "(yaml)".into(), at, e.message, e.expected);
-            return Err(invalid(vec![found]));
+            let found = problem(file_name, "(yaml)".into(), (e.line, e.col), e.message, e.expected);
+            return Err(invalid(text, vec![found]));
         }
     };
     let mut duplicates = Vec::new();
@@ -72,9 +71,9 @@ fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, Loa
     Ok(Some((root, problems)))
 }
 
-/// A position in `text` as an editor shows it. The YAML parser reports an error that only the
-/// end of the file reveals one line past the last, a line an editor does not show when the file
-/// ends in a line break: such a position is the end of the last line.
+/// A position in `text` as an editor shows it. The YAML parser places the end of the file (an
+/// error only the end reveals, an empty value there) one line past the last, a line an editor
+/// does not show when the file ends in a line break: such a position is the end of the last line.
 fn within(text: &str, (line, col): (usize, usize)) -> (usize, usize) {
     let lines = editor_lines(text);
     let length = |n: usize| lines[n - 1].chars().count();
@@ -159,7 +158,11 @@ fn without_secrets(root: &Node, mut problems: Vec<Problem>) -> Vec<Problem> {
     problems
 }
 
-fn invalid(mut problems: Vec<Problem>) -> LoadError {
+/// The problems of `text`, each inside it, in file order, once each.
+fn invalid(text: &str, mut problems: Vec<Problem>) -> LoadError {
+    for problem in &mut problems {
+        (problem.line, problem.col) = within(text, (problem.line, problem.col));
+    }
     problems.sort_by(|a, b| (a.line, a.col).cmp(&(b.line, b.col)).then_with(|| a.cmp(b)));
     problems.dedup();
     LoadError::Invalid(Problems(problems))
