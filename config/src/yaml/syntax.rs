@@ -63,32 +63,31 @@ impl SyntaxError {
 }
 
 /// The innermost open `[` or `{`: the character, its index, line and column (1-based).
-/// A collection's span covers its anchor, tag and opener (and white space after): a block
-/// collection's holds no opener, and an implicit `key: value` pair inside `[...]` opens a
-/// mapping with an empty span.
 fn innermost_flow(chars: &[char], open: &[Span]) -> Option<(char, usize, usize, usize)> {
     open.iter().rev().find_map(|span| {
-        let (start, end) = (span.start.index(), span.end.index().min(chars.len()));
-        let at = (start..end).find(|i| !in_properties(chars, start, *i))?;
-        let opener = chars.get(at).copied().filter(|c| matches!(c, '[' | '{'))?;
+        let at = opener(chars, span.start.index(), span.end.index().min(chars.len()))?;
         let (line, col) = position(chars, at);
-        Some((opener, at, line, col))
+        Some((chars[at], at, line, col))
     })
 }
 
-/// Whether `chars[i]` is white space, a comment, an `&anchor` or a `!tag`: what may come
-/// between a node's start (`from`) and its opener.
-fn in_properties(chars: &[char], from: usize, i: usize) -> bool {
-    if chars[i].is_whitespace() {
-        return true;
+/// Where the `[` or `{` is in a collection's span, `chars[start..end]`: after its properties
+/// (`&anchor`, `!tag`), white space and comments. A block collection's span holds no opener,
+/// and an implicit `key: value` pair inside `[...]` opens a mapping with an empty span.
+fn opener(chars: &[char], start: usize, end: usize) -> Option<usize> {
+    let mut i = start;
+    while i < end {
+        let word_end =
+            |i: usize, stop: fn(char) -> bool| (i..end).find(|j| stop(chars[*j])).unwrap_or(end);
+        i = match chars[i] {
+            '[' | '{' => return Some(i),
+            c if c.is_whitespace() => i + 1,
+            '#' => word_end(i, |c| matches!(c, '\n' | '\r')),
+            '&' | '!' => word_end(i, char::is_whitespace),
+            _ => return None,
+        };
     }
-    // the word or comment `chars[i]` belongs to starts after the last white space before it
-    let word = (from..i).rev().find(|j| chars[*j].is_whitespace()).map_or(from, |j| j + 1);
-    let comment = (from..=i)
-        .rev()
-        .take_while(|j| !matches!(chars[*j], '\n' | '\r'))
-        .any(|j| chars[j] == '#' && (j == from || chars[j - 1].is_whitespace()));
-    comment || matches!(chars[word], '&' | '!')
+    None
 }
 
 /// The 1-based line and column of `chars[index]`; YAML breaks lines at LF, CRLF and a lone CR.
@@ -126,6 +125,7 @@ mod tests {
         assert_eq!(error("a: [1, {b: 2}\n"), (1, 4, never("[", ']')));
         assert_eq!(error("a: [1, {b: 2\n"), (1, 8, never("{", '}')));
         assert_eq!(error("a: &x !!seq [1\n"), (1, 13, never("[", ']')));
+        assert_eq!(error("a: &x # the list\n  [1\n"), (2, 3, never("[", ']')));
         // an implicit pair inside a sequence has no '{' of its own
         assert_eq!(error("a: [b: 1\n"), (1, 4, never("[", ']')));
         // a plain scalar may run over lines inside [...]: the '[' is still the one to close
