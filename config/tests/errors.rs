@@ -68,6 +68,13 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "a quote left open before the next key, at its quote",
+            s("service:\n  name: 'checkout\n  register: true\n"),
+            vec![
+                "outrigger.yaml:2:9: (yaml): this single-quoted string goes on to a line indented too little (expected a closing ' on its line, or that line indented more)",
+            ],
+        ),
+        (
             "an error inside an open '[' names where the '[' began",
             s("upstreams:\n  payments:\n    discovery: { static: [\"10.0.0.7:8080\" }\n"),
             vec![

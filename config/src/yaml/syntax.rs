@@ -26,18 +26,28 @@ impl SyntaxError {
         let plain = SyntaxError::new(at.line(), at.col() + 1, e.info());
         // Only on an error: a config file is small, and indexing by character needs this.
         let chars: Vec<char> = text.chars().collect();
-        if e.info() == "while scanning a quoted scalar, found unexpected end of stream" {
-            // The parser already reports this one at the opening quote.
-            let (noun, quote) = match chars.get(at.index()) {
-                Some('\'') => ("single-quoted", '\''),
-                _ => ("double-quoted", '"'),
-            };
-            let expected = Some(format!("a closing {quote}"));
-            return SyntaxError {
-                message: format!("this {noun} string is never closed"),
-                expected,
-                ..plain
-            };
+        // The parser already reports these at the opening quote.
+        let (noun, quote) = match chars.get(at.index()) {
+            Some('\'') => ("single-quoted", '\''),
+            _ => ("double-quoted", '"'),
+        };
+        match e.info() {
+            "while scanning a quoted scalar, found unexpected end of stream" => {
+                let message = format!("this {noun} string is never closed");
+                return SyntaxError {
+                    message,
+                    expected: Some(format!("a closing {quote}")),
+                    ..plain
+                };
+            }
+            // Most often the closing quote is missing and the next key follows.
+            "invalid indentation in quoted scalar" => {
+                let message = format!("this {noun} string goes on to a line indented too little");
+                let expected =
+                    Some(format!("a closing {quote} on its line, or that line indented more"));
+                return SyntaxError { message, expected, ..plain };
+            }
+            _ => {}
         }
         let Some((opener, index, line, col)) = innermost_flow(&chars, open) else { return plain };
         let close = if opener == '[' { ']' } else { '}' };
@@ -141,6 +151,11 @@ mod tests {
         assert_eq!(error("a: 'x\n  b: 1\n"), (1, 4, single.to_owned()));
         assert_eq!(error("a: \"x\n"), (1, 4, double.to_owned()));
         assert_eq!(error("a: [1, \"x\n"), (1, 8, double.to_owned()));
+        // a quote left open before the next key: the parser stops at the key, too little indented
+        assert_eq!(
+            error("service:\n  name: 'checkout\n  register: true\n"),
+            (2, 9, "this single-quoted string goes on to a line indented too little (expected a closing ' on its line, or that line indented more)".to_owned())
+        );
     }
 
     #[test]
