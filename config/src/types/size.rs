@@ -19,7 +19,7 @@ const UNITS: [(&str, u64); 7] = [
     ("B", 1),
 ];
 
-/// What parses besides `UNITS`: the Kubernetes quantity suffixes (`M` only as a capital).
+/// What parses besides `UNITS`: Kubernetes quantity suffixes (a lone `m` is refused first).
 const QUANTITIES: [(&str, u64); 6] = [
     ("Gi", KIB * KIB * KIB),
     ("Mi", KIB * KIB),
