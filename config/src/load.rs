@@ -33,7 +33,7 @@ pub fn load_str(file_name: &str, text: &str) -> Result<Config, LoadError> {
     }
     match (config, problems.is_empty()) {
         (Some(config), true) => Ok(config),
-        _ => Err(invalid(without_secrets(&root, problems))),
+        _ => Err(invalid(text, without_secrets(&root, problems))),
     }
 }
 
@@ -45,7 +45,7 @@ pub fn load_endpoints_str(file_name: &str, text: &str) -> Result<Vec<Endpoint>, 
     problems.extend(noted(file_name, found));
     match (list, problems.is_empty()) {
         (Some(list), true) => Ok(list),
-        _ => Err(invalid(without_secrets(&root, problems))),
+        _ => Err(invalid(text, without_secrets(&root, problems))),
     }
 }
 
@@ -55,8 +55,8 @@ fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, Loa
         Ok(Some(root)) => root,
         Ok(None) => return Ok(None),
         Err(e) => {
-            let at = within(text, (e.line, e.col));
-            return Err(invalid(vec![problem(file_name, "(yaml)".into(), at, e.message, None)]));
+            let found = problem(file_name, "(yaml)".into(), (e.line, e.col), e.message, e.expected);
+            return Err(invalid(text, vec![found]));
         }
     };
     let mut duplicates = Vec::new();
@@ -71,15 +71,26 @@ fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, Loa
     Ok(Some((root, problems)))
 }
 
-/// A position in `text`. The YAML parser reports an error at the end of a file that does not
-/// end in a line break one line past the last: that is the end of the last line.
+/// A position in `text` as an editor shows it. The YAML parser places the end of the file (an
+/// error only the end reveals, an empty value there) one line past the last, a line an editor
+/// does not show when the file ends in a line break: such a position is the end of the last line.
 fn within(text: &str, (line, col): (usize, usize)) -> (usize, usize) {
-    // YAML breaks lines at LF, CRLF and a lone CR
-    let lines: Vec<&str> = text.split("\r\n").flat_map(|l| l.split(['\n', '\r'])).collect();
-    match lines.len() {
-        n if line > n => (n, lines[n - 1].chars().count() + 1),
-        _ => (line, col),
+    let lines = editor_lines(text);
+    let length = |n: usize| lines[n - 1].chars().count();
+    match line.max(1) {
+        n if n > lines.len() => (lines.len(), length(lines.len()) + 1),
+        n => (n, col.clamp(1, length(n) + 1)),
     }
+}
+
+/// The lines of `text` as an editor numbers them: YAML breaks lines at LF, CRLF and a lone
+/// CR, and a final line break ends the last line instead of starting another.
+fn editor_lines(text: &str) -> Vec<&str> {
+    let mut lines: Vec<&str> = text.split("\r\n").flat_map(|l| l.split(['\n', '\r'])).collect();
+    if lines.len() > 1 && lines.last() == Some(&"") {
+        lines.pop();
+    }
+    lines
 }
 
 /// The problems deserialization noted, each at its position.
@@ -147,7 +158,11 @@ fn without_secrets(root: &Node, mut problems: Vec<Problem>) -> Vec<Problem> {
     problems
 }
 
-fn invalid(mut problems: Vec<Problem>) -> LoadError {
+/// The problems of `text`, each inside it, in file order, once each.
+fn invalid(text: &str, mut problems: Vec<Problem>) -> LoadError {
+    for problem in &mut problems {
+        (problem.line, problem.col) = within(text, (problem.line, problem.col));
+    }
     problems.sort_by(|a, b| (a.line, a.col).cmp(&(b.line, b.col)).then_with(|| a.cmp(b)));
     problems.dedup();
     LoadError::Invalid(Problems(problems))

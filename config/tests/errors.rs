@@ -16,12 +16,69 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             s("service:\n  name: a\n   app: b\n"),
             vec!["outrigger.yaml:3:7: (yaml): mapping values are not allowed in this context"],
         ),
+        // A construct left open is reported where it began, with or without a final line
+        // break (the parser notices it only at the end of the file).
+        (
+            "an unclosed flow sequence, at its '['",
+            s("service: [unclosed"),
+            vec!["outrigger.yaml:1:10: (yaml): this '[' is never closed (expected ',' or ']')"],
+        ),
+        (
+            "an unclosed flow sequence, at its '[', the file ending in a line break",
+            s("service: [unclosed\n"),
+            vec!["outrigger.yaml:1:10: (yaml): this '[' is never closed (expected ',' or ']')"],
+        ),
         (
             // found by fuzzing (scripts/fuzz config): the parser placed it past the last line
-            "a flow mapping cut by the end of a file without a final line break",
+            "an unclosed flow mapping, at its '{'",
             s("outbound:\n  limits: { max_headers: 100, header_read"),
+            vec!["outrigger.yaml:2:11: (yaml): this '{' is never closed (expected ',' or '}')"],
+        ),
+        (
+            "an unclosed flow mapping, at its '{', the file ending in a line break",
+            s("outbound:\n  limits: { max_headers: 100, header_read\n"),
+            vec!["outrigger.yaml:2:11: (yaml): this '{' is never closed (expected ',' or '}')"],
+        ),
+        (
+            "an unclosed single-quoted string, at its quote",
+            s("service: { name: 'checkout }"),
             vec![
-                "outrigger.yaml:2:42: (yaml): while parsing a flow mapping, did not find expected ',' or '}'",
+                "outrigger.yaml:1:18: (yaml): this single-quoted string is never closed (expected a closing ')",
+            ],
+        ),
+        (
+            "an unclosed single-quoted string, at its quote, the file ending in a line break",
+            s("service: { name: 'checkout }\n"),
+            vec![
+                "outrigger.yaml:1:18: (yaml): this single-quoted string is never closed (expected a closing ')",
+            ],
+        ),
+        (
+            "an unclosed double-quoted string, at its quote",
+            s("admin:\n  listen: \"127.0.0.1:9901"),
+            vec![
+                "outrigger.yaml:2:11: (yaml): this double-quoted string is never closed (expected a closing \")",
+            ],
+        ),
+        (
+            "an unclosed double-quoted string, at its quote, the file ending in a line break",
+            s("admin:\n  listen: \"127.0.0.1:9901\n"),
+            vec![
+                "outrigger.yaml:2:11: (yaml): this double-quoted string is never closed (expected a closing \")",
+            ],
+        ),
+        (
+            "a quote left open before the next key, at its quote",
+            s("service:\n  name: 'checkout\n  register: true\n"),
+            vec![
+                "outrigger.yaml:2:9: (yaml): this single-quoted string goes on to a line indented too little (expected a closing ' on its line, or that line indented more)",
+            ],
+        ),
+        (
+            "an error inside an open '[' names where the '[' began",
+            s("upstreams:\n  payments:\n    discovery: { static: [\"10.0.0.7:8080\" }\n"),
+            vec![
+                "outrigger.yaml:3:43: (yaml): while parsing a flow sequence, expected ',' or ']'; the '[' at line 3, column 26 is still open",
             ],
         ),
         (
@@ -147,7 +204,33 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "bad size",
             s("outbound: { limits: { max_header_bytes: 64 KiB } }\n"),
             vec![
-                "outrigger.yaml:1:41: outbound.limits.max_header_bytes: \"64 KiB\" is not a size (expected a whole number of bytes with an optional unit, e.g. 512, 64KiB, 1MiB)",
+                "outrigger.yaml:1:41: outbound.limits.max_header_bytes: \"64 KiB\" is not a size (expected a whole number of bytes with an optional unit, e.g. 512, 64KiB, 64Ki, 1MiB)",
+            ],
+        ),
+        (
+            "Kubernetes quantities are sizes: Ki, Mi, Gi by 1024",
+            s("outbound: { limits: { max_header_bytes: 64Ki, max_publish_buffer: 1Gi } }\n"),
+            vec!["(loaded without problems)"],
+        ),
+        (
+            "a Kubernetes binary quantity is read by 1024",
+            s("outbound: { limits: { max_publish_buffer: 512Ki } }\n"),
+            vec![
+                "outrigger.yaml:1:43: outbound.limits.max_publish_buffer: must be at least 1MiB, the largest payload (expected a size >= 1MiB, got 512KiB)",
+            ],
+        ),
+        (
+            "a Kubernetes decimal quantity is read by 1000",
+            s("outbound: { limits: { max_publish_buffer: 1M } }\n"),
+            vec![
+                "outrigger.yaml:1:43: outbound.limits.max_publish_buffer: must be at least 1MiB, the largest payload (expected a size >= 1MiB, got 1MB)",
+            ],
+        ),
+        (
+            "a lone m is Kubernetes' thousandths, not mega",
+            s("outbound: { limits: { max_publish_buffer: 128m } }\n"),
+            vec![
+                "outrigger.yaml:1:43: outbound.limits.max_publish_buffer: \"128m\" is not a size: in a Kubernetes quantity m means thousandths (expected 128M for megabytes, or 128Mi for mebibytes)",
             ],
         ),
         (
@@ -244,7 +327,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             )),
             vec![
                 "outrigger.yaml:1:24: service.app.url: \"http://app:***@127.0.0.1:8080\" is not an app URL (expected http://HOST:PORT[/base], e.g. http://127.0.0.1:8080)",
-                "outrigger.yaml:2:33: registry.etcd.endpoints[0]: \"http://root:***@127.0.0.1:2379\" is not an etcd endpoint (expected http(s)://HOST:PORT, e.g. http://127.0.0.1:2379)",
+                "outrigger.yaml:2:33: registry.etcd.endpoints[0]: \"http://root:***@127.0.0.1:2379\" is not an etcd endpoint (expected http://HOST:PORT, e.g. http://127.0.0.1:2379)",
                 "outrigger.yaml:3:40: telemetry.tracing.otlp_endpoint: \"https://otel:***@collector:4318\" is not an http URL (expected e.g. http://127.0.0.1:4318)",
             ],
         ),
@@ -483,10 +566,19 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "an https etcd endpoint is refused: the etcd client speaks plain HTTP",
+            s(
+                "registry:\n  etcd: { endpoints: [\"http://10.0.0.4:2379\", \"https://10.0.0.5:2379\"] }\n",
+            ),
+            vec![
+                "outrigger.yaml:2:47: registry.etcd.endpoints[1]: \"https://10.0.0.5:2379\" is refused: TLS to etcd is not supported (expected an http:// client URL, e.g. http://10.0.0.5:2379: give etcd a plain-HTTP client listener on a network you trust (--listen-client-urls))",
+            ],
+        ),
+        (
             "etcd endpoints and lease",
             s("registry:\n  etcd: { endpoints: [\"127.0.0.1:2379\"], lease_ttl: 500ms }\n"),
             vec![
-                "outrigger.yaml:2:23: registry.etcd.endpoints[0]: \"127.0.0.1:2379\" is not an etcd endpoint (expected http(s)://HOST:PORT, e.g. http://127.0.0.1:2379)",
+                "outrigger.yaml:2:23: registry.etcd.endpoints[0]: \"127.0.0.1:2379\" is not an etcd endpoint (expected http://HOST:PORT, e.g. http://127.0.0.1:2379)",
                 "outrigger.yaml:2:53: registry.etcd.lease_ttl: must be at least 1s (expected at least 1s, e.g. 10s, got 500ms)",
             ],
         ),
@@ -636,4 +728,36 @@ fn problems_carry_their_parts() {
     assert_eq!(problem.path, "lifecycle.drain_timeout");
     assert_eq!(problem.message, "\"soon\" is not a duration");
     assert_eq!(problem.expected.as_deref(), Some("e.g. 250ms, 5s, 1m"));
+}
+
+/// A syntax error may be noticed only where the file ends, but is never reported past it: cut
+/// anywhere, the full example's problems are each on a line the editor shows, at most just past
+/// its last character. (The `config` fuzz target checks the same on any input.)
+#[test]
+fn every_position_lies_inside_the_file_wherever_it_is_cut() {
+    let full = std::fs::read_to_string("tests/full.yaml").expect("the full example");
+    // Cutting inside a word changes little but the word: cut where the syntax changes.
+    let cuts = full.char_indices().filter(|(_, c)| !c.is_alphanumeric() && *c != '_');
+    for (cut, _) in cuts {
+        for text in [full[..cut].to_owned(), format!("{}\n", &full[..cut])] {
+            let Err(outrigger_config::LoadError::Invalid(problems)) =
+                outrigger_config::load_str("outrigger.yaml", &text)
+            else {
+                continue;
+            };
+            let mut lines: Vec<&str> = text.split('\n').collect();
+            if lines.len() > 1 && lines.last() == Some(&"") {
+                lines.pop();
+            }
+            for problem in problems.iter() {
+                let line = lines.get(problem.line.wrapping_sub(1));
+                let end = line.map_or(0, |l| l.chars().count() + 1);
+                assert!(
+                    (1..=end).contains(&problem.col),
+                    "outside the file:\n{problem}\nin {} lines:\n{text}",
+                    lines.len()
+                );
+            }
+        }
+    }
 }

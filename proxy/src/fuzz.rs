@@ -14,19 +14,27 @@ use crate::http::guard::{GuardLimits, GuardedIo};
 use crate::http::idle::Activity;
 use crate::messaging::envelope::{Envelope, MessageId};
 
-/// The config loader: any text gets a config or problems, each with a position in the text.
+/// The config loader: any text gets a config or problems, each at a position inside the text
+/// as an editor shows it: on one of its lines (a final line break starts no line of its own),
+/// at one of that line's characters or just past its last (where a missing closer goes).
 pub fn config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     if let Err(outrigger_config::LoadError::Invalid(problems)) =
         outrigger_config::load_str("fuzz.yaml", &text)
     {
         // YAML breaks lines at LF, CRLF and a lone CR
-        let lines =
-            text.replace("\r\n", "\n").bytes().filter(|b| matches!(b, b'\n' | b'\r')).count() + 1;
+        let mut lines: Vec<&str> = text.split("\r\n").flat_map(|l| l.split(['\n', '\r'])).collect();
+        if lines.len() > 1 && lines.last() == Some(&"") {
+            lines.pop();
+        }
         assert!(!problems.0.is_empty(), "an error with no problem in it");
         for problem in &problems.0 {
             assert!(problem.line >= 1 && problem.col >= 1, "no position: {problem}");
-            assert!(problem.line <= lines, "line {} of {lines}: {problem}", problem.line);
+            let Some(line) = lines.get(problem.line - 1) else {
+                panic!("line {} of {}: {problem}", problem.line, lines.len());
+            };
+            let end = line.chars().count() + 1;
+            assert!(problem.col <= end, "column {} of {end}: {problem}", problem.col);
             assert!(!problem.message.is_empty(), "no message: {problem}");
         }
     }

@@ -99,7 +99,7 @@ pub struct Registry {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Etcd {
-    /// `http(s)://HOST:PORT` each; at least one.
+    /// `http://HOST:PORT` each (`https://` is refused: TLS to etcd is not supported); at least one.
     pub endpoints: Vec<String>,
     #[serde(default = "Etcd::default_prefix")]
     pub prefix: String,

@@ -8,6 +8,10 @@ mod upstream;
 use crate::model::{Backoff, Config, Registry, Telemetry};
 use crate::types::{ByteSize, Duration, HttpUrl, redact};
 
+/// What to do about an `https://` etcd endpoint.
+const ETCD_PLAIN_HTTP: &str = "an http:// client URL, e.g. http://10.0.0.5:2379: \
+    give etcd a plain-HTTP client listener on a network you trust (--listen-client-urls)";
+
 /// A broken rule, before it has a position.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Issue {
@@ -192,14 +196,21 @@ impl Checks {
                 .reading("registry.etcd.endpoints");
         }
         for (i, endpoint) in etcd.endpoints.iter().enumerate() {
-            if HttpUrl::parse(endpoint).is_none_or(|url| url.port.is_none() || !url.path.is_empty())
-            {
-                let message = format!("{:?} is not an etcd endpoint", redact(endpoint));
-                self.push(
-                    format!("registry.etcd.endpoints[{i}]"),
-                    message,
-                    Some("http(s)://HOST:PORT, e.g. http://127.0.0.1:2379"),
-                );
+            let path = format!("registry.etcd.endpoints[{i}]");
+            let url = HttpUrl::parse(endpoint).filter(|u| u.port.is_some() && u.path.is_empty());
+            match url {
+                None => {
+                    let message = format!("{:?} is not an etcd endpoint", redact(endpoint));
+                    self.push(path, message, Some("http://HOST:PORT, e.g. http://127.0.0.1:2379"));
+                }
+                // The gateway client speaks plain HTTP only: refused here, not at run time as
+                // an endpoint that never answers.
+                Some(url) if url.https => {
+                    let message =
+                        format!("{:?} is refused: TLS to etcd is not supported", redact(endpoint));
+                    self.push(path, message, Some(ETCD_PLAIN_HTTP));
+                }
+                Some(_) => {}
             }
         }
         self.absolute_path("registry.etcd.prefix", &etcd.prefix);

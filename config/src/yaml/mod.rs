@@ -10,6 +10,7 @@
 mod access;
 mod de;
 mod error;
+mod syntax;
 mod tidy;
 mod tree;
 

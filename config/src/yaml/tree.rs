@@ -1,8 +1,9 @@
 //! The YAML text as a small tree of nodes that remember their line and column.
-//! Built from saphyr-parser's events; a syntax error stops the build with the parser's position.
+//! Built from saphyr-parser's events; a syntax error stops the build (`syntax.rs` places it).
 //! Aliases are expanded into copies (bounded, against "billion laughs"), so later stages see a
 //! plain tree; copies keep their anchor's ids and positions, which is where the text is.
 
+use super::syntax::SyntaxError;
 use saphyr_parser::{Event, Parser, ScalarStyle, Span, Tag};
 use std::collections::HashMap;
 
@@ -50,23 +51,12 @@ pub(crate) enum Resolved {
     Str,
 }
 
-/// A YAML syntax error, at the parser's position (1-based).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SyntaxError {
-    pub(crate) line: usize,
-    pub(crate) col: usize,
-    pub(crate) message: String,
-}
-
 /// Parses one YAML document. `Ok(None)`: the text has no document (empty, or only comments).
 pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut builder = Builder::default();
     for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(|e| SyntaxError {
-            line: e.marker().line(),
-            col: e.marker().col() + 1,
-            message: e.info().to_owned(),
-        })?;
+        let (event, span) =
+            event.map_err(|e| SyntaxError::from_parser(text, &e, &builder.open_spans()))?;
         builder.event(event, span)?;
     }
     Ok(builder.root)
@@ -176,12 +166,14 @@ struct Open {
     node: Node,
     anchor: usize,
     pending_key: Option<Node>,
+    /// Where the collection's start event is in the text: a syntax error may point there.
+    span: Span,
 }
 
 impl Builder {
     fn event(&mut self, event: Event<'_>, span: Span) -> Result<(), SyntaxError> {
         let (line, col) = (span.start.line(), span.start.col() + 1);
-        let error = |message: &str| SyntaxError { line, col, message: message.to_owned() };
+        let error = |message: &str| SyntaxError::new(line, col, message);
         match event {
             Event::DocumentStart(_) => {
                 self.documents += 1;
@@ -205,7 +197,7 @@ impl Builder {
                     _ => Kind::Map(Vec::new()),
                 };
                 let node = self.node(line, col, kind)?;
-                self.open.push(Open { node, anchor, pending_key: None });
+                self.open.push(Open { node, anchor, pending_key: None, span });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let open = self.open.pop().expect("the parser balances start and end events");
@@ -225,12 +217,16 @@ impl Builder {
         Ok(())
     }
 
+    /// The spans of the collections still open, outermost first.
+    fn open_spans(&self) -> Vec<Span> {
+        self.open.iter().map(|open| open.span).collect()
+    }
+
     fn node(&mut self, line: usize, col: usize, kind: Kind) -> Result<Node, SyntaxError> {
         self.next_id += 1;
         self.nodes += 1;
         if self.nodes > MAX_NODES {
-            let message = "the document has too many nodes".to_owned();
-            return Err(SyntaxError { line, col, message });
+            return Err(SyntaxError::new(line, col, "the document has too many nodes"));
         }
         Ok(Node { id: self.next_id, line, col, kind })
     }
@@ -297,6 +293,6 @@ mod tests {
             (entries[0].value.line, entries[0].value.id)
         );
         let err = parse("a: [1\n").unwrap_err();
-        assert_eq!((err.line, err.col), (2, 1));
+        assert_eq!((err.line, err.col), (1, 4), "at the '[' left open");
     }
 }
