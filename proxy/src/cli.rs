@@ -47,9 +47,6 @@ pub enum DlqCommand {
 /// print, or a one-line error.
 pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<String, String> {
     let admin = admin.trim_end_matches('/');
-    if let DlqCommand::PurgeIds { queue, ids } = command {
-        return purge_ids(admin, &queue, ids, as_json).await;
-    }
     let (method, path, body) = match &command {
         DlqCommand::List { queue, limit, before } => {
             let before = before.as_ref().map(|b| format!("&before={b}")).unwrap_or_default();
@@ -61,7 +58,7 @@ pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<Stri
         }
         DlqCommand::Delete { queue, id } => (Method::DELETE, format!("/v1/dlq/{queue}/{id}"), None),
         DlqCommand::Purge { queue } => (Method::DELETE, format!("/v1/dlq/{queue}"), None),
-        DlqCommand::PurgeIds { .. } => unreachable!("answered above"),
+        DlqCommand::PurgeIds { queue, ids } => return purge_ids(admin, queue, ids, as_json).await,
     };
     let answer = call(admin, method, &path, body).await?;
     if as_json {
@@ -81,7 +78,7 @@ pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<Stri
         DlqCommand::Purge { queue } => {
             format!("purged {} dead letter(s) from {queue}", answer["purged"])
         }
-        DlqCommand::PurgeIds { .. } => unreachable!("answered above"),
+        DlqCommand::PurgeIds { .. } => unreachable!("purge_ids answers it"),
     })
 }
 
@@ -89,13 +86,13 @@ pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<Stri
 async fn purge_ids(
     admin: &str,
     queue: &str,
-    ids: Vec<String>,
+    ids: &[String],
     as_json: bool,
 ) -> Result<String, String> {
-    let mut unique: Vec<String> = Vec::with_capacity(ids.len());
+    let mut unique: Vec<&str> = Vec::with_capacity(ids.len());
     for id in ids {
         id.parse::<MessageId>().map_err(|e| format!("{id:?}: {e}"))?;
-        if !unique.contains(&id) {
+        if !unique.contains(&id.as_str()) {
             unique.push(id);
         }
     }
