@@ -1,23 +1,46 @@
 //! `outrigger dlq …`: the dead-letter API of a running sidecar's admin port (loopback), as
-//! readable tables, or as the API's JSON with `--json`.
+//! readable tables, or as the API's JSON with `--json`. `purge QUEUE ID…` is one
+//! `DELETE /v1/dlq/QUEUE/ID` per id, reported like a replay (`purged`, `missing`).
 
 use bytes::Bytes;
-use http::{Method, Request};
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use crate::error::chain;
+use crate::messaging::envelope::MessageId;
 
 /// What `outrigger dlq` was asked to do.
 #[derive(Debug, Clone)]
 pub enum DlqCommand {
-    List { queue: String, limit: usize, before: Option<String> },
-    Show { queue: String, id: String },
-    Replay { queue: String, selection: Value },
-    Delete { queue: String, id: String },
-    Purge { queue: String },
+    List {
+        queue: String,
+        limit: usize,
+        before: Option<String>,
+    },
+    Show {
+        queue: String,
+        id: String,
+    },
+    Replay {
+        queue: String,
+        selection: Value,
+    },
+    Delete {
+        queue: String,
+        id: String,
+    },
+    /// Every dead letter of the queue.
+    Purge {
+        queue: String,
+    },
+    /// These dead letters of the queue, one `DELETE` each; those not there are reported.
+    PurgeIds {
+        queue: String,
+        ids: Vec<String>,
+    },
 }
 
 /// Runs `command` against the admin endpoint `admin` (e.g. `http://127.0.0.1:9901`); what to
@@ -35,6 +58,7 @@ pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<Stri
         }
         DlqCommand::Delete { queue, id } => (Method::DELETE, format!("/v1/dlq/{queue}/{id}"), None),
         DlqCommand::Purge { queue } => (Method::DELETE, format!("/v1/dlq/{queue}"), None),
+        DlqCommand::PurgeIds { queue, ids } => return purge_ids(admin, queue, ids, as_json).await,
     };
     let answer = call(admin, method, &path, body).await?;
     if as_json {
@@ -44,33 +68,92 @@ pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<Stri
         DlqCommand::List { queue, .. } => table(&queue, &answer),
         DlqCommand::Show { .. } => envelope(&answer),
         DlqCommand::Replay { queue, .. } => {
-            let mut out = format!(
+            let done = format!(
                 "replayed {} dead letter(s) from {queue} to their queue",
                 answer["replayed"]
             );
-            let missing = answer["missing"].as_array().cloned().unwrap_or_default();
-            if !missing.is_empty() {
-                let missing: Vec<&str> = missing.iter().filter_map(Value::as_str).collect();
-                out += &format!(
-                    "\nnot in {queue} (deleted, expired or replayed): {}",
-                    missing.join(" ")
-                );
-            }
-            out
+            done + &not_there(&queue, &answer["missing"])
         }
         DlqCommand::Delete { queue, id } => format!("deleted {id} from {queue}"),
         DlqCommand::Purge { queue } => {
             format!("purged {} dead letter(s) from {queue}", answer["purged"])
         }
+        DlqCommand::PurgeIds { .. } => unreachable!("purge_ids answers it"),
     })
 }
 
+/// `purge QUEUE ID…`: every id is checked before any is removed, so a typo removes nothing.
+async fn purge_ids(
+    admin: &str,
+    queue: &str,
+    ids: &[String],
+    as_json: bool,
+) -> Result<String, String> {
+    let mut unique: Vec<&str> = Vec::with_capacity(ids.len());
+    for id in ids {
+        id.parse::<MessageId>().map_err(|e| format!("{id:?}: {e}"))?;
+        if !unique.contains(&id.as_str()) {
+            unique.push(id);
+        }
+    }
+    // a 404 on one id means "not there" only once the queue itself answers: without this, an
+    // admin port with no messaging would report every id as missing
+    call(admin, Method::GET, &format!("/v1/dlq/{queue}?limit=1"), None).await?;
+    let (mut purged, mut missing) = (0, Vec::new());
+    for id in unique {
+        let path = format!("/v1/dlq/{queue}/{id}");
+        match request(admin, Method::DELETE, &path, None).await? {
+            (status, _) if status.is_success() => purged += 1,
+            (StatusCode::NOT_FOUND, _) => missing.push(id),
+            (status, answer) => return Err(refusal(status, &answer)),
+        }
+    }
+    let answer = json!({ "purged": purged, "missing": missing });
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&answer).expect("serializes"));
+    }
+    Ok(format!("purged {purged} dead letter(s) from {queue}")
+        + &not_there(queue, &answer["missing"]))
+}
+
+/// The line naming the ids that were not in the queue, if any.
+fn not_there(queue: &str, missing: &Value) -> String {
+    let missing: Vec<&str> = missing
+        .as_array()
+        .map(|m| m.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if missing.is_empty() {
+        return String::new();
+    }
+    format!("\nnot in {queue} (deleted, expired or replayed): {}", missing.join(" "))
+}
+
+/// One admin API call whose answer must be a success.
 async fn call(
     admin: &str,
     method: Method,
     path: &str,
     body: Option<String>,
 ) -> Result<Value, String> {
+    match request(admin, method, path, body).await? {
+        (status, answer) if status.is_success() => Ok(answer),
+        (status, answer) => Err(refusal(status, &answer)),
+    }
+}
+
+/// The API's refusal as one line: `404: no dead letter …`.
+fn refusal(status: StatusCode, answer: &Value) -> String {
+    let reason = answer["error"].as_str().unwrap_or("no reason given");
+    format!("{}: {reason}", status.as_u16())
+}
+
+/// One admin API call: its status and JSON answer, or why there was none.
+async fn request(
+    admin: &str,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<(StatusCode, Value), String> {
     let uri = format!("{admin}{path}");
     let req = Request::builder()
         .method(method)
@@ -87,11 +170,7 @@ async fn call(
     let bytes = res.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     let answer: Value = serde_json::from_slice(&bytes)
         .map_err(|_| format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()))?;
-    if !status.is_success() {
-        let reason = answer["error"].as_str().unwrap_or("no reason given");
-        return Err(format!("{}: {reason}", status.as_u16()));
-    }
-    Ok(answer)
+    Ok((status, answer))
 }
 
 /// A page as a table: one line per dead letter, newest first.

@@ -72,9 +72,12 @@ enum DlqAction {
     /// Move dead letters back to the queue they came from (error history kept).
     Replay {
         queue: String,
-        /// This id (repeatable).
-        #[arg(long = "id")]
+        /// These dead letters.
+        #[arg(value_name = "ID")]
         ids: Vec<String>,
+        /// This id (repeatable; the same as naming it after the queue).
+        #[arg(long = "id", value_name = "ID")]
+        id_options: Vec<String>,
         /// Every dead letter of the queue.
         #[arg(long)]
         all: bool,
@@ -87,10 +90,16 @@ enum DlqAction {
     },
     /// Remove one dead letter.
     Delete { queue: String, id: String },
-    /// Remove every dead letter of the queue.
+    /// Remove these dead letters, or with --all every dead letter of the queue.
     Purge {
         queue: String,
-        /// Yes, remove them all.
+        /// These dead letters.
+        #[arg(value_name = "ID")]
+        ids: Vec<String>,
+        /// Every dead letter of the queue.
+        #[arg(long)]
+        all: bool,
+        /// The same as --all (its earlier spelling).
         #[arg(long)]
         yes: bool,
     },
@@ -155,21 +164,33 @@ fn dlq(admin: &str, json: bool, action: DlqAction) -> ExitCode {
     let command = match action {
         DlqAction::List { queue, limit, before } => DlqCommand::List { queue, limit, before },
         DlqAction::Show { queue, id } => DlqCommand::Show { queue, id },
-        DlqAction::Replay { queue, ids, all, status, contains } => {
+        DlqAction::Replay { queue, mut ids, id_options, all, status, contains } => {
+            ids.extend(id_options);
             if ids.is_empty() && !all && status.is_none() && contains.is_none() {
                 eprintln!(
-                    "outrigger dlq replay: say which: --id ID, --all, --status N or --contains TEXT"
+                    "outrigger dlq replay: say which: ID…, --all, --status N or --contains TEXT"
                 );
                 return ExitCode::FAILURE;
             }
             DlqCommand::Replay { queue, selection: dlq_cli::selection(ids, all, status, contains) }
         }
         DlqAction::Delete { queue, id } => DlqCommand::Delete { queue, id },
-        DlqAction::Purge { queue, yes: false } => {
-            eprintln!("outrigger dlq purge: this removes every dead letter of {queue}; add --yes");
-            return ExitCode::FAILURE;
-        }
-        DlqAction::Purge { queue, yes: true } => DlqCommand::Purge { queue },
+        DlqAction::Purge { queue, ids, all, yes } => match (ids.is_empty(), all || yes) {
+            (true, true) => DlqCommand::Purge { queue },
+            (false, false) => DlqCommand::PurgeIds { queue, ids },
+            (false, true) => {
+                // refused, not taken as --all: a slip must not empty the queue
+                eprintln!("outrigger dlq purge: ids do not mix with --all");
+                return ExitCode::FAILURE;
+            }
+            (true, false) => {
+                eprintln!(
+                    "outrigger dlq purge: say which: ID… to remove those, or --all to remove \
+                     every dead letter of {queue}"
+                );
+                return ExitCode::FAILURE;
+            }
+        },
     };
     match runtime(1).block_on(dlq_cli::dlq(admin, command, json)) {
         Ok(text) => {

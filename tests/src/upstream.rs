@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 /// One scripted answer.
@@ -70,6 +71,19 @@ const HEALTH_PATH: &str = "/healthz";
 pub struct Upstream {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    listening: Arc<Mutex<Listening>>,
+}
+
+/// The accept loop, while the upstream listens (see `stop_accepting`).
+struct Listening {
+    accept: Option<JoinHandle<()>>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listening").field("accepting", &self.accept.is_some()).finish()
+    }
 }
 
 impl Upstream {
@@ -119,32 +133,28 @@ impl Upstream {
         let listener = TcpListener::bind(addr).await.expect("a free loopback address");
         let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State { script, ..State::default() }));
-        let shared = state.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = shared.clone();
-                let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let builder = auto::Builder::new(TokioExecutor::new());
-                    let _ = match tls {
-                        None => {
-                            builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                                .await
-                        }
-                        Some(tls) => match tls.accept(stream).await {
-                            Ok(stream) => {
-                                let io = TokioIo::new(stream);
-                                builder.serve_connection_with_upgrades(io, service).await
-                            }
-                            Err(_) => return,
-                        },
-                    };
-                });
-            }
-        });
-        Self { addr, state }
+        let accept = Some(accept(listener, state.clone(), tls.clone()));
+        Self { addr, state, listening: Arc::new(Mutex::new(Listening { accept, tls })) }
+    }
+
+    /// Closes the listening socket, as a process that stopped listening: a new connection is
+    /// refused, while those already open go on being served.
+    pub async fn stop_accepting(&self) {
+        let accept = self.listening.lock().unwrap().accept.take();
+        if let Some(accept) = accept {
+            accept.abort();
+            // the listener is dropped, so the port closed, once the task has ended
+            let _ = accept.await;
+        }
+    }
+
+    /// Listens again on the same address after `stop_accepting`.
+    pub async fn accept_again(&self) {
+        let listener = TcpListener::bind(self.addr).await.expect("the upstream's port is free");
+        let mut listening = self.listening.lock().unwrap();
+        assert!(listening.accept.is_none(), "accept_again after stop_accepting");
+        let tls = listening.tls.clone();
+        listening.accept = Some(accept(listener, self.state.clone(), tls));
     }
 
     /// Answers every request with `status`.
@@ -203,6 +213,36 @@ impl Upstream {
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
     }
+}
+
+/// Accepts connections on `listener`, each served from `shared`'s script, until aborted.
+fn accept(
+    listener: TcpListener,
+    shared: Arc<Mutex<State>>,
+    tls: Option<TlsAcceptor>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let state = shared.clone();
+            let service = hyper::service::service_fn(move |req| answer(state.clone(), req));
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let _ = match tls {
+                    None => {
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await
+                    }
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => {
+                            let io = TokioIo::new(stream);
+                            builder.serve_connection_with_upgrades(io, service).await
+                        }
+                        Err(_) => return,
+                    },
+                };
+            });
+        }
+    })
 }
 
 impl State {

@@ -1,6 +1,7 @@
-//! Load balancing over healthy endpoints through the real binary: active health checks, outlier
-//! ejection, the all-ejected answer, retries moving to another endpoint, p2c_ewma following
-//! latency, the watched endpoint file, and the endpoint metrics and admin view.
+//! Load balancing over healthy endpoints through the real binary: active health checks (HTTP,
+//! and TCP against an endpoint that stops listening), outlier ejection, the all-ejected answer,
+//! retries moving to another endpoint, p2c_ewma following latency, the watched endpoint file,
+//! and the endpoint metrics and admin view.
 
 use std::time::Duration;
 
@@ -52,6 +53,75 @@ async fn an_endpoint_failing_its_health_check_gets_no_traffic_until_it_recovers(
         metrics.contains(r#"outrigger_endpoints{state="healthy",upstream="payments"} 2"#),
         "{metrics}"
     );
+}
+
+const TCP_CHECK: &str = "health_check: { tcp: true, interval: 100ms, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2 }";
+
+/// The state `/v1/endpoints` gives the endpoint at `addr` of `payments`.
+async fn endpoint_state(sidecar: &Sidecar, addr: std::net::SocketAddr) -> String {
+    let (status, view) = sidecar.admin("/v1/endpoints").await;
+    assert_eq!(status, 200, "{view}");
+    let view: serde_json::Value = serde_json::from_str(&view).unwrap();
+    let endpoints = view["upstreams"]["payments"]["endpoints"].as_array().unwrap();
+    let found = endpoints.iter().find(|e| e["address"] == addr.to_string());
+    found.map_or_else(|| format!("absent from {view}"), |e| e["state"].as_str().unwrap().to_owned())
+}
+
+/// Waits until `payments` has `n` endpoints in `state` by `outrigger_endpoints`.
+async fn wait_endpoints(sidecar: &Sidecar, state: &str, n: usize) {
+    let series = format!(r#"outrigger_endpoints{{state="{state}",upstream="payments"}} {n}"#);
+    wait_until(DEADLINE, &series, || async {
+        let (_, metrics) = sidecar.admin("/metrics").await;
+        metrics.lines().any(|l| l == series).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tcp_health_check_takes_out_an_endpoint_that_refuses_connections_and_brings_it_back() {
+    let steady = Upstream::status(200).await;
+    let flaky = Upstream::status(200).await;
+    let policies = format!("load_balancer: round_robin\n{TCP_CHECK}");
+    let sidecar = Sidecar::start(&payments(&[&steady, &flaky], &policies)).await;
+    wait_endpoints(&sidecar, "healthy", 2).await;
+    for _ in 0..10 {
+        assert_eq!(sidecar.get("payments", "/").await.status(), 200);
+    }
+    assert_eq!((steady.requests(), flaky.requests()), (5, 5), "both in rotation");
+
+    // the sidecar still holds pooled connections to it: only the check can take it out
+    flaky.stop_accepting().await;
+    wait_endpoints(&sidecar, "unhealthy", 1).await;
+    assert_eq!(endpoint_state(&sidecar, flaky.addr()).await, "unhealthy");
+    for _ in 0..10 {
+        assert_eq!(sidecar.get("payments", "/").await.status(), 200);
+    }
+    assert_eq!((steady.requests(), flaky.requests()), (15, 5), "out of rotation: nothing more");
+
+    flaky.accept_again().await;
+    wait_endpoints(&sidecar, "healthy", 2).await;
+    assert_eq!(endpoint_state(&sidecar, flaky.addr()).await, "healthy");
+    for _ in 0..10 {
+        assert_eq!(sidecar.get("payments", "/").await.status(), 200);
+    }
+    assert_eq!(flaky.requests(), 10, "back in rotation: half of the next ten");
+    assert_eq!(steady.requests(), 20);
+}
+
+#[tokio::test]
+async fn a_tcp_health_check_answers_503_no_healthy_endpoints_when_the_only_endpoint_refuses() {
+    let only = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&payments(&[&only], TCP_CHECK)).await;
+    wait_endpoints(&sidecar, "healthy", 1).await;
+    assert_eq!(sidecar.get("payments", "/").await.status(), 200);
+
+    only.stop_accepting().await;
+    wait_endpoints(&sidecar, "unhealthy", 1).await;
+    let res = sidecar.get("payments", "/").await;
+
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["outrigger-error"], "no-healthy-endpoints");
+    assert_eq!(only.requests(), 1, "nothing reached it over the connection still pooled");
 }
 
 #[tokio::test]

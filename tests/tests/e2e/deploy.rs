@@ -1,6 +1,8 @@
-//! `deploy/`: the Kubernetes manifests pass a strict, offline schema check; the ConfigMap's
-//! `outrigger.yaml` passes `outrigger validate`; the Kustomize base lists every manifest; and
-//! every metric the alert rules and the dashboard use is one Outrigger exports.
+//! `deploy/`: the Kubernetes manifests pass a strict, offline schema check and the Pod Security
+//! Standard "restricted"; the ConfigMap's `outrigger.yaml` passes `outrigger validate`, and its
+//! memory caps fit the container's memory limit; the Kustomize base lists every manifest; and
+//! every metric the alert rules and the dashboard use is one Outrigger exports, aggregated over
+//! replicas the way each one means.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -73,16 +75,149 @@ fn the_kubernetes_manifests_pass_a_strict_offline_schema_check() {
     assert!(!ok, "a misspelt field must fail the check:\n{report}");
 }
 
+/// A manifest as JSON, read by the PyYAML of `kubernetes-validate`'s venv (a YAML parser the
+/// tests already need, so no Rust YAML crate for this alone).
+fn manifest(name: &str) -> serde_json::Value {
+    let python = validator().with_file_name("python");
+    let python = if python.exists() { python } else { PathBuf::from("python3") };
+    let out = Command::new(python)
+        .args(["-c", "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"])
+        .stdin(std::fs::File::open(deploy().join("base").join(name)).unwrap())
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What keeps `pod` (a pod spec) from the Pod Security Standard "restricted", one line per
+/// problem: each container, init containers included, must run as non-root, never escalate,
+/// drop every capability (adding back NET_BIND_SERVICE at most) and use the RuntimeDefault or
+/// Localhost seccomp profile; `runAsNonRoot` and the profile may come from the pod.
+fn restricted_problems(pod: &serde_json::Value) -> Vec<String> {
+    let pod_context = &pod["securityContext"];
+    let containers = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| pod[list].as_array().cloned().unwrap_or_default());
+    let mut problems = Vec::new();
+    for container in containers {
+        let name = container["name"].as_str().unwrap_or("?").to_owned();
+        let context = &container["securityContext"];
+        // a container's own field wins over the pod's
+        let effective = |field: &str| {
+            Some(&context[field]).filter(|v| !v.is_null()).unwrap_or(&pod_context[field]).clone()
+        };
+        let mut problem = |what: &str| problems.push(format!("{name}: {what}"));
+        if effective("runAsNonRoot") != true {
+            problem("runAsNonRoot is not true");
+        }
+        if effective("runAsUser") == 0 {
+            problem("runAsUser is 0");
+        }
+        if context["allowPrivilegeEscalation"] != false {
+            problem("allowPrivilegeEscalation is not false");
+        }
+        let drop = context["capabilities"]["drop"].as_array().cloned().unwrap_or_default();
+        if !drop.iter().any(|c| c == "ALL") {
+            problem("capabilities.drop does not hold ALL");
+        }
+        let added = context["capabilities"]["add"].as_array().cloned().unwrap_or_default();
+        if added.iter().any(|c| c != "NET_BIND_SERVICE") {
+            problem("capabilities.add holds more than NET_BIND_SERVICE");
+        }
+        let seccomp = effective("seccompProfile");
+        if !["RuntimeDefault", "Localhost"].iter().any(|t| seccomp["type"] == *t) {
+            problem("seccompProfile.type is not RuntimeDefault (or Localhost)");
+        }
+    }
+    problems
+}
+
 #[test]
-fn the_configmaps_outrigger_yaml_passes_outrigger_validate() {
+fn every_container_including_the_native_sidecar_meets_the_restricted_pod_security_standard() {
+    let deployment = manifest("deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let sidecar = &pod["initContainers"][0];
+    assert_eq!(
+        (&sidecar["name"], &sidecar["restartPolicy"]),
+        (&"outrigger".into(), &"Always".into())
+    );
+    assert_eq!(restricted_problems(pod), Vec::<String>::new());
+
+    // the check can fail: without the pod's profile the app has none; the sidecar keeps its own
+    let mut loose = pod.clone();
+    loose["securityContext"].as_object_mut().unwrap().remove("seccompProfile");
+    loose["initContainers"][0]["securityContext"]["allowPrivilegeEscalation"] = true.into();
+    assert_eq!(
+        restricted_problems(&loose),
+        [
+            "outrigger: allowPrivilegeEscalation is not false",
+            "app: seccompProfile.type is not RuntimeDefault (or Localhost)",
+        ]
+    );
+}
+
+/// A Kubernetes memory quantity (`128Mi`, `1G`, `134217728`) in bytes.
+fn quantity(text: &str) -> u64 {
+    let units = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("K", 1000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+    ];
+    let (number, unit) = units
+        .iter()
+        .find_map(|(suffix, unit)| text.strip_suffix(suffix).map(|n| (n, *unit)))
+        .unwrap_or((text, 1));
+    number.parse::<u64>().expect("a whole quantity") * unit
+}
+
+/// What a connection that carried a request holds (docs/reliability.md, "Memory under a
+/// connection flood": 22.8 KiB measured).
+const PER_CONNECTION: u64 = 23 << 10;
+/// The sidecar with nothing in flight, and room for its store and caches (8 MiB measured at
+/// rest in a release build; the container's memory request).
+const AT_REST: u64 = 32 << 20;
+
+#[test]
+fn the_sidecars_memory_limit_covers_what_its_connection_and_publish_caps_let_it_hold() {
+    let config = outrigger_config::load_str("configmap.yaml", &configmap_yaml()).unwrap();
+    let limits = &config.outbound.limits;
+    // publish bodies: the cap, plus what the allocator keeps while they are stored (1.5 x,
+    // docs/configuration.md `max_publish_buffer`)
+    let worst = AT_REST
+        + limits.max_connections as u64 * PER_CONNECTION
+        + limits.max_publish_buffer.bytes() * 3 / 2;
+    let deployment = manifest("deployment.yaml");
+    let sidecar = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+    let limit = quantity(sidecar["resources"]["limits"]["memory"].as_str().unwrap());
+    assert!(
+        worst <= limit,
+        "max_connections {} and max_publish_buffer {} can take the sidecar to {} MiB, past its \
+         memory limit of {} MiB: lower the caps in configmap.yaml or raise the limit",
+        limits.max_connections,
+        limits.max_publish_buffer,
+        worst >> 20,
+        limit >> 20,
+    );
+}
+
+/// The `outrigger.yaml` the ConfigMap holds.
+fn configmap_yaml() -> String {
     let text = std::fs::read_to_string(deploy().join("base/configmap.yaml")).unwrap();
     let (_, embedded) =
         text.split_once("outrigger.yaml: |\n").expect("the ConfigMap holds outrigger.yaml");
-    let yaml: String = embedded
+    embedded
         .lines()
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| l.strip_prefix("    ").unwrap_or(l).to_owned() + "\n")
-        .collect();
+        .collect()
+}
+
+#[test]
+fn the_configmaps_outrigger_yaml_passes_outrigger_validate() {
+    let yaml = configmap_yaml();
     let file =
         std::env::temp_dir().join(format!("outrigger-configmap-{}.yaml", std::process::id()));
     std::fs::write(&file, &yaml).unwrap();
@@ -143,4 +278,24 @@ fn the_alert_rules_and_the_dashboard_use_only_metrics_outrigger_exports() {
     )
     .unwrap();
     assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 8));
+}
+
+#[test]
+fn the_dashboard_takes_the_max_of_queue_depth_over_replicas_not_the_sum() {
+    // on Redis every replica reports its group's whole backlog: a sum counts it once per replica
+    let text = std::fs::read_to_string(deploy().join("grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .filter(|e| e.contains("outrigger_queue_depth"))
+        .collect();
+    assert!(!exprs.is_empty(), "the dashboard shows outrigger_queue_depth");
+    for expr in exprs {
+        assert!(expr.contains("max by (queue) (outrigger_queue_depth)"), "{expr}");
+        assert!(!expr.contains("sum by (queue) (outrigger_queue_depth)"), "{expr}");
+    }
 }

@@ -111,14 +111,102 @@ async fn dead_letters_are_listed_shown_replayed_deleted_and_purged_through_the_c
     assert_eq!(listed(&sidecar), [ids[4].clone(), ids[3].clone()]);
 
     let (code, _, err) = dlq(&sidecar, &["purge", "orders_deadletter"]);
-    assert_eq!(code, 1, "purge asks for --yes");
-    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(code, 1, "purge asks which: ids or --all");
+    assert!(err.contains("--all"), "{err}");
     let (code, out, _) = dlq(&sidecar, &["purge", "orders_deadletter", "--yes"]);
     assert_eq!((code, out.trim()), (0, "purged 2 dead letter(s) from orders_deadletter"));
     let (_, empty, _) = dlq(&sidecar, &["list", "orders_deadletter"]);
     assert_eq!(empty.trim(), "orders_deadletter: no dead letters");
     assert_eq!(metric(&sidecar, depth).await, None, "an empty dead-letter queue has no series");
     assert_eq!(app.requests(), 7, "five failures and two replays, nothing else");
+}
+
+/// Dead letters `n` messages on `orders` (each refused 400 by `app`); their ids, as published.
+async fn dead_letters(sidecar: &Sidecar, n: u32) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..n {
+        ids.push(publish(sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_metric(sidecar, DEAD, f64::from(n)).await;
+    ids
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn replay_takes_the_ids_after_the_queue_or_all_as_the_contract_writes_them() {
+    // three permanent failures, then a healthy handler
+    let app = Upstream::scripted([400, 400, 400, 200].map(Reply::Status)).await;
+    let sidecar = Sidecar::start(&config(&app)).await;
+    let ids = dead_letters(&sidecar, 3).await;
+
+    let (code, out, err) = dlq(&sidecar, &["replay", "orders_deadletter", &ids[0], &ids[2]]);
+    assert_eq!(
+        (code, out.trim(), err.as_str()),
+        (0, "replayed 2 dead letter(s) from orders_deadletter to their queue", "")
+    );
+    wait_metric(&sidecar, ACKED, 2.0).await;
+    assert_eq!(listed(&sidecar), [ids[1].clone()], "just the two named");
+    let delivered: Vec<String> = deliveries(&app, 5).await[3..]
+        .iter()
+        .map(|d| header(d, "outrigger-message-id").to_owned())
+        .collect();
+    assert_eq!(sorted(delivered), sorted(vec![ids[0].clone(), ids[2].clone()]));
+
+    let (code, out, _) = dlq(&sidecar, &["replay", "orders_deadletter", "--all"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "replayed 1 dead letter(s) from orders_deadletter to their queue")
+    );
+    wait_metric(&sidecar, ACKED, 3.0).await;
+    assert_eq!(listed(&sidecar), Vec::<String>::new());
+    assert_eq!(app.requests(), 6, "three failures and three replays, nothing else");
+}
+
+#[tokio::test]
+async fn purge_with_ids_removes_just_those_and_with_all_every_one() {
+    let app = Upstream::status(400).await;
+    let sidecar = Sidecar::start(&config(&app)).await;
+    let ids = dead_letters(&sidecar, 4).await;
+    let absent = "01M88XE1Y7PY2QESVD2M843AEH";
+
+    let (code, out, err) = dlq(&sidecar, &["purge", "orders_deadletter", &ids[0], &ids[2], absent]);
+    assert_eq!(
+        (code, out.trim(), err.as_str()),
+        (
+            0,
+            "purged 2 dead letter(s) from orders_deadletter\n\
+             not in orders_deadletter (deleted, expired or replayed): 01M88XE1Y7PY2QESVD2M843AEH",
+            ""
+        )
+    );
+    assert_eq!(sorted(listed(&sidecar)), sorted(vec![ids[1].clone(), ids[3].clone()]));
+
+    // refusals remove nothing: ids with --all, a malformed id among good ones, no selection
+    let (code, _, err) = dlq(&sidecar, &["purge", "orders_deadletter", &ids[1], "--all"]);
+    assert_eq!(code, 1, "ids with --all are refused, not taken as --all");
+    assert!(err.contains("ids do not mix with --all"), "{err}");
+    let (code, _, err) = dlq(&sidecar, &["purge", "orders_deadletter", &ids[1], "not-an-id"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(r#""not-an-id": not a message id"#), "{err}");
+    let (code, _, err) = dlq(&sidecar, &["purge", "orders_deadletter"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("say which"), "{err}");
+    assert_eq!(sorted(listed(&sidecar)), sorted(vec![ids[1].clone(), ids[3].clone()]));
+
+    let (code, out, _) = dlq(&sidecar, &["purge", "orders_deadletter", &ids[1], "--json"]);
+    assert_eq!(code, 0);
+    let answer: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(answer, serde_json::json!({ "purged": 1, "missing": [] }));
+
+    let (code, out, _) = dlq(&sidecar, &["purge", "orders_deadletter", "--all"]);
+    assert_eq!((code, out.trim()), (0, "purged 1 dead letter(s) from orders_deadletter"));
+    assert_eq!(listed(&sidecar), Vec::<String>::new());
+    let depth = r#"outrigger_deadletter_depth{queue="orders_deadletter"}"#;
+    assert_eq!(metric(&sidecar, depth).await, None, "an empty dead-letter queue has no series");
 }
 
 #[tokio::test]
