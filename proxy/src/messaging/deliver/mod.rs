@@ -565,7 +565,10 @@ impl<B: Broker + Clone> Subscriber<B> {
         };
         let started = Instant::now();
         let answer = attempt::post(&self.client, &self.uri, delivery, self.cfg.timeout.get()).await;
-        self.lane(&envelope.queue).duration.observe(started.elapsed().as_secs_f64());
+        if !matches!(answer, Answer::Refused(_)) {
+            // a refused connection is no attempt: it would only drag the figures down
+            self.lane(&envelope.queue).duration.observe(started.elapsed().as_secs_f64());
+        }
         match &answer {
             Answer::Status { status, .. } => {
                 span.int("http.response.status_code", i64::from(status.as_u16()));

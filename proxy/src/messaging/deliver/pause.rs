@@ -123,7 +123,7 @@ impl Pauses {
                 let refused = state.refused;
                 Some(format!(
                     "subscription {queue} paused since {since}: the app refuses connections \
-                     ({refused} tries of its port refused since)"
+                     ({refused} tries of its port refused so far)"
                 ))
             })
             .collect();
@@ -290,7 +290,7 @@ mod tests {
         assert_eq!(gauge.get(), 1);
         let detail = pauses.check().unwrap().unwrap_err();
         assert!(detail.starts_with("subscription orders paused since "), "{detail}");
-        assert!(detail.contains("(2 tries of its port refused since)"), "{detail}");
+        assert!(detail.contains("(2 tries of its port refused so far)"), "{detail}");
 
         pause.resume();
         assert!(!pause.is_paused());
