@@ -24,7 +24,7 @@ pub use redis::Redis;
 pub use sidecar::{Sidecar, binary, free_port, send};
 pub use tls::{Pki, SERVER_NAME, TlsServer};
 pub use tmpfs::Tmpfs;
-pub use upstream::{Reply, Seen, Upstream};
+pub use upstream::{RefusingPort, Reply, Seen, Upstream};
 
 use std::future::Future;
 use std::time::Duration;

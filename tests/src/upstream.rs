@@ -13,7 +13,7 @@ use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -61,6 +61,42 @@ struct State {
     open_drips: usize,
     /// The script starts over after its last reply (else the last reply repeats).
     cycle: bool,
+}
+
+/// A loopback port that is bound and not listening: every connection to it is refused (an app
+/// still booting) until [`RefusingPort::listen`] starts a scripted upstream on it. The port is
+/// held all along, so no other test's server can take it meanwhile.
+#[derive(Debug)]
+pub struct RefusingPort {
+    socket: TcpSocket,
+    addr: SocketAddr,
+}
+
+impl RefusingPort {
+    pub fn new() -> Self {
+        let socket = TcpSocket::new_v4().expect("a socket");
+        socket.bind(([127, 0, 0, 1], 0).into()).expect("a free loopback port");
+        let addr = socket.local_addr().expect("bound");
+        Self { socket, addr }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts listening: from now on the port answers with `replies` (the last repeats).
+    pub fn listen(self, replies: impl IntoIterator<Item = Reply>) -> Upstream {
+        let script: Vec<Reply> = replies.into_iter().collect();
+        assert!(!script.is_empty(), "a script needs at least one reply");
+        let listener = self.socket.listen(1024).expect("listen on the held port");
+        Upstream::serve_on(listener, script, None)
+    }
+}
+
+impl Default for RefusingPort {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The path a health-checked upstream answers on its own.
@@ -131,6 +167,10 @@ impl Upstream {
         tls: Option<TlsAcceptor>,
     ) -> Self {
         let listener = TcpListener::bind(addr).await.expect("a free loopback address");
+        Self::serve_on(listener, script, tls)
+    }
+
+    fn serve_on(listener: TcpListener, script: Vec<Reply>, tls: Option<TlsAcceptor>) -> Self {
         let addr = listener.local_addr().expect("bound");
         let state = Arc::new(Mutex::new(State { script, ..State::default() }));
         let accept = Some(accept(listener, state.clone(), tls.clone()));

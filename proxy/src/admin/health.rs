@@ -6,7 +6,8 @@
 //! app answers its health path, when one is configured; it fails at once on SIGTERM. An
 //! upstream with no healthy endpoint, or whose source is failing, shows as `degraded` without
 //! failing readiness: failing every caller's readiness because one upstream is down would
-//! turn its outage into theirs.
+//! turn its outage into theirs. So does the `app` while a subscription is paused because the
+//! app refuses connections: only its health path, when it has one, holds readiness back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,12 +93,14 @@ impl Health {
             };
             put("broker".into(), check, false);
         }
-        if let Some((uri, client)) = &self.app {
-            let check = match check_app(client, uri).await {
-                Ok(detail) => Check::ok(detail),
-                Err(detail) => Check::failing(detail),
-            };
-            put("app".into(), check, true);
+        let deliveries = self.messaging.as_ref().and_then(|m| m.app_check());
+        let health_path = match &self.app {
+            Some((uri, client)) => Some(check_app(client, uri).await),
+            None => None,
+        };
+        if let Some(check) = app_check(health_path, deliveries) {
+            let blocks = check.status == "failing";
+            put("app".into(), check, blocks);
         }
         Readiness { status: if ready { "ready" } else { "not_ready" }, checks }
     }
@@ -161,6 +164,20 @@ fn upstream_check(pool: &Pool) -> (Check, bool) {
     }
 }
 
+/// The `app` check from its health path (when configured) and from deliveries (when any):
+/// `failing` while the health path fails, else `degraded` while a subscription is paused.
+fn app_check(
+    health_path: Option<Result<String, String>>,
+    deliveries: Option<Result<String, String>>,
+) -> Option<Check> {
+    match (health_path, deliveries) {
+        (None, None) => None,
+        (Some(Err(detail)), _) => Some(Check::failing(detail)),
+        (_, Some(Err(paused))) => Some(Check { status: "degraded", detail: paused }),
+        (Some(Ok(detail)), _) | (None, Some(Ok(detail))) => Some(Check::ok(detail)),
+    }
+}
+
 impl Check {
     fn ok(detail: impl Into<String>) -> Self {
         Self { status: "ok", detail: detail.into() }
@@ -180,5 +197,29 @@ async fn check_app(client: &Client<HttpConnector, Body>, uri: &Uri) -> Result<St
         Ok(Ok(res)) => Err(format!("{uri} answered {}", res.status().as_u16())),
         Ok(Err(error)) => Err(format!("{uri}: {error}")),
         Err(_) => Err(format!("{uri}: no answer within {APP_CHECK_TIMEOUT:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(
+        health: Option<Result<&str, &str>>,
+        deliveries: Option<Result<&str, &str>>,
+    ) -> &'static str {
+        let own = |r: Result<&str, &str>| r.map(str::to_owned).map_err(str::to_owned);
+        app_check(health.map(own), deliveries.map(own)).map_or("absent", |c| c.status)
+    }
+
+    #[test]
+    fn a_paused_subscription_degrades_the_app_check_and_a_failing_health_path_fails_it() {
+        assert_eq!(status(None, None), "absent", "nothing to say about the app");
+        assert_eq!(status(None, Some(Ok("accepts"))), "ok");
+        assert_eq!(status(None, Some(Err("paused"))), "degraded");
+        assert_eq!(status(Some(Ok("200")), Some(Err("paused"))), "degraded");
+        assert_eq!(status(Some(Err("503")), Some(Err("paused"))), "failing");
+        assert_eq!(status(Some(Err("503")), None), "failing");
+        assert_eq!(status(Some(Ok("200")), None), "ok");
     }
 }

@@ -53,6 +53,8 @@ pub struct Messaging {
     remote: Option<Redis>,
     relay_wake: Arc<Notify>,
     relay_status: Arc<relay::Status>,
+    /// Which subscriptions are paused because the app refuses connections.
+    pauses: Arc<deliver::pause::Pauses>,
     tracer: Tracer,
     /// The publish buffer and body deadline, from `outbound.limits`.
     publish: publish::PublishLimits,
@@ -118,6 +120,7 @@ impl Messaging {
             remote,
             relay_wake: Arc::new(Notify::new()),
             relay_status: Arc::default(),
+            pauses: Arc::default(),
             tracer,
             publish,
         });
@@ -222,6 +225,12 @@ impl Messaging {
             None => Ok(format!("redis: relaying; {pending} message(s) in the outbox")),
             Some(error) => Err(format!("{error}; {pending} message(s) wait in the outbox")),
         })
+    }
+
+    /// The `app` check as deliveries see it: `None` when nothing delivers; `Err(detail)` while
+    /// a subscription is paused because the app refuses connections.
+    pub fn app_check(&self) -> Option<Result<String, String>> {
+        self.pauses.check()
     }
 
     /// A page of `dlq`'s dead letters, newest first, from whichever broker holds them; empty
@@ -346,6 +355,7 @@ impl Messaging {
             dedup_window: self.dedup_window,
             metrics: self.metrics.clone(),
             tracer: self.tracer.clone(),
+            pauses: self.pauses.clone(),
         }
     }
 

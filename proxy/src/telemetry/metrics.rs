@@ -40,6 +40,7 @@ pub struct Metrics {
     delivery_duration: HistogramVec,
     subscription_circuit: IntGaugeVec,
     subscription_concurrency: IntGaugeVec,
+    subscription_paused: IntGaugeVec,
     queue_depth: IntGaugeVec,
     queue_age: GaugeVec,
     deadletter_depth: IntGaugeVec,
@@ -157,6 +158,14 @@ impl Metrics {
             &["queue"],
         )
         .expect("valid metric");
+        let subscription_paused = IntGaugeVec::new(
+            Opts::new(
+                "outrigger_subscription_paused",
+                "1 while a subscription waits for the app to accept connections, else 0",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
         let queue_depth = IntGaugeVec::new(
             Opts::new("outrigger_queue_depth", "Messages stored and not acknowledged, by queue"),
             &["queue"],
@@ -226,6 +235,7 @@ impl Metrics {
             Box::new(delivery_duration.clone()),
             Box::new(subscription_circuit.clone()),
             Box::new(subscription_concurrency.clone()),
+            Box::new(subscription_paused.clone()),
             Box::new(queue_depth.clone()),
             Box::new(queue_age.clone()),
             Box::new(deadletter_depth.clone()),
@@ -253,6 +263,7 @@ impl Metrics {
             delivery_duration,
             subscription_circuit,
             subscription_concurrency,
+            subscription_paused,
             queue_depth,
             queue_age,
             deadletter_depth,
@@ -319,6 +330,11 @@ impl Metrics {
     /// `outrigger_subscription_concurrency{queue}`.
     pub fn subscription_concurrency(&self, queue: &str) -> IntGauge {
         self.subscription_concurrency.with_label_values(&[queue])
+    }
+
+    /// `outrigger_subscription_paused{queue}`: 1 while the app refuses connections.
+    pub fn subscription_paused(&self, queue: &str) -> IntGauge {
+        self.subscription_paused.with_label_values(&[queue])
     }
 
     /// `outrigger_messages_delivered_total{queue,outcome}`: made once per subscription.

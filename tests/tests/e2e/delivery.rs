@@ -1,14 +1,16 @@
 //! Delivery: a subscription's messages POSTed to a scripted app, its answers judged, failures
 //! retried with their error history, dead letters, ordering, throttling, the subscription
-//! breaker, the app's health gate, and what survives a `kill -9`.
+//! breaker, the app's health gate, an app not up yet (a refused connection is no attempt), and
+//! what survives a `kill -9`.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use outrigger_tests::{DEADLINE, Reply, Seen, Sidecar, Upstream, wait_until};
+use outrigger_tests::{DEADLINE, RefusingPort, Reply, Seen, Sidecar, Upstream, wait_until};
 use serde_json::Value;
 
 use crate::messaging::{id_of, metric, post, queues};
@@ -16,11 +18,15 @@ use crate::messaging::{id_of, metric, post, queues};
 /// A sidecar delivering queue `orders` to `app` at `/events/orders`, with `extra` subscription
 /// fields (YAML flow-mapping entries, e.g. `max_attempts: 3`).
 pub(crate) fn config(app: &Upstream, extra: &str) -> String {
+    config_at(app.addr(), extra)
+}
+
+/// The same with the app at `app`, listening or not.
+pub(crate) fn config_at(app: SocketAddr, extra: &str) -> String {
     format!(
         "service:\n  name: shop\n  app: {{ url: \"http://{app}\" }}\n\
          messaging:\n  data_dir: \"$SCRATCH/data\"\n  subscriptions:\n    - {{ queue: orders, \
          path: /events/orders, backoff: {{ initial: 50ms, max: 200ms, jitter: none }}{extra} }}\n",
-        app = app.addr(),
     )
 }
 
@@ -107,6 +113,72 @@ pub(crate) const RETRIED: &str =
     r#"outrigger_messages_delivered_total{outcome="retried",queue="orders"}"#;
 pub(crate) const DEAD: &str =
     r#"outrigger_messages_delivered_total{outcome="dead_lettered",queue="orders"}"#;
+pub(crate) const PAUSED: &str = r#"outrigger_subscription_paused{queue="orders"}"#;
+
+/// `/readyz`'s status, and its `app` check's status and detail.
+async fn app_check(sidecar: &Sidecar) -> (u16, String, String) {
+    let (status, body) = sidecar.admin("/readyz").await;
+    let ready: Value = serde_json::from_str(&body).expect("/readyz answers JSON");
+    let text = |field: &str| ready["checks"]["app"][field].as_str().unwrap_or("absent").to_owned();
+    (status, text("status"), text("detail"))
+}
+
+/// How many tries of the app's port the paused subscription has had refused, from `/readyz`.
+async fn refused_tries(sidecar: &Sidecar) -> Option<u64> {
+    let (_, _, detail) = app_check(sidecar).await;
+    let (before, _) = detail.split_once(" tries of its port refused")?;
+    before.rsplit('(').next()?.parse().ok()
+}
+
+/// Waits until the subscription is paused and five tries of the app's port (several backoff
+/// periods) were refused; meanwhile the app check is degraded and the sidecar stays ready.
+async fn wait_paused_through_several_tries(sidecar: &Sidecar) {
+    wait_metric(sidecar, PAUSED, 1.0).await;
+    wait_until(DEADLINE, "five refused tries of the app's port", || async {
+        (refused_tries(sidecar).await >= Some(5)).then_some(())
+    })
+    .await;
+    let (ready, check, detail) = app_check(sidecar).await;
+    assert_eq!((ready, check.as_str()), (200, "degraded"), "{detail}");
+}
+
+/// Twenty messages published while nothing listens on the app's port (with `kill9`, the
+/// sidecar is killed and restarted meanwhile) all wait, through several refused tries; once the
+/// app listens, each is delivered once, as a first attempt, with an empty error history.
+pub(crate) async fn published_before_the_app_listens(
+    yaml_at: impl Fn(SocketAddr) -> String,
+    kill9: bool,
+) {
+    let port = RefusingPort::new();
+    let mut sidecar = Sidecar::start(&yaml_at(port.addr())).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_paused_through_several_tries(&sidecar).await;
+    if kill9 {
+        sidecar.kill9();
+        sidecar.restart().await; // ready: a paused subscription does not fail readiness
+        wait_paused_through_several_tries(&sidecar).await;
+    }
+    assert_eq!(metric(&sidecar, RETRIED).await, Some(0.0), "a refusal is not an attempt");
+    assert_eq!(metric(&sidecar, DEAD).await, Some(0.0), "nothing dead-lettered");
+
+    let app = port.listen([Reply::Status(200)]);
+    let seen = deliveries(&app, 20).await;
+    wait_metric(&sidecar, ACKED, 20.0).await;
+    wait_metric(&sidecar, PAUSED, 0.0).await;
+    assert_eq!(app.requests(), 20, "each message once");
+    let mut delivered: Vec<&str> = seen.iter().map(|s| header(s, "outrigger-message-id")).collect();
+    delivered.sort_unstable();
+    ids.sort_unstable();
+    assert_eq!(delivered, ids, "every message answered 202");
+    for delivery in &seen {
+        assert_eq!(header(delivery, "outrigger-attempt"), "1", "no attempt was spent");
+        assert_eq!(envelope(delivery)["error"], Value::Array(vec![]), "an empty error history");
+    }
+    assert_eq!(app_check(&sidecar).await.1, "ok");
+}
 
 #[tokio::test]
 async fn a_published_message_is_delivered_with_its_envelope_and_headers() {
@@ -452,34 +524,39 @@ async fn a_higher_priority_lane_goes_first_and_a_lower_one_gets_one_read_in_ten(
 }
 
 #[tokio::test]
-async fn a_timeout_and_a_refused_connection_are_retried_with_a_null_status() {
+async fn a_timeout_is_retried_with_a_null_status() {
     let app =
         Upstream::scripted([Reply::Delayed(Duration::from_secs(5), 200), Reply::Status(200)]).await;
     let sidecar = Sidecar::start(&config(&app, ", timeout: 200ms")).await;
     publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
     let seen = deliveries(&app, 2).await;
     wait_metric(&sidecar, ACKED, 1.0).await;
+    assert_eq!(header(&seen[1], "outrigger-attempt"), "2", "the timeout was an attempt");
     let record = &envelope(&seen[1])["error"][0];
     assert_eq!(record["status_code"], Value::Null);
     assert_eq!(record["message"], "timeout: no answer within 200ms");
+}
 
-    // nothing listens where the app should be: two attempts, then the dead letter says why
-    // a port bound and not listening: refused for the whole test (a port merely freed could be
-    // taken by another test's server meanwhile)
-    let held = tokio::net::TcpSocket::new_v4().unwrap();
-    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let closed = held.local_addr().unwrap();
-    let gone =
-        config(&app, ", max_attempts: 2").replace(&app.addr().to_string(), &closed.to_string());
-    let sidecar = Sidecar::start(&gone).await;
-    let id = publish(&sidecar, "orders", r#"{"n":2}"#, &[]).await;
-    wait_metric(&sidecar, DEAD, 1.0).await;
-    let (status, body) = sidecar.admin(&format!("/v1/dlq/orders_deadletter/{id}")).await;
-    assert_eq!(status, 200, "{body}");
-    let dead: Value = serde_json::from_str(&body).unwrap();
-    let errors = dead["error"].as_array().unwrap();
-    assert_eq!(errors.len(), 2);
-    assert!(errors.iter().all(|e| e["status_code"].is_null()), "{body}");
-    let message = errors[0]["message"].as_str().unwrap().to_lowercase();
-    assert!(message.contains("connect"), "the transport error: {message}");
+#[tokio::test]
+async fn a_reset_after_the_connection_opened_is_still_an_attempt() {
+    let app = Upstream::scripted([Reply::Reset, Reply::Status(200)]).await;
+    let sidecar = Sidecar::start(&config(&app, ", max_attempts: 3")).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    let seen = deliveries(&app, 2).await;
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    assert_eq!(header(&seen[1], "outrigger-attempt"), "2");
+    let errors = envelope(&seen[1])["error"].as_array().unwrap().clone();
+    assert_eq!(errors.len(), 1, "the reset left its record");
+    assert_eq!(errors[0]["status_code"], Value::Null);
+    assert_eq!(metric(&sidecar, PAUSED).await, Some(0.0), "an open connection pauses nothing");
+}
+
+#[tokio::test]
+async fn messages_published_before_the_app_listens_are_delivered_once_with_no_error_history() {
+    published_before_the_app_listens(|app| config_at(app, ", max_attempts: 3"), false).await;
+}
+
+#[tokio::test]
+async fn messages_published_before_the_app_listens_survive_a_kill9_of_the_sidecar() {
+    published_before_the_app_listens(|app| config_at(app, ", max_attempts: 3"), true).await;
 }

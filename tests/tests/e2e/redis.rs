@@ -4,20 +4,28 @@
 //! replica's message claimed by another after a `kill -9`.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 
 use outrigger_tests::{DEADLINE, Redis, Reply, Sidecar, Upstream, wait_until};
 
-use crate::delivery::{ACKED, DEAD, deliveries, envelope, header, publish, wait_metric};
+use crate::delivery::{
+    ACKED, DEAD, deliveries, envelope, header, publish, published_before_the_app_listens,
+    wait_metric,
+};
 use crate::messaging::metric;
 
 /// A sidecar of service `service` on `redis`, delivering queue `orders` to `app`.
 fn config(service: &str, redis: &Redis, app: &Upstream, extra: &str) -> String {
+    config_at(service, redis, app.addr(), extra)
+}
+
+/// The same with the app at `app`, listening or not.
+fn config_at(service: &str, redis: &Redis, app: SocketAddr, extra: &str) -> String {
     format!(
         "service:\n  name: {service}\n  app: {{ url: \"http://{app}\" }}\n\
          messaging:\n  broker: \"{url}\"\n  data_dir: \"$SCRATCH/data\"\n  claim_idle: 1s\n  \
          subscriptions:\n    - {{ queue: orders, path: /events/orders, \
          backoff: {{ initial: 50ms, max: 200ms, jitter: none }}{extra} }}\n",
-        app = app.addr(),
         url = redis.url(),
     )
 }
@@ -530,4 +538,18 @@ async fn the_dead_letter_api_replays_and_purges_on_redis() {
         (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.trim(), "purged 1 dead letter(s) from orders_deadletter", "{stderr}");
     assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders_deadletter}"]), "0");
+}
+
+#[tokio::test]
+async fn on_redis_messages_published_before_the_app_listens_are_delivered_once() {
+    let redis = Redis::start().await;
+    let yaml = |app| config_at("shop", &redis, app, ", max_attempts: 3");
+    published_before_the_app_listens(yaml, false).await;
+}
+
+#[tokio::test]
+async fn on_redis_messages_published_before_the_app_listens_survive_a_kill9_of_the_sidecar() {
+    let redis = Redis::start().await;
+    let yaml = |app| config_at("shop", &redis, app, ", max_attempts: 3");
+    published_before_the_app_listens(yaml, true).await;
 }

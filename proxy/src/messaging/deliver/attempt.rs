@@ -1,7 +1,11 @@
 //! One delivery attempt: POST the envelope to the app, and what its answer means.
 //!
 //! A 2xx acknowledges. A 5xx, 408, 429, a timeout or a connection failure is worth another
-//! try; any other status is permanent. Every failure becomes an error record for the envelope:
+//! try; any other status is permanent. A connection the app refuses (ECONNREFUSED: nothing
+//! listens on its port yet) is no attempt at all: the app never saw the message, so the message
+//! goes back as it was and the subscription pauses ([`super::pause`]). A reset or a timeout
+//! after the connection opened may have reached the app, so it is an attempt.
+//! Every failure that is an attempt becomes an error record for the envelope:
 //! `message` is the start of the app's body (or the transport error), `stack_trace` the JSON
 //! field `stack_trace` of a JSON answer, else the `outrigger-stack-trace` header, else empty.
 
@@ -34,7 +38,9 @@ pub enum Answer {
     Status { status: StatusCode, headers: HeaderMap, body: Bytes },
     /// No answer within the subscription's `timeout`.
     TimedOut(Duration),
-    /// No connection, or it broke before the answer was complete.
+    /// The app refused the connection: nothing listens on its port (yet, or while it restarts).
+    Refused(String),
+    /// No connection for another reason, or it broke before the answer was complete.
     Failed(String),
 }
 
@@ -51,6 +57,8 @@ pub enum Verdict {
     Permanent {
         record: ErrorRecord,
     },
+    /// Not an attempt: the app refused the connection. The message keeps its count and history.
+    Refused,
 }
 
 /// The headers of one delivery (DESIGN.md "Messaging").
@@ -73,7 +81,11 @@ pub(crate) async fn post(
 ) -> Answer {
     let req = request(uri, delivery);
     let attempt = async {
-        let res = client.request(req).await.map_err(|e| chain(&e))?;
+        let res = match client.request(req).await {
+            Ok(res) => res,
+            Err(error) if refused(&error) => return Ok(Answer::Refused(chain(&error))),
+            Err(error) => return Err(chain(&error)),
+        };
         let (parts, mut body) = res.into_parts();
         // the start is kept for an error record; a 2xx's body is read and dropped, so the
         // connection goes back to the pool (past the limit, it is closed instead)
@@ -101,6 +113,24 @@ pub(crate) async fn post(
         Ok(Err(error)) => Answer::Failed(error),
         Err(_) => Answer::TimedOut(timeout),
     }
+}
+
+/// Whether the connection was refused (ECONNREFUSED) before any byte of the request left: the
+/// only connection failure that says for certain the app did not get the message.
+fn refused(error: &hyper_util::client::legacy::Error) -> bool {
+    if !error.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The request of one delivery: the envelope as JSON, with its headers.
@@ -169,6 +199,7 @@ pub fn judge(answer: &Answer, now: SystemTime) -> Verdict {
             record: record(None, truncate(error, MAX_MESSAGE_BYTES).to_owned(), String::new()),
             retry_after: None,
         },
+        Answer::Refused(_) => Verdict::Refused,
     }
 }
 
@@ -225,6 +256,7 @@ mod tests {
         match verdict {
             Verdict::Retry { record, .. } | Verdict::Permanent { record } => record,
             Verdict::Acknowledge => panic!("acknowledged"),
+            Verdict::Refused => panic!("refused"),
         }
     }
 
@@ -244,9 +276,59 @@ mod tests {
         let timeout = record_of(judge(&Answer::TimedOut(Duration::from_secs(2)), NOW));
         assert_eq!(timeout.status_code, None);
         assert_eq!(timeout.message, "timeout: no answer within 2s");
-        let refused = judge(&Answer::Failed("connection refused".into()), NOW);
-        assert!(matches!(refused, Verdict::Retry { .. }));
-        assert_eq!(record_of(refused).message, "connection refused");
+        let reset = judge(&Answer::Failed("connection reset by peer".into()), NOW);
+        assert!(matches!(reset, Verdict::Retry { .. }));
+        assert_eq!(record_of(reset).message, "connection reset by peer");
+    }
+
+    #[test]
+    fn a_refused_connection_is_not_an_attempt() {
+        let verdict = judge(&Answer::Refused("Connection refused (os error 111)".into()), NOW);
+        assert_eq!(verdict, Verdict::Refused);
+    }
+
+    /// A loopback port that is bound and not listening: every connection to it is refused.
+    fn refusing_port() -> (tokio::net::TcpSocket, Uri) {
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let uri = format!("http://{}/events", held.local_addr().unwrap()).parse().unwrap();
+        (held, uri)
+    }
+
+    fn envelope() -> Envelope {
+        let payload = serde_json::value::RawValue::from_string("{}".into()).unwrap();
+        let id = crate::messaging::envelope::MessageId::generate(SystemTime::now());
+        Envelope::new(id, "orders", SystemTime::now(), payload)
+    }
+
+    #[tokio::test]
+    async fn a_port_nobody_listens_on_answers_refused() {
+        let (_held, uri) = refusing_port();
+        let client = crate::http::forward::client(&Default::default(), None, false);
+        let envelope = envelope();
+        let delivery =
+            Delivery { envelope: &envelope, attempt: 1, max_attempts: 3, traceparent: None };
+        let answer = post(&client, &uri, delivery, Duration::from_secs(5)).await;
+        assert!(matches!(answer, Answer::Refused(_)), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_after_it_opened_is_an_attempt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/events", listener.local_addr().unwrap()).parse().unwrap();
+        tokio::spawn(async move {
+            // accepts, then drops the connection without an answer
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let client = crate::http::forward::client(&Default::default(), None, false);
+        let envelope = envelope();
+        let delivery =
+            Delivery { envelope: &envelope, attempt: 1, max_attempts: 3, traceparent: None };
+        let answer = post(&client, &uri, delivery, Duration::from_secs(5)).await;
+        assert!(matches!(answer, Answer::Failed(_)), "{answer:?}");
+        assert!(matches!(judge(&answer, NOW), Verdict::Retry { .. }));
     }
 
     #[test]

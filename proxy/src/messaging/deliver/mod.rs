@@ -9,12 +9,15 @@
 //! until its backoff has passed, durably, and the dispatcher goes on with others. Exhausted and
 //! permanently failed messages move to the dead-letter queue, atomically with their removal;
 //! when that write fails the message stays (parked, marked) and the dead-lettering is retried.
+//! A connection the app refuses is not an attempt: the message goes back as it was, and the
+//! dispatcher reads nothing until the app's port accepts a connection again ([`pause`]).
 //!
 //! The dispatcher wakes when a message is published to its queue, when a delivery ends, when
 //! the soonest parked message falls due, and at the latest every [`POLL`].
 
 pub mod attempt;
 pub mod pace;
+pub mod pause;
 pub mod supervisor;
 
 use std::sync::{Arc, Mutex};
@@ -34,6 +37,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::{Kind, Tracer};
 use attempt::{Answer, Delivery, Verdict};
 use pace::{Acknowledged, Pacer};
+use pause::{Pause, Pauses, Probes};
 
 /// The longest a dispatcher waits before looking at its queue again when nothing woke it
 /// (a dead letter replayed by an operator, a message another process stored).
@@ -69,6 +73,8 @@ pub struct Subscriber<B> {
     metrics: DeliveryMetrics,
     observed: Arc<supervisor::Observed>,
     tracer: Tracer,
+    /// Set while the app refuses connections: nothing is read then.
+    pause: Pause,
 }
 
 /// One queue a subscription consumes, with where its dead letters go and its counters.
@@ -106,6 +112,8 @@ pub struct Context<B> {
     pub dedup_window: Duration,
     pub metrics: Metrics,
     pub tracer: Tracer,
+    /// Which subscriptions are paused, for `/readyz`.
+    pub pauses: Arc<Pauses>,
 }
 
 impl<B: Broker + Clone> Subscriber<B> {
@@ -151,8 +159,10 @@ impl<B: Broker + Clone> Subscriber<B> {
             circuit: m.subscription_circuit_state(&queue),
             concurrency: m.subscription_concurrency(&queue),
         };
+        let pause = ctx.pauses.register(&queue, m.subscription_paused(&queue));
         Arc::new(Subscriber {
             lanes,
+            pause,
             consumer: ctx.service.clone(),
             subscriber: format!("{}{}", ctx.service, cfg.path),
             uri,
@@ -220,6 +230,14 @@ impl<B: Broker + Clone> Subscriber<B> {
                 permits = ready => match permits { Some(p) => p, None => break },
                 _ = stop.wait_for(|stop| *stop) => break,
             };
+            if self.pause.is_paused() {
+                // a delivery found the app's port refusing: read nothing until it accepts
+                drop(permits);
+                if !self.until_accepting(&mut stop).await {
+                    break;
+                }
+                continue;
+            }
             let (admissions, wait) = self.admit(permits.len());
             if admissions.is_empty() {
                 let wait = wait.unwrap_or(POLL);
@@ -345,6 +363,27 @@ impl<B: Broker + Clone> Subscriber<B> {
         }
     }
 
+    /// While paused: tries the app's port with backoff until it accepts a connection (true),
+    /// or until `stop` (false).
+    async fn until_accepting(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let probes = Probes::new(self.cfg.backoff, Instant::now());
+        let authority = self.uri.authority().map_or("", |a| a.as_str()).to_owned();
+        let connect_timeout = self.cfg.timeout.get().min(pause::MAX_PROBE_INTERVAL);
+        let accepts = || {
+            let authority = authority.clone();
+            async move {
+                let connect = tokio::net::TcpStream::connect(authority.as_str());
+                matches!(tokio::time::timeout(connect_timeout, connect).await, Ok(Ok(_)))
+            }
+        };
+        let accepted = pause::until_accepting(probes, accepts, || self.pause.refused(), stop).await;
+        if accepted {
+            self.pause.resume();
+            tracing::info!(queue = %self.queue, app = %authority, "the app accepts connections: delivery resumes");
+        }
+        accepted
+    }
+
     /// Waits for a wake-up (a publish, a finished delivery), `wait`, or the stop.
     async fn idle(&self, wait: Duration, stop: &mut watch::Receiver<bool>) {
         tokio::select! {
@@ -432,6 +471,13 @@ impl<B: Broker + Clone> Subscriber<B> {
         let started = Instant::now();
         let answer = self.post(&envelope, attempt).await;
         let verdict = attempt::judge(&answer, SystemTime::now());
+        if verdict == Verdict::Refused {
+            // the app never saw it: no attempt, no record, no failure for the breaker
+            self.cancel(vec![admission]);
+            self.refused(&answer);
+            self.park(envelope, attempts, Duration::ZERO).await;
+            return;
+        }
         let failed = matches!(verdict, Verdict::Retry { .. });
         self.record(admission, failed);
         self.observed.delivery(failed, started.elapsed());
@@ -459,6 +505,7 @@ impl<B: Broker + Clone> Subscriber<B> {
                     lane.retried.inc();
                 }
             }
+            Verdict::Refused => unreachable!("handled above"),
             Verdict::Permanent { record } => {
                 let reason = match record.status_code {
                     Some(code) => format!("permanent failure: the app answered {code}"),
@@ -484,6 +531,13 @@ impl<B: Broker + Clone> Subscriber<B> {
             Verdict::Acknowledge => {
                 self.record(admission, false);
                 lane.acked.inc();
+            }
+            Verdict::Refused => {
+                // acknowledged already, so dropped as any failure is; the next ones wait
+                self.cancel(vec![admission]);
+                self.refused(&answer);
+                lane.dropped.inc();
+                tracing::warn!(queue = %envelope.queue, id = %envelope.id, "the app refused the connection; dropped (delivery: at_most_once)");
             }
             Verdict::Retry { record, .. } | Verdict::Permanent { record } => {
                 self.record(admission, record.status_code.is_none_or(|c| c >= 500));
@@ -511,7 +565,10 @@ impl<B: Broker + Clone> Subscriber<B> {
         };
         let started = Instant::now();
         let answer = attempt::post(&self.client, &self.uri, delivery, self.cfg.timeout.get()).await;
-        self.lane(&envelope.queue).duration.observe(started.elapsed().as_secs_f64());
+        if !matches!(answer, Answer::Refused(_)) {
+            // a refused connection is no attempt: it would only drag the figures down
+            self.lane(&envelope.queue).duration.observe(started.elapsed().as_secs_f64());
+        }
         match &answer {
             Answer::Status { status, .. } => {
                 span.int("http.response.status_code", i64::from(status.as_u16()));
@@ -519,10 +576,17 @@ impl<B: Broker + Clone> Subscriber<B> {
                     span.failed();
                 }
             }
-            Answer::TimedOut(_) | Answer::Failed(_) => span.failed(),
+            Answer::TimedOut(_) | Answer::Failed(_) | Answer::Refused(_) => span.failed(),
         }
         self.tracer.end(span);
         answer
+    }
+
+    /// The app refused a delivery's connection: the subscription pauses.
+    fn refused(&self, answer: &Answer) {
+        if self.pause.pause() {
+            tracing::warn!(queue = %self.queue, error = %status_of(answer), "the app refuses connections: delivery paused until it accepts them");
+        }
     }
 
     /// The wait before attempt `attempt + 1`: the app's `Retry-After` when it gave one (capped
@@ -622,6 +686,6 @@ fn status_of(answer: &Answer) -> String {
     match answer {
         Answer::Status { status, .. } => status.as_u16().to_string(),
         Answer::TimedOut(after) => format!("timeout after {after:?}"),
-        Answer::Failed(error) => error.clone(),
+        Answer::Failed(error) | Answer::Refused(error) => error.clone(),
     }
 }
