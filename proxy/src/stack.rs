@@ -96,7 +96,7 @@ where
             cfg.circuit_breaker
                 .map(|c| CircuitBreakerLayer::new(name, c, metrics.circuit_state(name))),
         ) // 503 circuit-open
-        .layer(DeadlineLayer::new(cfg.timeouts.request.get())) // 504 timeout, the whole request
+        .layer(DeadlineLayer::whole_request(cfg.timeouts.request.get())) // 504 timeout, the call's deadline
         .option_layer(
             cfg.retry
                 .as_ref()

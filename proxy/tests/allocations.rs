@@ -86,7 +86,20 @@ impl Future for SecondPoll {
 /// A request as hyper hands it over: its header values and target share one buffer (a clone
 /// of them counts a reference, it does not allocate; one clone here makes them shared).
 fn request() -> Request<Body> {
-    let req = Request::get("http://bench/orders?page=2")
+    request_with(None)
+}
+
+/// The same, and an `outrigger-timeout` shorter than the configured timeout.
+fn request_with_timeout() -> Request<Body> {
+    request_with(Some("300ms"))
+}
+
+fn request_with(timeout: Option<&'static str>) -> Request<Body> {
+    let mut req = Request::get("http://bench/orders?page=2");
+    if let Some(timeout) = timeout {
+        req = req.header("outrigger-timeout", timeout);
+    }
+    let req = req
         .header("host", "bench")
         .header("user-agent", "curl/8.5.0")
         .header("accept", "application/json")
@@ -99,7 +112,7 @@ fn request() -> Request<Body> {
 }
 
 /// Allocations made while `REQUESTS` requests, built beforehand, go through the layers of `yaml`.
-async fn allocations_for(yaml: &str) -> usize {
+async fn allocations_for(yaml: &str, request: fn() -> Request<Body>) -> usize {
     let config = config::load_str("alloc.yaml", yaml).unwrap();
     let upstream = &config.upstreams.0[0];
     let name: Arc<str> = Arc::from(upstream.name.as_str());
@@ -134,9 +147,10 @@ fn head_copies() -> usize {
 #[test]
 fn the_policy_layers_allocate_nothing_per_request_but_the_retry_layers_copy_of_the_head() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let without_retry = runtime.block_on(allocations_for(NO_RETRY));
-    let full = runtime.block_on(allocations_for(FULL));
+    let without_retry = runtime.block_on(allocations_for(NO_RETRY, request));
+    let full = runtime.block_on(allocations_for(FULL, request));
     let copies = head_copies();
+    let shortened = runtime.block_on(allocations_for(NO_RETRY, request_with_timeout));
 
     assert_eq!(without_retry, 0, "metrics, rate limit, concurrency limit, breaker, deadlines");
     assert_eq!(
@@ -145,4 +159,7 @@ fn the_policy_layers_allocate_nothing_per_request_but_the_retry_layers_copy_of_t
         "every layer on: only the head copy a replay needs ({} per request)",
         copies / REQUESTS
     );
+    // the configured timeout's `outrigger-timeout` value is made once per upstream; a shorter
+    // one the client asks for is a new value, which owns its bytes (DESIGN "Deadlines")
+    assert_eq!(shortened, REQUESTS, "one header value for the time left, per request");
 }

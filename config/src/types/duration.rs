@@ -64,6 +64,16 @@ impl Duration {
     pub fn is_zero(self) -> bool {
         self.0.is_zero()
     }
+
+    /// Text in the same syntax from outside the config (a request header, say), where a value
+    /// past [`Duration::MAX`] means "no sooner than that" and is cut to it rather than refused.
+    /// `None` when the text is not a duration. Allocates nothing.
+    pub fn parse_saturating(text: &str) -> Option<Self> {
+        let nanos = parse_nanos(text)?.min(Duration::MAX.0.as_nanos());
+        let secs = u64::try_from(nanos / NANOS_PER_SEC).expect("at most MAX_SECS");
+        let subsec = u32::try_from(nanos % NANOS_PER_SEC).expect("below one second");
+        Some(Duration(std::time::Duration::new(secs, subsec)))
+    }
 }
 
 /// Clamped to [`Duration::MAX`]: a config value is never longer, however it was made.
@@ -180,6 +190,19 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(parse("999999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn parse_saturating_cuts_long_text_to_the_cap_and_refuses_what_is_not_a_duration() {
+        let sat = |t: &str| Duration::parse_saturating(t).map(Duration::get);
+        assert_eq!(sat("1500ms"), Some(Std::from_millis(1500)));
+        assert_eq!(sat("1.5s"), Some(Std::from_millis(1500)));
+        assert_eq!(sat("0ms"), Some(Std::ZERO));
+        assert_eq!(sat("366d"), Some(Duration::MAX.get()));
+        assert_eq!(sat("99999999999999999999d"), Some(Duration::MAX.get()));
+        for bad in ["", "5", "1500", "ms", "-1s", "1 s", "1500MS", "1e3ms", "123456789012345678901ms"] {
+            assert_eq!(sat(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod budget;
 pub mod circuit_breaker;
 pub mod concurrency_limit;
+pub mod deadline;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;

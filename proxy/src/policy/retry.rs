@@ -5,7 +5,8 @@
 //! opened (nothing was sent). A body is replayed only if it fits `replay_buffer`; a larger one
 //! streams through once. Worth it: the failure is in `on`, attempts remain, the retry budget has
 //! room, and the backoff (or the upstream's `Retry-After`, capped at `backoff.max`) ends before
-//! the whole-request deadline. Otherwise the client gets the last answer as it came, with
+//! the call's deadline (`deadline.rs`: the time left that the layer outside wrote into the
+//! request's `outrigger-timeout`; each later attempt is sent with what is left then). Otherwise the client gets the last answer as it came, with
 //! `outrigger-attempts: N` when N > 1.
 
 use std::future::Future;
@@ -30,6 +31,7 @@ use crate::http::forward::Tried;
 use crate::http::respond::error_response;
 use crate::policy::backoff::{Backoff, parse_retry_after};
 use crate::policy::budget::Budget;
+use crate::policy::deadline;
 
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("outrigger-attempts");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -46,7 +48,7 @@ struct Shared {
     on: Vec<config::RetryOn>,
     budget: Mutex<Budget>,
     replay_cap: usize,
-    /// `timeouts.request`: no backoff sleep may end past it.
+    /// `timeouts.request`: no backoff sleep may end past it, nor past a sooner call deadline.
     request_timeout: Duration,
     retries: IntCounter,
 }
@@ -163,7 +165,10 @@ struct Attempts {
     /// A body kept whole for replay, or one that streams through in a single attempt.
     body: Replay,
     idempotent: bool,
+    /// The call's deadline: no backoff ends past it; each later attempt is sent with the rest.
     deadline: Instant,
+    /// The head's time-left headers are no longer true (time passed while the body was read).
+    stale: bool,
     attempt: u32,
     previous_delay: Duration,
     waited: Duration,
@@ -206,11 +211,15 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
                 (Replay::Unavailable, State::Buffering { fut })
             }
         };
+        // the layer outside says how much of the call is left (DESIGN "Deadlines")
+        let left = deadline::time_left(&parts.headers)
+            .map_or(shared.request_timeout, |left| left.min(shared.request_timeout));
         let request = Attempts {
             parts: Some(parts),
             body,
             idempotent,
-            deadline: saturating_add(now, shared.request_timeout),
+            deadline: saturating_add(now, left),
+            stale: matches!(state, State::Buffering { .. }),
             attempt: 1,
             previous_delay: shared.backoff.initial(),
             waited: Duration::ZERO,
@@ -278,6 +287,11 @@ impl Attempts {
         match &self.body {
             Replay::Complete(data, trailers) => {
                 let mut parts = self.parts.clone().expect("a replayable request keeps its head");
+                if self.attempt > 1 || self.stale {
+                    // sent on with what is left now, not what was left when the call came
+                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    deadline::write(&mut parts.headers, left);
+                }
                 if parts.extensions.get::<crate::http::forward::RequestTrace>().is_some() {
                     // the attempt's span says which attempt it was and what it waited for
                     parts
@@ -287,7 +301,12 @@ impl Attempts {
                 Request::from_parts(parts, Body::replay(data.clone(), trailers.clone()))
             }
             Replay::Streaming(_) | Replay::Unavailable => {
-                let parts = self.parts.take().expect("a streamed request is sent once");
+                let mut parts = self.parts.take().expect("a streamed request is sent once");
+                if self.stale {
+                    // read up to the replay cap before it turned out to be too long to keep
+                    let left = self.deadline.saturating_duration_since(Instant::now());
+                    deadline::write(&mut parts.headers, left);
+                }
                 let body = match std::mem::replace(&mut self.body, Replay::Unavailable) {
                     Replay::Streaming(body) => body,
                     _ => unreachable!("matched above"),

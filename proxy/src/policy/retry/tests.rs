@@ -24,11 +24,17 @@ struct Script {
     steps: Arc<Mutex<VecDeque<Step>>>,
     /// (elapsed since start, body) of each attempt
     seen: Arc<Mutex<Vec<(Duration, Bytes)>>>,
+    /// the `outrigger-timeout` and `grpc-timeout` each attempt was sent with
+    timeouts: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
 }
 
 impl Script {
     fn new(steps: impl IntoIterator<Item = Step>) -> Self {
-        Self { steps: Arc::new(Mutex::new(steps.into_iter().collect())), seen: Arc::default() }
+        Self {
+            steps: Arc::new(Mutex::new(steps.into_iter().collect())),
+            seen: Arc::default(),
+            timeouts: Arc::default(),
+        }
     }
 
     fn service(
@@ -45,6 +51,8 @@ impl Script {
         let script = self.clone();
         tower::service_fn(move |req: Request<Body>| {
             let script = script.clone();
+            let header = |name| req.headers().get(name).map(|v: &HeaderValue| v.to_str().unwrap().to_owned());
+            script.timeouts.lock().unwrap().push((header("outrigger-timeout"), header("grpc-timeout")));
             async move {
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 script.seen.lock().unwrap().push((started.elapsed(), body));
@@ -238,4 +246,69 @@ async fn a_per_try_cut_is_retried_when_on_lists_504_or_timeout_and_only_then() {
         "503 alone does not ask for a per-try cut to be retried"
     );
     assert_eq!(script.seen.lock().unwrap().len(), 1);
+}
+
+/// The retry layer inside the whole-request deadline, as `stack.rs` builds them.
+async fn send_within(
+    request_timeout: Duration,
+    cfg: &config::Retry,
+    script: &Script,
+    req: Request<Body>,
+) -> Response<Body> {
+    let counter = IntCounter::new("r", "r").unwrap();
+    let mut svc = crate::policy::timeout::DeadlineLayer::whole_request(request_timeout)
+        .layer(RetryLayer::new(cfg, request_timeout, counter).layer(script.service(Instant::now())));
+    svc.ready().await.unwrap().call(req).await.expect("an answer")
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_backoff_sleep_runs_past_the_calls_deadline_from_outrigger_timeout() {
+    let script = Script::new([Step::Status(503), Step::Status(503), Step::Status(200)]);
+    let started = Instant::now();
+    let req = Request::get("/").header("outrigger-timeout", "250ms").body(Body::empty()).unwrap();
+    let res = send_within(Duration::from_secs(10), &retry(3), &script, req).await;
+    assert_eq!(
+        (res.status().as_u16(), attempts_header(&res)),
+        (503, Some("2")),
+        "the 200 ms backoff after the second attempt would end at 300 ms, past the 250 ms deadline"
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(100), "answered at once after attempt 2");
+    let sent: Vec<_> = script.timeouts.lock().unwrap().iter().map(|t| t.0.clone()).collect();
+    assert_eq!(sent, [Some("250ms".into()), Some("150ms".into())], "each attempt: the time left");
+
+    // the same script without the header: the 10 s timeout leaves room for all three
+    let script = Script::new([Step::Status(503), Step::Status(503), Step::Status(200)]);
+    let res = send_within(Duration::from_secs(10), &retry(3), &script, get()).await;
+    assert_eq!((res.status().as_u16(), attempts_header(&res)), (200, Some("3")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_calls_attempts_are_sent_with_grpc_timeout_rewritten_to_the_time_left() {
+    let script = Script::new([Step::Status(503), Step::Status(200)]);
+    let req = Request::post("/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "400m")
+        .header("idempotency-key", "k")
+        .body(Body::full("msg"))
+        .unwrap();
+    let res = send_within(Duration::from_secs(10), &retry(3), &script, req).await;
+    assert_eq!(res.status(), 200);
+    let sent = script.timeouts.lock().unwrap().clone();
+    assert_eq!(
+        sent,
+        [
+            (Some("400ms".into()), Some("400m".into())),
+            (Some("300ms".into()), Some("300m".into()))
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_past_the_calls_deadline_ends_the_retries_at_once() {
+    let script = Script::new([Step::RetryAfter(503, "1"), Step::Status(200)]);
+    let started = Instant::now();
+    let req = Request::get("/").header("outrigger-timeout", "500ms").body(Body::empty()).unwrap();
+    let res = send_within(Duration::from_secs(10), &retry(3), &script, req).await;
+    assert_eq!((res.status().as_u16(), script.attempts()), (503, 1));
+    assert_eq!(started.elapsed(), Duration::ZERO);
 }
