@@ -200,7 +200,9 @@ mod tests {
         assert_eq!(sat("0ms"), Some(Std::ZERO));
         assert_eq!(sat("366d"), Some(Duration::MAX.get()));
         assert_eq!(sat("99999999999999999999d"), Some(Duration::MAX.get()));
-        for bad in ["", "5", "1500", "ms", "-1s", "1 s", "1500MS", "1e3ms", "123456789012345678901ms"] {
+        for bad in
+            ["", "5", "1500", "ms", "-1s", "1 s", "1500MS", "1e3ms", "123456789012345678901ms"]
+        {
             assert_eq!(sat(bad), None, "{bad:?}");
         }
     }

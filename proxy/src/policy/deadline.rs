@@ -50,7 +50,11 @@ pub fn requested(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
     if headers.contains_key(GRPC_TIMEOUT) && is_grpc(headers) {
         for value in headers.get_all(GRPC_TIMEOUT) {
             let Some(d) = parse_grpc_timeout(value.as_bytes()) else {
-                return Err(malformed("grpc-timeout", value, "1 to 8 digits and one of H M S m u n"));
+                return Err(malformed(
+                    "grpc-timeout",
+                    value,
+                    "1 to 8 digits and one of H M S m u n",
+                ));
             };
             keep(d);
         }
@@ -112,7 +116,7 @@ pub fn encode_grpc_timeout(left: Duration) -> (u64, u8) {
     let (size, unit) = UNITS[finest..]
         .iter()
         .rev()
-        .find(|&&(size, _)| floored % size == 0)
+        .find(|&&(size, _)| floored.is_multiple_of(size))
         .copied()
         .unwrap_or(UNITS[finest]);
     let count = u64::try_from(floored / size).unwrap_or(GRPC_MAX_VALUE).min(GRPC_MAX_VALUE);
@@ -221,8 +225,23 @@ mod tests {
     #[test]
     fn malformed_grpc_timeouts_are_refused() {
         for bad in [
-            "", "m", "1", "123456789m", "1h", "1s", "1ms", "1 m", " 1m", "1m ", "-1m", "+1m", "1.5S",
-            "1x", "1mm", "0x1m", "１m",
+            "",
+            "m",
+            "1",
+            "123456789m",
+            "1h",
+            "1s",
+            "1ms",
+            "1 m",
+            " 1m",
+            "1m ",
+            "-1m",
+            "+1m",
+            "1.5S",
+            "1x",
+            "1mm",
+            "0x1m",
+            "１m",
         ] {
             assert_eq!(parse_grpc_timeout(bad.as_bytes()), None, "{bad:?}");
         }
@@ -247,7 +266,9 @@ mod tests {
         assert_eq!(enc(config::Duration::MAX.get()), "8760H");
         assert_eq!(enc(Duration::MAX), "99999999H");
         assert_eq!(enc(Duration::ZERO), "0H");
-        for d in [Duration::from_nanos(1), Duration::from_millis(1_500), Duration::from_secs(99_999)] {
+        for d in
+            [Duration::from_nanos(1), Duration::from_millis(1_500), Duration::from_secs(99_999)]
+        {
             let (n, unit) = encode_grpc_timeout(d);
             let back = parse_grpc_timeout(format!("{n}{}", unit as char).as_bytes()).unwrap();
             assert!(back <= d && n <= GRPC_MAX_VALUE, "{d:?} -> {back:?}");
@@ -284,7 +305,11 @@ mod tests {
             ("grpc-timeout", "123456789S"),
         ] {
             let err = requested(&headers(&[GRPC, (name, value)])).unwrap_err();
-            assert_eq!((err.status().as_u16(), err.kind()), (400, "bad-request"), "{name}: {value}");
+            assert_eq!(
+                (err.status().as_u16(), err.kind()),
+                (400, "bad-request"),
+                "{name}: {value}"
+            );
             assert!(err.to_string().contains(name), "{err}");
         }
     }
@@ -305,10 +330,16 @@ mod tests {
         let mut plain = headers(&[("outrigger-timeout", "9s"), ("outrigger-timeout", "8s")]);
         Stamp::new(Duration::from_millis(1500)).write(&mut plain);
         assert_eq!(plain.get_all("outrigger-timeout").iter().count(), 1);
-        assert_eq!((plain["outrigger-timeout"].as_bytes(), plain.get("grpc-timeout")), (&b"1500ms"[..], None));
+        assert_eq!(
+            (plain["outrigger-timeout"].as_bytes(), plain.get("grpc-timeout")),
+            (&b"1500ms"[..], None)
+        );
         let mut grpc = headers(&[GRPC, ("grpc-timeout", "9S")]);
         write(&mut grpc, Duration::from_millis(1500));
-        assert_eq!((grpc["outrigger-timeout"].as_bytes(), grpc["grpc-timeout"].as_bytes()), (&b"1500ms"[..], &b"1500m"[..]));
+        assert_eq!(
+            (grpc["outrigger-timeout"].as_bytes(), grpc["grpc-timeout"].as_bytes()),
+            (&b"1500ms"[..], &b"1500m"[..])
+        );
         assert_eq!(time_left(&grpc), Some(Duration::from_millis(1500)));
     }
 }

@@ -173,7 +173,9 @@ mod tests {
         let started = Instant::now();
         let req = with_header("outrigger-timeout", "300ms");
         let err = svc.ready().await.unwrap().call(req).await.unwrap_err();
-        assert!(matches!(err, ProxyError::Timeout { after } if after == Duration::from_millis(300)));
+        assert!(
+            matches!(err, ProxyError::Timeout { after } if after == Duration::from_millis(300))
+        );
         assert_eq!(started.elapsed(), Duration::from_millis(300));
         assert_eq!(*seen.lock().unwrap(), [Some("300ms".to_owned())]);
     }

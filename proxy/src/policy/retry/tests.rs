@@ -19,13 +19,16 @@ enum Step {
     Timeout,
 }
 
+/// The `outrigger-timeout` and `grpc-timeout` an attempt was sent with.
+type SentTimeouts = (Option<String>, Option<String>);
+
 #[derive(Clone, Default)]
 struct Script {
     steps: Arc<Mutex<VecDeque<Step>>>,
     /// (elapsed since start, body) of each attempt
     seen: Arc<Mutex<Vec<(Duration, Bytes)>>>,
     /// the `outrigger-timeout` and `grpc-timeout` each attempt was sent with
-    timeouts: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    timeouts: Arc<Mutex<Vec<SentTimeouts>>>,
 }
 
 impl Script {
@@ -51,8 +54,14 @@ impl Script {
         let script = self.clone();
         tower::service_fn(move |req: Request<Body>| {
             let script = script.clone();
-            let header = |name| req.headers().get(name).map(|v: &HeaderValue| v.to_str().unwrap().to_owned());
-            script.timeouts.lock().unwrap().push((header("outrigger-timeout"), header("grpc-timeout")));
+            let header = |name| {
+                req.headers().get(name).map(|v: &HeaderValue| v.to_str().unwrap().to_owned())
+            };
+            script
+                .timeouts
+                .lock()
+                .unwrap()
+                .push((header("outrigger-timeout"), header("grpc-timeout")));
             async move {
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 script.seen.lock().unwrap().push((started.elapsed(), body));
@@ -256,8 +265,9 @@ async fn send_within(
     req: Request<Body>,
 ) -> Response<Body> {
     let counter = IntCounter::new("r", "r").unwrap();
-    let mut svc = crate::policy::timeout::DeadlineLayer::whole_request(request_timeout)
-        .layer(RetryLayer::new(cfg, request_timeout, counter).layer(script.service(Instant::now())));
+    let mut svc = crate::policy::timeout::DeadlineLayer::whole_request(request_timeout).layer(
+        RetryLayer::new(cfg, request_timeout, counter).layer(script.service(Instant::now())),
+    );
     svc.ready().await.unwrap().call(req).await.expect("an answer")
 }
 
@@ -296,10 +306,7 @@ async fn a_grpc_calls_attempts_are_sent_with_grpc_timeout_rewritten_to_the_time_
     let sent = script.timeouts.lock().unwrap().clone();
     assert_eq!(
         sent,
-        [
-            (Some("400ms".into()), Some("400m".into())),
-            (Some("300ms".into()), Some("300m".into()))
-        ]
+        [(Some("400ms".into()), Some("400m".into())), (Some("300ms".into()), Some("300m".into()))]
     );
 }
 
