@@ -4,6 +4,7 @@
 mod admin;
 mod balance;
 mod cli;
+mod deadlines;
 mod delivery;
 mod deploy;
 mod dlq;
