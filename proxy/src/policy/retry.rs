@@ -6,8 +6,9 @@
 //! streams through once. Worth it: the failure is in `on`, attempts remain, the retry budget has
 //! room, and the backoff (or the upstream's `Retry-After`, capped at `backoff.max`) ends before
 //! the call's deadline (`deadline.rs`: the time left that the layer outside wrote into the
-//! request's `outrigger-timeout`; each later attempt is sent with what is left then). Otherwise the client gets the last answer as it came, with
-//! `outrigger-attempts: N` when N > 1.
+//! request's `outrigger-timeout`; each later attempt is sent with what is left then).
+//! Otherwise the client gets the last answer as it came, with `outrigger-attempts: N` when
+//! N > 1.
 
 use std::future::Future;
 use std::pin::Pin;
