@@ -3,6 +3,7 @@
 pub mod body;
 pub(crate) mod connect;
 pub mod forward;
+pub mod grpc;
 pub(crate) mod guard;
 pub(crate) mod idle;
 pub mod in_flight;

@@ -5,8 +5,9 @@
 //! opened (nothing was sent). A body is replayed only if it fits `replay_buffer`; a larger one
 //! streams through once. Worth it: the failure is in `on`, attempts remain, the retry budget has
 //! room, and the backoff (or the upstream's `Retry-After`, capped at `backoff.max`) ends before
-//! the whole-request deadline. Otherwise the client gets the last answer as it came, with
-//! `outrigger-attempts: N` when N > 1.
+//! the whole-request deadline. A gRPC call is retried on a status `on` lists when it comes in a
+//! trailers-only head, whatever the method; never on one in trailers. Otherwise the client gets
+//! the last answer as it came, with `outrigger-attempts: N` when N > 1.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +28,7 @@ use tokio::time::Instant;
 use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::forward::Tried;
+use crate::http::grpc;
 use crate::http::respond::error_response;
 use crate::policy::backoff::{Backoff, parse_retry_after};
 use crate::policy::budget::Budget;
@@ -44,6 +46,8 @@ struct Shared {
     max_attempts: u32,
     backoff: Backoff,
     on: Vec<config::RetryOn>,
+    /// `on` lists a gRPC status.
+    on_grpc: bool,
     budget: Mutex<Budget>,
     replay_cap: usize,
     /// `timeouts.request`: no backoff sleep may end past it.
@@ -60,6 +64,7 @@ impl RetryLayer {
                 max_attempts: cfg.max_attempts.get(),
                 backoff: Backoff::new(cfg.backoff),
                 on: cfg.on.clone(),
+                on_grpc: cfg.on.iter().any(|on| matches!(on, config::RetryOn::Grpc(_))),
                 budget: Mutex::new(Budget::new(cfg.budget.ratio.get(), cfg.budget.min_per_second)),
                 replay_cap: usize::try_from(cfg.replay_buffer.bytes()).unwrap_or(usize::MAX),
                 request_timeout,
@@ -104,6 +109,9 @@ where
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Failure {
     Connect,
+    /// A gRPC status listed in `on`, in a trailers-only head: listing it asserts the call is
+    /// safe to repeat on that answer, whatever its method (DESIGN.md, "gRPC").
+    GrpcHead,
     Other,
 }
 
@@ -111,9 +119,15 @@ impl Shared {
     fn retryable(&self, result: &Result<Response<Body>, ProxyError>) -> Option<Failure> {
         let wanted = |on: config::RetryOn| self.on.contains(&on);
         match result {
-            Ok(res) => {
-                wanted(config::RetryOn::Status(res.status().as_u16())).then_some(Failure::Other)
-            }
+            // a status in trailers never gets here as `Answered`: messages reached the client
+            Ok(res) => match res.extensions().get::<grpc::Answered>() {
+                Some(grpc::Answered(status)) => {
+                    wanted(config::RetryOn::Grpc(*status)).then_some(Failure::GrpcHead)
+                }
+                None => {
+                    wanted(config::RetryOn::Status(res.status().as_u16())).then_some(Failure::Other)
+                }
+            },
             Err(ProxyError::ConnectFailed { .. }) => {
                 wanted(config::RetryOn::ConnectFailure).then_some(Failure::Connect)
             }
@@ -190,8 +204,10 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
         // a request that can never be sent twice streams through: holding its body back would
         // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)
-        let replayable =
-            !upgrade && (idempotent || shared.on.contains(&config::RetryOn::ConnectFailure));
+        // a gRPC call with gRPC statuses in `on` may be sent again whatever its method
+        let grpc_retried = shared.on_grpc && grpc::is_grpc(req.headers());
+        let replayable = !upgrade
+            && (idempotent || grpc_retried || shared.on.contains(&config::RetryOn::ConnectFailure));
         let (parts, body) = req.into_parts();
         let (body, state) = match (replayable, body) {
             (false, body) => (Replay::Streaming(body), State::Ready),
@@ -308,7 +324,8 @@ impl Attempts {
             return Ok(result); // streamed: there is nothing to send again
         }
         let Some(failure) = shared.retryable(&result) else { return Ok(finish(result, attempt)) };
-        if attempt >= shared.max_attempts || !(self.idempotent || failure == Failure::Connect) {
+        let safe = self.idempotent || matches!(failure, Failure::Connect | Failure::GrpcHead);
+        if attempt >= shared.max_attempts || !safe {
             return Ok(finish(result, attempt));
         }
         let delay = match result.as_ref().ok().and_then(|res| res.headers().get(RETRY_AFTER)) {
@@ -372,7 +389,7 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
             return Ok(Replay::Complete(data.unwrap_or_default(), trailers));
         }
         Body::Client { inner } => inner,
-        streaming @ (Body::Prefixed { .. } | Body::Upstream { .. }) => {
+        streaming @ (Body::Prefixed { .. } | Body::Upstream { .. } | Body::Grpc { .. }) => {
             return Ok(Replay::Streaming(streaming));
         }
     };

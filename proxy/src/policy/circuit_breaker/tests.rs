@@ -112,7 +112,7 @@ async fn client_errors_are_not_failures_and_the_layer_answers_circuit_open() {
     let gauge = IntGauge::new("g", "g").unwrap();
     let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), gauge.clone());
     let mut svc = layer.layer(tower::service_fn(|status: u16| async move {
-        let mut res = Response::new(());
+        let mut res = Response::new(crate::http::Body::empty());
         *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
         Ok::<_, ProxyError>(res)
     }));
