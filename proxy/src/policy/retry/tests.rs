@@ -17,6 +17,8 @@ enum Step {
     RetryAfter(u16, &'static str),
     Connect,
     Timeout,
+    /// A trailers-only gRPC answer, as `forward.rs` marks it.
+    Grpc(grpc::GrpcStatus),
 }
 
 #[derive(Clone, Default)]
@@ -63,6 +65,11 @@ impl Script {
                     }
                     Step::Connect => Err(connect_failed().await),
                     Step::Timeout => Err(ProxyError::Timeout { after: Duration::from_millis(100) }),
+                    Step::Grpc(status) => {
+                        let mut res = respond(200);
+                        res.extensions_mut().insert(grpc::Answered(status));
+                        Ok(res)
+                    }
                 }
             }
         })
@@ -238,4 +245,42 @@ async fn a_per_try_cut_is_retried_when_on_lists_504_or_timeout_and_only_then() {
         "503 alone does not ask for a per-try cut to be retried"
     );
     assert_eq!(script.seen.lock().unwrap().len(), 1);
+}
+
+fn grpc_call() -> Request<Body> {
+    Request::post("/pkg.Svc/Method")
+        .header("content-type", "application/grpc")
+        .body(Body::full(&b"\0\0\0\0\x02hi"[..]))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listed_grpc_status_in_the_head_is_retried_whatever_the_method_with_the_body_replayed() {
+    use grpc::GrpcStatus::{Ok as GrpcOk, Unavailable};
+    let mut cfg = retry(3);
+    cfg.on.push(config::RetryOn::Grpc(Unavailable));
+    let script =
+        Script::new([Step::Grpc(Unavailable), Step::Grpc(Unavailable), Step::Grpc(GrpcOk)]);
+    let res = send(&cfg, &script, grpc_call()).await;
+    assert_eq!(res.extensions().get::<grpc::Answered>(), Some(&grpc::Answered(GrpcOk)));
+    assert_eq!(attempts_header(&res), Some("3"));
+    let bodies: Vec<Bytes> = script.seen.lock().unwrap().iter().map(|s| s.1.clone()).collect();
+    assert_eq!(bodies, vec![Bytes::from_static(b"\0\0\0\0\x02hi"); 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unlisted_grpc_status_or_a_grpc_call_without_grpc_names_in_on_is_sent_once() {
+    use grpc::GrpcStatus::{InvalidArgument, Ok as GrpcOk, Unavailable};
+    let mut cfg = retry(3);
+    cfg.on.push(config::RetryOn::Grpc(Unavailable));
+    let script = Script::new([Step::Grpc(InvalidArgument), Step::Grpc(GrpcOk)]);
+    let res = send(&cfg, &script, grpc_call()).await;
+    assert_eq!(res.extensions().get::<grpc::Answered>(), Some(&grpc::Answered(InvalidArgument)));
+    assert_eq!(script.attempts(), 1);
+
+    // the default `on` names no gRPC status: a gRPC POST is not replayable
+    let script = Script::new([Step::Grpc(Unavailable), Step::Grpc(GrpcOk)]);
+    let res = send(&retry(3), &script, grpc_call()).await;
+    assert_eq!(res.extensions().get::<grpc::Answered>(), Some(&grpc::Answered(Unavailable)));
+    assert_eq!(script.attempts(), 1);
 }
