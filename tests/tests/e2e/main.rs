@@ -10,6 +10,7 @@ mod dlq;
 mod dns;
 mod faults;
 mod front_door;
+mod grpc;
 mod malformed;
 mod messaging;
 mod overload;
