@@ -301,7 +301,15 @@ impl Future for RouteFuture {
                         {
                             span.text("outrigger.error", kind.to_str().unwrap_or_default());
                         }
-                        if response.status().is_server_error() {
+                        // a gRPC call's outcome is its status (here when it is in the head)
+                        let status = response.headers().get(grpc::STATUS_HEADER);
+                        let status = status.filter(|_| *grpc).map(grpc::parse_status);
+                        if let Some(status) = status {
+                            span.int("rpc.grpc.status_code", i64::from(status.code()));
+                        }
+                        if response.status().is_server_error()
+                            || status.is_some_and(grpc::is_failure)
+                        {
                             span.failed();
                         }
                         tracer.end(span);

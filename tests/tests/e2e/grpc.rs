@@ -18,9 +18,15 @@ const METHOD: &str = "/pkg.Svc/Method";
 
 /// `up` as upstream `payments` (h2 in, h2 out), with `policies` at the upstream's indentation.
 fn payments(up: &GrpcUpstream, policies: &str) -> String {
+    endpoints(&[up], policies)
+}
+
+/// `ups` as the endpoints of upstream `payments`.
+fn endpoints(ups: &[&GrpcUpstream], policies: &str) -> String {
+    let list: Vec<String> = ups.iter().map(|up| format!("\"{}\"", up.addr())).collect();
     let mut yaml = format!(
-        "upstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\n    protocol: auto\n",
-        up.addr()
+        "upstreams:\n  payments:\n    discovery: {{ static: [{}] }}\n    protocol: auto\n",
+        list.join(", ")
     );
     for line in policies.lines() {
         yaml.push_str("    ");
@@ -143,6 +149,23 @@ async fn not_found_does_not_trip_the_breaker() {
     assert_eq!(up.calls(), 5);
     let text = metrics(&sidecar).await;
     assert!(text.contains(r#"outrigger_circuit_state{upstream="payments"} 0"#), "{text}");
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_an_endpoint_answering_unavailable_in_the_head_or_in_trailers() {
+    for failing in [GrpcReply::Status(UNAVAILABLE), GrpcReply::Message(UNAVAILABLE)] {
+        let good = GrpcUpstream::scripted([GrpcReply::Message(OK)]).await;
+        let bad = GrpcUpstream::scripted([failing]).await;
+        let policies = "load_balancer: round_robin\noutlier_detection: { consecutive_failures: 2, base_ejection: 30s, max_ejected_percent: 50 }";
+        let sidecar = Sidecar::start(&endpoints(&[&good, &bad], policies)).await;
+
+        for _ in 0..20 {
+            grpc_call(sidecar.outbound, "payments", METHOD, b"x").await;
+        }
+
+        assert_eq!(bad.calls(), 2, "{failing:?}: ejected after its second failure in a row");
+        assert_eq!(good.calls(), 18, "{failing:?}");
+    }
 }
 
 #[tokio::test]
