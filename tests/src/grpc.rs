@@ -23,6 +23,9 @@ pub enum GrpcReply {
     Status(u32),
     /// One message (the request's own bytes echoed), then this status in the trailers.
     Message(u32),
+    /// A bidirectional stream: a message `ready` as soon as the request's first message
+    /// arrives, then, once the client has ended its stream, `ok` in the trailers.
+    Bidi,
 }
 
 /// What one call looked like on arrival.
@@ -98,16 +101,39 @@ async fn answer(
     state: Arc<Mutex<State>>,
     req: Request<Incoming>,
 ) -> Result<Response<Frames>, hyper::Error> {
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await?.to_bytes();
-    let reply = {
-        let mut state = state.lock().unwrap();
-        let reply = state.script.pop_front().or(state.last).expect("a scripted reply");
-        state.last = Some(reply);
-        let path = parts.uri.path().to_owned();
-        state.calls.push(Call { path, headers: parts.headers, body: body.clone() });
-        reply
+    let (parts, mut body) = req.into_parts();
+    let next = {
+        let state = state.lock().unwrap();
+        state.script.front().copied().or(state.last).expect("a scripted reply")
     };
+    let body = match next {
+        GrpcReply::Bidi => {
+            // answer on the first message, then read the rest while the answer streams
+            let first = loop {
+                match body.frame().await {
+                    Some(frame) => match frame?.into_data() {
+                        Ok(data) if !data.is_empty() => break data,
+                        _ => continue,
+                    },
+                    None => break Bytes::new(),
+                }
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(Frame::data(frame(b"ready"))).await.expect("the body waits");
+            tokio::spawn(async move {
+                while let Some(Ok(_)) = body.frame().await {}
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                let _ = tx.send(Frame::trailers(trailers)).await;
+            });
+            record(&state, &parts, first);
+            let mut res = Response::new(Frames::Channel(rx));
+            res.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+            return Ok(res);
+        }
+        _ => body.collect().await?.to_bytes(),
+    };
+    let reply = record(&state, &parts, body.clone());
     let mut res = Response::new(Frames::default());
     res.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
     match reply {
@@ -118,15 +144,36 @@ async fn answer(
             let mut trailers = HeaderMap::new();
             trailers.insert("grpc-status", status.into());
             let echoed = if body.is_empty() { frame(b"") } else { body };
-            res.body_mut().0 = VecDeque::from([Frame::data(echoed), Frame::trailers(trailers)]);
+            *res.body_mut() =
+                Frames::Fixed(VecDeque::from([Frame::data(echoed), Frame::trailers(trailers)]));
         }
+        GrpcReply::Bidi => unreachable!("answered above"),
     }
     Ok(res)
 }
 
-/// A response body of a few frames, trailers included.
-#[derive(Debug, Default)]
-struct Frames(VecDeque<Frame<Bytes>>);
+/// Takes the script's next reply and records the call.
+fn record(state: &Mutex<State>, parts: &http::request::Parts, body: Bytes) -> GrpcReply {
+    let mut state = state.lock().unwrap();
+    let reply = state.script.pop_front().or(state.last).expect("a scripted reply");
+    state.last = Some(reply);
+    let path = parts.uri.path().to_owned();
+    state.calls.push(Call { path, headers: parts.headers.clone(), body });
+    reply
+}
+
+/// A body of a few frames, trailers included, or of frames sent as they come.
+#[derive(Debug)]
+enum Frames {
+    Fixed(VecDeque<Frame<Bytes>>),
+    Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>),
+}
+
+impl Default for Frames {
+    fn default() -> Self {
+        Self::Fixed(VecDeque::new())
+    }
+}
 
 impl hyper::body::Body for Frames {
     type Data = Bytes;
@@ -134,13 +181,16 @@ impl hyper::body::Body for Frames {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(self.0.pop_front().map(Ok))
+        match &mut *self {
+            Self::Fixed(frames) => Poll::Ready(frames.pop_front().map(Ok)),
+            Self::Channel(rx) => rx.poll_recv(cx).map(|frame| frame.map(Ok)),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_empty()
+        matches!(self, Self::Fixed(frames) if frames.is_empty())
     }
 }
 
@@ -203,6 +253,55 @@ pub async fn grpc_call(
         http_status: parts.status.as_u16(),
         headers: parts.headers,
         body: collected.to_bytes(),
+        trailers,
+    }
+}
+
+/// A bidirectional call: sends `first`, waits for the server's first message, then sends
+/// `second` and ends its stream; returns what it got. A proxy that held the request back until
+/// it ended would leave this call hanging.
+pub async fn grpc_bidi(
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    first: &[u8],
+    second: &[u8],
+) -> GrpcAnswer {
+    let stream = TcpStream::connect(addr).await.expect("the sidecar accepts");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("an h2c handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(Frame::data(frame(first))).await.expect("the body waits");
+    let req = Request::post(format!("http://{authority}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Frames::Channel(rx))
+        .unwrap();
+    let res = sender.send_request(req).await.expect("an answer head");
+    let (parts, mut body) = res.into_parts();
+    let mut received = BytesMut::new();
+    let mut trailers = None;
+    let mut tx = Some(tx);
+    while let Some(next) = body.frame().await {
+        let next = next.expect("the answer streams");
+        match next.into_data() {
+            Ok(data) => {
+                received.extend_from_slice(&data);
+                // the server's first message: now send the second and end the stream
+                if let Some(tx) = tx.take() {
+                    tx.send(Frame::data(frame(second))).await.expect("the body waits");
+                }
+            }
+            Err(next) => trailers = next.into_trailers().ok(),
+        }
+    }
+    GrpcAnswer {
+        http_status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: received.freeze(),
         trailers,
     }
 }

@@ -16,6 +16,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::http::grpc::watch::Watch;
+use crate::http::tee::Teed;
 
 pin_project_lite::pin_project! {
     #[project = BodyProj]
@@ -28,6 +29,9 @@ pin_project_lite::pin_project! {
         /// An upstream's answer to a gRPC call, as it arrives, watched for the status in its
         /// trailers (`grpc/watch.rs`).
         Grpc { #[pin] inner: Incoming, watch: Watch },
+        /// The client's request body of a gRPC call a retry may repeat, as it arrives, copied
+        /// on the way (`tee.rs`).
+        Teed { #[pin] inner: Teed },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         /// The start of the client's request body, read, then the rest of it as it arrives.
         Prefixed { head: Option<Bytes>, #[pin] rest: Incoming },
@@ -97,6 +101,7 @@ impl http_body::Body for Body {
         match self.project() {
             BodyProj::Client { inner } => inner.poll_frame(cx).map_err(BodyError::Client),
             BodyProj::Upstream { inner } => inner.poll_frame(cx).map_err(BodyError::Upstream),
+            BodyProj::Teed { inner } => inner.poll_frame(cx),
             BodyProj::Grpc { inner, watch } => {
                 let polled = inner.poll_frame(cx);
                 watch.observe(&polled);
@@ -118,6 +123,7 @@ impl http_body::Body for Body {
             Self::Client { inner } | Self::Upstream { inner } | Self::Grpc { inner, .. } => {
                 inner.is_end_stream()
             }
+            Self::Teed { inner } => inner.is_end_stream(),
             Self::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Self::Prefixed { head, rest } => head.is_none() && rest.is_end_stream(),
         }
@@ -128,6 +134,7 @@ impl http_body::Body for Body {
             Self::Client { inner } | Self::Upstream { inner } | Self::Grpc { inner, .. } => {
                 inner.size_hint()
             }
+            Self::Teed { inner } => inner.size_hint(),
             Self::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -11,6 +11,7 @@ pub mod listener;
 pub mod probe;
 pub mod respond;
 pub mod route;
+pub mod tee;
 pub mod tls;
 
 pub use body::Body;

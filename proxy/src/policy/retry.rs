@@ -3,7 +3,8 @@
 //! Safe: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or requests carrying
 //! an `Idempotency-Key` are sent twice; any request is retried when its connection could not be
 //! opened (nothing was sent). A body is replayed only if it fits `replay_buffer`; a larger one
-//! streams through once. Worth it: the failure is in `on`, attempts remain, the retry budget has
+//! streams through once. A gRPC call's body is not held back (a streaming call would hang): it
+//! is sent at once and copied on the way, and replayed only if it had ended by the retry. Worth it: the failure is in `on`, attempts remain, the retry budget has
 //! room, and the backoff (or the upstream's `Retry-After`, capped at `backoff.max`) ends before
 //! the whole-request deadline. A gRPC call is retried on a status `on` lists when it comes in a
 //! trailers-only head, whatever the method; never on one in trailers. Otherwise the client gets
@@ -30,6 +31,7 @@ use crate::http::Body;
 use crate::http::forward::Tried;
 use crate::http::grpc;
 use crate::http::respond::error_response;
+use crate::http::tee::Tee;
 use crate::policy::backoff::{Backoff, parse_retry_after};
 use crate::policy::budget::Budget;
 
@@ -202,12 +204,14 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
         shared.budget.lock().expect("no panics under the budget lock").deposit(now);
         let idempotent = idempotent(&req);
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        // a gRPC call with gRPC statuses in `on` may be sent again whatever its method
+        let grpc = grpc::is_grpc(req.headers());
         // a request that can never be sent twice streams through: holding its body back would
         // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)
-        // a gRPC call with gRPC statuses in `on` may be sent again whatever its method
-        let grpc_retried = shared.on_grpc && grpc::is_grpc(req.headers());
         let replayable = !upgrade
-            && (idempotent || grpc_retried || shared.on.contains(&config::RetryOn::ConnectFailure));
+            && (idempotent
+                || (grpc && shared.on_grpc)
+                || shared.on.contains(&config::RetryOn::ConnectFailure));
         let (parts, body) = req.into_parts();
         let (body, state) = match (replayable, body) {
             (false, body) => (Replay::Streaming(body), State::Ready),
@@ -216,6 +220,10 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
             }
             (true, body) if http_body::Body::is_end_stream(&body) => {
                 (Replay::Complete(Bytes::new(), None), State::Ready)
+            }
+            // a gRPC call may stream both ways: it is sent at once and copied on the way
+            (true, Body::Client { inner }) if grpc => {
+                (Replay::Teeing(Tee::new(inner, shared.replay_cap)), State::Ready)
             }
             (true, body) => {
                 let fut: Buffering = Box::pin(buffer(body, shared.replay_cap));
@@ -291,6 +299,11 @@ impl Attempts {
     /// The request of the next attempt: a copy of the head and the kept body, or the streamed
     /// request itself.
     fn next_attempt(&mut self) -> Request<Body> {
+        if let Replay::Teeing(tee) = &self.body {
+            let parts = self.parts.clone().expect("a teed request keeps its head");
+            let body = tee.next_body().expect("an attempt is made only while the body can be sent");
+            return Request::from_parts(parts, body);
+        }
         match &self.body {
             Replay::Complete(data, trailers) => {
                 let mut parts = self.parts.clone().expect("a replayable request keeps its head");
@@ -302,7 +315,7 @@ impl Attempts {
                 }
                 Request::from_parts(parts, Body::replay(data.clone(), trailers.clone()))
             }
-            Replay::Streaming(_) | Replay::Unavailable => {
+            Replay::Streaming(_) | Replay::Unavailable | Replay::Teeing(_) => {
                 let parts = self.parts.take().expect("a streamed request is sent once");
                 let body = match std::mem::replace(&mut self.body, Replay::Unavailable) {
                     Replay::Streaming(body) => body,
@@ -320,8 +333,13 @@ impl Attempts {
         result: Result<Response<Body>, ProxyError>,
     ) -> Result<Result<Response<Body>, ProxyError>, Duration> {
         let attempt = self.attempt;
-        if !matches!(self.body, Replay::Complete(..)) {
-            return Ok(result); // streamed: there is nothing to send again
+        let replayable = match &self.body {
+            Replay::Complete(..) => true,
+            Replay::Teeing(tee) => tee.can_replay(),
+            Replay::Streaming(_) | Replay::Unavailable => false,
+        };
+        if !replayable {
+            return Ok(finish(result, attempt)); // streamed: there is nothing to send again
         }
         let Some(failure) = shared.retryable(&result) else { return Ok(finish(result, attempt)) };
         let safe = self.idempotent || matches!(failure, Failure::Connect | Failure::GrpcHead);
@@ -377,6 +395,8 @@ fn finish(
 enum Replay {
     Complete(Bytes, Option<http::HeaderMap>),
     Streaming(Body),
+    /// A gRPC call's body, sent as it arrives and copied for a retry (`http/tee.rs`).
+    Teeing(Tee),
     /// Not held: still being read into a buffer, or already sent (streamed).
     Unavailable,
 }
@@ -389,7 +409,10 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
             return Ok(Replay::Complete(data.unwrap_or_default(), trailers));
         }
         Body::Client { inner } => inner,
-        streaming @ (Body::Prefixed { .. } | Body::Upstream { .. } | Body::Grpc { .. }) => {
+        streaming @ (Body::Prefixed { .. }
+        | Body::Upstream { .. }
+        | Body::Grpc { .. }
+        | Body::Teed { .. }) => {
             return Ok(Replay::Streaming(streaming));
         }
     };

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use outrigger_tests::{GrpcReply, GrpcUpstream, Sidecar, frame, grpc_call};
+use outrigger_tests::{
+    GrpcReply, GrpcUpstream, RefusingPort, Sidecar, frame, grpc_bidi, grpc_call,
+};
 
 const OK: u32 = 0;
 const INVALID_ARGUMENT: u32 = 3;
@@ -61,6 +63,41 @@ async fn unavailable_twice_then_ok_is_ok_after_three_calls_with_the_same_message
         text.contains(r#"outrigger_grpc_responses_total{grpc_status="ok",route="(default)",upstream="payments"} 1"#),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_bidirectional_stream_is_not_held_back_by_the_retry_buffer() {
+    let up = GrpcUpstream::scripted([GrpcReply::Bidi]).await;
+    let sidecar = Sidecar::start(&payments(&up, RETRY_UNAVAILABLE)).await;
+
+    let call = grpc_bidi(sidecar.outbound, "payments", METHOD, b"first", b"second");
+    let res = tokio::time::timeout(std::time::Duration::from_secs(5), call)
+        .await
+        .expect("the call streams: its first message was not held back until its end");
+
+    assert_eq!((res.http_status, res.status()), (200, OK));
+    assert_eq!(res.body, frame(b"ready"));
+    assert_eq!(up.seen()[0].body, frame(b"first"));
+}
+
+#[tokio::test]
+async fn a_call_whose_connection_was_refused_is_retried_with_its_whole_message() {
+    let refusing = RefusingPort::new();
+    let up = GrpcUpstream::scripted([GrpcReply::Message(OK)]).await;
+    let yaml = payments(&up, "load_balancer: round_robin\nretry: { max_attempts: 2, on: [connect-failure, unavailable], backoff: { initial: 10ms, max: 50ms, jitter: none } }")
+        .replace(&format!("[\"{}\"]", up.addr()), &format!("[\"{}\", \"{}\"]", refusing.addr(), up.addr()));
+    let sidecar = Sidecar::start(&yaml).await;
+
+    for n in 0..4 {
+        let message = format!("call {n}");
+        let res = grpc_call(sidecar.outbound, "payments", METHOD, message.as_bytes()).await;
+        assert_eq!((res.status(), res.body.clone()), (OK, frame(message.as_bytes())), "{n}");
+    }
+
+    assert_eq!(up.calls(), 4);
+    let text = metrics(&sidecar).await;
+    assert!(!text.contains(r#"outrigger_retries_total{upstream="payments"} 0"#), "{text}");
+    assert!(text.contains(r#"outrigger_retries_total{upstream="payments"}"#), "{text}");
 }
 
 #[tokio::test]
