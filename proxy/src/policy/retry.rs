@@ -3,12 +3,13 @@
 //! Safe: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or requests carrying
 //! an `Idempotency-Key` are sent twice; any request is retried when its connection could not be
 //! opened (nothing was sent). A body is replayed only if it fits `replay_buffer`; a larger one
-//! streams through once. A gRPC call's body is not held back (a streaming call would hang): it
-//! is sent at once and copied on the way, and replayed only if it had ended by the retry. Worth it: the failure is in `on`, attempts remain, the retry budget has
-//! room, and the backoff (or the upstream's `Retry-After`, capped at `backoff.max`) ends before
-//! the whole-request deadline. A gRPC call is retried on a status `on` lists when it comes in a
-//! trailers-only head, whatever the method; never on one in trailers. Otherwise the client gets
-//! the last answer as it came, with `outrigger-attempts: N` when N > 1.
+//! streams through once; a gRPC call's body is not held back (a streaming call would hang) but
+//! sent at once and copied on the way (`http/tee.rs`). Worth it: the failure is in `on`,
+//! attempts remain, the retry budget has room, and the backoff (or the upstream's
+//! `Retry-After`, capped at `backoff.max`) ends before the whole-request deadline. A gRPC call
+//! is retried on a status `on` lists when it comes in a trailers-only head, whatever the method;
+//! never on one in trailers. Otherwise the client gets the last answer as it came, with
+//! `outrigger-attempts: N` when N > 1.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -299,13 +300,8 @@ impl Attempts {
     /// The request of the next attempt: a copy of the head and the kept body, or the streamed
     /// request itself.
     fn next_attempt(&mut self) -> Request<Body> {
-        if let Replay::Teeing(tee) = &self.body {
-            let parts = self.parts.clone().expect("a teed request keeps its head");
-            let body = tee.next_body().expect("an attempt is made only while the body can be sent");
-            return Request::from_parts(parts, body);
-        }
         match &self.body {
-            Replay::Complete(data, trailers) => {
+            Replay::Complete(..) | Replay::Teeing(_) => {
                 let mut parts = self.parts.clone().expect("a replayable request keeps its head");
                 if parts.extensions.get::<crate::http::forward::RequestTrace>().is_some() {
                     // the attempt's span says which attempt it was and what it waited for
@@ -313,9 +309,9 @@ impl Attempts {
                         .extensions
                         .insert(AttemptInfo { number: self.attempt, backoff: self.waited });
                 }
-                Request::from_parts(parts, Body::replay(data.clone(), trailers.clone()))
+                Request::from_parts(parts, self.body.replayed())
             }
-            Replay::Streaming(_) | Replay::Unavailable | Replay::Teeing(_) => {
+            Replay::Streaming(_) | Replay::Unavailable => {
                 let parts = self.parts.take().expect("a streamed request is sent once");
                 let body = match std::mem::replace(&mut self.body, Replay::Unavailable) {
                     Replay::Streaming(body) => body,
@@ -399,6 +395,17 @@ enum Replay {
     Teeing(Tee),
     /// Not held: still being read into a buffer, or already sent (streamed).
     Unavailable,
+}
+
+impl Replay {
+    /// The body of another attempt of a replayable request.
+    fn replayed(&self) -> Body {
+        match self {
+            Self::Complete(data, trailers) => Body::replay(data.clone(), trailers.clone()),
+            Self::Teeing(tee) => tee.next_body().expect("an attempt is made only when it can be"),
+            Self::Streaming(_) | Self::Unavailable => unreachable!("not replayable"),
+        }
+    }
 }
 
 /// Reads the body into memory if it fits `cap`; a larger one goes on as the buffered prefix
