@@ -23,6 +23,8 @@ pub enum GrpcReply {
     Status(u32),
     /// One message (the request's own bytes echoed), then this status in the trailers.
     Message(u32),
+    /// One message and the end of the stream, with no status at all (a broken server).
+    NoStatus,
     /// A bidirectional stream: a message `ready` as soon as the request's first message
     /// arrives, then, once the client has ended its stream, `ok` in the trailers.
     Bidi,
@@ -147,6 +149,7 @@ async fn answer(
             *res.body_mut() =
                 Frames::Fixed(VecDeque::from([Frame::data(echoed), Frame::trailers(trailers)]));
         }
+        GrpcReply::NoStatus => *res.body_mut() = Frames::Fixed(VecDeque::from([Frame::data(body)])),
         GrpcReply::Bidi => unreachable!("answered above"),
     }
     Ok(res)

@@ -102,9 +102,14 @@ impl http_body::Body for Body {
             BodyProj::Client { inner } => inner.poll_frame(cx).map_err(BodyError::Client),
             BodyProj::Upstream { inner } => inner.poll_frame(cx).map_err(BodyError::Upstream),
             BodyProj::Teed { inner } => inner.poll_frame(cx),
-            BodyProj::Grpc { inner, watch } => {
-                let polled = inner.poll_frame(cx);
+            BodyProj::Grpc { mut inner, watch } => {
+                let polled = inner.as_mut().poll_frame(cx);
                 watch.observe(&polled);
+                if matches!(polled, Poll::Ready(Some(Ok(_)))) && inner.is_end_stream() {
+                    // hyper polls no further once a body says it has ended: it ended here,
+                    // without trailers (an observer told of the trailers already is not again)
+                    watch.observe::<hyper::Error>(&Poll::Ready(None));
+                }
                 polled.map_err(BodyError::Upstream)
             }
             BodyProj::Full { data, trailers } => Poll::Ready(match data.take() {

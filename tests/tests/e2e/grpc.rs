@@ -78,6 +78,11 @@ async fn a_bidirectional_stream_is_not_held_back_by_the_retry_buffer() {
     assert_eq!((res.http_status, res.status()), (200, OK));
     assert_eq!(res.body, frame(b"ready"));
     assert_eq!(up.seen()[0].body, frame(b"first"));
+    let text = metrics(&sidecar).await;
+    assert!(
+        text.contains(r#"outrigger_grpc_responses_total{grpc_status="ok",route="(default)",upstream="payments"} 1"#),
+        "the status in the stream's trailers is counted as they pass: {text}"
+    );
 }
 
 #[tokio::test]
@@ -172,6 +177,26 @@ async fn the_breaker_counts_a_failure_status_that_comes_in_trailers() {
 
     assert_eq!(res.header("outrigger-error"), Some("circuit-open"));
     assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_without_any_status_is_a_failure() {
+    let up = GrpcUpstream::scripted([GrpcReply::NoStatus]).await;
+    let sidecar = Sidecar::start(&payments(&up, BREAKER)).await;
+
+    for _ in 0..2 {
+        let res = grpc_call(sidecar.outbound, "payments", METHOD, b"x").await;
+        assert_eq!((res.body.clone(), res.trailers.is_none()), (frame(b"x"), true));
+    }
+    let res = grpc_call(sidecar.outbound, "payments", METHOD, b"x").await;
+
+    assert_eq!(res.header("outrigger-error"), Some("circuit-open"));
+    assert_eq!(up.calls(), 2);
+    let text = metrics(&sidecar).await;
+    assert!(
+        text.contains(r#"grpc_status="unknown",route="(default)",upstream="payments"} 2"#),
+        "{text}"
+    );
 }
 
 #[tokio::test]
