@@ -4,8 +4,9 @@
 //! avoiding those a retry already tried when it can; the request keeps its method, path, query and `Host`, loses its
 //! hop-by-hop headers (RFC 9110 section 7.6.1) and streams to the endpoint. hyper's errors are
 //! classified here, where they enter: could not connect -> 502 `connect-failed`, anything after
-//! -> 502 `upstream-reset`. A gRPC call's answer is classified by its `grpc-status` here too
-//! (`grpc/`): in the head it is the endpoint's outcome at once, in trailers when they pass. A `101 Switching Protocols` answer (WebSocket) becomes a byte tunnel.
+//! -> 502 `upstream-reset`. A `101 Switching Protocols` answer (WebSocket) becomes a byte tunnel.
+//! A gRPC call's answer is classified by its `grpc-status` here too (`grpc/`): in the head it is
+//! the endpoint's outcome at once, in trailers when they pass.
 //! A TLS upstream gets its own pools over `tls::TlsConnector`; a CONNECT becomes a tunnel to the
 //! picked endpoint (`connect.rs`).
 

@@ -239,7 +239,7 @@ impl hyper::service::Service<Request<Incoming>> for Route {
                         .insert(RequestTrace { tracer: routes.tracer.clone(), parent });
                 }
                 let trace = span.recording().then(|| Box::new((routes.tracer.clone(), span)));
-                RouteFuture::Upstream { inner: upstream.oneshot(req), connect, trace, grpc }
+                RouteFuture::Upstream { inner: upstream.oneshot(req), connect, trace, rpc: grpc }
             }
             Err(err) => {
                 routes.unmatched.record(err.status().as_u16(), std::time::Duration::ZERO);
@@ -266,7 +266,8 @@ pin_project_lite::pin_project! {
             connect: bool,
             // only while a span is recorded: no allocation otherwise
             trace: Option<Box<(Tracer, Span)>>,
-            grpc: bool,
+            // a gRPC call: our own answers to it become gRPC answers
+            rpc: bool,
         },
         Local { inner: Pin<Box<dyn Future<Output = Response<Body>> + Send>> },
     }
@@ -280,46 +281,41 @@ impl Future for RouteFuture {
             RouteFutureProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            RouteFutureProj::Upstream { inner, connect, trace, grpc } => {
-                inner.poll(cx).map(|result| {
-                    let mut response = result.unwrap_or_else(|err| error_response(&err));
-                    if *grpc {
-                        // ours carry a `LocalAnswer` (the error's, or one a retry kept); theirs pass
-                        grpc::answer_as_grpc(&mut response);
+            RouteFutureProj::Upstream { inner, connect, trace, rpc } => inner.poll(cx).map(|res| {
+                let mut response = res.unwrap_or_else(|err| error_response(&err));
+                if *rpc {
+                    // ours carry a `LocalAnswer`, from any layer; an upstream's answer passes
+                    grpc::answer_as_grpc(&mut response);
+                }
+                if *connect {
+                    close_if_refused(&mut response);
+                }
+                if let Some(recorded) = trace.take() {
+                    let (tracer, mut span) = *recorded;
+                    span.int("http.response.status_code", i64::from(response.status().as_u16()));
+                    if let Some(kind) = response.headers().get(crate::http::respond::ERROR_HEADER) {
+                        span.text("outrigger.error", kind.to_str().unwrap_or_default());
                     }
-                    if *connect {
-                        close_if_refused(&mut response);
+                    let grpc_failed = *rpc && grpc_status(&mut span, &response);
+                    if response.status().is_server_error() || grpc_failed {
+                        span.failed();
                     }
-                    if let Some(recorded) = trace.take() {
-                        let (tracer, mut span) = *recorded;
-                        span.int(
-                            "http.response.status_code",
-                            i64::from(response.status().as_u16()),
-                        );
-                        if let Some(kind) =
-                            response.headers().get(crate::http::respond::ERROR_HEADER)
-                        {
-                            span.text("outrigger.error", kind.to_str().unwrap_or_default());
-                        }
-                        // a gRPC call's outcome is its status (here when it is in the head)
-                        let status = response.headers().get(grpc::STATUS_HEADER);
-                        let status = status.filter(|_| *grpc).map(grpc::parse_status);
-                        if let Some(status) = status {
-                            span.int("rpc.grpc.status_code", i64::from(status.code()));
-                        }
-                        if response.status().is_server_error()
-                            || status.is_some_and(grpc::is_failure)
-                        {
-                            span.failed();
-                        }
-                        tracer.end(span);
-                    }
-                    Ok(response)
-                })
-            }
+                    tracer.end(span);
+                }
+                Ok(response)
+            }),
             RouteFutureProj::Local { inner } => inner.as_mut().poll(cx).map(Ok),
         }
     }
+}
+
+/// Records a gRPC call's status on its span, when it is in the head; whether it is a failure.
+fn grpc_status(span: &mut Span, response: &Response<Body>) -> bool {
+    let Some(status) = response.headers().get(grpc::STATUS_HEADER).map(grpc::parse_status) else {
+        return false;
+    };
+    span.int("rpc.grpc.status_code", i64::from(status.code()));
+    grpc::is_failure(status)
 }
 
 #[cfg(test)]
