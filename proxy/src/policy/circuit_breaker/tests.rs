@@ -134,3 +134,25 @@ async fn client_errors_are_not_failures_and_the_layer_answers_circuit_open() {
     svc.ready().await.unwrap().call(200).await.unwrap();
     assert_eq!(gauge.get(), 0, "closed");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_trailers_only_grpc_answer_fails_by_its_status_not_its_http_200() {
+    use crate::http::grpc::{Answered, GrpcStatus};
+    let gauge = IntGauge::new("g", "g").unwrap();
+    let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), gauge.clone());
+    let mut svc = layer.layer(tower::service_fn(|status: GrpcStatus| async move {
+        let mut res = Response::new(crate::http::Body::empty());
+        res.extensions_mut().insert(Answered(status)); // as forward.rs marks it
+        Ok::<_, ProxyError>(res)
+    }));
+    for status in [GrpcStatus::NotFound, GrpcStatus::InvalidArgument, GrpcStatus::Ok] {
+        for _ in 0..3 {
+            svc.ready().await.unwrap().call(status).await.unwrap();
+        }
+    }
+    assert_eq!(gauge.get(), 0, "the caller's statuses do not open the breaker");
+    for _ in 0..3 {
+        svc.ready().await.unwrap().call(GrpcStatus::Unavailable).await.unwrap();
+    }
+    assert_eq!(gauge.get(), 2, "three unavailable in a row open it");
+}
