@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod grpc;
 mod load;
 mod model;
 mod types;
@@ -12,6 +13,7 @@ mod validate;
 mod yaml;
 
 pub use error::{LoadError, Problem, Problems};
+pub use grpc::GrpcStatus;
 pub use load::{load_endpoints_str, load_file, load_str};
 pub use model::*;
 pub use types::{

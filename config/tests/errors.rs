@@ -237,8 +237,17 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "bad retry condition",
             up("    retry: { on: [reset, 700, flaky] }\n"),
             vec![
-                "outrigger.yaml:4:26: upstreams.payments.retry.on[1]: 700 is not a status code (expected connect-failure, reset, timeout, or a status code from 100 to 599)",
-                "outrigger.yaml:4:31: upstreams.payments.retry.on[2]: unknown value \"flaky\" (expected connect-failure, reset, timeout, or a status code from 100 to 599)",
+                "outrigger.yaml:4:26: upstreams.payments.retry.on[1]: 700 is not a status code (expected connect-failure, reset, timeout, a status code from 100 to 599, or a gRPC status: cancelled, unknown, deadline-exceeded, resource-exhausted, aborted, internal, unavailable, data-loss)",
+                "outrigger.yaml:4:31: upstreams.payments.retry.on[2]: unknown value \"flaky\" (expected connect-failure, reset, timeout, a status code from 100 to 599, or a gRPC status: cancelled, unknown, deadline-exceeded, resource-exhausted, aborted, internal, unavailable, data-loss)",
+            ],
+        ),
+        (
+            "gRPC status names in retry.on: a misspelt one, and one a retry cannot fix",
+            up("    retry: { on: [unavailable, unavilable, not-found, UNAVAILABLE] }\n"),
+            vec![
+                "outrigger.yaml:4:32: upstreams.payments.retry.on[1]: unknown value \"unavilable\" (expected connect-failure, reset, timeout, a status code from 100 to 599, or a gRPC status: cancelled, unknown, deadline-exceeded, resource-exhausted, aborted, internal, unavailable, data-loss)",
+                "outrigger.yaml:4:44: upstreams.payments.retry.on[2]: gRPC status not-found is not retried: a new attempt would get the same answer (expected connect-failure, reset, timeout, a status code from 100 to 599, or a gRPC status: cancelled, unknown, deadline-exceeded, resource-exhausted, aborted, internal, unavailable, data-loss)",
+                "outrigger.yaml:4:55: upstreams.payments.retry.on[3]: unknown value \"UNAVAILABLE\" (expected connect-failure, reset, timeout, a status code from 100 to 599, or a gRPC status: cancelled, unknown, deadline-exceeded, resource-exhausted, aborted, internal, unavailable, data-loss)",
             ],
         ),
         (

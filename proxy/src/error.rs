@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
+use outrigger_config::GrpcStatus;
 
 /// Why Outrigger answered a request itself.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +150,34 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status a gRPC call gets for this answer (DESIGN.md, "gRPC"). Beyond DESIGN's
+    /// table: `bad-request` is `internal`, as gRPC maps an HTTP 400; the messaging API's own
+    /// answers (never a gRPC call's) follow their HTTP meaning.
+    pub fn grpc_status(&self) -> GrpcStatus {
+        match self {
+            Self::UnknownUpstream { .. } | Self::UnknownEndpoint { .. } => {
+                GrpcStatus::Unimplemented
+            }
+            Self::Timeout { .. } => GrpcStatus::DeadlineExceeded,
+            Self::RateLimited { .. } => GrpcStatus::ResourceExhausted,
+            Self::CircuitOpen { .. }
+            | Self::Overloaded { .. }
+            | Self::SidecarOverloaded { .. }
+            | Self::NoHealthyEndpoints { .. }
+            | Self::ConnectFailed { .. }
+            | Self::UpstreamReset { .. }
+            | Self::PublishBufferFull { .. }
+            | Self::Outbox { .. } => GrpcStatus::Unavailable,
+            Self::BadRequest { .. }
+            | Self::BadRequestBody { .. }
+            | Self::HeadersTooLarge { .. }
+            | Self::BodyTimeout { .. }
+            | Self::BadPublish { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::MethodNotAllowed { .. } => GrpcStatus::Internal,
+        }
+    }
+
     /// How long the client should wait before trying again, sent as `Retry-After`.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -209,5 +238,39 @@ mod tests {
         let slow = ProxyError::BodyTimeout { after: Duration::from_secs(1) };
         assert_eq!((slow.status().as_u16(), slow.kind()), (408, "bad-request"));
         assert!(slow.closes_connection(), "the cut body was not read to its end");
+    }
+
+    #[test]
+    fn grpc_statuses_match_the_design_mapping() {
+        let upstream: Arc<str> = "p".into();
+        let wait = Duration::from_secs(1);
+        let cases = [
+            (ProxyError::UnknownUpstream { authority: "x".into() }, GrpcStatus::Unimplemented),
+            (ProxyError::Timeout { after: wait }, GrpcStatus::DeadlineExceeded),
+            (
+                ProxyError::RateLimited { upstream: upstream.clone(), retry_after: wait },
+                GrpcStatus::ResourceExhausted,
+            ),
+            (
+                ProxyError::CircuitOpen { upstream: upstream.clone(), retry_after: wait },
+                GrpcStatus::Unavailable,
+            ),
+            (
+                ProxyError::Overloaded { upstream: upstream.clone(), limit: 1 },
+                GrpcStatus::Unavailable,
+            ),
+            (
+                ProxyError::NoHealthyEndpoints { upstream: upstream.clone() },
+                GrpcStatus::Unavailable,
+            ),
+            (
+                ProxyError::ConnectFailed { upstream: upstream.clone(), source: "refused".into() },
+                GrpcStatus::Unavailable,
+            ),
+            (ProxyError::BadRequest { reason: "r".into() }, GrpcStatus::Internal),
+        ];
+        for (err, status) in cases {
+            assert_eq!(err.grpc_status(), status, "{}", err.kind());
+        }
     }
 }

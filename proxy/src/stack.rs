@@ -24,7 +24,12 @@ use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
 use crate::policy::rate_limit::RateLimitLayer;
 use crate::policy::retry::RetryLayer;
 use crate::policy::timeout::DeadlineLayer;
+use crate::telemetry::grpc::GrpcResponsesLayer;
 use crate::telemetry::metrics::{Metrics, MetricsLayer, NO_UPSTREAM};
+
+/// The `route` label of a request no route matched.
+// TODO(routes, #19): the routes work names each route; until then every call is "(default)"
+const DEFAULT_ROUTE: &str = "(default)";
 
 /// One upstream's whole stack, boxed once so every upstream has the same type.
 pub type UpstreamService = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;
@@ -88,6 +93,7 @@ where
 {
     ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.upstream(name))) // counts what the client got
+        .layer(GrpcResponsesLayer::new(metrics.grpc_responses(name, DEFAULT_ROUTE))) // gRPC statuses
         .option_layer(
             cfg.rate_limit.map(|r| RateLimitLayer::new(name, &r, metrics.rate_limited(name))),
         ) // 429 rate-limited

@@ -8,6 +8,7 @@
 
 mod dnsmasq;
 mod etcd;
+mod grpc;
 mod otlp;
 mod raw;
 mod redis;
@@ -18,6 +19,7 @@ mod upstream;
 
 pub use dnsmasq::{Dnsmasq, Zone};
 pub use etcd::{Etcd, Kv};
+pub use grpc::{Call, GrpcAnswer, GrpcReply, GrpcUpstream, frame, grpc_bidi, grpc_call};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use raw::RawUpstream;
 pub use redis::Redis;

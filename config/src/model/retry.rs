@@ -2,6 +2,7 @@
 //! defaults differ (25ms..1s against 1s..1m): a partly written `backoff:` takes the missing
 //! fields from its context's defaults, so there is one field list and two constants.
 
+use crate::GrpcStatus;
 use crate::types::{ByteSize, Duration, Ratio};
 use serde::de::{Error, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -22,13 +23,15 @@ pub struct Retry {
 }
 
 /// A failure worth retrying: a connection that could not be opened, a reset, a per-try
-/// timeout, or an upstream answer with this status.
+/// timeout, an upstream answer with this status, or a gRPC call answered with this gRPC status
+/// in its response head (`unavailable`; one of [`GrpcStatus::RETRYABLE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetryOn {
     ConnectFailure,
     Reset,
     Timeout,
     Status(u16),
+    Grpc(GrpcStatus),
 }
 
 /// Caps retries at `ratio` of recent requests plus `min_per_second`, against retry storms.
@@ -94,7 +97,9 @@ impl Default for Budget {
 
 // === impl RetryOn ===
 
-const RETRY_ON: &str = "connect-failure, reset, timeout, or a status code from 100 to 599";
+const RETRY_ON: &str = "connect-failure, reset, timeout, a status code from 100 to 599, or a gRPC \
+                        status: cancelled, unknown, deadline-exceeded, resource-exhausted, \
+                        aborted, internal, unavailable, data-loss";
 
 impl RetryOn {
     fn status(code: u64) -> Option<RetryOn> {
@@ -127,10 +132,25 @@ impl Visitor<'_> for RetryOnVisitor {
             "connect-failure" => Ok(RetryOn::ConnectFailure),
             "reset" => Ok(RetryOn::Reset),
             "timeout" => Ok(RetryOn::Timeout),
-            _ => match text.parse() {
-                Ok(code) => self.visit_u64(code),
-                Err(_) => Err(E::custom(format!("unknown value {text:?} (expected {RETRY_ON})"))),
+            _ => match GrpcStatus::from_name(text) {
+                Some(status) if GrpcStatus::RETRYABLE.contains(&status) => {
+                    Ok(RetryOn::Grpc(status))
+                }
+                // `ok`, `not-found`, …: the caller's answer, the same on every attempt
+                Some(status) => Err(E::custom(format!(
+                    "gRPC status {status} is not retried: a new attempt would get the same answer (expected {RETRY_ON})"
+                ))),
+                None => self.visit_number(text),
             },
+        }
+    }
+}
+
+impl RetryOnVisitor {
+    fn visit_number<E: Error>(self, text: &str) -> Result<RetryOn, E> {
+        match text.parse() {
+            Ok(code) => self.visit_u64(code),
+            Err(_) => Err(E::custom(format!("unknown value {text:?} (expected {RETRY_ON})"))),
         }
     }
 }
@@ -142,6 +162,7 @@ impl Serialize for RetryOn {
             RetryOn::Reset => serializer.serialize_str("reset"),
             RetryOn::Timeout => serializer.serialize_str("timeout"),
             RetryOn::Status(code) => serializer.serialize_u16(*code),
+            RetryOn::Grpc(status) => serializer.serialize_str(status.name()),
         }
     }
 }

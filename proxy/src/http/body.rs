@@ -15,6 +15,9 @@ use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::http::grpc::watch::Watch;
+use crate::http::tee::Teed;
+
 pin_project_lite::pin_project! {
     #[project = BodyProj]
     #[derive(Debug)]
@@ -23,6 +26,12 @@ pin_project_lite::pin_project! {
         Client { #[pin] inner: Incoming },
         /// An upstream's response body, as it arrives.
         Upstream { #[pin] inner: Incoming },
+        /// An upstream's answer to a gRPC call, as it arrives, watched for the status in its
+        /// trailers (`grpc/watch.rs`).
+        Grpc { #[pin] inner: Incoming, watch: Watch },
+        /// The client's request body of a gRPC call a retry may repeat, as it arrives, copied
+        /// on the way (`tee.rs`).
+        Teed { #[pin] inner: Teed },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         /// The start of the client's request body, read, then the rest of it as it arrives.
         Prefixed { head: Option<Bytes>, #[pin] rest: Incoming },
@@ -92,6 +101,17 @@ impl http_body::Body for Body {
         match self.project() {
             BodyProj::Client { inner } => inner.poll_frame(cx).map_err(BodyError::Client),
             BodyProj::Upstream { inner } => inner.poll_frame(cx).map_err(BodyError::Upstream),
+            BodyProj::Teed { inner } => inner.poll_frame(cx),
+            BodyProj::Grpc { mut inner, watch } => {
+                let polled = inner.as_mut().poll_frame(cx);
+                watch.observe(&polled);
+                if matches!(polled, Poll::Ready(Some(Ok(_)))) && inner.is_end_stream() {
+                    // hyper polls no further once a body says it has ended: it ended here,
+                    // without trailers (an observer told of the trailers already is not again)
+                    watch.observe::<hyper::Error>(&Poll::Ready(None));
+                }
+                polled.map_err(BodyError::Upstream)
+            }
             BodyProj::Full { data, trailers } => Poll::Ready(match data.take() {
                 Some(data) => Some(Ok(Frame::data(data))),
                 None => trailers.take().map(|t| Ok(Frame::trailers(t))),
@@ -105,7 +125,10 @@ impl http_body::Body for Body {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Client { inner } | Self::Upstream { inner } => inner.is_end_stream(),
+            Self::Client { inner } | Self::Upstream { inner } | Self::Grpc { inner, .. } => {
+                inner.is_end_stream()
+            }
+            Self::Teed { inner } => inner.is_end_stream(),
             Self::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Self::Prefixed { head, rest } => head.is_none() && rest.is_end_stream(),
         }
@@ -113,7 +136,10 @@ impl http_body::Body for Body {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Client { inner } | Self::Upstream { inner } => inner.size_hint(),
+            Self::Client { inner } | Self::Upstream { inner } | Self::Grpc { inner, .. } => {
+                inner.size_hint()
+            }
+            Self::Teed { inner } => inner.size_hint(),
             Self::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -5,6 +5,8 @@
 //! hop-by-hop headers (RFC 9110 section 7.6.1) and streams to the endpoint. hyper's errors are
 //! classified here, where they enter: could not connect -> 502 `connect-failed`, anything after
 //! -> 502 `upstream-reset`. A `101 Switching Protocols` answer (WebSocket) becomes a byte tunnel.
+//! A gRPC call's answer is classified by its `grpc-status` here too (`grpc/`): in the head it is
+//! the endpoint's outcome at once, in trailers when they pass.
 //! A TLS upstream gets its own pools over `tls::TlsConnector`; a CONNECT becomes a tunnel to the
 //! picked endpoint (`connect.rs`).
 
@@ -29,6 +31,7 @@ use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::body::BodyError;
 use crate::http::connect::{Opening, Tunnels};
+use crate::http::grpc::{self, Head, watch::Watch};
 use crate::http::tls::{Origination, TlsConnector};
 use crate::telemetry::trace::{Kind, Span, Tracer};
 
@@ -198,6 +201,7 @@ impl tower::Service<Request<Body>> for Forward {
             config::Protocol::Http2 => true,
         };
         let client = if http2 { &inner.http2 } else { &inner.http1 };
+        let grpc = grpc::is_grpc(req.headers());
         let mut req = req;
         let trace = attempt_span(&mut req, picked.endpoint());
         let (req, upgrade) = prepare(req, picked.endpoint(), client.scheme(), http2);
@@ -208,6 +212,7 @@ impl tower::Service<Request<Body>> for Forward {
                 upgrade,
                 picked: Some(picked),
                 trace,
+                grpc,
             },
         }
     }
@@ -371,6 +376,8 @@ pin_project_lite::pin_project! {
             picked: Option<Picked>,
             // the attempt's span, only while the request's trace is recorded
             trace: Option<Box<(Tracer, Span)>>,
+            // a gRPC call: its outcome is its grpc-status
+            grpc: bool,
         },
         // the endpoint is held until the tunnel is open or failed to open
         Tunnel { opening: Opening, picked: Option<Picked> },
@@ -391,14 +398,22 @@ impl Future for ResponseFuture {
             StateProj::Failed { err } => {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
-            StateProj::Sent { fut, upstream, upgrade, picked, trace } => {
-                let result = ready!(fut.poll(cx)).map_err(|source| classify(upstream, source));
+            StateProj::Sent { fut, upstream, upgrade, picked, trace, grpc } => {
+                let mut result = ready!(fut.poll(cx)).map_err(|source| classify(upstream, source));
+                let head = match &mut result {
+                    Ok(res) if *grpc => grpc::read_head(res),
+                    _ => Head::Http,
+                };
+                // the endpoint's outcome; a gRPC status in trailers tells it when they pass
+                let mut watched = None;
                 if let Some(picked) = picked.take() {
-                    picked.finish(match &result {
-                        Ok(res) => res.status().is_server_error(),
+                    match (&result, head) {
+                        (Ok(_), Head::Trailers) => watched = Some(picked),
+                        (Ok(_), Head::Status(status)) => picked.finish(grpc::is_failure(status)),
+                        (Ok(res), Head::Http) => picked.finish(res.status().is_server_error()),
                         // the endpoint is not to blame for a request body the client broke
-                        Err(err) => err.status().is_server_error(),
-                    });
+                        (Err(err), _) => picked.finish(err.status().is_server_error()),
+                    }
                 }
                 if let Some(recorded) = trace.take() {
                     let (tracer, mut span) = *recorded;
@@ -434,6 +449,13 @@ impl Future for ResponseFuture {
                     res.headers_mut().remove(header::CONTENT_LENGTH);
                 }
                 strip_hop_by_hop(res.headers_mut(), upgraded);
+                if head == Head::Trailers {
+                    let mut watch = Watch::default();
+                    if let Some(picked) = watched {
+                        watch.on_status(move |status| picked.finish(grpc::is_failure(status)));
+                    }
+                    return Poll::Ready(Ok(res.map(|inner| Body::Grpc { inner, watch })));
+                }
                 Poll::Ready(Ok(res.map(Body::upstream)))
             }
             StateProj::Tunnel { opening, picked } => {

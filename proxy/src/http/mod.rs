@@ -3,6 +3,7 @@
 pub mod body;
 pub(crate) mod connect;
 pub mod forward;
+pub mod grpc;
 pub(crate) mod guard;
 pub(crate) mod idle;
 pub mod in_flight;
@@ -10,6 +11,7 @@ pub mod listener;
 pub mod probe;
 pub mod respond;
 pub mod route;
+pub mod tee;
 pub mod tls;
 
 pub use body::Body;

@@ -1,17 +1,23 @@
 //! `ProxyError` -> the response the client gets: status, `outrigger-error: KIND`, a one-line
 //! body from `Display`, and `connection: close` when the connection's framing is not trusted.
+//! Each answer also carries, in its extensions, the gRPC status and message it becomes when the
+//! call was gRPC: `route.rs` makes that conversion, once, for every answer of ours.
 
+use bytes::Bytes;
 use http::Response;
 use http::header::{CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 use crate::error::ProxyError;
 use crate::http::Body;
+use crate::http::grpc::LocalAnswer;
 
 pub const ERROR_HEADER: &str = "outrigger-error";
 
 pub fn error_response(err: &ProxyError) -> Response<Body> {
     tracing::debug!(kind = err.kind(), error = %err, "answering for the upstream");
-    let mut res = Response::new(Body::full(format!("{err}\n")));
+    let text = Bytes::from(format!("{err}\n"));
+    let mut res = Response::new(Body::full(text.clone()));
+    res.extensions_mut().insert(LocalAnswer { status: err.grpc_status(), message: text });
     *res.status_mut() = err.status();
     let headers = res.headers_mut();
     headers.insert(ERROR_HEADER, HeaderValue::from_static(err.kind()));

@@ -2,6 +2,8 @@
 //! else the `Host` header) must be a configured upstream's name, or the request gets 404
 //! `unknown-upstream` and nothing is forwarded: Outrigger is never an open proxy.
 //! `/v1/…` with a local authority (`localhost`, `127.0.0.1`, `[::1]`) is the messaging API.
+//! Every answer passes here on its way out: Outrigger's own answers to a gRPC call become gRPC
+//! trailers-only answers here (`grpc::answer_as_grpc`), so no layer needs to know.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,6 +22,7 @@ use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::connect::close_if_refused;
 use crate::http::forward::RequestTrace;
+use crate::http::grpc;
 use crate::http::guard::refusal;
 use crate::http::respond::error_response;
 use crate::messaging::{Messaging, publish};
@@ -204,6 +207,8 @@ impl hyper::service::Service<Request<Incoming>> for Route {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let mut req = req.map(Body::client);
         let connect = req.method() == Method::CONNECT;
+        // every answer of ours to a gRPC call becomes a gRPC answer, here and only here
+        let grpc = grpc::is_grpc(req.headers());
         let routes = self.table().current();
         let answer = match refusal(&req).map_or_else(|| settle_host(&mut req), Err) {
             Err(err) => Err(err),
@@ -234,11 +239,14 @@ impl hyper::service::Service<Request<Incoming>> for Route {
                         .insert(RequestTrace { tracer: routes.tracer.clone(), parent });
                 }
                 let trace = span.recording().then(|| Box::new((routes.tracer.clone(), span)));
-                RouteFuture::Upstream { inner: upstream.oneshot(req), connect, trace }
+                RouteFuture::Upstream { inner: upstream.oneshot(req), connect, trace, rpc: grpc }
             }
             Err(err) => {
                 routes.unmatched.record(err.status().as_u16(), std::time::Duration::ZERO);
                 let mut response = error_response(&err);
+                if grpc {
+                    grpc::answer_as_grpc(&mut response);
+                }
                 if connect {
                     close_if_refused(&mut response);
                 }
@@ -258,6 +266,8 @@ pin_project_lite::pin_project! {
             connect: bool,
             // only while a span is recorded: no allocation otherwise
             trace: Option<Box<(Tracer, Span)>>,
+            // a gRPC call: our own answers to it become gRPC answers
+            rpc: bool,
         },
         Local { inner: Pin<Box<dyn Future<Output = Response<Body>> + Send>> },
     }
@@ -271,8 +281,12 @@ impl Future for RouteFuture {
             RouteFutureProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            RouteFutureProj::Upstream { inner, connect, trace } => inner.poll(cx).map(|result| {
-                let mut response = result.unwrap_or_else(|err| error_response(&err));
+            RouteFutureProj::Upstream { inner, connect, trace, rpc } => inner.poll(cx).map(|res| {
+                let mut response = res.unwrap_or_else(|err| error_response(&err));
+                if *rpc {
+                    // ours carry a `LocalAnswer`, from any layer; an upstream's answer passes
+                    grpc::answer_as_grpc(&mut response);
+                }
                 if *connect {
                     close_if_refused(&mut response);
                 }
@@ -282,7 +296,8 @@ impl Future for RouteFuture {
                     if let Some(kind) = response.headers().get(crate::http::respond::ERROR_HEADER) {
                         span.text("outrigger.error", kind.to_str().unwrap_or_default());
                     }
-                    if response.status().is_server_error() {
+                    let grpc_failed = *rpc && grpc_status(&mut span, &response);
+                    if response.status().is_server_error() || grpc_failed {
                         span.failed();
                     }
                     tracer.end(span);
@@ -292,6 +307,15 @@ impl Future for RouteFuture {
             RouteFutureProj::Local { inner } => inner.as_mut().poll(cx).map(Ok),
         }
     }
+}
+
+/// Records a gRPC call's status on its span, when it is in the head; whether it is a failure.
+fn grpc_status(span: &mut Span, response: &Response<Body>) -> bool {
+    let Some(status) = response.headers().get(grpc::STATUS_HEADER).map(grpc::parse_status) else {
+        return false;
+    };
+    span.int("rpc.grpc.status_code", i64::from(status.code()));
+    grpc::is_failure(status)
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! closed --(failure rate over `window` once `min_requests` were seen, or `consecutive_failures`
 //! in a row)--> open --(`open_for`)--> half-open; half-open admits `half_open_requests` probes:
 //! all succeed -> closed, any fails -> open again. Failures are 5xx answers, timeouts, connection
-//! failures and resets; 4xx are the client's problem, not the upstream's.
+//! failures and resets; 4xx are the client's problem, not the upstream's. A gRPC call fails by
+//! its `grpc-status` (`unknown`, `deadline-exceeded`, `internal`, `unavailable`, `data-loss`):
+//! read from a trailers-only head at once, else recorded when its trailers pass (`http/grpc/`).
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -17,6 +19,8 @@ use prometheus::IntGauge;
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
+use crate::http::Body;
+use crate::http::grpc::{self, Verdict};
 
 const BUCKETS: u32 = 10;
 /// `Retry-After` for a request refused while the probes are out: their verdict is near.
@@ -171,14 +175,6 @@ impl Breaker {
     }
 }
 
-/// Did the upstream fail this request?
-fn failed<B>(result: &Result<Response<B>, ProxyError>) -> bool {
-    match result {
-        Ok(res) => res.status().is_server_error(),
-        Err(err) => err.status().is_server_error(),
-    }
-}
-
 // === impl CircuitBreakerLayer ===
 
 #[derive(Debug, Clone)]
@@ -236,11 +232,11 @@ pub struct CircuitBreaker<S> {
     shared: Arc<Shared>,
 }
 
-impl<S, Req, B> tower::Service<Req> for CircuitBreaker<S>
+impl<S, Req> tower::Service<Req> for CircuitBreaker<S>
 where
-    S: tower::Service<Req, Response = Response<B>, Error = ProxyError>,
+    S: tower::Service<Req, Response = Response<Body>, Error = ProxyError>,
 {
-    type Response = Response<B>;
+    type Response = Response<Body>;
     type Error = ProxyError;
     type Future = ResponseFuture<S::Future>;
 
@@ -309,9 +305,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, B> std::future::Future for ResponseFuture<F>
+impl<F> std::future::Future for ResponseFuture<F>
 where
-    F: std::future::Future<Output = Result<Response<B>, ProxyError>>,
+    F: std::future::Future<Output = Result<Response<Body>, ProxyError>>,
 {
     type Output = F::Output;
 
@@ -322,9 +318,18 @@ where
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
             FutureStateProj::Admitted { fut } => {
-                let result = std::task::ready!(fut.poll(cx));
+                let mut result = std::task::ready!(fut.poll(cx));
                 if let Some(outcome) = this.outcome.take() {
-                    outcome.record(failed(&result));
+                    match &mut result {
+                        Ok(res) => match grpc::verdict(res) {
+                            Verdict::Head { failed } => outcome.record(failed),
+                            // a gRPC status in trailers: recorded when they pass to the client
+                            Verdict::Trailers(watch) => watch.on_status(move |status| {
+                                outcome.record(grpc::is_failure(status));
+                            }),
+                        },
+                        Err(err) => outcome.record(err.status().is_server_error()),
+                    }
                 }
                 Poll::Ready(result)
             }

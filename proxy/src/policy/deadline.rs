@@ -16,24 +16,17 @@
 use std::time::Duration;
 
 use http::HeaderMap;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use outrigger_config as config;
 
 use crate::error::ProxyError;
+use crate::http::grpc::is_grpc;
 
 pub const OUTRIGGER_TIMEOUT: HeaderName = HeaderName::from_static("outrigger-timeout");
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// gRPC's limit: "TimeoutValue → {positive integer as ASCII string of at most 8 digits}".
 const GRPC_MAX_VALUE: u64 = 99_999_999;
-
-/// A gRPC call: `content-type` is `application/grpc` or starts with `application/grpc+`.
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.strip_prefix(b"application/grpc").is_some_and(|rest| rest.is_empty() || rest[0] == b'+')
-    })
-}
 
 /// The shortest timeout the client's headers ask for (`None`: they ask for none), or 400
 /// `bad-request` when one is malformed. Several values of one header: the shortest counts.
@@ -312,17 +305,6 @@ mod tests {
             );
             assert!(err.to_string().contains(name), "{err}");
         }
-    }
-
-    #[test]
-    fn grpc_calls_are_told_by_content_type() {
-        for yes in ["application/grpc", "application/grpc+proto", "application/grpc+json"] {
-            assert!(is_grpc(&headers(&[("content-type", yes)])), "{yes}");
-        }
-        for no in ["application/grpc-web", "application/json", "application/grpcx"] {
-            assert!(!is_grpc(&headers(&[("content-type", no)])), "{no}");
-        }
-        assert!(!is_grpc(&headers(&[])));
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! Safe: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or requests carrying
 //! an `Idempotency-Key` are sent twice; any request is retried when its connection could not be
 //! opened (nothing was sent). A body is replayed only if it fits `replay_buffer`; a larger one
-//! streams through once. Worth it: the failure is in `on`, attempts remain, the retry budget has
-//! room, and the backoff (or the upstream's `Retry-After`, capped at `backoff.max`) ends before
-//! the call's deadline (`deadline.rs`: the time left that the layer outside wrote into the
-//! request's `outrigger-timeout`; each later attempt is sent with what is left then).
-//! Otherwise the client gets the last answer as it came, with `outrigger-attempts: N` when
-//! N > 1.
+//! streams through once; a gRPC call's body is not held back (a streaming call would hang) but
+//! sent at once and copied on the way (`http/tee.rs`). Worth it: the failure is in `on`,
+//! attempts remain, the retry budget has room, and the backoff (or the upstream's
+//! `Retry-After`, capped at `backoff.max`) ends before the call's deadline (`deadline.rs`: the
+//! time left that the layer outside wrote into the request's `outrigger-timeout`; each later
+//! attempt is sent with what is left then). A gRPC call is retried on a status `on` lists when
+//! it comes in a trailers-only head, whatever the method; never on one in trailers. Otherwise
+//! the client gets the last answer as it came, with `outrigger-attempts: N` when N > 1.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,7 +31,9 @@ use tokio::time::Instant;
 use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::forward::Tried;
+use crate::http::grpc;
 use crate::http::respond::error_response;
+use crate::http::tee::Tee;
 use crate::policy::backoff::{Backoff, parse_retry_after};
 use crate::policy::budget::Budget;
 use crate::policy::deadline;
@@ -47,6 +51,8 @@ struct Shared {
     max_attempts: u32,
     backoff: Backoff,
     on: Vec<config::RetryOn>,
+    /// `on` lists a gRPC status.
+    on_grpc: bool,
     budget: Mutex<Budget>,
     replay_cap: usize,
     /// `timeouts.request`: no backoff sleep may end past it, nor past a sooner call deadline.
@@ -63,6 +69,7 @@ impl RetryLayer {
                 max_attempts: cfg.max_attempts.get(),
                 backoff: Backoff::new(cfg.backoff),
                 on: cfg.on.clone(),
+                on_grpc: cfg.on.iter().any(|on| matches!(on, config::RetryOn::Grpc(_))),
                 budget: Mutex::new(Budget::new(cfg.budget.ratio.get(), cfg.budget.min_per_second)),
                 replay_cap: usize::try_from(cfg.replay_buffer.bytes()).unwrap_or(usize::MAX),
                 request_timeout,
@@ -107,6 +114,9 @@ where
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Failure {
     Connect,
+    /// A gRPC status listed in `on`, in a trailers-only head: listing it asserts the call is
+    /// safe to repeat on that answer, whatever its method (DESIGN.md, "gRPC").
+    GrpcHead,
     Other,
 }
 
@@ -114,9 +124,15 @@ impl Shared {
     fn retryable(&self, result: &Result<Response<Body>, ProxyError>) -> Option<Failure> {
         let wanted = |on: config::RetryOn| self.on.contains(&on);
         match result {
-            Ok(res) => {
-                wanted(config::RetryOn::Status(res.status().as_u16())).then_some(Failure::Other)
-            }
+            // a status in trailers never gets here as `Answered`: messages reached the client
+            Ok(res) => match res.extensions().get::<grpc::Answered>() {
+                Some(grpc::Answered(status)) => {
+                    wanted(config::RetryOn::Grpc(*status)).then_some(Failure::GrpcHead)
+                }
+                None => {
+                    wanted(config::RetryOn::Status(res.status().as_u16())).then_some(Failure::Other)
+                }
+            },
             Err(ProxyError::ConnectFailed { .. }) => {
                 wanted(config::RetryOn::ConnectFailure).then_some(Failure::Connect)
             }
@@ -194,10 +210,14 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
         shared.budget.lock().expect("no panics under the budget lock").deposit(now);
         let idempotent = idempotent(&req);
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        // a gRPC call with gRPC statuses in `on` may be sent again whatever its method
+        let grpc = grpc::is_grpc(req.headers());
         // a request that can never be sent twice streams through: holding its body back would
         // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)
-        let replayable =
-            !upgrade && (idempotent || shared.on.contains(&config::RetryOn::ConnectFailure));
+        let replayable = !upgrade
+            && (idempotent
+                || (grpc && shared.on_grpc)
+                || shared.on.contains(&config::RetryOn::ConnectFailure));
         let (parts, body) = req.into_parts();
         let (body, state) = match (replayable, body) {
             (false, body) => (Replay::Streaming(body), State::Ready),
@@ -206,6 +226,10 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
             }
             (true, body) if http_body::Body::is_end_stream(&body) => {
                 (Replay::Complete(Bytes::new(), None), State::Ready)
+            }
+            // a gRPC call may stream both ways: it is sent at once and copied on the way
+            (true, Body::Client { inner }) if grpc => {
+                (Replay::Teeing(Tee::new(inner, shared.replay_cap)), State::Ready)
             }
             (true, body) => {
                 let fut: Buffering = Box::pin(buffer(body, shared.replay_cap));
@@ -286,7 +310,7 @@ impl Attempts {
     /// request itself.
     fn next_attempt(&mut self) -> Request<Body> {
         match &self.body {
-            Replay::Complete(data, trailers) => {
+            Replay::Complete(..) | Replay::Teeing(_) => {
                 let mut parts = self.parts.clone().expect("a replayable request keeps its head");
                 if self.attempt > 1 || self.stale {
                     // sent on with what is left now, not what was left when the call came
@@ -299,7 +323,7 @@ impl Attempts {
                         .extensions
                         .insert(AttemptInfo { number: self.attempt, backoff: self.waited });
                 }
-                Request::from_parts(parts, Body::replay(data.clone(), trailers.clone()))
+                Request::from_parts(parts, self.body.replayed())
             }
             Replay::Streaming(_) | Replay::Unavailable => {
                 let mut parts = self.parts.take().expect("a streamed request is sent once");
@@ -324,11 +348,17 @@ impl Attempts {
         result: Result<Response<Body>, ProxyError>,
     ) -> Result<Result<Response<Body>, ProxyError>, Duration> {
         let attempt = self.attempt;
-        if !matches!(self.body, Replay::Complete(..)) {
-            return Ok(result); // streamed: there is nothing to send again
+        let replayable = match &self.body {
+            Replay::Complete(..) => true,
+            Replay::Teeing(tee) => tee.can_replay(),
+            Replay::Streaming(_) | Replay::Unavailable => false,
+        };
+        if !replayable {
+            return Ok(finish(result, attempt)); // streamed: there is nothing to send again
         }
         let Some(failure) = shared.retryable(&result) else { return Ok(finish(result, attempt)) };
-        if attempt >= shared.max_attempts || !(self.idempotent || failure == Failure::Connect) {
+        let safe = self.idempotent || matches!(failure, Failure::Connect | Failure::GrpcHead);
+        if attempt >= shared.max_attempts || !safe {
             return Ok(finish(result, attempt));
         }
         let delay = match result.as_ref().ok().and_then(|res| res.headers().get(RETRY_AFTER)) {
@@ -380,8 +410,21 @@ fn finish(
 enum Replay {
     Complete(Bytes, Option<http::HeaderMap>),
     Streaming(Body),
+    /// A gRPC call's body, sent as it arrives and copied for a retry (`http/tee.rs`).
+    Teeing(Tee),
     /// Not held: still being read into a buffer, or already sent (streamed).
     Unavailable,
+}
+
+impl Replay {
+    /// The body of another attempt of a replayable request.
+    fn replayed(&self) -> Body {
+        match self {
+            Self::Complete(data, trailers) => Body::replay(data.clone(), trailers.clone()),
+            Self::Teeing(tee) => tee.next_body().expect("an attempt is made only when it can be"),
+            Self::Streaming(_) | Self::Unavailable => unreachable!("not replayable"),
+        }
+    }
 }
 
 /// Reads the body into memory if it fits `cap`; a larger one goes on as the buffered prefix
@@ -392,7 +435,10 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
             return Ok(Replay::Complete(data.unwrap_or_default(), trailers));
         }
         Body::Client { inner } => inner,
-        streaming @ (Body::Prefixed { .. } | Body::Upstream { .. }) => {
+        streaming @ (Body::Prefixed { .. }
+        | Body::Upstream { .. }
+        | Body::Grpc { .. }
+        | Body::Teed { .. }) => {
             return Ok(Replay::Streaming(streaming));
         }
     };

@@ -49,6 +49,7 @@ pub struct Metrics {
     config_hash: prometheus::Gauge,
     shed: IntCounterVec,
     publish_buffer: IntGauge,
+    grpc_responses: IntCounterVec,
 }
 
 impl Metrics {
@@ -247,6 +248,15 @@ impl Metrics {
         ] {
             registry.register(family).expect("registered once");
         }
+        let grpc_responses = IntCounterVec::new(
+            Opts::new(
+                "outrigger_grpc_responses_total",
+                "gRPC calls answered by an upstream, by the grpc-status the client got (by name)",
+            ),
+            &["upstream", "route", "grpc_status"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(grpc_responses.clone())).expect("registered once");
         Self {
             registry,
             requests,
@@ -272,6 +282,7 @@ impl Metrics {
             config_hash,
             shed,
             publish_buffer,
+            grpc_responses,
         }
     }
 
@@ -382,6 +393,15 @@ impl Metrics {
         self.rate_limited.with_label_values(&[upstream])
     }
 
+    /// `outrigger_grpc_responses_total{upstream,route}`, one counter per status made on first use.
+    pub fn grpc_responses(&self, upstream: &str, route: &str) -> GrpcResponses {
+        GrpcResponses(Arc::new(GrpcHandles {
+            labels: [upstream.into(), route.into()],
+            family: self.grpc_responses.clone(),
+            by_status: std::array::from_fn(|_| OnceLock::new()),
+        }))
+    }
+
     /// The handles of one upstream (or of [`NO_UPSTREAM`]).
     pub fn upstream(&self, name: &str) -> UpstreamMetrics {
         UpstreamMetrics(Arc::new(Handles {
@@ -447,6 +467,27 @@ impl UpstreamMetrics {
                 .inc();
         }
         h.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// One upstream's (and route's) gRPC status counters; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct GrpcResponses(Arc<GrpcHandles>);
+
+#[derive(Debug)]
+struct GrpcHandles {
+    labels: [Box<str>; 2],
+    family: IntCounterVec,
+    by_status: [OnceLock<IntCounter>; 17],
+}
+
+impl GrpcResponses {
+    pub fn record(&self, status: outrigger_config::GrpcStatus) {
+        let h = &self.0;
+        let [upstream, route] = &h.labels;
+        h.by_status[status.code() as usize]
+            .get_or_init(|| h.family.with_label_values(&[upstream, route, status.name()]))
+            .inc();
     }
 }
 

@@ -1,5 +1,6 @@
 //! What operators see: Prometheus metrics, logs and traces.
 
+pub mod grpc;
 pub mod log;
 pub mod metrics;
 pub mod trace;

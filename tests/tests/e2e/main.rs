@@ -11,6 +11,7 @@ mod dlq;
 mod dns;
 mod faults;
 mod front_door;
+mod grpc;
 mod malformed;
 mod messaging;
 mod overload;

@@ -112,7 +112,7 @@ async fn client_errors_are_not_failures_and_the_layer_answers_circuit_open() {
     let gauge = IntGauge::new("g", "g").unwrap();
     let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), gauge.clone());
     let mut svc = layer.layer(tower::service_fn(|status: u16| async move {
-        let mut res = Response::new(());
+        let mut res = Response::new(crate::http::Body::empty());
         *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
         Ok::<_, ProxyError>(res)
     }));
@@ -133,4 +133,26 @@ async fn client_errors_are_not_failures_and_the_layer_answers_circuit_open() {
     assert_eq!(gauge.get(), 1, "half-open after one good probe of two");
     svc.ready().await.unwrap().call(200).await.unwrap();
     assert_eq!(gauge.get(), 0, "closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trailers_only_grpc_answer_fails_by_its_status_not_its_http_200() {
+    use crate::http::grpc::{Answered, GrpcStatus};
+    let gauge = IntGauge::new("g", "g").unwrap();
+    let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), gauge.clone());
+    let mut svc = layer.layer(tower::service_fn(|status: GrpcStatus| async move {
+        let mut res = Response::new(crate::http::Body::empty());
+        res.extensions_mut().insert(Answered(status)); // as forward.rs marks it
+        Ok::<_, ProxyError>(res)
+    }));
+    for status in [GrpcStatus::NotFound, GrpcStatus::InvalidArgument, GrpcStatus::Ok] {
+        for _ in 0..3 {
+            svc.ready().await.unwrap().call(status).await.unwrap();
+        }
+    }
+    assert_eq!(gauge.get(), 0, "the caller's statuses do not open the breaker");
+    for _ in 0..3 {
+        svc.ready().await.unwrap().call(GrpcStatus::Unavailable).await.unwrap();
+    }
+    assert_eq!(gauge.get(), 2, "three unavailable in a row open it");
 }

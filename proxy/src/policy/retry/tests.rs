@@ -17,6 +17,8 @@ enum Step {
     RetryAfter(u16, &'static str),
     Connect,
     Timeout,
+    /// A trailers-only gRPC answer, as `forward.rs` marks it.
+    Grpc(grpc::GrpcStatus),
 }
 
 /// The `outrigger-timeout` and `grpc-timeout` an attempt was sent with.
@@ -80,6 +82,11 @@ impl Script {
                     }
                     Step::Connect => Err(connect_failed().await),
                     Step::Timeout => Err(ProxyError::Timeout { after: Duration::from_millis(100) }),
+                    Step::Grpc(status) => {
+                        let mut res = respond(200);
+                        res.extensions_mut().insert(grpc::Answered(status));
+                        Ok(res)
+                    }
                 }
             }
         })
@@ -318,4 +325,42 @@ async fn a_retry_after_past_the_calls_deadline_ends_the_retries_at_once() {
     let res = send_within(Duration::from_secs(10), &retry(3), &script, req).await;
     assert_eq!((res.status().as_u16(), script.attempts()), (503, 1));
     assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+fn grpc_call() -> Request<Body> {
+    Request::post("/pkg.Svc/Method")
+        .header("content-type", "application/grpc")
+        .body(Body::full(&b"\0\0\0\0\x02hi"[..]))
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listed_grpc_status_in_the_head_is_retried_whatever_the_method_with_the_body_replayed() {
+    use grpc::GrpcStatus::{Ok as GrpcOk, Unavailable};
+    let mut cfg = retry(3);
+    cfg.on.push(config::RetryOn::Grpc(Unavailable));
+    let script =
+        Script::new([Step::Grpc(Unavailable), Step::Grpc(Unavailable), Step::Grpc(GrpcOk)]);
+    let res = send(&cfg, &script, grpc_call()).await;
+    assert_eq!(res.extensions().get::<grpc::Answered>(), Some(&grpc::Answered(GrpcOk)));
+    assert_eq!(attempts_header(&res), Some("3"));
+    let bodies: Vec<Bytes> = script.seen.lock().unwrap().iter().map(|s| s.1.clone()).collect();
+    assert_eq!(bodies, vec![Bytes::from_static(b"\0\0\0\0\x02hi"); 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unlisted_grpc_status_or_a_grpc_call_without_grpc_names_in_on_is_sent_once() {
+    use grpc::GrpcStatus::{InvalidArgument, Ok as GrpcOk, Unavailable};
+    let mut cfg = retry(3);
+    cfg.on.push(config::RetryOn::Grpc(Unavailable));
+    let script = Script::new([Step::Grpc(InvalidArgument), Step::Grpc(GrpcOk)]);
+    let res = send(&cfg, &script, grpc_call()).await;
+    assert_eq!(res.extensions().get::<grpc::Answered>(), Some(&grpc::Answered(InvalidArgument)));
+    assert_eq!(script.attempts(), 1);
+
+    // the default `on` names no gRPC status: a gRPC POST is not replayable
+    let script = Script::new([Step::Grpc(Unavailable), Step::Grpc(GrpcOk)]);
+    let res = send(&retry(3), &script, grpc_call()).await;
+    assert_eq!(res.extensions().get::<grpc::Answered>(), Some(&grpc::Answered(Unavailable)));
+    assert_eq!(script.attempts(), 1);
 }
