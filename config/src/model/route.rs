@@ -113,6 +113,31 @@ impl Route {
     }
 }
 
+impl Route {
+    /// `upstream` with this route's sections in place of its own: each section the route gives
+    /// replaces the upstream's whole; `retry: off` removes it.
+    pub fn over(&self, upstream: &super::Upstream) -> super::Upstream {
+        let mut merged = upstream.clone();
+        merged.routes = Vec::new();
+        if let Some(t) = self.timeouts {
+            merged.timeouts =
+                super::Timeouts { request: t.request, per_try: t.per_try, ..merged.timeouts };
+        }
+        match &self.retry {
+            Some(RouteRetry::Off) => merged.retry = None,
+            Some(RouteRetry::On(retry)) => merged.retry = Some(retry.clone()),
+            None => {}
+        }
+        if let Some(limit) = self.rate_limit {
+            merged.rate_limit = Some(limit);
+        }
+        if let Some(limit) = self.concurrency_limit {
+            merged.concurrency_limit = Some(limit);
+        }
+        merged
+    }
+}
+
 impl Default for RouteTimeouts {
     /// The whole section replaces the upstream's, so a field left out takes the default of
     /// `timeouts` (not the upstream's value).

@@ -10,6 +10,7 @@ pub mod listener;
 pub mod probe;
 pub mod respond;
 pub mod route;
+pub mod route_match;
 pub mod tls;
 
 pub use body::Body;

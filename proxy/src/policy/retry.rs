@@ -1,7 +1,7 @@
 //! Retries: send a failed request again, after a backoff, when it is safe and worth it.
 //!
-//! Safe: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or requests carrying
-//! an `Idempotency-Key` are sent twice; any request is retried when its connection could not be
+//! Safe: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE), requests carrying
+//! an `Idempotency-Key` or any request of a route marked `idempotent` are sent twice; any request is retried when its connection could not be
 //! opened (nothing was sent). A body is replayed only if it fits `replay_buffer`; a larger one
 //! streams through once. Worth it: the failure is in `on`, attempts remain, the retry budget has
 //! room, and the backoff (or the upstream's `Retry-After`, capped at `backoff.max`) ends before
@@ -49,6 +49,8 @@ struct Shared {
     /// `timeouts.request`: no backoff sleep may end past it.
     request_timeout: Duration,
     retries: IntCounter,
+    /// A route marked `idempotent: true`: every request of it is safe to send twice.
+    all_idempotent: bool,
 }
 
 impl RetryLayer {
@@ -64,8 +66,16 @@ impl RetryLayer {
                 replay_cap: usize::try_from(cfg.replay_buffer.bytes()).unwrap_or(usize::MAX),
                 request_timeout,
                 retries,
+                all_idempotent: false,
             }),
         }
+    }
+
+    /// For a route marked `idempotent: true`: its requests are retried whatever their method.
+    pub fn idempotent(mut self, all: bool) -> Self {
+        Arc::get_mut(&mut self.shared).expect("set before the layer is cloned").all_idempotent =
+            all;
+        self
     }
 }
 
@@ -186,7 +196,7 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
     fn new(shared: Arc<Shared>, inner: S, req: Request<Body>) -> Self {
         let now = Instant::now();
         shared.budget.lock().expect("no panics under the budget lock").deposit(now);
-        let idempotent = idempotent(&req);
+        let idempotent = shared.all_idempotent || idempotent(&req);
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
         // a request that can never be sent twice streams through: holding its body back would
         // only delay it (an upgrade's connection becomes a tunnel: there is no second attempt)

@@ -1,0 +1,195 @@
+//! Which route of an upstream does a request take? The first whose `match` fits it (path exact
+//! or by whole segments, method, headers); none: the upstream's own sections, `(default)`.
+//! Chosen once per request, before any policy, from matchers compiled when the stack is built:
+//! matching compares bytes and allocates nothing (DESIGN.md, "Routes").
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request};
+use outrigger_config as config;
+
+/// One route's `match`, compiled.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    path: PathRule,
+    /// Empty: any method.
+    methods: Box<[Method]>,
+    headers: Box<[(HeaderName, HeaderValue)]>,
+}
+
+#[derive(Debug, Clone)]
+enum PathRule {
+    Any,
+    Exact(Box<str>),
+    /// Without its trailing `/`: a path matches when it equals it or goes on with `/`.
+    Segments(Box<str>),
+}
+
+/// An upstream's routes, in file order, each with its own stack, and the stack of requests no
+/// route matched. `S` is the stack; cloning clones one `Arc`.
+#[derive(Debug, Clone)]
+pub struct Routed<S> {
+    inner: Arc<Table<S>>,
+}
+
+#[derive(Debug)]
+struct Table<S> {
+    routes: Box<[(Matcher, Arc<str>, S)]>,
+    default: S,
+}
+
+// === impl Matcher ===
+
+impl Matcher {
+    /// From a validated `match`; a rule that could not be compiled (config validation refuses
+    /// those) is left out rather than failing at runtime.
+    pub fn new(cfg: &config::RouteMatch) -> Self {
+        let path = match (&cfg.path, &cfg.path_prefix) {
+            (Some(exact), _) => PathRule::Exact(exact.as_str().into()),
+            (None, Some(prefix)) => PathRule::Segments(prefix.trim_end_matches('/').into()),
+            (None, None) => PathRule::Any,
+        };
+        let methods = cfg.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok());
+        let headers = cfg.headers.iter().filter_map(|(name, value)| {
+            Some((
+                HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderValue::from_str(value).ok()?,
+            ))
+        });
+        Matcher { path, methods: methods.collect(), headers: headers.collect() }
+    }
+
+    pub fn matches<B>(&self, req: &Request<B>) -> bool {
+        // the cheapest test first: most routes differ by method or path
+        (self.methods.is_empty() || self.methods.contains(req.method()))
+            && self.path.matches(req.uri().path())
+            && self
+                .headers
+                .iter()
+                .all(|(name, value)| req.headers().get_all(name).iter().any(|sent| sent == value))
+    }
+}
+
+impl PathRule {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathRule::Any => true,
+            PathRule::Exact(exact) => path == &**exact,
+            PathRule::Segments(prefix) => path
+                .strip_prefix(&**prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        }
+    }
+}
+
+// === impl Routed ===
+
+impl<S> Routed<S> {
+    /// An upstream without routes: every request takes `default`.
+    pub fn single(default: S) -> Self {
+        Self::new(Vec::new(), default)
+    }
+
+    /// `routes` in file order: (match, name, stack).
+    pub fn new(routes: Vec<(Matcher, Arc<str>, S)>, default: S) -> Self {
+        Routed { inner: Arc::new(Table { routes: routes.into_boxed_slice(), default }) }
+    }
+
+    /// The first route that fits `req`, by name, and its stack; else `(default)` and the
+    /// upstream's own stack.
+    pub fn choose<B>(&self, req: &Request<B>) -> (&str, &S) {
+        let table = &*self.inner;
+        match table.routes.iter().find(|(matcher, _, _)| matcher.matches(req)) {
+            Some((_, name, stack)) => (name, stack),
+            None => (config::DEFAULT_ROUTE, &table.default),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(yaml: &str) -> Matcher {
+        let yaml = format!(
+            "upstreams:\n  p:\n    discovery: {{ static: [\"127.0.0.1:9\"] }}\n    routes:\n      - {{ name: r, match: {yaml} }}\n"
+        );
+        let config = outrigger_config::load_str("t.yaml", &yaml).unwrap();
+        Matcher::new(&config.upstreams.0[0].routes[0].matches)
+    }
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn path_is_exact_and_ignores_the_query() {
+        let m = matcher("{ path: /v1/charge }");
+        assert!(m.matches(&req("GET", "/v1/charge", &[])));
+        assert!(m.matches(&req("GET", "http://p/v1/charge?x=1", &[])));
+        assert!(!m.matches(&req("GET", "/v1/charge/7", &[])));
+        assert!(!m.matches(&req("GET", "/v1/charg", &[])));
+    }
+
+    #[test]
+    fn path_prefix_matches_whole_segments_only() {
+        for prefix in ["/v1/charge", "/v1/charge/"] {
+            let m = matcher(&format!("{{ path_prefix: \"{prefix}\" }}"));
+            assert!(m.matches(&req("GET", "/v1/charge", &[])), "{prefix}");
+            assert!(m.matches(&req("GET", "/v1/charge/", &[])), "{prefix}");
+            assert!(m.matches(&req("GET", "/v1/charge/7", &[])), "{prefix}");
+            assert!(!m.matches(&req("GET", "/v1/charges", &[])), "{prefix}");
+            assert!(!m.matches(&req("GET", "/v1", &[])), "{prefix}");
+        }
+        let root = matcher("{ path_prefix: / }");
+        assert!(root.matches(&req("GET", "/", &[])));
+        assert!(root.matches(&req("GET", "/anything/at/all", &[])));
+    }
+
+    #[test]
+    fn methods_are_any_of_the_list() {
+        let m = matcher("{ methods: [POST, PUT] }");
+        assert!(m.matches(&req("POST", "/", &[])));
+        assert!(m.matches(&req("PUT", "/x", &[])));
+        assert!(!m.matches(&req("GET", "/", &[])));
+    }
+
+    #[test]
+    fn headers_must_each_equal_and_names_are_case_insensitive() {
+        let m = matcher("{ headers: { X-Tenant: gold, x-region: eu } }");
+        assert!(m.matches(&req("GET", "/", &[("x-tenant", "gold"), ("X-REGION", "eu")])));
+        assert!(!m.matches(&req("GET", "/", &[("x-tenant", "gold")])), "every header");
+        assert!(!m.matches(&req("GET", "/", &[("x-tenant", "Gold"), ("x-region", "eu")])));
+        let two = [("x-tenant", "silver"), ("x-tenant", "gold"), ("x-region", "eu")];
+        assert!(m.matches(&req("GET", "/", &two)), "any of a repeated header's values");
+    }
+
+    #[test]
+    fn every_condition_must_hold_and_an_empty_match_takes_everything() {
+        let m = matcher("{ path_prefix: /v1, methods: [POST], headers: { x-tenant: gold } }");
+        assert!(m.matches(&req("POST", "/v1/a", &[("x-tenant", "gold")])));
+        assert!(!m.matches(&req("GET", "/v1/a", &[("x-tenant", "gold")])));
+        assert!(!m.matches(&req("POST", "/v2/a", &[("x-tenant", "gold")])));
+        assert!(!m.matches(&req("POST", "/v1/a", &[])));
+        assert!(matcher("{}").matches(&req("DELETE", "/x", &[])));
+    }
+
+    #[test]
+    fn the_first_route_that_matches_wins_else_default() {
+        let routed = Routed::new(
+            vec![
+                (matcher("{ path_prefix: /v1 }"), Arc::from("first"), 1),
+                (matcher("{ path: /v1/a }"), Arc::from("second"), 2),
+            ],
+            0,
+        );
+        assert_eq!(routed.choose(&req("GET", "/v1/a", &[])), ("first", &1));
+        assert_eq!(routed.choose(&req("GET", "/v2", &[])), ("(default)", &0));
+        assert_eq!(Routed::single(0).choose(&req("GET", "/v1", &[])), ("(default)", &0));
+    }
+}
