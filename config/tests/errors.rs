@@ -756,6 +756,14 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "a route's timeouts are greater than 0",
+            up("    routes:\n      - { name: a, timeouts: { request: 0s, per_try: 0s } }\n"),
+            vec![
+                "outrigger.yaml:5:41: upstreams.payments.routes[0].timeouts.request: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:5:54: upstreams.payments.routes[0].timeouts.per_try: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+        (
             "a route's timeouts take only per-call fields",
             up("    routes:\n      - { name: a, timeouts: { connect: 1s } }\n"),
             vec![
