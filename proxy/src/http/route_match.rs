@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{GetAll, HeaderName, HeaderValue};
 use http::{Method, Request};
 use outrigger_config as config;
 
@@ -17,6 +17,8 @@ pub struct Matcher {
     methods: Box<[Method]>,
     headers: Box<[(HeaderName, HeaderValue)]>,
 }
+
+type LastHeader<'m, 'r> = Option<(&'m HeaderName, GetAll<'r, HeaderValue>)>;
 
 #[derive(Debug, Clone)]
 enum PathRule {
@@ -61,13 +63,28 @@ impl Matcher {
     }
 
     pub fn matches<B>(&self, req: &Request<B>) -> bool {
-        // the cheapest test first: most routes differ by method or path
-        (self.methods.is_empty() || self.methods.contains(req.method()))
-            && self.path.matches(req.uri().path())
-            && self
-                .headers
-                .iter()
-                .all(|(name, value)| req.headers().get_all(name).iter().any(|sent| sent == value))
+        self.fits(req, &mut None)
+    }
+
+    /// `matches`, reusing `last`, the header the routes before this one looked up: routes
+    /// mostly test the same header, so a request's walk down the table looks it up once.
+    fn fits<'m, 'r, B>(&'m self, req: &'r Request<B>, last: &mut LastHeader<'m, 'r>) -> bool {
+        // the cheapest tests first: most routes differ by method or path
+        if !(self.methods.is_empty() || self.methods.contains(req.method()))
+            || !self.path.matches(req.uri().path())
+        {
+            return false;
+        }
+        for (name, value) in &*self.headers {
+            let values = match last {
+                Some((seen, values)) if *seen == name => values,
+                _ => &last.insert((name, req.headers().get_all(name))).1,
+            };
+            if !values.iter().any(|sent| sent == value) {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -100,7 +117,8 @@ impl<S> Routed<S> {
     /// upstream's own stack.
     pub fn choose<B>(&self, req: &Request<B>) -> (&str, &S) {
         let table = &*self.inner;
-        match table.routes.iter().find(|(matcher, _, _)| matcher.matches(req)) {
+        let mut last = None;
+        match table.routes.iter().find(|(matcher, _, _)| matcher.fits(req, &mut last)) {
             Some((_, name, stack)) => (name, stack),
             None => (config::DEFAULT_ROUTE, &table.default),
         }
@@ -191,5 +209,24 @@ mod tests {
         assert_eq!(routed.choose(&req("GET", "/v1/a", &[])), ("first", &1));
         assert_eq!(routed.choose(&req("GET", "/v2", &[])), ("(default)", &0));
         assert_eq!(Routed::single(0).choose(&req("GET", "/v1", &[])), ("(default)", &0));
+    }
+
+    #[test]
+    fn routes_testing_different_headers_in_turn_each_read_their_own() {
+        let routed = Routed::new(
+            vec![
+                (matcher("{ headers: { x-tenant: gold } }"), Arc::from("gold"), 1),
+                (matcher("{ headers: { x-region: eu } }"), Arc::from("eu"), 2),
+                (matcher("{ headers: { x-tenant: silver, x-region: us } }"), Arc::from("us"), 3),
+                (matcher("{ headers: { x-tenant: bronze } }"), Arc::from("bronze"), 4),
+            ],
+            0,
+        );
+        let choose = |headers: &[(&str, &str)]| routed.choose(&req("GET", "/", headers)).0;
+        assert_eq!(choose(&[("x-tenant", "gold")]), "gold");
+        assert_eq!(choose(&[("x-tenant", "silver"), ("x-region", "eu")]), "eu");
+        assert_eq!(choose(&[("x-tenant", "silver"), ("x-region", "us")]), "us");
+        assert_eq!(choose(&[("x-tenant", "bronze"), ("x-region", "us")]), "bronze");
+        assert_eq!(choose(&[("x-region", "ap")]), "(default)");
     }
 }
