@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use http::HeaderMap;
 use http::header::{GetAll, HeaderName, HeaderValue};
 use http::{Method, Request};
 use outrigger_config as config;
@@ -13,19 +14,30 @@ use outrigger_config as config;
 #[derive(Debug, Clone)]
 pub struct Matcher {
     path: PathRule,
-    /// Empty: any method.
-    methods: Box<[Method]>,
+    /// The standard methods listed, one bit each ([`method_bit`]); with `other_methods`
+    /// empty too: any method.
+    methods: u16,
+    other_methods: Box<[Method]>,
     headers: Box<[(HeaderName, HeaderValue)]>,
 }
-
-type LastHeader<'m, 'r> = Option<(&'m HeaderName, GetAll<'r, HeaderValue>)>;
 
 #[derive(Debug, Clone)]
 enum PathRule {
     Any,
-    Exact(Box<str>),
+    Exact(Box<[u8]>),
     /// Without its trailing `/`: a path matches when it equals it or goes on with `/`.
-    Segments(Box<str>),
+    Segments(Box<[u8]>),
+}
+
+/// What routes test of one request, read once for the whole walk down the table.
+struct Facts<'r> {
+    method: &'r Method,
+    method_bit: u16,
+    path: &'r [u8],
+    headers: &'r HeaderMap,
+    /// The header the last route looked up, and its values: routes mostly test the same
+    /// header, so the walk looks it up once.
+    last: Option<(&'r HeaderName, GetAll<'r, HeaderValue>)>,
 }
 
 /// An upstream's routes, in file order, each with its own stack, and the stack of requests no
@@ -41,44 +53,69 @@ struct Table<S> {
     default: S,
 }
 
+/// A bit per standard method, 0 for an extension method.
+fn method_bit(method: &Method) -> u16 {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    STANDARD.iter().position(|m| m == method).map_or(0, |i| 1 << i)
+}
+
 // === impl Matcher ===
 
 impl Matcher {
     /// From a validated `match`; a rule that could not be compiled (config validation refuses
     /// those) is left out rather than failing at runtime.
     pub fn new(cfg: &config::RouteMatch) -> Self {
+        let bytes = |s: &str| Box::<[u8]>::from(s.as_bytes());
         let path = match (&cfg.path, &cfg.path_prefix) {
-            (Some(exact), _) => PathRule::Exact(exact.as_str().into()),
-            (None, Some(prefix)) => PathRule::Segments(prefix.trim_end_matches('/').into()),
+            (Some(exact), _) => PathRule::Exact(bytes(exact)),
+            (None, Some(prefix)) => PathRule::Segments(bytes(prefix.trim_end_matches('/'))),
             (None, None) => PathRule::Any,
         };
-        let methods = cfg.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok());
+        let listed = cfg.methods.iter().filter_map(|m| Method::from_bytes(m.as_bytes()).ok());
+        let (mut methods, mut other_methods) = (0, Vec::new());
+        for method in listed {
+            match method_bit(&method) {
+                0 => other_methods.push(method),
+                bit => methods |= bit,
+            }
+        }
         let headers = cfg.headers.iter().filter_map(|(name, value)| {
             Some((
                 HeaderName::from_bytes(name.as_bytes()).ok()?,
                 HeaderValue::from_str(value).ok()?,
             ))
         });
-        Matcher { path, methods: methods.collect(), headers: headers.collect() }
+        Matcher { path, methods, other_methods: other_methods.into(), headers: headers.collect() }
     }
 
     pub fn matches<B>(&self, req: &Request<B>) -> bool {
-        self.fits(req, &mut None)
+        self.fits(&mut Facts::of(req))
     }
 
-    /// `matches`, reusing `last`, the header the routes before this one looked up: routes
-    /// mostly test the same header, so a request's walk down the table looks it up once.
-    fn fits<'m, 'r, B>(&'m self, req: &'r Request<B>, last: &mut LastHeader<'m, 'r>) -> bool {
+    fn fits<'r>(&'r self, facts: &mut Facts<'r>) -> bool {
         // the cheapest tests first: most routes differ by method or path
-        if !(self.methods.is_empty() || self.methods.contains(req.method()))
-            || !self.path.matches(req.uri().path())
+        let any_method = self.methods == 0 && self.other_methods.is_empty();
+        if !(any_method
+            || self.methods & facts.method_bit != 0
+            || self.other_methods.contains(facts.method))
+            || !self.path.matches(facts.path)
         {
             return false;
         }
         for (name, value) in &*self.headers {
-            let values = match last {
+            let values = match &mut facts.last {
                 Some((seen, values)) if *seen == name => values,
-                _ => &last.insert((name, req.headers().get_all(name))).1,
+                last => &last.insert((name, facts.headers.get_all(name))).1,
             };
             if !values.iter().any(|sent| sent == value) {
                 return false;
@@ -89,13 +126,25 @@ impl Matcher {
 }
 
 impl PathRule {
-    fn matches(&self, path: &str) -> bool {
+    fn matches(&self, path: &[u8]) -> bool {
         match self {
             PathRule::Any => true,
             PathRule::Exact(exact) => path == &**exact,
-            PathRule::Segments(prefix) => path
-                .strip_prefix(&**prefix)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+            PathRule::Segments(prefix) => {
+                path.starts_with(prefix) && path.get(prefix.len()).is_none_or(|&b| b == b'/')
+            }
+        }
+    }
+}
+
+impl<'r> Facts<'r> {
+    fn of<B>(req: &'r Request<B>) -> Self {
+        Facts {
+            method: req.method(),
+            method_bit: method_bit(req.method()),
+            path: req.uri().path().as_bytes(),
+            headers: req.headers(),
+            last: None,
         }
     }
 }
@@ -117,8 +166,8 @@ impl<S> Routed<S> {
     /// upstream's own stack.
     pub fn choose<B>(&self, req: &Request<B>) -> (&str, &S) {
         let table = &*self.inner;
-        let mut last = None;
-        match table.routes.iter().find(|(matcher, _, _)| matcher.fits(req, &mut last)) {
+        let mut facts = Facts::of(req);
+        match table.routes.iter().find(|(matcher, _, _)| matcher.fits(&mut facts)) {
             Some((_, name, stack)) => (name, stack),
             None => (config::DEFAULT_ROUTE, &table.default),
         }
@@ -175,6 +224,11 @@ mod tests {
         assert!(m.matches(&req("POST", "/", &[])));
         assert!(m.matches(&req("PUT", "/x", &[])));
         assert!(!m.matches(&req("GET", "/", &[])));
+        let extension = matcher("{ methods: [PURGE, GET] }");
+        assert!(extension.matches(&req("PURGE", "/", &[])));
+        assert!(extension.matches(&req("GET", "/", &[])));
+        assert!(!extension.matches(&req("POST", "/", &[])));
+        assert!(!extension.matches(&req("PURGED", "/", &[])));
     }
 
     #[test]
