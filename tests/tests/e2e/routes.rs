@@ -239,3 +239,22 @@ async fn a_reload_adds_a_route_live_and_v1_config_shows_it() {
     assert_eq!(route["match"]["path"], "/pay");
     assert_eq!(route["retry"], "off");
 }
+
+#[tokio::test]
+async fn the_routes_of_an_upstream_share_its_circuit_breaker() {
+    let up = Upstream::status(500).await;
+    let rest = concat!(
+        "    circuit_breaker: { consecutive_failures: 2, open_for: 60s }\n",
+        "    routes:\n      - { name: charge, match: { path_prefix: /charge } }\n",
+    );
+    let sidecar = Sidecar::start(&payments(&up, rest)).await;
+
+    for _ in 0..2 {
+        assert_eq!(sidecar.get("payments", "/charge").await.status(), 500);
+    }
+    let other = sidecar.get("payments", "/orders").await;
+
+    assert_eq!(other.status(), 503, "the failures on one route opened the upstream's breaker");
+    assert_eq!(other.headers()["outrigger-error"], "circuit-open");
+    assert_eq!(up.requests(), 2);
+}
