@@ -50,8 +50,17 @@ pub struct Routed<S> {
 #[derive(Debug)]
 struct Table<S> {
     routes: Box<[(Matcher, Arc<str>, S)]>,
+    /// Per method slot ([`method_slot`]), the routes among the first 64 that admit the method,
+    /// one bit each: a request's walk reads only those, still in file order.
+    by_method: [u64; METHOD_SLOTS],
     default: S,
 }
+
+/// The nine standard methods, then one slot for every other method.
+const METHOD_SLOTS: usize = 10;
+
+/// Routes past this many are read in order after the indexed ones.
+const INDEXED: usize = 64;
 
 /// A bit per standard method, 0 for an extension method.
 fn method_bit(method: &Method) -> u16 {
@@ -67,6 +76,14 @@ fn method_bit(method: &Method) -> u16 {
         Method::TRACE,
     ];
     STANDARD.iter().position(|m| m == method).map_or(0, |i| 1 << i)
+}
+
+/// `method_bit` as an index into `Table::by_method`.
+fn method_slot(bit: u16) -> usize {
+    match bit {
+        0 => METHOD_SLOTS - 1,
+        bit => bit.trailing_zeros() as usize,
+    }
 }
 
 // === impl Matcher ===
@@ -100,6 +117,15 @@ impl Matcher {
 
     pub fn matches<B>(&self, req: &Request<B>) -> bool {
         self.fits(&mut Facts::of(req))
+    }
+
+    /// Whether a method in `slot` may fit (for the other-methods slot: whether one may).
+    fn admits(&self, slot: usize) -> bool {
+        let any = self.methods == 0 && self.other_methods.is_empty();
+        any || match slot {
+            slot if slot == METHOD_SLOTS - 1 => !self.other_methods.is_empty(),
+            slot => self.methods & (1 << slot) != 0,
+        }
     }
 
     fn fits<'r>(&'r self, facts: &mut Facts<'r>) -> bool {
@@ -159,7 +185,12 @@ impl<S> Routed<S> {
 
     /// `routes` in file order: (match, name, stack).
     pub fn new(routes: Vec<(Matcher, Arc<str>, S)>, default: S) -> Self {
-        Routed { inner: Arc::new(Table { routes: routes.into_boxed_slice(), default }) }
+        let by_method = std::array::from_fn(|slot| {
+            let indexed = routes.iter().take(INDEXED).enumerate();
+            indexed.filter(|(_, (m, _, _))| m.admits(slot)).fold(0, |set, (i, _)| set | 1 << i)
+        });
+        let routes = routes.into_boxed_slice();
+        Routed { inner: Arc::new(Table { routes, by_method, default }) }
     }
 
     /// The first route that fits `req`, by name, and its stack; else `(default)` and the
@@ -167,7 +198,15 @@ impl<S> Routed<S> {
     pub fn choose<B>(&self, req: &Request<B>) -> (&str, &S) {
         let table = &*self.inner;
         let mut facts = Facts::of(req);
-        match table.routes.iter().find(|(matcher, _, _)| matcher.fits(&mut facts)) {
+        let mut candidates = table.by_method[method_slot(facts.method_bit)];
+        while candidates != 0 {
+            let (matcher, name, stack) = &table.routes[candidates.trailing_zeros() as usize];
+            if matcher.fits(&mut facts) {
+                return (name, stack);
+            }
+            candidates &= candidates - 1;
+        }
+        match table.routes.iter().skip(INDEXED).find(|(matcher, _, _)| matcher.fits(&mut facts)) {
             Some((_, name, stack)) => (name, stack),
             None => (config::DEFAULT_ROUTE, &table.default),
         }
@@ -263,6 +302,33 @@ mod tests {
         assert_eq!(routed.choose(&req("GET", "/v1/a", &[])), ("first", &1));
         assert_eq!(routed.choose(&req("GET", "/v2", &[])), ("(default)", &0));
         assert_eq!(Routed::single(0).choose(&req("GET", "/v1", &[])), ("(default)", &0));
+    }
+
+    #[test]
+    fn past_the_indexed_routes_the_first_match_still_wins() {
+        let mut routes: Vec<_> = (0..70)
+            .map(|i| (matcher(&format!("{{ path: /r{i}, methods: [GET] }}")), Arc::from("x"), i))
+            .collect();
+        routes.push((matcher("{ methods: [PURGE] }"), Arc::from("purge"), 70));
+        routes.push((matcher("{}"), Arc::from("any"), 71));
+        let routed = Routed::new(routes, -1);
+        assert_eq!(routed.choose(&req("GET", "/r3", &[])).1, &3);
+        assert_eq!(routed.choose(&req("GET", "/r66", &[])).1, &66);
+        assert_eq!(routed.choose(&req("POST", "/r3", &[])).1, &71);
+        assert_eq!(routed.choose(&req("PURGE", "/r3", &[])).1, &70);
+        assert_eq!(routed.choose(&req("GET", "/r99", &[])).1, &71);
+        let few = Routed::new(
+            vec![
+                (matcher("{ methods: [POST] }"), Arc::from("post"), 1),
+                (matcher("{ methods: [PURGE] }"), Arc::from("purge"), 2),
+                (matcher("{ path: /a }"), Arc::from("a"), 3),
+            ],
+            0,
+        );
+        assert_eq!(few.choose(&req("PURGE", "/a", &[])).0, "purge");
+        assert_eq!(few.choose(&req("LINK", "/a", &[])).0, "a");
+        assert_eq!(few.choose(&req("GET", "/b", &[])).0, "(default)");
+        assert_eq!(few.choose(&req("POST", "/b", &[])).0, "post");
     }
 
     #[test]
