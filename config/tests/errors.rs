@@ -99,7 +99,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown nested field",
             up("    circuit_breakr: { window: 10s }\n"),
             vec![
-                "outrigger.yaml:4:5: upstreams.payments.circuit_breakr: unknown field (expected one of: listen, discovery, load_balancer, protocol, timeouts, retry, circuit_breaker, rate_limit, concurrency_limit, health_check, tls, outlier_detection)",
+                "outrigger.yaml:4:5: upstreams.payments.circuit_breakr: unknown field (expected one of: listen, discovery, load_balancer, protocol, timeouts, retry, circuit_breaker, rate_limit, concurrency_limit, health_check, tls, outlier_detection, routes)",
             ],
         ),
         (
@@ -665,6 +665,131 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             )),
             vec![
                 "outrigger.yaml:4:26: upstreams.payments.prod.timeouts.request: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+        // --- routes ---
+        (
+            "a route without a name",
+            up("    routes:\n      - match: { path: /a }\n"),
+            vec![
+                "outrigger.yaml:5:9: upstreams.payments.routes[0].name: required field is missing",
+            ],
+        ),
+        (
+            "a route with an empty name",
+            up("    routes:\n      - { name: \"\", match: { path: /a } }\n"),
+            vec![
+                "outrigger.yaml:5:17: upstreams.payments.routes[0].name: must not be empty (expected e.g. charge)",
+            ],
+        ),
+        (
+            "a route named like the label of unmatched requests",
+            up("    routes:\n      - { name: (default) }\n"),
+            vec![
+                "outrigger.yaml:5:17: upstreams.payments.routes[0].name: is the label of requests no route matched (expected another name)",
+            ],
+        ),
+        (
+            "two routes of one upstream with one name",
+            up(
+                "    routes:\n      - { name: charge, match: { path: /a } }\n      - { name: charge, match: { path: /b } }\n",
+            ),
+            vec![
+                "outrigger.yaml:6:17: upstreams.payments.routes[1].name: \"charge\" is already the name of routes[0] (expected a name unique within the upstream)",
+            ],
+        ),
+        (
+            "endpoint-level sections on a route",
+            up(concat!(
+                "    routes:\n      - name: charge\n",
+                "        discovery: { static: [\"10.0.0.8:8080\"] }\n",
+                "        load_balancer: random\n        protocol: http2\n        listen: 127.0.0.1:4999\n",
+                "        circuit_breaker: { open_for: 5s }\n        health_check: { tcp: true }\n",
+                "        tls: {}\n        outlier_detection: { consecutive_failures: 3 }\n",
+            )),
+            vec![
+                "outrigger.yaml:6:20: upstreams.payments.routes[0].discovery: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:7:24: upstreams.payments.routes[0].load_balancer: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:8:19: upstreams.payments.routes[0].protocol: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:9:17: upstreams.payments.routes[0].listen: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:10:26: upstreams.payments.routes[0].circuit_breaker: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:11:23: upstreams.payments.routes[0].health_check: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:12:14: upstreams.payments.routes[0].tls: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:13:28: upstreams.payments.routes[0].outlier_detection: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+            ],
+        ),
+        (
+            "an unknown field on a route",
+            up("    routes:\n      - { name: charge, hedge: { after: 50ms } }\n"),
+            vec![
+                "outrigger.yaml:5:25: upstreams.payments.routes[0].hedge: unknown field (expected one of: name, match, idempotent, timeouts, retry, rate_limit, concurrency_limit, listen, discovery, load_balancer, protocol, circuit_breaker, health_check, tls, outlier_detection)",
+            ],
+        ),
+        (
+            "an unknown match rule",
+            up("    routes:\n      - { name: charge, match: { host: a } }\n"),
+            vec![
+                "outrigger.yaml:5:34: upstreams.payments.routes[0].match.host: unknown field (expected one of: path, path_prefix, methods, headers)",
+            ],
+        ),
+        (
+            "route paths start with /, and path and path_prefix exclude each other",
+            up(concat!(
+                "    routes:\n      - { name: a, match: { path: v1 } }\n",
+                "      - { name: b, match: { path_prefix: v1 } }\n",
+                "      - { name: c, match: { path: /v1, path_prefix: /v1 } }\n",
+            )),
+            vec![
+                "outrigger.yaml:5:35: upstreams.payments.routes[0].match.path: \"v1\" does not start with / (expected a path such as /healthz)",
+                "outrigger.yaml:6:42: upstreams.payments.routes[1].match.path_prefix: \"v1\" does not start with / (expected a path such as /healthz)",
+                "outrigger.yaml:7:53: upstreams.payments.routes[2].match.path_prefix: not allowed beside path (expected one of path (exact) or path_prefix (whole segments))",
+            ],
+        ),
+        (
+            "a method in lowercase, a bad header name",
+            up(
+                "    routes:\n      - { name: a, match: { methods: [GET, post], headers: { \"x tenant\": gold } } }\n",
+            ),
+            vec![
+                "outrigger.yaml:5:44: upstreams.payments.routes[0].match.methods[1]: \"post\" is not an HTTP method (expected a method in capitals, e.g. GET, POST)",
+                "outrigger.yaml:5:60: upstreams.payments.routes[0].match.headers: \"x tenant\" is not a header name (expected a header name such as x-tenant)",
+            ],
+        ),
+        (
+            "a route's per_try past its own request timeout",
+            up(
+                "    timeouts: { request: 60s }\n    routes:\n      - { name: a, timeouts: { request: 1s, per_try: 2s } }\n",
+            ),
+            vec![
+                "outrigger.yaml:6:54: upstreams.payments.routes[0].timeouts.per_try: must not exceed timeouts.request (expected at most 1s, got 2s)",
+            ],
+        ),
+        (
+            "a route's timeouts are greater than 0",
+            up("    routes:\n      - { name: a, timeouts: { request: 0s, per_try: 0s } }\n"),
+            vec![
+                "outrigger.yaml:5:41: upstreams.payments.routes[0].timeouts.request: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:5:54: upstreams.payments.routes[0].timeouts.per_try: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+        (
+            "a route's timeouts take only per-call fields",
+            up("    routes:\n      - { name: a, timeouts: { connect: 1s } }\n"),
+            vec![
+                "outrigger.yaml:5:32: upstreams.payments.routes[0].timeouts.connect: unknown field (expected one of: request, per_try)",
+            ],
+        ),
+        (
+            "a route's retry is a section or off",
+            up(concat!(
+                "    routes:\n      - { name: a, retry: on }\n",
+                "      - { name: b, retry: { max_attemps: 2 } }\n",
+                "      - { name: c, retry: { backoff: { initial: 2s, max: 1s } } }\n",
+            )),
+            vec![
+                "outrigger.yaml:5:27: upstreams.payments.routes[0].retry: \"on\" is not valid (expected a retry section, or off)",
+                "outrigger.yaml:6:29: upstreams.payments.routes[1].retry.max_attemps: unknown field (expected one of: max_attempts, backoff, on, budget, replay_buffer)",
+                "outrigger.yaml:7:49: upstreams.payments.routes[2].retry.backoff.initial: must not exceed backoff.max (expected at most 1s, got 2s)",
             ],
         ),
     ]

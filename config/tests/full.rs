@@ -227,6 +227,12 @@ fn the_reference_example_in_the_docs_loads() {
         "the example shows the defaults"
     );
     assert_eq!(payments.circuit_breaker, Some(CircuitBreaker::default()));
+    let charge = &payments.routes[0];
+    assert_eq!((charge.name.as_str(), charge.retry.as_ref()), ("charge", Some(&RouteRetry::Off)));
+    let merged = charge.over(payments);
+    assert_eq!((merged.retry, merged.timeouts.per_try), (None, None), "replaced whole");
+    assert_eq!(merged.timeouts.connect, payments.timeouts.connect, "connect stays the upstream's");
+    assert_eq!(merged.circuit_breaker, payments.circuit_breaker);
     assert_eq!(config.messaging.subscriptions[0].backoff, Backoff::MESSAGING);
     assert_eq!(config.outbound, Outbound::default());
 }

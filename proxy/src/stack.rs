@@ -1,8 +1,9 @@
 //! The request path, outermost first. Change the order here and in DESIGN.md together.
 //!
-//! Listener -> framing guard -> `Route` (authority -> upstream, else 404) -> the upstream's
-//! stack below, in DESIGN.md's order ("Policies, in the order a request meets them") ->
-//! `Forward` (balancer, pooled client).
+//! Listener -> framing guard -> `Route` (authority -> upstream, else 404; then path, method and
+//! headers -> the upstream's route, else `(default)`) -> that route's stack below, in DESIGN.md's
+//! order ("Policies, in the order a request meets them") -> `Forward` (balancer, pooled client).
+//! Each route's stack is built here once; its routes share the upstream's breaker and endpoints.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::http::Body;
 use crate::http::forward::Forward;
 use crate::http::probe;
 use crate::http::route::Routes;
+use crate::http::route_match::{Matcher, Routed};
 use crate::messaging::Messaging;
 use crate::policy::circuit_breaker::CircuitBreakerLayer;
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
@@ -27,20 +29,35 @@ use crate::policy::timeout::DeadlineLayer;
 use crate::telemetry::grpc::GrpcResponsesLayer;
 use crate::telemetry::metrics::{Metrics, MetricsLayer, NO_UPSTREAM};
 
-/// The `route` label of a request no route matched.
-// TODO(routes, #19): the routes work names each route; until then every call is "(default)"
-const DEFAULT_ROUTE: &str = "(default)";
-
-/// One upstream's whole stack, boxed once so every upstream has the same type.
+/// One route's whole stack (or an upstream's, for requests no route matched), boxed once so
+/// every stack has the same type.
 pub type UpstreamService = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;
 
-/// An upstream, built: its service, and its endpoint pool, which readiness, metrics and the
-/// admin view read.
+/// An upstream, built: its stacks by route, and its endpoint pool, which readiness, metrics
+/// and the admin view read.
 #[derive(Debug, Clone)]
 pub struct BuiltUpstream {
     pub name: Arc<str>,
-    pub service: UpstreamService,
+    pub service: Routed<UpstreamService>,
     pub pool: Pool,
+}
+
+/// What the routes of one upstream share: its name and its circuit breaker (the breaker is
+/// about the endpoints, which every route reaches).
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub name: Arc<str>,
+    breaker: Option<CircuitBreakerLayer>,
+}
+
+impl Shared {
+    pub fn new(cfg: &config::Upstream, metrics: &Metrics) -> Self {
+        let name: Arc<str> = cfg.name.as_str().into();
+        let breaker = cfg
+            .circuit_breaker
+            .map(|c| CircuitBreakerLayer::new(&name, c, metrics.circuit_state(&name)));
+        Shared { name, breaker }
+    }
 }
 
 /// One upstream: its endpoint pool and its policies around the forwarder.
@@ -63,15 +80,25 @@ pub fn upstream(
             outlier_detection: cfg.outlier_detection,
         },
     );
-    let service = policies(cfg, &name, metrics, Forward::new(pool.clone(), cfg)); // balancer over healthy endpoints, connection pool; 502/503
-    BuiltUpstream { name, service: BoxCloneSyncService::new(service), pool }
+    let forward = Forward::new(pool.clone(), cfg); // balancer over healthy endpoints, connection pool; 502/503
+    let shared = Shared::new(cfg, metrics);
+    let stack =
+        |route| BoxCloneSyncService::new(policies(cfg, route, &shared, metrics, forward.clone()));
+    let routes = cfg
+        .routes
+        .iter()
+        .map(|r| (Matcher::new(&r.matches), r.name.as_str().into(), stack(Some(r))));
+    let service = Routed::new(routes.collect(), stack(None));
+    BuiltUpstream { name, service, pool }
 }
 
-/// One upstream's policy layers around `inner`, outermost first. An absent YAML section means
-/// no layer, not a disabled one.
+/// One route's policy layers around `inner`, outermost first: the upstream's sections, each
+/// replaced whole by the route's when it gives one (`route: None` for requests no route
+/// matched). An absent YAML section means no layer, not a disabled one.
 pub fn policies<S>(
     cfg: &config::Upstream,
-    name: &Arc<str>,
+    route: Option<&config::Route>,
+    shared: &Shared,
     metrics: &Metrics,
     inner: S,
 ) -> impl tower::Service<
@@ -91,22 +118,23 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let (name, label) = (&shared.name, route.map_or(config::DEFAULT_ROUTE, |r| &r.name));
+    let cfg = &route.map_or_else(|| cfg.clone(), |r| r.over(cfg));
+    let idempotent = route.is_some_and(|r| r.idempotent);
     ServiceBuilder::new()
-        .layer(MetricsLayer::new(metrics.upstream(name))) // counts what the client got
-        .layer(GrpcResponsesLayer::new(metrics.grpc_responses(name, DEFAULT_ROUTE))) // gRPC statuses
+        .layer(MetricsLayer::new(metrics.route(name, label))) // counts what the client got
+        .layer(GrpcResponsesLayer::new(metrics.grpc_responses(name, label))) // gRPC statuses
         .option_layer(
             cfg.rate_limit.map(|r| RateLimitLayer::new(name, &r, metrics.rate_limited(name))),
         ) // 429 rate-limited
         .option_layer(cfg.concurrency_limit.map(|n| ConcurrencyLimitLayer::new(name, n))) // 503 overloaded
-        .option_layer(
-            cfg.circuit_breaker
-                .map(|c| CircuitBreakerLayer::new(name, c, metrics.circuit_state(name))),
-        ) // 503 circuit-open
+        .option_layer(shared.breaker.clone()) // 503 circuit-open, one per upstream
         .layer(DeadlineLayer::whole_request(cfg.timeouts.request.get())) // 504 timeout, the call's deadline
         .option_layer(
             cfg.retry
                 .as_ref()
-                .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(name))),
+                .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(name)))
+                .map(|r| r.idempotent(idempotent)),
         ) // backoff within the request timeout, budget, replay cap
         .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::new(t.get()))) // one attempt
         .service(inner)
@@ -119,7 +147,7 @@ pub fn routes(
     metrics: &Metrics,
     messaging: &Arc<Messaging>,
 ) -> Routes {
-    let by_name: HashMap<Box<str>, UpstreamService> =
+    let by_name: HashMap<Box<str>, Routed<UpstreamService>> =
         upstreams.iter().map(|u| (Box::from(&*u.name), u.service.clone())).collect();
     Routes::new(by_name, metrics.upstream(NO_UPSTREAM))
         .with_messaging(messaging.clone())

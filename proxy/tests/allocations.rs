@@ -2,7 +2,8 @@
 //! none beyond what a policy needs). One test in its own binary, so that nothing else allocates
 //! while it counts.
 //!
-//! The layers are `stack::policies`, exactly as an upstream gets them, around an inner service
+//! The layers are `stack::policies`, exactly as an upstream (or a route, chosen per request by
+//! `route_match::Routed`) gets them, around an inner service
 //! that answers on its second poll (so every timer is armed, as with a real upstream) without
 //! allocating. Requests carry the headers a typical client sends.
 
@@ -15,6 +16,7 @@ use http::{Request, Response};
 use outrigger_proxy::config;
 use outrigger_proxy::error::ProxyError;
 use outrigger_proxy::http::Body;
+use outrigger_proxy::http::route_match::{Matcher, Routed};
 use outrigger_proxy::stack;
 use outrigger_proxy::telemetry::metrics::Metrics;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -46,6 +48,28 @@ upstreams:
     circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
     rate_limit: { requests_per_second: 1000000, burst: 100000 }
     concurrency_limit: 100000
+";
+
+/// The full stack behind routes, the request matching the last (path prefix, method and
+/// header), whose sections replace the upstream's; `retry: off` there, so no head is copied.
+const ROUTED: &str = "
+upstreams:
+  bench:
+    discovery: { static: [\"127.0.0.1:9\"] }
+    timeouts: { connect: 1s, request: 10s, per_try: 5s }
+    retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10 } }
+    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
+    rate_limit: { requests_per_second: 1000000, burst: 100000 }
+    concurrency_limit: 100000
+    routes:
+      - { name: admin, match: { path_prefix: /admin } }
+      - { name: order, match: { path: /orders, methods: [POST] } }
+      - name: orders
+        match: { path_prefix: /orders, methods: [GET], headers: { Accept: application/json } }
+        timeouts: { request: 5s, per_try: 2s }
+        retry: off
+        rate_limit: { requests_per_second: 1000000, burst: 100000 }
+        concurrency_limit: 1000
 ";
 
 /// Answers 200 on its second poll, allocating nothing.
@@ -115,9 +139,20 @@ fn request_with(timeout: Option<&'static str>) -> Request<Body> {
 async fn allocations_for(yaml: &str, request: fn() -> Request<Body>) -> usize {
     let config = config::load_str("alloc.yaml", yaml).unwrap();
     let upstream = &config.upstreams.0[0];
-    let name: Arc<str> = Arc::from(upstream.name.as_str());
     let metrics = Metrics::new();
-    let mut svc = stack::policies(upstream, &name, &metrics, Upstream);
+    let shared = stack::Shared::new(upstream, &metrics);
+    let stack_of = |route| stack::policies(upstream, route, &shared, &metrics, Upstream);
+    let routes = upstream
+        .routes
+        .iter()
+        .map(|r| (Matcher::new(&r.matches), Arc::from(&*r.name), stack_of(Some(r))));
+    let routed = Routed::new(routes.collect(), stack_of(None));
+    let route = |req: &Request<Body>| {
+        let (name, svc) = routed.choose(req);
+        assert_eq!(name, upstream.routes.last().map_or("(default)", |r| r.name.as_str()));
+        svc.clone()
+    };
+    let mut svc = route(&request());
     // warm up: metric handles, the rate limiter, the breaker's window and the timer wheel
     for _ in 0..100 {
         svc.ready().await.unwrap().call(request()).await.unwrap();
@@ -126,6 +161,8 @@ async fn allocations_for(yaml: &str, request: fn() -> Request<Body>) -> usize {
     let mut responses = Vec::with_capacity(REQUESTS);
     let region = Region::new(GLOBAL);
     for req in requests {
+        // the route is chosen per request, as `http::route` does, before the policies
+        let mut svc = route(&req);
         responses.push(svc.ready().await.unwrap().call(req).await.unwrap());
     }
     let made = region.change().allocations;
@@ -145,14 +182,16 @@ fn head_copies() -> usize {
 }
 
 #[test]
-fn the_policy_layers_allocate_nothing_per_request_but_the_retry_layers_copy_of_the_head() {
+fn the_route_choice_and_policy_layers_allocate_nothing_per_request_but_the_retry_head_copy() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let without_retry = runtime.block_on(allocations_for(NO_RETRY, request));
     let full = runtime.block_on(allocations_for(FULL, request));
+    let routed = runtime.block_on(allocations_for(ROUTED, request));
     let copies = head_copies();
     let shortened = runtime.block_on(allocations_for(NO_RETRY, request_with_timeout));
 
     assert_eq!(without_retry, 0, "metrics, rate limit, concurrency limit, breaker, deadlines");
+    assert_eq!(routed, 0, "a route chosen among three, then its own stack without retries");
     assert_eq!(
         full,
         copies,

@@ -1,6 +1,7 @@
-//! The request path's hot spots, each alone: routing an authority to its upstream, the policy
-//! layers' per-request work (every layer on, and none), the balancer's pick, backoff, the
-//! `Retry-After` parser, a trace context, and the message envelope's encoding.
+//! The request path's hot spots, each alone: routing an authority to its upstream, choosing a
+//! route among 20, the policy layers' per-request work (every layer on, and none), the
+//! balancer's pick, backoff, the `Retry-After` parser, a trace context, and the message
+//! envelope's encoding.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,6 +18,7 @@ use outrigger_proxy::config;
 use outrigger_proxy::error::ProxyError;
 use outrigger_proxy::http::Body;
 use outrigger_proxy::http::route::Routes;
+use outrigger_proxy::http::route_match::{Matcher, Routed};
 use outrigger_proxy::messaging::envelope::{Envelope, ErrorRecord, MessageId};
 use outrigger_proxy::policy::backoff::{Backoff, parse_retry_after};
 use outrigger_proxy::stack::{self, UpstreamService};
@@ -76,8 +78,9 @@ fn policies(c: &mut Criterion) {
     let mut group = c.benchmark_group("policies");
     for (name, yaml) in [("bare", BARE), ("full", FULL)] {
         let upstream = upstream_of(yaml);
-        let label: Arc<str> = Arc::from("bench");
-        let mut svc = stack::policies(&upstream, &label, &metrics, tower::service_fn(answer));
+        let shared = stack::Shared::new(&upstream, &metrics);
+        let mut svc =
+            stack::policies(&upstream, None, &shared, &metrics, tower::service_fn(answer));
         group.bench_function(name, |b| {
             b.iter_batched(
                 request,
@@ -92,14 +95,52 @@ fn policies(c: &mut Criterion) {
 fn route(c: &mut Criterion) {
     let metrics = Metrics::new();
     let names = ["billing", "catalog", "inventory", "orders", "payments", "shipping", "users"];
-    let by_name: HashMap<Box<str>, UpstreamService> = names
+    let by_name: HashMap<Box<str>, Routed<UpstreamService>> = names
         .iter()
-        .map(|n| (Box::from(*n), BoxCloneSyncService::new(tower::service_fn(answer))))
+        .map(|n| {
+            (Box::from(*n), Routed::single(BoxCloneSyncService::new(tower::service_fn(answer))))
+        })
         .collect();
     let routes = Routes::new(by_name, metrics.upstream("none"));
     c.bench_function("route/find", |b| b.iter(|| routes.find(black_box("payments")).is_some()));
     c.bench_function("route/find_mixed_case", |b| {
         b.iter(|| routes.find(black_box("Payments")).is_some())
+    });
+}
+
+/// 20 routes of mixed rules (path prefix, exact path, method, header), the request matching only
+/// the last: the worst case of "first match wins", every route tried.
+fn route_match(c: &mut Criterion) {
+    let mut yaml = String::from(
+        "upstreams:\n  bench:\n    discovery: { static: [\"127.0.0.1:9001\"] }\n    routes:\n",
+    );
+    for i in 0..19 {
+        let rule = match i % 4 {
+            0 => format!("{{ path_prefix: /v1/service{i} }}"),
+            1 => format!("{{ path: /v1/orders/{i}, methods: [GET] }}"),
+            2 => format!("{{ path_prefix: /v1/orders, methods: [DELETE, PATCH] }}"),
+            _ => format!("{{ path_prefix: /v1, headers: {{ x-tenant: tenant{i} }} }}"),
+        };
+        yaml.push_str(&format!("      - {{ name: r{i}, match: {rule} }}\n"));
+    }
+    yaml.push_str(concat!(
+        "      - { name: last, match: { path_prefix: /v1/orders, methods: [POST],",
+        " headers: { x-tenant: gold } } }\n",
+    ));
+    let upstream = upstream_of(&yaml);
+    let routes =
+        upstream.routes.iter().map(|r| (Matcher::new(&r.matches), Arc::from(&*r.name), ()));
+    let routed = Routed::new(routes.collect(), ());
+    let req = Request::post("http://bench/v1/orders/42?x=1")
+        .header("host", "bench")
+        .header("user-agent", "wrk")
+        .header("accept", "application/json")
+        .header("x-tenant", "gold")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(routed.choose(&req).0, "last");
+    c.bench_function("route/match_last_of_20", |b| {
+        b.iter(|| routed.choose(black_box(&req)).0.len())
     });
 }
 
@@ -179,5 +220,5 @@ fn envelope(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, policies, route, balancer, backoff, trace, envelope);
+criterion_group!(benches, policies, route, route_match, balancer, backoff, trace, envelope);
 criterion_main!(benches);

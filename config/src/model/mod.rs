@@ -4,6 +4,7 @@
 
 mod messaging;
 mod retry;
+mod route;
 mod upstream;
 
 pub use messaging::{
@@ -11,6 +12,8 @@ pub use messaging::{
     SubscriptionBreaker, Throttle,
 };
 pub use retry::{Backoff, BackoffStrategy, Budget, Jitter, Retry, RetryOn};
+pub(crate) use route::SECTION_OR_OFF;
+pub use route::{DEFAULT_ROUTE, OnUpstream, Route, RouteMatch, RouteRetry, RouteTimeouts};
 pub use upstream::{
     CircuitBreaker, Discovery, Dns, DnsRecord, HealthCheck, LoadBalancer, OutlierDetection,
     Protocol, RateLimit, RegistryDiscovery, Timeouts, Tls, Upstream, Upstreams,

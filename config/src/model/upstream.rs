@@ -37,6 +37,9 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     pub tls: Option<Tls>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// Per-call policies, first match wins; a request no route matches gets the sections above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<super::Route>,
 }
 
 /// Where an upstream's endpoints come from: exactly one source.

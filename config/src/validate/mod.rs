@@ -3,6 +3,7 @@
 //! path into a position. Types already refused what a single value can get wrong.
 
 mod messaging;
+mod route;
 mod upstream;
 
 use crate::model::{Backoff, Config, Registry, Telemetry};

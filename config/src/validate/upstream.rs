@@ -52,6 +52,7 @@ impl Checks {
         if let Some(tls) = &upstream.tls {
             self.tls(&format!("{path}.tls"), tls);
         }
+        self.routes(&path, upstream);
         if let Some(outlier) = &upstream.outlier_detection {
             self.positive(format!("{path}.outlier_detection.base_ejection"), outlier.base_ejection);
             if outlier.max_ejected_percent > 100 {

@@ -234,13 +234,17 @@ impl<'de> serde::Deserializer<'de> for De<'_> {
     /// means the section with its defaults.
     fn deserialize_struct<V: Visitor<'de>>(
         self,
-        _name: &'static str,
+        name: &'static str,
         fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
         let entries = match &self.node.kind {
             Kind::Map(entries) => entries.as_slice(),
             _ if self.node.is_null() => &[],
+            // a section that may be switched off (`retry: off`) hands the word to its visitor
+            Kind::Scalar(s) if name == crate::model::SECTION_OR_OFF => {
+                return visitor.visit_str(&s.text);
+            }
             _ => {
                 let expected = format!("a mapping with keys: {}", fields.join(", "));
                 return Err(self.type_error("a mapping", expected));

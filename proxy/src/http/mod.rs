@@ -11,6 +11,7 @@ pub mod listener;
 pub mod probe;
 pub mod respond;
 pub mod route;
+pub mod route_match;
 pub mod tee;
 pub mod tls;
 

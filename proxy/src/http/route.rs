@@ -25,6 +25,7 @@ use crate::http::forward::RequestTrace;
 use crate::http::grpc;
 use crate::http::guard::refusal;
 use crate::http::respond::error_response;
+use crate::http::route_match::Routed;
 use crate::messaging::{Messaging, publish};
 use crate::stack::UpstreamService;
 use crate::telemetry::metrics::UpstreamMetrics;
@@ -33,14 +34,17 @@ use crate::telemetry::trace::{Kind, Span, Tracer};
 /// Every upstream by name, plus the metrics of requests that matched none.
 #[derive(Debug)]
 pub struct Routes {
-    by_name: HashMap<Box<str>, UpstreamService>,
+    by_name: HashMap<Box<str>, Routed<UpstreamService>>,
     unmatched: UpstreamMetrics,
     messaging: Option<Arc<Messaging>>,
     tracer: Tracer,
 }
 
 impl Routes {
-    pub fn new(by_name: HashMap<Box<str>, UpstreamService>, unmatched: UpstreamMetrics) -> Self {
+    pub fn new(
+        by_name: HashMap<Box<str>, Routed<UpstreamService>>,
+        unmatched: UpstreamMetrics,
+    ) -> Self {
         Self { by_name, unmatched, messaging: None, tracer: Tracer::disabled() }
     }
 
@@ -65,14 +69,15 @@ impl Routes {
         (req.uri().path().starts_with("/v1/") && local()).then_some(messaging)
     }
 
-    /// The upstream named `host`, any letter case.
-    pub fn find(&self, host: &str) -> Option<&UpstreamService> {
+    /// The upstream named `host`, any letter case: its name as configured, and its routes.
+    pub fn find(&self, host: &str) -> Option<(&str, &Routed<UpstreamService>)> {
         // names are lowercase (config validates them); most clients send lowercase hosts
-        if host.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.by_name.get(host.to_ascii_lowercase().as_str())
+        let found = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_name.get_key_value(host.to_ascii_lowercase().as_str())
         } else {
-            self.by_name.get(host)
-        }
+            self.by_name.get_key_value(host)
+        };
+        found.map(|(name, routed)| (&**name, routed))
     }
 }
 
@@ -106,7 +111,12 @@ pub enum Route {
 }
 
 impl Route {
-    fn select(&self, routes: &Routes, req: &Request<Body>) -> Result<UpstreamService, ProxyError> {
+    /// The upstream the request names, then its route: (upstream, route, the route's stack).
+    fn select<'a>(
+        &self,
+        routes: &'a Routes,
+        req: &Request<Body>,
+    ) -> Result<(&'a str, &'a str, UpstreamService), ProxyError> {
         let host = match self {
             Self::Dedicated { name, .. } => name,
             Self::ByAuthority(_) => match request_host(req) {
@@ -117,10 +127,11 @@ impl Route {
                 }
             },
         };
-        routes
-            .find(host)
-            .cloned()
-            .ok_or_else(|| ProxyError::UnknownUpstream { authority: host.into() })
+        let Some((name, upstream)) = routes.find(host) else {
+            return Err(ProxyError::UnknownUpstream { authority: host.into() });
+        };
+        let (route, stack) = upstream.choose(req);
+        Ok((name, route, stack.clone()))
     }
 
     fn table(&self) -> &RouteTable {
@@ -223,7 +234,8 @@ impl hyper::service::Service<Request<Incoming>> for Route {
             }
         };
         match answer {
-            Ok(upstream) => {
+            Ok((host, route, upstream)) => {
+                tracing::debug!(upstream = host, route, "request routed");
                 let mut span =
                     routes.tracer.start(req.headers().get("traceparent"), "outbound", Kind::Client);
                 // the upstream continues the trace under this span
@@ -233,6 +245,7 @@ impl hyper::service::Service<Request<Incoming>> for Route {
                     let host = request_host(&req).ok().flatten();
                     span.text("server.address", host.unwrap_or_default());
                     span.text("url.path", req.uri().path());
+                    span.text("outrigger.route", route);
                     // each attempt records its own span under this one
                     let parent = span.context.header();
                     req.extensions_mut()

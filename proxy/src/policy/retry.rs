@@ -1,7 +1,7 @@
 //! Retries: send a failed request again, after a backoff, when it is safe and worth it.
 //!
-//! Safe: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) or requests carrying
-//! an `Idempotency-Key` are sent twice; any request is retried when its connection could not be
+//! Safe: only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE), requests carrying
+//! an `Idempotency-Key` or any request of a route marked `idempotent` are sent twice; any request is retried when its connection could not be
 //! opened (nothing was sent). A body is replayed only if it fits `replay_buffer`; a larger one
 //! streams through once; a gRPC call's body is not held back (a streaming call would hang) but
 //! sent at once and copied on the way (`http/tee.rs`). Worth it: the failure is in `on`,
@@ -58,6 +58,8 @@ struct Shared {
     /// `timeouts.request`: no backoff sleep may end past it, nor past a sooner call deadline.
     request_timeout: Duration,
     retries: IntCounter,
+    /// A route marked `idempotent: true`: every request of it is safe to send twice.
+    all_idempotent: bool,
 }
 
 impl RetryLayer {
@@ -74,8 +76,16 @@ impl RetryLayer {
                 replay_cap: usize::try_from(cfg.replay_buffer.bytes()).unwrap_or(usize::MAX),
                 request_timeout,
                 retries,
+                all_idempotent: false,
             }),
         }
+    }
+
+    /// For a route marked `idempotent: true`: its requests are retried whatever their method.
+    pub fn idempotent(mut self, all: bool) -> Self {
+        Arc::get_mut(&mut self.shared).expect("set before the layer is cloned").all_idempotent =
+            all;
+        self
     }
 }
 
@@ -208,7 +218,7 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
     fn new(shared: Arc<Shared>, inner: S, req: Request<Body>) -> Self {
         let now = Instant::now();
         shared.budget.lock().expect("no panics under the budget lock").deposit(now);
-        let idempotent = idempotent(&req);
+        let idempotent = shared.all_idempotent || idempotent(&req);
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
         // a gRPC call with gRPC statuses in `on` may be sent again whatever its method
         let grpc = grpc::is_grpc(req.headers());

@@ -58,9 +58,9 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "outrigger_requests_total",
-                "Requests answered, by upstream and final status",
+                "Requests answered, by upstream, route and final status",
             ),
-            &["upstream", "code"],
+            &["upstream", "route", "code"],
         )
         .expect("valid metric");
         let duration = HistogramVec::new(
@@ -69,7 +69,7 @@ impl Metrics {
                 "Time from receiving a request to sending its response headers",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
-            &["upstream"],
+            &["upstream", "route"],
         )
         .expect("valid metric");
         let retries = IntCounterVec::new(
@@ -402,13 +402,19 @@ impl Metrics {
         }))
     }
 
-    /// The handles of one upstream (or of [`NO_UPSTREAM`]).
+    /// The handles of one upstream's requests that no route matched (or of [`NO_UPSTREAM`]).
     pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        self.route(name, outrigger_config::DEFAULT_ROUTE)
+    }
+
+    /// The handles of one route of an upstream: made once, when its stack is built.
+    pub fn route(&self, upstream: &str, route: &str) -> UpstreamMetrics {
         UpstreamMetrics(Arc::new(Handles {
-            name: name.into(),
+            name: upstream.into(),
+            route: route.into(),
             requests: self.requests.clone(),
             by_code: std::array::from_fn(|_| OnceLock::new()),
-            duration: self.duration.with_label_values(&[name]),
+            duration: self.duration.with_label_values(&[upstream, route]),
         }))
     }
 
@@ -453,6 +459,7 @@ pub struct UpstreamMetrics(Arc<Handles>);
 #[derive(Debug)]
 struct Handles {
     name: Box<str>,
+    route: Box<str>,
     requests: IntCounterVec,
     /// One counter per status code 100..=599, made on first use.
     by_code: [OnceLock<IntCounter>; 500],
@@ -463,8 +470,10 @@ impl UpstreamMetrics {
     pub fn record(&self, status: u16, elapsed: Duration) {
         let h = &self.0;
         if let Some(slot) = status.checked_sub(100).and_then(|i| h.by_code.get(usize::from(i))) {
-            slot.get_or_init(|| h.requests.with_label_values(&[&*h.name, &status.to_string()]))
-                .inc();
+            slot.get_or_init(|| {
+                h.requests.with_label_values(&[&*h.name, &*h.route, &status.to_string()])
+            })
+            .inc();
         }
         h.duration.observe(elapsed.as_secs_f64());
     }
@@ -496,7 +505,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_requests_by_upstream_and_code() {
+    fn counts_requests_by_upstream_route_and_code() {
         let metrics = Metrics::new();
         let payments = metrics.upstream("payments");
         payments.record(200, Duration::from_millis(3));
@@ -504,12 +513,24 @@ mod tests {
         payments.record(503, Duration::from_millis(1));
         let text = String::from_utf8(metrics.encode()).unwrap();
         assert!(
-            text.contains(r#"outrigger_requests_total{code="200",upstream="payments"} 2"#),
+            text.contains(
+                r#"outrigger_requests_total{code="200",route="(default)",upstream="payments"} 2"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"outrigger_requests_total{code="503",upstream="payments"} 1"#));
+        assert!(text.contains(
+            r#"outrigger_requests_total{code="503",route="(default)",upstream="payments"} 1"#
+        ));
+        assert!(text.contains(
+            r#"outrigger_request_duration_seconds_count{route="(default)",upstream="payments"} 3"#
+        ));
+        metrics.route("payments", "charge").record(201, Duration::from_millis(2));
+        let text = String::from_utf8(metrics.encode()).unwrap();
         assert!(
-            text.contains(r#"outrigger_request_duration_seconds_count{upstream="payments"} 3"#)
+            text.contains(
+                r#"outrigger_requests_total{code="201",route="charge",upstream="payments"} 1"#
+            ),
+            "{text}"
         );
     }
 }

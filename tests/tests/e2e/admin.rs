@@ -52,12 +52,21 @@ async fn metrics_count_requests_by_upstream_and_status() {
     let (status, text) = sidecar.admin("/metrics").await;
     assert_eq!(status, 200);
     assert!(
-        text.contains(r#"outrigger_requests_total{code="200",upstream="payments"} 2"#),
+        text.contains(
+            r#"outrigger_requests_total{code="200",route="(default)",upstream="payments"} 2"#
+        ),
         "{text}"
     );
-    assert!(text.contains(r#"outrigger_requests_total{code="404",upstream="(none)"} 1"#), "{text}");
     assert!(
-        text.contains(r#"outrigger_request_duration_seconds_count{upstream="payments"} 2"#),
+        text.contains(
+            r#"outrigger_requests_total{code="404",route="(default)",upstream="(none)"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"outrigger_request_duration_seconds_count{route="(default)",upstream="payments"} 2"#
+        ),
         "{text}"
     );
 }

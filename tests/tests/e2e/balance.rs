@@ -226,7 +226,10 @@ async fn p2c_ewma_sends_most_requests_to_the_faster_endpoint() {
         assert_eq!(sidecar.get("payments", "/").await.status(), 200);
     }
 
-    assert!(slow.requests() <= 4, "slow {} fast {}", slow.requests(), fast.requests());
+    // round robin or random would send 20 to each; p2c sends the slow one a few while it learns
+    // its latency, a few more when the loaded test machine makes the fast one look slow for a
+    // moment (6 of 40 seen once under the full suite on 2 cores)
+    assert!(slow.requests() <= 8, "slow {} fast {}", slow.requests(), fast.requests());
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ mod publish;
 mod redis;
 mod registry;
 mod reload;
+mod routes;
 mod soak;
 mod tls;
 mod tracing;

@@ -35,7 +35,9 @@ async fn retries_503_503_then_returns_the_200_after_three_attempts() {
     let (_, metrics) = sidecar.admin("/metrics").await;
     assert!(metrics.contains(r#"outrigger_retries_total{upstream="payments"} 2"#), "{metrics}");
     assert!(
-        metrics.contains(r#"outrigger_requests_total{code="200",upstream="payments"} 1"#),
+        metrics.contains(
+            r#"outrigger_requests_total{code="200",route="(default)",upstream="payments"} 1"#
+        ),
         "{metrics}"
     );
 }

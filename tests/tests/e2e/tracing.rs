@@ -48,8 +48,9 @@ async fn a_proxied_call_with_a_retry_continues_the_apps_trace_and_its_spans_reac
     ])
     .await;
     let retry = "    retry: { max_attempts: 2, backoff: { initial: 10ms, max: 20ms } }\n";
+    let route = "    routes:\n      - { name: charge, match: { path: /charge } }\n";
     let yaml = format!(
-        "service: {{ name: checkout }}\n{}{retry}{}",
+        "service: {{ name: checkout }}\n{}{retry}{route}{}",
         upstream.yaml("payments"),
         tracing_yaml(&receiver)
     );
@@ -66,6 +67,7 @@ async fn a_proxied_call_with_a_retry_continues_the_apps_trace_and_its_spans_reac
     assert_eq!(call.service, "checkout");
     assert_eq!(call.attribute("server.address"), Some("payments"));
     assert_eq!(call.attribute("http.response.status_code"), Some("200"));
+    assert_eq!(call.attribute("outrigger.route"), Some("charge"));
     let attempts = span_named(&receiver, "attempt", 2).await;
     assert!(attempts.iter().all(|a| a.trace_id == APP_TRACE && a.parent_span_id == call.span_id));
     let statuses: Vec<Option<&str>> =
