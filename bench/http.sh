@@ -70,24 +70,42 @@ upstreams:
 telemetry: { log: { level: warn } }
 CONF
 
+# the full stack behind 20 routes (prefix, method and header rules), the last one matching
+# every request: the cost of choosing a route, which has no sections of its own
+{
+  sed -e 's/18194/18195/' -e 's/18184/18185/' -e '/^telemetry/d' "$work/outrigger-full.yaml"
+  echo "    routes:"
+  for i in $(seq 1 19); do
+    case $((i % 3)) in
+      0) echo "      - { name: r$i, match: { path_prefix: /v$i/orders } }" ;;
+      1) echo "      - { name: r$i, match: { path_prefix: /api, methods: [POST, PUT] } }" ;;
+      2) echo "      - { name: r$i, match: { headers: { x-tenant: t$i } } }" ;;
+    esac
+  done
+  echo "      - { name: last, match: { path_prefix: / } }"
+  echo "telemetry: { log: { level: warn } }"
+} >"$work/outrigger-routes.yaml"
+
 start() { taskset -c 1 "$@" >"$work/$(basename "$1").log" 2>&1 & pids+=($!); }
 start nginx -c "$work/upstream.conf"
 start nginx -c "$work/nginx.conf"
 start haproxy -f "$work/haproxy.cfg"
 start "$OUTRIGGER" run --config "$work/outrigger.yaml"
 start "$OUTRIGGER" run --config "$work/outrigger-full.yaml"
-for port in 18180 18181 18182 18183 18184; do
+start "$OUTRIGGER" run --config "$work/outrigger-routes.yaml"
+for port in 18180 18181 18182 18183 18184 18185; do
   for _ in $(seq 100); do curl -fsS -o /dev/null -H 'Host: bench' "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.1; done
 done
 
 # contender -> "port pid-of-the-process-doing-the-work"
-declare -A PORT=([direct]=18180 [nginx]=18181 [haproxy]=18182 [outrigger]=18183 [outrigger-full]=18184)
+declare -A PORT=([direct]=18180 [nginx]=18181 [haproxy]=18182 [outrigger]=18183 [outrigger-full]=18184 [outrigger-routes]=18185)
 declare -A PIDS=(
   [direct]=""
   [nginx]="$(pgrep -P "${pids[1]}" | tr '\n' ' ')"
   [haproxy]="${pids[2]} $(pgrep -P "${pids[2]}" | tr '\n' ' ')"
   [outrigger]="${pids[3]}"
   [outrigger-full]="${pids[4]}"
+  [outrigger-routes]="${pids[5]}"
 )
 ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 hwm() { local m=0; for p in $1; do m=$((m + $(awk '/VmHWM/ {print $2}' "/proc/$p/status"))); done; echo "$m"; }
@@ -124,7 +142,7 @@ PY
 }
 
 echo "warming up" >&2
-CONTENDERS=(direct nginx haproxy outrigger outrigger-full)
+CONTENDERS=(direct nginx haproxy outrigger outrigger-full outrigger-routes)
 for who in "${CONTENDERS[@]}"; do run "$who" 16 2; done
 : >"$results"
 for round in $(seq "$ROUNDS"); do
