@@ -72,19 +72,7 @@ CONF
 
 # the full stack behind 20 routes (prefix, method and header rules), the last one matching
 # every request: the cost of choosing a route, which has no sections of its own
-{
-  sed -e 's/18194/18195/' -e 's/18184/18185/' -e '/^telemetry/d' "$work/outrigger-full.yaml"
-  echo "    routes:"
-  for i in $(seq 1 19); do
-    case $((i % 3)) in
-      0) echo "      - { name: r$i, match: { path_prefix: /v$i/orders } }" ;;
-      1) echo "      - { name: r$i, match: { path_prefix: /api, methods: [POST, PUT] } }" ;;
-      2) echo "      - { name: r$i, match: { headers: { x-tenant: t$i } } }" ;;
-    esac
-  done
-  echo "      - { name: last, match: { path_prefix: / } }"
-  echo "telemetry: { log: { level: warn } }"
-} >"$work/outrigger-routes.yaml"
+routes_yaml "$work/outrigger-full.yaml" "$work/outrigger-routes.yaml"
 
 start() { taskset -c 1 "$@" >"$work/$(basename "$1").log" 2>&1 & pids+=($!); }
 start nginx -c "$work/upstream.conf"

@@ -35,3 +35,21 @@ http { access_log off; keepalive_requests 10000000;
   server { listen $1; location / { return 200 "ok\n"; } } }
 CONF
 }
+
+# routes_yaml FULL OUT — FULL's config (ports +1) behind 20 routes of prefix, method and header
+# rules, the last of which matches every request: the cost of choosing a route (issue 19).
+routes_yaml() {
+  {
+    sed -e 's/18194/18195/' -e 's/18184/18185/' -e '/^telemetry/d' "$1"
+    echo "    routes:"
+    for i in $(seq 1 19); do
+      case $((i % 3)) in
+        0) echo "      - { name: r$i, match: { path_prefix: /v$i/orders } }" ;;
+        1) echo "      - { name: r$i, match: { path_prefix: /api, methods: [POST, PUT] } }" ;;
+        2) echo "      - { name: r$i, match: { headers: { x-tenant: t$i } } }" ;;
+      esac
+    done
+    echo "      - { name: last, match: { path_prefix: / } }"
+    echo "telemetry: { log: { level: warn } }"
+  } >"$2"
+}
