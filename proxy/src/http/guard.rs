@@ -18,7 +18,6 @@
 //! checked like any other.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -29,8 +28,11 @@ use outrigger_discovery::time::saturating_add;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::error::ProxyError;
 use crate::http::idle::{Activity, Upgrade};
+
+mod head;
+pub(crate) use head::refusal;
+use head::{Framing, check_head, chunk_size};
 
 /// The header a synthetic head carries to the router: `"<status> <reason>"`.
 pub(crate) const REJECTED_HEADER: &str = "outrigger-rejected";
@@ -41,7 +43,6 @@ const READ_CHUNK: usize = 8 * 1024;
 /// 24 at a time), reads go through `storage`.
 const MIN_DIRECT_READ: usize = 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
-const STACK_HEADERS: usize = 128;
 
 /// What the guard enforces, from `outbound.limits`.
 #[derive(Debug, Clone, Copy)]
@@ -386,126 +387,6 @@ impl<T> GuardedIo<T> {
         ));
         self.state = State::Rejected;
     }
-}
-
-enum Framing {
-    None,
-    Length(u64),
-    Chunked,
-}
-
-/// A request head that passed: how its body is framed, and whether hyper may turn the connection
-/// into a tunnel after it.
-struct Head {
-    framing: Framing,
-    upgrade: bool,
-}
-
-/// Checks one complete request head against RFC 9112's framing rules and our limits.
-fn check_head(head: &[u8], max_headers: usize) -> Result<Head, (u16, String)> {
-    if max_headers <= STACK_HEADERS {
-        let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
-        check_head_with(head, &mut headers[..max_headers])
-    } else {
-        let mut headers = vec![MaybeUninit::uninit(); max_headers];
-        check_head_with(head, &mut headers)
-    }
-}
-
-fn check_head_with<'h>(
-    head: &'h [u8],
-    headers: &mut [MaybeUninit<httparse::Header<'h>>],
-) -> Result<Head, (u16, String)> {
-    let max = headers.len();
-    let mut req = httparse::Request::new(&mut []);
-    match req.parse_with_uninit_headers(head, headers) {
-        // the parser ends the head where the guard did, or they disagree: refuse
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        Ok(httparse::Status::Complete(_)) => {
-            return Err((400, "the request head ends ambiguously".into()));
-        }
-        Ok(httparse::Status::Partial) => return Err((400, "incomplete request head".into())),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err((431, format!("more than {max} request headers")));
-        }
-        Err(e) => return Err((400, format!("malformed request head: {e}"))),
-    }
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    // hyper's rule for a request that may switch protocols: CONNECT, or `Upgrade` on HTTP/1.1
-    // (with or without `Connection: upgrade`); its answer decides
-    let mut upgrade = req.method == Some("CONNECT");
-    for h in req.headers.iter() {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            // one number per field: hyper refuses a list, even of equal values
-            let n = parse_length(h.value.trim_ascii()).ok_or_else(|| {
-                (400, "invalid Content-Length (expected one decimal number)".to_string())
-            })?;
-            if length.is_some_and(|l| l != n) {
-                return Err((400, "conflicting Content-Length values".into()));
-            }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade |= req.version == Some(1);
-        } else if name.eq_ignore_ascii_case(REJECTED_HEADER) {
-            return Err((400, format!("the {REJECTED_HEADER} header is reserved")));
-        }
-    }
-    let framing = match (chunked, length) {
-        (Some(_), Some(_)) => {
-            return Err((400, "both Content-Length and Transfer-Encoding".into()));
-        }
-        (Some(_), None) if req.version == Some(0) => {
-            return Err((400, "Transfer-Encoding in an HTTP/1.0 request".into()));
-        }
-        (Some(false), None) => return Err((400, "Transfer-Encoding must end in chunked".into())),
-        (Some(true), None) => Framing::Chunked,
-        (None, Some(n)) if n > 0 => Framing::Length(n),
-        (None, _) => Framing::None,
-    };
-    Ok(Head { framing, upgrade })
-}
-
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
-}
-
-/// The size of a chunk-size line without its CRLF (`1a`, `1a ;ext=v`); `None` when malformed.
-/// As hyper reads it: hex digits (at most 15 here, so a size always fits), optional spaces or
-/// tabs, then nothing or an extension after `;`.
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 15 {
-        return None;
-    }
-    let rest = &line[digits..];
-    let rest = &rest[rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count()..];
-    if !(rest.is_empty() || rest.starts_with(b";")) {
-        return None;
-    }
-    let hex = std::str::from_utf8(&line[..digits]).ok()?;
-    u64::from_str_radix(hex, 16).ok()
-}
-
-/// The client's request as the guard refused it, when `req` is the synthetic head of a refusal:
-/// the status and reason travel in [`REJECTED_HEADER`] (`"<status> <reason>"`).
-pub(crate) fn refusal<B>(req: &http::Request<B>) -> Option<ProxyError> {
-    let value = req.headers().get(REJECTED_HEADER)?;
-    let text = value.to_str().unwrap_or("400 malformed request");
-    let (status, reason) = text.split_once(' ').unwrap_or(("400", text));
-    let reason = reason.into();
-    Some(if status == "431" {
-        ProxyError::HeadersTooLarge { reason }
-    } else {
-        ProxyError::BadRequest { reason }
-    })
 }
 
 // === impl GuardedIo: AsyncRead ===
