@@ -20,8 +20,8 @@ use crate::policy::retry::RetryLayer;
 /// One attempt: how long it takes, then its status (or `None`: a per-try timeout).
 type Step = (u64, Option<u16>);
 
-/// When an attempt was sent, and its `outrigger-attempt`.
-type Sent = (Duration, Option<String>);
+/// When an attempt was sent, its `outrigger-attempt` and its `outrigger-timeout`.
+type Sent = (Duration, Option<String>, Option<String>);
 
 #[derive(Clone, Default)]
 struct Script {
@@ -67,9 +67,9 @@ impl Script {
     + 'static {
         let script = self.clone();
         tower::service_fn(move |req: Request<Body>| {
-            let attempt =
-                req.headers().get("outrigger-attempt").map(|v| v.to_str().unwrap().into());
-            script.sent.lock().unwrap().push((started.elapsed(), attempt));
+            let header = |name| req.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+            let (attempt, left) = (header("outrigger-attempt"), header("outrigger-timeout"));
+            script.sent.lock().unwrap().push((started.elapsed(), attempt, left));
             let (after, status) = script.steps.lock().unwrap().pop_front().expect("a step");
             let mut guard = Guard(Some(script.cancelled.clone()));
             async move {
@@ -135,6 +135,8 @@ async fn a_hedge_goes_after_after_and_the_first_head_wins_the_slow_attempt_is_dr
     assert_eq!(script.sent_at(), [Duration::ZERO, 100 * MS]);
     let attempts: Vec<_> = script.sent.lock().unwrap().iter().map(|s| s.1.clone()).collect();
     assert_eq!(attempts, [None, Some("2".to_owned())], "the hedge says which attempt it is");
+    let left = script.sent.lock().unwrap()[1].2.clone();
+    assert_eq!(left.as_deref(), Some("9900ms"), "sent with the time left of the 10 s deadline");
     assert_eq!(script.cancelled(), 1, "the slow attempt's future was dropped");
 }
 
