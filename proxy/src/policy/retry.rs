@@ -355,7 +355,7 @@ fn send_hedge<S>(
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
 {
-    if !matches!(inner.poll_ready(cx), Poll::Ready(Ok(()))) {
+    if !request.replayable_now() || !matches!(inner.poll_ready(cx), Poll::Ready(Ok(()))) {
         return None;
     }
     // a hedge is a retry sent early: it spends the same budget
@@ -371,10 +371,19 @@ where
 }
 
 impl Attempts {
-    /// May this request have hedges: safe to send twice, and its body kept whole. A teed gRPC
-    /// body is not hedged: the first attempt is still reading it, so no whole copy is at hand.
+    /// May this request have hedges: safe to send twice, and its body kept whole or teed.
     fn hedgeable(&self) -> bool {
-        self.idempotent && matches!(self.body, Replay::Complete(..))
+        self.idempotent && matches!(self.body, Replay::Complete(..) | Replay::Teeing(_))
+    }
+
+    /// Can a hedge be sent the whole body now: a teed gRPC body only once the client's stream
+    /// has ended within the replay cap (a unary call's soon has; a stream's may never).
+    fn replayable_now(&self) -> bool {
+        match &self.body {
+            Replay::Complete(..) => true,
+            Replay::Teeing(tee) => tee.can_replay(),
+            Replay::Streaming(_) | Replay::Unavailable => false,
+        }
     }
 
     /// The request of the next attempt: a copy of the head and the kept body, or the streamed
@@ -422,12 +431,7 @@ impl Attempts {
         result: Result<Response<Body>, ProxyError>,
     ) -> Result<Result<Response<Body>, ProxyError>, Duration> {
         let attempt = self.attempt;
-        let replayable = match &self.body {
-            Replay::Complete(..) => true,
-            Replay::Teeing(tee) => tee.can_replay(),
-            Replay::Streaming(_) | Replay::Unavailable => false,
-        };
-        if !replayable {
+        if !self.replayable_now() {
             return Ok(finish(result, attempt)); // streamed: there is nothing to send again
         }
         let Some(failure) = shared.retryable(&result) else { return Ok(finish(result, attempt)) };

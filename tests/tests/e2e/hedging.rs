@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use outrigger_tests::{Reply, Sidecar, Upstream, send, wait_until};
+use outrigger_tests::{
+    GrpcReply, GrpcUpstream, Reply, Sidecar, Upstream, frame, grpc_call, send, wait_until,
+};
 use tokio::time::Instant;
 
 use crate::messaging::metric;
@@ -162,4 +164,58 @@ async fn the_retry_budget_caps_hedges_under_load() {
         "more slow first tries ({}) than the budget allows",
         slow.requests()
     );
+}
+
+/// Upstream `payments` over two gRPC endpoints in round robin, calls on a route marked
+/// idempotent (a gRPC call is a POST) with `route_extra`.
+fn grpc_payments(slow: &GrpcUpstream, fast: &GrpcUpstream, route_extra: &str) -> String {
+    format!(
+        concat!(
+            "upstreams:\n  payments:\n",
+            "    discovery: {{ static: [\"{}\", \"{}\"] }}\n",
+            "    load_balancer: round_robin\n    protocol: auto\n",
+            "    retry: {{ max_attempts: 3, backoff: {{ initial: 10ms, max: 50ms, jitter: none }} }}\n",
+            "    routes:\n      - {{ name: charge, idempotent: true{} }}\n",
+        ),
+        slow.addr(),
+        fast.addr(),
+        route_extra,
+    )
+}
+
+#[tokio::test]
+async fn a_unary_grpc_call_on_an_idempotent_route_is_hedged_with_its_copied_body() {
+    let slow = GrpcUpstream::scripted([GrpcReply::Delayed(SLOW, 0)]).await;
+    let fast = GrpcUpstream::scripted([GrpcReply::Status(0)]).await;
+    let sidecar = Sidecar::start(&grpc_payments(&slow, &fast, ", hedge: { after: 50ms }")).await;
+
+    for i in 0..4 {
+        let started = Instant::now();
+        let answer = grpc_call(sidecar.outbound, "payments", "/pay.Payments/Charge", b"42").await;
+        assert_eq!(answer.status(), 0);
+        assert!(started.elapsed() < SLOW / 2, "call {i} took {:?}", started.elapsed());
+    }
+    assert!(slow.calls() >= 1);
+    assert_eq!(hedges(&sidecar, "charge").await, slow.calls() as f64);
+    let bodies: Vec<Bytes> = fast.seen().into_iter().map(|c| c.body).collect();
+    assert!(bodies.iter().all(|b| b == &frame(b"42")), "each hedge sent the whole message");
+}
+
+#[tokio::test]
+async fn a_grpc_call_on_a_route_not_marked_idempotent_is_not_hedged() {
+    let slow = GrpcUpstream::scripted([GrpcReply::Delayed(SLOW, 0)]).await;
+    let fast = GrpcUpstream::scripted([GrpcReply::Status(0)]).await;
+    let yaml =
+        grpc_payments(&slow, &fast, "").replace("idempotent: true", "hedge: { after: 50ms }");
+    let sidecar = Sidecar::start(&yaml).await;
+
+    let mut slowest = Duration::ZERO;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let answer = grpc_call(sidecar.outbound, "payments", "/pay.Payments/Charge", b"42").await;
+        assert_eq!(answer.status(), 0);
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(slowest >= SLOW, "a POST without a key waits for its endpoint: {slowest:?}");
+    assert_eq!(hedges(&sidecar, "charge").await, 0.0);
 }
