@@ -12,8 +12,8 @@
 //! it comes in a trailers-only head, whatever the method; never on one in trailers. Otherwise
 //! the client gets the last answer as it came, with `outrigger-attempts: N` when N > 1.
 //! Every attempt after the first carries `outrigger-attempt: N`. With `hedge`, a slow attempt
-//! of a request safe to send twice, with its body kept whole, gets company (`retry/hedge.rs`):
-//! hedges spend the budget and count as attempts.
+//! of a request safe to send twice, with its body kept whole (a gRPC call's copy once its
+//! stream ended), gets company (`retry/hedge.rs`): hedges spend the budget and count as attempts.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -99,9 +99,7 @@ impl RetryLayer {
             all;
         self
     }
-}
 
-impl RetryLayer {
     /// `hedge` on the upstream or route, with its `outrigger_hedges_total{upstream,route}`.
     pub fn hedge(mut self, hedge: Option<(&config::Hedge, IntCounter)>) -> Self {
         Arc::get_mut(&mut self.shared).expect("set before the layer is cloned").hedge =
