@@ -99,7 +99,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown nested field",
             up("    circuit_breakr: { window: 10s }\n"),
             vec![
-                "outrigger.yaml:4:5: upstreams.payments.circuit_breakr: unknown field (expected one of: listen, discovery, load_balancer, protocol, timeouts, retry, circuit_breaker, rate_limit, concurrency_limit, health_check, tls, outlier_detection, routes)",
+                "outrigger.yaml:4:5: upstreams.payments.circuit_breakr: unknown field (expected one of: listen, discovery, load_balancer, protocol, timeouts, retry, circuit_breaker, rate_limit, concurrency_limit, health_check, tls, outlier_detection, hedge, routes)",
             ],
         ),
         (
@@ -708,21 +708,60 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "        tls: {}\n        outlier_detection: { consecutive_failures: 3 }\n",
             )),
             vec![
-                "outrigger.yaml:6:20: upstreams.payments.routes[0].discovery: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
-                "outrigger.yaml:7:24: upstreams.payments.routes[0].load_balancer: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
-                "outrigger.yaml:8:19: upstreams.payments.routes[0].protocol: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
-                "outrigger.yaml:9:17: upstreams.payments.routes[0].listen: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
-                "outrigger.yaml:10:26: upstreams.payments.routes[0].circuit_breaker: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
-                "outrigger.yaml:11:23: upstreams.payments.routes[0].health_check: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
-                "outrigger.yaml:12:14: upstreams.payments.routes[0].tls: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
-                "outrigger.yaml:13:28: upstreams.payments.routes[0].outlier_detection: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit; this one is the upstream's)",
+                "outrigger.yaml:6:20: upstreams.payments.routes[0].discovery: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:7:24: upstreams.payments.routes[0].load_balancer: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:8:19: upstreams.payments.routes[0].protocol: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:9:17: upstreams.payments.routes[0].listen: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:10:26: upstreams.payments.routes[0].circuit_breaker: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:11:23: upstreams.payments.routes[0].health_check: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:12:14: upstreams.payments.routes[0].tls: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:13:28: upstreams.payments.routes[0].outlier_detection: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
             ],
         ),
         (
             "an unknown field on a route",
+            up("    routes:\n      - { name: charge, fault: { after: 50ms } }\n"),
+            vec![
+                "outrigger.yaml:5:25: upstreams.payments.routes[0].fault: unknown field (expected one of: name, match, idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, listen, discovery, load_balancer, protocol, circuit_breaker, health_check, tls, outlier_detection)",
+            ],
+        ),
+        // --- hedge ---
+        (
+            "a hedge after 0 and with max_extra out of range",
+            up("    retry: {}\n    hedge: { after: 0s, max_extra: 0 }\n"),
+            vec![
+                "outrigger.yaml:5:21: upstreams.payments.hedge.after: must be greater than 0 (expected a duration such as 1s)",
+                "outrigger.yaml:5:36: upstreams.payments.hedge.max_extra: out of range (expected a whole number from 1 to 4, got 0)",
+            ],
+        ),
+        (
+            "a hedge with too many extra attempts",
+            up("    retry: {}\n    hedge: { after: 50ms, max_extra: 5 }\n"),
+            vec![
+                "outrigger.yaml:5:38: upstreams.payments.hedge.max_extra: out of range (expected a whole number from 1 to 4, got 5)",
+            ],
+        ),
+        (
+            "a hedge on an upstream without retry",
+            up("    hedge: { after: 50ms }\n"),
+            vec![
+                "outrigger.yaml:4:12: upstreams.payments.hedge: needs a retry section (expected retry on this upstream or route: hedges draw on its budget and replay buffer)",
+            ],
+        ),
+        (
+            "a route's hedge with retry: off",
+            up(
+                "    retry: {}\n    routes:\n      - { name: charge, retry: off, hedge: { after: 50ms } }\n",
+            ),
+            vec![
+                "outrigger.yaml:6:44: upstreams.payments.routes[0].hedge: needs a retry section (expected retry on this upstream or route: hedges draw on its budget and replay buffer)",
+            ],
+        ),
+        (
+            "a route's hedge on an upstream without retry",
             up("    routes:\n      - { name: charge, hedge: { after: 50ms } }\n"),
             vec![
-                "outrigger.yaml:5:25: upstreams.payments.routes[0].hedge: unknown field (expected one of: name, match, idempotent, timeouts, retry, rate_limit, concurrency_limit, listen, discovery, load_balancer, protocol, circuit_breaker, health_check, tls, outlier_detection)",
+                "outrigger.yaml:5:32: upstreams.payments.routes[0].hedge: needs a retry section (expected retry on this upstream or route: hedges draw on its budget and replay buffer)",
             ],
         ),
         (

@@ -250,3 +250,18 @@ fn the_tls_example_in_the_docs_loads() {
     assert_eq!(payments.server_name.as_deref(), Some("payments.internal"));
     assert!(payments.cert_file.is_some() && payments.key_file.is_some());
 }
+
+#[test]
+fn a_routes_hedge_replaces_the_upstreams_and_max_extra_defaults_to_1() {
+    let config = load(concat!(
+        "upstreams:\n  payments:\n    discovery: { static: [\"127.0.0.1:9001\"] }\n",
+        "    retry: {}\n    hedge: { after: 100ms }\n",
+        "    routes:\n      - { name: reads, hedge: { after: 20ms, max_extra: 3 } }\n",
+        "      - { name: other }\n",
+    ));
+    let payments = config.upstreams.get("payments").unwrap();
+    let hedge = |ms, max_extra| Some(Hedge { after: Duration::from_millis(ms), max_extra });
+    assert_eq!(payments.hedge, hedge(100, 1));
+    assert_eq!(payments.routes[0].over(payments).hedge, hedge(20, 3));
+    assert_eq!(payments.routes[1].over(payments).hedge, hedge(100, 1), "the upstream's");
+}

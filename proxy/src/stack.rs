@@ -134,8 +134,9 @@ where
             cfg.retry
                 .as_ref()
                 .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(name)))
-                .map(|r| r.idempotent(idempotent)),
-        ) // backoff within the request timeout, budget, replay cap
+                .map(|r| r.idempotent(idempotent))
+                .map(|r| r.hedge(cfg.hedge.as_ref().map(|h| (h, metrics.hedges(name, label))))),
+        ) // backoff within the request timeout, budget, replay cap; hedges
         .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::new(t.get()))) // one attempt
         .service(inner)
 }

@@ -21,6 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 pub enum GrpcReply {
     /// Trailers-only: the status in the response head, no message.
     Status(u32),
+    /// `Status` after this delay.
+    Delayed(std::time::Duration, u32),
     /// One message (the request's own bytes echoed), then this status in the trailers.
     Message(u32),
     /// One message and the end of the stream, with no status at all (a broken server).
@@ -140,6 +142,10 @@ async fn answer(
     res.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
     match reply {
         GrpcReply::Status(status) => {
+            res.headers_mut().insert("grpc-status", status.into());
+        }
+        GrpcReply::Delayed(delay, status) => {
+            tokio::time::sleep(delay).await;
             res.headers_mut().insert("grpc-status", status.into());
         }
         GrpcReply::Message(status) => {

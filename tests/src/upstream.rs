@@ -61,6 +61,8 @@ struct State {
     open_drips: usize,
     /// The script starts over after its last reply (else the last reply repeats).
     cycle: bool,
+    /// Requests whose handler was dropped before it answered (the peer went away).
+    cancelled: usize,
 }
 
 /// A loopback port that is bound and not listening: every connection to it is refused (an app
@@ -249,6 +251,12 @@ impl Upstream {
         self.state.lock().unwrap().open_drips
     }
 
+    /// How many requests were given up before they were answered: the connection was closed
+    /// (HTTP/1) or the stream reset (h2) while the reply was still being made.
+    pub fn cancelled(&self) -> usize {
+        self.state.lock().unwrap().cancelled
+    }
+
     /// Every request that arrived, in order.
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
@@ -294,7 +302,32 @@ impl State {
 
 type Answer = Result<Response<BoxBody<Bytes, std::io::Error>>, std::io::Error>;
 
-async fn answer(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer {
+/// Counts a request in `cancelled` when dropped before [`Unanswered::answered`].
+struct Unanswered(Option<Arc<Mutex<State>>>);
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(state) = self.0.take() {
+            state.lock().unwrap().cancelled += 1;
+        }
+    }
+}
+
+async fn answer(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Answer {
+    // hyper drops this future when the peer goes away before the answer is made
+    let unanswered = Unanswered(Some(state.clone()));
+    let answer = reply(state, req).await;
+    unanswered.answered();
+    answer
+}
+
+async fn reply(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Answer {
     // claim this request's place in the script on arrival, so `requests()` counts requests
     // still in progress and concurrent requests get consecutive replies
     let (n, reply) = {

@@ -1,5 +1,5 @@
 //! `upstreams.NAME.routes`: per-call policies. The first route whose `match` fits a request
-//! decides its `timeouts`, `retry`, `rate_limit` and `concurrency_limit`; each section a route
+//! decides its `timeouts`, `retry`, `rate_limit`, `concurrency_limit` and `hedge`; each section a route
 //! gives replaces the upstream's whole section, one it omits is the upstream's. Endpoint-level
 //! sections (discovery, balancing, health checks, the breaker, tls, ...) are parsed only so that
 //! validation can refuse them by name: they stay per upstream (DESIGN.md, "Routes").
@@ -36,6 +36,8 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency_limit: Option<NonZeroUsize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<super::Hedge>,
     // about endpoints, not calls: accepted here only to be refused by name
     #[serde(default, skip_serializing)]
     pub listen: Option<OnUpstream>,
@@ -133,6 +135,9 @@ impl Route {
         }
         if let Some(limit) = self.concurrency_limit {
             merged.concurrency_limit = Some(limit);
+        }
+        if let Some(hedge) = self.hedge {
+            merged.hedge = Some(hedge);
         }
         merged
     }

@@ -37,6 +37,9 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     pub tls: Option<Tls>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// Another attempt when the first is slow to answer; needs `retry` (its budget and replay
+    /// buffer).
+    pub hedge: Option<Hedge>,
     /// Per-call policies, first match wins; a request no route matches gets the sections above.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<super::Route>,
@@ -131,6 +134,24 @@ pub struct RateLimit {
     pub requests_per_second: NonZeroU32,
     /// `None`: `requests_per_second`.
     pub burst: Option<NonZeroU32>,
+}
+
+/// `hedge`: when no response head came `after` since the last attempt began, another attempt
+/// goes to an endpoint not tried yet, up to `max_extra` extra attempts in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+pub struct Hedge {
+    pub after: Duration,
+    #[serde(default = "Hedge::default_max_extra")]
+    pub max_extra: u32,
+}
+
+impl Hedge {
+    /// The most extra attempts one call may have in flight.
+    pub const MAX_EXTRA: u32 = 4;
+
+    fn default_max_extra() -> u32 {
+        1
+    }
 }
 
 /// Active checks of each endpoint: an HTTP GET of `path`, or (`tcp: true`) a connect.

@@ -6,13 +6,13 @@ use crate::model::{DEFAULT_ROUTE, Route, RouteRetry, Upstream};
 
 /// What a route may set, for the line refusing an endpoint-level section.
 const ROUTE_SECTIONS: &str = "a section a route may set: idempotent, timeouts, retry, \
-    rate_limit, concurrency_limit; this one is the upstream's";
+    rate_limit, concurrency_limit, hedge; this one is the upstream's";
 
 impl Checks {
     pub(super) fn routes(&mut self, path: &str, upstream: &Upstream) {
         for (i, route) in upstream.routes.iter().enumerate() {
             let at = format!("{path}.routes[{i}]");
-            self.route(&at, route);
+            self.route(&at, route, upstream);
             let earlier = upstream.routes[..i].iter().position(|r| r.name == route.name);
             if let Some(first) = earlier {
                 let message = format!("{:?} is already the name of routes[{first}]", route.name);
@@ -22,7 +22,7 @@ impl Checks {
         }
     }
 
-    fn route(&mut self, at: &str, route: &Route) {
+    fn route(&mut self, at: &str, route: &Route, upstream: &Upstream) {
         if route.name.trim().is_empty() {
             self.push(format!("{at}.name"), "must not be empty", Some("e.g. charge"));
         } else if route.name == DEFAULT_ROUTE {
@@ -76,6 +76,15 @@ impl Checks {
         }
         if let Some(RouteRetry::On(retry)) = &route.retry {
             self.backoff(&format!("{at}.retry.backoff"), &retry.backoff);
+        }
+        if let Some(hedge) = &route.hedge {
+            // the retry layer holds the budget and the replay buffer a hedge draws on
+            let retry = match &route.retry {
+                Some(RouteRetry::On(_)) => true,
+                Some(RouteRetry::Off) => false,
+                None => upstream.retry.is_some(),
+            };
+            self.hedge(&format!("{at}.hedge"), hedge, retry);
         }
     }
 }

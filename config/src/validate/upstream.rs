@@ -2,7 +2,7 @@
 //! a health check that checks one thing.
 
 use super::Checks;
-use crate::model::{Discovery, DnsRecord, Tls, Upstream};
+use crate::model::{Discovery, DnsRecord, Hedge, Tls, Upstream};
 use crate::types::is_host;
 
 impl Checks {
@@ -52,6 +52,9 @@ impl Checks {
         if let Some(tls) = &upstream.tls {
             self.tls(&format!("{path}.tls"), tls);
         }
+        if let Some(hedge) = &upstream.hedge {
+            self.hedge(&format!("{path}.hedge"), hedge, upstream.retry.is_some());
+        }
         self.routes(&path, upstream);
         if let Some(outlier) = &upstream.outlier_detection {
             self.positive(format!("{path}.outlier_detection.base_ejection"), outlier.base_ejection);
@@ -64,6 +67,25 @@ impl Checks {
                     Some(&expected),
                 );
             }
+        }
+    }
+
+    /// `hedge`: a delay, a cap, and a `retry` section to lend its budget and replay buffer.
+    pub(super) fn hedge(&mut self, at: &str, hedge: &Hedge, retry: bool) {
+        self.positive(format!("{at}.after"), hedge.after);
+        if !(1..=Hedge::MAX_EXTRA).contains(&hedge.max_extra) {
+            let expected =
+                format!("a whole number from 1 to {}, got {}", Hedge::MAX_EXTRA, hedge.max_extra);
+            self.push(format!("{at}.max_extra"), "out of range", Some(&expected));
+        }
+        if !retry {
+            self.push(
+                at,
+                "needs a retry section",
+                Some(
+                    "retry on this upstream or route: hedges draw on its budget and replay buffer",
+                ),
+            );
         }
     }
 

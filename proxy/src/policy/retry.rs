@@ -11,6 +11,9 @@
 //! attempt is sent with what is left then). A gRPC call is retried on a status `on` lists when
 //! it comes in a trailers-only head, whatever the method; never on one in trailers. Otherwise
 //! the client gets the last answer as it came, with `outrigger-attempts: N` when N > 1.
+//! Every attempt after the first carries `outrigger-attempt: N`. With `hedge`, a slow attempt
+//! of a request safe to send twice, with its body kept whole (a gRPC call's copy once its
+//! stream ended), gets company (`retry/hedge.rs`): hedges spend the budget and count as attempts.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,7 +41,13 @@ use crate::policy::backoff::{Backoff, parse_retry_after};
 use crate::policy::budget::Budget;
 use crate::policy::deadline;
 
+mod hedge;
+
+use hedge::{Hedge, Race};
+
 pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("outrigger-attempts");
+/// Sent upstream on every attempt after the first (retry or hedge): its number.
+pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("outrigger-attempt");
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 #[derive(Debug, Clone)]
@@ -60,6 +69,8 @@ struct Shared {
     retries: IntCounter,
     /// A route marked `idempotent: true`: every request of it is safe to send twice.
     all_idempotent: bool,
+    /// `hedge` on the upstream or route: extra attempts while one is slow (`retry/hedge.rs`).
+    hedge: Option<Hedge>,
 }
 
 impl RetryLayer {
@@ -77,6 +88,7 @@ impl RetryLayer {
                 request_timeout,
                 retries,
                 all_idempotent: false,
+                hedge: None,
             }),
         }
     }
@@ -85,6 +97,13 @@ impl RetryLayer {
     pub fn idempotent(mut self, all: bool) -> Self {
         Arc::get_mut(&mut self.shared).expect("set before the layer is cloned").all_idempotent =
             all;
+        self
+    }
+
+    /// `hedge` on the upstream or route, with its `outrigger_hedges_total{upstream,route}`.
+    pub fn hedge(mut self, hedge: Option<(&config::Hedge, IntCounter)>) -> Self {
+        Arc::get_mut(&mut self.shared).expect("set before the layer is cloned").hedge =
+            hedge.map(|(cfg, hedges)| Hedge::new(cfg, hedges));
         self
     }
 }
@@ -208,7 +227,8 @@ pin_project_lite::pin_project! {
         Buffering { fut: Buffering },
         /// Waiting for the inner service to take the next attempt.
         Ready,
-        Calling { #[pin] fut: F },
+        /// An attempt in flight, and the hedges sent while it was slow.
+        Calling { #[pin] race: Race<F> },
         Backoff { #[pin] sleep: tokio::time::Sleep },
         Done,
     }
@@ -291,10 +311,16 @@ where
                     let req = this.request.next_attempt();
                     let inner = &mut *this.inner;
                     let fut = this.tried.lend(|| inner.call(req));
-                    this.state.set(State::Calling { fut });
+                    let hedge = this.shared.hedge.as_ref().filter(|_| this.request.hedgeable());
+                    this.state.set(State::Calling { race: Race::new(fut, hedge) });
                 }
-                StateProj::Calling { fut } => {
-                    let result = ready!(fut.poll(cx));
+                StateProj::Calling { race } => {
+                    let (shared, inner, request, tried) =
+                        (&**this.shared, &mut *this.inner, &mut *this.request, &mut *this.tried);
+                    let hedge = shared.hedge.as_ref();
+                    let result = ready!(race.poll_race(cx, hedge, |cx| {
+                        send_hedge(shared, inner, request, tried, cx)
+                    }));
                     match this.request.after(this.shared, result) {
                         Ok(answer) => {
                             this.state.set(State::Done);
@@ -315,7 +341,49 @@ where
     }
 }
 
+/// Another attempt of this try, while the earlier ones are still out; `None` when the retry
+/// budget has no room or the service is not ready (then this try sends no more hedges).
+fn send_hedge<S>(
+    shared: &Shared,
+    inner: &mut S,
+    request: &mut Attempts,
+    tried: &mut Tried,
+    cx: &mut Context<'_>,
+) -> Option<S::Future>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+{
+    if !request.replayable_now() || !matches!(inner.poll_ready(cx), Poll::Ready(Ok(()))) {
+        return None;
+    }
+    // a hedge is a retry sent early: it spends the same budget
+    if !shared.budget.lock().expect("no panics under the budget lock").try_withdraw(Instant::now())
+    {
+        tracing::debug!(attempt = request.attempt, "retry budget spent: no hedge");
+        return None;
+    }
+    request.attempt += 1;
+    request.waited = Duration::ZERO;
+    let req = request.next_attempt();
+    Some(tried.lend(|| inner.call(req)))
+}
+
 impl Attempts {
+    /// May this request have hedges: safe to send twice, and its body kept whole or teed.
+    fn hedgeable(&self) -> bool {
+        self.idempotent && matches!(self.body, Replay::Complete(..) | Replay::Teeing(_))
+    }
+
+    /// Can a hedge be sent the whole body now: a teed gRPC body only once the client's stream
+    /// has ended within the replay cap (a unary call's soon has; a stream's may never).
+    fn replayable_now(&self) -> bool {
+        match &self.body {
+            Replay::Complete(..) => true,
+            Replay::Teeing(tee) => tee.can_replay(),
+            Replay::Streaming(_) | Replay::Unavailable => false,
+        }
+    }
+
     /// The request of the next attempt: a copy of the head and the kept body, or the streamed
     /// request itself.
     fn next_attempt(&mut self) -> Request<Body> {
@@ -326,6 +394,9 @@ impl Attempts {
                     // sent on with what is left now, not what was left when the call came
                     let left = self.deadline.saturating_duration_since(Instant::now());
                     deadline::write(&mut parts.headers, left);
+                }
+                if self.attempt > 1 {
+                    parts.headers.insert(ATTEMPT_HEADER, HeaderValue::from(self.attempt));
                 }
                 if parts.extensions.get::<crate::http::forward::RequestTrace>().is_some() {
                     // the attempt's span says which attempt it was and what it waited for
@@ -358,12 +429,7 @@ impl Attempts {
         result: Result<Response<Body>, ProxyError>,
     ) -> Result<Result<Response<Body>, ProxyError>, Duration> {
         let attempt = self.attempt;
-        let replayable = match &self.body {
-            Replay::Complete(..) => true,
-            Replay::Teeing(tee) => tee.can_replay(),
-            Replay::Streaming(_) | Replay::Unavailable => false,
-        };
-        if !replayable {
+        if !self.replayable_now() {
             return Ok(finish(result, attempt)); // streamed: there is nothing to send again
         }
         let Some(failure) = shared.retryable(&result) else { return Ok(finish(result, attempt)) };

@@ -29,6 +29,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     retries: IntCounterVec,
+    hedges: IntCounterVec,
     circuit_state: IntGaugeVec,
     rate_limited: IntCounterVec,
     endpoints: IntGaugeVec,
@@ -257,11 +258,21 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(grpc_responses.clone())).expect("registered once");
+        let hedges = IntCounterVec::new(
+            Opts::new(
+                "outrigger_hedges_total",
+                "Hedges sent: extra attempts while an earlier one had not answered",
+            ),
+            &["upstream", "route"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(hedges.clone())).expect("registered once");
         Self {
             registry,
             requests,
             duration,
             retries,
+            hedges,
             circuit_state,
             rate_limited,
             endpoints,
@@ -381,6 +392,11 @@ impl Metrics {
     /// `outrigger_retries_total{upstream}`, for an upstream with retries.
     pub fn retries(&self, upstream: &str) -> IntCounter {
         self.retries.with_label_values(&[upstream])
+    }
+
+    /// `outrigger_hedges_total{upstream,route}`, for a route (or upstream) that hedges.
+    pub fn hedges(&self, upstream: &str, route: &str) -> IntCounter {
+        self.hedges.with_label_values(&[upstream, route])
     }
 
     /// `outrigger_circuit_state{upstream}`, for an upstream with a breaker.

@@ -12,6 +12,7 @@ mod dns;
 mod faults;
 mod front_door;
 mod grpc;
+mod hedging;
 mod malformed;
 mod messaging;
 mod overload;
