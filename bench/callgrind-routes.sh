@@ -17,19 +17,7 @@ W=$(mktemp -d)
 nginx_ok 127.0.0.1:18180 $W/up.conf
 nginx -c $W/up.conf & NG=$!
 sleep 0.5
-cat >"$W/full.yaml" <<CONF
-admin: { listen: 127.0.0.1:18194 }
-outbound: { listen: 127.0.0.1:18184 }
-upstreams:
-  bench:
-    discovery: { static: ["127.0.0.1:18180"] }
-    timeouts: { connect: 1s, request: 10s, per_try: 5s }
-    retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10 } }
-    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
-    rate_limit: { requests_per_second: 1000000, burst: 100000 }
-    concurrency_limit: 100000
-telemetry: { log: { level: warn } }
-CONF
+full_yaml 127.0.0.1:18180 "$W/full.yaml"
 routes_yaml "$W/full.yaml" "$W/routes.yaml"
 for cfg in full routes; do
   port=$(grep -o 'outbound: { listen: 127.0.0.1:[0-9]*' $W/$cfg.yaml | sed 's/.*://')

@@ -56,19 +56,7 @@ upstreams:
 telemetry: { log: { level: warn } }
 CONF
 # every policy on, set so that none trips: the cost of the whole stack
-cat >"$work/outrigger-full.yaml" <<CONF
-admin: { listen: 127.0.0.1:18194 }
-outbound: { listen: 127.0.0.1:18184 }
-upstreams:
-  bench:
-    discovery: { static: ["$UP"] }
-    timeouts: { connect: 1s, request: 10s, per_try: 5s }
-    retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10 } }
-    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
-    rate_limit: { requests_per_second: 1000000, burst: 100000 }
-    concurrency_limit: 100000
-telemetry: { log: { level: warn } }
-CONF
+full_yaml "$UP" "$work/outrigger-full.yaml"
 
 # the full stack behind 20 routes (prefix, method and header rules), the last one matching
 # every request: the cost of choosing a route, which has no sections of its own

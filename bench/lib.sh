@@ -36,6 +36,24 @@ http { access_log off; keepalive_requests 10000000;
 CONF
 }
 
+# full_yaml UPSTREAM OUT — Outrigger with every HTTP policy on, set so that none trips (the cost
+# of the whole stack), admin on 18194 and outbound on 18184, forwarding to UPSTREAM.
+full_yaml() {
+  cat >"$2" <<CONF
+admin: { listen: 127.0.0.1:18194 }
+outbound: { listen: 127.0.0.1:18184 }
+upstreams:
+  bench:
+    discovery: { static: ["$1"] }
+    timeouts: { connect: 1s, request: 10s, per_try: 5s }
+    retry: { max_attempts: 3, budget: { ratio: 0.2, min_per_second: 10 } }
+    circuit_breaker: { failure_rate: 0.5, window: 10s, min_requests: 20, consecutive_failures: 5 }
+    rate_limit: { requests_per_second: 1000000, burst: 100000 }
+    concurrency_limit: 100000
+telemetry: { log: { level: warn } }
+CONF
+}
+
 # routes_yaml FULL OUT — FULL's config (ports +1) behind 20 routes of prefix, method and header
 # rules, the last of which matches every request: the cost of choosing a route (issue 19).
 routes_yaml() {

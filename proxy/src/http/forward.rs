@@ -322,10 +322,17 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes the headers that describe one connection, not the message (RFC 9110 7.6.1):
 /// those named in `Connection`, and the fixed list. `TE: trailers` stays (gRPC needs it), and
 /// an upgrade keeps `Connection: upgrade` and `Upgrade`. Most messages carry none of them:
-/// one pass over the names finds that, and nothing is looked up or removed.
+/// one pass over the names finds that, and nothing is looked up or removed. A message framed by
+/// `Transfer-Encoding` loses a `Content-Length` beside it as well.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 6.3: Transfer-Encoding frames the body, and hyper read it so; a
+        // Content-Length beside it (a hostile or broken upstream) would truncate or overstate
+        // the body sent on, which hyper now frames itself
+        headers.remove(header::CONTENT_LENGTH);
     }
     if let Some(connection) = headers.get(header::CONNECTION) {
         let listed: Vec<HeaderName> = connection
@@ -441,12 +448,6 @@ impl Future for ResponseFuture {
                         client_side,
                         hyper::upgrade::on(&mut res),
                     ));
-                }
-                if res.headers().contains_key(header::TRANSFER_ENCODING) {
-                    // RFC 9112 6.3: Transfer-Encoding frames the body and hyper read it so; a
-                    // Content-Length beside it (a hostile or broken upstream) would truncate or
-                    // overstate the body we send on
-                    res.headers_mut().remove(header::CONTENT_LENGTH);
                 }
                 strip_hop_by_hop(res.headers_mut(), upgraded);
                 if head == Head::Trailers {

@@ -196,12 +196,12 @@ pub(crate) fn host_without_port(authority: &str) -> Option<&str> {
 /// name the request was routed by.
 fn settle_host<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     let mut hosts = req.headers().get_all(HOST).iter();
-    if hosts.next().is_some() && hosts.next().is_some() {
+    let sent = hosts.next();
+    if hosts.next().is_some() {
         let reason = "more than one Host header".into();
         return Err(ProxyError::BadRequest { reason });
     }
     let Some(authority) = req.uri().authority() else { return Ok(()) };
-    let sent = req.headers().get(HOST);
     if sent.is_some_and(|host| host.as_bytes() != authority.as_str().as_bytes()) {
         let target = HeaderValue::from_str(authority.as_str())
             .expect("a parsed authority is a valid header value");
