@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use http::HeaderMap;
-use http::header::{GetAll, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request};
 use outrigger_config as config;
 
@@ -18,8 +18,22 @@ pub struct Matcher {
     /// empty too: any method.
     methods: u16,
     other_methods: Box<[Method]>,
-    headers: Box<[(HeaderName, HeaderValue)]>,
+    headers: Box<[HeaderRule]>,
 }
+
+/// `name` must be sent with `value`. `slot`: where a walk keeps the name's values once looked
+/// up, shared by every route of a table that tests the same name ([`Routed::new`] numbers the
+/// first [`SLOTS`] names); [`UNCACHED`] for a name looked up each time.
+#[derive(Debug, Clone)]
+struct HeaderRule {
+    slot: u8,
+    name: HeaderName,
+    value: HeaderValue,
+}
+
+/// How many distinct header names one walk remembers the values of.
+const SLOTS: usize = 8;
+const UNCACHED: u8 = u8::MAX;
 
 #[derive(Debug, Clone)]
 enum PathRule {
@@ -35,9 +49,40 @@ struct Facts<'r> {
     method_bit: u16,
     path: &'r [u8],
     headers: &'r HeaderMap,
-    /// The header the last route looked up, and its values: routes mostly test the same
-    /// header, so the walk looks it up once.
-    last: Option<(&'r HeaderName, GetAll<'r, HeaderValue>)>,
+    /// The values of the header names routes test, by slot, looked up when first needed:
+    /// routes mostly test the same few headers, so a walk looks each up once.
+    seen: [Option<Sent<'r>>; SLOTS],
+}
+
+/// A header's values as a request sent them: nearly always none or one, which are compared
+/// without walking the map's value list.
+#[derive(Clone, Copy)]
+enum Sent<'r> {
+    None,
+    One(&'r [u8]),
+    Many(&'r HeaderMap, &'r HeaderName),
+}
+
+impl<'r> Sent<'r> {
+    fn of(headers: &'r HeaderMap, name: &'r HeaderName) -> Self {
+        let values = headers.get_all(name);
+        let mut values = values.iter();
+        match (values.next(), values.next()) {
+            (None, _) => Sent::None,
+            (Some(one), None) => Sent::One(one.as_bytes()),
+            (Some(_), Some(_)) => Sent::Many(headers, name),
+        }
+    }
+
+    fn includes(self, value: &[u8]) -> bool {
+        match self {
+            Sent::None => false,
+            Sent::One(sent) => same_bytes(sent, value),
+            Sent::Many(headers, name) => {
+                headers.get_all(name).iter().any(|sent| same_bytes(sent.as_bytes(), value))
+            }
+        }
+    }
 }
 
 /// An upstream's routes, in file order, each with its own stack, and the stack of requests no
@@ -107,10 +152,11 @@ impl Matcher {
             }
         }
         let headers = cfg.headers.iter().filter_map(|(name, value)| {
-            Some((
-                HeaderName::from_bytes(name.as_bytes()).ok()?,
-                HeaderValue::from_str(value).ok()?,
-            ))
+            Some(HeaderRule {
+                slot: UNCACHED,
+                name: HeaderName::from_bytes(name.as_bytes()).ok()?,
+                value: HeaderValue::from_str(value).ok()?,
+            })
         });
         Matcher { path, methods, other_methods: other_methods.into(), headers: headers.collect() }
     }
@@ -128,32 +174,48 @@ impl Matcher {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn fits<'r>(&'r self, facts: &mut Facts<'r>) -> bool {
-        // the cheapest tests first: most routes differ by method or path
+        self.may_fit(facts) && (self.headers.is_empty() || self.headers_fit(facts))
+    }
+
+    /// The method and path tests: cheap, and where most routes differ.
+    #[inline(always)]
+    fn may_fit(&self, facts: &Facts<'_>) -> bool {
         let any_method = self.methods == 0 && self.other_methods.is_empty();
-        if !(any_method
+        (any_method
             || self.methods & facts.method_bit != 0
             || self.other_methods.contains(facts.method))
-            || !self.path.matches(facts.path)
-        {
-            return false;
-        }
-        for (name, value) in &*self.headers {
-            let values = match &mut facts.last {
-                // the same name in another route's rule: compared inline, not through memcmp
-                Some((seen, values))
-                    if same_bytes(seen.as_str().as_bytes(), name.as_str().as_bytes()) =>
-                {
-                    values
-                }
-                last => &last.insert((name, facts.headers.get_all(name))).1,
+            && self.path.matches(facts.path)
+    }
+
+    /// Out of line: only routes whose method and path fit get here.
+    #[inline(never)]
+    fn headers_fit<'r>(&'r self, facts: &mut Facts<'r>) -> bool {
+        self.headers.iter().all(|rule| {
+            let fetch = || Sent::of(facts.headers, &rule.name);
+            let sent = match facts.seen.get_mut(usize::from(rule.slot)) {
+                Some(seen) => *seen.get_or_insert_with(fetch),
+                None => fetch(),
             };
-            if !values.iter().any(|sent| same_bytes(sent.as_bytes(), value.as_bytes())) {
-                return false;
-            }
+            sent.includes(rule.value.as_bytes())
+        })
+    }
+
+    /// Numbers the header names this matcher tests by `names`, adding new ones while there
+    /// is room.
+    fn number_headers(&mut self, names: &mut Vec<HeaderName>) {
+        for rule in &mut self.headers {
+            let known = names.iter().position(|name| *name == rule.name);
+            rule.slot = match known {
+                Some(slot) => slot as u8,
+                None if names.len() < SLOTS => {
+                    names.push(rule.name.clone());
+                    (names.len() - 1) as u8
+                }
+                None => UNCACHED,
+            };
         }
-        true
     }
 }
 
@@ -194,7 +256,7 @@ impl<'r> Facts<'r> {
             method_bit: method_bit(req.method()),
             path: req.uri().path().as_bytes(),
             headers: req.headers(),
-            last: None,
+            seen: Default::default(),
         }
     }
 }
@@ -208,7 +270,11 @@ impl<S> Routed<S> {
     }
 
     /// `routes` in file order: (match, name, stack).
-    pub fn new(routes: Vec<(Matcher, Arc<str>, S)>, default: S) -> Self {
+    pub fn new(mut routes: Vec<(Matcher, Arc<str>, S)>, default: S) -> Self {
+        let mut names = Vec::new();
+        for (matcher, _, _) in &mut routes {
+            matcher.number_headers(&mut names);
+        }
         let by_method = std::array::from_fn(|slot| {
             let indexed = routes.iter().take(INDEXED).enumerate();
             indexed.filter(|(_, (m, _, _))| m.admits(slot)).fold(0, |set, (i, _)| set | 1 << i)
@@ -391,5 +457,21 @@ mod tests {
         assert_eq!(choose(&[("x-tenant", "silver"), ("x-region", "us")]), "us");
         assert_eq!(choose(&[("x-tenant", "bronze"), ("x-region", "us")]), "bronze");
         assert_eq!(choose(&[("x-region", "ap")]), "(default)");
+    }
+
+    #[test]
+    fn more_header_names_than_a_walk_remembers_are_each_looked_up() {
+        let mut routes: Vec<_> = (0..SLOTS + 3)
+            .map(|i| (matcher(&format!("{{ headers: {{ x-h{i}: v }} }}")), Arc::from("x"), i))
+            .collect();
+        routes.push((matcher("{ headers: { x-h0: w, x-h10: w } }"), Arc::from("both"), 99));
+        let routed = Routed::new(routes, 0);
+        let choose = |headers: &[(&str, &str)]| *routed.choose(&req("GET", "/", headers)).1;
+        assert_eq!(choose(&[("x-h3", "v")]), 3);
+        assert_eq!(choose(&[("x-h9", "v")]), 9, "past the slots");
+        assert_eq!(choose(&[("x-h10", "v"), ("x-h2", "v")]), 2, "file order");
+        assert_eq!(choose(&[("x-h0", "w"), ("x-h10", "w")]), 99);
+        assert_eq!(choose(&[("x-h0", "w"), ("x-h10", "v")]), 10);
+        assert_eq!(choose(&[("x-h0", "w")]), 0);
     }
 }
