@@ -7,9 +7,10 @@
 //! at once; a removed one stops being probed when its last request ends. Requests read the
 //! current members without a lock: a `watch` of an `Arc`'d slice, and atomics per member.
 
+use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use outrigger_config as config;
@@ -33,6 +34,9 @@ pub(crate) struct Member {
     in_flight: AtomicU32,
     latency: Mutex<PeakEwma>,
     ejections: Mutex<Ejections>,
+    /// What the proxy keeps per endpoint (its idle connections): made on first use, dropped
+    /// with the member when discovery removes the endpoint and its last request ends.
+    attached: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 /// Where an endpoint stands, as the admin view and `outrigger_endpoints{state}` name it.
@@ -81,6 +85,7 @@ impl Member {
             in_flight: AtomicU32::new(0),
             latency: Mutex::default(),
             ejections: Mutex::default(),
+            attached: OnceLock::new(),
         }
     }
 
@@ -253,6 +258,16 @@ pub struct Picked {
 impl Picked {
     pub fn endpoint(&self) -> &Endpoint {
         &self.member.endpoint
+    }
+
+    /// The proxy's state for this endpoint, made by `T::default()` on first use and kept as
+    /// long as the endpoint is a member. One type per pool: the first one asked for is kept.
+    ///
+    /// # Panics
+    /// If another type was attached to this endpoint first.
+    pub fn attached<T: Any + Send + Sync + Default>(&self) -> Arc<T> {
+        let attached = self.member.attached.get_or_init(|| Box::new(Arc::new(T::default())));
+        attached.downcast_ref::<Arc<T>>().expect("one attached type per endpoint").clone()
     }
 
     /// The response headers arrived (`failed`: a 5xx), or the attempt failed (`failed`: true).

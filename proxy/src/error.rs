@@ -23,11 +23,11 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
-    #[error("upstream {upstream} closed or reset the connection: {}", Chain(source))]
+    #[error("upstream {upstream} closed or reset the connection: {}", Chain(source.as_ref()))]
     UpstreamReset {
         upstream: Arc<str>,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
     #[error("request did not complete within {after:?}")]
     Timeout { after: Duration },
@@ -46,10 +46,10 @@ pub enum ProxyError {
     BadRequest { reason: Box<str> },
     /// The client's request body broke off while it was forwarded: malformed chunked framing,
     /// or the client went away mid-body. The client's fault, never counted against the upstream.
-    #[error("bad request: the request body broke off: {}", Chain(source))]
+    #[error("bad request: the request body broke off: {}", Chain(source.as_ref()))]
     BadRequestBody {
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
     #[error("request headers too large: {reason}")]
     HeadersTooLarge { reason: Box<str> },

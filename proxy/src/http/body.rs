@@ -15,7 +15,9 @@ use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::error::BoxError;
 use crate::http::grpc::watch::Watch;
+use crate::http::h1::ResponseBody;
 use crate::http::tee::Teed;
 
 pin_project_lite::pin_project! {
@@ -26,6 +28,8 @@ pin_project_lite::pin_project! {
         Client { #[pin] inner: Incoming },
         /// An upstream's response body, as it arrives.
         Upstream { #[pin] inner: Incoming },
+        /// An HTTP/1 upstream's response body, read by our own client (`h1/`).
+        H1 { inner: ResponseBody },
         /// An upstream's answer to a gRPC call, as it arrives, watched for the status in its
         /// trailers (`grpc/watch.rs`).
         Grpc { #[pin] inner: Incoming, watch: Watch },
@@ -44,9 +48,9 @@ pub enum BodyError {
     /// Malformed framing, or the client went away mid-body: a bad request, not an upstream
     /// failure, so no breaker, outlier detector or retry counts it.
     #[error("the client's request body broke off: {0}")]
-    Client(#[source] hyper::Error),
+    Client(#[source] BoxError),
     #[error("the upstream's response body broke off: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] BoxError),
 }
 
 impl BodyError {
@@ -88,6 +92,15 @@ impl Body {
     pub fn upstream(inner: Incoming) -> Self {
         Self::Upstream { inner }
     }
+
+    /// The answer to a gRPC call, watched for the status in its trailers. gRPC calls travel
+    /// through hyper's client, so the body is hyper's; any other is passed on unwatched.
+    pub(crate) fn watch_grpc(self, watch: Watch) -> Self {
+        match self {
+            Self::Upstream { inner } => Self::Grpc { inner, watch },
+            other => other,
+        }
+    }
 }
 
 impl http_body::Body for Body {
@@ -99,8 +112,13 @@ impl http_body::Body for Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
-            BodyProj::Client { inner } => inner.poll_frame(cx).map_err(BodyError::Client),
-            BodyProj::Upstream { inner } => inner.poll_frame(cx).map_err(BodyError::Upstream),
+            BodyProj::Client { inner } => {
+                inner.poll_frame(cx).map_err(|e| BodyError::Client(e.into()))
+            }
+            BodyProj::Upstream { inner } => {
+                inner.poll_frame(cx).map_err(|e| BodyError::Upstream(e.into()))
+            }
+            BodyProj::H1 { inner } => inner.poll_frame(cx),
             BodyProj::Teed { inner } => inner.poll_frame(cx),
             BodyProj::Grpc { mut inner, watch } => {
                 let polled = inner.as_mut().poll_frame(cx);
@@ -110,7 +128,7 @@ impl http_body::Body for Body {
                     // without trailers (an observer told of the trailers already is not again)
                     watch.observe::<hyper::Error>(&Poll::Ready(None));
                 }
-                polled.map_err(BodyError::Upstream)
+                polled.map_err(|e| BodyError::Upstream(e.into()))
             }
             BodyProj::Full { data, trailers } => Poll::Ready(match data.take() {
                 Some(data) => Some(Ok(Frame::data(data))),
@@ -118,7 +136,7 @@ impl http_body::Body for Body {
             }),
             BodyProj::Prefixed { head, rest } => match head.take() {
                 Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),
-                None => rest.poll_frame(cx).map_err(BodyError::Client),
+                None => rest.poll_frame(cx).map_err(|e| BodyError::Client(e.into())),
             },
         }
     }
@@ -129,6 +147,7 @@ impl http_body::Body for Body {
                 inner.is_end_stream()
             }
             Self::Teed { inner } => inner.is_end_stream(),
+            Self::H1 { inner } => inner.is_end_stream(),
             Self::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Self::Prefixed { head, rest } => head.is_none() && rest.is_end_stream(),
         }
@@ -140,6 +159,7 @@ impl http_body::Body for Body {
                 inner.size_hint()
             }
             Self::Teed { inner } => inner.size_hint(),
+            Self::H1 { inner } => inner.size_hint(),
             Self::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

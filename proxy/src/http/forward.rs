@@ -32,6 +32,7 @@ use crate::http::Body;
 use crate::http::body::BodyError;
 use crate::http::connect::{Opening, Tunnels};
 use crate::http::grpc::{self, Head, watch::Watch};
+use crate::http::h1;
 use crate::http::tls::{Origination, TlsConnector};
 use crate::telemetry::trace::{Kind, Span, Tracer};
 
@@ -46,6 +47,9 @@ struct Inner {
     upstream: Arc<str>,
     pool: Pool,
     protocol: config::Protocol,
+    /// Our own HTTP/1 client, for a plain (not TLS) upstream: every HTTP/1 request but
+    /// upgrades and gRPC calls, which `http1` (hyper) carries.
+    own: Option<h1::Client>,
     http1: UpstreamClient,
     http2: UpstreamClient,
     tunnels: Tunnels,
@@ -59,6 +63,10 @@ impl Forward {
                 upstream: pool.upstream().clone(),
                 pool,
                 protocol: cfg.protocol,
+                own: tls.is_none().then_some(h1::Client {
+                    connect_timeout: cfg.timeouts.connect.get(),
+                    idle_timeout: cfg.timeouts.idle.get(),
+                }),
                 http1: client(&cfg.timeouts, tls.as_ref(), false),
                 http2: client(&cfg.timeouts, tls.as_ref(), true),
                 tunnels: Tunnels::new(&cfg.timeouts),
@@ -205,9 +213,16 @@ impl tower::Service<Request<Body>> for Forward {
         let mut req = req;
         let trace = attempt_span(&mut req, picked.endpoint());
         let (req, upgrade) = prepare(req, picked.endpoint(), client.scheme(), http2);
+        let fut = match &inner.own {
+            Some(own) if !http2 && !grpc && upgrade.is_none() => {
+                let idle = picked.attached::<h1::pool::Idle>();
+                Sending::Own(Some(own.send(req, picked.endpoint(), idle)))
+            }
+            _ => Sending::Hyper(client.request(req)),
+        };
         ResponseFuture {
             state: State::Sent {
-                fut: client.request(req),
+                fut,
                 upstream: inner.upstream.clone(),
                 upgrade,
                 picked: Some(picked),
@@ -375,8 +390,7 @@ pin_project_lite::pin_project! {
     enum State {
         Failed { err: Option<ProxyError> },
         Sent {
-            #[pin]
-            fut: legacy::ResponseFuture,
+            fut: Sending,
             upstream: Arc<str>,
             upgrade: Option<OnUpgrade>,
             // the endpoint's in-flight count; its latency and outcome when the answer comes
@@ -389,6 +403,37 @@ pin_project_lite::pin_project! {
         // the endpoint is held until the tunnel is open or failed to open
         Tunnel { opening: Opening, picked: Option<Picked> },
     }
+}
+
+/// A request on its way, through hyper's client or our own.
+enum Sending {
+    Hyper(legacy::ResponseFuture),
+    /// `None` once the head arrived and the exchange went on as the response body.
+    Own(Option<Box<h1::Exchange>>),
+}
+
+impl Sending {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<Body>, SendError>> {
+        match self {
+            Sending::Hyper(fut) => match ready!(Pin::new(fut).poll(cx)) {
+                Ok(res) => Poll::Ready(Ok(res.map(Body::upstream))),
+                Err(e) => Poll::Ready(Err(SendError::Hyper(e))),
+            },
+            Sending::Own(exchange) => {
+                let live = exchange.as_mut().expect("polled after completion");
+                let head = ready!(live.poll_head(cx)).map_err(SendError::Own)?;
+                let exchange = exchange.take().expect("checked above");
+                Poll::Ready(Ok(head.map(|()| Body::H1 { inner: h1::ResponseBody(exchange) })))
+            }
+        }
+    }
+}
+
+/// How an attempt failed, by the client that made it.
+#[derive(Debug)]
+enum SendError {
+    Hyper(legacy::Error),
+    Own(h1::ExchangeError),
 }
 
 impl ResponseFuture {
@@ -455,9 +500,9 @@ impl Future for ResponseFuture {
                     if let Some(picked) = watched {
                         watch.on_status(move |status| picked.finish(grpc::is_failure(status)));
                     }
-                    return Poll::Ready(Ok(res.map(|inner| Body::Grpc { inner, watch })));
+                    return Poll::Ready(Ok(res.map(|body| body.watch_grpc(watch))));
                 }
-                Poll::Ready(Ok(res.map(Body::upstream)))
+                Poll::Ready(Ok(res))
             }
             StateProj::Tunnel { opening, picked } => {
                 let result = ready!(opening.as_mut().poll(cx));
@@ -470,18 +515,26 @@ impl Future for ResponseFuture {
     }
 }
 
-/// hyper's error for an attempt, classified where it enters: no connection, a connection that
-/// failed after the request left, or a request body the client broke (malformed chunks, the
-/// client gone mid-body), which is a bad request and not the upstream's failure.
-fn classify(upstream: &Arc<str>, source: legacy::Error) -> ProxyError {
-    if BodyError::from_client(&source) {
-        return ProxyError::BadRequestBody { source };
-    }
+/// An attempt's error, classified where it enters: no connection, a connection that failed
+/// after the request left, or a request body the client broke (malformed chunks, the client
+/// gone mid-body), which is a bad request and not the upstream's failure.
+fn classify(upstream: &Arc<str>, error: SendError) -> ProxyError {
     let upstream = upstream.clone();
-    if source.is_connect() {
-        ProxyError::ConnectFailed { upstream, source: source.into() }
-    } else {
-        ProxyError::UpstreamReset { upstream, source }
+    match error {
+        SendError::Hyper(source) if BodyError::from_client(&source) => {
+            ProxyError::BadRequestBody { source: source.into() }
+        }
+        SendError::Hyper(source) if source.is_connect() => {
+            ProxyError::ConnectFailed { upstream, source: source.into() }
+        }
+        SendError::Hyper(source) => ProxyError::UpstreamReset { upstream, source: source.into() },
+        SendError::Own(source) if source.is_client() => {
+            ProxyError::BadRequestBody { source: source.into() }
+        }
+        SendError::Own(h1::ExchangeError::Connect(source)) => {
+            ProxyError::ConnectFailed { upstream, source: source.into() }
+        }
+        SendError::Own(source) => ProxyError::UpstreamReset { upstream, source: source.into() },
     }
 }
 

@@ -32,7 +32,9 @@ use crate::http::idle::{Activity, Upgrade};
 
 mod head;
 pub(crate) use head::refusal;
-use head::{Framing, check_head, chunk_size};
+use head::{Framing, check_head};
+
+use crate::http::h1::chunked::{self, Chunk, Step};
 
 /// The header a synthetic head carries to the router: `"<status> <reason>"`.
 pub(crate) const REJECTED_HEADER: &str = "outrigger-rejected";
@@ -42,7 +44,6 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Below this much room in hyper's buffer (the first bytes, which hyper's protocol sniffing reads
 /// 24 at a time), reads go through `storage`.
 const MIN_DIRECT_READ: usize = 1024;
-const MAX_CHUNK_LINE: usize = 4 * 1024;
 
 /// What the guard enforces, from `outbound.limits`.
 #[derive(Debug, Clone, Copy)]
@@ -72,15 +73,6 @@ enum State {
     Rejected,
     /// The chunked framing of a body already forwarded is malformed: end the connection.
     Broken,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Chunk {
-    Size,
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    Trailers,
 }
 
 /// Wraps a client connection; hyper reads and writes through it.
@@ -329,53 +321,25 @@ impl<T> GuardedIo<T> {
         true
     }
 
-    /// Follows a chunked body exactly as hyper's decoder reads it (RFC 9112 7.1): each line ends
-    /// in CRLF with no other CR or LF in it, chunk data is followed by exactly CRLF, trailers end
-    /// at an empty line. Anything else breaks the connection (`Broken`): the request is the
-    /// client's, malformed, and must not be read on from a point hyper might read differently.
+    /// Follows a chunked body exactly as hyper's decoder reads it (`h1/chunked.rs`). Broken
+    /// framing breaks the connection (`Broken`): the request is the client's, malformed, and
+    /// must not be read on from a point hyper might read differently.
     fn scan_chunked(&mut self, seen: &[u8], chunk: Chunk) -> bool {
-        let (used, next) = match chunk {
-            Chunk::Data(left) => {
-                let n = (seen.len() as u64).min(left);
-                let next = if n == left { Chunk::DataEnd } else { Chunk::Data(left - n) };
-                (n as usize, State::Chunked(next))
+        match chunked::step(chunk, seen) {
+            Step::Need => false,
+            Step::Malformed => {
+                self.state = State::Broken;
+                false
             }
-            Chunk::DataEnd => match seen {
-                [b'\r', b'\n', ..] => (2, State::Chunked(Chunk::Size)),
-                [b'\r'] => return false,
-                _ => {
-                    self.state = State::Broken;
-                    return false;
-                }
-            },
-            Chunk::Size | Chunk::Trailers => {
-                let Some(at) = memchr::memchr(b'\n', seen) else {
-                    if seen.len() > MAX_CHUNK_LINE {
-                        self.state = State::Broken;
-                    }
-                    return false;
+            Step::Took { n, next } => {
+                self.released += n;
+                self.state = match next {
+                    Some(next) => State::Chunked(next),
+                    None => self.next_head(),
                 };
-                let line = seen[..at + 1].strip_suffix(b"\r\n").filter(|l| !l.contains(&b'\r'));
-                let next = match (chunk, line) {
-                    (_, None) => None,
-                    (Chunk::Size, Some(line)) => match chunk_size(line) {
-                        Some(0) => Some(State::Chunked(Chunk::Trailers)),
-                        Some(n) => Some(State::Chunked(Chunk::Data(n))),
-                        None => None,
-                    },
-                    (_, Some([])) => Some(self.next_head()),
-                    (_, Some(_)) => Some(State::Chunked(Chunk::Trailers)),
-                };
-                let Some(next) = next else {
-                    self.state = State::Broken;
-                    return false;
-                };
-                (at + 1, next)
+                true
             }
-        };
-        self.released += used;
-        self.state = next;
-        true
+        }
     }
 
     /// Replace the offending head with a synthetic one; the router answers it with `status`.

@@ -5,6 +5,7 @@ pub(crate) mod connect;
 pub mod forward;
 pub mod grpc;
 pub(crate) mod guard;
+pub mod h1;
 pub(crate) mod idle;
 pub mod in_flight;
 pub mod listener;

@@ -139,7 +139,7 @@ impl http_body::Body for Teed {
                 this.tee.observe::<hyper::Error>(None);
             }
         }
-        polled.map_err(BodyError::Client)
+        polled.map_err(|e| BodyError::Client(e.into()))
     }
 
     fn is_end_stream(&self) -> bool {

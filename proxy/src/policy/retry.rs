@@ -513,6 +513,7 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
         Body::Client { inner } => inner,
         streaming @ (Body::Prefixed { .. }
         | Body::Upstream { .. }
+        | Body::H1 { .. }
         | Body::Grpc { .. }
         | Body::Teed { .. }) => {
             return Ok(Replay::Streaming(streaming));

@@ -1,7 +1,6 @@
 //! What the guard reads of a request head and a chunk line, by RFC 9112's rules and no more
 //! leniently than hyper reads them: the body's framing (sections 6.1 and 6.3), `Content-Length`
-//! (one number per field; hyper refuses a list), the chunk-size line (section 7.1), and the
-//! synthetic head a refusal travels in. Pure functions over bytes, so the fuzz target and the
+//! (one number per field; hyper refuses a list), and the synthetic head a refusal travels in. Pure functions over bytes, so the fuzz target and the
 //! unit tests drive them directly.
 
 use std::mem::MaybeUninit;
@@ -100,23 +99,6 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
         return None;
     }
     digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
-}
-
-/// The size of a chunk-size line without its CRLF (`1a`, `1a ;ext=v`); `None` when malformed.
-/// As hyper reads it: hex digits (at most 15 here, so a size always fits), optional spaces or
-/// tabs, then nothing or an extension after `;`.
-pub(super) fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 15 {
-        return None;
-    }
-    let rest = &line[digits..];
-    let rest = &rest[rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count()..];
-    if !(rest.is_empty() || rest.starts_with(b";")) {
-        return None;
-    }
-    let hex = std::str::from_utf8(&line[..digits]).ok()?;
-    u64::from_str_radix(hex, 16).ok()
 }
 
 /// The client's request as the guard refused it, when `req` is the synthetic head of a refusal:

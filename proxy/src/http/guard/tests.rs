@@ -233,18 +233,6 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
     assert!(started.elapsed() >= Duration::from_secs(59), "{:?}", started.elapsed());
 }
 
-#[test]
-fn chunk_size_lines() {
-    assert_eq!(chunk_size(b"1a"), Some(26));
-    assert_eq!(chunk_size(b"1A \t;x"), Some(26));
-    assert_eq!(chunk_size(b"0;name=value"), Some(0));
-    assert_eq!(chunk_size(b"fffffffffffffff"), Some(0xfff_ffff_ffff_ffff));
-    for bad in [&b"zz"[..], b"1a-", b"", b";x", b"1 a", b"ffffffffffffffff", b"ffffffffffffffffff"]
-    {
-        assert_eq!(chunk_size(bad), None, "{}", String::from_utf8_lossy(bad));
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_bare_lf_in_a_head_is_refused_at_once_and_nothing_of_it_passes() {
     let cases: [&[u8]; 4] = [

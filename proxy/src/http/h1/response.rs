@@ -1,0 +1,257 @@
+//! An upstream's response head, parsed with httparse, and how its body is framed (RFC 9112
+//! 6.3). Strict where a lenient reading lets a hostile upstream smuggle a response: a
+//! `Transfer-Encoding` in an HTTP/1.0 answer, `Content-Length` values that differ, a head
+//! larger than [`MAX_HEAD`] or with more than [`MAX_HEADERS`] fields are refused, and a
+//! `Content-Length` beside `Transfer-Encoding` is dropped and the connection not reused.
+
+use std::mem::MaybeUninit;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// The largest response head read; an upstream sending more is refused.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields in a response head (hyper's client allows as many).
+pub(crate) const MAX_HEADERS: usize = 100;
+
+/// How a response's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body: an answer to HEAD, a 1xx, 204 or 304.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    UntilClose,
+}
+
+/// A complete response head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: Framing,
+    /// Whether the connection may carry another request once this response is read.
+    pub(crate) keep_alive: bool,
+}
+
+/// Why a response head was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    #[error("malformed response head: {0}")]
+    Malformed(httparse::Error),
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    #[error("more than {MAX_HEADERS} response headers")]
+    TooManyHeaders,
+    #[error("invalid or conflicting Content-Length in the response")]
+    ContentLength,
+    #[error("Transfer-Encoding in an HTTP/1.0 response")]
+    TransferEncodingInHttp10,
+    #[error("unexpected 101 Switching Protocols to a request that asked for no upgrade")]
+    UnaskedSwitch,
+    #[error("invalid header in the response: {0}")]
+    Header(&'static str),
+}
+
+/// The head at the start of `buf`, with its length; `Ok(None)` while it is incomplete.
+/// `method` is the request's: the answer to a HEAD has no body whatever its headers say.
+pub(crate) fn parse(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>, HeadError> {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(e) => return Err(HeadError::Malformed(e)),
+    };
+    let code = res.code.expect("a complete head has a status");
+    let status = StatusCode::from_u16(code).map_err(|_| HeadError::Header("status code"))?;
+    let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    let (mut length, mut chunked, mut close, mut keep_alive) = (None, None, false, false);
+    for field in res.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| HeadError::Header("field name"))?;
+        let value =
+            HeaderValue::from_bytes(field.value).map_err(|_| HeadError::Header("field value"))?;
+        if name == header::CONTENT_LENGTH {
+            // a list of equal values is one length (RFC 9110 8.6); anything else is refused
+            for item in field.value.split(|b| *b == b',') {
+                let n = parse_length(item.trim_ascii()).ok_or(HeadError::ContentLength)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HeadError::ContentLength);
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = field.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(HeadError::UnaskedSwitch);
+    }
+    if chunked.is_some() && version == Version::HTTP_10 {
+        return Err(HeadError::TransferEncodingInHttp10);
+    }
+    let mut keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), length) => {
+                // RFC 9112 6.3: Transfer-Encoding wins, the length goes, and the connection is
+                // not trusted with another request
+                if length.is_some() {
+                    headers.remove(header::CONTENT_LENGTH);
+                    keep_alive = false;
+                }
+                Framing::Chunked
+            }
+            (Some(false), _) | (None, None) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+        }
+    };
+    if framing == Framing::UntilClose {
+        keep_alive = false;
+    }
+    Ok(Some((Head { status, version, headers, framing, keep_alive }, len)))
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<(Head, usize)>, HeadError> {
+        parse(text.as_bytes(), &Method::GET)
+    }
+
+    fn framing(text: &str) -> (Framing, bool) {
+        let (head, _) = head(text).unwrap().unwrap();
+        (head.framing, head.keep_alive)
+    }
+
+    #[test]
+    fn a_head_ends_at_its_empty_line_and_keeps_its_fields_in_order() {
+        let text = "HTTP/1.1 201 Created\r\nx-a: 1\r\nSet-Cookie: a\r\nset-cookie: b\r\n\r\nbody";
+        let (head, len) = head(text).unwrap().unwrap();
+        assert_eq!(len, text.len() - 4);
+        assert_eq!(head.status, 201);
+        let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a", "b"]);
+        for cut in 0..len {
+            assert!(parse(&text.as_bytes()[..cut], &Method::GET).unwrap().is_none(), "{cut}");
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112_6_3() {
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            (Framing::Chunked, true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\n\r\n"), (Framing::UntilClose, false));
+        assert_eq!(
+            framing("HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            framing("HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n"),
+            (Framing::Empty, true)
+        );
+        assert_eq!(framing("HTTP/1.1 100 Continue\r\n\r\n"), (Framing::Empty, true));
+        let (answer_to_head, _) =
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", &Method::HEAD).unwrap().unwrap();
+        assert_eq!(answer_to_head.framing, Framing::Empty);
+    }
+
+    #[test]
+    fn keep_alive_is_http_1_1_without_close_or_http_1_0_asking_for_it() {
+        let kept = |text: &str| framing(text).1;
+        assert!(!kept("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"));
+        assert!(!kept("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(kept("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"));
+        assert_eq!(framing("HTTP/1.0 200 OK\r\n\r\n"), (Framing::UntilClose, false));
+    }
+
+    #[test]
+    fn a_length_beside_chunked_is_dropped_and_the_connection_not_reused() {
+        let text = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n";
+        let (head, _) = head(text).unwrap().unwrap();
+        assert_eq!((head.framing, head.keep_alive), (Framing::Chunked, false));
+        assert!(!head.headers.contains_key("content-length"));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for (text, error) in [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+                HeadError::ContentLength,
+            ),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n", HeadError::ContentLength),
+            ("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", HeadError::ContentLength),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n", HeadError::ContentLength),
+            (
+                "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                HeadError::TransferEncodingInHttp10,
+            ),
+            ("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n", HeadError::UnaskedSwitch),
+        ] {
+            assert_eq!(head(text).unwrap_err(), error, "{text:?}");
+        }
+        assert!(matches!(head("HTTP/1.1 200 OK\r\nx : y\r\n\r\n"), Err(HeadError::Malformed(_))));
+        assert!(matches!(
+            head("HTTP/1.1 200 OK\r\nx: y\r\n folded\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn too_many_or_too_large_is_refused_before_the_head_ends() {
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert_eq!(
+            head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n")).unwrap_err(),
+            HeadError::TooManyHeaders
+        );
+        let endless = format!("HTTP/1.1 200 OK\r\nx: {}", "v".repeat(MAX_HEAD));
+        assert_eq!(head(&endless).unwrap_err(), HeadError::TooLarge);
+    }
+}
