@@ -3,6 +3,7 @@
 //! and see exactly what the sidecar sent on.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,6 +14,9 @@ use tokio::net::TcpListener;
 pub struct RawUpstream {
     addr: SocketAddr,
     received: Arc<Mutex<Vec<u8>>>,
+    /// Connections accepted, and those the sidecar closed.
+    accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
 }
 
 impl RawUpstream {
@@ -23,8 +27,11 @@ impl RawUpstream {
         let addr = listener.local_addr().expect("a bound address");
         let received = Arc::new(Mutex::new(Vec::new()));
         let kept = received.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
                 let kept = kept.clone();
                 tokio::spawn(async move {
                     let mut head = Vec::new();
@@ -50,7 +57,58 @@ impl RawUpstream {
                 });
             }
         });
-        Self { addr, received }
+        Self { addr, received, accepted, closed: Arc::default() }
+    }
+
+    /// Answers every request head on a connection with `answer` (requests without bodies),
+    /// keeping the connection open until the sidecar closes it.
+    pub async fn keep_alive(answer: &'static [u8]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a raw upstream");
+        let addr = listener.local_addr().expect("a bound address");
+        let up = Self {
+            addr,
+            received: Arc::default(),
+            accepted: Arc::default(),
+            closed: Arc::default(),
+        };
+        let (kept, accepted, closed) =
+            (up.received.clone(), up.accepted.clone(), up.closed.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let (kept, closed) = (kept.clone(), closed.clone());
+                tokio::spawn(async move {
+                    let (mut pending, mut buf) = (Vec::new(), [0u8; 4096]);
+                    loop {
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            if stream.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                pending.extend_from_slice(&buf[..n]);
+                                kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                            }
+                        }
+                    }
+                    closed.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        up
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections the sidecar closed (counted by [`keep_alive`](Self::keep_alive) only).
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {

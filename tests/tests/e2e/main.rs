@@ -26,3 +26,4 @@ mod routes;
 mod soak;
 mod tls;
 mod tracing;
+mod upstream_framing;
