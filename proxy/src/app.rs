@@ -189,7 +189,7 @@ pub async fn start_reloading(
     }
 
     let route = Counted::new(Route::ByAuthority(routes.clone()), in_flight.clone());
-    servers.spawn(listener::serve(
+    servers.spawn(listener::serve_outbound(
         outbound,
         serving.clone(),
         move |_| route.clone(),
@@ -213,7 +213,7 @@ pub async fn start_reloading(
         running.dedicated.push((built.name.clone(), addr));
         let route = Route::Dedicated { name: built.name.clone(), table: routes.clone() };
         let route = Counted::new(route, in_flight.clone());
-        servers.spawn(listener::serve(
+        servers.spawn(listener::serve_outbound(
             listener,
             serving.clone(),
             move |_| route.clone(),

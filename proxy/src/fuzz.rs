@@ -304,3 +304,116 @@ fn through_guard(input: &[u8], cuts: Cuts) -> (Vec<u8>, Option<String>) {
 fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).rposition(|w| w == needle)
 }
+
+/// An upstream's response head, as our HTTP/1 client reads it (issue 20): whatever it accepts,
+/// httparse parses as one complete head of the same length; a head cut short anywhere is
+/// incomplete, never refused or read differently; and the framing it chose keeps RFC 9112
+/// 6.3's rules (chunked only on HTTP/1.1, a connection read to its close is never reused).
+pub fn response_head(data: &[u8]) {
+    use crate::http::h1::response::{Framing, parse};
+
+    let [method, input @ ..] = data else { return };
+    let method = if method & 1 == 0 { http::Method::GET } else { http::Method::HEAD };
+    let Ok(Some((head, len))) = parse(input, &method) else { return };
+    let mut fields = [httparse::EMPTY_HEADER; 100];
+    let mut theirs = httparse::Response::new(&mut fields);
+    assert_eq!(theirs.parse(input), Ok(httparse::Status::Complete(len)), "httparse disagrees");
+    assert_eq!(theirs.code, Some(head.status.as_u16()));
+    for cut in 0..len {
+        assert!(matches!(parse(&input[..cut], &method), Ok(None)), "cut at {cut} of {len}");
+    }
+    match head.framing {
+        Framing::Chunked => assert_eq!(head.version, http::Version::HTTP_11),
+        Framing::UntilClose => assert!(!head.keep_alive),
+        Framing::Empty => assert!(
+            method == http::Method::HEAD
+                || head.status.is_informational()
+                || matches!(head.status.as_u16(), 204 | 304)
+        ),
+        Framing::Length(_) => {}
+    }
+}
+
+/// The chunked reader shared by the framing guard and the upstream client: a body cut into
+/// reads anywhere is read the same as whole (the first byte picks the cuts), and what it reads
+/// as a complete body hyper's own client reads as the same bytes.
+pub fn chunked(data: &[u8]) {
+    let [cuts, input @ ..] = data else { return };
+    let whole = read_chunked(input, usize::MAX);
+    let cut = read_chunked(input, usize::from(*cuts % 16) + 1);
+    assert_eq!(whole, cut, "the same body cut differently was read differently");
+    if let Chunked::Complete { data, .. } = &whole {
+        // hyper refuses some trailer lines we pass over; it then reads no further either
+        if let Some(Ok(theirs)) = hyper_reads_chunked(input) {
+            assert_eq!(&theirs, data, "hyper read other bytes");
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Chunked {
+    Complete { data: Vec<u8>, used: usize },
+    Incomplete,
+    Malformed,
+}
+
+/// Reads a chunked body from `input`, offered `step` bytes more at a time.
+fn read_chunked(input: &[u8], step: usize) -> Chunked {
+    use crate::http::h1::chunked::{Chunk, Step, step as next};
+
+    let (mut at, mut used, mut data, mut offered) = (Chunk::Size, 0, Vec::new(), 0usize);
+    loop {
+        offered = offered.saturating_add(step).min(input.len());
+        loop {
+            match next(at, &input[used..offered]) {
+                Step::Malformed => return Chunked::Malformed,
+                Step::Need if offered == input.len() => return Chunked::Incomplete,
+                Step::Need => break,
+                Step::Took { n, next } => {
+                    if let Chunk::Data(_) = at {
+                        data.extend_from_slice(&input[used..used + n]);
+                    }
+                    used += n;
+                    match next {
+                        Some(next) => at = next,
+                        None => return Chunked::Complete { data, used },
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The body hyper's HTTP/1 client reads from a chunked response whose body is `input`;
+/// `None` if it did not finish in time.
+fn hyper_reads_chunked(input: &[u8]) -> Option<Result<Vec<u8>, ()>> {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    response.extend_from_slice(input);
+    runtime().block_on(async move {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let upstream = async move {
+            let mut head = [0u8; 1024];
+            let _ = server.read(&mut head).await;
+            let _ = server.write_all(&response).await;
+            let _ = server.shutdown().await;
+            // hold the connection until the client is done
+            let _ = server.read(&mut head).await;
+        };
+        let client = async move {
+            let io = hyper_util::rt::TokioIo::new(client);
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+            tokio::spawn(conn);
+            let req = http::Request::get("/").body(http_body_util::Empty::<bytes::Bytes>::new());
+            let res = send.send_request(req.ok()?).await.ok()?;
+            Some(match res.into_body().collect().await {
+                Ok(body) => Ok(body.to_bytes().to_vec()),
+                Err(_) => Err(()),
+            })
+        };
+        let run = async { tokio::join!(upstream, client).1 };
+        tokio::time::timeout(Duration::from_secs(5), run).await.ok().flatten()
+    })
+}

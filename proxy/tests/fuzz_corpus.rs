@@ -57,3 +57,13 @@ fn the_retry_after_corpus_passes() {
 fn the_publish_input_corpus_passes() {
     replay("publish_input", outrigger_proxy::fuzz::publish_input);
 }
+
+#[test]
+fn the_response_head_corpus_passes() {
+    replay("response_head", outrigger_proxy::fuzz::response_head);
+}
+
+#[test]
+fn the_chunked_corpus_passes() {
+    replay("chunked", outrigger_proxy::fuzz::chunked);
+}

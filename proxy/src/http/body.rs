@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::error::BoxError;
 use crate::http::grpc::watch::Watch;
-use crate::http::h1::ResponseBody;
+use crate::http::h1::{RequestBody, ResponseBody};
 use crate::http::tee::Teed;
 
 pin_project_lite::pin_project! {
@@ -26,6 +26,8 @@ pin_project_lite::pin_project! {
     pub enum Body {
         /// The client's request body, as it arrives.
         Client { #[pin] inner: Incoming },
+        /// The client's request body, read by our own HTTP/1 server (`h1/`).
+        H1Request { inner: RequestBody },
         /// An upstream's response body, as it arrives.
         Upstream { #[pin] inner: Incoming },
         /// An HTTP/1 upstream's response body, read by our own client (`h1/`).
@@ -38,7 +40,7 @@ pin_project_lite::pin_project! {
         Teed { #[pin] inner: Teed },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         /// The start of the client's request body, read, then the rest of it as it arrives.
-        Prefixed { head: Option<Bytes>, #[pin] rest: Incoming },
+        Prefixed { head: Option<Bytes>, rest: Box<Body> },
     }
 }
 
@@ -119,6 +121,7 @@ impl http_body::Body for Body {
                 inner.poll_frame(cx).map_err(|e| BodyError::Upstream(e.into()))
             }
             BodyProj::H1 { inner } => inner.poll_frame(cx),
+            BodyProj::H1Request { inner } => inner.poll_frame(cx),
             BodyProj::Teed { inner } => inner.poll_frame(cx),
             BodyProj::Grpc { mut inner, watch } => {
                 let polled = inner.as_mut().poll_frame(cx);
@@ -136,7 +139,7 @@ impl http_body::Body for Body {
             }),
             BodyProj::Prefixed { head, rest } => match head.take() {
                 Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),
-                None => rest.poll_frame(cx).map_err(|e| BodyError::Client(e.into())),
+                None => Pin::new(&mut **rest).poll_frame(cx),
             },
         }
     }
@@ -148,6 +151,7 @@ impl http_body::Body for Body {
             }
             Self::Teed { inner } => inner.is_end_stream(),
             Self::H1 { inner } => inner.is_end_stream(),
+            Self::H1Request { inner } => inner.is_end_stream(),
             Self::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Self::Prefixed { head, rest } => head.is_none() && rest.is_end_stream(),
         }
@@ -160,6 +164,7 @@ impl http_body::Body for Body {
             }
             Self::Teed { inner } => inner.size_hint(),
             Self::H1 { inner } => inner.size_hint(),
+            Self::H1Request { inner } => inner.size_hint(),
             Self::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

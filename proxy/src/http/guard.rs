@@ -31,15 +31,16 @@ use tokio::time::{Instant, Sleep};
 use crate::http::idle::{Activity, Upgrade};
 
 mod head;
+use head::check_head;
 pub(crate) use head::refusal;
-use head::{Framing, check_head};
+pub(crate) use head::{Framing, Head, with_checked_head};
 
 use crate::http::h1::chunked::{self, Chunk, Step};
 
 /// The header a synthetic head carries to the router: `"<status> <reason>"`.
 pub(crate) const REJECTED_HEADER: &str = "outrigger-rejected";
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const READ_CHUNK: usize = 8 * 1024;
 /// Below this much room in hyper's buffer (the first bytes, which hyper's protocol sniffing reads
 /// 24 at a time), reads go through `storage`.
@@ -128,6 +129,23 @@ impl<T> GuardedIo<T> {
                 limits.header_read_timeout,
             ))),
         }
+    }
+
+    /// A connection whose first bytes were already read by our own HTTP/1 server, which leaves
+    /// it to hyper from here (`h1/server.rs`): `read` is checked and handed over first.
+    pub(crate) fn with_read(
+        inner: T,
+        limits: GuardLimits,
+        activity: Arc<Activity>,
+        read: &[u8],
+    ) -> Self {
+        let mut io = Self::new(inner, limits, activity);
+        if !read.is_empty() {
+            io.storage = read.to_vec();
+            io.end = read.len();
+            io.scan_storage();
+        }
+        io
     }
 
     fn deadline(&self) -> Instant {

@@ -21,9 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
-use crate::http::Body;
 use crate::http::guard::{GuardLimits, GuardedIo};
 use crate::http::idle::{Activity, Tracked};
+use crate::http::{Body, h1};
 
 /// Refusals at the connection cap being written at once, at most.
 const SHEDDING: usize = 256;
@@ -116,8 +116,8 @@ fn refusal(max_connections: usize) -> bytes::Bytes {
     bytes::Bytes::from(head + &body)
 }
 
-/// Serves `listener` until `stop` turns true; connections are watched by `graceful`, so the
-/// app's shutdown can wait for them to drain.
+/// Serves `listener` with hyper until `stop` turns true (the admin port); connections are
+/// watched by `graceful`, so the app's shutdown can wait for them to drain.
 pub async fn serve<S>(
     listener: TcpListener,
     serving: Serving,
@@ -133,6 +133,61 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
+    while let Some((stream, peer, permit)) = accept(&listener, &serving, &mut stop).await {
+        let conn = hyper_connection(&serving, stream, &[], make_service(peer), &graceful);
+        tokio::spawn(async move {
+            conn.await;
+            tracing::trace!(%peer, "connection closed");
+            drop(permit);
+        });
+    }
+}
+
+/// Serves the app's outbound `listener` until `stop` turns true: HTTP/1 requests through our
+/// own server (`h1/server.rs`), which leaves HTTP/2, upgrades and whatever else it declines to
+/// hyper behind the framing guard, for the rest of that connection.
+pub async fn serve_outbound<S>(
+    listener: TcpListener,
+    serving: Serving,
+    make_service: impl Fn(SocketAddr) -> S,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+        > + hyper::service::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Send
+        + Sync
+        + 'static,
+    <S as hyper::service::Service<Request<Incoming>>>::Future: Send + 'static,
+{
+    while let Some((stream, peer, permit)) = accept(&listener, &serving, &mut stop).await {
+        let service = make_service(peer);
+        let (serving, graceful, stop) = (serving.clone(), graceful.clone(), stop.clone());
+        tokio::spawn(async move {
+            let ended = h1::server::serve(stream, serving.limits, &service, stop).await;
+            if let h1::server::Ended::Handover(stream, read) = ended {
+                hyper_connection(&serving, stream, &read, service, &graceful).await;
+            }
+            tracing::trace!(%peer, "connection closed");
+            drop(permit);
+        });
+    }
+}
+
+/// The next connection within the connection cap (those past it are shed); `None` once `stop`
+/// is true.
+async fn accept(
+    listener: &TcpListener,
+    serving: &Serving,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -144,31 +199,52 @@ pub async fn serve<S>(
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => return,
+            _ = stopped(stop) => return None,
         };
         let Ok(permit) = serving.connections.clone().try_acquire_owned() else {
             serving.shed(stream, peer);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
-        let io = TokioIo::new(GuardedIo::new(stream, serving.limits, activity.clone()));
-        let service = Tracked::new(make_service(peer), activity.clone());
-        let conn = serving.builder.serve_connection_with_upgrades(io, service).into_owned();
-        let conn = graceful.watcher().watch(conn);
-        let idle_timeout = serving.limits.idle_timeout;
-        tokio::spawn(async move {
-            tokio::select! {
-                ended = conn => if let Err(error) = ended {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                },
-                // hyper waiting on a stalled response body never polls the socket
-                () = activity.idle_for(idle_timeout) => {
-                    tracing::debug!(%peer, "connection idle past idle_timeout: closed");
-                }
+        return Some((stream, peer, permit));
+    }
+}
+
+/// hyper serving `stream` behind the framing guard (which first checks `read`, bytes already
+/// read from it), watched by `graceful` and the idle watcher.
+fn hyper_connection<S>(
+    serving: &Serving,
+    stream: TcpStream,
+    read: &[u8],
+    service: S,
+    graceful: &GracefulShutdown,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Activity::new();
+    let io = GuardedIo::with_read(stream, serving.limits, activity.clone(), read);
+    let service = Tracked::new(service, activity.clone());
+    let conn =
+        serving.builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    let conn = graceful.watcher().watch(conn);
+    let idle_timeout = serving.limits.idle_timeout;
+    async move {
+        tokio::select! {
+            ended = conn => if let Err(error) = ended {
+                tracing::debug!(%error, "connection ended with an error");
+            },
+            // hyper waiting on a stalled response body never polls the socket
+            () = activity.idle_for(idle_timeout) => {
+                tracing::debug!("connection idle past idle_timeout: closed");
             }
-            drop(permit);
-        });
+        }
     }
 }
 

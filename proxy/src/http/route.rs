@@ -215,8 +215,25 @@ impl hyper::service::Service<Request<Incoming>> for Route {
     type Error = Infallible;
     type Future = RouteFuture;
 
+    /// A request hyper's server read (HTTP/2, and HTTP/1 past what our own server takes).
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let mut req = req.map(Body::client);
+        self.route(req.map(Body::client))
+    }
+}
+
+impl hyper::service::Service<Request<Body>> for Route {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    /// A request our own HTTP/1 server read (`h1/server.rs`).
+    fn call(&self, req: Request<Body>) -> Self::Future {
+        self.route(req)
+    }
+}
+
+impl Route {
+    fn route(&self, mut req: Request<Body>) -> RouteFuture {
         let connect = req.method() == Method::CONNECT;
         // every answer of ours to a gRPC call becomes a gRPC answer, here and only here
         let grpc = grpc::is_grpc(req.headers());

@@ -510,7 +510,7 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
         Body::Full { data, trailers } => {
             return Ok(Replay::Complete(data.unwrap_or_default(), trailers));
         }
-        Body::Client { inner } => inner,
+        client @ (Body::Client { .. } | Body::H1Request { .. }) => client,
         streaming @ (Body::Prefixed { .. }
         | Body::Upstream { .. }
         | Body::H1 { .. }
@@ -523,7 +523,7 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
         return Ok(Replay::Complete(Bytes::new(), None));
     }
     if incoming.size_hint().lower() > cap as u64 {
-        return Ok(Replay::Streaming(Body::client(incoming)));
+        return Ok(Replay::Streaming(incoming));
     }
     let mut data = BytesMut::new();
     while let Some(frame) = incoming.frame().await {
@@ -535,7 +535,7 @@ async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
                 if data.len() > cap {
                     return Ok(Replay::Streaming(Body::Prefixed {
                         head: Some(data.freeze()),
-                        rest: incoming,
+                        rest: Box::new(incoming),
                     }));
                 }
             }

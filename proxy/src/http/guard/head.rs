@@ -12,7 +12,8 @@ use super::REJECTED_HEADER;
 /// Headers parsed on the stack; a larger `max_headers` takes a heap buffer.
 const STACK_HEADERS: usize = 128;
 
-pub(super) enum Framing {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -20,28 +21,43 @@ pub(super) enum Framing {
 
 /// A request head that passed: how its body is framed, and whether hyper may turn the connection
 /// into a tunnel after it.
-pub(super) struct Head {
-    pub(super) framing: Framing,
-    pub(super) upgrade: bool,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Head {
+    pub(crate) framing: Framing,
+    pub(crate) upgrade: bool,
 }
 
 /// Checks one complete request head against RFC 9112's framing rules and our limits.
 pub(super) fn check_head(head: &[u8], max_headers: usize) -> Result<Head, (u16, String)> {
+    with_checked_head(head, max_headers, |_, head| head)
+}
+
+/// Checks one complete request head as [`check_head`] does, and hands `then` the parsed
+/// request with what the check found: one parser for the guard and the server (`h1/server.rs`).
+pub(crate) fn with_checked_head<R>(
+    head: &[u8],
+    max_headers: usize,
+    then: impl FnOnce(&httparse::Request<'_, '_>, Head) -> R,
+) -> Result<R, (u16, String)> {
     if max_headers <= STACK_HEADERS {
         let mut headers = [const { MaybeUninit::uninit() }; STACK_HEADERS];
-        check_head_with(head, &mut headers[..max_headers])
+        let mut req = httparse::Request::new(&mut []);
+        let checked = check_head_with(head, &mut req, &mut headers[..max_headers])?;
+        Ok(then(&req, checked))
     } else {
         let mut headers = vec![MaybeUninit::uninit(); max_headers];
-        check_head_with(head, &mut headers)
+        let mut req = httparse::Request::new(&mut []);
+        let checked = check_head_with(head, &mut req, &mut headers)?;
+        Ok(then(&req, checked))
     }
 }
 
-fn check_head_with<'h>(
-    head: &'h [u8],
-    headers: &mut [MaybeUninit<httparse::Header<'h>>],
+fn check_head_with<'h, 'b>(
+    head: &'b [u8],
+    req: &mut httparse::Request<'h, 'b>,
+    headers: &'h mut [MaybeUninit<httparse::Header<'b>>],
 ) -> Result<Head, (u16, String)> {
     let max = headers.len();
-    let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(head, headers) {
         // the parser ends the head where the guard did, or they disagree: refuse
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}

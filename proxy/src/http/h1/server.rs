@@ -1,0 +1,199 @@
+//! Our own HTTP/1.1 server for the app's outbound connections (issue 20): each request head is
+//! checked and parsed once, by the framing guard's rules (`guard/head.rs`), the request goes to
+//! the service with its body read straight from the connection (`incoming.rs`), and the answer
+//! is written with vectored writes (`encode.rs`). The connection holds no buffer while idle.
+//!
+//! What this server does not do itself it leaves to hyper behind the framing guard, for the
+//! rest of the connection, from the head it declined with every byte already read: HTTP/2's
+//! preface, an upgrade or CONNECT, `Expect: 100-continue`, a head that did not arrive whole in
+//! one read (the guard's `header_read_timeout` then holds a slow client to its deadline), and
+//! any head the guard refuses (it answers 400/431 as it always has). One behaviour, two paths:
+//! the common request takes the short one.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::http::Body;
+use crate::http::guard::{Framing, GuardLimits, H2_PREFACE, Head, with_checked_head};
+use crate::http::h1::chunked::Chunk;
+use crate::http::h1::encode::{Asked, write_response};
+use crate::http::h1::incoming::{Conn, Left, RequestBody, Returned};
+
+const READ_SIZE: usize = 8 * 1024;
+
+/// How a connection left this server.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    Closed,
+    /// A head this server leaves to hyper: the connection, and the bytes already read from it
+    /// and not yet answered.
+    Handover(TcpStream, Bytes),
+}
+
+/// A request ready for the service, with what its answer must honour.
+struct Parsed {
+    req: Request<()>,
+    asked: Asked,
+    framing: Framing,
+}
+
+/// Serves `stream` until it closes, idles past `idle_timeout`, `stop` turns true between
+/// requests, or a head is left to hyper.
+pub(crate) async fn serve<S>(
+    stream: TcpStream,
+    limits: GuardLimits,
+    service: S,
+    mut stop: watch::Receiver<bool>,
+) -> Ended
+where
+    S: hyper::service::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    let conn = Conn::new(stream);
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        if buf.is_empty() {
+            // idle: no buffer held until the client's next bytes arrive
+            buf = BytesMut::new();
+            let readable = tokio::select! {
+                readable = tokio::time::timeout(limits.idle_timeout, conn.stream.readable()) => readable,
+                _ = stop.wait_for(|stop| *stop) => return Ended::Closed,
+            };
+            if !matches!(readable, Ok(Ok(()))) {
+                return Ended::Closed;
+            }
+            buf.reserve(READ_SIZE);
+            match conn.stream.try_read_buf(&mut buf) {
+                Ok(0) => return Ended::Closed,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Ended::Closed,
+            }
+        }
+        if std::mem::take(&mut first) && H2_PREFACE.starts_with(&buf[..buf.len().min(3)]) {
+            return handover(conn, buf);
+        }
+        let Some(parsed) = parse(&buf, limits.max_header_bytes, limits.max_headers) else {
+            return handover(conn, buf);
+        };
+        let (len, Parsed { req, mut asked, framing }) = parsed;
+        let _ = buf.split_to(len);
+        let body = match framing {
+            Framing::None => Body::empty(),
+            Framing::Length(n) => Body::H1Request {
+                inner: RequestBody::new(conn.clone(), buf.split(), Left::Length(n)),
+            },
+            Framing::Chunked => Body::H1Request {
+                inner: RequestBody::new(conn.clone(), buf.split(), Left::Chunked(Chunk::Size)),
+            },
+        };
+        let body_out = framing != Framing::None;
+        let res = {
+            let answer = service.call(req.map(|()| body));
+            tokio::pin!(answer);
+            loop {
+                // while the answer is awaited, a client that goes away cancels the request (as
+                // hyper does); bytes of a pipelined request wait in `buf`
+                let watch_client = !body_out && buf.len() < limits.max_header_bytes + READ_SIZE;
+                tokio::select! {
+                    biased;
+                    res = &mut answer => break res,
+                    readable = conn.stream.readable(), if watch_client => {
+                        if readable.is_err() {
+                            return Ended::Closed;
+                        }
+                        buf.reserve(READ_SIZE);
+                        match conn.stream.try_read_buf(&mut buf) {
+                            Ok(0) => return Ended::Closed,
+                            Ok(_) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => return Ended::Closed,
+                        }
+                    }
+                }
+            }
+        };
+        let Ok(res) = res;
+        if *stop.borrow() {
+            asked.keep_alive = false;
+        }
+        let kept = write_response(&conn.stream, res, asked, limits.idle_timeout).await;
+        if body_out {
+            match conn.take_returned() {
+                Returned::Rest(rest) => buf = rest,
+                Returned::Lost | Returned::Nothing => return Ended::Closed,
+            }
+        }
+        if !matches!(kept, Ok(true)) {
+            return Ended::Closed;
+        }
+    }
+}
+
+fn handover(conn: Arc<Conn>, buf: BytesMut) -> Ended {
+    match Arc::try_unwrap(conn) {
+        Ok(conn) => Ended::Handover(conn.stream, buf.freeze()),
+        Err(_) => Ended::Closed,
+    }
+}
+
+/// The request whose head starts `buf`, if this server takes it: a complete head, within the
+/// limits, that the guard's checks pass, asking for nothing this server leaves to hyper.
+fn parse(buf: &[u8], max_header_bytes: usize, max_headers: usize) -> Option<(usize, Parsed)> {
+    let end = memchr::memmem::find(&buf[..buf.len().min(max_header_bytes + 1)], b"\r\n\r\n")?;
+    let len = end + 4;
+    if len > max_header_bytes {
+        return None;
+    }
+    let head = &buf[..len];
+    // every line ends in CRLF: a bare LF is the guard's to refuse
+    if memchr::memchr_iter(b'\n', head).any(|at| at == 0 || head[at - 1] != b'\r') {
+        return None;
+    }
+    let parsed = with_checked_head(head, max_headers, build).ok()??;
+    Some((len, parsed))
+}
+
+fn build(req: &httparse::Request<'_, '_>, checked: Head) -> Option<Parsed> {
+    if checked.upgrade {
+        return None;
+    }
+    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    let uri = Uri::try_from(req.path?).ok()?;
+    let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let (mut close, mut keep_alive, mut trailers) = (false, false, false);
+    for field in req.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(field.value).ok()?;
+        if name == header::EXPECT {
+            return None;
+        }
+        if name == header::CONNECTION || name == header::TE {
+            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                trailers |= name == header::TE && token.eq_ignore_ascii_case(b"trailers");
+            }
+        }
+        headers.append(name, value);
+    }
+    let mut built = Request::new(());
+    *built.method_mut() = method;
+    *built.uri_mut() = uri;
+    *built.version_mut() = version;
+    *built.headers_mut() = headers;
+    let asked = Asked {
+        head: built.method() == Method::HEAD,
+        http11: version == Version::HTTP_11,
+        trailers,
+        keep_alive: if version == Version::HTTP_11 { !close } else { keep_alive && !close },
+    };
+    Some(Parsed { req: built, asked, framing: checked.framing })
+}
