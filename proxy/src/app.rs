@@ -67,6 +67,8 @@ pub struct Running {
     stop_listeners: watch::Sender<bool>,
     in_flight: Arc<InFlight>,
     graceful: Arc<GracefulShutdown>,
+    /// The app's listeners: their connections are waited for on shutdown.
+    serving: Serving,
     health: Arc<Health>,
     servers: JoinSet<()>,
     drain_timeout: Duration,
@@ -150,6 +152,7 @@ pub async fn start_reloading(
         stop_listeners,
         in_flight: in_flight.clone(),
         graceful,
+        serving: serving.clone(),
         health,
         servers: JoinSet::new(),
         drain_timeout: config.lifecycle.drain_timeout.get(),
@@ -327,8 +330,9 @@ impl Running {
         // every listener task has ended, so this is the last reference
         let graceful = Arc::into_inner(self.graceful).expect("the listeners have stopped");
         let mut dispatchers = self.dispatchers;
+        let serving = self.serving;
         let drained = async move {
-            graceful.shutdown().await;
+            tokio::join!(graceful.shutdown(), serving.drained());
             while dispatchers.join_next().await.is_some() {}
         };
         if tokio::time::timeout_at(deadline, drained).await.is_err() {

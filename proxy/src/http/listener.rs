@@ -79,6 +79,14 @@ impl Serving {
         }
     }
 
+    /// Resolves once every connection accepted through this `Serving` has closed: the
+    /// shutdown's wait for connections our own HTTP/1 server serves (hyper's are watched by
+    /// `GracefulShutdown` too).
+    pub async fn drained(&self) {
+        let all = u32::try_from(self.limits.max_connections).unwrap_or(u32::MAX);
+        let _ = self.connections.acquire_many(all).await;
+    }
+
     /// Refuses `stream`, accepted past the connection cap.
     fn shed(&self, mut stream: TcpStream, peer: SocketAddr) {
         self.shed.inc();
@@ -173,7 +181,8 @@ pub async fn serve_outbound<S>(
         tokio::spawn(async move {
             let ended = h1::server::serve(stream, serving.limits, &service, stop).await;
             if let h1::server::Ended::Handover(stream, read) = ended {
-                hyper_connection(&serving, stream, &read, service, &graceful).await;
+                // boxed: the rare path's state is not carried by every idle connection
+                Box::pin(hyper_connection(&serving, stream, &read, service, &graceful)).await;
             }
             tracing::trace!(%peer, "connection closed");
             drop(permit);

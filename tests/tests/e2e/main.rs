@@ -12,6 +12,7 @@ mod dns;
 mod faults;
 mod front_door;
 mod grpc;
+mod h1_server;
 mod hedging;
 mod malformed;
 mod messaging;

@@ -91,7 +91,7 @@ pub(crate) async fn write_response(
 
     let mut out = Out { head, at: 0 };
     if framing == Framing::None {
-        out.write(stream, &[]).await?;
+        out.write(stream, &[], idle).await?;
         // an answer to HEAD carries the fields of its body, never the body
         return Ok(keep_alive && (asked.head || body.is_end_stream()));
     }
@@ -110,7 +110,7 @@ pub(crate) async fn write_response(
                     let mut last = b"0\r\n".to_vec();
                     write_fields(&mut last, &trailers, Framing::None, true);
                     last.extend_from_slice(b"\r\n");
-                    out.write(stream, &[IoSlice::new(&last)]).await?;
+                    out.write(stream, &[IoSlice::new(&last)], idle).await?;
                     return Ok(keep_alive);
                 }
                 continue;
@@ -127,6 +127,7 @@ pub(crate) async fn write_response(
                 out.write(
                     stream,
                     &[IoSlice::new(line), IoSlice::new(&data), IoSlice::new(b"\r\n")],
+                    idle,
                 )
                 .await?;
             }
@@ -136,15 +137,15 @@ pub(crate) async fn write_response(
                     "body longer than its length",
                 ));
             }
-            _ => out.write(stream, &[IoSlice::new(&data)]).await?,
+            _ => out.write(stream, &[IoSlice::new(&data)], idle).await?,
         }
     }
     match framing {
-        Framing::Chunked => out.write(stream, &[IoSlice::new(b"0\r\n\r\n")]).await?,
+        Framing::Chunked => out.write(stream, &[IoSlice::new(b"0\r\n\r\n")], idle).await?,
         Framing::Length(n) if sent != n => {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "body shorter than its length"));
         }
-        _ => out.write(stream, &[]).await?,
+        _ => out.write(stream, &[], idle).await?,
     }
     Ok(keep_alive)
 }
@@ -213,17 +214,21 @@ struct Out {
 }
 
 impl Out {
-    /// Writes what is left of the head, then `bufs`, whole.
-    async fn write(&mut self, stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+    /// Writes what is left of the head, then `bufs`, whole; a client that reads none of it for
+    /// `idle` has stalled, and the connection ends.
+    async fn write(
+        &mut self,
+        stream: &TcpStream,
+        bufs: &[IoSlice<'_>],
+        idle: Duration,
+    ) -> io::Result<()> {
         let total: usize = self.head.len() - self.at + bufs.iter().map(|b| b.len()).sum::<usize>();
         let mut written = 0;
         while written < total {
-            stream.writable().await?;
             let mut slices: [IoSlice<'_>; 4] = [IoSlice::new(&[]); 4];
             let mut k = 0;
-            let head_left = &self.head[self.at..];
             let mut offset = written;
-            for part in std::iter::once(head_left).chain(bufs.iter().map(|b| &**b)) {
+            for part in std::iter::once(&self.head[self.at..]).chain(bufs.iter().map(|b| &**b)) {
                 if offset >= part.len() {
                     offset -= part.len();
                     continue;
@@ -235,7 +240,11 @@ impl Out {
             match stream.try_write_vectored(&slices[..k]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(idle, stream.writable()).await.map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
+                    })??;
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -4,14 +4,18 @@
 //! request) go back to the connection; a body dropped unread leaves the connection unusable,
 //! and the server closes it.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::http::body::BodyError;
 use crate::http::h1::chunked::{self, Chunk, Step};
@@ -68,12 +72,16 @@ pub struct RequestBody {
     buf: BytesMut,
     left: Left,
     trailers: Option<HeaderMap>,
+    /// `outbound.limits.idle_timeout`: a client whose body stalls this long has broken it.
+    idle: Duration,
+    /// Set while waiting for the client's next bytes.
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl RequestBody {
     /// The body framed by `left`, whose first bytes (read with the head) are in `buf`.
-    pub(crate) fn new(conn: Arc<Conn>, buf: BytesMut, left: Left) -> Self {
-        Self { conn, buf, left, trailers: None }
+    pub(crate) fn new(conn: Arc<Conn>, buf: BytesMut, left: Left, idle: Duration) -> Self {
+        Self { conn, buf, left, trailers: None, idle, stall: None }
     }
 
     pub(crate) fn poll_frame(
@@ -138,10 +146,19 @@ impl RequestBody {
             self.buf.reserve(READ_SIZE);
         }
         loop {
-            ready!(self.conn.stream.poll_read_ready(cx))?;
+            if self.conn.stream.poll_read_ready(cx)?.is_pending() {
+                let idle = self.idle;
+                let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                ready!(stall.as_mut().poll(cx));
+                let what = "the request body stalled past outbound.limits.idle_timeout";
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+            }
             match self.conn.stream.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
+                other => {
+                    self.stall = None;
+                    return Poll::Ready(other);
+                }
             }
         }
     }

@@ -87,16 +87,26 @@ where
         let body = match framing {
             Framing::None => Body::empty(),
             Framing::Length(n) => Body::H1Request {
-                inner: RequestBody::new(conn.clone(), buf.split(), Left::Length(n)),
+                inner: RequestBody::new(
+                    conn.clone(),
+                    buf.split(),
+                    Left::Length(n),
+                    limits.idle_timeout,
+                ),
             },
             Framing::Chunked => Body::H1Request {
-                inner: RequestBody::new(conn.clone(), buf.split(), Left::Chunked(Chunk::Size)),
+                inner: RequestBody::new(
+                    conn.clone(),
+                    buf.split(),
+                    Left::Chunked(Chunk::Size),
+                    limits.idle_timeout,
+                ),
             },
         };
         let body_out = framing != Framing::None;
         let res = {
-            let answer = service.call(req.map(|()| body));
-            tokio::pin!(answer);
+            // boxed: an idle connection's task does not carry the policy stack's future
+            let mut answer = Box::pin(service.call(req.map(|()| body)));
             loop {
                 // while the answer is awaited, a client that goes away cancels the request (as
                 // hyper does); bytes of a pipelined request wait in `buf`
@@ -123,17 +133,42 @@ where
         if *stop.borrow() {
             asked.keep_alive = false;
         }
-        let kept = write_response(&conn.stream, res, asked, limits.idle_timeout).await;
+        let kept = Box::pin(write_response(&conn.stream, res, asked, limits.idle_timeout)).await;
         if body_out {
             match conn.take_returned() {
                 Returned::Rest(rest) => buf = rest,
-                Returned::Lost | Returned::Nothing => return Ended::Closed,
+                // the rest of the body is unread: closing on it could reset the connection
+                // before the client read the answer
+                Returned::Lost | Returned::Nothing => return Box::pin(linger(conn)).await,
             }
         }
-        if !matches!(kept, Ok(true)) {
-            return Ended::Closed;
+        match kept {
+            Ok(true) => {}
+            Ok(false) if !buf.is_empty() => return Box::pin(linger(conn)).await,
+            Ok(false) | Err(_) => return Ended::Closed,
         }
     }
+}
+
+/// How long a closing connection reads what the client still sends, so that closing on unread
+/// bytes does not reset the connection before the client read its answer.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Closes the connection gently: our side first, then what the client sends is read and
+/// dropped until it closes too, for at most [`LINGER`].
+async fn linger(conn: Arc<Conn>) -> Ended {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Ok(conn) = Arc::try_unwrap(conn) else { return Ended::Closed };
+    let mut stream = conn.stream;
+    let drain = async {
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+    Ended::Closed
 }
 
 fn handover(conn: Arc<Conn>, buf: BytesMut) -> Ended {
