@@ -291,6 +291,9 @@ impl<T> GuardedIo<T> {
     fn scan_head(&mut self, seen: &[u8]) -> bool {
         let mut from = self.head_searched;
         let mut end = None;
+        // only the bytes a head may span are searched: a bare LF past the size limit is never
+        // reached, so the answer (431) does not depend on how the bytes were cut into reads
+        let seen = &seen[..seen.len().min(self.limits.max_header_bytes + 1)];
         while let Some(at) = memchr::memchr(b'\n', &seen[from..]).map(|i| from + i) {
             if at == 0 || seen[at - 1] != b'\r' {
                 self.reject(400, "a request head line ends in a bare LF (expected CRLF)");
