@@ -166,7 +166,9 @@ fn whole_head(bytes: &[u8]) -> Option<(String, String)> {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(bytes) {
         Ok(httparse::Status::Complete(n)) if n == bytes.len() => {
-            Some((req.method?.to_owned(), req.path?.to_owned()))
+            // a URI keeps no fragment: hyper's request target ends at `#`
+            let path = req.path?.split('#').next().unwrap_or_default();
+            Some((req.method?.to_owned(), path.to_owned()))
         }
         _ => None,
     }
