@@ -25,13 +25,12 @@ use tokio::net::TcpStream;
 
 use crate::http::Body;
 use crate::http::body::BodyError;
+use crate::http::h1::buf;
 use crate::http::h1::chunked::{self, Chunk, Step};
 use crate::http::h1::pool::{self, Idle};
 use crate::http::h1::request::{self, Framing as RequestFraming};
 use crate::http::h1::response::{self, Framing, HeadError};
 
-/// Room made in the read buffer before each read.
-const READ_SIZE: usize = 8 * 1024;
 /// The most trailer bytes read after a chunked response body.
 const MAX_TRAILERS: usize = 16 * 1024;
 
@@ -365,8 +364,10 @@ impl Exchange {
     /// Reads more of the response into `buf`; `Ready(Ok(0))` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let Conn::Open(stream) = &mut self.conn else { return Poll::Ready(Ok(0)) };
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
-            self.buf.reserve(READ_SIZE);
+        if self.buf.capacity() == 0 {
+            self.buf = buf::take();
+        } else if self.buf.capacity() - self.buf.len() < buf::READ_SIZE / 2 {
+            self.buf.reserve(buf::READ_SIZE);
         }
         loop {
             ready!(stream.poll_read_ready(cx))?;
@@ -469,7 +470,7 @@ impl Exchange {
         {
             self.idle.put(stream, self.idle_timeout);
         }
-        self.buf = BytesMut::new();
+        buf::give(std::mem::take(&mut self.buf));
     }
 
     pub(crate) fn is_end_stream(&self) -> bool {

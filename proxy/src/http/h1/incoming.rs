@@ -18,9 +18,9 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::http::body::BodyError;
+use crate::http::h1::buf::READ_SIZE;
 use crate::http::h1::chunked::{self, Chunk, Step};
 
-const READ_SIZE: usize = 8 * 1024;
 
 /// The client connection, shared by the server (which writes answers) and the body of the
 /// request being read (which reads): tokio's socket reads and writes through `&TcpStream`.

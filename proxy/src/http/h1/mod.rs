@@ -6,6 +6,7 @@
 //! connections kept on their endpoint; hyper still carries HTTP/2, TLS upstreams, upgrades and
 //! gRPC. One chunked reader (`chunked.rs`) serves the guard, the server and the client.
 
+pub(crate) mod buf;
 pub(crate) mod chunked;
 mod encode;
 mod exchange;

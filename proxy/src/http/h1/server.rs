@@ -21,11 +21,11 @@ use tokio::sync::watch;
 
 use crate::http::Body;
 use crate::http::guard::{Framing, GuardLimits, H2_PREFACE, Head, with_checked_head};
+use crate::http::h1::buf::{self, READ_SIZE};
 use crate::http::h1::chunked::Chunk;
 use crate::http::h1::encode::{Asked, write_response};
 use crate::http::h1::incoming::{Conn, Left, RequestBody, Returned};
 
-const READ_SIZE: usize = 8 * 1024;
 
 /// How a connection left this server.
 #[derive(Debug)]
@@ -60,15 +60,15 @@ where
     loop {
         if buf.is_empty() {
             // idle: no buffer held until the client's next bytes arrive
-            buf = BytesMut::new();
+            buf::give(std::mem::take(&mut buf));
             let readable = tokio::select! {
-                readable = tokio::time::timeout(limits.idle_timeout, conn.stream.readable()) => readable,
+                readable = tokio::time::timeout(limits.idle_timeout, readable(&conn.stream)) => readable,
                 _ = stop.wait_for(|stop| *stop) => return Ended::Closed,
             };
             if !matches!(readable, Ok(Ok(()))) {
                 return Ended::Closed;
             }
-            buf.reserve(READ_SIZE);
+            buf = buf::take();
             match conn.stream.try_read_buf(&mut buf) {
                 Ok(0) => return Ended::Closed,
                 Ok(_) => {}
@@ -79,11 +79,16 @@ where
         if std::mem::take(&mut first) && H2_PREFACE.starts_with(&buf[..buf.len().min(3)]) {
             return handover(conn, buf);
         }
-        let Some(parsed) = parse(&buf, limits.max_header_bytes, limits.max_headers) else {
+        let Some(len) = head_len(&buf, limits.max_header_bytes) else {
             return handover(conn, buf);
         };
-        let (len, Parsed { req, mut asked, framing }) = parsed;
-        let _ = buf.split_to(len);
+        // the head's bytes are shared by the request's fields: no copy of each
+        let head = buf.split_to(len).freeze();
+        let Some(Parsed { req, mut asked, framing }) = parse(&head, limits.max_headers) else {
+            let mut unread = BytesMut::from(&head[..]);
+            unread.extend_from_slice(&buf);
+            return handover(conn, unread);
+        };
         let body = match framing {
             Framing::None => Body::empty(),
             Framing::Length(n) => Body::H1Request {
@@ -105,8 +110,8 @@ where
         };
         let body_out = framing != Framing::None;
         let res = {
-            // boxed: an idle connection's task does not carry the policy stack's future
-            let mut answer = Box::pin(service.call(req.map(|()| body)));
+            let answer = service.call(req.map(|()| body));
+            tokio::pin!(answer);
             loop {
                 // while the answer is awaited, a client that goes away cancels the request (as
                 // hyper does); bytes of a pipelined request wait in `buf`
@@ -114,11 +119,11 @@ where
                 tokio::select! {
                     biased;
                     res = &mut answer => break res,
-                    readable = conn.stream.readable(), if watch_client => {
+                    readable = readable(&conn.stream), if watch_client => {
                         if readable.is_err() {
                             return Ended::Closed;
                         }
-                        buf.reserve(READ_SIZE);
+                        buf.reserve(READ_SIZE / 2);
                         match conn.stream.try_read_buf(&mut buf) {
                             Ok(0) => return Ended::Closed,
                             Ok(_) => {}
@@ -133,7 +138,7 @@ where
         if *stop.borrow() {
             asked.keep_alive = false;
         }
-        let kept = Box::pin(write_response(&conn.stream, res, asked, limits.idle_timeout)).await;
+        let kept = write_response(&conn.stream, res, asked, limits.idle_timeout).await;
         if body_out {
             match conn.take_returned() {
                 Returned::Rest(rest) => buf = rest,
@@ -171,6 +176,12 @@ async fn linger(conn: Arc<Conn>) -> Ended {
     Ended::Closed
 }
 
+/// Resolves when the client's socket has bytes (or its end) to read. Polled, not `readable()`:
+/// tokio keeps one waker for a poll, where `readable()` queues one per call.
+fn readable(stream: &TcpStream) -> impl std::future::Future<Output = std::io::Result<()>> + '_ {
+    std::future::poll_fn(|cx| stream.poll_read_ready(cx))
+}
+
 fn handover(conn: Arc<Conn>, buf: BytesMut) -> Ended {
     match Arc::try_unwrap(conn) {
         Ok(conn) => Ended::Handover(conn.stream, buf.freeze()),
@@ -178,35 +189,38 @@ fn handover(conn: Arc<Conn>, buf: BytesMut) -> Ended {
     }
 }
 
-/// The request whose head starts `buf`, if this server takes it: a complete head, within the
-/// limits, that the guard's checks pass, asking for nothing this server leaves to hyper.
-fn parse(buf: &[u8], max_header_bytes: usize, max_headers: usize) -> Option<(usize, Parsed)> {
+/// The length of the complete head `buf` starts with, if this server takes it: within
+/// `max_header_bytes`, every line ending in CRLF (a bare LF is the guard's to refuse).
+fn head_len(buf: &[u8], max_header_bytes: usize) -> Option<usize> {
     let end = memchr::memmem::find(&buf[..buf.len().min(max_header_bytes + 1)], b"\r\n\r\n")?;
     let len = end + 4;
-    if len > max_header_bytes {
-        return None;
-    }
     let head = &buf[..len];
-    // every line ends in CRLF: a bare LF is the guard's to refuse
-    if memchr::memchr_iter(b'\n', head).any(|at| at == 0 || head[at - 1] != b'\r') {
+    if len > max_header_bytes
+        || memchr::memchr_iter(b'\n', head).any(|at| at == 0 || head[at - 1] != b'\r')
+    {
         return None;
     }
-    let parsed = with_checked_head(head, max_headers, build).ok()??;
-    Some((len, parsed))
+    Some(len)
 }
 
-fn build(req: &httparse::Request<'_, '_>, checked: Head) -> Option<Parsed> {
+/// The request `head` carries, if this server takes it: the guard's checks pass and it asks
+/// for nothing this server leaves to hyper.
+fn parse(head: &Bytes, max_headers: usize) -> Option<Parsed> {
+    with_checked_head(head, max_headers, |req, checked| build(head, req, checked)).ok()?
+}
+
+fn build(head: &Bytes, req: &httparse::Request<'_, '_>, checked: Head) -> Option<Parsed> {
     if checked.upgrade {
         return None;
     }
     let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
-    let uri = Uri::try_from(req.path?).ok()?;
+    let uri = Uri::from_maybe_shared(head.slice_ref(req.path?.as_bytes())).ok()?;
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let (mut close, mut keep_alive, mut trailers) = (false, false, false);
     for field in req.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(field.value).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value)).ok()?;
         if name == header::EXPECT {
             return None;
         }
