@@ -75,7 +75,8 @@ pub(crate) fn parse(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>
     let code = res.code.expect("a complete head has a status");
     let status = StatusCode::from_u16(code).map_err(|_| HeadError::Header("status code"))?;
     let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    // room for the fields the layers add (attempts, errors): no growth on the way
+    let mut headers = HeaderMap::with_capacity(res.headers.len() + 4);
     let (mut length, mut chunked, mut close, mut keep_alive) = (None, None, false, false);
     for field in res.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())

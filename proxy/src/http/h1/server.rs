@@ -216,7 +216,8 @@ fn build(head: &Bytes, req: &httparse::Request<'_, '_>, checked: Head) -> Option
     let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
     let uri = Uri::from_maybe_shared(head.slice_ref(req.path?.as_bytes())).ok()?;
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    // room for the fields the layers add (attempt, deadline, trace): no growth on the way
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 6);
     let (mut close, mut keep_alive, mut trailers) = (false, false, false);
     for field in req.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
