@@ -132,14 +132,19 @@ impl<T> GuardedIo<T> {
     }
 
     /// A connection whose first bytes were already read by our own HTTP/1 server, which leaves
-    /// it to hyper from here (`h1/server.rs`): `read` is checked and handed over first.
+    /// it to hyper from here (`h1/server.rs`): `read` is checked and handed over first. After
+    /// requests were `served`, the bytes are a head, never the HTTP/2 preface.
     pub(crate) fn with_read(
         inner: T,
         limits: GuardLimits,
         activity: Arc<Activity>,
         read: &[u8],
+        served: bool,
     ) -> Self {
         let mut io = Self::new(inner, limits, activity);
+        if served {
+            io.state = State::Head;
+        }
         if !read.is_empty() {
             io.storage = read.to_vec();
             io.end = read.len();

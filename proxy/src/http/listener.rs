@@ -142,7 +142,7 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     while let Some((stream, peer, permit)) = accept(&listener, &serving, &mut stop).await {
-        let conn = hyper_connection(&serving, stream, &[], make_service(peer), &graceful);
+        let conn = hyper_connection(&serving, stream, &[], false, make_service(peer), &graceful);
         tokio::spawn(async move {
             conn.await;
             tracing::trace!(%peer, "connection closed");
@@ -180,9 +180,10 @@ pub async fn serve_outbound<S>(
         let (serving, graceful, stop) = (serving.clone(), graceful.clone(), stop.clone());
         tokio::spawn(async move {
             let ended = h1::server::serve(stream, serving.limits, &service, stop).await;
-            if let h1::server::Ended::Handover(stream, read) = ended {
+            if let h1::server::Ended::Handover(stream, read, served) = ended {
                 // boxed: the rare path's state is not carried by every idle connection
-                Box::pin(hyper_connection(&serving, stream, &read, service, &graceful)).await;
+                let conn = hyper_connection(&serving, stream, &read, served, service, &graceful);
+                Box::pin(conn).await;
             }
             tracing::trace!(%peer, "connection closed");
             drop(permit);
@@ -220,11 +221,13 @@ async fn accept(
 }
 
 /// hyper serving `stream` behind the framing guard (which first checks `read`, bytes already
-/// read from it), watched by `graceful` and the idle watcher.
+/// read from it; `served`: requests came before them), watched by `graceful` and the idle
+/// watcher.
 fn hyper_connection<S>(
     serving: &Serving,
     stream: TcpStream,
     read: &[u8],
+    served: bool,
     service: S,
     graceful: &GracefulShutdown,
 ) -> impl std::future::Future<Output = ()> + Send + 'static
@@ -238,7 +241,7 @@ where
     S::Future: Send + 'static,
 {
     let activity = Activity::new();
-    let io = GuardedIo::with_read(stream, serving.limits, activity.clone(), read);
+    let io = GuardedIo::with_read(stream, serving.limits, activity.clone(), read, served);
     let service = Tracked::new(service, activity.clone());
     let conn =
         serving.builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();

@@ -230,6 +230,24 @@ async fn a_get_or_head_with_a_chunked_body_reaches_the_upstream_with_its_body() 
 }
 
 #[tokio::test]
+async fn a_get_with_a_chunked_body_buffered_for_a_retry_goes_on_with_one_framing() {
+    let up = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&payments(&up, "    retry: { max_attempts: 2 }\n")).await;
+
+    let req = "GET /search HTTP/1.1\r\nHost: payments\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let answer = sidecar.raw(req.as_bytes(), WAIT).await;
+
+    assert_eq!(status_of(&answer), "HTTP/1.1 200 OK", "{answer}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, "hello");
+    // the buffered body went on with its length alone: never beside `Transfer-Encoding`, which
+    // would let an upstream read the body as chunks (smuggling)
+    assert!(seen[0].headers.get("transfer-encoding").is_none(), "{:?}", seen[0].headers);
+    assert_eq!(seen[0].headers["content-length"], "5");
+}
+
+#[tokio::test]
 async fn a_content_length_list_gets_400_with_the_outrigger_error() {
     let up = Upstream::status(200).await;
     let sidecar = Sidecar::start(&payments(&up, "")).await;

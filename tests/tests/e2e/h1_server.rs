@@ -125,3 +125,51 @@ async fn expect_100_continue_gets_its_interim_answer_then_the_response() {
     let head = response(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 200") && head.ends_with("5"), "{head}");
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_at_the_header_read_timeout() {
+    let up = Upstream::status(200).await;
+    let yaml = format!(
+        "{}outbound: {{ listen: \"$OUTBOUND\", limits: {{ header_read_timeout: 1s, idle_timeout: 60s }} }}\n",
+        up.yaml("up")
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    let mut stream = TcpStream::connect(sidecar.outbound).await.unwrap();
+    let started = tokio::time::Instant::now();
+
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await;
+
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not answered: {read:?}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
+async fn endless_request_trailers_break_the_body_off() {
+    let up = Upstream::scripted([Reply::CountBody]).await;
+    let sidecar = Sidecar::start(&up.yaml("up")).await;
+    let mut stream = TcpStream::connect(sidecar.outbound).await.unwrap();
+    stream
+        .write_all(
+            b"POST / HTTP/1.1\r\nhost: up\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n",
+        )
+        .await
+        .unwrap();
+
+    // 20 KiB of trailer lines: past the 16 KiB a request's trailers may take
+    let line =
+        b"x-trailer: vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv\r\n";
+    let mut rest = Vec::new();
+    for _ in 0..(20 * 1024 / line.len()) {
+        rest.extend_from_slice(line);
+    }
+    // then the empty line that ends them: taken whole, the body would be complete and answered
+    rest.extend_from_slice(b"\r\n");
+    let _ = stream.write_all(&rest).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "the trailers were taken whole: {answer:?}");
+    assert!(answer.contains("outrigger-error: bad-request"), "{answer}");
+}

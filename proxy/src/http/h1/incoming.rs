@@ -21,9 +21,11 @@ use crate::http::body::BodyError;
 use crate::http::h1::buf::READ_SIZE;
 use crate::http::h1::chunked::{self, Chunk, Step};
 
-
 /// The client connection, shared by the server (which writes answers) and the body of the
 /// request being read (which reads): tokio's socket reads and writes through `&TcpStream`.
+/// The most trailer bytes read after a chunked request body.
+const MAX_TRAILERS: usize = 16 * 1024;
+
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
@@ -52,6 +54,11 @@ impl Conn {
         std::mem::take(&mut *self.returned.lock().expect("no panics under the lock"))
     }
 
+    /// Whether the last body was dropped unread (the connection cannot go on).
+    pub(crate) fn lost(&self) -> bool {
+        matches!(*self.returned.lock().expect("no panics under the lock"), Returned::Lost)
+    }
+
     fn give_back(&self, returned: Returned) {
         *self.returned.lock().expect("no panics under the lock") = returned;
     }
@@ -72,6 +79,7 @@ pub struct RequestBody {
     buf: BytesMut,
     left: Left,
     trailers: Option<HeaderMap>,
+    trailer_bytes: usize,
     /// `outbound.limits.idle_timeout`: a client whose body stalls this long has broken it.
     idle: Duration,
     /// Set while waiting for the client's next bytes.
@@ -81,7 +89,7 @@ pub struct RequestBody {
 impl RequestBody {
     /// The body framed by `left`, whose first bytes (read with the head) are in `buf`.
     pub(crate) fn new(conn: Arc<Conn>, buf: BytesMut, left: Left, idle: Duration) -> Self {
-        Self { conn, buf, left, trailers: None, idle, stall: None }
+        Self { conn, buf, left, trailers: None, trailer_bytes: 0, idle, stall: None }
     }
 
     pub(crate) fn poll_frame(
@@ -116,6 +124,11 @@ impl RequestBody {
                         match next {
                             Some(next) => {
                                 if at == Chunk::Trailers {
+                                    self.trailer_bytes += n;
+                                    if self.trailer_bytes > MAX_TRAILERS {
+                                        let what = "request trailers larger than 16 KiB";
+                                        return Poll::Ready(Some(Err(broken(what))));
+                                    }
                                     self.trailer(&line[..n - 2]);
                                 }
                                 self.left = Left::Chunked(next);

@@ -51,19 +51,21 @@ pub(crate) fn write_head(
         field(out, b"host", authority.as_str().as_bytes());
     }
     for (name, value) in &parts.headers {
-        if matches!(framing, Framing::Chunked) && *name == header::CONTENT_LENGTH {
+        // the framing is ours to write, once, as the body is sent: a framing field of the
+        // client's (or one the forwarder added for hyper's client) never goes on beside it
+        if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
             continue;
         }
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
         Framing::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+        Framing::Length(n) => {
             out.put_slice(b"content-length: ");
             out.put_slice(itoa(n, &mut [0; 20]));
             out.put_slice(b"\r\n");
         }
-        Framing::Length(_) | Framing::Empty => {}
+        Framing::Empty => {}
     }
     out.put_slice(b"\r\n");
 }
@@ -110,6 +112,16 @@ mod tests {
             written(req, Framing::Length(12)),
             "POST /charge?id=7 HTTP/1.1\r\nhost: payments\r\nx-a: 1\r\ncontent-length: 12\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn framing_fields_of_the_request_never_go_on_beside_ours() {
+        let req = http::Request::get("http://10.0.0.1:80/")
+            .header("host", "h")
+            .header("transfer-encoding", "chunked")
+            .header("content-length", "9");
+        let head = written(req.body(()).unwrap(), Framing::Length(5));
+        assert_eq!(head, "GET / HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\n");
     }
 
     #[test]

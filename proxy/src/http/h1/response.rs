@@ -78,12 +78,14 @@ pub(crate) fn parse(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>
     // room for the fields the layers add (attempts, errors): no growth on the way
     let mut headers = HeaderMap::with_capacity(res.headers.len() + 4);
     let (mut length, mut chunked, mut close, mut keep_alive) = (None, None, false, false);
+    let mut length_fields = 0;
     for field in res.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| HeadError::Header("field name"))?;
         let value =
             HeaderValue::from_bytes(field.value).map_err(|_| HeadError::Header("field value"))?;
         if name == header::CONTENT_LENGTH {
+            length_fields += 1 + memchr::memchr_iter(b',', field.value).count();
             // a list of equal values is one length (RFC 9110 8.6); anything else is refused
             for item in field.value.split(|b| *b == b',') {
                 let n = parse_length(item.trim_ascii()).ok_or(HeadError::ContentLength)?;
@@ -128,7 +130,13 @@ pub(crate) fn parse(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>
                 Framing::Chunked
             }
             (Some(false), _) | (None, None) => Framing::UntilClose,
-            (None, Some(n)) => Framing::Length(n),
+            (None, Some(n)) => {
+                if length_fields > 1 {
+                    // `5, 5` or two fields: the client is told the length once
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                Framing::Length(n)
+            }
         }
     };
     if framing == Framing::UntilClose {
@@ -201,6 +209,18 @@ mod tests {
         let (answer_to_head, _) =
             parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", &Method::HEAD).unwrap().unwrap();
         assert_eq!(answer_to_head.framing, Framing::Empty);
+    }
+
+    #[test]
+    fn a_length_sent_twice_or_as_a_list_is_told_once() {
+        for text in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+        ] {
+            let (head, _) = head(text).unwrap().unwrap();
+            let lengths: Vec<_> = head.headers.get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["5"], "{text:?}");
+        }
     }
 
     #[test]

@@ -26,14 +26,14 @@ use crate::http::h1::chunked::Chunk;
 use crate::http::h1::encode::{Asked, write_response};
 use crate::http::h1::incoming::{Conn, Left, RequestBody, Returned};
 
-
 /// How a connection left this server.
 #[derive(Debug)]
 pub(crate) enum Ended {
     Closed,
-    /// A head this server leaves to hyper: the connection, and the bytes already read from it
-    /// and not yet answered.
-    Handover(TcpStream, Bytes),
+    /// A head this server leaves to hyper: the connection, the bytes already read from it and
+    /// not yet answered, and whether it served requests before (an HTTP/2 preface is then no
+    /// longer a connection's start, and is a malformed head).
+    Handover(TcpStream, Bytes, bool),
 }
 
 /// A request ready for the service, with what its answer must honour.
@@ -57,12 +57,18 @@ where
     let conn = Conn::new(stream);
     let mut buf = BytesMut::new();
     let mut first = true;
+    let mut served = false;
     loop {
         if buf.is_empty() {
             // idle: no buffer held until the client's next bytes arrive
             buf::give(std::mem::take(&mut buf));
             let readable = tokio::select! {
-                readable = tokio::time::timeout(limits.idle_timeout, readable(&conn.stream)) => readable,
+                // a new connection must start its first head within header_read_timeout, as the
+                // guard holds it to; between requests, idle_timeout
+                readable = tokio::time::timeout(
+                    if first { limits.header_read_timeout } else { limits.idle_timeout },
+                    readable(&conn.stream),
+                ) => readable,
                 _ = stop.wait_for(|stop| *stop) => return Ended::Closed,
             };
             if !matches!(readable, Ok(Ok(()))) {
@@ -77,17 +83,17 @@ where
             }
         }
         if std::mem::take(&mut first) && H2_PREFACE.starts_with(&buf[..buf.len().min(3)]) {
-            return handover(conn, buf);
+            return handover(conn, buf, served);
         }
         let Some(len) = head_len(&buf, limits.max_header_bytes) else {
-            return handover(conn, buf);
+            return handover(conn, buf, served);
         };
         // the head's bytes are shared by the request's fields: no copy of each
         let head = buf.split_to(len).freeze();
         let Some(Parsed { req, mut asked, framing }) = parse(&head, limits.max_headers) else {
             let mut unread = BytesMut::from(&head[..]);
             unread.extend_from_slice(&buf);
-            return handover(conn, unread);
+            return handover(conn, unread, served);
         };
         let body = match framing {
             Framing::None => Body::empty(),
@@ -135,10 +141,12 @@ where
             }
         };
         let Ok(res) = res;
-        if *stop.borrow() {
+        // a body dropped unread leaves the connection unusable: say so in the answer
+        if *stop.borrow() || (body_out && conn.lost()) {
             asked.keep_alive = false;
         }
         let kept = write_response(&conn.stream, res, asked, limits.idle_timeout).await;
+        served = true;
         if body_out {
             match conn.take_returned() {
                 Returned::Rest(rest) => buf = rest,
@@ -182,9 +190,9 @@ fn readable(stream: &TcpStream) -> impl std::future::Future<Output = std::io::Re
     std::future::poll_fn(|cx| stream.poll_read_ready(cx))
 }
 
-fn handover(conn: Arc<Conn>, buf: BytesMut) -> Ended {
+fn handover(conn: Arc<Conn>, buf: BytesMut, served: bool) -> Ended {
     match Arc::try_unwrap(conn) {
-        Ok(conn) => Ended::Handover(conn.stream, buf.freeze()),
+        Ok(conn) => Ended::Handover(conn.stream, buf.freeze(), served),
         Err(_) => Ended::Closed,
     }
 }
