@@ -38,7 +38,8 @@ pin_project_lite::pin_project! {
         /// The client's request body of a gRPC call a retry may repeat, as it arrives, copied
         /// on the way (`tee.rs`).
         Teed { #[pin] inner: Teed },
-        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        /// Trailers boxed: they are rare, and every request moves a `Body` through each layer.
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         /// The start of the client's request body, read, then the rest of it as it arrives.
         Prefixed { head: Option<Bytes>, rest: Box<Body> },
     }
@@ -80,7 +81,7 @@ impl Body {
 
     /// A complete body; cloning its parts is cheap (`Bytes` is reference-counted).
     pub fn replay(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        Self::Full { data: (!data.is_empty()).then_some(data), trailers }
+        Self::Full { data: (!data.is_empty()).then_some(data), trailers: trailers.map(Box::new) }
     }
 }
 
@@ -135,7 +136,7 @@ impl http_body::Body for Body {
             }
             BodyProj::Full { data, trailers } => Poll::Ready(match data.take() {
                 Some(data) => Some(Ok(Frame::data(data))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
             }),
             BodyProj::Prefixed { head, rest } => match head.take() {
                 Some(head) => Poll::Ready(Some(Ok(Frame::data(head)))),

@@ -252,7 +252,7 @@ impl<S: tower::Service<Request<Body>>> RetryFuture<S> {
         let (body, state) = match (replayable, body) {
             (false, body) => (Replay::Streaming(body), State::Ready),
             (true, Body::Full { data, trailers }) => {
-                (Replay::Complete(data.unwrap_or_default(), trailers), State::Ready)
+                (Replay::Complete(data.unwrap_or_default(), trailers.map(|t| *t)), State::Ready)
             }
             (true, body) if http_body::Body::is_end_stream(&body) => {
                 (Replay::Complete(Bytes::new(), None), State::Ready)
@@ -508,7 +508,7 @@ impl Replay {
 async fn buffer(body: Body, cap: usize) -> Result<Replay, ProxyError> {
     let mut incoming = match body {
         Body::Full { data, trailers } => {
-            return Ok(Replay::Complete(data.unwrap_or_default(), trailers));
+            return Ok(Replay::Complete(data.unwrap_or_default(), trailers.map(|t| *t)));
         }
         client @ (Body::Client { .. } | Body::H1Request { .. }) => client,
         streaming @ (Body::Prefixed { .. }

@@ -29,6 +29,8 @@ const MAX_TRAILERS: usize = 16 * 1024;
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
+    /// `outbound.limits.idle_timeout`: a client whose body stalls this long has broken it.
+    idle: Duration,
     /// Where a finished body leaves the bytes read past its end.
     returned: Mutex<Returned>,
 }
@@ -45,8 +47,8 @@ pub(crate) enum Returned {
 }
 
 impl Conn {
-    pub(crate) fn new(stream: TcpStream) -> Arc<Self> {
-        Arc::new(Self { stream, returned: Mutex::default() })
+    pub(crate) fn new(stream: TcpStream, idle: Duration) -> Arc<Self> {
+        Arc::new(Self { stream, idle, returned: Mutex::default() })
     }
 
     /// What the last body left, taken.
@@ -78,18 +80,16 @@ pub struct RequestBody {
     conn: Arc<Conn>,
     buf: BytesMut,
     left: Left,
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     trailer_bytes: usize,
-    /// `outbound.limits.idle_timeout`: a client whose body stalls this long has broken it.
-    idle: Duration,
     /// Set while waiting for the client's next bytes.
     stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl RequestBody {
     /// The body framed by `left`, whose first bytes (read with the head) are in `buf`.
-    pub(crate) fn new(conn: Arc<Conn>, buf: BytesMut, left: Left, idle: Duration) -> Self {
-        Self { conn, buf, left, trailers: None, trailer_bytes: 0, idle, stall: None }
+    pub(crate) fn new(conn: Arc<Conn>, buf: BytesMut, left: Left) -> Self {
+        Self { conn, buf, left, trailers: None, trailer_bytes: 0, stall: None }
     }
 
     pub(crate) fn poll_frame(
@@ -136,7 +136,7 @@ impl RequestBody {
                             None => {
                                 self.finish();
                                 if let Some(trailers) = self.trailers.take() {
-                                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                                    return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
                                 }
                                 return Poll::Ready(None);
                             }
@@ -160,7 +160,7 @@ impl RequestBody {
         }
         loop {
             if self.conn.stream.poll_read_ready(cx)?.is_pending() {
-                let idle = self.idle;
+                let idle = self.conn.idle;
                 let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 ready!(stall.as_mut().poll(cx));
                 let what = "the request body stalled past outbound.limits.idle_timeout";
@@ -185,7 +185,7 @@ impl RequestBody {
         ) else {
             return;
         };
-        self.trailers.get_or_insert_with(HeaderMap::new).append(name, value);
+        self.trailers.get_or_insert_with(Box::default).append(name, value);
     }
 
     /// The body is read: the bytes after it go back to the connection.

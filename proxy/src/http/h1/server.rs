@@ -54,7 +54,7 @@ pub(crate) async fn serve<S>(
 where
     S: hyper::service::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
 {
-    let conn = Conn::new(stream);
+    let conn = Conn::new(stream, limits.idle_timeout);
     let mut buf = BytesMut::new();
     let mut first = true;
     let mut served = false;
@@ -98,20 +98,10 @@ where
         let body = match framing {
             Framing::None => Body::empty(),
             Framing::Length(n) => Body::H1Request {
-                inner: RequestBody::new(
-                    conn.clone(),
-                    buf.split(),
-                    Left::Length(n),
-                    limits.idle_timeout,
-                ),
+                inner: RequestBody::new(conn.clone(), buf.split(), Left::Length(n)),
             },
             Framing::Chunked => Body::H1Request {
-                inner: RequestBody::new(
-                    conn.clone(),
-                    buf.split(),
-                    Left::Chunked(Chunk::Size),
-                    limits.idle_timeout,
-                ),
+                inner: RequestBody::new(conn.clone(), buf.split(), Left::Chunked(Chunk::Size)),
             },
         };
         let body_out = framing != Framing::None;
