@@ -77,7 +77,8 @@ pub(crate) fn close_if_refused(res: &mut Response<Body>) {
     }
 }
 
-async fn dial(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+/// A new connection to `addr` within `timeout`, Nagle off: for tunnels and the HTTP/1 pool.
+pub(crate) async fn dial(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {

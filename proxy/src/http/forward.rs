@@ -309,7 +309,8 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
         && has_token(req.headers(), header::CONNECTION, "upgrade")
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+/// Whether a comma-separated field `name` lists `token` (in any case).
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

@@ -33,7 +33,7 @@ use crate::http::idle::{Activity, Upgrade};
 mod head;
 use head::check_head;
 pub(crate) use head::refusal;
-pub(crate) use head::{Framing, Head, with_checked_head};
+pub(crate) use head::{Framing, Head, parse_length, with_checked_head};
 
 use crate::http::h1::chunked::{self, Chunk, Step};
 

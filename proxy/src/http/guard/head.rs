@@ -110,7 +110,8 @@ fn check_head_with<'h, 'b>(
     Ok(Head { framing, upgrade })
 }
 
-fn parse_length(digits: &[u8]) -> Option<u64> {
+/// One decimal `Content-Length` value, as hyper reads it; `None` when it is not one.
+pub(crate) fn parse_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }

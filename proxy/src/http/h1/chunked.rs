@@ -6,6 +6,8 @@
 
 /// The longest chunk-size or trailer line read; longer is malformed.
 pub(crate) const MAX_LINE: usize = 4 * 1024;
+/// The most trailer bytes read after a chunked body, in either direction.
+pub(crate) const MAX_TRAILERS: usize = 16 * 1024;
 
 /// Where a reader stands in a chunked body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +74,28 @@ pub(crate) fn step(at: Chunk, seen: &[u8]) -> Step {
             Step::Took { n, next: Some(next) }
         }
     }
+}
+
+/// The chunk-size line (`1a\r\n`) for `n` bytes of data, written at the end of `buf`.
+pub(crate) fn size_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len() - 2;
+    buf[at..].copy_from_slice(b"\r\n");
+    loop {
+        at -= 1;
+        buf[at] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// A trailer line (without its CRLF) as a field; `None` when it is not a valid one.
+pub(crate) fn trailer_field(line: &[u8]) -> Option<(http::HeaderName, http::HeaderValue)> {
+    let colon = memchr::memchr(b':', line)?;
+    let name = http::HeaderName::from_bytes(&line[..colon]).ok()?;
+    let value = http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
+    Some((name, value))
 }
 
 /// The size of a chunk-size line without its CRLF (`1a`, `1a ;ext=v`); `None` when malformed.

@@ -14,6 +14,8 @@ use http_body::Body as _;
 use tokio::net::TcpStream;
 
 use crate::http::Body;
+use crate::http::forward::has_token;
+use crate::http::h1::chunked;
 use crate::http::h1::request::itoa;
 
 /// What the request asked of its answer.
@@ -51,9 +53,7 @@ pub(crate) async fn write_response(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let said_close = parts.headers.get(header::CONNECTION).is_some_and(|v| {
-        v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    });
+    let said_close = has_token(&parts.headers, header::CONNECTION, "close");
     let length = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -123,7 +123,7 @@ pub(crate) async fn write_response(
         match framing {
             Framing::Chunked => {
                 let mut size = [0; 20];
-                let line = hex_line(data.len(), &mut size);
+                let line = chunked::size_line(data.len(), &mut size);
                 out.write(
                     stream,
                     &[IoSlice::new(line), IoSlice::new(&data), IoSlice::new(b"\r\n")],
@@ -191,19 +191,6 @@ fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap, framing: Framing, has_le
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
-    }
-}
-
-fn hex_line(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len() - 2;
-    buf[at..].copy_from_slice(b"\r\n");
-    loop {
-        at -= 1;
-        buf[at] = b"0123456789abcdef"[n % 16];
-        n /= 16;
-        if n == 0 {
-            return &buf[at..];
-        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderMap;
 use http::{Method, Request, Response};
 use http_body::{Body as _, Frame, SizeHint};
 use outrigger_discovery::Endpoint;
@@ -25,14 +25,12 @@ use tokio::net::TcpStream;
 
 use crate::http::Body;
 use crate::http::body::BodyError;
+use crate::http::connect::dial;
 use crate::http::h1::buf;
 use crate::http::h1::chunked::{self, Chunk, Step};
-use crate::http::h1::pool::{self, Idle};
+use crate::http::h1::pool::Idle;
 use crate::http::h1::request::{self, Framing as RequestFraming};
 use crate::http::h1::response::{self, Framing, HeadError};
-
-/// The most trailer bytes read after a chunked response body.
-const MAX_TRAILERS: usize = 16 * 1024;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +79,7 @@ impl Client {
     ) -> Box<Exchange> {
         let conn = match idle.take(self.idle_timeout) {
             Some(stream) => Conn::Open(stream),
-            None => Conn::Connecting(Box::pin(pool::connect(endpoint.addr, self.connect_timeout))),
+            None => Conn::Connecting(Box::pin(dial(endpoint.addr, self.connect_timeout))),
         };
         let (parts, body) = req.into_parts();
         let framing =
@@ -196,17 +194,7 @@ impl Out {
     /// Queues one chunk of `data` in chunked coding; `last`: the body ends with it.
     fn chunk(&mut self, data: Bytes, last: bool) {
         let mut hex = [0; 20];
-        let mut at = hex.len() - 2;
-        hex[at..].copy_from_slice(b"\r\n");
-        let mut n = data.len();
-        loop {
-            at -= 1;
-            hex[at] = b"0123456789abcdef"[n % 16];
-            n /= 16;
-            if n == 0 {
-                break;
-            }
-        }
+        let at = hex.len() - chunked::size_line(data.len(), &mut hex).len();
         self.line = (hex, at);
         self.data = data;
         self.tail = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
@@ -228,30 +216,29 @@ impl Exchange {
             if let Poll::Ready(Err(e)) = self.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
-            if !self.buf.is_empty() {
-                let method = if self.head_request { Method::HEAD } else { Method::GET };
-                if let Some((head, len)) = response::parse(&self.buf, &method)? {
-                    self.buf.advance(len);
-                    if head.status.is_informational() {
-                        continue;
-                    }
-                    self.keep_alive = head.keep_alive;
-                    self.read = match head.framing {
-                        Framing::Empty | Framing::Length(0) => Read::Done,
-                        Framing::Length(n) => Read::Length(n),
-                        Framing::Chunked => Read::Chunked(Chunk::Size),
-                        Framing::UntilClose => Read::UntilClose,
-                    };
-                    if self.read == Read::Done {
-                        // hyper reads no body that says it has ended: give the connection back now
-                        self.finish();
-                    }
-                    let mut res = Response::new(());
-                    *res.status_mut() = head.status;
-                    *res.version_mut() = head.version;
-                    *res.headers_mut() = head.headers;
-                    return Poll::Ready(Ok(res));
+            if !self.buf.is_empty()
+                && let Some((head, len)) = response::parse(&self.buf, self.head_request)?
+            {
+                self.buf.advance(len);
+                if head.status.is_informational() {
+                    continue;
                 }
+                self.keep_alive = head.keep_alive;
+                self.read = match head.framing {
+                    Framing::Empty | Framing::Length(0) => Read::Done,
+                    Framing::Length(n) => Read::Length(n),
+                    Framing::Chunked => Read::Chunked(Chunk::Size),
+                    Framing::UntilClose => Read::UntilClose,
+                };
+                if self.read == Read::Done {
+                    // hyper reads no body that says it has ended: give the connection back now
+                    self.finish();
+                }
+                let mut res = Response::new(());
+                *res.status_mut() = head.status;
+                *res.version_mut() = head.version;
+                *res.headers_mut() = head.headers;
+                return Poll::Ready(Ok(res));
             }
             if ready!(self.poll_fill(cx)).map_err(ExchangeError::Io)? == 0 {
                 return Poll::Ready(Err(ExchangeError::ClosedBeforeHead));
@@ -445,12 +432,9 @@ impl Exchange {
     fn trailer(&mut self, line: &[u8]) -> Result<(), ExchangeError> {
         let (trailers, size) = self.trailers.get_or_insert_with(|| (HeaderMap::new(), 0));
         *size += line.len();
-        let line = &line[..line.len() - 2];
-        let colon = memchr::memchr(b':', line).ok_or(ExchangeError::Trailer)?;
-        let name = HeaderName::from_bytes(&line[..colon]).map_err(|_| ExchangeError::Trailer)?;
-        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
-            .map_err(|_| ExchangeError::Trailer)?;
-        if *size > MAX_TRAILERS {
+        let (name, value) =
+            chunked::trailer_field(&line[..line.len() - 2]).ok_or(ExchangeError::Trailer)?;
+        if *size > chunked::MAX_TRAILERS {
             return Err(ExchangeError::Trailer);
         }
         trailers.append(name, value);

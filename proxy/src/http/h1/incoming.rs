@@ -23,9 +23,6 @@ use crate::http::h1::chunked::{self, Chunk, Step};
 
 /// The client connection, shared by the server (which writes answers) and the body of the
 /// request being read (which reads): tokio's socket reads and writes through `&TcpStream`.
-/// The most trailer bytes read after a chunked request body.
-const MAX_TRAILERS: usize = 16 * 1024;
-
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) stream: TcpStream,
@@ -125,7 +122,7 @@ impl RequestBody {
                             Some(next) => {
                                 if at == Chunk::Trailers {
                                     self.trailer_bytes += n;
-                                    if self.trailer_bytes > MAX_TRAILERS {
+                                    if self.trailer_bytes > chunked::MAX_TRAILERS {
                                         let what = "request trailers larger than 16 KiB";
                                         return Poll::Ready(Some(Err(broken(what))));
                                     }
@@ -178,14 +175,9 @@ impl RequestBody {
 
     /// Keeps a trailer field; one that is not a valid field is dropped, as hyper drops it.
     fn trailer(&mut self, line: &[u8]) {
-        let Some(colon) = memchr::memchr(b':', line) else { return };
-        let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(&line[..colon]),
-            http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
-        ) else {
-            return;
-        };
-        self.trailers.get_or_insert_with(Box::default).append(name, value);
+        if let Some((name, value)) = chunked::trailer_field(line) {
+            self.trailers.get_or_insert_with(Box::default).append(name, value);
+        }
     }
 
     /// The body is read: the bytes after it go back to the connection.

@@ -5,7 +5,6 @@
 //! the list is not empty, and the whole list closes with the endpoint when discovery removes it.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -90,16 +89,6 @@ async fn sweep(idle: Weak<Idle>, idle_timeout: Duration) {
             }
         }
     }
-}
-
-/// A new connection to `addr`, within `timeout`, with Nagle off.
-pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream =
-        tokio::time::timeout(timeout, TcpStream::connect(addr)).await.map_err(|_| {
-            io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}"))
-        })??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 use std::mem::MaybeUninit;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode, Version};
+use http::{StatusCode, Version};
+
+use crate::http::guard::parse_length;
 
 /// The largest response head read; an upstream sending more is refused.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -56,8 +58,8 @@ pub(crate) enum HeadError {
 }
 
 /// The head at the start of `buf`, with its length; `Ok(None)` while it is incomplete.
-/// `method` is the request's: the answer to a HEAD has no body whatever its headers say.
-pub(crate) fn parse(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>, HeadError> {
+/// `head_request`: the answer is to a HEAD, and has no body whatever its headers say.
+pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usize)>, HeadError> {
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -112,7 +114,7 @@ pub(crate) fn parse(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>
         return Err(HeadError::TransferEncodingInHttp10);
     }
     let mut keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
-    let framing = if *method == Method::HEAD
+    let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -145,19 +147,12 @@ pub(crate) fn parse(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>
     Ok(Some((Head { status, version, headers, framing, keep_alive }, len)))
 }
 
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn head(text: &str) -> Result<Option<(Head, usize)>, HeadError> {
-        parse(text.as_bytes(), &Method::GET)
+        parse(text.as_bytes(), false)
     }
 
     fn framing(text: &str) -> (Framing, bool) {
@@ -174,7 +169,7 @@ mod tests {
         let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a", "b"]);
         for cut in 0..len {
-            assert!(parse(&text.as_bytes()[..cut], &Method::GET).unwrap().is_none(), "{cut}");
+            assert!(parse(&text.as_bytes()[..cut], false).unwrap().is_none(), "{cut}");
         }
     }
 
@@ -207,7 +202,7 @@ mod tests {
         );
         assert_eq!(framing("HTTP/1.1 100 Continue\r\n\r\n"), (Framing::Empty, true));
         let (answer_to_head, _) =
-            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", &Method::HEAD).unwrap().unwrap();
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true).unwrap().unwrap();
         assert_eq!(answer_to_head.framing, Framing::Empty);
     }
 
