@@ -3,7 +3,10 @@
 # connections after a 3 s warm-up, then the instructions per request and the functions that
 # take most of them, inclusive (a function with everything it calls) and exclusive.
 #
-#   bash bench/profile.sh [TOP]        (needs valgrind, nginx, wrk; builds the dist binary)
+#   bash bench/profile.sh [TOP] [CONNECTIONS]   (needs valgrind, nginx, wrk; builds the dist binary)
+#
+# CONNECTIONS (4 unless given) shows how the cost grows with the breadth of the work: the same
+# requests spread over 256 connections wake more tasks, arm more timers and batch fewer events.
 #
 # Instructions are exact from run to run and blind to what else the machine does, so a change
 # that saves 1% shows here when CPU time cannot see it. The callgrind file is kept as
@@ -14,6 +17,7 @@ source bench/lib.sh
 bench_needs wrk:wrk nginx:nginx valgrind:valgrind
 bench_build
 top=${1:-25}
+conns=${2:-4}
 bench_workdir
 nginx_ok 127.0.0.1:18180 "$work/up.conf"
 nginx -c "$work/up.conf" & pids+=($!)
@@ -21,9 +25,9 @@ full_yaml 127.0.0.1:18180 "$work/full.yaml"
 valgrind --tool=callgrind --callgrind-out-file="$work/cg" "$OUTRIGGER" run --config "$work/full.yaml" >"$work/log" 2>&1 &
 pid=$!; pids+=($pid)
 for _ in $(seq 300); do curl -fsS -o /dev/null -H 'Host: bench' http://127.0.0.1:18184/ 2>/dev/null && break; sleep 0.2; done
-wrk -t1 -c4 -d3s -H 'Host: bench' http://127.0.0.1:18184/ >/dev/null
+wrk -t1 -c"$conns" -d3s -H 'Host: bench' http://127.0.0.1:18184/ >/dev/null
 callgrind_control -z $pid >/dev/null
-wrk -t1 -c4 -d10s -H 'Host: bench' http://127.0.0.1:18184/ >"$work/wrk"
+wrk -t1 -c"$conns" -d10s -H 'Host: bench' http://127.0.0.1:18184/ >"$work/wrk"
 callgrind_control -d $pid >/dev/null
 kill $pid; wait $pid 2>/dev/null || true
 cp "$work/cg.1" profile.callgrind

@@ -358,7 +358,7 @@ impl Exchange {
         }
         loop {
             ready!(stream.poll_read_ready(cx))?;
-            match stream.try_read_buf(&mut self.buf) {
+            match buf::read_drained(stream, &mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return Poll::Ready(other),
             }

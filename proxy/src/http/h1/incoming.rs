@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::http::body::BodyError;
-use crate::http::h1::buf::READ_SIZE;
+use crate::http::h1::buf::{self, READ_SIZE};
 use crate::http::h1::chunked::{self, Chunk, Step};
 
 /// The client connection, shared by the server (which writes answers) and the body of the
@@ -163,7 +163,7 @@ impl RequestBody {
                 let what = "the request body stalled past outbound.limits.idle_timeout";
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
             }
-            match self.conn.stream.try_read_buf(&mut self.buf) {
+            match buf::read_drained(&self.conn.stream, &mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => {
                     self.stall = None;

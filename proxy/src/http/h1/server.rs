@@ -75,7 +75,7 @@ where
                 return Ended::Closed;
             }
             buf = buf::take();
-            match conn.stream.try_read_buf(&mut buf) {
+            match buf::read_drained(&conn.stream, &mut buf) {
                 Ok(0) => return Ended::Closed,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -120,7 +120,7 @@ where
                             return Ended::Closed;
                         }
                         buf.reserve(READ_SIZE / 2);
-                        match conn.stream.try_read_buf(&mut buf) {
+                        match buf::read_drained(&conn.stream, &mut buf) {
                             Ok(0) => return Ended::Closed,
                             Ok(_) => {}
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
