@@ -319,7 +319,7 @@ pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> b
 }
 
 /// The headers that describe one connection, not the message (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -331,8 +331,40 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
+}
+
+/// What a `Connection` field's value asks for.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnectionOptions {
+    pub(crate) close: bool,
+    pub(crate) keep_alive: bool,
+    /// It names other fields, which are hop-by-hop too (`Connection: x-hop`).
+    pub(crate) names_fields: bool,
+}
+
+impl ConnectionOptions {
+    /// Adds what one `Connection` field value says.
+    pub(crate) fn read(&mut self, value: &[u8]) {
+        for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+            let close = token.eq_ignore_ascii_case(b"close");
+            let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+            self.close |= close;
+            self.keep_alive |= keep_alive;
+            self.names_fields |= !(close || keep_alive || token.is_empty());
+        }
+    }
+}
+
+/// Whether a head parsed by our HTTP/1 codec keeps `name` in its map. The hop-by-hop fields are
+/// read for the framing and left out where they are in hand, rather than looked up and removed
+/// by [`strip_hop_by_hop`] later; `TE` stays (its `trailers` is re-said), and so does every
+/// `Connection` field when one names other fields, for the strip to act on.
+pub(crate) fn keeps(name: &HeaderName, connection: ConnectionOptions) -> bool {
+    !is_hop_by_hop(name)
+        || name == header::TE
+        || (connection.names_fields && name == header::CONNECTION)
 }
 
 /// Removes the headers that describe one connection, not the message (RFC 9110 7.6.1):
@@ -350,17 +382,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         // the body sent on, which hyper now frames itself
         headers.remove(header::CONTENT_LENGTH);
     }
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        let listed: Vec<HeaderName> = connection
-            .as_bytes()
-            .split(|b| *b == b',')
-            .map(<[u8]>::trim_ascii)
-            .filter(|t| !t.eq_ignore_ascii_case(b"upgrade"))
-            .filter_map(|t| HeaderName::from_bytes(t).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
+    // every Connection field counts, not only the first
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|connection| connection.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.eq_ignore_ascii_case(b"upgrade"))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
     }
     let trailers = has_token(headers, header::TE, "trailers");
     for name in HOP_BY_HOP {

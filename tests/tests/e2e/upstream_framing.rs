@@ -57,6 +57,24 @@ async fn an_http_1_0_response_delimited_by_closing_arrives_whole() {
 }
 
 #[tokio::test]
+async fn a_responses_hop_by_hop_fields_stay_on_its_hop_every_connection_field_counted() {
+    let up = RawUpstream::answering(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\n\
+          connection: x-two\r\nx-two: 2\r\nx-end: 3\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let sidecar = Sidecar::start(&yaml(&up, "")).await;
+
+    let res = sidecar.get("hostile", "/").await;
+
+    assert_eq!((res.status().as_u16(), &res.body()[..]), (200, &b"ok"[..]));
+    for hop in ["x-hop", "x-two", "keep-alive", "connection"] {
+        assert!(res.headers().get(hop).is_none(), "{hop} was passed on: {:?}", res.headers());
+    }
+    assert_eq!(res.headers()["x-end"], "3");
+}
+
+#[tokio::test]
 async fn hostile_response_heads_get_502_upstream_reset() {
     let many: String = (0..10_000).map(|i| format!("x-{i}: v\r\n")).collect();
     let many: &'static str = Box::leak(format!("HTTP/1.1 200 OK\r\n{many}\r\n").into_boxed_str());

@@ -3,12 +3,16 @@
 //! `Transfer-Encoding` in an HTTP/1.0 answer, `Content-Length` values that differ, a head
 //! larger than [`MAX_HEAD`] or with more than [`MAX_HEADERS`] fields are refused, and a
 //! `Content-Length` beside `Transfer-Encoding` is dropped and the connection not reused.
+//!
+//! The head's map holds only the fields that go on to the client (`forward::keeps`): the
+//! hop-by-hop ones are read for the framing and left out here, where they are in hand.
 
 use std::mem::MaybeUninit;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Version};
 
+use crate::http::forward::{ConnectionOptions, keeps};
 use crate::http::guard::parse_length;
 
 /// The largest response head read; an upstream sending more is refused.
@@ -79,7 +83,11 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // room for the fields the layers add (attempts, errors): no growth on the way
     let mut headers = HeaderMap::with_capacity(res.headers.len() + 4);
-    let (mut length, mut chunked, mut close, mut keep_alive) = (None, None, false, false);
+    let (mut length, mut chunked) = (None, None);
+    let mut connection = ConnectionOptions::default();
+    for field in res.headers.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")) {
+        connection.read(field.value);
+    }
     let mut length_fields = 0;
     for field in res.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
@@ -99,13 +107,10 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
         } else if name == header::TRANSFER_ENCODING {
             let last = field.value.rsplit(|b| *b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
         }
-        headers.append(name, value);
+        if keeps(&name, connection) {
+            headers.append(name, value);
+        }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(HeadError::UnaskedSwitch);
@@ -113,7 +118,8 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     if chunked.is_some() && version == Version::HTTP_10 {
         return Err(HeadError::TransferEncodingInHttp10);
     }
-    let mut keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
+    let mut keep_alive =
+        !connection.close && (version == Version::HTTP_11 || connection.keep_alive);
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -171,6 +177,29 @@ mod tests {
         for cut in 0..len {
             assert!(parse(&text.as_bytes()[..cut], false).unwrap().is_none(), "{cut}");
         }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_read_for_the_framing_and_left_out_of_the_map() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+                    Transfer-Encoding: chunked\r\nx-a: 1\r\n\r\n";
+        let (head, _) = head(text).unwrap().unwrap();
+        assert_eq!((head.framing, head.keep_alive), (Framing::Chunked, true));
+        let names: Vec<_> = head.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-a"]);
+    }
+
+    #[test]
+    fn a_connection_naming_other_fields_is_kept_whole_for_the_strip_to_act_on() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: x-hop\r\nx-hop: 1\r\nconnection: close, x-two\r\n\
+                    x-two: 2\r\nx-end: 3\r\ncontent-length: 0\r\n\r\n";
+        let (mut head, _) = head(text).unwrap().unwrap();
+        assert!(!head.keep_alive);
+        let connection: Vec<_> = head.headers.get_all("connection").iter().collect();
+        assert_eq!(connection, ["x-hop", "close, x-two"]);
+        crate::http::forward::strip_hop_by_hop(&mut head.headers, false);
+        let names: Vec<_> = head.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-end", "content-length"]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::http::Body;
+use crate::http::forward::{ConnectionOptions, keeps};
 use crate::http::guard::{Framing, GuardLimits, H2_PREFACE, Head, with_checked_head};
 use crate::http::h1::buf::{self, READ_SIZE};
 use crate::http::h1::chunked::Chunk;
@@ -216,21 +217,26 @@ fn build(head: &Bytes, req: &httparse::Request<'_, '_>, checked: Head) -> Option
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // room for the fields the layers add (attempt, deadline, trace): no growth on the way
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 6);
-    let (mut close, mut keep_alive, mut trailers) = (false, false, false);
+    let mut connection = ConnectionOptions::default();
+    for field in req.headers.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")) {
+        connection.read(field.value);
+    }
+    let mut trailers = false;
     for field in req.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value)).ok()?;
         if name == header::EXPECT {
             return None;
         }
-        if name == header::CONNECTION || name == header::TE {
-            for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                trailers |= name == header::TE && token.eq_ignore_ascii_case(b"trailers");
-            }
+        if name == header::TE {
+            trailers |= field
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
         }
-        headers.append(name, value);
+        if keeps(&name, connection) {
+            let value = HeaderValue::from_maybe_shared(head.slice_ref(field.value)).ok()?;
+            headers.append(name, value);
+        }
     }
     let mut built = Request::new(());
     *built.method_mut() = method;
@@ -241,7 +247,7 @@ fn build(head: &Bytes, req: &httparse::Request<'_, '_>, checked: Head) -> Option
         head: built.method() == Method::HEAD,
         http11: version == Version::HTTP_11,
         trailers,
-        keep_alive: if version == Version::HTTP_11 { !close } else { keep_alive && !close },
+        keep_alive: !connection.close && (version == Version::HTTP_11 || connection.keep_alive),
     };
     Some(Parsed { req: built, asked, framing: checked.framing })
 }
