@@ -327,12 +327,23 @@ impl Running {
         }
         let _ = self.stop_listeners.send(true);
         while self.servers.join_next().await.is_some() {}
-        // every listener task has ended, so this is the last reference
-        let graceful = Arc::into_inner(self.graceful).expect("the listeners have stopped");
+        // every listener task has ended, so this is the last reference (connections hold
+        // watchers); were it not, exiting still beats a panic on the way out
+        let graceful = Arc::into_inner(self.graceful);
+        if graceful.is_none() {
+            tracing::error!(
+                "the shutdown handle is still shared; hyper's connections are not waited for"
+            );
+        }
         let mut dispatchers = self.dispatchers;
         let serving = self.serving;
         let drained = async move {
-            tokio::join!(graceful.shutdown(), serving.drained());
+            let hyper_connections = async {
+                if let Some(graceful) = graceful {
+                    graceful.shutdown().await;
+                }
+            };
+            tokio::join!(hyper_connections, serving.drained());
             while dispatchers.join_next().await.is_some() {}
         };
         if tokio::time::timeout_at(deadline, drained).await.is_err() {

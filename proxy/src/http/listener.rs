@@ -14,7 +14,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use outrigger_config as config;
 use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -142,7 +142,8 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     while let Some((stream, peer, permit)) = accept(&listener, &serving, &mut stop).await {
-        let conn = hyper_connection(&serving, stream, &[], false, make_service(peer), &graceful);
+        let service = make_service(peer);
+        let conn = hyper_connection(&serving, stream, &[], false, service, graceful.watcher());
         tokio::spawn(async move {
             conn.await;
             tracing::trace!(%peer, "connection closed");
@@ -177,12 +178,14 @@ pub async fn serve_outbound<S>(
 {
     while let Some((stream, peer, permit)) = accept(&listener, &serving, &mut stop).await {
         let service = make_service(peer);
-        let (serving, graceful, stop) = (serving.clone(), graceful.clone(), stop.clone());
+        // the connection watches the shutdown with a watcher of its own, never the shutdown
+        // itself, which the app takes back once the listeners have stopped
+        let (serving, watcher, stop) = (serving.clone(), graceful.watcher(), stop.clone());
         tokio::spawn(async move {
             let ended = h1::server::serve(stream, serving.limits, &service, stop).await;
             if let h1::server::Ended::Handover(stream, read, served) = ended {
                 // boxed: the rare path's state is not carried by every idle connection
-                let conn = hyper_connection(&serving, stream, &read, served, service, &graceful);
+                let conn = hyper_connection(&serving, stream, &read, served, service, watcher);
                 Box::pin(conn).await;
             }
             tracing::trace!(%peer, "connection closed");
@@ -221,15 +224,15 @@ async fn accept(
 }
 
 /// hyper serving `stream` behind the framing guard (which first checks `read`, bytes already
-/// read from it; `served`: requests came before them), watched by `graceful` and the idle
-/// watcher.
+/// read from it; `served`: requests came before them), watched by `watcher` (the graceful
+/// shutdown) and the idle watcher.
 fn hyper_connection<S>(
     serving: &Serving,
     stream: TcpStream,
     read: &[u8],
     served: bool,
     service: S,
-    graceful: &GracefulShutdown,
+    watcher: Watcher,
 ) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     S: hyper::service::Service<
@@ -245,7 +248,7 @@ where
     let service = Tracked::new(service, activity.clone());
     let conn =
         serving.builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    let conn = graceful.watcher().watch(conn);
+    let conn = watcher.watch(conn);
     let idle_timeout = serving.limits.idle_timeout;
     async move {
         tokio::select! {

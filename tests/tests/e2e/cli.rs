@@ -332,6 +332,38 @@ async fn a_slow_request_finishes_after_sigterm_while_readiness_fails_and_the_app
 }
 
 #[tokio::test]
+async fn a_request_still_in_flight_at_the_drain_timeout_is_cut_and_the_sidecar_exits_cleanly() {
+    // the connection's task outlives the listeners: shutdown must not need it gone (it once
+    // held the graceful-shutdown handle, and the exit panicked with code 101)
+    let stuck = Upstream::scripted([outrigger_tests::Reply::Delayed(
+        std::time::Duration::from_secs(30),
+        200,
+    )])
+    .await;
+    let yaml = format!("{}lifecycle: {{ drain_timeout: 1s }}\n", stuck.yaml("stuck"));
+    let sidecar = Sidecar::start(&yaml).await;
+    let outbound = sidecar.outbound;
+    let in_flight = tokio::spawn(async move {
+        let req = http::Request::get("/stuck")
+            .header("host", "stuck")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        outrigger_tests::send(outbound, req).await
+    });
+    outrigger_tests::wait_until(
+        outrigger_tests::DEADLINE,
+        "the request to reach its upstream",
+        || async { (stuck.requests() == 1).then_some(()) },
+    )
+    .await;
+
+    sidecar.sigterm();
+    let status = sidecar.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "a clean exit at the drain timeout");
+    assert!(in_flight.await.unwrap().is_err(), "the stuck request was cut, not answered");
+}
+
+#[tokio::test]
 async fn exit_with_app_ends_the_sidecar_once_the_app_is_gone() {
     let app = Upstream::health_checked(200, 200).await;
     let yaml = format!(
