@@ -20,7 +20,7 @@ use crate::http::forward::Forward;
 use crate::http::probe;
 use crate::http::route::Routes;
 use crate::http::route_match::{Matcher, Routed};
-use crate::messaging::Messaging;
+use crate::messaging::{Messaging, publish};
 use crate::policy::circuit_breaker::CircuitBreakerLayer;
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
 use crate::policy::rate_limit::RateLimitLayer;
@@ -151,6 +151,6 @@ pub fn routes(
     let by_name: HashMap<Box<str>, Routed<UpstreamService>> =
         upstreams.iter().map(|u| (Box::from(&*u.name), u.service.clone())).collect();
     Routes::new(by_name, metrics.upstream(NO_UPSTREAM))
-        .with_messaging(messaging.clone())
+        .with_local_api(publish::api(messaging.clone()))
         .with_tracer(messaging.tracer().clone())
 }

@@ -1,7 +1,9 @@
 //! Which upstream does a request name? Its authority (absolute-form or HTTP/2 `:authority`,
 //! else the `Host` header) must be a configured upstream's name, or the request gets 404
 //! `unknown-upstream` and nothing is forwarded: Outrigger is never an open proxy.
-//! `/v1/…` with a local authority (`localhost`, `127.0.0.1`, `[::1]`) is the messaging API.
+//! `/v1/…` with a local authority (`localhost`, `127.0.0.1`, `[::1]`) goes to the local API
+//! service it is handed (the messaging API, assembled in `stack.rs`); this file does not know
+//! what serves it.
 //! Every answer passes here on its way out: Outrigger's own answers to a gRPC call become gRPC
 //! trailers-only answers here (`grpc::answer_as_grpc`), so no layer needs to know.
 
@@ -16,7 +18,7 @@ use http::header::{HOST, HeaderValue};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tower::ServiceExt;
-use tower::util::Oneshot;
+use tower::util::{BoxCloneSyncService, Oneshot};
 
 use crate::error::ProxyError;
 use crate::http::Body;
@@ -26,17 +28,19 @@ use crate::http::grpc;
 use crate::http::guard::refusal;
 use crate::http::respond::error_response;
 use crate::http::route_match::Routed;
-use crate::messaging::{Messaging, publish};
 use crate::stack::UpstreamService;
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::trace::{Kind, Span, Tracer};
+
+/// What serves `/v1/…` for a local authority: the sidecar's own API to the app.
+pub type LocalApi = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 /// Every upstream by name, plus the metrics of requests that matched none.
 #[derive(Debug)]
 pub struct Routes {
     by_name: HashMap<Box<str>, Routed<UpstreamService>>,
     unmatched: UpstreamMetrics,
-    messaging: Option<Arc<Messaging>>,
+    local_api: Option<LocalApi>,
     tracer: Tracer,
 }
 
@@ -45,7 +49,7 @@ impl Routes {
         by_name: HashMap<Box<str>, Routed<UpstreamService>>,
         unmatched: UpstreamMetrics,
     ) -> Self {
-        Self { by_name, unmatched, messaging: None, tracer: Tracer::disabled() }
+        Self { by_name, unmatched, local_api: None, tracer: Tracer::disabled() }
     }
 
     /// Continues (or starts) a trace for every request forwarded, and records its span.
@@ -54,19 +58,19 @@ impl Routes {
         self
     }
 
-    /// Serves `/v1/…` for a local authority from `messaging`.
-    pub fn with_messaging(mut self, messaging: Arc<Messaging>) -> Self {
-        self.messaging = Some(messaging);
+    /// Serves `/v1/…` for a local authority with `api`.
+    pub fn with_local_api(mut self, api: LocalApi) -> Self {
+        self.local_api = Some(api);
         self
     }
 
-    /// The messaging API, when `req` is for it: a `/v1/` path and a local authority.
-    fn messaging_for<B>(&self, req: &Request<B>) -> Option<&Arc<Messaging>> {
-        let messaging = self.messaging.as_ref()?;
+    /// The local API, when `req` is for it: a `/v1/` path and a local authority.
+    fn local_api_for<B>(&self, req: &Request<B>) -> Option<&LocalApi> {
+        let api = self.local_api.as_ref()?;
         // the path first: most requests are not for the API, and their authority is read
         // (and checked) once, when they are routed
         let local = || matches!(request_host(req), Ok(Some("localhost" | "127.0.0.1" | "[::1]")));
-        (req.uri().path().starts_with("/v1/") && local()).then_some(messaging)
+        (req.uri().path().starts_with("/v1/") && local()).then_some(api)
     }
 
     /// The upstream named `host`, any letter case: its name as configured, and its routes.
@@ -242,10 +246,9 @@ impl Route {
             Err(err) => Err(err),
             Ok(()) => {
                 if let Self::ByAuthority(_) = self
-                    && let Some(messaging) = routes.messaging_for(&req)
+                    && let Some(api) = routes.local_api_for(&req)
                 {
-                    let inner = Box::pin(publish::handle(messaging.clone(), req));
-                    return RouteFuture::Local { inner };
+                    return RouteFuture::Local { inner: api.clone().oneshot(req) };
                 }
                 self.select(&routes, &req)
             }
@@ -299,7 +302,7 @@ pin_project_lite::pin_project! {
             // a gRPC call: our own answers to it become gRPC answers
             rpc: bool,
         },
-        Local { inner: Pin<Box<dyn Future<Output = Response<Body>> + Send>> },
+        Local { #[pin] inner: Oneshot<LocalApi, Request<Body>> },
     }
 }
 
@@ -334,7 +337,7 @@ impl Future for RouteFuture {
                 }
                 Ok(response)
             }),
-            RouteFutureProj::Local { inner } => inner.as_mut().poll(cx).map(Ok),
+            RouteFutureProj::Local { inner } => inner.poll(cx),
         }
     }
 }

@@ -25,9 +25,9 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{Notify, OnceCell, watch};
 use tokio::task::JoinSet;
 
-use crate::messaging::broker::embedded::{self, Embedded, OpenError, QueueDepth};
+use crate::messaging::broker::embedded::{self, Embedded, OpenError};
 use crate::messaging::broker::redis::{self as redis_broker, Redis};
-use crate::messaging::broker::{Broker, BrokerError, DeadLetterPage};
+use crate::messaging::broker::{AnyQueue, BrokerError, DeadLetterPage, Lane, Queue, QueueDepth};
 use crate::messaging::envelope::{Envelope, MessageId};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Tracer;
@@ -233,18 +233,25 @@ impl Messaging {
         self.pauses.check()
     }
 
-    /// A page of `dlq`'s dead letters, newest first, from whichever broker holds them; empty
-    /// while the embedded store was never opened.
+    /// The queue messages are read from and dead-lettered in: Redis, or the embedded store
+    /// once it is open (`None` while it never was: nothing is queued or dead-lettered yet).
+    fn queue(&self) -> Option<AnyQueue> {
+        match &self.remote {
+            Some(redis) => Some(AnyQueue::Redis(redis.clone())),
+            None => self.store.get().cloned().map(AnyQueue::Embedded),
+        }
+    }
+
+    /// A page of `dlq`'s dead letters, newest first.
     pub async fn dead_letters(
         &self,
         dlq: &str,
         before: Option<MessageId>,
         limit: usize,
     ) -> Result<DeadLetterPage, BrokerError> {
-        match (&self.remote, self.store.get()) {
-            (Some(redis), _) => redis.dead_letters(dlq, before, limit).await,
-            (None, Some(store)) => store.dead_letters(dlq, before, limit).await,
-            (None, None) => Ok(DeadLetterPage { messages: Vec::new(), next: None }),
+        match self.queue() {
+            Some(queue) => queue.dead_letters(dlq, before, limit).await,
+            None => Ok(DeadLetterPage { messages: Vec::new(), next: None }),
         }
     }
 
@@ -253,26 +260,23 @@ impl Messaging {
         dlq: &str,
         id: MessageId,
     ) -> Result<Option<Envelope>, BrokerError> {
-        match (&self.remote, self.store.get()) {
-            (Some(redis), _) => redis.dead_letter_get(dlq, id).await,
-            (None, Some(store)) => store.dead_letter_get(dlq, id).await,
-            (None, None) => Ok(None),
+        match self.queue() {
+            Some(queue) => queue.dead_letter_get(dlq, id).await,
+            None => Ok(None),
         }
     }
 
     pub async fn dead_letter_delete(&self, dlq: &str, id: MessageId) -> Result<bool, BrokerError> {
-        match (&self.remote, self.store.get()) {
-            (Some(redis), _) => redis.dead_letter_delete(dlq, id).await,
-            (None, Some(store)) => store.dead_letter_delete(dlq, id).await,
-            (None, None) => Ok(false),
+        match self.queue() {
+            Some(queue) => queue.dead_letter_delete(dlq, id).await,
+            None => Ok(false),
         }
     }
 
     pub async fn dead_letter_purge(&self, dlq: &str) -> Result<u64, BrokerError> {
-        match (&self.remote, self.store.get()) {
-            (Some(redis), _) => redis.dead_letter_purge(dlq).await,
-            (None, Some(store)) => store.dead_letter_purge(dlq).await,
-            (None, None) => Ok(0),
+        match self.queue() {
+            Some(queue) => queue.dead_letter_purge(dlq).await,
+            None => Ok(0),
         }
     }
 
@@ -282,10 +286,9 @@ impl Messaging {
         dlq: &str,
         ids: Vec<MessageId>,
     ) -> Result<Vec<MessageId>, BrokerError> {
-        let replayed = match (&self.remote, self.store.get()) {
-            (Some(redis), _) => redis.dead_letter_replay(dlq, ids).await?,
-            (None, Some(store)) => store.dead_letter_replay(dlq, ids).await?,
-            (None, None) => Vec::new(),
+        let replayed = match self.queue() {
+            Some(queue) => queue.dead_letter_replay(dlq, ids).await?,
+            None => Vec::new(),
         };
         for wake in self.wakers.values() {
             wake.notify_one();
@@ -293,24 +296,22 @@ impl Messaging {
         Ok(replayed)
     }
 
-    /// Each queue's depth: the embedded store's queues; with Redis, each subscribed lane as
-    /// this service's group sees it, and its dead-letter queue (the outbox is
+    /// Each queue's depth: every queue of the embedded store; with Redis, each subscribed lane
+    /// as this service's group sees it, and its dead-letter queue (the outbox is
     /// `outrigger_outbox_pending`). Empty while the embedded store was never opened.
-    pub async fn depths(&self) -> Result<Vec<QueueDepth>, broker::BrokerError> {
-        if let Some(redis) = &self.remote {
-            let mut depths = Vec::new();
-            for sub in &self.subscriptions {
-                for lane in sub.lanes() {
-                    let dlq = sub.dead_letter_queue_of(&lane);
-                    depths.extend(redis.depth(lane.as_str(), dlq.as_str()).await?);
-                }
-            }
-            return Ok(depths);
-        }
-        match self.store.get() {
-            Some(store) => store.depths().await,
-            None => Ok(Vec::new()),
-        }
+    pub async fn depths(&self) -> Result<Vec<QueueDepth>, BrokerError> {
+        let Some(queue) = self.queue() else { return Ok(Vec::new()) };
+        let lanes: Vec<Lane> = self
+            .subscriptions
+            .iter()
+            .flat_map(|sub| {
+                sub.lanes().into_iter().map(|lane| Lane {
+                    dead_letter_queue: sub.dead_letter_queue_of(&lane).as_str().to_owned(),
+                    queue: lane.as_str().to_owned(),
+                })
+            })
+            .collect();
+        queue.depths(&lanes).await
     }
 
     /// Starts one dispatcher per subscription, delivering to `app_base` (`service.app.url`
@@ -324,15 +325,8 @@ impl Messaging {
         stop: watch::Receiver<bool>,
     ) -> JoinSet<()> {
         let mut dispatchers = JoinSet::new();
-        if let Some(redis) = &self.remote {
-            let ctx = self.delivery_context(redis.clone(), service, app_base);
-            for sub in &self.subscriptions {
-                let wake = self.wakers[sub.queue.as_str()].clone();
-                let subscriber = deliver::Subscriber::new(sub, &ctx, wake);
-                dispatchers.spawn(subscriber.run(app_up.clone(), stop.clone()));
-            }
-        } else if let Some(store) = self.store.get() {
-            let ctx = self.delivery_context(store.clone(), service, app_base);
+        if let Some(queue) = self.queue() {
+            let ctx = self.delivery_context(queue, service, app_base);
             for sub in &self.subscriptions {
                 let wake = self.wakers[sub.queue.as_str()].clone();
                 let subscriber = deliver::Subscriber::new(sub, &ctx, wake);
@@ -342,12 +336,12 @@ impl Messaging {
         dispatchers
     }
 
-    fn delivery_context<B>(
+    fn delivery_context(
         &self,
-        broker: B,
+        broker: AnyQueue,
         service: &str,
         app_base: String,
-    ) -> deliver::Context<B> {
+    ) -> deliver::Context<AnyQueue> {
         deliver::Context {
             broker,
             service: service.to_owned(),

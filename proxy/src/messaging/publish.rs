@@ -25,7 +25,7 @@ use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::respond::error_response;
 use crate::messaging::Messaging;
-use crate::messaging::broker::{Broker, Publish, Published};
+use crate::messaging::broker::{Outbox, Publish, Published};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Kind;
 
@@ -56,6 +56,15 @@ impl PublishLimits {
             body_timeout: limits.header_read_timeout.get(),
         }
     }
+}
+
+/// The messaging API as the service the router hands `/v1/…` to.
+pub fn api(messaging: Arc<Messaging>) -> crate::http::route::LocalApi {
+    let serve = move |req: Request<Body>| {
+        let messaging = messaging.clone();
+        async move { Ok(handle(messaging, req).await) }
+    };
+    tower::util::BoxCloneSyncService::new(tower::service_fn(serve))
 }
 
 /// Answers a request for `/v1/…` with a local authority.

@@ -19,6 +19,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::messaging::Messaging;
+use crate::messaging::broker::Outbox;
 use crate::messaging::broker::redis::Redis;
 use crate::policy::backoff::Backoff;
 use crate::policy::circuit_breaker::{Admission, Breaker};

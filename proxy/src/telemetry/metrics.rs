@@ -320,11 +320,7 @@ impl Metrics {
 
     /// Sets the queue and dead-letter gauges from the store's view at scrape time; queues no
     /// longer holding anything disappear.
-    pub fn observe_queues(
-        &self,
-        depths: &[crate::messaging::broker::embedded::QueueDepth],
-        now_ms: u64,
-    ) {
+    pub fn observe_queues(&self, depths: &[crate::messaging::broker::QueueDepth], now_ms: u64) {
         for family in [&self.queue_depth, &self.deadletter_depth] {
             family.reset();
         }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::*;
-use crate::messaging::broker::{Broker, Publish, Read};
+use crate::messaging::broker::{Outbox, Publish, Queue, Read};
 use crate::messaging::envelope::{ErrorRecord, unix_millis};
 use crate::messaging::publish::PublishLimits;
 use crate::telemetry::metrics::Metrics;

@@ -29,7 +29,10 @@ use redb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, Read, UnixMillis};
+use super::{
+    BrokerError, DeadLetterPage, Lane, Leased, Outbox, Publish, Published, Queue, QueueDepth, Read,
+    UnixMillis,
+};
 use dead::DEAD;
 pub use dead::Retention;
 
@@ -106,19 +109,6 @@ pub struct OpenError {
     pub reason: String,
 }
 
-/// One queue's depth, for the admin view.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct QueueDepth {
-    pub queue: String,
-    /// Stored, not acknowledged.
-    pub messages: u64,
-    pub dead_letters: u64,
-    /// When the oldest stored message was published (Unix ms).
-    pub oldest_published_ms: Option<u64>,
-    /// When the oldest dead letter was dead-lettered (Unix ms).
-    pub oldest_dead_letter_ms: Option<u64>,
-}
-
 // === impl Embedded ===
 
 impl Embedded {
@@ -178,7 +168,7 @@ impl Embedded {
     }
 
     /// Every queue with stored messages or dead letters, by name.
-    pub async fn depths(&self) -> Result<Vec<QueueDepth>, BrokerError> {
+    async fn all_depths(&self) -> Result<Vec<QueueDepth>, BrokerError> {
         self.read_with(|txn| {
             let mut depths: BTreeMap<String, QueueDepth> = BTreeMap::new();
             for entry in txn.open_table(MESSAGES)?.iter()? {
@@ -198,53 +188,6 @@ impl Embedded {
             Ok(depths.into_values().collect())
         })
         .await
-    }
-
-    /// The outbox side, for the relay to a remote broker: up to `max` stored messages of any
-    /// queue, oldest first per queue, leased until [`Embedded::forget`] or
-    /// [`Embedded::release_all`].
-    pub async fn relay_batch(&self, max: usize) -> Result<Vec<Envelope>, BrokerError> {
-        self.read_leased(move |txn, leases| {
-            let messages = txn.open_table(MESSAGES)?;
-            let due = txn.open_table(DUE)?;
-            let mut found = Vec::new();
-            for entry in due.iter()? {
-                if found.len() >= max {
-                    break;
-                }
-                let entry = entry?;
-                let (queue, _, id) = entry.0.value();
-                if leases.contains(&(Box::from(queue), id)) {
-                    continue;
-                }
-                let Some(value) = messages.get((queue, id))? else { continue };
-                match Envelope::from_json(value.value()) {
-                    Ok(envelope) => {
-                        leases.insert((Box::from(queue), id));
-                        found.push(envelope);
-                    }
-                    Err(_) => tracing::error!(queue, id = %MessageId::from_u128(id), "unreadable outbox entry skipped"),
-                }
-            }
-            Ok(found)
-        })
-        .await
-    }
-
-    /// Forgets relayed messages, in one commit.
-    pub async fn forget(&self, relayed: &[Envelope]) -> Result<(), BrokerError> {
-        let settled: Vec<(String, MessageId)> =
-            relayed.iter().map(|e| (e.queue.clone(), e.id)).collect();
-        let result = self.write(Op::Ack(settled)).await;
-        self.release_all(relayed);
-        result.map(drop)
-    }
-
-    /// Ends the leases of messages that could not be relayed: they are taken again later.
-    pub fn release_all(&self, envelopes: &[Envelope]) {
-        for envelope in envelopes {
-            self.release(&envelope.queue, envelope.id);
-        }
     }
 
     /// Applies the dead-letter age cap without waiting for other writes: each commit sweeps a
@@ -411,12 +354,61 @@ fn store_error(err: impl Into<redb::Error>) -> BrokerError {
     BrokerError::Store(err.into().to_string())
 }
 
-impl Broker for Embedded {
+impl Outbox for Embedded {
     async fn publish(&self, batch: Vec<Publish>) -> Result<Vec<Published>, BrokerError> {
         match self.write(Op::Publish(batch)).await? {
             Reply::Published(done) => Ok(done),
             other => unreachable!("publish answered {other:?}"),
         }
+    }
+
+    async fn relay_batch(&self, max: usize) -> Result<Vec<Envelope>, BrokerError> {
+        self.read_leased(move |txn, leases| {
+            let messages = txn.open_table(MESSAGES)?;
+            let due = txn.open_table(DUE)?;
+            let mut found = Vec::new();
+            for entry in due.iter()? {
+                if found.len() >= max {
+                    break;
+                }
+                let entry = entry?;
+                let (queue, _, id) = entry.0.value();
+                if leases.contains(&(Box::from(queue), id)) {
+                    continue;
+                }
+                let Some(value) = messages.get((queue, id))? else { continue };
+                match Envelope::from_json(value.value()) {
+                    Ok(envelope) => {
+                        leases.insert((Box::from(queue), id));
+                        found.push(envelope);
+                    }
+                    Err(_) => tracing::error!(queue, id = %MessageId::from_u128(id), "unreadable outbox entry skipped"),
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn forget(&self, relayed: &[Envelope]) -> Result<(), BrokerError> {
+        let settled: Vec<(String, MessageId)> =
+            relayed.iter().map(|e| (e.queue.clone(), e.id)).collect();
+        let result = self.write(Op::Ack(settled)).await;
+        self.release_all(relayed);
+        result.map(drop)
+    }
+
+    fn release_all(&self, envelopes: &[Envelope]) {
+        for envelope in envelopes {
+            self.release(&envelope.queue, envelope.id);
+        }
+    }
+}
+
+impl Queue for Embedded {
+    /// Every queue the store holds; `lanes` are not needed.
+    async fn depths(&self, _lanes: &[Lane]) -> Result<Vec<QueueDepth>, BrokerError> {
+        self.all_depths().await
     }
 
     async fn read(

@@ -1,11 +1,19 @@
-//! The broker interface: what publishing, delivery and the dead-letter tools need from a place
-//! that keeps messages, whether it is the embedded store in `messaging.data_dir` or, later,
-//! Redis Streams (`XADD`, `XREADGROUP`, `XACK`, `XADD`+`XACK` in a `MULTI` for dead letters).
+//! The two roles a place that keeps messages can play, and the types they share.
+//!
+//! - [`Outbox`]: takes a publish durably, hands batches to the relay, forgets what was relayed.
+//!   The embedded store in `messaging.data_dir` is the outbox on every broker.
+//! - [`Queue`]: read for a consumer group, acknowledged, parked until a due time,
+//!   dead-lettered with metadata, with the dead-letter operations, depth and age. The embedded
+//!   store is the queue when `broker: embedded`; Redis Streams when `broker: redis://…`.
+//!
+//! [`AnyQueue`] is the one place that knows which queue runs: everything above the seam holds
+//! one and never matches on the broker. Static dispatch: no boxed future per message.
 //!
 //! Every write is durable when its future resolves: a publish is answered 202 only then, an ack
 //! forgets a message only then, and a dead letter exists before its original is acknowledged.
 //! Time is wall-clock Unix milliseconds, because park times must survive a restart.
 
+mod any;
 pub mod embedded;
 pub mod redis;
 
@@ -15,6 +23,7 @@ use serde_json::value::RawValue;
 
 use crate::messaging::envelope::{Envelope, MessageId};
 
+pub use any::AnyQueue;
 pub use embedded::Embedded;
 
 /// Unix time in milliseconds: what a parked message waits for, and what outlives the process.
@@ -48,15 +57,15 @@ impl Published {
     }
 }
 
-/// What a consumer asks of [`Broker::read`].
+/// What a consumer asks of [`Queue::read`].
 #[derive(Debug, Clone, Copy)]
 pub struct Read {
     pub max: usize,
     /// Messages parked until later than this are not due.
     pub now: UnixMillis,
-    /// One message per ordering key at a time (see [`Broker::read`]).
+    /// One message per ordering key at a time (see [`Queue::read`]).
     pub ordered: bool,
-    /// A broker that can wait for messages (see [`Broker::blocks_on_read`]) may wait a moment
+    /// A queue that can wait for messages (see [`Queue::blocks_on_read`]) may wait a moment
     /// when none is there; false: answer at once.
     pub wait: bool,
 }
@@ -89,17 +98,54 @@ pub struct DeadLetterPage {
     pub next: Option<MessageId>,
 }
 
-/// A place that keeps messages. Implemented by [`Embedded`]; a Redis Streams broker is next.
-/// The sidecar dispatches over the implementations with an enum (static dispatch; no boxed
-/// futures per message).
-pub trait Broker: Send + Sync + 'static {
-    /// Stores every message durably (one commit for the whole batch where the broker allows),
+/// One queue's depth, for the admin view and the depth and age gauges.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueDepth {
+    pub queue: String,
+    /// Stored, not acknowledged.
+    pub messages: u64,
+    pub dead_letters: u64,
+    /// When the oldest stored message was published (Unix ms).
+    pub oldest_published_ms: Option<u64>,
+    /// When the oldest dead letter was dead-lettered (Unix ms).
+    pub oldest_dead_letter_ms: Option<u64>,
+}
+
+/// A subscribed lane and its dead-letter queue: what [`Queue::depths`] reports on a broker
+/// that cannot list its queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lane {
+    pub queue: String,
+    pub dead_letter_queue: String,
+}
+
+/// Where a publish is made durable before its 202, and whence the relay takes it to a remote
+/// broker. Implemented by [`Embedded`].
+pub trait Outbox: Send + Sync + 'static {
+    /// Stores every message durably (one commit for the whole batch where the store allows),
     /// answering each in order.
     fn publish(
         &self,
         batch: Vec<Publish>,
     ) -> impl Future<Output = Result<Vec<Published>, BrokerError>> + Send;
 
+    /// Up to `max` stored messages of any queue, oldest first per queue, leased to the relay
+    /// until [`Outbox::forget`] or [`Outbox::release_all`].
+    fn relay_batch(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Envelope>, BrokerError>> + Send;
+
+    /// Forgets relayed messages, in one commit.
+    fn forget(&self, relayed: &[Envelope]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Ends the leases of messages that could not be relayed: they are taken again later.
+    fn release_all(&self, envelopes: &[Envelope]);
+}
+
+/// Where messages are read, settled and dead-lettered. Implemented by [`Embedded`] and
+/// [`redis::Redis`]; the sidecar holds an [`AnyQueue`].
+pub trait Queue: Send + Sync + 'static {
     /// Up to `max` messages of `queue` that are due at `now` (not parked past it) and not leased,
     /// in id order, leased to `consumer`. With `ordered`, a message whose ordering key belongs
     /// to an earlier message that is leased or parked is not due: one message per key at a
@@ -190,6 +236,13 @@ pub trait Broker: Send + Sync + 'static {
         dead_letter_queue: &str,
         ids: Vec<MessageId>,
     ) -> impl Future<Output = Result<Vec<MessageId>, BrokerError>> + Send;
+
+    /// Each queue's depth and age: every queue the store holds where it can list them, else
+    /// each of `lanes` as this service's consumer group sees it, and its dead-letter queue.
+    fn depths(
+        &self,
+        lanes: &[Lane],
+    ) -> impl Future<Output = Result<Vec<QueueDepth>, BrokerError>> + Send;
 }
 
 /// Turns a dead letter back into a message of the queue it came from: its error history stays,

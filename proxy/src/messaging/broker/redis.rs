@@ -30,8 +30,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
 
-use super::embedded::{QueueDepth, Retention};
-use super::{Broker, BrokerError, DeadLetterPage, Leased, Publish, Published, Read, UnixMillis};
+use super::embedded::Retention;
+use super::{BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
 /// Every command but a blocking read answers within this, or fails (and is retried later).
@@ -368,7 +368,7 @@ impl Redis {
 
     /// `queue` as this service's consumer group sees it (what waits, including retries), and
     /// its dead-letter queue `dlq`.
-    pub async fn depth(&self, queue: &str, dlq: &str) -> Result<[QueueDepth; 2], BrokerError> {
+    async fn depth(&self, queue: &str, dlq: &str) -> Result<[QueueDepth; 2], BrokerError> {
         let group = &self.inner.group;
         let mut conn = self.inner.commands.clone();
         let [depth, oldest, dead, dead_oldest]: [i64; 4] = redis::cmd("EVAL")
@@ -694,28 +694,13 @@ fn field(entry: &StreamId, name: &str) -> Option<String> {
     }
 }
 
-impl Broker for Redis {
-    async fn publish(&self, batch: Vec<Publish>) -> Result<Vec<Published>, BrokerError> {
-        let now = SystemTime::now();
-        let envelopes: Vec<Envelope> = batch
-            .into_iter()
-            .map(|message| {
-                let mut envelope =
-                    Envelope::new(MessageId::generate(now), &message.queue, now, message.payload);
-                for (name, value) in [
-                    ("idempotency_key", message.idempotency_key),
-                    ("ordering_key", message.ordering_key),
-                    ("traceparent", message.traceparent),
-                ] {
-                    if let Some(value) = value {
-                        envelope.metadata.insert(name.into(), value.into());
-                    }
-                }
-                envelope
-            })
-            .collect();
-        self.relay(&envelopes).await?;
-        Ok(envelopes.iter().map(|e| Published::Stored(e.id)).collect())
+impl Queue for Redis {
+    async fn depths(&self, lanes: &[Lane]) -> Result<Vec<QueueDepth>, BrokerError> {
+        let mut depths = Vec::with_capacity(lanes.len() * 2);
+        for lane in lanes {
+            depths.extend(self.depth(&lane.queue, &lane.dead_letter_queue).await?);
+        }
+        Ok(depths)
     }
 
     async fn read(

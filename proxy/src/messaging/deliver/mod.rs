@@ -30,7 +30,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 
 use crate::http::forward::UpstreamClient;
-use crate::messaging::broker::{Broker, BrokerError, Leased, Read, UnixMillis};
+use crate::messaging::broker::{BrokerError, Leased, Queue, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, dead_letter_keys, rfc3339, unix_millis};
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::metrics::Metrics;
@@ -44,7 +44,7 @@ use pause::{Pause, Pauses, Probes};
 const POLL: Duration = Duration::from_secs(1);
 /// After a broker error, the dispatcher waits this long before reading again.
 const BROKER_ERROR_PAUSE: Duration = Duration::from_secs(1);
-/// How often each lane's queue gets its upkeep ([`Broker::tidy`]).
+/// How often each lane's queue gets its upkeep ([`Queue::tidy`]).
 const TIDY_EVERY: Duration = Duration::from_secs(10);
 /// Acknowledged ids remembered per subscription at most.
 const ACKNOWLEDGED_CAPACITY: usize = 100_000;
@@ -116,7 +116,7 @@ pub struct Context<B> {
     pub pauses: Arc<Pauses>,
 }
 
-impl<B: Broker + Clone> Subscriber<B> {
+impl<B: Queue + Clone> Subscriber<B> {
     pub fn new(cfg: &config::Subscription, ctx: &Context<B>, wake: Arc<Notify>) -> Arc<Self> {
         let queue = cfg.queue.to_string();
         let uri = format!("{}{}", ctx.app_base, cfg.path)

@@ -151,7 +151,7 @@ async fn a_dead_letter_moves_atomically_and_can_be_listed_read_and_deleted() {
     assert!(store.dead_letter_get("q_deadletter", first).await.unwrap().is_some());
     assert!(store.dead_letter_delete("q_deadletter", first).await.unwrap());
     assert!(!store.dead_letter_delete("q_deadletter", first).await.unwrap());
-    let depths = store.depths().await.unwrap();
+    let depths = store.depths(&[]).await.unwrap();
     assert_eq!(depths.len(), 1);
     assert_eq!(
         (depths[0].queue.as_str(), depths[0].messages, depths[0].dead_letters),
@@ -410,7 +410,7 @@ async fn the_count_cap_drops_the_longest_dead_lettered_not_the_oldest_published(
         [newest, ids[2], ids[0]],
         "ids[1] had been dead letter longest; ids[0], published first, was dead-lettered again"
     );
-    let depths = store.depths().await.unwrap();
+    let depths = store.depths(&[]).await.unwrap();
     assert_eq!(depths.iter().find(|d| d.queue == "q_deadletter").unwrap().dead_letters, 3);
 }
 
@@ -448,13 +448,13 @@ async fn an_idle_store_drops_dead_letters_past_max_age_when_swept() {
     assert!(!store.sweep_dead_letters().await.unwrap(), "nothing expired yet");
     assert_eq!(store.commits(), commits, "no commit when there is nothing to drop");
 
-    let dead_lettered_at = store.depths().await.unwrap()[0].oldest_dead_letter_ms.unwrap();
+    let dead_lettered_at = store.depths(&[]).await.unwrap()[0].oldest_dead_letter_ms.unwrap();
     wall_clock_past(dead_lettered_at + 200).await;
     assert!(store.sweep_dead_letters().await.unwrap());
 
     assert!(store.dead_letter_get("q_deadletter", first).await.unwrap().is_none());
     assert!(kept(&store).await.is_empty());
-    assert!(store.depths().await.unwrap().is_empty(), "no queue, no dead-letter depth");
+    assert!(store.depths(&[]).await.unwrap().is_empty(), "no queue, no dead-letter depth");
     assert!(!store.sweep_dead_letters().await.unwrap());
 }
 
@@ -470,7 +470,7 @@ async fn depths_give_each_dead_letter_queue_its_count_and_oldest_dead_letter_tim
     store.dead_letter(leased.envelope, "p_deadletter").await.unwrap();
     store.dead_letter_purge("p_deadletter").await.unwrap();
 
-    let depths = store.depths().await.unwrap();
+    let depths = store.depths(&[]).await.unwrap();
 
     assert_eq!(depths.len(), 1, "a purged dead-letter queue is not listed: {depths:?}");
     let d = &depths[0];
@@ -494,7 +494,7 @@ async fn a_store_without_the_per_queue_dead_letter_index_rebuilds_it_at_open() {
 
     let retain = Retention { max_messages: 3, max_age_ms: RETAIN.max_age_ms };
     let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
-    assert!(store.depths().await.unwrap()[0].oldest_dead_letter_ms.is_some());
+    assert!(store.depths(&[]).await.unwrap()[0].oldest_dead_letter_ms.is_some());
     let newest = dead_letter_one(&store, "4").await;
     assert_eq!(kept(&store).await, [newest, ids[2], ids[1]], "the cap works on the rebuilt index");
 }

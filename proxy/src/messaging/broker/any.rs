@@ -1,0 +1,112 @@
+//! The queue the sidecar runs, whichever broker it is: the one `match` on the broker.
+
+use super::embedded::Embedded;
+use super::redis::Redis;
+use super::{BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, UnixMillis};
+use crate::messaging::envelope::{Envelope, MessageId};
+
+/// The configured queue: the embedded store (`broker: embedded`) or Redis Streams.
+#[derive(Debug, Clone)]
+pub enum AnyQueue {
+    Embedded(Embedded),
+    Redis(Redis),
+}
+
+/// `$call` on whichever queue `$self` holds, bound to `$q`.
+macro_rules! on_each {
+    ($self:ident, $q:ident => $call:expr) => {
+        match $self {
+            AnyQueue::Embedded($q) => $call,
+            AnyQueue::Redis($q) => $call,
+        }
+    };
+}
+
+impl Queue for AnyQueue {
+    async fn read(
+        &self,
+        queue: &str,
+        consumer: &str,
+        read: Read,
+    ) -> Result<Vec<Leased>, BrokerError> {
+        on_each!(self, q => q.read(queue, consumer, read).await)
+    }
+
+    fn blocks_on_read(&self) -> bool {
+        on_each!(self, q => q.blocks_on_read())
+    }
+
+    async fn tidy(&self, queue: &str) -> Result<u64, BrokerError> {
+        on_each!(self, q => q.tidy(queue).await)
+    }
+
+    async fn next_due(
+        &self,
+        queue: &str,
+        now: UnixMillis,
+    ) -> Result<Option<UnixMillis>, BrokerError> {
+        on_each!(self, q => q.next_due(queue, now).await)
+    }
+
+    async fn ack(&self, queue: &str, id: MessageId) -> Result<(), BrokerError> {
+        on_each!(self, q => q.ack(queue, id).await)
+    }
+
+    async fn park(
+        &self,
+        envelope: Envelope,
+        attempts: u32,
+        until: UnixMillis,
+    ) -> Result<(), BrokerError> {
+        on_each!(self, q => q.park(envelope, attempts, until).await)
+    }
+
+    async fn dead_letter(
+        &self,
+        envelope: Envelope,
+        dead_letter_queue: &str,
+    ) -> Result<(), BrokerError> {
+        on_each!(self, q => q.dead_letter(envelope, dead_letter_queue).await)
+    }
+
+    async fn dead_letters(
+        &self,
+        dead_letter_queue: &str,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, BrokerError> {
+        on_each!(self, q => q.dead_letters(dead_letter_queue, before, limit).await)
+    }
+
+    async fn dead_letter_get(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> Result<Option<Envelope>, BrokerError> {
+        on_each!(self, q => q.dead_letter_get(dead_letter_queue, id).await)
+    }
+
+    async fn dead_letter_delete(
+        &self,
+        dead_letter_queue: &str,
+        id: MessageId,
+    ) -> Result<bool, BrokerError> {
+        on_each!(self, q => q.dead_letter_delete(dead_letter_queue, id).await)
+    }
+
+    async fn dead_letter_purge(&self, dead_letter_queue: &str) -> Result<u64, BrokerError> {
+        on_each!(self, q => q.dead_letter_purge(dead_letter_queue).await)
+    }
+
+    async fn dead_letter_replay(
+        &self,
+        dead_letter_queue: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<MessageId>, BrokerError> {
+        on_each!(self, q => q.dead_letter_replay(dead_letter_queue, ids).await)
+    }
+
+    async fn depths(&self, lanes: &[Lane]) -> Result<Vec<QueueDepth>, BrokerError> {
+        on_each!(self, q => q.depths(lanes).await)
+    }
+}
