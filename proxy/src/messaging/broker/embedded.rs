@@ -23,10 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prometheus::IntGauge;
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -37,7 +34,9 @@ use dead::DEAD;
 pub use dead::Retention;
 
 mod dead;
+mod writer;
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
+use writer::{Command, Pending, Write, Writer};
 
 /// (queue, id) -> the envelope as JSON: every message not yet acknowledged, in id order.
 const MESSAGES: TableDefinition<'_, (&str, u128), &[u8]> = TableDefinition::new("messages");
@@ -197,7 +196,7 @@ impl Embedded {
         let (now, retention) = (unix_millis(SystemTime::now()), self.inner.retention);
         let expired = self.read_with(move |txn| dead::any_expired(txn, now, retention)).await?;
         if expired {
-            self.write(Op::Sweep).await?;
+            self.write(writer::Sweep).await?;
         }
         Ok(expired)
     }
@@ -229,11 +228,12 @@ impl Embedded {
         }
     }
 
-    async fn write(&self, op: Op) -> Result<Reply, BrokerError> {
+    /// Has the writer thread apply `write` in its next commit; its output once on disk.
+    async fn write<W: Write>(&self, write: W) -> Result<W::Output, BrokerError> {
         let (reply, answer) = oneshot::channel();
         self.inner
             .writes
-            .send(Command::Write(Request { op, reply }))
+            .send(Command::Write(Pending::new(write, reply)))
             .await
             .map_err(|_| BrokerError::Stopped)?;
         answer.await.map_err(|_| BrokerError::Stopped)?
@@ -284,7 +284,7 @@ impl Embedded {
         });
     }
 
-    fn settled(&self, queue: &str, id: MessageId, result: &Result<Reply, BrokerError>) {
+    fn settled<T>(&self, queue: &str, id: MessageId, result: &Result<T, BrokerError>) {
         match result {
             Ok(_) => self.release(queue, id),
             Err(_) => self.release_later(queue, id),
@@ -313,8 +313,6 @@ fn open_file(path: &Path) -> Result<(Database, u64), String> {
     Ok((db, stored))
 }
 
-/// Creates any missing table; rebuilds the due index from the messages' state if it is not
-/// whole (a file written before the index existed). Returns the messages stored.
 fn depth_of<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, queue: &str) -> &'a mut QueueDepth {
     depths.entry(queue.to_owned()).or_insert_with(|| QueueDepth {
         queue: queue.to_owned(),
@@ -325,6 +323,8 @@ fn depth_of<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, queue: &str) -> &'
     })
 }
 
+/// Creates any missing table; rebuilds the due index from the messages' state if it is not
+/// whole (a file written before the index existed). Returns the messages stored.
 fn create_tables(db: &Database) -> Result<u64, redb::Error> {
     let txn = db.begin_write()?;
     let stored = {
@@ -356,10 +356,7 @@ fn store_error(err: impl Into<redb::Error>) -> BrokerError {
 
 impl Outbox for Embedded {
     async fn publish(&self, batch: Vec<Publish>) -> Result<Vec<Published>, BrokerError> {
-        match self.write(Op::Publish(batch)).await? {
-            Reply::Published(done) => Ok(done),
-            other => unreachable!("publish answered {other:?}"),
-        }
+        self.write(writer::Store(batch)).await
     }
 
     async fn relay_batch(&self, max: usize) -> Result<Vec<Envelope>, BrokerError> {
@@ -393,7 +390,7 @@ impl Outbox for Embedded {
     async fn forget(&self, relayed: &[Envelope]) -> Result<(), BrokerError> {
         let settled: Vec<(String, MessageId)> =
             relayed.iter().map(|e| (e.queue.clone(), e.id)).collect();
-        let result = self.write(Op::Ack(settled)).await;
+        let result = self.write(writer::Forget(settled)).await;
         self.release_all(relayed);
         result.map(drop)
     }
@@ -494,7 +491,7 @@ impl Queue for Embedded {
     }
 
     async fn ack(&self, queue: &str, id: MessageId) -> Result<(), BrokerError> {
-        let result = self.write(Op::Ack(vec![(queue.to_owned(), id)])).await;
+        let result = self.write(writer::Forget(vec![(queue.to_owned(), id)])).await;
         // on failure it is read again (later) and the consumer acknowledges it again
         self.settled(queue, id, &result);
         result.map(drop)
@@ -507,7 +504,7 @@ impl Queue for Embedded {
         until: UnixMillis,
     ) -> Result<(), BrokerError> {
         let (queue, id) = (envelope.queue.clone(), envelope.id);
-        let result = self.write(Op::Park { envelope, attempts, until }).await;
+        let result = self.write(writer::Park { envelope, attempts, until }).await;
         // on failure the stored copy is due again, after a pause
         self.settled(&queue, id, &result);
         result.map(drop)
@@ -519,8 +516,9 @@ impl Queue for Embedded {
         dead_letter_queue: &str,
     ) -> Result<(), BrokerError> {
         let (queue, id) = (envelope.queue.clone(), envelope.id);
-        let op = Op::DeadLetter { envelope, dead_letter_queue: dead_letter_queue.to_owned() };
-        let result = self.write(op).await;
+        let dead_letter =
+            writer::DeadLetter { envelope, dead_letter_queue: dead_letter_queue.to_owned() };
+        let result = self.write(dead_letter).await;
         self.settled(&queue, id, &result);
         result.map(drop)
     }
@@ -573,19 +571,11 @@ impl Queue for Embedded {
         dead_letter_queue: &str,
         id: MessageId,
     ) -> Result<bool, BrokerError> {
-        let op = Op::DeleteDeadLetter { queue: dead_letter_queue.to_owned(), id };
-        match self.write(op).await? {
-            Reply::Deleted(found) => Ok(found),
-            other => unreachable!("delete answered {other:?}"),
-        }
+        self.write(writer::DeleteDeadLetter { queue: dead_letter_queue.to_owned(), id }).await
     }
 
     async fn dead_letter_purge(&self, dead_letter_queue: &str) -> Result<u64, BrokerError> {
-        let op = Op::PurgeDeadLetters { queue: dead_letter_queue.to_owned() };
-        match self.write(op).await? {
-            Reply::Purged(n) => Ok(n),
-            other => unreachable!("purge answered {other:?}"),
-        }
+        self.write(writer::PurgeDeadLetters(dead_letter_queue.to_owned())).await
     }
 
     async fn dead_letter_replay(
@@ -593,349 +583,8 @@ impl Queue for Embedded {
         dead_letter_queue: &str,
         ids: Vec<MessageId>,
     ) -> Result<Vec<MessageId>, BrokerError> {
-        let op = Op::Replay { dead_letter_queue: dead_letter_queue.to_owned(), ids };
-        match self.write(op).await? {
-            Reply::Replayed(ids) => Ok(ids),
-            other => unreachable!("replay answered {other:?}"),
-        }
+        self.write(writer::Replay { dead_letter_queue: dead_letter_queue.to_owned(), ids }).await
     }
-}
-
-// === the writer thread ===
-
-#[derive(Debug)]
-enum Command {
-    Write(Request),
-    Close(oneshot::Sender<()>),
-}
-
-#[derive(Debug)]
-struct Request {
-    op: Op,
-    reply: oneshot::Sender<Result<Reply, BrokerError>>,
-}
-
-#[derive(Debug)]
-enum Op {
-    Publish(Vec<Publish>),
-    /// Forgets messages: one acknowledged, or what the relay moved to Redis, in one commit.
-    Ack(Vec<(String, MessageId)>),
-    Park {
-        envelope: Envelope,
-        attempts: u32,
-        until: UnixMillis,
-    },
-    DeadLetter {
-        envelope: Envelope,
-        dead_letter_queue: String,
-    },
-    PurgeDeadLetters {
-        queue: String,
-    },
-    Replay {
-        dead_letter_queue: String,
-        ids: Vec<MessageId>,
-    },
-    DeleteDeadLetter {
-        queue: String,
-        id: MessageId,
-    },
-    /// Nothing of its own: the commit's retention sweep is the point.
-    Sweep,
-}
-
-#[derive(Debug)]
-enum Reply {
-    Published(Vec<Published>),
-    Done,
-    Deleted(bool),
-    Purged(u64),
-    Replayed(Vec<MessageId>),
-}
-
-struct Writer {
-    /// The file, as reads find it too; the writer alone replaces it.
-    handle: SharedHandle,
-    path: PathBuf,
-    /// The handle let go of after a write error: the file opens again once no read holds it.
-    released: Option<std::sync::Weak<Database>>,
-    last_reopen: Option<tokio::time::Instant>,
-    dedup_window: u64,
-    retention: Retention,
-    commits: Arc<AtomicU64>,
-    pending: IntGauge,
-}
-
-impl Writer {
-    fn run(mut self, mut requests: mpsc::Receiver<Command>) {
-        let mut closing = None;
-        while closing.is_none() {
-            let Some(first) = requests.blocking_recv() else { break };
-            let mut batch = Vec::new();
-            let mut next = Some(first);
-            // take what queued while the last commit was on disk: that is the group commit
-            while let Some(command) = next {
-                match command {
-                    Command::Write(request) => batch.push(request),
-                    Command::Close(done) => {
-                        closing = Some(done);
-                        break;
-                    }
-                }
-                next = if batch.len() < MAX_BATCH { requests.try_recv().ok() } else { None };
-            }
-            if !batch.is_empty() {
-                self.commit(batch);
-            }
-        }
-        drop(self);
-        if let Some(done) = closing {
-            let _ = done.send(());
-        }
-    }
-
-    /// Applies `batch` in one transaction, commits it (one fsync), then answers every caller:
-    /// all with their results, or all with the error if the transaction failed.
-    fn commit(&mut self, batch: Vec<Request>) {
-        let now = unix_millis(SystemTime::now());
-        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-        let db = match self.open() {
-            Ok(db) => db,
-            Err(reason) => {
-                for reply in replies {
-                    let _ = reply.send(Err(BrokerError::Store(reason.clone())));
-                }
-                return;
-            }
-        };
-        let mut delta = 0i64;
-        let result = (|| -> Result<Vec<Reply>, redb::Error> {
-            let mut txn = db.begin_write()?;
-            // redb's default, spelled out: commit() returns after the fsync
-            txn.set_durability(Durability::Immediate).expect("Immediate is never refused");
-            let mut answers = Vec::with_capacity(ops.len());
-            for op in ops {
-                answers.push(self.apply(&txn, op, now, &mut delta)?);
-            }
-            sweep_dedup(&txn, now)?;
-            dead::sweep(&txn, now, self.retention)?;
-            txn.commit()?;
-            Ok(answers)
-        })();
-        match result {
-            Ok(answers) => {
-                self.commits.fetch_add(1, Ordering::Relaxed);
-                self.pending.add(delta);
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(Ok(answer));
-                }
-            }
-            Err(err) => {
-                tracing::error!(error = %err, requests = replies.len(), "message store commit failed");
-                if matches!(err, redb::Error::Io(_) | redb::Error::PreviousIo) {
-                    // at once, so reads go on; if that fails too, the next write tries again
-                    self.release(db, err.to_string());
-                    let _ = self.open();
-                }
-                for reply in replies {
-                    let _ = reply.send(Err(BrokerError::Store(err.to_string())));
-                }
-            }
-        }
-    }
-
-    /// After a write error, redb refuses every later transaction on this handle: let go of it,
-    /// so the next write opens the file again.
-    fn release(&mut self, db: Arc<Database>, reason: String) {
-        self.released = Some(Arc::downgrade(&db));
-        drop(db);
-        let mut handle = self.handle.write().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*handle, Handle::Closed) {
-            *handle = Handle::Broken { reason };
-        }
-    }
-
-    /// The open file, opening it again after a write error (at most once per
-    /// [`REOPEN_EVERY`]); the reason it cannot be written otherwise.
-    fn open(&mut self) -> Result<Arc<Database>, String> {
-        let broken = match &*self.handle.read().unwrap_or_else(|e| e.into_inner()) {
-            Handle::Open(db) => return Ok(db.clone()),
-            Handle::Broken { reason } => format!("the message store cannot be written: {reason}"),
-            Handle::Closed => "the message store is closed".to_owned(),
-        };
-        let now = tokio::time::Instant::now();
-        if self.last_reopen.is_some_and(|at| now < at + REOPEN_EVERY) {
-            return Err(broken);
-        }
-        self.last_reopen = Some(now);
-        // redb opens a file once per process: the reads still on the old handle must end first
-        let until = now + REOPEN_WAIT;
-        while self.released.as_ref().is_some_and(|old| old.strong_count() > 0) {
-            if tokio::time::Instant::now() >= until {
-                return Err(broken);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let (db, stored) = open_file(&self.path).map_err(|reason| {
-            tracing::warn!(%reason, "the message store cannot be opened again yet");
-            broken
-        })?;
-        let db = Arc::new(db);
-        self.pending.set(stored as i64);
-        self.released = None;
-        *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db.clone());
-        tracing::info!(stored, "message store opened again after a write error");
-        Ok(db)
-    }
-
-    fn apply(
-        &self,
-        txn: &WriteTransaction,
-        op: Op,
-        now: u64,
-        delta: &mut i64,
-    ) -> Result<Reply, redb::Error> {
-        let mut messages = txn.open_table(MESSAGES)?;
-        let mut state = txn.open_table(STATE)?;
-        let mut due = txn.open_table(DUE)?;
-        Ok(match op {
-            Op::Publish(batch) => {
-                let mut dedup = txn.open_table(DEDUP)?;
-                let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
-                let mut done = Vec::with_capacity(batch.len());
-                for message in batch {
-                    let q = message.queue.as_str();
-                    if let Some(key) = message.idempotency_key.as_deref() {
-                        let seen = dedup.get((q, key))?.map(|v| v.value());
-                        if let Some((id, _)) = seen.filter(|&(_, expires)| expires > now) {
-                            done.push(Published::Duplicate(MessageId::from_u128(id)));
-                            continue;
-                        }
-                    }
-                    let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now);
-                    let id = MessageId::generate(SystemTime::now().max(at));
-                    let mut envelope = Envelope::new(id, q, at, message.payload);
-                    let metadata = &mut envelope.metadata;
-                    for (name, value) in [
-                        ("idempotency_key", &message.idempotency_key),
-                        ("ordering_key", &message.ordering_key),
-                        ("traceparent", &message.traceparent),
-                    ] {
-                        if let Some(value) = value {
-                            metadata.insert(name.into(), value.clone().into());
-                        }
-                    }
-                    messages.insert((q, id.as_u128()), envelope.to_json().as_slice())?;
-                    state.insert((q, id.as_u128()), (0u32, now))?;
-                    due.insert((q, now, id.as_u128()), ())?;
-                    if let Some(key) = message.idempotency_key.as_deref() {
-                        let expires = now.saturating_add(self.dedup_window);
-                        if let Some(old) = dedup.insert((q, key), (id.as_u128(), expires))? {
-                            expiry.remove((old.value().1, q, key))?;
-                        }
-                        expiry.insert((expires, q, key), ())?;
-                    }
-                    *delta += 1;
-                    done.push(Published::Stored(id));
-                }
-                Reply::Published(done)
-            }
-            Op::Ack(settled) => {
-                for (queue, id) in settled {
-                    let q = queue.as_str();
-                    if messages.remove((q, id.as_u128()))?.is_some() {
-                        *delta -= 1;
-                    }
-                    if let Some(old) = state.remove((q, id.as_u128()))? {
-                        let until = old.value().1;
-                        due.remove((q, until, id.as_u128()))?;
-                    }
-                }
-                Reply::Done
-            }
-            Op::Park { envelope, attempts, until } => {
-                let (q, id) = (envelope.queue.as_str(), envelope.id.as_u128());
-                if messages.get((q, id))?.is_none() {
-                    // acknowledged meanwhile (a duplicate delivery): nothing to keep
-                    return Ok(Reply::Done);
-                }
-                messages.insert((q, id), envelope.to_json().as_slice())?;
-                if let Some(old) = state.insert((q, id), (attempts, until))? {
-                    let old_until = old.value().1;
-                    due.remove((q, old_until, id))?;
-                }
-                due.insert((q, until, id), ())?;
-                Reply::Done
-            }
-            Op::DeadLetter { envelope, dead_letter_queue } => {
-                let (q, id) = (envelope.queue.as_str(), envelope.id.as_u128());
-                // the dead letter and the removal commit together or not at all
-                dead::insert(txn, &dead_letter_queue, &envelope, now, self.retention)?;
-                if messages.remove((q, id))?.is_some() {
-                    *delta -= 1;
-                }
-                if let Some(old) = state.remove((q, id))? {
-                    let until = old.value().1;
-                    due.remove((q, until, id))?;
-                }
-                Reply::Done
-            }
-            Op::DeleteDeadLetter { queue, id } => {
-                Reply::Deleted(dead::remove(txn, &queue, id.as_u128())?.is_some())
-            }
-            Op::PurgeDeadLetters { queue } => Reply::Purged(dead::purge(txn, &queue)?),
-            Op::Sweep => Reply::Done,
-            Op::Replay { dead_letter_queue: dlq, ids } => {
-                let mut replayed = Vec::with_capacity(ids.len());
-                for id in ids {
-                    let stored = txn
-                        .open_table(DEAD)?
-                        .get((dlq.as_str(), id.as_u128()))?
-                        .map(|v| v.value().to_vec());
-                    let Some(Ok(mut envelope)) = stored.map(|json| Envelope::from_json(&json))
-                    else {
-                        continue; // gone meanwhile, or unreadable: left where it is
-                    };
-                    super::mark_replayed(
-                        &mut envelope,
-                        &dlq,
-                        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now),
-                    );
-                    dead::remove(txn, &dlq, id.as_u128())?;
-                    let q = envelope.queue.as_str();
-                    // like a fresh publish: attempts 0, due now, counted as pending; if the id
-                    // is somehow still in the queue, this copy replaces it (no double count)
-                    let key = (q, id.as_u128());
-                    if messages.insert(key, envelope.to_json().as_slice())?.is_none() {
-                        *delta += 1;
-                    }
-                    if let Some(old) = state.insert(key, (0u32, now))? {
-                        due.remove((q, old.value().1, id.as_u128()))?;
-                    }
-                    due.insert((q, now, id.as_u128()), ())?;
-                    replayed.push(id);
-                }
-                Reply::Replayed(replayed)
-            }
-        })
-    }
-}
-
-/// Forgets up to [`SWEEP_PER_COMMIT`] Idempotency-Keys whose window has passed.
-fn sweep_dedup(txn: &WriteTransaction, now: u64) -> Result<(), redb::Error> {
-    let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
-    let mut dedup = txn.open_table(DEDUP)?;
-    let mut expired = Vec::new();
-    for entry in expiry.range((0, "", "")..(now, "", ""))?.take(SWEEP_PER_COMMIT) {
-        let (key, _) = entry?;
-        let (at, queue, key) = key.value();
-        expired.push((at, queue.to_owned(), key.to_owned()));
-    }
-    for (at, queue, key) in &expired {
-        expiry.remove((*at, queue.as_str(), key.as_str()))?;
-        dedup.remove((queue.as_str(), key.as_str()))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

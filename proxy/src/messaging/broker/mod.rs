@@ -40,6 +40,24 @@ pub struct Publish {
     pub traceparent: Option<String>,
 }
 
+impl Publish {
+    /// The envelope this publish is stored as, under `id`, accepted at `at`: its keys and
+    /// traceparent go in `metadata`.
+    pub fn into_envelope(self, id: MessageId, at: std::time::SystemTime) -> Envelope {
+        let mut envelope = Envelope::new(id, &self.queue, at, self.payload);
+        for (name, value) in [
+            ("idempotency_key", self.idempotency_key),
+            ("ordering_key", self.ordering_key),
+            ("traceparent", self.traceparent),
+        ] {
+            if let Some(value) = value {
+                envelope.metadata.insert(name.into(), value.into());
+            }
+        }
+        envelope
+    }
+}
+
 /// What a publish did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
