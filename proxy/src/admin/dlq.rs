@@ -273,7 +273,7 @@ fn error(status: StatusCode, reason: &str) -> Response<Body> {
 }
 
 fn unavailable(e: &crate::messaging::broker::BrokerError) -> Response<Body> {
-    error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+    error(StatusCode::SERVICE_UNAVAILABLE, &crate::error::chain(e))
 }
 
 #[cfg(test)]

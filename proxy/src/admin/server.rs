@@ -83,7 +83,7 @@ impl Admin {
                             self.metrics.observe_queues(&depths, now);
                         }
                         Err(error) => {
-                            tracing::warn!(%error, "reading queue depths for /metrics failed")
+                            tracing::warn!(error = %crate::error::chain(&error), "reading queue depths for /metrics failed")
                         }
                     }
                 }
@@ -113,7 +113,7 @@ impl Admin {
                         )
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, "reading queue depths failed");
+                        tracing::warn!(error = %crate::error::chain(&err), "reading queue depths failed");
                         text(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "the message store could not be read\n",

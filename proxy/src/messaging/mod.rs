@@ -25,6 +25,7 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{Notify, OnceCell, watch};
 use tokio::task::JoinSet;
 
+use crate::error::chain;
 use crate::messaging::broker::embedded::{self, Embedded, OpenError};
 use crate::messaging::broker::redis::{self as redis_broker, Redis};
 use crate::messaging::broker::{AnyQueue, BrokerError, DeadLetterPage, Lane, Queue, QueueDepth};
@@ -207,7 +208,7 @@ impl Messaging {
                         Ok(true) if !*stop.borrow() => {}
                         Ok(_) => break,
                         Err(error) => {
-                            tracing::warn!(%error, "dead-letter retention sweep failed");
+                            tracing::warn!(error = %chain(&error), "dead-letter retention sweep failed");
                             break;
                         }
                     }

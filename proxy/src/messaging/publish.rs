@@ -106,7 +106,7 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
     let published = store
         .publish(vec![message])
         .await
-        .map_err(|e| ProxyError::Outbox { reason: e.to_string().into() })?;
+        .map_err(|e| ProxyError::Outbox { reason: crate::error::chain(&e).into() })?;
     let published = published[0];
     if span.recording() {
         span.text("messaging.message.id", published.id().to_string());

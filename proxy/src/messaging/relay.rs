@@ -18,6 +18,7 @@ use outrigger_config as config;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::error::chain;
 use crate::messaging::Messaging;
 use crate::messaging::broker::Outbox;
 use crate::messaging::broker::redis::Redis;
@@ -121,7 +122,7 @@ async fn relay_once(
         Ok(batch) => batch,
         Err(error) => {
             breaker.cancel(admission);
-            return Err(Failed::Broker(format!("reading the outbox: {error}")));
+            return Err(Failed::Broker(format!("reading the outbox: {}", chain(&error))));
         }
     };
     // a span per message under its publish, when its trace is recorded
@@ -149,11 +150,11 @@ async fn relay_once(
     }
     if let Err(error) = result {
         store.release_all(&batch);
-        return Err(Failed::Broker(error.to_string()));
+        return Err(Failed::Broker(chain(&error)));
     }
     if let Err(error) = store.forget(&batch).await {
         // Redis has them; relayed again later, they are appended once (the relayed-id marker)
-        tracing::error!(%error, "forgetting relayed messages failed; they will be relayed again");
+        tracing::error!(error = %chain(&error), "forgetting relayed messages failed; they will be relayed again");
     }
     tracing::debug!(messages = batch.len(), "relayed to the broker");
     Ok(batch.len())

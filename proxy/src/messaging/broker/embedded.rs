@@ -79,9 +79,7 @@ pub struct Embedded {
 enum Handle {
     Open(Arc<Database>),
     /// A write failed on an I/O error; the writer opens the file again at its next write.
-    Broken {
-        reason: String,
-    },
+    Broken(Arc<redb::Error>),
     /// [`Embedded::close`] ran: the file is closed when the last handle is dropped.
     Closed,
 }
@@ -221,9 +219,7 @@ impl Embedded {
     fn db(&self) -> Result<Arc<Database>, BrokerError> {
         match &*self.inner.db.read().unwrap_or_else(|e| e.into_inner()) {
             Handle::Open(db) => Ok(db.clone()),
-            Handle::Broken { reason } => Err(BrokerError::Store(format!(
-                "the message store is being reopened after a write error: {reason}"
-            ))),
+            Handle::Broken(error) => Err(BrokerError::Unwritable(error.clone())),
             Handle::Closed => Err(BrokerError::Stopped),
         }
     }
@@ -250,7 +246,7 @@ impl Embedded {
             read(&txn)
         })
         .await
-        .map_err(|e| BrokerError::Store(e.to_string()))?
+        .map_err(BrokerError::Task)?
         .map_err(store_error)
     }
 
@@ -269,7 +265,7 @@ impl Embedded {
             read(&txn, &mut leases)
         })
         .await
-        .map_err(|e| BrokerError::Store(e.to_string()))?
+        .map_err(BrokerError::Task)?
         .map_err(store_error)
     }
 
@@ -351,7 +347,7 @@ fn create_tables(db: &Database) -> Result<u64, redb::Error> {
 }
 
 fn store_error(err: impl Into<redb::Error>) -> BrokerError {
-    BrokerError::Store(err.into().to_string())
+    BrokerError::Store(Arc::new(err.into()))
 }
 
 impl Outbox for Embedded {

@@ -18,6 +18,7 @@ pub mod embedded;
 pub mod redis;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
@@ -97,11 +98,21 @@ pub struct Leased {
     pub attempts: u32,
 }
 
-/// Why a broker operation failed. The message concerned stays where it was.
+/// Why a broker operation failed. The message concerned stays where it was. Each keeps its
+/// cause as its `source`: show one with `crate::error::chain`, which says `a: b: c`.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("the message store failed: {0}")]
-    Store(String),
+    /// The embedded store's file failed. Shared: one failed commit answers all its callers.
+    #[error("the message store failed")]
+    Store(#[source] Arc<redb::Error>),
+    /// The embedded store refuses writes until its file opens again (after a write error).
+    #[error("the message store cannot be written yet")]
+    Unwritable(#[source] Arc<redb::Error>),
+    /// A blocking task of the embedded store ended without an answer.
+    #[error("a message store task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("redis failed")]
+    Redis(#[source] ::redis::RedisError),
     #[error("the message store has stopped")]
     Stopped,
     #[error("no message {id} in queue {queue}")]

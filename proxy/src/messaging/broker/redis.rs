@@ -285,7 +285,7 @@ fn retries(queue: &str, group: &str) -> String {
 }
 
 fn store_error(error: redis::RedisError) -> BrokerError {
-    BrokerError::Store(format!("redis: {error}"))
+    BrokerError::Redis(error)
 }
 
 impl Redis {
@@ -541,8 +541,8 @@ impl Redis {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.forget_group_if_gone(queue, e))?;
-            let claimed: redis::streams::StreamAutoClaimReply = redis::from_redis_value(claim)
-                .map_err(|e| BrokerError::Store(format!("redis: {e}")))?;
+            let claimed: redis::streams::StreamAutoClaimReply =
+                redis::from_redis_value(claim).map_err(|e| store_error(e.into()))?;
             found.extend(self.lease(queue, stream_key, claimed.claimed, true));
         }
         if found.len() >= max {

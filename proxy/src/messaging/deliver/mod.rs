@@ -29,6 +29,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 
+use crate::error::chain;
 use crate::http::forward::UpstreamClient;
 use crate::messaging::broker::{BrokerError, Leased, Queue, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, dead_letter_keys, rfc3339, unix_millis};
@@ -249,7 +250,7 @@ impl<B: Queue + Clone> Subscriber<B> {
             let leased = match self.read_lanes(max, reads).await {
                 Ok(leased) => leased,
                 Err(error) => {
-                    tracing::error!(queue = %self.queue, %error, "reading the queue failed; trying again shortly");
+                    tracing::error!(queue = %self.queue, error = %chain(&error), "reading the queue failed; trying again shortly");
                     self.cancel(admissions);
                     self.idle(BROKER_ERROR_PAUSE, &mut stop).await;
                     continue;
@@ -313,7 +314,7 @@ impl<B: Queue + Clone> Subscriber<B> {
                 Err(error) if leased.is_empty() => return Err(error),
                 // what earlier lanes handed out is delivered; this lane is read next time
                 Err(error) => {
-                    tracing::warn!(queue = %lane.queue, %error, "reading a lane failed");
+                    tracing::warn!(queue = %lane.queue, error = %chain(&error), "reading a lane failed");
                     break;
                 }
             }
@@ -356,7 +357,7 @@ impl<B: Queue + Clone> Subscriber<B> {
                         tracing::debug!(queue = %lane.queue, removed, "settled entries trimmed")
                     }
                     Err(error) => {
-                        tracing::debug!(queue = %lane.queue, %error, "upkeep failed; next time")
+                        tracing::debug!(queue = %lane.queue, error = %chain(&error), "upkeep failed; next time")
                     }
                 }
             }
@@ -522,7 +523,7 @@ impl<B: Queue + Clone> Subscriber<B> {
         let lane = self.lane(&envelope.queue);
         if let Err(error) = self.broker.ack(&envelope.queue, envelope.id).await {
             // not acknowledged, so not delivered: it is read again and acknowledged then
-            tracing::error!(queue = %envelope.queue, id = %envelope.id, %error, "acknowledging before delivery failed; not delivered");
+            tracing::error!(queue = %envelope.queue, id = %envelope.id, error = %chain(&error), "acknowledging before delivery failed; not delivered");
             self.cancel(vec![admission]);
             return;
         }
@@ -620,7 +621,7 @@ impl<B: Queue + Clone> Subscriber<B> {
                 // delivered, not forgotten: read again, it is acknowledged without a delivery
                 let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
                 acknowledged.remember(id, Instant::now());
-                tracing::error!(queue, %id, %error, "acknowledging failed; will acknowledge again");
+                tracing::error!(queue, %id, error = %chain(&error), "acknowledging failed; will acknowledge again");
             }
         }
     }
@@ -637,7 +638,7 @@ impl<B: Queue + Clone> Subscriber<B> {
             Ok(()) => true,
             Err(error) => {
                 // the stored copy stays, with its previous history: delivered again, not lost
-                tracing::error!(%queue, %id, %error, "parking a failed message failed; it will be delivered again");
+                tracing::error!(%queue, %id, error = %chain(&error), "parking a failed message failed; it will be delivered again");
                 false
             }
         }
@@ -668,7 +669,7 @@ impl<B: Queue + Clone> Subscriber<B> {
                 tracing::warn!(queue = %lane.queue, %id, attempts, dead_letter_queue = %lane.dead_letter_queue, reason = %reason.unwrap_or_default(), "message dead-lettered");
             }
             Err(error) => {
-                tracing::error!(queue = %lane.queue, %id, %error, "storing the dead letter failed; the message stays and the move is retried");
+                tracing::error!(queue = %lane.queue, %id, error = %chain(&error), "storing the dead letter failed; the message stays and the move is retried");
                 let delay = self.retry_delay(attempts.max(1), None);
                 self.park(envelope, attempts, delay).await;
                 // parked or not, it is read again and the move retried

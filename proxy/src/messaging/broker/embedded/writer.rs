@@ -89,10 +89,8 @@ impl<W: Write> Job for Pending<W> {
 
     fn answer(self: Box<Self>, committed: Result<(), BrokerError>) {
         let Pending { output, reply, .. } = *self;
-        let answer = committed.and_then(|()| {
-            // a committed transaction applied every write in it
-            output.ok_or_else(|| BrokerError::Store("the write was not applied".into()))
-        });
+        // a committed transaction applied every write in it: `output` is there then
+        let answer = committed.and_then(|()| output.ok_or(BrokerError::Stopped));
         let _ = reply.send(answer);
     }
 }
@@ -144,9 +142,9 @@ impl Writer {
     fn commit(&mut self, mut batch: Vec<Box<dyn Job>>) {
         let db = match self.open() {
             Ok(db) => db,
-            Err(reason) => {
+            Err(refused) => {
                 for job in batch {
-                    job.answer(Err(BrokerError::Store(reason.clone())));
+                    job.answer(Err(refused.error()));
                 }
                 return;
             }
@@ -179,13 +177,14 @@ impl Writer {
             }
             Err(err) => {
                 tracing::error!(error = %err, requests = batch.len(), "message store commit failed");
-                if matches!(err, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                let err = Arc::new(err);
+                if matches!(*err, redb::Error::Io(_) | redb::Error::PreviousIo) {
                     // at once, so reads go on; if that fails too, the next write tries again
-                    self.release(db, err.to_string());
+                    self.release(db, err.clone());
                     let _ = self.open();
                 }
                 for job in batch {
-                    job.answer(Err(BrokerError::Store(err.to_string())));
+                    job.answer(Err(BrokerError::Store(err.clone())));
                 }
             }
         }
@@ -193,22 +192,22 @@ impl Writer {
 
     /// After a write error, redb refuses every later transaction on this handle: let go of it,
     /// so the next write opens the file again.
-    fn release(&mut self, db: Arc<Database>, reason: String) {
+    fn release(&mut self, db: Arc<Database>, error: Arc<redb::Error>) {
         self.released = Some(Arc::downgrade(&db));
         drop(db);
         let mut handle = self.handle.write().unwrap_or_else(|e| e.into_inner());
         if !matches!(*handle, Handle::Closed) {
-            *handle = Handle::Broken { reason };
+            *handle = Handle::Broken(error);
         }
     }
 
     /// The open file, opening it again after a write error (at most once per
-    /// [`REOPEN_EVERY`]); the reason it cannot be written otherwise.
-    fn open(&mut self) -> Result<Arc<Database>, String> {
+    /// [`REOPEN_EVERY`]); why it cannot be written otherwise.
+    fn open(&mut self) -> Result<Arc<Database>, Refused> {
         let broken = match &*self.handle.read().unwrap_or_else(|e| e.into_inner()) {
             Handle::Open(db) => return Ok(db.clone()),
-            Handle::Broken { reason } => format!("the message store cannot be written: {reason}"),
-            Handle::Closed => "the message store is closed".to_owned(),
+            Handle::Broken(error) => Refused::Unwritable(error.clone()),
+            Handle::Closed => Refused::Closed,
         };
         let now = tokio::time::Instant::now();
         if self.last_reopen.is_some_and(|at| now < at + REOPEN_EVERY) {
@@ -233,6 +232,23 @@ impl Writer {
         *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db.clone());
         tracing::info!(stored, "message store opened again after a write error");
         Ok(db)
+    }
+}
+
+/// Why the writer cannot write now; every caller of a batch is told.
+#[derive(Debug, Clone)]
+enum Refused {
+    /// The last write failed on this error, and the file has not opened again yet.
+    Unwritable(Arc<redb::Error>),
+    Closed,
+}
+
+impl Refused {
+    fn error(&self) -> BrokerError {
+        match self {
+            Refused::Unwritable(error) => BrokerError::Unwritable(error.clone()),
+            Refused::Closed => BrokerError::Stopped,
+        }
     }
 }
 
