@@ -20,8 +20,8 @@ use tokio::time::Instant;
 
 use crate::error::chain;
 use crate::messaging::Messaging;
-use crate::messaging::broker::Outbox;
 use crate::messaging::broker::redis::Redis;
+use crate::messaging::broker::{BrokerError, Outbox};
 use crate::policy::backoff::Backoff;
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::trace::Kind;
@@ -34,18 +34,28 @@ const POLL: Duration = Duration::from_secs(1);
 /// What the relay last saw of the broker, for readiness.
 #[derive(Debug, Default)]
 pub struct Status {
-    failing: Mutex<Option<String>>,
+    failing: Mutex<Option<Arc<RelayError>>>,
 }
 
 impl Status {
-    /// `None` while the broker takes what is relayed; else the last error.
+    /// `None` while the broker takes what is relayed; else the last error, with its causes.
     pub fn failing(&self) -> Option<String> {
-        self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        failing.as_deref().map(|error| chain(error))
     }
 
-    fn set(&self, failing: Option<String>) {
+    fn set(&self, failing: Option<Arc<RelayError>>) {
         *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = failing;
     }
+}
+
+/// Why a batch was not relayed; the messages stay in the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("reading the outbox failed")]
+    Outbox(#[source] BrokerError),
+    #[error("the broker did not take the batch")]
+    Broker(#[source] BrokerError),
 }
 
 /// Relays until `stop` turns true (finishing the batch in hand; the rest stays durable).
@@ -81,11 +91,11 @@ pub async fn run(
                 continue;
             }
             Err(Failed::Open(wait)) => wait,
-            Err(Failed::Broker(error)) => {
+            Err(Failed::Relay(error)) => {
                 if failures == 0 {
-                    tracing::warn!(%error, "relaying to the broker failed; publishes wait in the outbox");
+                    tracing::warn!(error = %chain(&error), "relaying to the broker failed; publishes wait in the outbox");
                 }
-                status.set(Some(error));
+                status.set(Some(Arc::new(error)));
                 previous = backoff.delay(failures, previous);
                 failures += 1;
                 previous
@@ -102,7 +112,7 @@ pub async fn run(
 enum Failed {
     /// The breaker is open: try again after this.
     Open(Duration),
-    Broker(String),
+    Relay(RelayError),
 }
 
 /// Moves one batch; how many messages it moved.
@@ -122,7 +132,7 @@ async fn relay_once(
         Ok(batch) => batch,
         Err(error) => {
             breaker.cancel(admission);
-            return Err(Failed::Broker(format!("reading the outbox: {}", chain(&error))));
+            return Err(Failed::Relay(RelayError::Outbox(error)));
         }
     };
     // a span per message under its publish, when its trace is recorded
@@ -150,7 +160,7 @@ async fn relay_once(
     }
     if let Err(error) = result {
         store.release_all(&batch);
-        return Err(Failed::Broker(chain(&error)));
+        return Err(Failed::Relay(RelayError::Broker(error)));
     }
     if let Err(error) = store.forget(&batch).await {
         // Redis has them; relayed again later, they are appended once (the relayed-id marker)

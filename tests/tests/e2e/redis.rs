@@ -146,6 +146,12 @@ async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_bac
         (status == 200 && broker_check(&sidecar).await == "degraded").then_some(())
     })
     .await;
+    // the detail says what failed and why, down to Redis's own error
+    let (_, body) = sidecar.admin("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let detail = ready["checks"]["broker"]["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("the broker did not take the batch: redis failed: "), "{detail}");
+    assert!(detail.ends_with("10 message(s) wait in the outbox"), "{detail}");
 
     redis.restart().await;
     assert_each_delivered_once(&sidecar, &app, published).await;
