@@ -31,6 +31,15 @@ use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, Value};
 
 use super::embedded::Retention;
+use keys::{
+    dead_letter_ids, delayed, order_list, ordered_groups, relayed, retries, stream, waiting_list,
+};
+use scripts::{
+    ACQUIRE, DEAD_LETTER, DELETE_DEAD_LETTER, DEPTH, PROMOTE, RELAY, RELEASE, REPLAY, TRIM,
+};
+
+mod keys;
+mod scripts;
 use super::{BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, UnixMillis};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
@@ -40,171 +49,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const READ_BLOCK: Duration = Duration::from_millis(500);
 /// Parked messages moved back to the stream per read at most.
 const PROMOTE_PER_READ: usize = 100;
-
-/// Appends an envelope unless its id was relayed within the window.
-/// With an ordering key (ARGV[3]), the id is also appended to the key's order list of every
-/// group that consumes the queue in order (the set KEYS[3]): that list, not the moment a
-/// replica happens to read it, decides which message of the key goes next.
-const RELAY: &str = r"
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  local entry = redis.call('XADD', KEYS[2], '*', 'envelope', ARGV[2], 'attempts', '0')
-  if ARGV[3] ~= '' then
-    for _, group in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-      redis.call('RPUSH', KEYS[2] .. ':order:' .. group .. ':' .. ARGV[3], ARGV[4])
-    end
-  end
-  return entry
-end
-return false";
-
-/// May this message of an ordered group go now? KEYS the key's order list and waiting list;
-/// ARGV message id, the waiting member (`ID\nATTEMPTS\nENVELOPE`). 1: it is the key's head (or
-/// the list does not know it: no order to keep). 0: an earlier message of the key is not
-/// settled; it waits in the waiting list until that one is.
-const ACQUIRE: &str = r"
-local head = redis.call('LINDEX', KEYS[1], 0)
-if not head or head == ARGV[1] or not redis.call('LPOS', KEYS[1], ARGV[1]) then return 1 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-return 0";
-
-/// A message of an ordered group was settled (acknowledged or dead-lettered): the key's next
-/// message, if it already waits, goes to the group's retry stream. KEYS order list, waiting
-/// list, retry stream; ARGV message id.
-const RELEASE: &str = r"
-if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then redis.call('LPOP', KEYS[1]) end
-local head = redis.call('LINDEX', KEYS[1], 0)
-if not head then return 0 end
-for _, member in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  local first = string.find(member, '\n', 1, true)
-  if string.sub(member, 1, first - 1) == head then
-    local second = string.find(member, '\n', first + 1, true)
-    redis.call('XADD', KEYS[3], '*', 'envelope', string.sub(member, second + 1),
-      'attempts', string.sub(member, first + 1, second - 1))
-    redis.call('LREM', KEYS[2], 1, member)
-    return 1
-  end
-end
-return 0";
-
-/// Moves parked messages that are due back to the stream.
-const PROMOTE: &str = r"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(due) do
-  local cut = string.find(member, '\n', 1, true)
-  redis.call('XADD', KEYS[2], '*', 'envelope', string.sub(member, cut + 1),
-    'attempts', string.sub(member, 1, cut - 1))
-  redis.call('ZREM', KEYS[1], member)
-end
-return #due";
-
-/// Appends a dead letter and indexes it by message id (the same message dead-lettered again
-/// keeps one entry), then applies the retention: past ARGV[3] entries the oldest go, and those
-/// dead-lettered at or before Unix ms ARGV[4]; at most 64 of each per call.
-const DEAD_LETTER: &str = r"
-local previous = redis.call('HGET', KEYS[2], ARGV[2])
-if previous then redis.call('XDEL', KEYS[1], previous) end
-local entry = redis.call('XADD', KEYS[1], '*', 'envelope', ARGV[1], 'id', ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], entry)
-local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[3])
-local lists = { redis.call('XRANGE', KEYS[1], '-', ARGV[4], 'COUNT', 64) }
-if excess > 0 then
-  table.insert(lists, redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', math.min(excess, 64)))
-end
-for _, list in ipairs(lists) do
-  for _, e in ipairs(list) do
-    local fields = e[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'id' then redis.call('HDEL', KEYS[2], fields[i + 1]) end
-    end
-    redis.call('XDEL', KEYS[1], e[1])
-  end
-end
-return entry";
-
-/// Removes one dead letter by message id; 1 when there was one.
-const DELETE_DEAD_LETTER: &str = r"
-local entry = redis.call('HGET', KEYS[2], ARGV[1])
-if not entry then return 0 end
-redis.call('XDEL', KEYS[1], entry)
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1";
-
-/// Moves one dead letter back to its queue's stream: KEYS dead-letter stream, its index, the
-/// queue's stream; ARGV message id, the replayed envelope. 1 when it was there.
-const REPLAY: &str = r"
-local entry = redis.call('HGET', KEYS[2], ARGV[1])
-if not entry then return 0 end
-redis.call('XADD', KEYS[3], '*', 'envelope', ARGV[2], 'attempts', '0')
-redis.call('XDEL', KEYS[1], entry)
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1";
-
-/// Trims a queue's stream below what every consumer group has read and settled: the oldest
-/// pending entry of each group, or its last delivered entry. No group, no trim.
-const TRIM: &str = r"
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok or #groups == 0 then return 0 end
-local function parse(id)
-  local ms, seq = string.match(id, '(%d+)-(%d+)')
-  return tonumber(ms), tonumber(seq)
-end
-local function less(a, b)
-  local am, as = parse(a)
-  local bm, bs = parse(b)
-  return am < bm or (am == bm and as < bs)
-end
-local floor = nil
-for _, group in ipairs(groups) do
-  local name, last
-  for i = 1, #group, 2 do
-    if group[i] == 'name' then name = group[i + 1] end
-    if group[i] == 'last-delivered-id' then last = group[i + 1] end
-  end
-  local keep = last
-  local pending = redis.call('XPENDING', KEYS[1], name)
-  if pending[1] > 0 and less(pending[2], keep) then keep = pending[2] end
-  if floor == nil or less(keep, floor) then floor = keep end
-end
-return redis.call('XTRIM', KEYS[1], 'MINID', floor)";
-
-/// One queue as a consumer group sees it: KEYS the stream, the group's delayed set and retry
-/// stream, the dead-letter stream; ARGV the group. Returns {depth, oldest ms or -1,
-/// dead letters, oldest dead letter ms or -1}. Times are stream entry times (when relayed or
-/// dead-lettered).
-const DEPTH: &str = r"
-local function ms(id) return tonumber(string.match(id, '^(%d+)')) end
-local depth, oldest = 0, -1
-local function older(m) if m and (oldest < 0 or m < oldest) then oldest = m end end
-local found = false
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if ok then
-  for _, g in ipairs(groups) do
-    local f = {}
-    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    if f['name'] == ARGV[1] then
-      found = true
-      local pending = f['pending'] or 0
-      depth = depth + pending
-      if pending > 0 then older(ms(redis.call('XPENDING', KEYS[1], ARGV[1])[2])) end
-      local nxt = redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+', 'COUNT', 1)
-      if #nxt > 0 then
-        older(ms(nxt[1][1]))
-        if type(f['lag']) == 'number' then depth = depth + f['lag'] else depth = depth + 1 end
-      end
-    end
-  end
-end
-if not found and ok then
-  -- the group is made at its first read, from the stream's start: all of it waits for it
-  depth = redis.call('XLEN', KEYS[1])
-  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-  if #first > 0 then older(ms(first[1][1])) end
-end
-depth = depth + redis.call('ZCARD', KEYS[2]) + redis.call('XLEN', KEYS[3])
-local dead = redis.call('XLEN', KEYS[4])
-local dead_oldest = -1
-if dead > 0 then dead_oldest = ms(redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)[1][1]) end
-return {depth, oldest, dead, dead_oldest}";
 
 /// The Redis broker; cheap to clone.
 #[derive(Clone)]
@@ -255,34 +99,6 @@ struct Lease {
 #[derive(Debug, thiserror::Error)]
 #[error("messaging.broker: {0}")]
 pub struct ConnectError(String);
-
-fn stream(queue: &str) -> String {
-    format!("outrigger:{{{queue}}}")
-}
-
-/// Group `group`'s parked messages of `queue`, and the stream they return to when due.
-fn delayed(queue: &str, group: &str) -> String {
-    format!("outrigger:{{{queue}}}:delayed:{group}")
-}
-
-/// The groups that consume `queue` with `ordered: true`.
-fn ordered_groups(queue: &str) -> String {
-    format!("outrigger:{{{queue}}}:ordered")
-}
-
-/// Group `group`'s order of ordering key `key`: the ids of its unsettled messages, as relayed.
-fn order_list(queue: &str, group: &str, key: &str) -> String {
-    format!("outrigger:{{{queue}}}:order:{group}:{key}")
-}
-
-/// Messages of `key` read by group `group` before their turn.
-fn waiting_list(queue: &str, group: &str, key: &str) -> String {
-    format!("outrigger:{{{queue}}}:waiting:{group}:{key}")
-}
-
-fn retries(queue: &str, group: &str) -> String {
-    format!("outrigger:{{{queue}}}:retry:{group}")
-}
 
 fn store_error(error: redis::RedisError) -> BrokerError {
     BrokerError::Redis(error)
@@ -336,7 +152,7 @@ impl Redis {
         let mut pipe = redis::pipe();
         let window = self.inner.dedup_window.as_millis().to_string();
         for envelope in envelopes {
-            let marker = format!("{}:relayed:{}", stream(&envelope.queue), envelope.id);
+            let marker = relayed(&envelope.queue, envelope.id);
             pipe.cmd("EVAL")
                 .arg(RELAY)
                 .arg(3)
@@ -786,7 +602,7 @@ impl Queue for Redis {
             .arg(DEAD_LETTER)
             .arg(2)
             .arg(&dlq)
-            .arg(format!("{dlq}:ids"))
+            .arg(dead_letter_ids(dead_letter_queue))
             .arg(envelope.to_json())
             .arg(envelope.id.to_string())
             .arg(self.inner.retention.max_messages)
@@ -812,8 +628,10 @@ impl Queue for Redis {
         let end = match before {
             None => "+".to_owned(),
             Some(id) => {
-                let entry: Option<String> =
-                    conn.hget(format!("{dlq}:ids"), id.to_string()).await.map_err(store_error)?;
+                let entry: Option<String> = conn
+                    .hget(dead_letter_ids(dead_letter_queue), id.to_string())
+                    .await
+                    .map_err(store_error)?;
                 match entry {
                     Some(entry) => format!("({entry}"),
                     None => return Ok(DeadLetterPage { messages: Vec::new(), next: None }),
@@ -842,8 +660,10 @@ impl Queue for Redis {
     ) -> Result<Option<Envelope>, BrokerError> {
         let dlq = stream(dead_letter_queue);
         let mut conn = self.inner.commands.clone();
-        let entry: Option<String> =
-            conn.hget(format!("{dlq}:ids"), id.to_string()).await.map_err(store_error)?;
+        let entry: Option<String> = conn
+            .hget(dead_letter_ids(dead_letter_queue), id.to_string())
+            .await
+            .map_err(store_error)?;
         let Some(entry) = entry else { return Ok(None) };
         let found: redis::streams::StreamRangeReply =
             conn.xrange(&dlq, &entry, &entry).await.map_err(store_error)?;
@@ -865,7 +685,7 @@ impl Queue for Redis {
             .arg(DELETE_DEAD_LETTER)
             .arg(2)
             .arg(&dlq)
-            .arg(format!("{dlq}:ids"))
+            .arg(dead_letter_ids(dead_letter_queue))
             .arg(id.to_string())
             .query_async(&mut conn)
             .await
@@ -882,7 +702,7 @@ impl Queue for Redis {
             .arg(&dlq)
             .cmd("DEL")
             .arg(&dlq)
-            .arg(format!("{dlq}:ids"))
+            .arg(dead_letter_ids(dead_letter_queue))
             .ignore()
             .query_async(&mut conn)
             .await
@@ -907,7 +727,7 @@ impl Queue for Redis {
                 .arg(REPLAY)
                 .arg(3)
                 .arg(&dlq)
-                .arg(format!("{dlq}:ids"))
+                .arg(dead_letter_ids(dead_letter_queue))
                 .arg(stream(&envelope.queue))
                 .arg(id.to_string())
                 .arg(envelope.to_json())
