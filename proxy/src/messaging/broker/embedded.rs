@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prometheus::IntGauge;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -34,22 +34,11 @@ use dead::DEAD;
 pub use dead::Retention;
 
 mod dead;
+mod schema;
 mod writer;
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
+use schema::{DEDUP, DEDUP_EXPIRY, DUE, MESSAGES, STATE, open_file};
 use writer::{Command, Pending, Write, Writer};
-
-/// (queue, id) -> the envelope as JSON: every message not yet acknowledged, in id order.
-const MESSAGES: TableDefinition<'_, (&str, u128), &[u8]> = TableDefinition::new("messages");
-/// (queue, id) -> (attempts so far, due at: the publish time, or parked until).
-const STATE: TableDefinition<'_, (&str, u128), (u32, u64)> = TableDefinition::new("state");
-/// (queue, due at, id) for every stored message: a read takes what is due, soonest first,
-/// without touching what waits (a backlog of parked messages costs a read nothing).
-const DUE: TableDefinition<'_, (&str, u64, u128), ()> = TableDefinition::new("due");
-/// (queue, Idempotency-Key) -> (id, expires at).
-const DEDUP: TableDefinition<'_, (&str, &str), (u128, u64)> = TableDefinition::new("dedup");
-/// (expires at, queue, Idempotency-Key): lets each commit sweep a few expired keys, oldest first.
-const DEDUP_EXPIRY: TableDefinition<'_, (u64, &str, &str), ()> =
-    TableDefinition::new("dedup_expiry");
 
 /// Messages leased to a consumer, by (queue, id).
 type Leases = HashSet<(Box<str>, u128)>;
@@ -293,22 +282,6 @@ impl Embedded {
     }
 }
 
-/// Opens (or creates) the file, repairing it after a crash, with every table; returns it and
-/// the number of messages stored.
-fn open_file(path: &Path) -> Result<(Database, u64), String> {
-    let mut builder = Database::builder();
-    builder.set_repair_callback(|session| {
-        if session.progress() == 0.0 {
-            tracing::warn!(
-                "repairing the message store after an unclean shutdown (kill -9, a crash, a write error)"
-            );
-        }
-    });
-    let db = builder.create(path).map_err(|e| e.to_string())?;
-    let stored = create_tables(&db).map_err(|e| e.to_string())?;
-    Ok((db, stored))
-}
-
 fn depth_of<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, queue: &str) -> &'a mut QueueDepth {
     depths.entry(queue.to_owned()).or_insert_with(|| QueueDepth {
         queue: queue.to_owned(),
@@ -317,33 +290,6 @@ fn depth_of<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, queue: &str) -> &'
         oldest_published_ms: None,
         oldest_dead_letter_ms: None,
     })
-}
-
-/// Creates any missing table; rebuilds the due index from the messages' state if it is not
-/// whole (a file written before the index existed). Returns the messages stored.
-fn create_tables(db: &Database) -> Result<u64, redb::Error> {
-    let txn = db.begin_write()?;
-    let stored = {
-        txn.open_table(DEDUP)?;
-        txn.open_table(DEDUP_EXPIRY)?;
-        dead::create(&txn)?;
-        let state = txn.open_table(STATE)?;
-        let mut due = txn.open_table(DUE)?;
-        let stored = txn.open_table(MESSAGES)?.len()?;
-        if due.len()? != stored {
-            tracing::warn!(stored, "rebuilding the message store's due index");
-            due.retain(|_, _| false)?;
-            for entry in txn.open_table(MESSAGES)?.iter()? {
-                let entry = entry?;
-                let (queue, id) = entry.0.value();
-                let at = state.get((queue, id))?.map_or(0, |s| s.value().1);
-                due.insert((queue, at, id), ())?;
-            }
-        }
-        stored
-    };
-    txn.commit()?;
-    Ok(stored)
 }
 
 fn store_error(err: impl Into<redb::Error>) -> BrokerError {
