@@ -20,6 +20,8 @@ pub mod pace;
 pub mod pause;
 mod settle;
 pub mod supervisor;
+#[cfg(test)]
+mod tests;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
