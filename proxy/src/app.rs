@@ -36,7 +36,7 @@ use crate::telemetry::trace::Tracer;
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: String,
         addr: SocketAddr,

@@ -138,6 +138,8 @@ fn main() -> ExitCode {
             match runtime.block_on(app::run(config, path, exit_with_app)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
+                    // the whole chain: what failed, and why, down to the OS's word
+                    let err = outrigger_proxy::error::chain(&err);
                     tracing::error!(error = %err, "outrigger could not start");
                     eprintln!("outrigger: {err}");
                     ExitCode::FAILURE

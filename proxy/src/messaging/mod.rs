@@ -26,7 +26,7 @@ use tokio::sync::{Notify, OnceCell, watch};
 use tokio::task::JoinSet;
 
 use crate::error::chain;
-use crate::messaging::broker::embedded::{self, Embedded, OpenError};
+use crate::messaging::broker::embedded::{self, Embedded, OpenCause, OpenError};
 use crate::messaging::broker::redis::{self as redis_broker, Redis};
 use crate::messaging::broker::{AnyQueue, BrokerError, DeadLetterPage, Lane, Queue, QueueDepth};
 use crate::messaging::envelope::{Envelope, MessageId};
@@ -144,9 +144,10 @@ impl Messaging {
                 );
                 async move {
                     let open = move || Embedded::open(&dir, window, retention, pending);
-                    tokio::task::spawn_blocking(open)
-                        .await
-                        .map_err(|e| OpenError { path: PathBuf::new(), reason: e.to_string() })?
+                    tokio::task::spawn_blocking(open).await.map_err(|e| OpenError {
+                        path: PathBuf::new(),
+                        cause: OpenCause::Task(e),
+                    })?
                 }
             })
             .await

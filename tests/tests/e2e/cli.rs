@@ -331,6 +331,38 @@ async fn a_slow_request_finishes_after_sigterm_while_readiness_fails_and_the_app
     assert_eq!(status.code(), Some(0));
 }
 
+#[test]
+fn a_failed_start_says_what_failed_and_why_down_to_the_operating_systems_word() {
+    // a port taken by another process
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = write("taken.yaml", &format!("outbound: {{ listen: \"{addr}\" }}\n"));
+    let (code, _, stderr) = outrigger(&["run", "--config", &config.to_string_lossy()]);
+    assert_eq!(code, 1, "{stderr}");
+    let said =
+        format!("outrigger: cannot listen on {addr} (outbound.listen): Address already in use");
+    assert!(stderr.contains(&said), "{stderr}");
+
+    // a message store whose directory cannot be made: a file stands where it should be
+    let blocker = write("not-a-directory", "");
+    let config = write(
+        "store.yaml",
+        &format!(
+            "outbound: {{ listen: \"127.0.0.1:0\" }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\n\
+             service: {{ name: shop, app: {{ url: \"http://127.0.0.1:9\" }} }}\n\
+             messaging:\n  data_dir: {}\n  subscriptions:\n    - {{ queue: orders, path: /orders }}\n",
+            blocker.join("data").display()
+        ),
+    );
+    let (code, _, stderr) = outrigger(&["run", "--config", &config.to_string_lossy()]);
+    assert_eq!(code, 1, "{stderr}");
+    let said = format!(
+        "outrigger: cannot open the message store {}: cannot create its directory: Not a directory",
+        blocker.join("data").join("messages.redb").display()
+    );
+    assert!(stderr.contains(&said), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_request_still_in_flight_at_the_drain_timeout_is_cut_and_the_sidecar_exits_cleanly() {
     // the connection's task outlives the listeners: shutdown must not need it gone (it once

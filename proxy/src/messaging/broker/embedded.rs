@@ -87,12 +87,26 @@ struct Inner {
     retention: Retention,
 }
 
-/// Why the store could not be opened.
+/// Why the store could not be opened; its cause is its `source`.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the message store {path}: {reason}")]
+#[error("cannot open the message store {}", path.display())]
 pub struct OpenError {
     pub path: PathBuf,
-    pub reason: String,
+    #[source]
+    pub cause: OpenCause,
+}
+
+/// What stopped the store from opening.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenCause {
+    #[error("cannot create its directory")]
+    Dir(#[source] std::io::Error),
+    #[error("the file cannot be opened")]
+    File(#[source] redb::Error),
+    #[error("its writer thread cannot start")]
+    Thread(#[source] std::io::Error),
+    #[error("the task opening it ended")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 // === impl Embedded ===
@@ -107,9 +121,9 @@ impl Embedded {
         pending: IntGauge,
     ) -> Result<Self, OpenError> {
         let path = dir.join(FILE_NAME);
-        let fail = |reason: String| OpenError { path: path.clone(), reason };
-        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        let (db, stored) = open_file(&path).map_err(fail)?;
+        let fail = |cause| OpenError { path: path.clone(), cause };
+        std::fs::create_dir_all(dir).map_err(|e| fail(OpenCause::Dir(e)))?;
+        let (db, stored) = open_file(&path).map_err(|e| fail(OpenCause::File(e)))?;
         pending.set(stored as i64);
         let db = Arc::new(db);
         let handle = Arc::new(std::sync::RwLock::new(Handle::Open(db)));
@@ -129,7 +143,7 @@ impl Embedded {
         std::thread::Builder::new()
             .name("outrigger-store".into())
             .spawn(move || writer.run(requests))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(OpenCause::Thread(e)))?;
         tracing::info!(path = %path.display(), stored, "message store open");
         Ok(Embedded {
             inner: Arc::new(Inner {

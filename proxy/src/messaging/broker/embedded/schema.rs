@@ -25,7 +25,7 @@ pub(super) const DEDUP_EXPIRY: TableDefinition<'_, (u64, &str, &str), ()> =
 
 /// Opens (or creates) the file, repairing it after a crash, with every table; returns it and
 /// the number of messages stored.
-pub(super) fn open_file(path: &Path) -> Result<(Database, u64), String> {
+pub(super) fn open_file(path: &Path) -> Result<(Database, u64), redb::Error> {
     let mut builder = Database::builder();
     builder.set_repair_callback(|session| {
         if session.progress() == 0.0 {
@@ -34,8 +34,8 @@ pub(super) fn open_file(path: &Path) -> Result<(Database, u64), String> {
             );
         }
     });
-    let db = builder.create(path).map_err(|e| e.to_string())?;
-    let stored = create_tables(&db).map_err(|e| e.to_string())?;
+    let db = builder.create(path)?;
+    let stored = create_tables(&db)?;
     Ok((db, stored))
 }
 

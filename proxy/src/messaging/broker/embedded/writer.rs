@@ -222,8 +222,9 @@ impl Writer {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let (db, stored) = open_file(&self.path).map_err(|reason| {
-            tracing::warn!(%reason, "the message store cannot be opened again yet");
+        let (db, stored) = open_file(&self.path).map_err(|error| {
+            let error = crate::error::chain(&error);
+            tracing::warn!(%error, "the message store cannot be opened again yet");
             broken
         })?;
         let db = Arc::new(db);
