@@ -6,8 +6,9 @@
 //! first publish, so a sidecar that never publishes never writes to disk; with subscriptions,
 //! at startup. [`deliver`] runs one dispatcher per subscription; a publish wakes its queue's.
 //!
-//! With `broker: redis://…` the store is the outbox only: [`relay`] moves what it holds to
-//! Redis, and the dispatchers consume from Redis.
+//! With `broker: redis://…` the store is the outbox and the subscribers' memory of ids whose
+//! acknowledgement failed: [`relay`] moves what it holds to Redis, and the dispatchers consume
+//! from Redis.
 
 pub mod broker;
 pub mod deliver;
@@ -125,7 +126,9 @@ impl Messaging {
             tracer,
             publish,
         });
-        let needed = !cfg.subscriptions.is_empty() && messaging.remote.is_none();
+        // a subscriber needs the store on every broker: it remembers the ids whose
+        // acknowledgement failed, so that a restart does not deliver them again
+        let needed = !cfg.subscriptions.is_empty();
         if needed || cfg.data_dir.join(embedded::FILE_NAME).exists() {
             messaging.store().await?;
         }
@@ -349,6 +352,7 @@ impl Messaging {
             service: service.to_owned(),
             app_base,
             dedup_window: self.dedup_window,
+            memory: self.store.get().cloned(),
             metrics: self.metrics.clone(),
             tracer: self.tracer.clone(),
             pauses: self.pauses.clone(),

@@ -109,6 +109,8 @@ async fn dead_letters(sidecar: &Sidecar) -> u64 {
 
 pub(crate) const ACKED: &str =
     r#"outrigger_messages_delivered_total{outcome="acked",queue="orders"}"#;
+pub(crate) const DUPLICATE: &str =
+    r#"outrigger_messages_delivered_total{outcome="duplicate",queue="orders"}"#;
 pub(crate) const RETRIED: &str =
     r#"outrigger_messages_delivered_total{outcome="retried",queue="orders"}"#;
 pub(crate) const DEAD: &str =

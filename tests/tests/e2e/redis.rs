@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use outrigger_tests::{DEADLINE, Redis, Reply, Sidecar, Upstream, wait_until};
 
 use crate::delivery::{
-    ACKED, DEAD, deliveries, envelope, header, publish, published_before_the_app_listens,
-    wait_metric,
+    ACKED, DEAD, DUPLICATE, deliveries, envelope, header, publish,
+    published_before_the_app_listens, wait_metric,
 };
 use crate::messaging::metric;
 
@@ -208,6 +208,35 @@ async fn a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other() 
     assert_eq!(header(&seen[0], "outrigger-message-id"), id);
     assert_eq!(header(&seen[0], "outrigger-attempt"), "2", "the interrupted attempt counts");
     assert_eq!(metric(&_b, ACKED).await, Some(1.0));
+}
+
+#[tokio::test]
+async fn an_id_delivered_whose_ack_failed_is_not_delivered_again_after_a_restart() {
+    let mut redis = Redis::start().await;
+    // the app holds its answer a moment: long enough to take Redis away under it
+    let app = Upstream::scripted([Reply::Delayed(std::time::Duration::from_secs(1), 200)]).await;
+    let mut sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
+    let id = publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    let seen = deliveries(&app, 1).await;
+    assert_eq!(header(&seen[0], "outrigger-message-id"), id);
+    redis.stop();
+    // the app answers 200, the acknowledgement cannot reach Redis, the id is kept on disk
+    wait_until(DEADLINE, "the failed ack's id to be remembered", || async {
+        sidecar.log().contains("the delivered id is remembered for the dedup window").then_some(())
+    })
+    .await;
+
+    sidecar.kill9();
+    redis.restart().await;
+    sidecar.restart().await;
+
+    // the entry is still pending in the group: claimed after claim_idle, and acknowledged
+    // without a second delivery
+    wait_metric(&sidecar, DUPLICATE, 1.0).await;
+    assert_eq!(app.requests(), 1, "delivered once, across the restart");
+    assert!(sidecar.log().contains("recalled ids acknowledged before the restart"));
+    let pending = redis.cli(&["XPENDING", "outrigger:{orders}", "shop"]);
+    assert!(pending.starts_with('0'), "the entry is acknowledged now: {pending}");
 }
 
 #[tokio::test]

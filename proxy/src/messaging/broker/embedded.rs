@@ -37,7 +37,7 @@ mod dead;
 mod schema;
 mod writer;
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
-use schema::{DEDUP, DEDUP_EXPIRY, DUE, MESSAGES, STATE, open_file};
+use schema::{ACKED, ACKED_EXPIRY, DEDUP, DEDUP_EXPIRY, DUE, MESSAGES, STATE, open_file};
 use writer::{Command, Pending, Write, Writer};
 
 /// Messages leased to a consumer, by (queue, id).
@@ -186,6 +186,42 @@ impl Embedded {
                 d.oldest_dead_letter_ms = oldest;
             }
             Ok(depths.into_values().collect())
+        })
+        .await
+    }
+
+    /// Remembers that message `id` of `queue` was delivered though its acknowledgement failed,
+    /// until `expires`: read again after a restart, it is acknowledged without a delivery.
+    pub async fn remember_acknowledged(
+        &self,
+        queue: &str,
+        id: MessageId,
+        expires: UnixMillis,
+    ) -> Result<(), BrokerError> {
+        let queue = queue.to_owned();
+        self.write(writer::RememberAcknowledged { queue, id, expires }).await
+    }
+
+    /// The ids of `queue` remembered by [`Embedded::remember_acknowledged`] that have not
+    /// expired at `now`, with when each expires, soonest first.
+    pub async fn acknowledged(
+        &self,
+        queue: &str,
+        now: UnixMillis,
+    ) -> Result<Vec<(MessageId, UnixMillis)>, BrokerError> {
+        let queue = queue.to_owned();
+        self.read_with(move |txn| {
+            let q = queue.as_str();
+            let mut found = Vec::new();
+            for entry in txn.open_table(ACKED)?.range((q, 0)..=(q, u128::MAX))? {
+                let (key, expires) = entry?;
+                let expires = expires.value();
+                if expires > now {
+                    found.push((MessageId::from_u128(key.value().1), expires));
+                }
+            }
+            found.sort_by_key(|&(_, expires)| expires);
+            Ok(found)
         })
         .await
     }

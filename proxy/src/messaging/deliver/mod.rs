@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::error::chain;
 use crate::http::forward::UpstreamClient;
-use crate::messaging::broker::{BrokerError, Leased, Queue, Read, UnixMillis};
+use crate::messaging::broker::{BrokerError, Embedded, Leased, Queue, Read, UnixMillis};
 use crate::messaging::envelope::unix_millis;
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::metrics::Metrics;
@@ -73,6 +73,10 @@ pub struct Subscriber<B> {
     wake: Arc<Notify>,
     breaker: Option<Mutex<Breaker>>,
     acknowledged: Mutex<Acknowledged>,
+    /// Where an id delivered but not acknowledged is remembered across restarts (the local
+    /// store); `None` when there is none.
+    memory: Option<Embedded>,
+    dedup_window: Duration,
     metrics: DeliveryMetrics,
     observed: Arc<supervisor::Observed>,
     tracer: Tracer,
@@ -113,6 +117,9 @@ pub struct Context<B> {
     /// `service.app.url` with its base path, without a trailing `/`.
     pub app_base: String,
     pub dedup_window: Duration,
+    /// The local store, which remembers ids whose acknowledgement failed (see
+    /// [`Embedded::remember_acknowledged`]).
+    pub memory: Option<Embedded>,
     pub metrics: Metrics,
     pub tracer: Tracer,
     /// Which subscriptions are paused, for `/readyz`.
@@ -175,6 +182,8 @@ impl<B: Queue + Clone> Subscriber<B> {
             wake,
             breaker,
             acknowledged: Mutex::new(Acknowledged::new(ctx.dedup_window, ACKNOWLEDGED_CAPACITY)),
+            memory: ctx.memory.clone(),
+            dedup_window: ctx.dedup_window,
             metrics,
             observed: Arc::default(),
             tracer: ctx.tracer.clone(),
@@ -211,6 +220,7 @@ impl<B: Queue + Clone> Subscriber<B> {
         let mut pacer =
             self.cfg.throttle.map(|t| Pacer::new(t.messages.get(), t.per.get(), Instant::now()));
         tracing::info!(queue = %self.queue, uri = %self.uri, concurrency = limit, "delivering");
+        self.recall_acknowledged().await;
         tokio::spawn(self.clone().tidy(stop.clone()));
         let mut reads = 0u64;
         loop {

@@ -205,11 +205,56 @@ impl<B: Queue + Clone> Subscriber<B> {
                 acknowledged.remember(id, Instant::now());
             }
             Err(error) => {
-                // delivered, not forgotten: read again, it is acknowledged without a delivery
-                let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
-                acknowledged.remember(id, Instant::now());
+                // delivered, not forgotten: read again, it is acknowledged without a delivery,
+                // after a restart too (the local store remembers it for the dedup window)
+                {
+                    let mut acknowledged =
+                        self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+                    acknowledged.remember(id, Instant::now());
+                }
                 tracing::error!(queue, %id, error = %chain(&error), "acknowledging failed; will acknowledge again");
+                if let Some(memory) = &self.memory {
+                    let expires = later(self.dedup_window);
+                    match memory.remember_acknowledged(queue, id, expires).await {
+                        Ok(()) => {
+                            tracing::info!(queue, %id, "the delivered id is remembered for the dedup window")
+                        }
+                        Err(error) => {
+                            tracing::warn!(queue, %id, error = %chain(&error), "remembering the acknowledged id failed; a restart may deliver it again")
+                        }
+                    }
+                }
             }
+        }
+    }
+
+    /// Loads the ids remembered as acknowledged by an earlier run, so that they are not
+    /// delivered again when read.
+    pub(super) async fn recall_acknowledged(&self) {
+        let Some(memory) = &self.memory else { return };
+        let (now, now_ms) = (Instant::now(), unix_millis(SystemTime::now()));
+        let mut ids = Vec::new();
+        for lane in &self.lanes {
+            match memory.acknowledged(&lane.queue, now_ms).await {
+                Ok(found) => ids.extend(found),
+                Err(error) => {
+                    tracing::warn!(queue = %lane.queue, error = %chain(&error), "recalling acknowledged ids failed");
+                }
+            }
+        }
+        // oldest first, as the memory keeps them
+        ids.sort_by_key(|&(_, expires)| expires);
+        let recalled = ids.len();
+        let mut acknowledged = self.acknowledged.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, expires) in ids {
+            // acknowledged at `expires` less the window: forgotten when it expires
+            let left = Duration::from_millis(expires.saturating_sub(now_ms));
+            let at = now.checked_sub(self.dedup_window.saturating_sub(left)).unwrap_or(now);
+            acknowledged.remember(id, at);
+        }
+        drop(acknowledged);
+        if recalled > 0 {
+            tracing::info!(queue = %self.queue, recalled, "recalled ids acknowledged before the restart");
         }
     }
 

@@ -127,6 +127,7 @@ async fn dispatcher(dir: &Scratch, app: &App, subscription: &str) -> Harness {
         service: "shop".into(),
         app_base: format!("http://{}", app.addr),
         dedup_window: Duration::from_secs(60),
+        memory: Some(store.clone()),
         metrics,
         tracer: Tracer::disabled(),
         pauses: Arc::default(),

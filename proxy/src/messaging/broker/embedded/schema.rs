@@ -22,6 +22,12 @@ pub(super) const DEDUP: TableDefinition<'_, (&str, &str), (u128, u64)> =
 /// (expires at, queue, Idempotency-Key): lets each commit sweep a few expired keys, oldest first.
 pub(super) const DEDUP_EXPIRY: TableDefinition<'_, (u64, &str, &str), ()> =
     TableDefinition::new("dedup_expiry");
+/// (queue, id) -> expires at: ids delivered whose acknowledgement failed, remembered for the
+/// dedup window so that a restart does not deliver them again.
+pub(super) const ACKED: TableDefinition<'_, (&str, u128), u64> = TableDefinition::new("acked");
+/// (expires at, queue, id): lets each commit forget a few expired acknowledged ids.
+pub(super) const ACKED_EXPIRY: TableDefinition<'_, (u64, &str, u128), ()> =
+    TableDefinition::new("acked_expiry");
 
 /// Opens (or creates) the file, repairing it after a crash, with every table; returns it and
 /// the number of messages stored.
@@ -46,6 +52,8 @@ fn create_tables(db: &Database) -> Result<u64, redb::Error> {
     let stored = {
         txn.open_table(DEDUP)?;
         txn.open_table(DEDUP_EXPIRY)?;
+        txn.open_table(ACKED)?;
+        txn.open_table(ACKED_EXPIRY)?;
         dead::create(&txn)?;
         let state = txn.open_table(STATE)?;
         let mut due = txn.open_table(DUE)?;

@@ -498,3 +498,33 @@ async fn a_store_without_the_per_queue_dead_letter_index_rebuilds_it_at_open() {
     let newest = dead_letter_one(&store, "4").await;
     assert_eq!(kept(&store).await, [newest, ids[2], ids[1]], "the cap works on the rebuilt index");
 }
+
+#[tokio::test]
+async fn acknowledged_ids_are_remembered_until_they_expire_and_survive_a_reopen() {
+    let dir = TempDir::new();
+    let now = unix_millis(SystemTime::now());
+    let (a, b) = (MessageId::generate(SystemTime::now()), MessageId::generate(SystemTime::now()));
+    {
+        let store = open(&dir);
+        store.remember_acknowledged("q", a, now + 120_000).await.unwrap();
+        store.remember_acknowledged("q", b, now + 60_000).await.unwrap();
+        store.remember_acknowledged("other", b, now + 120_000).await.unwrap();
+        store.close().await;
+    }
+    let store = open(&dir);
+    let soonest_first = [(b, now + 60_000), (a, now + 120_000)];
+    assert_eq!(store.acknowledged("q", now).await.unwrap(), soonest_first);
+    assert_eq!(store.acknowledged("q", now + 60_000).await.unwrap(), [(a, now + 120_000)]);
+
+    // remembered again: one entry, the later expiry
+    store.remember_acknowledged("q", b, now + 180_000).await.unwrap();
+    assert_eq!(
+        store.acknowledged("q", now).await.unwrap(),
+        [(a, now + 120_000), (b, now + 180_000)]
+    );
+    // an entry already expired at its commit is swept by that commit: gone even for a reader
+    // that asks for everything
+    let c = MessageId::generate(SystemTime::now());
+    store.remember_acknowledged("q", c, now.saturating_sub(1)).await.unwrap();
+    assert!(store.acknowledged("q", 0).await.unwrap().iter().all(|&(id, _)| id != c));
+}

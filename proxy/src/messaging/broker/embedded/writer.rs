@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::dead::{self, DEAD, Retention};
 use super::{
-    DEDUP, DEDUP_EXPIRY, DUE, Handle, MAX_BATCH, MESSAGES, REOPEN_EVERY, REOPEN_WAIT, STATE,
-    SWEEP_PER_COMMIT, SharedHandle, open_file,
+    ACKED, ACKED_EXPIRY, DEDUP, DEDUP_EXPIRY, DUE, Handle, MAX_BATCH, MESSAGES, REOPEN_EVERY,
+    REOPEN_WAIT, STATE, SWEEP_PER_COMMIT, SharedHandle, open_file,
 };
 use crate::messaging::broker::{BrokerError, Publish, Published, UnixMillis, mark_replayed};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
@@ -163,6 +163,7 @@ impl Writer {
                 job.apply(&txn, &mut cx)?;
             }
             sweep_dedup(&txn, cx.now)?;
+            sweep_acknowledged(&txn, cx.now)?;
             dead::sweep(&txn, cx.now, self.retention)?;
             txn.commit()?;
             Ok(())
@@ -452,6 +453,28 @@ impl Write for Replay {
     }
 }
 
+/// Remembers an id delivered whose acknowledgement failed, until `expires`.
+#[derive(Debug)]
+pub(super) struct RememberAcknowledged {
+    pub(super) queue: String,
+    pub(super) id: MessageId,
+    pub(super) expires: UnixMillis,
+}
+
+impl Write for RememberAcknowledged {
+    type Output = ();
+
+    fn apply(self, txn: &WriteTransaction, _cx: &mut Cx) -> Result<(), redb::Error> {
+        let (q, id) = (self.queue.as_str(), self.id.as_u128());
+        let mut expiry = txn.open_table(ACKED_EXPIRY)?;
+        if let Some(old) = txn.open_table(ACKED)?.insert((q, id), self.expires)? {
+            expiry.remove((old.value(), q, id))?;
+        }
+        expiry.insert((self.expires, q, id), ())?;
+        Ok(())
+    }
+}
+
 /// Nothing of its own: the commit's retention sweep is the point.
 #[derive(Debug)]
 pub(super) struct Sweep;
@@ -462,6 +485,23 @@ impl Write for Sweep {
     fn apply(self, _txn: &WriteTransaction, _cx: &mut Cx) -> Result<(), redb::Error> {
         Ok(())
     }
+}
+
+/// Forgets up to [`SWEEP_PER_COMMIT`] acknowledged ids whose window has passed.
+fn sweep_acknowledged(txn: &WriteTransaction, now: u64) -> Result<(), redb::Error> {
+    let mut expiry = txn.open_table(ACKED_EXPIRY)?;
+    let mut acked = txn.open_table(ACKED)?;
+    let mut expired = Vec::new();
+    for entry in expiry.range((0, "", 0)..(now, "", 0))?.take(SWEEP_PER_COMMIT) {
+        let (key, _) = entry?;
+        let (at, queue, id) = key.value();
+        expired.push((at, queue.to_owned(), id));
+    }
+    for (at, queue, id) in &expired {
+        expiry.remove((*at, queue.as_str(), *id))?;
+        acked.remove((queue.as_str(), *id))?;
+    }
+    Ok(())
 }
 
 /// Forgets up to [`SWEEP_PER_COMMIT`] Idempotency-Keys whose window has passed.
