@@ -75,6 +75,21 @@ async fn a_responses_hop_by_hop_fields_stay_on_its_hop_every_connection_field_co
 }
 
 #[tokio::test]
+async fn a_length_beside_a_transfer_coding_is_dropped_and_the_body_read_to_the_close() {
+    let up = RawUpstream::answering(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 10\r\n\r\n\
+          thirty bytes until the close..",
+    )
+    .await;
+    let sidecar = Sidecar::start(&yaml(&up, "")).await;
+
+    let res = sidecar.get("hostile", "/").await;
+
+    assert_eq!(res.status(), 200);
+    assert_eq!(&res.body()[..], b"thirty bytes until the close..");
+}
+
+#[tokio::test]
 async fn hostile_response_heads_get_502_upstream_reset() {
     let many: String = (0..10_000).map(|i| format!("x-{i}: v\r\n")).collect();
     let many: &'static str = Box::leak(format!("HTTP/1.1 200 OK\r\n{many}\r\n").into_boxed_str());

@@ -120,6 +120,11 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     }
     let mut keep_alive =
         !connection.close && (version == Version::HTTP_11 || connection.keep_alive);
+    if chunked.is_some() && length.is_some() {
+        // RFC 9112 6.3: Transfer-Encoding wins and the length goes, whatever the coding and
+        // whether or not there is a body (Transfer-Encoding itself is hop-by-hop, left out)
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -129,12 +134,8 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     } else {
         match (chunked, length) {
             (Some(true), length) => {
-                // RFC 9112 6.3: Transfer-Encoding wins, the length goes, and the connection is
-                // not trusted with another request
-                if length.is_some() {
-                    headers.remove(header::CONTENT_LENGTH);
-                    keep_alive = false;
-                }
+                // RFC 9112 6.3: the connection is not trusted with another request
+                keep_alive &= length.is_none();
                 Framing::Chunked
             }
             (Some(false), _) | (None, None) => Framing::UntilClose,
@@ -176,6 +177,29 @@ mod tests {
         assert_eq!(cookies, ["a", "b"]);
         for cut in 0..len {
             assert!(parse(&text.as_bytes()[..cut], false).unwrap().is_none(), "{cut}");
+        }
+    }
+
+    #[test]
+    fn a_length_beside_any_transfer_encoding_goes_with_it() {
+        for (text, framing) in [
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 10\r\n\r\n",
+                Framing::UntilClose,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n",
+                Framing::Chunked,
+            ),
+            (
+                "HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n",
+                Framing::Empty,
+            ),
+        ] {
+            let (head, _) = head(text).unwrap().unwrap();
+            assert_eq!(head.framing, framing, "{text}");
+            assert!(head.headers.get("content-length").is_none(), "{text}");
+            assert!(!head.keep_alive || framing == Framing::Empty, "{text}");
         }
     }
 
