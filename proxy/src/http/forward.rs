@@ -560,10 +560,6 @@ fn classify(upstream: &Arc<str>, error: SendError) -> ProxyError {
         SendError::Hyper(source) if source.is_connect() => {
             ProxyError::ConnectFailed { upstream, source: source.into() }
         }
-        SendError::Hyper(source) if speaks_no_http2(&source) => {
-            let source = NotHttp2 { upstream: upstream.clone(), source };
-            ProxyError::UpstreamReset { upstream, source: source.into() }
-        }
         SendError::Hyper(source) => ProxyError::UpstreamReset { upstream, source: source.into() },
         SendError::Own(source) if source.is_client() => {
             ProxyError::BadRequestBody { source: source.into() }
@@ -573,32 +569,6 @@ fn classify(upstream: &Arc<str>, error: SendError) -> ProxyError {
         }
         SendError::Own(source) => ProxyError::UpstreamReset { upstream, source: source.into() },
     }
-}
-
-/// What a server that speaks only HTTP/1 does to an HTTP/2 connection: it answers the preface
-/// with an HTTP/1 error, which HTTP/2 reads as a frame of impossible size (or nonsense).
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "its answer to HTTP/2 is not HTTP/2 (an HTTP/1-only server?): set \
-     upstreams.{upstream}.protocol: http1, or call it over HTTP/1.1"
-)]
-struct NotHttp2 {
-    upstream: Arc<str>,
-    #[source]
-    source: hyper_util::client::legacy::Error,
-}
-
-/// Whether `error` is our HTTP/2 client refusing what the upstream sent as not HTTP/2.
-fn speaks_no_http2(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(error) = source {
-        if let Some(h2) = error.downcast_ref::<h2::Error>() {
-            let nonsense = [h2::Reason::FRAME_SIZE_ERROR, h2::Reason::PROTOCOL_ERROR];
-            return h2.is_library() && h2.reason().is_some_and(|r| nonsense.contains(&r));
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// Copies bytes both ways between an upgraded client and endpoint until either side closes.

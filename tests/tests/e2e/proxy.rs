@@ -190,32 +190,6 @@ async fn http2_prior_knowledge_reaches_the_upstream_as_http2() {
     assert_eq!(seen[0].headers["te"], "trailers");
 }
 
-#[tokio::test]
-async fn an_http2_call_to_an_http1_only_upstream_is_told_to_set_protocol_http1() {
-    // what nginx and most HTTP/1 servers answer to the HTTP/2 preface
-    let up = outrigger_tests::RawUpstream::answering(
-        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    let yaml = format!("upstreams:\n  legacy:\n    discovery: {{ static: [\"{}\"] }}\n", up.addr());
-    let sidecar = Sidecar::start(&yaml).await;
-
-    let stream = tokio::net::TcpStream::connect(sidecar.outbound).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("an h2c handshake with the sidecar");
-    tokio::spawn(conn);
-    let req = Request::get("http://legacy/").body(Full::new(Bytes::new())).unwrap();
-    let res = sender.send_request(req).await.unwrap();
-
-    assert_eq!(res.status(), 502);
-    assert_eq!(res.headers()["outrigger-error"], "upstream-reset");
-    let body = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
-    let body = String::from_utf8_lossy(&body);
-    assert!(body.contains("set upstreams.legacy.protocol: http1"), "{body}");
-}
-
 /// A body generated on the fly: never held whole anywhere.
 struct Generated {
     left: u64,
