@@ -312,7 +312,7 @@ fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// incomplete, never refused or read differently; and the framing it chose keeps RFC 9112
 /// 6.3's rules (chunked only on HTTP/1.1, a connection read to its close is never reused).
 pub fn response_head(data: &[u8]) {
-    use crate::http::h1::response::{Framing, parse};
+    use crate::http::h1::response::{Framing, parse_slice as parse};
 
     let [method, input @ ..] = data else { return };
     let head_request = method & 1 == 1;

@@ -217,9 +217,8 @@ impl Exchange {
                 return Poll::Ready(Err(e));
             }
             if !self.buf.is_empty()
-                && let Some((head, len)) = response::parse(&self.buf, self.head_request)?
+                && let Some(head) = response::parse(&mut self.buf, self.head_request)?
             {
-                self.buf.advance(len);
                 if head.status.is_informational() {
                     continue;
                 }

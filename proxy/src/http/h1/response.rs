@@ -9,6 +9,8 @@
 
 use std::mem::MaybeUninit;
 
+use bytes::BytesMut;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Version};
 
@@ -61,14 +63,15 @@ pub(crate) enum HeadError {
     Header(&'static str),
 }
 
-/// The head at the start of `buf`, with its length; `Ok(None)` while it is incomplete.
-/// `head_request`: the answer is to a HEAD, and has no body whatever its headers say.
-pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usize)>, HeadError> {
+/// The head at the start of `buf`, split off it; `Ok(None)` (and `buf` untouched) while it is
+/// incomplete. `head_request`: the answer is to a HEAD, and has no body whatever its headers
+/// say. The fields' values share the head's bytes: none is copied.
+pub(crate) fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, HeadError> {
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut res,
-        buf,
+        &buf[..],
         &mut fields,
     ) {
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
@@ -81,8 +84,9 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     let code = res.code.expect("a complete head has a status");
     let status = StatusCode::from_u16(code).map_err(|_| HeadError::Header("status code"))?;
     let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    // room for the fields the layers add (attempts, errors): no growth on the way
-    let mut headers = HeaderMap::with_capacity(res.headers.len() + 4);
+    // what is kept, by where its value lies in the head: the values are cut from it below
+    let base = buf.as_ptr() as usize;
+    let mut kept = Vec::with_capacity(res.headers.len());
     let (mut length, mut chunked) = (None, None);
     let mut connection = ConnectionOptions::default();
     for field in res.headers.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")) {
@@ -92,8 +96,6 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     for field in res.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| HeadError::Header("field name"))?;
-        let value =
-            HeaderValue::from_bytes(field.value).map_err(|_| HeadError::Header("field value"))?;
         if name == header::CONTENT_LENGTH {
             length_fields += 1 + memchr::memchr_iter(b',', field.value).count();
             // a list of equal values is one length (RFC 9110 8.6); anything else is refused
@@ -109,7 +111,8 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
         if keeps(&name, connection) {
-            headers.append(name, value);
+            let at = field.value.as_ptr() as usize - base;
+            kept.push((name, at..at + field.value.len()));
         }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -117,6 +120,16 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     }
     if chunked.is_some() && version == Version::HTTP_10 {
         return Err(HeadError::TransferEncodingInHttp10);
+    }
+    let head = buf.split_to(len).freeze();
+    // room for the fields the layers add (attempts, errors): no growth on the way
+    let mut headers = HeaderMap::with_capacity(kept.len() + 4);
+    for (name, value) in kept {
+        let value = (value.end <= head.len()).then(|| head.slice(value));
+        let value = value
+            .and_then(|value| HeaderValue::from_maybe_shared(value).ok())
+            .ok_or(HeadError::Header("field value"))?;
+        headers.append(name, value);
     }
     let mut keep_alive =
         !connection.close && (version == Version::HTTP_11 || connection.keep_alive);
@@ -151,7 +164,17 @@ pub(crate) fn parse(buf: &[u8], head_request: bool) -> Result<Option<(Head, usiz
     if framing == Framing::UntilClose {
         keep_alive = false;
     }
-    Ok(Some((Head { status, version, headers, framing, keep_alive }, len)))
+    Ok(Some(Head { status, version, headers, framing, keep_alive }))
+}
+
+/// [`parse`] of a copy of `input`, with the head's length (for tests and fuzzing).
+pub(crate) fn parse_slice(
+    input: &[u8],
+    head_request: bool,
+) -> Result<Option<(Head, usize)>, HeadError> {
+    let mut buf = BytesMut::from(input);
+    let head = parse(&mut buf, head_request)?;
+    Ok(head.map(|head| (head, input.len() - buf.len())))
 }
 
 #[cfg(test)]
@@ -159,7 +182,7 @@ mod tests {
     use super::*;
 
     fn head(text: &str) -> Result<Option<(Head, usize)>, HeadError> {
-        parse(text.as_bytes(), false)
+        parse_slice(text.as_bytes(), false)
     }
 
     fn framing(text: &str) -> (Framing, bool) {
@@ -176,8 +199,24 @@ mod tests {
         let cookies: Vec<_> = head.headers.get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a", "b"]);
         for cut in 0..len {
-            assert!(parse(&text.as_bytes()[..cut], false).unwrap().is_none(), "{cut}");
+            assert!(parse_slice(&text.as_bytes()[..cut], false).unwrap().is_none(), "{cut}");
         }
+    }
+
+    #[test]
+    fn the_head_is_split_off_and_its_values_are_not_copied() {
+        let text = "HTTP/1.1 200 OK\r\nx-a: first\r\ncontent-length: 4\r\n\r\nbody";
+        let mut buf = BytesMut::from(text);
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + text.len();
+        let head = parse(&mut buf, false).unwrap().unwrap();
+        assert_eq!(&buf[..], b"body", "the body stays");
+        for (name, value) in &head.headers {
+            let at = value.as_bytes().as_ptr() as usize;
+            assert!(range.contains(&at), "{name} was copied");
+        }
+        let mut partial = BytesMut::from(&text[..20]);
+        assert!(parse(&mut partial, false).unwrap().is_none());
+        assert_eq!(partial.len(), 20, "an incomplete head is left where it is");
     }
 
     #[test]
@@ -255,7 +294,7 @@ mod tests {
         );
         assert_eq!(framing("HTTP/1.1 100 Continue\r\n\r\n"), (Framing::Empty, true));
         let (answer_to_head, _) =
-            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true).unwrap().unwrap();
+            parse_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true).unwrap().unwrap();
         assert_eq!(answer_to_head.framing, Framing::Empty);
     }
 
