@@ -22,14 +22,7 @@ bench_workdir
 
 UP=127.0.0.1:18180
 nginx_ok "$UP" "$work/upstream.conf"
-cat >"$work/nginx.conf" <<CONF
-worker_processes 1; daemon off; pid $work/nginx.pid; error_log stderr error;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 10000000; http2_max_requests 10000000;
-  upstream up { server $UP; keepalive 256; }
-  server { listen 127.0.0.1:18181 http2;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+nginx_proxy "127.0.0.1:18181 http2" "$UP" "$work/nginx.conf"
 full_yaml "$UP" "$work/full.yaml"
 # HTTP/2 in, HTTP/1 out, as nginx proxies (`auto` would speak HTTP/2 to the upstream too)
 sed -i 's/^    discovery:/    protocol: http1\n    discovery:/' "$work/full.yaml"

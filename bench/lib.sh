@@ -36,6 +36,21 @@ http { access_log off; keepalive_requests 10000000;
 CONF
 }
 
+# nginx_proxy LISTEN UPSTREAM FILE [PROCESS] — an nginx config of one worker proxying LISTEN
+# (e.g. `127.0.0.1:18181` or `127.0.0.1:18181 http2`) to UPSTREAM over kept-alive HTTP/1.1, no
+# access log: the yardstick every data-plane benchmark measures against. PROCESS adds to the
+# main context (`master_process off;` to run the worker itself, under valgrind).
+nginx_proxy() {
+  cat >"$3" <<CONF
+worker_processes 1; daemon off; ${4:-} pid $3.pid; error_log stderr error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 10000000;
+  upstream up { server $2; keepalive 256; }
+  server { listen $1;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+}
+
 # full_yaml UPSTREAM OUT — Outrigger with every HTTP policy on, set so that none trips (the cost
 # of the whole stack), admin on 18194 and outbound on 18184, forwarding to UPSTREAM.
 full_yaml() {

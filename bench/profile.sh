@@ -31,14 +31,7 @@ if [[ $stack == bare ]]; then
   sed -i -E '/^    (timeouts|retry|circuit_breaker|rate_limit|concurrency_limit):/d' "$work/full.yaml"
 fi
 if [[ $stack == nginx ]]; then
-  cat >"$work/proxy.conf" <<CONF
-worker_processes 1; daemon off; master_process off; pid $work/proxy.pid; error_log stderr error;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 10000000;
-  upstream up { server 127.0.0.1:18180; keepalive 256; }
-  server { listen 127.0.0.1:18184;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+  nginx_proxy 127.0.0.1:18184 127.0.0.1:18180 "$work/proxy.conf" "master_process off;"
   valgrind --tool=callgrind --callgrind-out-file="$work/cg" nginx -c "$work/proxy.conf" >"$work/log" 2>&1 &
 else
   valgrind --tool=callgrind --callgrind-out-file="$work/cg" "$OUTRIGGER" run --config "$work/full.yaml" >"$work/log" 2>&1 &

@@ -15,6 +15,8 @@ pub mod deliver;
 pub mod envelope;
 pub mod publish;
 pub mod relay;
+#[cfg(test)]
+pub(crate) mod scratch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -286,6 +286,31 @@ fn the_demo_shows_every_policy_and_a_dead_letter_with_nothing_installed() {
     assert!(!replay.starts_with("0 "), "the replayed dead letters were delivered: {replay}");
 }
 
+/// A request to upstream `host` sent through `sidecar`, once `upstream` holds it: its answer.
+async fn held_at(
+    sidecar: &Sidecar,
+    host: &'static str,
+    upstream: &Upstream,
+) -> tokio::task::JoinHandle<
+    Result<http::Response<bytes::Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+> {
+    let outbound = sidecar.outbound;
+    let in_flight = tokio::spawn(async move {
+        let req = http::Request::get(format!("/{host}"))
+            .header("host", host)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        outrigger_tests::send(outbound, req).await
+    });
+    outrigger_tests::wait_until(
+        outrigger_tests::DEADLINE,
+        "the request to reach its upstream",
+        || async { (upstream.requests() == 1).then_some(()) },
+    )
+    .await;
+    in_flight
+}
+
 #[tokio::test]
 async fn a_slow_request_finishes_after_sigterm_while_readiness_fails_and_the_app_can_still_call_out()
  {
@@ -301,20 +326,7 @@ async fn a_slow_request_finishes_after_sigterm_while_readiness_fails_and_the_app
         fast.yaml("fast").replace("upstreams:\n", "")
     );
     let sidecar = Sidecar::start(&yaml).await;
-    let outbound = sidecar.outbound;
-    let in_flight = tokio::spawn(async move {
-        let req = http::Request::get("/slow")
-            .header("host", "slow")
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        outrigger_tests::send(outbound, req).await
-    });
-    outrigger_tests::wait_until(
-        outrigger_tests::DEADLINE,
-        "the slow request to reach its upstream",
-        || async { (slow.requests() == 1).then_some(()) },
-    )
-    .await;
+    let in_flight = held_at(&sidecar, "slow", &slow).await;
 
     sidecar.sigterm();
     outrigger_tests::wait_until(outrigger_tests::DEADLINE, "readiness to fail", || async {
@@ -374,20 +386,7 @@ async fn a_request_still_in_flight_at_the_drain_timeout_is_cut_and_the_sidecar_e
     .await;
     let yaml = format!("{}lifecycle: {{ drain_timeout: 1s }}\n", stuck.yaml("stuck"));
     let sidecar = Sidecar::start(&yaml).await;
-    let outbound = sidecar.outbound;
-    let in_flight = tokio::spawn(async move {
-        let req = http::Request::get("/stuck")
-            .header("host", "stuck")
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        outrigger_tests::send(outbound, req).await
-    });
-    outrigger_tests::wait_until(
-        outrigger_tests::DEADLINE,
-        "the request to reach its upstream",
-        || async { (stuck.requests() == 1).then_some(()) },
-    )
-    .await;
+    let in_flight = held_at(&sidecar, "stuck", &stuck).await;
 
     sidecar.sigterm();
     let status = sidecar.wait_exit().await;

@@ -1,8 +1,6 @@
 //! The dead-letter API against a real store, filled the way delivery fills it.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -12,29 +10,8 @@ use super::*;
 use crate::messaging::broker::{Outbox, Publish, Queue, Read};
 use crate::messaging::envelope::{ErrorRecord, unix_millis};
 use crate::messaging::publish::PublishLimits;
+use crate::messaging::scratch::Scratch;
 use crate::telemetry::metrics::Metrics;
-
-/// A data directory of its own, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "outrigger-dlq-api-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 async fn messaging(dir: &Scratch) -> Arc<Messaging> {
     let cfg = outrigger_config::Messaging { data_dir: dir.0.clone(), ..Default::default() };
@@ -113,7 +90,7 @@ fn listed(page: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn a_list_pages_newest_first_with_each_last_error_and_a_cursor() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("dlq-api");
     let messaging = messaging(&dir).await;
     let first = dead_letter(&messaging, Some(400), "bad address").await;
     let second = dead_letter(&messaging, None, "connection refused").await;
@@ -140,7 +117,7 @@ async fn a_list_pages_newest_first_with_each_last_error_and_a_cursor() {
 
 #[tokio::test]
 async fn show_answers_the_whole_envelope_404_for_an_unknown_id_and_400_for_a_bad_one() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("dlq-api");
     let messaging = messaging(&dir).await;
     let id = dead_letter(&messaging, Some(400), "bad address").await;
 
@@ -169,7 +146,7 @@ async fn show_answers_the_whole_envelope_404_for_an_unknown_id_and_400_for_a_bad
 
 #[tokio::test]
 async fn replay_by_status_or_text_takes_those_whose_last_error_matches_oldest_first() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("dlq-api");
     let messaging = messaging(&dir).await;
     let a = dead_letter(&messaging, Some(503), "mail server busy").await;
     let b = dead_letter(&messaging, Some(422), "no such mailbox").await;
@@ -200,7 +177,7 @@ async fn replay_by_status_or_text_takes_those_whose_last_error_matches_oldest_fi
 
 #[tokio::test]
 async fn replay_by_id_reports_the_ids_that_are_not_there_and_refuses_unclear_selections() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("dlq-api");
     let messaging = messaging(&dir).await;
     let a = dead_letter(&messaging, Some(400), "bad").await;
     let b = dead_letter(&messaging, Some(400), "bad").await;
@@ -230,7 +207,7 @@ async fn replay_by_id_reports_the_ids_that_are_not_there_and_refuses_unclear_sel
 
 #[tokio::test]
 async fn delete_removes_one_or_answers_404_and_purge_removes_them_all() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("dlq-api");
     let messaging = messaging(&dir).await;
     let a = dead_letter(&messaging, Some(400), "bad").await;
     dead_letter(&messaging, Some(400), "bad").await;
@@ -253,7 +230,7 @@ async fn delete_removes_one_or_answers_404_and_purge_removes_them_all() {
 
 #[tokio::test]
 async fn a_store_never_opened_has_no_dead_letters_and_no_messaging_is_a_404() {
-    let dir = Scratch::new();
+    let dir = Scratch::new("dlq-api");
     let messaging = messaging(&dir).await;
 
     let (status, page) = get(&messaging, "/v1/dlq/orders_deadletter").await;

@@ -1,9 +1,6 @@
 //! The dispatcher against the real embedded store and a real HTTP app on loopback: what it
 //! delivers, acknowledges, parks and dead-letters, and how it stops.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -14,28 +11,9 @@ use tokio::net::TcpListener;
 use super::*;
 use crate::messaging::broker::{Embedded, Outbox, Publish, Queue};
 use crate::messaging::envelope::{Envelope, MessageId};
+use crate::messaging::scratch::Scratch;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A data directory of its own, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("outrigger-dispatch-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// An app on loopback answering each delivery with `answer(n)` for the n-th (from 0), and
 /// keeping every body it got.
@@ -164,7 +142,7 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_message_is_delivered_once_as_its_envelope_then_forgotten() {
-    let (dir, app) = (Scratch::new(), App::start(|_| 200).await);
+    let (dir, app) = (Scratch::new("dispatch"), App::start(|_| 200).await);
     let h = dispatcher(&dir, &app, "{ queue: orders, path: /orders }").await;
 
     let id = h.publish("orders", r#"{"n":1}"#).await;
@@ -182,7 +160,7 @@ async fn a_message_is_delivered_once_as_its_envelope_then_forgotten() {
 
 #[tokio::test]
 async fn a_failing_message_is_retried_after_its_backoff_then_dead_lettered_with_its_history() {
-    let (dir, app) = (Scratch::new(), App::start(|_| 503).await);
+    let (dir, app) = (Scratch::new("dispatch"), App::start(|_| 503).await);
     let subscription = "{ queue: orders, path: /orders, max_attempts: 3, \
                         backoff: { initial: 20ms, max: 20ms, jitter: none } }";
     let h = dispatcher(&dir, &app, subscription).await;
@@ -206,7 +184,7 @@ async fn a_failing_message_is_retried_after_its_backoff_then_dead_lettered_with_
 
 #[tokio::test]
 async fn a_refused_message_answered_4xx_is_dead_lettered_at_once() {
-    let (dir, app) = (Scratch::new(), App::start(|_| 400).await);
+    let (dir, app) = (Scratch::new("dispatch"), App::start(|_| 400).await);
     let h = dispatcher(&dir, &app, "{ queue: orders, path: /orders, max_attempts: 5 }").await;
 
     h.publish("orders", r#"{"n":1}"#).await;

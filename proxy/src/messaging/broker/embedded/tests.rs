@@ -1,36 +1,14 @@
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
 
 use super::*;
-
-/// A directory of its own per test, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "outrigger-store-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::messaging::scratch::Scratch;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const RETAIN: Retention = Retention { max_messages: 10_000, max_age_ms: 14 * 86_400_000 };
 
-fn open(dir: &TempDir) -> Embedded {
+fn open(dir: &Scratch) -> Embedded {
     Embedded::open(&dir.0, HOUR, RETAIN, IntGauge::new("pending", "test").unwrap()).unwrap()
 }
 
@@ -58,7 +36,7 @@ fn now() -> UnixMillis {
 
 #[tokio::test]
 async fn a_published_message_is_read_in_id_order_with_its_payload_and_metadata() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let mut first = message("orders", r#"{"n": 1}"#, Some("k-1"));
     first.ordering_key = Some("customer-7".into());
@@ -83,7 +61,7 @@ async fn a_published_message_is_read_in_id_order_with_its_payload_and_metadata()
 
 #[tokio::test]
 async fn a_leased_message_is_not_read_again_until_released_and_an_ack_forgets_it() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let id = publish_one(&store, "q", "1").await;
     let second = publish_one(&store, "q", "2").await;
@@ -101,7 +79,7 @@ async fn a_leased_message_is_not_read_again_until_released_and_an_ack_forgets_it
 
 #[tokio::test]
 async fn a_parked_message_keeps_its_error_history_and_waits_until_its_time() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let id = publish_one(&store, "q", "{}").await;
     let mut leased = store.read("q", "c", unordered(1, now())).await.unwrap().remove(0);
@@ -132,7 +110,7 @@ async fn a_parked_message_keeps_its_error_history_and_waits_until_its_time() {
 
 #[tokio::test]
 async fn a_dead_letter_moves_atomically_and_can_be_listed_read_and_deleted() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let first = publish_one(&store, "q", "1").await;
     let second = publish_one(&store, "q", "2").await;
@@ -162,7 +140,7 @@ async fn a_dead_letter_moves_atomically_and_can_be_listed_read_and_deleted() {
 
 #[tokio::test]
 async fn the_same_idempotency_key_within_the_window_returns_the_first_id_and_stores_nothing() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let first = store.publish(vec![message("q", "1", Some("k"))]).await.unwrap()[0];
     // in one batch too: the second sees the first's key inside the same transaction
@@ -179,7 +157,7 @@ async fn the_same_idempotency_key_within_the_window_returns_the_first_id_and_sto
 
 #[tokio::test]
 async fn an_idempotency_key_is_forgotten_after_the_dedup_window() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store =
         Embedded::open(&dir.0, Duration::from_millis(1), RETAIN, IntGauge::new("p", "t").unwrap())
             .unwrap();
@@ -195,7 +173,7 @@ async fn an_idempotency_key_is_forgotten_after_the_dedup_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishes_share_commits() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let before = store.commits();
     let publishers: Vec<_> = (0..200)
@@ -218,7 +196,7 @@ async fn concurrent_publishes_share_commits() {
 
 #[tokio::test]
 async fn a_reopened_store_has_everything_committed_and_its_state() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let mut ids = Vec::new();
     for i in 0..20 {
@@ -249,7 +227,7 @@ fn keyed(queue: &str, key: Option<&str>) -> Publish {
 
 #[tokio::test]
 async fn an_ordered_read_takes_one_message_per_key_in_publish_order() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let batch = vec![
         keyed("q", Some("a")),
@@ -296,7 +274,7 @@ async fn dead_lettered(store: &Embedded, n: usize) -> Vec<MessageId> {
 
 #[tokio::test]
 async fn a_replayed_dead_letter_is_due_again_in_its_queue_with_its_history_and_a_mark() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let ids = dead_lettered(&store, 2).await;
     assert_eq!(store.pending(), 0);
@@ -323,7 +301,7 @@ async fn a_replayed_dead_letter_is_due_again_in_its_queue_with_its_history_and_a
 
 #[tokio::test]
 async fn dead_letters_past_max_messages_drop_the_oldest() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let retain = Retention { max_messages: 3, max_age_ms: RETAIN.max_age_ms };
     let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
     let ids = dead_lettered(&store, 5).await;
@@ -340,7 +318,7 @@ async fn dead_letters_past_max_messages_drop_the_oldest() {
 
 #[tokio::test]
 async fn dead_letters_older_than_max_age_are_swept() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let retain = Retention { max_messages: 100, max_age_ms: 50 };
     let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
     dead_lettered(&store, 2).await;
@@ -391,7 +369,7 @@ async fn kept(store: &Embedded) -> Vec<MessageId> {
 
 #[tokio::test]
 async fn the_count_cap_drops_the_longest_dead_lettered_not_the_oldest_published() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let retain = Retention { max_messages: 3, max_age_ms: RETAIN.max_age_ms };
     let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
     let ids = dead_lettered(&store, 3).await;
@@ -416,7 +394,7 @@ async fn the_count_cap_drops_the_longest_dead_lettered_not_the_oldest_published(
 
 #[tokio::test]
 async fn replaying_an_id_still_in_its_queue_replaces_it_without_counting_it_twice() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let id = publish_one(&store, "q", "{}").await;
     let mut leased = store.read("q", "c", unordered(1, now())).await.unwrap().remove(0);
@@ -440,7 +418,7 @@ async fn replaying_an_id_still_in_its_queue_replaces_it_without_counting_it_twic
 
 #[tokio::test]
 async fn an_idle_store_drops_dead_letters_past_max_age_when_swept() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let retain = Retention { max_messages: 100, max_age_ms: 200 };
     let store = Embedded::open(&dir.0, HOUR, retain, IntGauge::new("p", "t").unwrap()).unwrap();
     let first = dead_letter_one(&store, "1").await;
@@ -460,7 +438,7 @@ async fn an_idle_store_drops_dead_letters_past_max_age_when_swept() {
 
 #[tokio::test]
 async fn depths_give_each_dead_letter_queue_its_count_and_oldest_dead_letter_time() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let before = now();
     dead_lettered(&store, 2).await;
@@ -480,7 +458,7 @@ async fn depths_give_each_dead_letter_queue_its_count_and_oldest_dead_letter_tim
 
 #[tokio::test]
 async fn a_store_without_the_per_queue_dead_letter_index_rebuilds_it_at_open() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let store = open(&dir);
     let ids = dead_lettered(&store, 3).await;
     store.close().await;
@@ -501,7 +479,7 @@ async fn a_store_without_the_per_queue_dead_letter_index_rebuilds_it_at_open() {
 
 #[tokio::test]
 async fn acknowledged_ids_are_remembered_until_they_expire_and_survive_a_reopen() {
-    let dir = TempDir::new();
+    let dir = Scratch::new("store");
     let now = unix_millis(SystemTime::now());
     let (a, b) = (MessageId::generate(SystemTime::now()), MessageId::generate(SystemTime::now()));
     {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use prometheus::IntGauge;
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::dead::{self, DEAD, Retention};
@@ -310,18 +310,38 @@ impl Write for Forget {
     type Output = ();
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<(), redb::Error> {
-        let mut messages = txn.open_table(MESSAGES)?;
-        let mut state = txn.open_table(STATE)?;
-        let mut due = txn.open_table(DUE)?;
+        let mut stored = Stored::open(txn)?;
         for (queue, id) in self.0 {
-            let q = queue.as_str();
-            if messages.remove((q, id.as_u128()))?.is_some() {
-                cx.delta -= 1;
-            }
-            if let Some(old) = state.remove((q, id.as_u128()))? {
-                let until = old.value().1;
-                due.remove((q, until, id.as_u128()))?;
-            }
+            stored.remove(&queue, id.as_u128(), cx)?;
+        }
+        Ok(())
+    }
+}
+
+/// The tables that hold the stored messages, open together.
+struct Stored<'txn> {
+    messages: Table<'txn, (&'static str, u128), &'static [u8]>,
+    state: Table<'txn, (&'static str, u128), (u32, u64)>,
+    due: Table<'txn, (&'static str, u64, u128), ()>,
+}
+
+impl<'txn> Stored<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, redb::Error> {
+        Ok(Stored {
+            messages: txn.open_table(MESSAGES)?,
+            state: txn.open_table(STATE)?,
+            due: txn.open_table(DUE)?,
+        })
+    }
+
+    /// Removes a message with its state and its place in the due index, counting it.
+    fn remove(&mut self, queue: &str, id: u128, cx: &mut Cx) -> Result<(), redb::Error> {
+        if self.messages.remove((queue, id))?.is_some() {
+            cx.delta -= 1;
+        }
+        if let Some(old) = self.state.remove((queue, id))? {
+            let until = old.value().1;
+            self.due.remove((queue, until, id))?;
         }
         Ok(())
     }
@@ -368,18 +388,9 @@ impl Write for DeadLetter {
     type Output = ();
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<(), redb::Error> {
-        let (q, id) = (self.envelope.queue.as_str(), self.envelope.id.as_u128());
         dead::insert(txn, &self.dead_letter_queue, &self.envelope, cx.now, cx.retention)?;
-        let mut messages = txn.open_table(MESSAGES)?;
-        if messages.remove((q, id))?.is_some() {
-            cx.delta -= 1;
-        }
-        let mut state = txn.open_table(STATE)?;
-        if let Some(old) = state.remove((q, id))? {
-            let until = old.value().1;
-            txn.open_table(DUE)?.remove((q, until, id))?;
-        }
-        Ok(())
+        let id = self.envelope.id.as_u128();
+        Stored::open(txn)?.remove(&self.envelope.queue, id, cx)
     }
 }
 
