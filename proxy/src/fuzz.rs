@@ -419,3 +419,27 @@ fn hyper_reads_chunked(input: &[u8]) -> Option<Result<Vec<u8>, ()>> {
         tokio::time::timeout(Duration::from_secs(5), run).await.ok().flatten()
     })
 }
+
+/// The write-ahead log's reader, on a segment's bytes (the first 8 bytes of the input are the
+/// number the segment starts at): arbitrary bytes and truncations never panic, and each record
+/// it yields is whole and checks out: numbered one after another from the start, and encoding
+/// it again gives exactly the bytes it was read from (so its checksum held).
+pub fn wal_frames(data: &[u8]) {
+    use crate::messaging::broker::embedded::wal::frame;
+    let (first, bytes) = match data.split_first_chunk::<8>() {
+        Some((first, rest)) => (u64::from_le_bytes(*first), rest),
+        None => (1, data),
+    };
+    let mut frames = frame::frames(bytes, first);
+    let (mut at, mut expected) = (0, first);
+    let mut again = Vec::new();
+    for record in frames.by_ref() {
+        assert_eq!(record.lsn, expected, "records are numbered one after another");
+        again.clear();
+        frame::encode(&mut again, record.lsn, record.payload);
+        assert_eq!(&bytes[at..at + again.len()], &again[..], "record {} re-encodes", record.lsn);
+        at += again.len();
+        expected += 1;
+    }
+    assert_eq!(frames.end(), at);
+}

@@ -67,3 +67,8 @@ fn the_response_head_corpus_passes() {
 fn the_chunked_corpus_passes() {
     replay("chunked", outrigger_proxy::fuzz::chunked);
 }
+
+#[test]
+fn the_wal_frames_corpus_passes() {
+    replay("wal_frames", outrigger_proxy::fuzz::wal_frames);
+}

@@ -1,20 +1,23 @@
-//! The `embedded` broker: a redb file in `messaging.data_dir` that is outbox, queue and
-//! dead-letter store at once (no relay hop: a message is in its queue the moment it is durable).
+//! The `embedded` broker: a write-ahead log and a redb file in `messaging.data_dir` that are
+//! outbox, queue and dead-letter store at once (no relay hop: a message is in its queue the
+//! moment it is durable).
 //!
 //! Group commit: every write goes to one writer thread through a channel. The thread takes what
-//! has queued up (up to [`MAX_BATCH`] requests), applies it in ONE write transaction, commits
-//! with `Durability::Immediate` (one fsync), and only then answers each caller. While a commit
-//! is on disk the next batch queues, so under load many publishes share one fsync; alone, a
-//! publish pays exactly one. redb calls never run on the async workers: writes on that thread,
-//! reads in `spawn_blocking`. A crash loses only what was never answered; redb repairs the file
-//! on the next open.
+//! has queued up (up to [`MAX_BATCH`] requests), appends it to the log as ONE record flushed
+//! with one `fdatasync` ([`wal`]), applies it to redb in one transaction that is not flushed,
+//! and only then answers each caller. While a record is on disk the next batch queues, so under
+//! load many publishes share one flush; alone, a publish pays exactly one. redb is made durable
+//! by a checkpoint every second or so, and at open the log's records after the checkpoint are
+//! applied again ([`writer`]). redb calls never run on the async workers: writes on that
+//! thread, reads in `spawn_blocking`. A crash loses only what was never answered.
 //!
-//! A write that fails on an I/O error (the disk full, the file system gone read-only) leaves
-//! redb refusing every later transaction until the file is opened again. The writer thread then
-//! lets go of the file and opens it again at once (reads go on), and if that fails, at the next
-//! writes, at most once per [`REOPEN_EVERY`]; until that works, writes are refused with the reason (a publish gets 503
-//! `outbox-unavailable`). What was committed before stays as it was: a failed commit never
-//! touches it. So the store recovers when space returns, without a restart.
+//! A write that fails (the disk full, the file system gone read-only) is answered with the
+//! reason (a publish gets 503 `outbox-unavailable`) and leaves nothing behind: a record that
+//! cannot be written is written over by the next, one whose transaction fails is erased from
+//! the log. redb refuses every transaction after an I/O error until the file is opened again:
+//! the writer thread then lets go of the file and opens it again at once (reads go on),
+//! replaying the log, and if that fails, at the next writes, at most once per
+//! [`REOPEN_EVERY`]. So the store recovers when space returns, without a restart.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -33,12 +36,18 @@ use super::{
 use dead::DEAD;
 pub use dead::Retention;
 
+mod codec;
 mod dead;
 mod schema;
+pub(crate) mod wal;
 mod writer;
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
-use schema::{ACKED, ACKED_EXPIRY, DEDUP, DEDUP_EXPIRY, DUE, MESSAGES, STATE, open_file};
-use writer::{Command, Pending, Write, Writer};
+pub use codec::Malformed;
+use schema::{ACKED, ACKED_EXPIRY, DEDUP, DEDUP_EXPIRY, DUE, MESSAGES, META, STATE, open_file};
+use wal::Log;
+pub use wal::LogError;
+pub use writer::ReplayError;
+use writer::{Command, Entry, New, Pending, Write, Writer};
 
 /// Messages leased to a consumer, by (queue, id).
 type Leases = HashSet<(Box<str>, u128)>;
@@ -52,6 +61,8 @@ pub const MAX_BATCH: usize = 512;
 const SWEEP_PER_COMMIT: usize = 64;
 /// The file inside `data_dir`.
 pub const FILE_NAME: &str = "messages.redb";
+/// The log's directory inside `data_dir`.
+pub const LOG_DIR: &str = "wal";
 /// After a write error, the file is opened again at most this often.
 const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a reopen waits for the reads still holding the old handle.
@@ -68,7 +79,7 @@ pub struct Embedded {
 enum Handle {
     Open(Arc<Database>),
     /// A write failed on an I/O error; the writer opens the file again at its next write.
-    Broken(Arc<redb::Error>),
+    Broken(Arc<StoreError>),
     /// [`Embedded::close`] ran: the file is closed when the last handle is dropped.
     Closed,
 }
@@ -87,6 +98,17 @@ struct Inner {
     retention: Retention,
 }
 
+/// What failed in the store; shared by every caller of a failed commit.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("its file failed")]
+    File(#[source] redb::Error),
+    #[error("its log cannot be written")]
+    Log(#[source] std::io::Error),
+    #[error("its log cannot be applied again")]
+    Replay(#[source] ReplayError),
+}
+
 /// Why the store could not be opened; its cause is its `source`.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open the message store {}", path.display())]
@@ -103,6 +125,10 @@ pub enum OpenCause {
     Dir(#[source] std::io::Error),
     #[error("the file cannot be opened")]
     File(#[source] redb::Error),
+    #[error("its log cannot be read")]
+    Log(#[source] LogError),
+    #[error("its log cannot be applied again")]
+    Replay(#[source] ReplayError),
     #[error("its writer thread cannot start")]
     Thread(#[source] std::io::Error),
     #[error("the task opening it ended")]
@@ -112,8 +138,9 @@ pub enum OpenCause {
 // === impl Embedded ===
 
 impl Embedded {
-    /// Opens (or creates) the store in `dir`, repairing it after a crash, and starts its writer
-    /// thread. `pending` is set to the stored messages and follows every commit.
+    /// Opens (or creates) the store in `dir`, applying the log's records after the last
+    /// checkpoint, and starts its writer thread. `pending` is set to the stored messages and
+    /// follows every commit.
     pub fn open(
         dir: &Path,
         dedup_window: std::time::Duration,
@@ -123,7 +150,10 @@ impl Embedded {
         let path = dir.join(FILE_NAME);
         let fail = |cause| OpenError { path: path.clone(), cause };
         std::fs::create_dir_all(dir).map_err(|e| fail(OpenCause::Dir(e)))?;
-        let (db, stored) = open_file(&path).map_err(|e| fail(OpenCause::File(e)))?;
+        let db = open_file(&path).map_err(|e| fail(OpenCause::File(e)))?;
+        let mut log = Log::open(&dir.join(LOG_DIR)).map_err(|e| fail(OpenCause::Log(e)))?;
+        let applied = writer::recover(&db, &mut log).map_err(|e| fail(OpenCause::Replay(e)))?;
+        let stored = schema::stored(&db).map_err(|e| fail(OpenCause::File(e)))?;
         pending.set(stored as i64);
         let db = Arc::new(db);
         let handle = Arc::new(std::sync::RwLock::new(Handle::Open(db)));
@@ -132,6 +162,11 @@ impl Embedded {
         let writer = Writer {
             handle: handle.clone(),
             path: path.clone(),
+            log,
+            applied,
+            checkpointed: applied,
+            last_checkpoint: tokio::time::Instant::now(),
+            since_checkpoint: 0,
             released: None,
             last_reopen: None,
             // config caps durations at 365d; were one longer, it would mean "for ever", not wrap
@@ -143,6 +178,11 @@ impl Embedded {
         std::thread::Builder::new()
             .name("outrigger-store".into())
             .spawn(move || writer.run(requests))
+            .map_err(|e| fail(OpenCause::Thread(e)))?;
+        let ticks = writes.downgrade();
+        std::thread::Builder::new()
+            .name("outrigger-checkpoint".into())
+            .spawn(move || checkpoint_ticks(ticks))
             .map_err(|e| fail(OpenCause::Thread(e)))?;
         tracing::info!(path = %path.display(), stored, "message store open");
         Ok(Embedded {
@@ -157,7 +197,7 @@ impl Embedded {
         })
     }
 
-    /// Write transactions committed so far (each one fsync).
+    /// Group commits so far (each one fdatasync of the log).
     pub fn commits(&self) -> u64 {
         self.inner.commits.load(Ordering::Relaxed)
     }
@@ -343,12 +383,36 @@ fn depth_of<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, queue: &str) -> &'
 }
 
 fn store_error(err: impl Into<redb::Error>) -> BrokerError {
-    BrokerError::Store(Arc::new(err.into()))
+    BrokerError::Store(Arc::new(StoreError::File(err.into())))
+}
+
+/// Asks the writer for a checkpoint every [`writer::CHECKPOINT_EVERY`], so that an idle store
+/// is made durable too; ends with the store.
+fn checkpoint_ticks(writes: mpsc::WeakSender<Command>) {
+    loop {
+        std::thread::sleep(writer::CHECKPOINT_EVERY);
+        let Some(writes) = writes.upgrade() else { return };
+        // a full channel means a busy writer, which checkpoints by itself
+        if let Err(mpsc::error::TrySendError::Closed(_)) = writes.try_send(Command::Checkpoint) {
+            return;
+        }
+    }
 }
 
 impl Outbox for Embedded {
     async fn publish(&self, batch: Vec<Publish>) -> Result<Vec<Published>, BrokerError> {
-        self.write(writer::Store(batch)).await
+        // ids, time and JSON made here, on the caller's thread: the writer only logs and stores
+        let now = SystemTime::now();
+        let messages = batch
+            .into_iter()
+            .map(|publish| {
+                let id = MessageId::generate(now);
+                let idempotency_key = publish.idempotency_key.clone();
+                let entry = Entry::of(&publish.into_envelope(id, now));
+                New { entry, at: unix_millis(now), idempotency_key }
+            })
+            .collect();
+        self.write(writer::Store(messages)).await
     }
 
     async fn relay_batch(&self, max: usize) -> Result<Vec<Envelope>, BrokerError> {
@@ -496,7 +560,8 @@ impl Queue for Embedded {
         until: UnixMillis,
     ) -> Result<(), BrokerError> {
         let (queue, id) = (envelope.queue.clone(), envelope.id);
-        let result = self.write(writer::Park { envelope, attempts, until }).await;
+        let result =
+            self.write(writer::Park { entry: Entry::of(&envelope), attempts, until }).await;
         // on failure the stored copy is due again, after a pause
         self.settled(&queue, id, &result);
         result.map(drop)
@@ -508,8 +573,10 @@ impl Queue for Embedded {
         dead_letter_queue: &str,
     ) -> Result<(), BrokerError> {
         let (queue, id) = (envelope.queue.clone(), envelope.id);
-        let dead_letter =
-            writer::DeadLetter { envelope, dead_letter_queue: dead_letter_queue.to_owned() };
+        let dead_letter = writer::DeadLetter {
+            entry: Entry::of(&envelope),
+            dead_letter_queue: dead_letter_queue.to_owned(),
+        };
         let result = self.write(dead_letter).await;
         self.settled(&queue, id, &result);
         result.map(drop)

@@ -104,10 +104,10 @@ pub struct Leased {
 pub enum BrokerError {
     /// The embedded store's file failed. Shared: one failed commit answers all its callers.
     #[error("the message store failed")]
-    Store(#[source] Arc<redb::Error>),
+    Store(#[source] Arc<embedded::StoreError>),
     /// The embedded store refuses writes until its file opens again (after a write error).
     #[error("the message store cannot be written yet")]
-    Unwritable(#[source] Arc<redb::Error>),
+    Unwritable(#[source] Arc<embedded::StoreError>),
     /// A blocking task of the embedded store ended without an answer.
     #[error("a message store task failed")]
     Task(#[source] tokio::task::JoinError),

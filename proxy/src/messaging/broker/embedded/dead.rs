@@ -11,8 +11,6 @@ use redb::{
     ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 
-use crate::messaging::envelope::Envelope;
-
 /// (dead-letter queue, id) -> the envelope with its whole error history.
 pub(super) const DEAD: TableDefinition<'_, (&str, u128), &[u8]> =
     TableDefinition::new("dead_letters");
@@ -63,13 +61,12 @@ pub(super) fn create(txn: &WriteTransaction) -> Result<(), redb::Error> {
 pub(super) fn insert(
     txn: &WriteTransaction,
     dlq: &str,
-    envelope: &Envelope,
+    id: u128,
+    json: &[u8],
     now: u64,
     retention: Retention,
 ) -> Result<(), redb::Error> {
-    let id = envelope.id.as_u128();
-    let replaced =
-        txn.open_table(DEAD)?.insert((dlq, id), envelope.to_json().as_slice())?.is_some();
+    let replaced = txn.open_table(DEAD)?.insert((dlq, id), json)?.is_some();
     if replaced {
         // the same message dead-lettered again (replayed, failed again): one entry, new time
         unindex(txn, dlq, id)?;

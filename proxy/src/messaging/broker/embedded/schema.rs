@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::dead;
 
@@ -29,9 +29,11 @@ pub(super) const ACKED: TableDefinition<'_, (&str, u128), u64> = TableDefinition
 pub(super) const ACKED_EXPIRY: TableDefinition<'_, (u64, &str, u128), ()> =
     TableDefinition::new("acked_expiry");
 
-/// Opens (or creates) the file, repairing it after a crash, with every table; returns it and
-/// the number of messages stored.
-pub(super) fn open_file(path: &Path) -> Result<(Database, u64), redb::Error> {
+/// Name -> value: `applied_lsn`, the number of the last log record applied.
+pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
+/// Opens (or creates) the file, repairing it after a crash, with every table.
+pub(super) fn open_file(path: &Path) -> Result<Database, redb::Error> {
     let mut builder = Database::builder();
     builder.set_repair_callback(|session| {
         if session.progress() == 0.0 {
@@ -41,15 +43,16 @@ pub(super) fn open_file(path: &Path) -> Result<(Database, u64), redb::Error> {
         }
     });
     let db = builder.create(path)?;
-    let stored = create_tables(&db)?;
-    Ok((db, stored))
+    create_tables(&db)?;
+    Ok(db)
 }
 
 /// Creates any missing table; rebuilds the due index from the messages' state if it is not
-/// whole (a file written before the index existed). Returns the messages stored.
-fn create_tables(db: &Database) -> Result<u64, redb::Error> {
+/// whole (a file written before the index existed).
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
     let txn = db.begin_write()?;
-    let stored = {
+    {
+        txn.open_table(META)?;
         txn.open_table(DEDUP)?;
         txn.open_table(DEDUP_EXPIRY)?;
         txn.open_table(ACKED)?;
@@ -68,8 +71,12 @@ fn create_tables(db: &Database) -> Result<u64, redb::Error> {
                 due.insert((queue, at, id), ())?;
             }
         }
-        stored
-    };
+    }
     txn.commit()?;
-    Ok(stored)
+    Ok(())
+}
+
+/// The number of messages stored.
+pub(super) fn stored(db: &Database) -> Result<u64, redb::Error> {
+    Ok(db.begin_read()?.open_table(MESSAGES)?.len()?)
 }

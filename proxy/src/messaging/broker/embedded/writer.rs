@@ -1,37 +1,61 @@
-//! The writer thread: every write of the store, applied in group commits.
+//! The writer thread: every write of the store, applied in group commits behind the log.
 //!
 //! Each request carries its own reply, typed by the write it asks for ([`Write::Output`]): a
 //! publish is answered with what it published, a purge with how many it removed, and no caller
 //! matches on an answer meant for another. The thread takes what has queued (up to
-//! [`MAX_BATCH`] requests), applies it in one transaction, commits (one fsync), and only then
-//! answers each caller; if the transaction fails, every caller of the batch gets the error.
+//! [`MAX_BATCH`] requests) and makes it one record of the log: the commit's time and settings,
+//! then each write's bytes. The record is appended and flushed (one `fdatasync`), then applied
+//! to redb in one transaction that is not flushed (`Durability::None`), and only then is each
+//! caller answered: what a caller was told is on disk, in the log, and what reads find is in
+//! redb.
+//!
+//! Every [`CHECKPOINT_EVERY`] (or [`CHECKPOINT_BYTES`] of log) one durable redb commit makes all
+//! that redb holds survive a crash, with the number of the last record in it; the log's older
+//! segments are then let go of. At open, and after a write error, the records after that
+//! number are applied again ([`recover`]): a write is a record that gives the same result on
+//! the same store (its ids and time are in it), so the store comes back as it was answered.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use prometheus::IntGauge;
-use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use tokio::sync::{mpsc, oneshot};
 
+use super::codec::{Decoder, Encoder, FORMAT, Malformed};
 use super::dead::{self, DEAD, Retention};
+use super::wal::{Log, LogError};
 use super::{
-    ACKED, ACKED_EXPIRY, DEDUP, DEDUP_EXPIRY, DUE, Handle, MAX_BATCH, MESSAGES, REOPEN_EVERY,
-    REOPEN_WAIT, STATE, SWEEP_PER_COMMIT, SharedHandle, open_file,
+    ACKED, ACKED_EXPIRY, DEDUP, DEDUP_EXPIRY, DUE, Handle, MAX_BATCH, MESSAGES, META, REOPEN_EVERY,
+    REOPEN_WAIT, STATE, SWEEP_PER_COMMIT, SharedHandle, StoreError, open_file,
 };
-use crate::messaging::broker::{BrokerError, Publish, Published, UnixMillis, mark_replayed};
+use crate::messaging::broker::{BrokerError, Published, UnixMillis, mark_replayed};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
-/// One kind of write, applied inside the writer's transaction. `Output` is what its caller
-/// gets once the transaction is on disk.
-pub(super) trait Write: Send + 'static {
+/// How often redb is made durable (a checkpoint), when something was written since.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Log written since the last checkpoint that makes one at once: bounds what a restart replays.
+const CHECKPOINT_BYTES: u64 = super::wal::SEGMENT_BYTES;
+/// The key in [`META`] of the last record applied.
+const APPLIED: &str = "applied_lsn";
+
+/// One kind of write: its bytes in the log, and how it is applied inside the writer's
+/// transaction. `Output` is what its caller gets once the record is on disk.
+pub(super) trait Write: Send + Sized + 'static {
     type Output: Send + 'static;
+    /// Names the write in the log; never reused.
+    const TAG: u8;
+
+    fn encode(&self, out: &mut Encoder);
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed>;
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<Self::Output, redb::Error>;
 }
 
-/// What every write in a commit shares.
+/// What every write in a commit shares; the head of its record.
 pub(super) struct Cx {
     /// The commit's time, Unix ms.
     now: u64,
@@ -41,16 +65,43 @@ pub(super) struct Cx {
     delta: i64,
 }
 
+impl Cx {
+    fn encode(&self, out: &mut Encoder) {
+        out.u8(FORMAT);
+        out.u64(self.now);
+        out.u64(self.dedup_window);
+        out.u64(self.retention.max_messages);
+        out.u64(self.retention.max_age_ms);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        if input.u8()? != FORMAT {
+            return Err(Malformed("written in another layout"));
+        }
+        Ok(Cx {
+            now: input.u64()?,
+            dedup_window: input.u64()?,
+            retention: Retention { max_messages: input.u64()?, max_age_ms: input.u64()? },
+            delta: 0,
+        })
+    }
+}
+
 /// What goes to the writer thread.
 #[derive(Debug)]
 pub(super) enum Command {
     Write(Box<dyn Job>),
+    /// Make redb durable now if it holds records since the last checkpoint.
+    Checkpoint,
     /// Stop after what is queued, and say so once the file is let go of.
     Close(oneshot::Sender<()>),
 }
 
 /// A write with the caller's reply channel, its type erased for the channel.
 pub(super) trait Job: Send + std::fmt::Debug {
+    /// Appends the write's tag and bytes to the commit's record.
+    fn encode(&self, out: &mut Encoder);
+
     fn apply(&mut self, txn: &WriteTransaction, cx: &mut Cx) -> Result<(), redb::Error>;
 
     /// Answers the caller: the write's output if `committed`, else the error.
@@ -80,6 +131,13 @@ impl<W: Write> std::fmt::Debug for Pending<W> {
 }
 
 impl<W: Write> Job for Pending<W> {
+    fn encode(&self, out: &mut Encoder) {
+        if let Some(write) = &self.write {
+            out.u8(W::TAG);
+            write.encode(out);
+        }
+    }
+
     fn apply(&mut self, txn: &WriteTransaction, cx: &mut Cx) -> Result<(), redb::Error> {
         if let Some(write) = self.write.take() {
             self.output = Some(write.apply(txn, cx)?);
@@ -95,11 +153,147 @@ impl<W: Write> Job for Pending<W> {
     }
 }
 
-/// The thread's state: the file, and what commits change outside it.
+/// Why the log's records could not be applied again.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("record {lsn} of the log cannot be applied")]
+    Malformed {
+        lsn: u64,
+        #[source]
+        cause: Malformed,
+    },
+    #[error("the store refused the log's records")]
+    Store(#[from] redb::Error),
+}
+
+/// Applies the records of `log` after the store's checkpoint, makes the result durable, and
+/// lets go of the segments it no longer needs. Returns the number of the last record applied.
+pub(super) fn recover(db: &Database, log: &mut Log) -> Result<u64, ReplayError> {
+    let checkpoint = applied(db)?;
+    let mut txn = db.begin_write().map_err(redb::Error::from)?;
+    txn.set_durability(Durability::None).map_err(redb::Error::from)?;
+    let mut replayed = 0u64;
+    let last = log.replay(checkpoint, |lsn, payload| {
+        replayed += 1;
+        apply_record(&txn, payload).map_err(|cause| match cause {
+            Applied::Malformed(cause) => ReplayError::Malformed { lsn, cause },
+            Applied::Store(error) => ReplayError::Store(error),
+        })
+    })?;
+    txn.open_table(META)
+        .map_err(redb::Error::from)?
+        .insert(APPLIED, last)
+        .map_err(redb::Error::from)?;
+    txn.commit().map_err(redb::Error::from)?;
+    checkpoint_now(db)?;
+    if replayed > 0 {
+        tracing::info!(
+            replayed,
+            checkpoint,
+            last,
+            "the message log's records since the last checkpoint applied again"
+        );
+    }
+    log.continue_at(log.next_lsn().max(checkpoint + 1));
+    if let Err(error) = log.forget_through(last) {
+        tracing::warn!(%error, "the message log's old segments cannot be removed");
+    }
+    Ok(last)
+}
+
+/// The number of the last record applied to the store, as its last checkpoint left it.
+fn applied(db: &Database) -> Result<u64, redb::Error> {
+    let txn = db.begin_read()?;
+    Ok(txn.open_table(META)?.get(APPLIED)?.map_or(0, |v| v.value()))
+}
+
+/// Why one record of the log did not apply.
+enum Applied {
+    Malformed(Malformed),
+    Store(redb::Error),
+}
+
+impl From<Malformed> for Applied {
+    fn from(error: Malformed) -> Self {
+        Applied::Malformed(error)
+    }
+}
+
+impl From<redb::Error> for Applied {
+    fn from(error: redb::Error) -> Self {
+        Applied::Store(error)
+    }
+}
+
+/// Applies one record as its commit did: the commit's head, each write by its tag, then the
+/// commit's sweeps.
+fn apply_record(txn: &WriteTransaction, payload: &[u8]) -> Result<(), Applied> {
+    let mut input = Decoder::new(payload);
+    let mut cx = Cx::decode(&mut input)?;
+    for _ in 0..input.count(1)? {
+        let tag = input.u8()?;
+        let (input, cx) = (&mut input, &mut cx);
+        match tag {
+            Store::TAG => apply_logged::<Store>(input, txn, cx)?,
+            Forget::TAG => apply_logged::<Forget>(input, txn, cx)?,
+            Park::TAG => apply_logged::<Park>(input, txn, cx)?,
+            DeadLetter::TAG => apply_logged::<DeadLetter>(input, txn, cx)?,
+            DeleteDeadLetter::TAG => apply_logged::<DeleteDeadLetter>(input, txn, cx)?,
+            PurgeDeadLetters::TAG => apply_logged::<PurgeDeadLetters>(input, txn, cx)?,
+            Replay::TAG => apply_logged::<Replay>(input, txn, cx)?,
+            RememberAcknowledged::TAG => apply_logged::<RememberAcknowledged>(input, txn, cx)?,
+            Sweep::TAG => apply_logged::<Sweep>(input, txn, cx)?,
+            _ => return Err(Malformed("a write of an unknown kind").into()),
+        }
+    }
+    if !input.is_empty() {
+        return Err(Malformed("bytes after its last write").into());
+    }
+    sweep(txn, &cx)?;
+    Ok(())
+}
+
+/// Decodes one write of type `W` and applies it; its output went to its caller long ago.
+fn apply_logged<W: Write>(
+    input: &mut Decoder<'_>,
+    txn: &WriteTransaction,
+    cx: &mut Cx,
+) -> Result<(), Applied> {
+    W::decode(input)?.apply(txn, cx)?;
+    Ok(())
+}
+
+/// What each commit does after its writes: forgets a few expired keys, ids and dead letters.
+fn sweep(txn: &WriteTransaction, cx: &Cx) -> Result<(), redb::Error> {
+    sweep_dedup(txn, cx.now)?;
+    sweep_acknowledged(txn, cx.now)?;
+    dead::sweep(txn, cx.now, cx.retention)
+}
+
+/// One durable commit: everything redb holds survives a crash from here, and a crash reopens
+/// without walking the whole file (quick repair).
+fn checkpoint_now(db: &Database) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_quick_repair(true);
+    txn.commit()?;
+    Ok(())
+}
+
+/// The thread's state: the file, the log, and what commits change outside them.
 pub(super) struct Writer {
     /// The file, as reads find it too; the writer alone replaces it.
     pub(super) handle: SharedHandle,
     pub(super) path: PathBuf,
+    pub(super) log: Log,
+    /// The last record applied to redb, and the last one a checkpoint made durable there.
+    pub(super) applied: u64,
+    pub(super) checkpointed: u64,
+    pub(super) last_checkpoint: tokio::time::Instant,
+    /// Log bytes written since the last checkpoint.
+    pub(super) since_checkpoint: u64,
     /// The handle let go of after a write error: the file opens again once no read holds it.
     pub(super) released: Option<std::sync::Weak<Database>>,
     pub(super) last_reopen: Option<tokio::time::Instant>,
@@ -120,6 +314,7 @@ impl Writer {
             while let Some(command) = next {
                 match command {
                     Command::Write(job) => batch.push(job),
+                    Command::Checkpoint => self.checkpoint_if(CHECKPOINT_EVERY),
                     Command::Close(done) => {
                         closing = Some(done);
                         break;
@@ -129,16 +324,18 @@ impl Writer {
             }
             if !batch.is_empty() {
                 self.commit(batch);
+                self.checkpoint_if(CHECKPOINT_EVERY);
             }
         }
+        self.checkpoint_if(Duration::ZERO);
         drop(self);
         if let Some(done) = closing {
             let _ = done.send(());
         }
     }
 
-    /// Applies `batch` in one transaction, commits it (one fsync), then answers every caller:
-    /// all with their outputs, or all with the error if the transaction failed.
+    /// Logs `batch` as one record (one fdatasync), applies it to redb in one transaction,
+    /// then answers every caller: all with their outputs, or all with the error.
     fn commit(&mut self, mut batch: Vec<Box<dyn Job>>) {
         let db = match self.open() {
             Ok(db) => db,
@@ -155,21 +352,39 @@ impl Writer {
             retention: self.retention,
             delta: 0,
         };
+        let mut record = Encoder::default();
+        cx.encode(&mut record);
+        record.u32(u32::try_from(batch.len()).expect("a batch is bounded"));
+        for job in &batch {
+            job.encode(&mut record);
+        }
+        let lsn = match self.log.append(&record.bytes) {
+            Ok(lsn) => lsn,
+            Err(error) => {
+                tracing::error!(%error, requests = batch.len(), "the message log cannot be written");
+                let error = Arc::new(StoreError::Log(error));
+                for job in batch {
+                    job.answer(Err(BrokerError::Store(error.clone())));
+                }
+                return;
+            }
+        };
+        self.since_checkpoint += record.bytes.len() as u64;
         let result = (|| -> Result<(), redb::Error> {
             let mut txn = db.begin_write()?;
-            // redb's default, spelled out: commit() returns after the fsync
-            txn.set_durability(Durability::Immediate).expect("Immediate is never refused");
+            // durable already, in the log: the checkpoint makes redb durable later
+            txn.set_durability(Durability::None)?;
             for job in &mut batch {
                 job.apply(&txn, &mut cx)?;
             }
-            sweep_dedup(&txn, cx.now)?;
-            sweep_acknowledged(&txn, cx.now)?;
-            dead::sweep(&txn, cx.now, self.retention)?;
+            sweep(&txn, &cx)?;
+            txn.open_table(META)?.insert(APPLIED, lsn)?;
             txn.commit()?;
             Ok(())
         })();
         match result {
             Ok(()) => {
+                self.applied = lsn;
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 self.pending.add(cx.delta);
                 for job in batch {
@@ -178,9 +393,16 @@ impl Writer {
             }
             Err(err) => {
                 tracing::error!(error = %err, requests = batch.len(), "message store commit failed");
-                let err = Arc::new(err);
-                if matches!(*err, redb::Error::Io(_) | redb::Error::PreviousIo) {
-                    // at once, so reads go on; if that fails too, the next write tries again
+                // the callers are told it failed: the record must not be replayed later
+                let undone = self.log.undo().inspect_err(|error| {
+                    tracing::error!(%error, "the message log cannot take back a record not applied");
+                });
+                let err = Arc::new(StoreError::File(err));
+                let io =
+                    matches!(&*err, StoreError::File(redb::Error::Io(_) | redb::Error::PreviousIo));
+                if io || undone.is_err() {
+                    // open again at once (redb refuses this handle now), replaying the log, so
+                    // reads go on; if that fails too, the next write tries again
                     self.release(db, err.clone());
                     let _ = self.open();
                 }
@@ -191,9 +413,34 @@ impl Writer {
         }
     }
 
+    /// Makes redb durable if it holds records since the last checkpoint and `after` has
+    /// passed since it, or the log has grown by [`CHECKPOINT_BYTES`]; then lets go of the
+    /// segments no longer needed.
+    fn checkpoint_if(&mut self, after: Duration) {
+        let due =
+            self.last_checkpoint.elapsed() >= after || self.since_checkpoint >= CHECKPOINT_BYTES;
+        if self.applied == self.checkpointed || !due {
+            return;
+        }
+        let Ok(db) = self.open() else { return };
+        if let Err(err) = checkpoint_now(&db) {
+            tracing::error!(error = %err, "message store checkpoint failed");
+            if matches!(err, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                self.release(db, Arc::new(StoreError::File(err)));
+            }
+            return;
+        }
+        self.checkpointed = self.applied;
+        self.last_checkpoint = tokio::time::Instant::now();
+        self.since_checkpoint = 0;
+        if let Err(error) = self.log.forget_through(self.checkpointed) {
+            tracing::warn!(%error, "the message log's old segments cannot be removed");
+        }
+    }
+
     /// After a write error, redb refuses every later transaction on this handle: let go of it,
     /// so the next write opens the file again.
-    fn release(&mut self, db: Arc<Database>, error: Arc<redb::Error>) {
+    fn release(&mut self, db: Arc<Database>, error: Arc<StoreError>) {
         self.released = Some(Arc::downgrade(&db));
         drop(db);
         let mut handle = self.handle.write().unwrap_or_else(|e| e.into_inner());
@@ -203,7 +450,7 @@ impl Writer {
     }
 
     /// The open file, opening it again after a write error (at most once per
-    /// [`REOPEN_EVERY`]); why it cannot be written otherwise.
+    /// [`REOPEN_EVERY`]) and replaying the log into it; why it cannot be written otherwise.
     fn open(&mut self) -> Result<Arc<Database>, Refused> {
         let broken = match &*self.handle.read().unwrap_or_else(|e| e.into_inner()) {
             Handle::Open(db) => return Ok(db.clone()),
@@ -223,13 +470,21 @@ impl Writer {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let (db, stored) = open_file(&self.path).map_err(|error| {
+        let reopened = open_file(&self.path).map_err(StoreError::File).and_then(|db| {
+            let applied = recover(&db, &mut self.log).map_err(StoreError::Replay)?;
+            Ok((db, applied))
+        });
+        let (db, applied) = reopened.map_err(|error| {
             let error = crate::error::chain(&error);
             tracing::warn!(%error, "the message store cannot be opened again yet");
             broken
         })?;
+        let stored = super::schema::stored(&db).unwrap_or_default();
         let db = Arc::new(db);
         self.pending.set(stored as i64);
+        (self.applied, self.checkpointed) = (applied, applied);
+        self.last_checkpoint = tokio::time::Instant::now();
+        self.since_checkpoint = 0;
         self.released = None;
         *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db.clone());
         tracing::info!(stored, "message store opened again after a write error");
@@ -241,7 +496,7 @@ impl Writer {
 #[derive(Debug, Clone)]
 enum Refused {
     /// The last write failed on this error, and the file has not opened again yet.
-    Unwritable(Arc<redb::Error>),
+    Unwritable(Arc<StoreError>),
     Closed,
 }
 
@@ -256,12 +511,69 @@ impl Refused {
 
 // === the writes ===
 
+/// A message as the log and the store hold it: its envelope as JSON, serialized once, by the
+/// caller.
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) queue: String,
+    pub(super) id: MessageId,
+    pub(super) json: Vec<u8>,
+}
+
+impl Entry {
+    pub(super) fn of(envelope: &Envelope) -> Self {
+        Entry { queue: envelope.queue.clone(), id: envelope.id, json: envelope.to_json() }
+    }
+
+    fn encode(&self, out: &mut Encoder) {
+        out.str(&self.queue);
+        out.u128(self.id.as_u128());
+        out.bytes(&self.json);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        Ok(Entry {
+            queue: input.string()?,
+            id: MessageId::from_u128(input.u128()?),
+            json: input.bytes()?.to_vec(),
+        })
+    }
+}
+
+/// A message published: its entry, when it was accepted, and its Idempotency-Key.
+#[derive(Debug)]
+pub(super) struct New {
+    pub(super) entry: Entry,
+    pub(super) at: UnixMillis,
+    pub(super) idempotency_key: Option<String>,
+}
+
 /// Stores messages, or finds an Idempotency-Key seen within the dedup window.
 #[derive(Debug)]
-pub(super) struct Store(pub(super) Vec<Publish>);
+pub(super) struct Store(pub(super) Vec<New>);
 
 impl Write for Store {
     type Output = Vec<Published>;
+    const TAG: u8 = 1;
+
+    fn encode(&self, out: &mut Encoder) {
+        out.u32(self.0.len() as u32);
+        for new in &self.0 {
+            new.entry.encode(out);
+            out.u64(new.at);
+            out.opt_str(new.idempotency_key.as_deref());
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        let n = input.count(1)?;
+        let mut messages = Vec::with_capacity(n);
+        for _ in 0..n {
+            let entry = Entry::decode(input)?;
+            messages.push(New { entry, at: input.u64()?, idempotency_key: input.opt_string()? });
+        }
+        Ok(Store(messages))
+    }
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<Vec<Published>, redb::Error> {
         let mut messages = txn.open_table(MESSAGES)?;
@@ -271,35 +583,43 @@ impl Write for Store {
         let mut expiry = txn.open_table(DEDUP_EXPIRY)?;
         let now = cx.now;
         let mut done = Vec::with_capacity(self.0.len());
-        for message in self.0 {
-            let q = message.queue.as_str();
-            if let Some(key) = message.idempotency_key.as_deref() {
+        for New { entry, at, idempotency_key } in self.0 {
+            let (q, id) = (entry.queue.as_str(), entry.id.as_u128());
+            if let Some(key) = idempotency_key.as_deref() {
                 let seen = dedup.get((q, key))?.map(|v| v.value());
                 if let Some((id, _)) = seen.filter(|&(_, expires)| expires > now) {
                     done.push(Published::Duplicate(MessageId::from_u128(id)));
                     continue;
                 }
             }
-            let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(now);
-            let id = MessageId::generate(SystemTime::now().max(at));
-            let key = message.idempotency_key.clone();
-            let envelope = message.into_envelope(id, at);
-            let q = envelope.queue.as_str();
-            messages.insert((q, id.as_u128()), envelope.to_json().as_slice())?;
-            state.insert((q, id.as_u128()), (0u32, now))?;
-            due.insert((q, now, id.as_u128()), ())?;
-            if let Some(key) = key.as_deref() {
+            messages.insert((q, id), entry.json.as_slice())?;
+            state.insert((q, id), (0u32, at))?;
+            due.insert((q, at, id), ())?;
+            if let Some(key) = idempotency_key.as_deref() {
                 let expires = now.saturating_add(cx.dedup_window);
-                if let Some(old) = dedup.insert((q, key), (id.as_u128(), expires))? {
+                if let Some(old) = dedup.insert((q, key), (id, expires))? {
                     expiry.remove((old.value().1, q, key))?;
                 }
                 expiry.insert((expires, q, key), ())?;
             }
             cx.delta += 1;
-            done.push(Published::Stored(id));
+            done.push(Published::Stored(entry.id));
         }
         Ok(done)
     }
+}
+
+fn encode_ids(out: &mut Encoder, ids: &[(String, MessageId)]) {
+    out.u32(ids.len() as u32);
+    for (queue, id) in ids {
+        out.str(queue);
+        out.u128(id.as_u128());
+    }
+}
+
+fn decode_ids(input: &mut Decoder<'_>) -> Result<Vec<(String, MessageId)>, Malformed> {
+    let n = input.count(20)?;
+    (0..n).map(|_| Ok((input.string()?, MessageId::from_u128(input.u128()?)))).collect()
 }
 
 /// Forgets messages: one acknowledged, or what the relay moved to a remote broker.
@@ -308,6 +628,15 @@ pub(super) struct Forget(pub(super) Vec<(String, MessageId)>);
 
 impl Write for Forget {
     type Output = ();
+    const TAG: u8 = 2;
+
+    fn encode(&self, out: &mut Encoder) {
+        encode_ids(out, &self.0);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        decode_ids(input).map(Forget)
+    }
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<(), redb::Error> {
         let mut stored = Stored::open(txn)?;
@@ -350,22 +679,33 @@ impl<'txn> Stored<'txn> {
 /// Keeps a failed message until `until`, with its new envelope and attempt count.
 #[derive(Debug)]
 pub(super) struct Park {
-    pub(super) envelope: Envelope,
+    pub(super) entry: Entry,
     pub(super) attempts: u32,
     pub(super) until: UnixMillis,
 }
 
 impl Write for Park {
     type Output = ();
+    const TAG: u8 = 3;
+
+    fn encode(&self, out: &mut Encoder) {
+        self.entry.encode(out);
+        out.u32(self.attempts);
+        out.u64(self.until);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        Ok(Park { entry: Entry::decode(input)?, attempts: input.u32()?, until: input.u64()? })
+    }
 
     fn apply(self, txn: &WriteTransaction, _cx: &mut Cx) -> Result<(), redb::Error> {
         let mut messages = txn.open_table(MESSAGES)?;
-        let (q, id) = (self.envelope.queue.as_str(), self.envelope.id.as_u128());
+        let (q, id) = (self.entry.queue.as_str(), self.entry.id.as_u128());
         if messages.get((q, id))?.is_none() {
             // acknowledged meanwhile (a duplicate delivery): nothing to keep
             return Ok(());
         }
-        messages.insert((q, id), self.envelope.to_json().as_slice())?;
+        messages.insert((q, id), self.entry.json.as_slice())?;
         let mut state = txn.open_table(STATE)?;
         let mut due = txn.open_table(DUE)?;
         if let Some(old) = state.insert((q, id), (self.attempts, self.until))? {
@@ -380,17 +720,28 @@ impl Write for Park {
 /// Stores a dead letter and removes its original, in the same transaction.
 #[derive(Debug)]
 pub(super) struct DeadLetter {
-    pub(super) envelope: Envelope,
+    pub(super) entry: Entry,
     pub(super) dead_letter_queue: String,
 }
 
 impl Write for DeadLetter {
     type Output = ();
+    const TAG: u8 = 4;
+
+    fn encode(&self, out: &mut Encoder) {
+        self.entry.encode(out);
+        out.str(&self.dead_letter_queue);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        Ok(DeadLetter { entry: Entry::decode(input)?, dead_letter_queue: input.string()? })
+    }
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<(), redb::Error> {
-        dead::insert(txn, &self.dead_letter_queue, &self.envelope, cx.now, cx.retention)?;
-        let id = self.envelope.id.as_u128();
-        Stored::open(txn)?.remove(&self.envelope.queue, id, cx)
+        let Entry { queue, id, json } = &self.entry;
+        let id = id.as_u128();
+        dead::insert(txn, &self.dead_letter_queue, id, json, cx.now, cx.retention)?;
+        Stored::open(txn)?.remove(queue, id, cx)
     }
 }
 
@@ -403,6 +754,16 @@ pub(super) struct DeleteDeadLetter {
 
 impl Write for DeleteDeadLetter {
     type Output = bool;
+    const TAG: u8 = 5;
+
+    fn encode(&self, out: &mut Encoder) {
+        out.str(&self.queue);
+        out.u128(self.id.as_u128());
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        Ok(DeleteDeadLetter { queue: input.string()?, id: MessageId::from_u128(input.u128()?) })
+    }
 
     fn apply(self, txn: &WriteTransaction, _cx: &mut Cx) -> Result<bool, redb::Error> {
         Ok(dead::remove(txn, &self.queue, self.id.as_u128())?.is_some())
@@ -415,6 +776,15 @@ pub(super) struct PurgeDeadLetters(pub(super) String);
 
 impl Write for PurgeDeadLetters {
     type Output = u64;
+    const TAG: u8 = 6;
+
+    fn encode(&self, out: &mut Encoder) {
+        out.str(&self.0);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        input.string().map(PurgeDeadLetters)
+    }
 
     fn apply(self, txn: &WriteTransaction, _cx: &mut Cx) -> Result<u64, redb::Error> {
         dead::purge(txn, &self.0)
@@ -430,6 +800,23 @@ pub(super) struct Replay {
 
 impl Write for Replay {
     type Output = Vec<MessageId>;
+    const TAG: u8 = 7;
+
+    fn encode(&self, out: &mut Encoder) {
+        out.str(&self.dead_letter_queue);
+        out.u32(self.ids.len() as u32);
+        for id in &self.ids {
+            out.u128(id.as_u128());
+        }
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        let dead_letter_queue = input.string()?;
+        let n = input.count(16)?;
+        let ids =
+            (0..n).map(|_| input.u128().map(MessageId::from_u128)).collect::<Result<_, _>>()?;
+        Ok(Replay { dead_letter_queue, ids })
+    }
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<Vec<MessageId>, redb::Error> {
         let dlq = self.dead_letter_queue.as_str();
@@ -474,6 +861,21 @@ pub(super) struct RememberAcknowledged {
 
 impl Write for RememberAcknowledged {
     type Output = ();
+    const TAG: u8 = 8;
+
+    fn encode(&self, out: &mut Encoder) {
+        out.str(&self.queue);
+        out.u128(self.id.as_u128());
+        out.u64(self.expires);
+    }
+
+    fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        Ok(RememberAcknowledged {
+            queue: input.string()?,
+            id: MessageId::from_u128(input.u128()?),
+            expires: input.u64()?,
+        })
+    }
 
     fn apply(self, txn: &WriteTransaction, _cx: &mut Cx) -> Result<(), redb::Error> {
         let (q, id) = (self.queue.as_str(), self.id.as_u128());
@@ -492,6 +894,13 @@ pub(super) struct Sweep;
 
 impl Write for Sweep {
     type Output = ();
+    const TAG: u8 = 9;
+
+    fn encode(&self, _out: &mut Encoder) {}
+
+    fn decode(_input: &mut Decoder<'_>) -> Result<Self, Malformed> {
+        Ok(Sweep)
+    }
 
     fn apply(self, _txn: &WriteTransaction, _cx: &mut Cx) -> Result<(), redb::Error> {
         Ok(())
@@ -530,4 +939,21 @@ fn sweep_dedup(txn: &WriteTransaction, now: u64) -> Result<(), redb::Error> {
         dedup.remove((queue.as_str(), key.as_str()))?;
     }
     Ok(())
+}
+
+/// The record a commit of `write` alone at `now` writes, for tests that make a log by hand.
+#[cfg(test)]
+pub(super) fn record_of<W: Write>(now: UnixMillis, write: W) -> Vec<u8> {
+    let cx = Cx {
+        now,
+        dedup_window: 3_600_000,
+        retention: Retention { max_messages: 10_000, max_age_ms: 86_400_000 },
+        delta: 0,
+    };
+    let mut out = Encoder::default();
+    cx.encode(&mut out);
+    out.u32(1);
+    out.u8(W::TAG);
+    write.encode(&mut out);
+    out.bytes
 }
