@@ -39,6 +39,18 @@ pub struct Retention {
     pub max_age_ms: u64,
 }
 
+/// Whether [`create`] has anything to do: a table missing, or the per-queue index not whole.
+pub(super) fn needs_write(txn: &ReadTransaction) -> Result<bool, redb::Error> {
+    use super::schema::length;
+    let at = length(txn, DEAD_AT)?;
+    let whole = at.is_some()
+        && length(txn, DEAD)?.is_some()
+        && length(txn, DEAD_COUNT)?.is_some()
+        && length(txn, DEAD_BY_TIME)? == at
+        && length(txn, DEAD_BY_QUEUE)? == at;
+    Ok(!whole)
+}
+
 pub(super) fn create(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(DEAD)?;
     txn.open_table(DEAD_BY_TIME)?;

@@ -32,9 +32,15 @@ pub(super) const ACKED_EXPIRY: TableDefinition<'_, (u64, &str, u128), ()> =
 /// Name -> value: `applied_lsn`, the number of the last log record applied.
 pub(super) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 
+/// Memory redb keeps for pages it read and pages written but not yet flushed.
+const CACHE_BYTES: usize = 32 << 20;
+
 /// Opens (or creates) the file, repairing it after a crash, with every table.
 pub(super) fn open_file(path: &Path) -> Result<Database, redb::Error> {
     let mut builder = Database::builder();
+    // redb's default is 1 GiB: a sidecar's budget is a few MiB, and what does not fit is read
+    // from the OS's page cache
+    builder.set_cache_size(CACHE_BYTES);
     builder.set_repair_callback(|session| {
         if session.progress() == 0.0 {
             tracing::warn!(
@@ -48,8 +54,11 @@ pub(super) fn open_file(path: &Path) -> Result<Database, redb::Error> {
 }
 
 /// Creates any missing table; rebuilds the due index from the messages' state if it is not
-/// whole (a file written before the index existed).
+/// whole (a file written before the index existed). Writes nothing to a file already complete.
 fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    if !needs_write(db)? {
+        return Ok(());
+    }
     let txn = db.begin_write()?;
     {
         txn.open_table(META)?;
@@ -74,6 +83,34 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     }
     txn.commit()?;
     Ok(())
+}
+
+/// Whether a table is missing or an index is not whole: a file that has all of them opens
+/// without a write, so it opens on a full disk too.
+fn needs_write(db: &Database) -> Result<bool, redb::Error> {
+    let txn = db.begin_read()?;
+    let stored = length(&txn, MESSAGES)?;
+    let whole = stored.is_some()
+        && length(&txn, DUE)? == stored
+        && length(&txn, STATE)?.is_some()
+        && length(&txn, META)?.is_some()
+        && length(&txn, DEDUP)?.is_some()
+        && length(&txn, DEDUP_EXPIRY)?.is_some()
+        && length(&txn, ACKED)?.is_some()
+        && length(&txn, ACKED_EXPIRY)?.is_some();
+    Ok(!whole || dead::needs_write(&txn)?)
+}
+
+/// How many entries `table` holds; `None` when it does not exist.
+pub(super) fn length<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<'_, K, V>,
+) -> Result<Option<u64>, redb::Error> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table.len()?)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// The number of messages stored.

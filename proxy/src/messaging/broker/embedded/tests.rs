@@ -592,3 +592,34 @@ async fn a_record_of_an_unknown_layout_refuses_the_open_with_its_number() {
     assert!(chain.contains(&format!("record {lsn} of the log cannot be applied")), "{chain}");
     assert!(chain.contains("another layout"), "{chain}");
 }
+
+#[tokio::test]
+async fn a_large_store_emptied_gives_its_disk_back_and_keeps_what_is_left() {
+    let dir = Scratch::new("store");
+    let store = open(&dir);
+    let file = dir.0.join(FILE_NAME);
+    let payload = format!("\"{}\"", "x".repeat(1000));
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let batch = (0..100).map(|_| message("q", &payload, None)).collect();
+        ids.extend(store.publish(batch).await.unwrap().into_iter().map(|p| p.id()));
+    }
+    let kept = publish_one(&store, "kept", r#""still here""#).await;
+    let peak = std::fs::metadata(&file).unwrap().len();
+    assert!(peak > 4 << 20, "4000 messages of 1 KB take {peak} bytes");
+    for id in ids {
+        store.ack("q", id).await.unwrap();
+    }
+    // the writer, idle, finds the file mostly free and compacts it
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut size = peak;
+    while size * 4 > peak {
+        assert!(tokio::time::Instant::now() < deadline, "still {size} of {peak} bytes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        size = std::fs::metadata(&file).unwrap().len();
+    }
+    let left = store.read("kept", "c", unordered(10, now())).await.unwrap();
+    assert_eq!(left[0].envelope.id, kept);
+    store.close().await;
+    assert_eq!(open(&dir).pending(), 1);
+}

@@ -67,6 +67,8 @@ impl<'a> Iterator for Frames<'a> {
         let length = u32::from_le_bytes(header[0..4].try_into().ok()?);
         let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
         let lsn = u64::from_le_bytes(header[8..16].try_into().ok()?);
+        // the number after the last possible one would wrap: the log ends there
+        let after = self.next.checked_add(1)?;
         if length == 0 || lsn != self.next {
             return None;
         }
@@ -75,7 +77,7 @@ impl<'a> Iterator for Frames<'a> {
             return None;
         }
         self.at += HEADER + payload.len();
-        self.next += 1;
+        self.next = after;
         Some(Frame { lsn, payload })
     }
 }
@@ -172,5 +174,11 @@ mod tests {
         bytes[..new.len()].copy_from_slice(&new);
         let read: Vec<u64> = frames(&bytes, 10).map(|f| f.lsn).collect();
         assert_eq!(read, vec![10]);
+    }
+
+    #[test]
+    fn the_last_possible_number_ends_the_log_instead_of_wrapping() {
+        let bytes = log(&[b"last"], u64::MAX);
+        assert_eq!(frames(&bytes, u64::MAX).count(), 0);
     }
 }

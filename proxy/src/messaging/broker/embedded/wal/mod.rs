@@ -76,7 +76,13 @@ impl Log {
     /// torn by a crash is left behind (never answered, so never promised) and written over.
     pub(crate) fn open(dir: &Path) -> Result<Log, LogError> {
         let io = |source| LogError::Io { dir: dir.to_owned(), source };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            // the directory's own name, durable before any record is promised in it
+            if let Some(parent) = dir.parent() {
+                File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+            }
+        }
         let mut segments = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
@@ -168,7 +174,8 @@ impl Log {
     }
 
     /// Appends `payload` as the next record and flushes it to the disk; its number once it is
-    /// there. On an error nothing is appended: the next record is written at the same place.
+    /// there. On an error nothing is appended: what may have been written is erased (best
+    /// effort), and the next record is written at the same place with the same number.
     pub(crate) fn append(&mut self, payload: &[u8]) -> io::Result<u64> {
         if self.file.is_none() || self.tail >= SEGMENT_BYTES {
             self.begin_segment()?;
@@ -181,8 +188,14 @@ impl Log {
             self.prepare(end);
         }
         let file = self.file.as_ref().expect("a segment was begun");
-        file.write_all_at(&self.buf, self.tail)?;
-        file.sync_data()?;
+        let written = file.write_all_at(&self.buf, self.tail).and_then(|()| file.sync_data());
+        if let Err(error) = written {
+            // a failed flush may leave the record readable in the page cache: its callers are
+            // told it failed, so it must not be found by a replay before it is written over
+            let zeros = vec![0; self.buf.len()];
+            let _ = file.write_all_at(&zeros, self.tail).and_then(|()| file.sync_data());
+            return Err(error);
+        }
         self.prepared = self.prepared.max(end);
         self.last = Some((self.tail, self.buf.len()));
         self.tail = end;
@@ -207,20 +220,18 @@ impl Log {
     /// Lets go of the segments holding no record after `checkpoint`: one is kept to begin the
     /// next segment, the rest deleted.
     pub(crate) fn forget_through(&mut self, checkpoint: u64) -> io::Result<()> {
-        let written = self.segments.len().saturating_sub(1);
-        let done = self.segments[..written]
-            .iter()
-            .enumerate()
-            .take_while(|&(n, _)| self.segments[n + 1].first <= checkpoint + 1)
-            .count();
-        for segment in self.segments.drain(..done) {
+        // the first segment is done when the next one starts at most one after the checkpoint;
+        // the last one (written) never is
+        while self.segments.len() > 1 && self.segments[1].first <= checkpoint + 1 {
+            let path = &self.segments[0].path;
             if self.spare.is_none() {
                 let spare = self.dir.join(SPARE);
-                std::fs::rename(&segment.path, &spare)?;
+                std::fs::rename(path, &spare)?;
                 self.spare = Some(spare);
             } else {
-                std::fs::remove_file(&segment.path)?;
+                std::fs::remove_file(path)?;
             }
+            self.segments.remove(0);
         }
         Ok(())
     }
@@ -233,19 +244,27 @@ impl Log {
 
     /// Begins a segment at the next record: the spare renamed, or a new file; its name made
     /// durable before any record is written in it.
+    ///
+    /// Safe to call again after an error at any step: the file may already be there (its
+    /// old records, if any, are numbered lower and read as the end), and is listed once.
     fn begin_segment(&mut self) -> io::Result<()> {
         let path = self.dir.join(format!("{:020}{SUFFIX}", self.next_lsn));
-        match self.spare.take() {
-            Some(spare) => std::fs::rename(spare, &path)?,
-            None => drop(OpenOptions::new().write(true).create_new(true).open(&path)?),
+        if let Some(spare) = self.spare.take()
+            && let Err(error) = std::fs::rename(&spare, &path)
+        {
+            self.spare = Some(spare);
+            return Err(error);
+        }
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        if self.segments.last().map(|s| s.first) != Some(self.next_lsn) {
+            self.segments.push(Segment { first: self.next_lsn, path });
         }
         File::open(&self.dir)?.sync_all()?;
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
         self.prepared = file.metadata()?.len();
         self.tail = 0;
         self.last = None;
         self.file = Some(file);
-        self.segments.push(Segment { first: self.next_lsn, path });
         Ok(())
     }
 
@@ -385,5 +404,22 @@ mod tests {
         drop(log);
         let log = Log::open(&dir).unwrap();
         assert_eq!(replayed(&log, 9), vec![(10, b"ten".to_vec())]);
+    }
+
+    #[test]
+    fn a_segment_begun_again_after_an_error_is_listed_once() {
+        let scratch = Scratch::new("wal");
+        let dir = scratch.0.clone();
+        let mut log = Log::open(&dir).unwrap();
+        log.append(b"one").unwrap();
+        log.continue_at(5);
+        // the first try made the file, then failed before taking it
+        log.begin_segment().unwrap();
+        log.file = None;
+        assert_eq!(log.append(b"five").unwrap(), 5);
+        assert_eq!(log.files().len(), 2);
+        drop(log);
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(replayed(&log, 4), vec![(5, b"five".to_vec())]);
     }
 }
