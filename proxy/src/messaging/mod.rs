@@ -30,8 +30,10 @@ use tokio::task::JoinSet;
 
 use crate::error::chain;
 use crate::messaging::broker::embedded::{self, Embedded, OpenCause, OpenError};
-use crate::messaging::broker::redis::{self as redis_broker, Redis};
-use crate::messaging::broker::{AnyQueue, BrokerError, DeadLetterPage, Lane, Queue, QueueDepth};
+use crate::messaging::broker::redis as redis_broker;
+use crate::messaging::broker::{
+    AnyQueue, AnyRemote, BrokerError, DeadLetterPage, Lane, Queue, QueueDepth, Remote,
+};
 use crate::messaging::envelope::{Envelope, MessageId};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::trace::Tracer;
@@ -53,8 +55,8 @@ pub struct Messaging {
     /// Each subscribed queue's dispatcher wake-up, notified by a publish to it.
     wakers: HashMap<Box<str>, Arc<Notify>>,
     subscriptions: Vec<config::Subscription>,
-    /// With `broker: redis://…`: where messages are relayed and consumed.
-    remote: Option<Redis>,
+    /// With a remote broker (`broker: redis://…`): where messages are relayed and consumed.
+    remote: Option<AnyRemote>,
     relay_wake: Arc<Notify>,
     relay_status: Arc<relay::Status>,
     /// Which subscriptions are paused because the app refuses connections.
@@ -92,17 +94,7 @@ impl Messaging {
         tracer: Tracer,
         publish: publish::PublishLimits,
     ) -> Result<Arc<Self>, StartError> {
-        let remote = match &cfg.broker {
-            config::Broker::Embedded => None,
-            config::Broker::Redis(url) => Some(Redis::new(
-                url.as_str(),
-                cfg.tls.as_ref(),
-                service,
-                cfg.claim_idle.get(),
-                cfg.dedup_window.get(),
-                retention(cfg),
-            )?),
-        };
+        let remote = AnyRemote::from_config(cfg, service, retention(cfg))?;
         let messaging = Arc::new(Messaging {
             data_dir: cfg.data_dir.clone(),
             dedup_window: cfg.dedup_window.get(),
@@ -186,9 +178,9 @@ impl Messaging {
         self: &Arc<Self>,
         stop: watch::Receiver<bool>,
     ) -> Option<tokio::task::JoinHandle<()>> {
-        let redis = self.remote.clone()?;
+        let remote = self.remote.clone()?;
         let (wake, status) = (self.relay_wake.clone(), self.relay_status.clone());
-        Some(tokio::spawn(relay::run(self.clone(), redis, wake, status, stop)))
+        Some(tokio::spawn(relay::run(self.clone(), remote, wake, status, stop)))
     }
 
     /// Applies the dead-letter age cap every [`RETENTION_EVERY`] until `stop`, so dead letters
@@ -226,10 +218,10 @@ impl Messaging {
     /// The broker's readiness check: `None` for the embedded one (its failures show on each
     /// publish); else `Ok(detail)` or `Err(detail)` while relaying fails.
     pub fn broker_check(&self) -> Option<Result<String, String>> {
-        self.remote.as_ref()?;
+        let system = self.remote.as_ref()?.system();
         let pending = self.pending.get();
         Some(match self.relay_status.failing() {
-            None => Ok(format!("redis: relaying; {pending} message(s) in the outbox")),
+            None => Ok(format!("{system}: relaying; {pending} message(s) in the outbox")),
             Some(error) => Err(format!("{error}; {pending} message(s) wait in the outbox")),
         })
     }
@@ -240,11 +232,11 @@ impl Messaging {
         self.pauses.check()
     }
 
-    /// The queue messages are read from and dead-lettered in: Redis, or the embedded store
-    /// once it is open (`None` while it never was: nothing is queued or dead-lettered yet).
+    /// The queue messages are read from and dead-lettered in: the remote broker, or the
+    /// embedded store once it is open (`None` while it never was: nothing is queued yet).
     fn queue(&self) -> Option<AnyQueue> {
         match &self.remote {
-            Some(redis) => Some(AnyQueue::Redis(redis.clone())),
+            Some(remote) => Some(remote.queue()),
             None => self.store.get().cloned().map(AnyQueue::Embedded),
         }
     }

@@ -20,8 +20,7 @@ use tokio::time::Instant;
 
 use crate::error::chain;
 use crate::messaging::Messaging;
-use crate::messaging::broker::redis::Redis;
-use crate::messaging::broker::{BrokerError, Outbox};
+use crate::messaging::broker::{BrokerError, Outbox, Remote};
 use crate::policy::backoff::Backoff;
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::trace::Kind;
@@ -61,7 +60,7 @@ pub enum RelayError {
 /// Relays until `stop` turns true (finishing the batch in hand; the rest stays durable).
 pub async fn run(
     messaging: Arc<Messaging>,
-    redis: Redis,
+    remote: impl Remote,
     wake: Arc<Notify>,
     status: Arc<Status>,
     mut stop: watch::Receiver<bool>,
@@ -83,7 +82,7 @@ pub async fn run(
     let mut failures = 0u32;
     let mut previous = Duration::ZERO;
     loop {
-        let wait = match relay_once(&messaging, &redis, &mut breaker).await {
+        let wait = match relay_once(&messaging, &remote, &mut breaker).await {
             Ok(0) => POLL,
             Ok(_) => {
                 failures = 0;
@@ -118,7 +117,7 @@ enum Failed {
 /// Moves one batch; how many messages it moved.
 async fn relay_once(
     messaging: &Messaging,
-    redis: &Redis,
+    remote: &impl Remote,
     breaker: &mut Breaker,
 ) -> Result<usize, Failed> {
     let Some(store) = messaging.opened() else { return Ok(0) };
@@ -150,7 +149,7 @@ async fn relay_once(
             })
         })
         .collect();
-    let result = redis.relay(&batch).await;
+    let result = remote.relay(&batch).await;
     record(breaker, admission, result.is_err());
     for mut span in spans.drain(..) {
         if result.is_err() {

@@ -1,8 +1,13 @@
-//! The queue the sidecar runs, whichever broker it is: the one `match` on the broker.
+//! The queue the sidecar runs, and the remote broker it relays to, whichever broker it is: the
+//! one `match` on the broker, and the one place a remote broker is made from the config.
 
-use super::embedded::Embedded;
-use super::redis::Redis;
-use super::{BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, UnixMillis};
+use outrigger_config as config;
+
+use super::embedded::{Embedded, Retention};
+use super::redis::{self, Redis};
+use super::{
+    BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, Remote, UnixMillis,
+};
 use crate::messaging::envelope::{Envelope, MessageId};
 
 /// The configured queue: the embedded store (`broker: embedded`) or Redis Streams.
@@ -108,5 +113,54 @@ impl Queue for AnyQueue {
 
     async fn depths(&self, lanes: &[Lane]) -> Result<Vec<QueueDepth>, BrokerError> {
         on_each!(self, q => q.depths(lanes).await)
+    }
+}
+
+/// The configured remote broker: Redis Streams.
+#[derive(Debug, Clone)]
+pub enum AnyRemote {
+    Redis(Redis),
+}
+
+impl AnyRemote {
+    /// The remote broker `messaging.broker` names, for consumer group `service`; `None` for
+    /// `embedded`.
+    pub fn from_config(
+        cfg: &config::Messaging,
+        service: &str,
+        retention: Retention,
+    ) -> Result<Option<Self>, redis::ConnectError> {
+        Ok(match &cfg.broker {
+            config::Broker::Embedded => None,
+            config::Broker::Redis(url) => Some(AnyRemote::Redis(Redis::new(
+                url.as_str(),
+                cfg.tls.as_ref(),
+                service,
+                cfg.claim_idle.get(),
+                cfg.dedup_window.get(),
+                retention,
+            )?)),
+        })
+    }
+
+    /// The same broker as the queue deliveries read from.
+    pub fn queue(&self) -> AnyQueue {
+        match self {
+            AnyRemote::Redis(redis) => AnyQueue::Redis(redis.clone()),
+        }
+    }
+}
+
+impl Remote for AnyRemote {
+    async fn relay(&self, batch: &[Envelope]) -> Result<(), BrokerError> {
+        match self {
+            AnyRemote::Redis(redis) => redis.relay(batch).await,
+        }
+    }
+
+    fn system(&self) -> &'static str {
+        match self {
+            AnyRemote::Redis(redis) => redis.system(),
+        }
     }
 }

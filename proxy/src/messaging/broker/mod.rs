@@ -6,8 +6,12 @@
 //!   dead-lettered with metadata, with the dead-letter operations, depth and age. The embedded
 //!   store is the queue when `broker: embedded`; Redis Streams when `broker: redis://…`.
 //!
-//! [`AnyQueue`] is the one place that knows which queue runs: everything above the seam holds
-//! one and never matches on the broker. Static dispatch: no boxed future per message.
+//! - [`Remote`]: a broker of its own beside the sidecar, which the relay hands what the outbox
+//!   holds (Redis Streams when `broker: redis://…`); it is the queue then.
+//!
+//! [`AnyQueue`] and [`AnyRemote`] are the one place that knows which broker runs: everything
+//! above the seam holds them and never matches on the broker. Static dispatch: no boxed future
+//! per message.
 //!
 //! Every write is durable when its future resolves: a publish is answered 202 only then, an ack
 //! forgets a message only then, and a dead letter exists before its original is acknowledged.
@@ -24,7 +28,7 @@ use serde_json::value::RawValue;
 
 use crate::messaging::envelope::{Envelope, MessageId};
 
-pub use any::AnyQueue;
+pub use any::{AnyQueue, AnyRemote};
 pub use embedded::Embedded;
 
 /// Unix time in milliseconds: what a parked message waits for, and what outlives the process.
@@ -170,6 +174,18 @@ pub trait Outbox: Send + Sync + 'static {
 
     /// Ends the leases of messages that could not be relayed: they are taken again later.
     fn release_all(&self, envelopes: &[Envelope]);
+}
+
+/// A broker of its own beside the sidecar (`broker: redis://…`): the relay hands it what the
+/// outbox holds, and it is the [`Queue`] deliveries read from. Implemented by [`redis::Redis`];
+/// the sidecar holds an [`AnyRemote`].
+pub trait Remote: Send + Sync + 'static {
+    /// Appends relayed messages to their queues, each once however often it is relayed (the
+    /// outbox may relay again what it could not forget).
+    fn relay(&self, batch: &[Envelope]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// What the readiness check calls it: `redis`.
+    fn system(&self) -> &'static str;
 }
 
 /// Where messages are read, settled and dead-lettered. Implemented by [`Embedded`] and

@@ -37,7 +37,9 @@ use scripts::{DEAD_LETTER, DELETE_DEAD_LETTER, DEPTH, RELAY, REPLAY, TRIM};
 mod consume;
 mod keys;
 mod scripts;
-use super::{BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, UnixMillis};
+use super::{
+    BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, Remote, UnixMillis,
+};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
 /// Every command but a blocking read answers within this, or fails (and is retried later).
@@ -140,30 +142,6 @@ impl Redis {
                 groups: Mutex::new(HashSet::new()),
             }),
         })
-    }
-
-    /// Appends envelopes stored in the outbox, in order; an id relayed within the dedup window
-    /// is not appended again. Returns after Redis has them all (and, with `appendfsync always`,
-    /// has written them).
-    pub async fn relay(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        let window = self.inner.dedup_window.as_millis().to_string();
-        for envelope in envelopes {
-            let marker = relayed(&envelope.queue, envelope.id);
-            pipe.cmd("EVAL")
-                .arg(RELAY)
-                .arg(3)
-                .arg(marker)
-                .arg(stream(&envelope.queue))
-                .arg(ordered_groups(&envelope.queue))
-                .arg(&window)
-                .arg(envelope.to_json())
-                .arg(envelope.ordering_key().unwrap_or(""))
-                .arg(envelope.id.to_string())
-                .ignore();
-        }
-        let mut conn = self.inner.commands.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(store_error)
     }
 
     /// Removes the entries of `queue`'s stream that every consumer group has read and settled;
@@ -345,6 +323,36 @@ fn field(entry: &StreamId, name: &str) -> Option<String> {
         Value::SimpleString(text) => Some(text.clone()),
         Value::Int(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+impl Remote for Redis {
+    /// Appends envelopes stored in the outbox, in order; an id relayed within the dedup window
+    /// is not appended again. Returns after Redis has them all (and, with `appendfsync always`,
+    /// has written them).
+    async fn relay(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        let window = self.inner.dedup_window.as_millis().to_string();
+        for envelope in envelopes {
+            let marker = relayed(&envelope.queue, envelope.id);
+            pipe.cmd("EVAL")
+                .arg(RELAY)
+                .arg(3)
+                .arg(marker)
+                .arg(stream(&envelope.queue))
+                .arg(ordered_groups(&envelope.queue))
+                .arg(&window)
+                .arg(envelope.to_json())
+                .arg(envelope.ordering_key().unwrap_or(""))
+                .arg(envelope.id.to_string())
+                .ignore();
+        }
+        let mut conn = self.inner.commands.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(store_error)
+    }
+
+    fn system(&self) -> &'static str {
+        "redis"
     }
 }
 
