@@ -627,3 +627,54 @@ async fn a_large_store_emptied_gives_its_disk_back_and_keeps_what_is_left() {
     store.close().await;
     assert_eq!(open(&dir).pending(), 1);
 }
+
+/// A store whose every apply to redb comes `SLOW` after its record is on disk.
+const SLOW: Duration = Duration::from_millis(300);
+
+fn open_slow(dir: &Scratch) -> Embedded {
+    let temp = std::fs::File::open(std::env::temp_dir()).unwrap();
+    let free = outrigger_sys::available_bytes(&temp).unwrap();
+    assert!(free >= 64 << 20, "early answers need 64 MiB free under the temp dir: {free} bytes");
+    let gauge = IntGauge::new("pending", "test").unwrap();
+    Embedded::open_with(&dir.0, HOUR, RETAIN, gauge, SLOW).unwrap()
+}
+
+#[tokio::test]
+async fn a_publish_is_answered_once_on_disk_and_the_next_read_waits_until_it_is_applied() {
+    let dir = Scratch::new("store");
+    let store = open_slow(&dir);
+    let started = tokio::time::Instant::now();
+    let id = publish_one(&store, "q", "1").await;
+    assert!(started.elapsed() < SLOW, "answered after {:?}: after the apply", started.elapsed());
+
+    // a read that begins after the answer sees the message, though it waits for the apply
+    let read = store.read("q", "c", unordered(10, now())).await.unwrap();
+    assert_eq!(read.iter().map(|l| l.envelope.id).collect::<Vec<_>>(), vec![id]);
+    assert!(started.elapsed() >= SLOW);
+}
+
+#[tokio::test]
+async fn an_acknowledgement_answered_before_it_is_applied_never_lets_its_message_be_read_again() {
+    let dir = Scratch::new("store");
+    let store = open_slow(&dir);
+    let id = publish_one(&store, "q", "1").await;
+    let leased = store.read("q", "c", unordered(10, now())).await.unwrap();
+    assert_eq!(leased.len(), 1);
+
+    let started = tokio::time::Instant::now();
+    store.ack("q", id).await.unwrap();
+    assert!(started.elapsed() < SLOW, "the ack was answered after its apply");
+    // the lease is gone; the message is still in redb until the apply: a read must not see it
+    assert!(store.read("q", "c", unordered(10, now())).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_publish_with_an_idempotency_key_is_answered_only_once_applied() {
+    let dir = Scratch::new("store");
+    let store = open_slow(&dir);
+    let started = tokio::time::Instant::now();
+    let first = store.publish(vec![message("q", "1", Some("k"))]).await.unwrap()[0];
+    assert!(started.elapsed() >= SLOW, "a keyed publish's answer depends on the store");
+    let again = store.publish(vec![message("q", "1", Some("k"))]).await.unwrap()[0];
+    assert_eq!(again, Published::Duplicate(first.id()));
+}
