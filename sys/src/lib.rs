@@ -27,26 +27,6 @@ pub fn trim_allocator() -> bool {
     false
 }
 
-/// The bytes an unprivileged process may still write to the file system holding `file` (a
-/// directory or a file opened for reading will do): `fstatvfs`'s available blocks times its
-/// fragment size.
-#[cfg(unix)]
-#[allow(unsafe_code)]
-pub fn available_bytes(file: &std::fs::File) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: the descriptor is open for as long as `file` is borrowed, and `stats` is a
-    // properly aligned statvfs that fstatvfs fills whole when it returns 0.
-    let done = unsafe { libc::fstatvfs(file.as_raw_fd(), stats.as_mut_ptr()) };
-    if done != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fstatvfs returned 0, so it wrote the whole struct.
-    let stats = unsafe { stats.assume_init() };
-    #[allow(clippy::useless_conversion)] // u64 on Linux, narrower elsewhere
-    Ok(u64::from(stats.f_bavail).saturating_mul(u64::from(stats.f_frsize)))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -59,12 +39,5 @@ mod tests {
         });
         assert_eq!(burst.join().unwrap(), 512 * 64 * 1024);
         assert!(super::trim_allocator(), "32 MiB freed in an arena is handed back");
-    }
-
-    #[test]
-    #[cfg(unix)]
-    fn the_temp_dir_has_some_room() {
-        let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
-        assert!(super::available_bytes(&dir).unwrap() > 0);
     }
 }

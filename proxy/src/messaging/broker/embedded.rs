@@ -39,7 +39,6 @@ pub use dead::Retention;
 mod codec;
 mod compact;
 mod dead;
-mod progress;
 mod schema;
 pub(crate) mod wal;
 mod writer;
@@ -67,8 +66,6 @@ pub const FILE_NAME: &str = "messages.redb";
 pub const LOG_DIR: &str = "wal";
 /// After a write error, the file is opened again at most this often.
 const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-/// How long a read waits for the writes answered before it to be applied.
-const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a reopen waits for the reads still holding the old handle.
 const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -100,7 +97,6 @@ struct Inner {
     commits: Arc<AtomicU64>,
     pending: IntGauge,
     retention: Retention,
-    progress: Arc<progress::Progress>,
 }
 
 /// What failed in the store; shared by every caller of a failed commit.
@@ -114,9 +110,6 @@ pub enum StoreError {
     Replay(#[source] ReplayError),
     #[error("it is being compacted; try again in a moment")]
     Compacting,
-    /// A read waited [`CATCH_UP_WAIT`] for writes already answered to be applied.
-    #[error("it has not applied writes it answered yet (it cannot write to its file)")]
-    Behind,
 }
 
 /// Why the store could not be opened; its cause is its `source`.
@@ -157,18 +150,6 @@ impl Embedded {
         retention: Retention,
         pending: IntGauge,
     ) -> Result<Self, OpenError> {
-        Self::open_with(dir, dedup_window, retention, pending, std::time::Duration::ZERO)
-    }
-
-    /// [`Embedded::open`], with each apply to redb made `slow_apply` slower: lets a test see
-    /// what happens between an early answer and the apply.
-    fn open_with(
-        dir: &Path,
-        dedup_window: std::time::Duration,
-        retention: Retention,
-        pending: IntGauge,
-        slow_apply: std::time::Duration,
-    ) -> Result<Self, OpenError> {
         let path = dir.join(FILE_NAME);
         let fail = |cause| OpenError { path: path.clone(), cause };
         std::fs::create_dir_all(dir).map_err(|e| fail(OpenCause::Dir(e)))?;
@@ -178,7 +159,6 @@ impl Embedded {
         let stored = schema::stored(&db).map_err(|e| fail(OpenCause::File(e)))?;
         pending.set(stored as i64);
         let db = Arc::new(db);
-        let progress = Arc::new(progress::Progress::at(applied));
         let handle = Arc::new(std::sync::RwLock::new(Handle::Open(db)));
         let commits = Arc::new(AtomicU64::new(0));
         let (writes, requests) = mpsc::channel(MAX_BATCH * 4);
@@ -192,9 +172,6 @@ impl Embedded {
             since_checkpoint: 0,
             last_compact_check: None,
             poisoned: None,
-            progress: progress.clone(),
-            room: writer::Room::of(dir),
-            slow_apply,
             last_reopen: None,
             // config caps durations at 365d; were one longer, it would mean "for ever", not wrap
             dedup_window: u64::try_from(dedup_window.as_millis()).unwrap_or(u64::MAX),
@@ -220,25 +197,17 @@ impl Embedded {
                 commits,
                 pending,
                 retention,
-                progress,
             }),
         })
     }
 
     /// Group commits so far (each one fdatasync of the log).
-    ///
-    /// Like [`Embedded::pending`], it first waits (blocking) for the writes answered so far.
     pub fn commits(&self) -> u64 {
-        self.inner.progress.wait_caught_up(CATCH_UP_WAIT);
         self.inner.commits.load(Ordering::Relaxed)
     }
 
     /// Messages stored and not acknowledged.
-    ///
-    /// Counts every write answered so far: waits (blocking, briefly) for those answered before
-    /// they were applied. For tests and tools; the gauge itself follows the applies.
     pub fn pending(&self) -> i64 {
-        self.inner.progress.wait_caught_up(CATCH_UP_WAIT);
         self.inner.pending.get()
     }
 
@@ -354,14 +323,14 @@ impl Embedded {
         T: Send + 'static,
         F: FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error> + Send + 'static,
     {
-        let (db, progress) = (self.db()?, self.inner.progress.clone());
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || {
-            caught_up(&progress)?;
-            let txn = db.begin_read().map_err(store_error)?;
-            read(&txn).map_err(store_error)
+            let txn = db.begin_read()?;
+            read(&txn)
         })
         .await
         .map_err(BrokerError::Task)?
+        .map_err(store_error)
     }
 
     /// Like `read_with`, with the lease set locked BEFORE the read transaction begins: a
@@ -374,19 +343,13 @@ impl Embedded {
     {
         let (this, db) = (self.clone(), self.db()?);
         tokio::task::spawn_blocking(move || {
-            // first without the lock, so that a store that cannot apply what it answered does
-            // not hold the settles (which take the lock) for the whole wait
-            caught_up(&this.inner.progress)?;
             let mut leases = this.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
-            // again after the lock: a lease released before it was taken belongs to a write
-            // logged before, which the snapshot must hold (an acknowledged message is not
-            // handed out again)
-            caught_up(&this.inner.progress)?;
-            let txn = db.begin_read().map_err(store_error)?;
-            read(&txn, &mut leases).map_err(store_error)
+            let txn = db.begin_read()?;
+            read(&txn, &mut leases)
         })
         .await
         .map_err(BrokerError::Task)?
+        .map_err(store_error)
     }
 
     /// After a write that failed: the message is read again, but only after
@@ -421,15 +384,6 @@ fn depth_of<'a>(depths: &'a mut BTreeMap<String, QueueDepth>, queue: &str) -> &'
         oldest_published_ms: None,
         oldest_dead_letter_ms: None,
     })
-}
-
-/// Waits until redb holds every write answered so far (see [`progress`]).
-fn caught_up(progress: &progress::Progress) -> Result<(), BrokerError> {
-    if progress.wait_caught_up(CATCH_UP_WAIT) {
-        Ok(())
-    } else {
-        Err(BrokerError::Store(Arc::new(StoreError::Behind)))
-    }
 }
 
 fn store_error(err: impl Into<redb::Error>) -> BrokerError {

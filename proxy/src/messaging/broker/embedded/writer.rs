@@ -45,11 +45,6 @@ pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 const CHECKPOINT_BYTES: u64 = super::wal::SEGMENT_BYTES;
 /// The key in [`META`] of the last record applied.
 const APPLIED: &str = "applied_lsn";
-/// Free space under `data_dir` below which every caller is answered only after its write is
-/// applied, as when an apply fails for want of space an early answer could not be taken back.
-const ROOM: u64 = 64 << 20;
-/// How often that free space is looked at, at most.
-const ROOM_EVERY: Duration = Duration::from_millis(100);
 
 /// One kind of write: its bytes in the log, and how it is applied inside the writer's
 /// transaction. `Output` is what its caller gets once the record is on disk.
@@ -61,12 +56,6 @@ pub(super) trait Write: Send + Sized + 'static {
     fn encode(&self, out: &mut Encoder);
 
     fn decode(input: &mut Decoder<'_>) -> Result<Self, Malformed>;
-
-    /// The output, when it is known before the write is applied (it does not depend on what the
-    /// store holds): then the caller is answered as soon as the record is on disk.
-    fn known(&self) -> Option<Self::Output> {
-        None
-    }
 
     fn apply(self, txn: &WriteTransaction, cx: &mut Cx) -> Result<Self::Output, redb::Error>;
 }
@@ -120,12 +109,7 @@ pub(super) trait Job: Send + std::fmt::Debug {
 
     fn apply(&mut self, txn: &WriteTransaction, cx: &mut Cx) -> Result<(), redb::Error>;
 
-    /// Answers the caller now if the output is known before the write is applied; whether it
-    /// did.
-    fn answer_early(&mut self) -> bool;
-
-    /// Answers the caller (unless answered early): the write's output if `committed`, else the
-    /// error.
+    /// Answers the caller: the write's output if `committed`, else the error.
     fn answer(self: Box<Self>, committed: Result<(), BrokerError>);
 }
 
@@ -136,13 +120,12 @@ pub(super) type Reply<W> = oneshot::Sender<Result<<W as Write>::Output, BrokerEr
 pub(super) struct Pending<W: Write> {
     write: Option<W>,
     output: Option<W::Output>,
-    /// Taken when the caller is answered early.
-    reply: Option<Reply<W>>,
+    reply: Reply<W>,
 }
 
 impl<W: Write> Pending<W> {
     pub(super) fn new(write: W, reply: Reply<W>) -> Box<Self> {
-        Box::new(Pending { write: Some(write), output: None, reply: Some(reply) })
+        Box::new(Pending { write: Some(write), output: None, reply })
     }
 }
 
@@ -167,17 +150,8 @@ impl<W: Write> Job for Pending<W> {
         Ok(())
     }
 
-    fn answer_early(&mut self) -> bool {
-        let Some(known) = self.write.as_ref().and_then(W::known) else { return false };
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(Ok(known));
-        }
-        true
-    }
-
     fn answer(self: Box<Self>, committed: Result<(), BrokerError>) {
         let Pending { output, reply, .. } = *self;
-        let Some(reply) = reply else { return };
         // a committed transaction applied every write in it: `output` is there then
         let answer = committed.and_then(|()| output.ok_or(BrokerError::Stopped));
         let _ = reply.send(answer);
@@ -352,11 +326,6 @@ pub(super) struct Writer {
     /// The write error after which redb refuses this handle's writes: the next write opens
     /// the file again.
     pub(super) poisoned: Option<Arc<StoreError>>,
-    /// How far the log and redb have got, for the reads to wait on.
-    pub(super) progress: Arc<super::progress::Progress>,
-    pub(super) room: Room,
-    /// Zero but in tests: a pause before each apply.
-    pub(super) slow_apply: Duration,
     pub(super) last_reopen: Option<tokio::time::Instant>,
     pub(super) dedup_window: u64,
     pub(super) retention: Retention,
@@ -431,18 +400,6 @@ impl Writer {
             }
         };
         self.since_checkpoint += record.bytes.len() as u64;
-        self.progress.logged(lsn);
-        // on disk: whoever's answer does not depend on the store is answered now, while the
-        // record is applied (reads wait for it)
-        let mut early = false;
-        if self.room.spare() {
-            for job in &mut batch {
-                early |= job.answer_early();
-            }
-        }
-        if !self.slow_apply.is_zero() {
-            std::thread::sleep(self.slow_apply);
-        }
         let result = (|| -> Result<(), redb::Error> {
             let mut txn = db.begin_write()?;
             // durable already, in the log: the checkpoint makes redb durable later
@@ -460,26 +417,16 @@ impl Writer {
                 self.applied = lsn;
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 self.pending.add(cx.delta);
-                // after the counts: whoever waited for this record sees them too
-                self.progress.applied(lsn);
                 for job in batch {
                     job.answer(Ok(()));
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, requests = batch.len(), "message store commit failed");
-                // if no caller was answered, none will be told it worked: the record must not
-                // be replayed later; if one was, the record is a promise, applied at the reopen
-                let undone = if early {
-                    Err(())
-                } else {
-                    self.log.undo().map_err(|error| {
-                        tracing::error!(%error, "the message log cannot take back a record not applied");
-                    })
-                };
-                if undone.is_ok() {
-                    self.progress.logged(lsn - 1);
-                }
+                // the callers are told it failed: the record must not be replayed later
+                let undone = self.log.undo().inspect_err(|error| {
+                    tracing::error!(%error, "the message log cannot take back a record not applied");
+                });
                 let err = Arc::new(StoreError::File(err));
                 let io =
                     matches!(&*err, StoreError::File(redb::Error::Io(_) | redb::Error::PreviousIo));
@@ -591,8 +538,6 @@ impl Writer {
         let db = Arc::new(db);
         *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db.clone());
         (self.applied, self.checkpointed) = (replayed.last, replayed.checkpoint);
-        self.progress.logged(replayed.last);
-        self.progress.applied(replayed.last);
         if let Err(error) = finish_recovery(&db, &mut self.log, replayed) {
             tracing::warn!(%error, "the message store opened again, and cannot be written yet");
             let error = Arc::new(StoreError::File(error));
@@ -605,31 +550,6 @@ impl Writer {
         self.since_checkpoint = 0;
         tracing::info!(stored, "message store opened again after a write error");
         Ok(db)
-    }
-}
-
-/// Whether the file system under `data_dir` has [`ROOM`] to spare, looked at no more than every
-/// [`ROOM_EVERY`].
-#[derive(Debug)]
-pub(super) struct Room {
-    dir: Option<std::fs::File>,
-    looked: Option<tokio::time::Instant>,
-    enough: bool,
-}
-
-impl Room {
-    pub(super) fn of(dir: &std::path::Path) -> Self {
-        Room { dir: std::fs::File::open(dir).ok(), looked: None, enough: false }
-    }
-
-    fn spare(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        if self.looked.is_none_or(|at| now >= at + ROOM_EVERY) {
-            self.looked = Some(now);
-            let available = self.dir.as_ref().map(outrigger_sys::available_bytes);
-            self.enough = matches!(available, Some(Ok(bytes)) if bytes >= ROOM);
-        }
-        self.enough
     }
 }
 
@@ -696,12 +616,6 @@ pub(super) struct Store(pub(super) Vec<New>);
 impl Write for Store {
     type Output = Vec<Published>;
     const TAG: u8 = 1;
-
-    /// Known when no message has an Idempotency-Key: each is stored under its own id.
-    fn known(&self) -> Option<Vec<Published>> {
-        let keyed = self.0.iter().any(|new| new.idempotency_key.is_some());
-        (!keyed).then(|| self.0.iter().map(|new| Published::Stored(new.entry.id)).collect())
-    }
 
     fn encode(&self, out: &mut Encoder) {
         out.u32(self.0.len() as u32);
@@ -777,10 +691,6 @@ impl Write for Forget {
     type Output = ();
     const TAG: u8 = 2;
 
-    fn known(&self) -> Option<()> {
-        Some(())
-    }
-
     fn encode(&self, out: &mut Encoder) {
         encode_ids(out, &self.0);
     }
@@ -839,10 +749,6 @@ impl Write for Park {
     type Output = ();
     const TAG: u8 = 3;
 
-    fn known(&self) -> Option<()> {
-        Some(())
-    }
-
     fn encode(&self, out: &mut Encoder) {
         self.entry.encode(out);
         out.u32(self.attempts);
@@ -882,10 +788,6 @@ pub(super) struct DeadLetter {
 impl Write for DeadLetter {
     type Output = ();
     const TAG: u8 = 4;
-
-    fn known(&self) -> Option<()> {
-        Some(())
-    }
 
     fn encode(&self, out: &mut Encoder) {
         self.entry.encode(out);
@@ -1022,10 +924,6 @@ impl Write for RememberAcknowledged {
     type Output = ();
     const TAG: u8 = 8;
 
-    fn known(&self) -> Option<()> {
-        Some(())
-    }
-
     fn encode(&self, out: &mut Encoder) {
         out.str(&self.queue);
         out.u128(self.id.as_u128());
@@ -1058,10 +956,6 @@ pub(super) struct Sweep;
 impl Write for Sweep {
     type Output = ();
     const TAG: u8 = 9;
-
-    fn known(&self) -> Option<()> {
-        Some(())
-    }
 
     fn encode(&self, _out: &mut Encoder) {}
 
