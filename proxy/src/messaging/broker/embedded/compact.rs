@@ -15,7 +15,7 @@ use std::time::Duration;
 use redb::Database;
 
 use super::writer::Writer;
-use super::{Handle, REOPEN_WAIT, StoreError};
+use super::{Handle, StoreError};
 
 /// Files smaller than this are left as they are (in unit tests, a store they can fill).
 const COMPACT_ABOVE: u64 = if cfg!(test) { 2 << 20 } else { 64 << 20 };
@@ -49,7 +49,8 @@ impl Writer {
         if stats.allocated_pages() * stats.page_size() as u64 * 4 > before {
             return;
         }
-        let Some(mut db) = self.take_from_readers(db) else { return };
+        let compacting = Arc::new(StoreError::Compacting);
+        let Some(mut db) = self.take_from_readers(db, compacting) else { return };
         let started = tokio::time::Instant::now();
         let compacted = match Arc::get_mut(&mut db) {
             Some(file) => loop {
@@ -69,26 +70,5 @@ impl Writer {
             }
             Err(error) => tracing::warn!(%error, "the message store cannot be compacted"),
         }
-    }
-
-    /// Refuses reads and waits for those in progress to end: the file to itself, or `None` if
-    /// a read held it past [`REOPEN_WAIT`] (reads go on as before then).
-    fn take_from_readers(&mut self, db: Arc<Database>) -> Option<Arc<Database>> {
-        let compacting = Handle::Broken(Arc::new(StoreError::Compacting));
-        let mut handle = self.handle.write().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*handle, Handle::Open(_)) {
-            return None;
-        }
-        *handle = compacting;
-        drop(handle);
-        let until = tokio::time::Instant::now() + REOPEN_WAIT;
-        while Arc::strong_count(&db) > 1 {
-            if tokio::time::Instant::now() >= until {
-                *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db);
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Some(db)
     }
 }

@@ -508,15 +508,10 @@ impl Writer {
         if let Some(old) = current {
             // redb opens a file once per process: the reads on the old handle must end first,
             // and new ones wait for the file to open again
-            *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Broken(error.clone());
-            let until = now + REOPEN_WAIT;
-            while Arc::strong_count(&old) > 1 {
-                if tokio::time::Instant::now() >= until {
-                    *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(old);
-                    return Err(Refused::Unwritable(error));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
+            let Some(old) = self.take_from_readers(old, error.clone()) else {
+                return Err(Refused::Unwritable(error));
+            };
+            drop(old);
         }
         let reopened = open_file(&self.path).map_err(StoreError::File).and_then(|db| {
             // the log as the disk has it, not as this thread last left it: a record whose
@@ -550,6 +545,30 @@ impl Writer {
         self.since_checkpoint = 0;
         tracing::info!(stored, "message store opened again after a write error");
         Ok(db)
+    }
+
+    /// Refuses reads with `meanwhile` and waits for those in progress to end: the file to
+    /// itself, or `None` if a read held it past [`REOPEN_WAIT`] (reads go on as before then).
+    pub(super) fn take_from_readers(
+        &mut self,
+        db: Arc<Database>,
+        meanwhile: Arc<StoreError>,
+    ) -> Option<Arc<Database>> {
+        let mut handle = self.handle.write().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*handle, Handle::Open(_)) {
+            return None;
+        }
+        *handle = Handle::Broken(meanwhile);
+        drop(handle);
+        let until = tokio::time::Instant::now() + REOPEN_WAIT;
+        while Arc::strong_count(&db) > 1 {
+            if tokio::time::Instant::now() >= until {
+                *self.handle.write().unwrap_or_else(|e| e.into_inner()) = Handle::Open(db);
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Some(db)
     }
 }
 

@@ -300,11 +300,17 @@ mod tests {
 
     use crate::messaging::scratch::Scratch;
 
+    /// An empty log in a directory of its own (removed with the `Scratch`).
+    fn fresh() -> (Scratch, Log) {
+        let scratch = Scratch::new("wal");
+        let log = Log::open(&scratch.0).unwrap();
+        (scratch, log)
+    }
+
     #[test]
     fn records_appended_are_replayed_after_a_reopen_from_the_checkpoint_on() {
-        let scratch = Scratch::new("wal");
+        let (scratch, mut log) = fresh();
         let dir = scratch.0.clone();
-        let mut log = Log::open(&dir).unwrap();
         for n in 1..=5u8 {
             assert_eq!(log.append(&[n; 10]).unwrap(), u64::from(n));
         }
@@ -318,9 +324,8 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_dropped_and_written_over() {
-        let scratch = Scratch::new("wal");
+        let (scratch, mut log) = fresh();
         let dir = scratch.0.clone();
-        let mut log = Log::open(&dir).unwrap();
         log.append(b"kept").unwrap();
         log.append(b"torn by a crash").unwrap();
         let file = log.files()[0].clone();
@@ -340,9 +345,8 @@ mod tests {
 
     #[test]
     fn an_undone_record_is_never_replayed() {
-        let scratch = Scratch::new("wal");
+        let (scratch, mut log) = fresh();
         let dir = scratch.0.clone();
-        let mut log = Log::open(&dir).unwrap();
         log.append(b"one").unwrap();
         log.append(b"not applied").unwrap();
         log.undo().unwrap();
@@ -354,9 +358,8 @@ mod tests {
 
     #[test]
     fn segments_rotate_and_those_behind_the_checkpoint_are_let_go_of() {
-        let scratch = Scratch::new("wal");
+        let (scratch, mut log) = fresh();
         let dir = scratch.0.clone();
-        let mut log = Log::open(&dir).unwrap();
         let big = vec![7u8; (SEGMENT_BYTES / 2) as usize];
         for _ in 0..5 {
             log.append(&big).unwrap();
@@ -379,9 +382,8 @@ mod tests {
 
     #[test]
     fn a_missing_record_after_the_checkpoint_refuses_the_replay() {
-        let scratch = Scratch::new("wal");
+        let (scratch, mut log) = fresh();
         let dir = scratch.0.clone();
-        let mut log = Log::open(&dir).unwrap();
         let big = vec![7u8; (SEGMENT_BYTES / 2) as usize];
         for _ in 0..5 {
             log.append(&big).unwrap();
@@ -395,9 +397,8 @@ mod tests {
 
     #[test]
     fn a_checkpoint_past_the_end_continues_the_numbers_in_a_new_segment() {
-        let scratch = Scratch::new("wal");
+        let (scratch, mut log) = fresh();
         let dir = scratch.0.clone();
-        let mut log = Log::open(&dir).unwrap();
         log.append(b"one").unwrap();
         log.continue_at(10);
         assert_eq!(log.append(b"ten").unwrap(), 10);
@@ -408,9 +409,8 @@ mod tests {
 
     #[test]
     fn a_segment_begun_again_after_an_error_is_listed_once() {
-        let scratch = Scratch::new("wal");
+        let (scratch, mut log) = fresh();
         let dir = scratch.0.clone();
-        let mut log = Log::open(&dir).unwrap();
         log.append(b"one").unwrap();
         log.continue_at(5);
         // the first try made the file, then failed before taking it
