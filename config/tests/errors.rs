@@ -328,6 +328,37 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "the app's outbox names one database",
+            s("messaging:\n  app_outbox: { table: orders_outbox }\n"),
+            vec![
+                "outrigger.yaml:2:15: messaging.app_outbox: names no database (expected postgres: postgres://USER@HOST:PORT/DATABASE, or postgres_file: a file holding it)",
+            ],
+        ),
+        (
+            "the app's outbox names not two databases",
+            s(
+                "messaging:\n  app_outbox: { postgres: \"postgres://db/shop\", postgres_file: /etc/pg }\n",
+            ),
+            vec![
+                "outrigger.yaml:2:64: messaging.app_outbox.postgres_file: gives both postgres and postgres_file (expected postgres: postgres://USER@HOST:PORT/DATABASE, or postgres_file: a file holding it)",
+            ],
+        ),
+        (
+            "the app's outbox: no TLS yet, a password never echoed, a table SQL can hold, a poll",
+            s(concat!(
+                "messaging:\n",
+                "  app_outbox:\n",
+                "    postgres: \"postgres://app:s3cr3tPW@db/shop?sslmode=require\"\n",
+                "    table: \"Orders; DROP TABLE x\"\n",
+                "    poll: 0s\n",
+            )),
+            vec![
+                "outrigger.yaml:3:15: messaging.app_outbox.postgres: sslmode=require is refused: TLS to PostgreSQL is not supported yet (expected sslmode=disable or prefer, with the database on a trusted network (the pod, or its node))",
+                "outrigger.yaml:4:12: messaging.app_outbox.table: \"Orders; DROP TABLE x\" is not a table name (expected outrigger_outbox or app.outrigger_outbox: lowercase letters, digits and _)",
+                "outrigger.yaml:5:11: messaging.app_outbox.poll: must be greater than 0 (expected a duration such as 1s)",
+            ],
+        ),
+        (
             "other refused URLs are echoed without their passwords",
             s(concat!(
                 "service: { app: { url: \"http://app:s3cr3tPW@127.0.0.1:8080\" } }\n",

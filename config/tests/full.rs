@@ -81,6 +81,12 @@ fn the_design_example_loads_and_lands_where_expected() {
     assert_eq!(sub.throttle.unwrap().per.get(), Std::from_secs(60));
     assert_eq!(sub.circuit_breaker.unwrap().half_open_requests, nz(1));
     assert_eq!(config.messaging.dedup_window.get(), Std::from_secs(3600));
+    let outbox = config.messaging.app_outbox.as_ref().expect("app_outbox");
+    assert_eq!(
+        outbox.postgres.as_ref().map(|u| u.as_str()),
+        Some("postgres://app@127.0.0.1:5432/shop")
+    );
+    assert_eq!((outbox.table.as_str(), outbox.poll.get()), ("outrigger_outbox", Std::from_secs(1)));
     let tracing = config.telemetry.tracing.as_ref().unwrap();
     assert_eq!(tracing.service_name(&config.service), "checkout");
 }

@@ -176,6 +176,11 @@ pub async fn start_reloading(
             let _ = relay.await;
         });
     }
+    if let Some(relay) = messaging.relay_app_outbox(stopped.clone()) {
+        running.dispatchers.spawn(async move {
+            let _ = relay.await;
+        });
+    }
 
     if let Some(path) = path {
         let live = crate::reload::Live {

@@ -3,7 +3,7 @@
 //! retries share `Backoff` with HTTP but default slower.
 
 use super::{Backoff, Tls};
-use crate::types::{Broker, Duration, QueueName};
+use crate::types::{Broker, Duration, PostgresUrl, QueueName, TableName};
 use serde::de::{MapAccess, Visitor, value::MapAccessDeserializer};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
@@ -22,10 +22,30 @@ pub struct Messaging {
     pub dedup_window: Duration,
     pub dead_letter_retention: Retention,
     pub subscriptions: Vec<Subscription>,
+    /// The app's own transactional outbox table, relayed into Outrigger's outbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_outbox: Option<AppOutbox>,
     /// `rediss://`: whom to trust and an optional client certificate; `None`: the system's
     /// roots and no client certificate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+}
+
+/// `messaging.app_outbox`: where the app's outbox table is, and how often it is looked at
+/// when no NOTIFY arrives. The database is `postgres` or `postgres_file`, exactly one
+/// (checked in `validate`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct AppOutbox {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresUrl>,
+    /// A file holding the URL (a mounted Secret): read at each connection, so a rotated
+    /// password is used from the next reconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_file: Option<PathBuf>,
+    #[serde(default = "defaults::outbox_table")]
+    pub table: TableName,
+    #[serde(default = "defaults::outbox_poll")]
+    pub poll: Duration,
 }
 
 /// How many dead letters are kept, and for how long; the oldest go first.
@@ -181,6 +201,7 @@ impl Default for Messaging {
             dedup_window: Duration::from_secs(3600),
             dead_letter_retention: Retention::default(),
             subscriptions: Vec::new(),
+            app_outbox: None,
             tls: None,
         }
     }
@@ -204,7 +225,15 @@ impl Default for SubscriptionBreaker {
 
 /// Defaults of the fields of structs that have required fields, hence no `Default`.
 mod defaults {
-    use super::{Backoff, Duration, NonZeroU32};
+    use super::{Backoff, Duration, NonZeroU32, TableName};
+
+    pub(super) fn outbox_table() -> TableName {
+        "outrigger_outbox".parse().expect("a valid table name")
+    }
+
+    pub(super) fn outbox_poll() -> Duration {
+        Duration::from_secs(1)
+    }
 
     pub(super) fn max_attempts() -> NonZeroU32 {
         NonZeroU32::new(5).expect("not zero")

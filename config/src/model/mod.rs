@@ -8,7 +8,7 @@ mod route;
 mod upstream;
 
 pub use messaging::{
-    Concurrency, ConcurrencyRange, Delivery, Messaging, Retention, Subscription,
+    AppOutbox, Concurrency, ConcurrencyRange, Delivery, Messaging, Retention, Subscription,
     SubscriptionBreaker, Throttle,
 };
 pub use retry::{Backoff, BackoffStrategy, Budget, Jitter, Retry, RetryOn};

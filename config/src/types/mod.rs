@@ -7,6 +7,7 @@ mod broker;
 mod duration;
 mod names;
 mod net;
+mod postgres;
 mod redact;
 mod size;
 
@@ -14,6 +15,7 @@ pub use broker::{Broker, RedisUrl};
 pub use duration::Duration;
 pub use names::{QueueName, UpstreamName};
 pub use net::{AppUrl, Endpoint, ListenAddr, NameServer};
+pub use postgres::{PostgresUrl, TableName};
 pub use size::ByteSize;
 
 pub(crate) use net::HttpUrl;

@@ -25,6 +25,25 @@ impl Checks {
                 self.push("messaging.tls.server_name", "is not used for the broker", expected);
             }
         }
+        if let Some(outbox) = &messaging.app_outbox {
+            self.positive("messaging.app_outbox.poll", outbox.poll);
+            let expected = Some(
+                "postgres: postgres://USER@HOST:PORT/DATABASE, or postgres_file: a file holding it",
+            );
+            match (&outbox.postgres, &outbox.postgres_file) {
+                (None, None) => {
+                    // unless one was given and refused: that is the problem then
+                    let issue = self.push("messaging.app_outbox", "names no database", expected);
+                    issue.reading("messaging.app_outbox.postgres");
+                    issue.reading("messaging.app_outbox.postgres_file");
+                }
+                (Some(_), Some(_)) => {
+                    let message = "gives both postgres and postgres_file";
+                    self.push("messaging.app_outbox.postgres_file", message, expected);
+                }
+                _ => {}
+            }
+        }
         if !messaging.subscriptions.is_empty() && !has_app {
             let expected = Some("service.app.url, e.g. http://127.0.0.1:8080");
             self.push("messaging.subscriptions", "need service.app to deliver to", expected)

@@ -86,12 +86,12 @@ impl Health {
             let (check, blocks) = upstream_check(pool);
             put(format!("upstream.{}", pool.upstream()), check, blocks);
         }
+        // a broker or the app's database down degrades, never fails: the outbox holds on
         if let Some(check) = self.messaging.as_ref().and_then(|m| m.broker_check()) {
-            let check = match check {
-                Ok(detail) => Check::ok(detail),
-                Err(detail) => Check { status: "degraded", detail },
-            };
-            put("broker".into(), check, false);
+            put("broker".into(), ok_or_degraded(check), false);
+        }
+        if let Some(check) = self.messaging.as_ref().and_then(|m| m.app_outbox_check()) {
+            put("app_outbox".into(), ok_or_degraded(check), false);
         }
         let deliveries = self.messaging.as_ref().and_then(|m| m.app_check());
         let health_path = match &self.app {
@@ -165,6 +165,14 @@ fn upstream_check(pool: &Pool) -> (Check, bool) {
 }
 
 /// The `app` check from its health path (when configured) and from deliveries (when any):
+/// `ok` with its detail, or `degraded`.
+fn ok_or_degraded(check: Result<String, String>) -> Check {
+    match check {
+        Ok(detail) => Check::ok(detail),
+        Err(detail) => Check { status: "degraded", detail },
+    }
+}
+
 /// `failing` while the health path fails, else `degraded` while a subscription is paused.
 fn app_check(
     health_path: Option<Result<String, String>>,

@@ -6,10 +6,14 @@
 //! first publish, so a sidecar that never publishes never writes to disk; with subscriptions,
 //! at startup. [`deliver`] runs one dispatcher per subscription; a publish wakes its queue's.
 //!
+//! With `messaging.app_outbox`, [`app_outbox`] moves the rows the app commits to its own
+//! PostgreSQL table into the store, as publishes.
+//!
 //! With `broker: redis://…` the store is the outbox and the subscribers' memory of ids whose
 //! acknowledgement failed: [`relay`] moves what it holds to Redis, and the dispatchers consume
 //! from Redis.
 
+pub mod app_outbox;
 pub mod broker;
 pub mod deliver;
 pub mod envelope;
@@ -59,6 +63,9 @@ pub struct Messaging {
     remote: Option<AnyRemote>,
     relay_wake: Arc<Notify>,
     relay_status: Arc<relay::Status>,
+    /// `messaging.app_outbox`, and what its relay last saw.
+    app_outbox: Option<(config::AppOutbox, Arc<app_outbox::Status>)>,
+    app_outbox_relayed: IntCounter,
     /// Which subscriptions are paused because the app refuses connections.
     pauses: Arc<deliver::pause::Pauses>,
     tracer: Tracer,
@@ -116,6 +123,8 @@ impl Messaging {
             remote,
             relay_wake: Arc::new(Notify::new()),
             relay_status: Arc::default(),
+            app_outbox: cfg.app_outbox.clone().map(|outbox| (outbox, Arc::default())),
+            app_outbox_relayed: metrics.app_outbox_relayed(),
             pauses: Arc::default(),
             tracer,
             publish,
@@ -181,6 +190,28 @@ impl Messaging {
         let remote = self.remote.clone()?;
         let (wake, status) = (self.relay_wake.clone(), self.relay_status.clone());
         Some(tokio::spawn(relay::run(self.clone(), remote, wake, status, stop)))
+    }
+
+    /// With `messaging.app_outbox`: starts relaying the app's table into the outbox, until
+    /// `stop`.
+    pub fn relay_app_outbox(
+        self: &Arc<Self>,
+        stop: watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let (cfg, status) = self.app_outbox.clone()?;
+        Some(tokio::spawn(app_outbox::run(self.clone(), cfg, status, stop)))
+    }
+
+    /// The app outbox's readiness check: `None` without one; else `Ok(detail)`, or
+    /// `Err(detail)` while its database cannot be reached or rows cannot be published.
+    pub fn app_outbox_check(&self) -> Option<Result<String, String>> {
+        let (cfg, status) = self.app_outbox.as_ref()?;
+        Some(status.check(&cfg.table))
+    }
+
+    /// Counts rows relayed from the app's outbox table.
+    fn app_outbox_relayed(&self, rows: u64) {
+        self.app_outbox_relayed.inc_by(rows);
     }
 
     /// Applies the dead-letter age cap every [`RETENTION_EVERY`] until `stop`, so dead letters

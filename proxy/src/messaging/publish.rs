@@ -32,7 +32,7 @@ use crate::telemetry::trace::Kind;
 /// The largest payload accepted: bigger bodies get 413 before they are read to the end.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Longest `Idempotency-Key`, `outrigger-ordering-key` or `traceparent` kept.
-const MAX_KEY_BYTES: usize = 1024;
+pub(crate) const MAX_KEY_BYTES: usize = 1024;
 /// Sent with the first publish's id when an Idempotency-Key was seen within the dedup window.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
@@ -161,9 +161,18 @@ fn bad(reason: String) -> ProxyError {
 fn header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, ProxyError> {
     let Some(value) = headers.get(name) else { return Ok(None) };
     match value.to_str() {
-        Ok(text) if text.len() <= MAX_KEY_BYTES && !text.is_empty() => Ok(Some(text.to_owned())),
-        _ => Err(bad(format!("{name} must be 1 to {MAX_KEY_BYTES} characters of visible ASCII"))),
+        Ok(text) if valid_key(text) => Ok(Some(text.to_owned())),
+        _ => Err(bad(format!("{name} must be {KEY_RULE}"))),
     }
+}
+
+/// What an Idempotency-Key, an ordering key or a `traceparent` must be.
+pub(crate) const KEY_RULE: &str = "1 to 1024 characters of visible ASCII";
+
+/// Whether `text` is a key a publish may carry: [`KEY_RULE`], as an HTTP header value may be.
+pub(crate) fn valid_key(text: &str) -> bool {
+    (1..=MAX_KEY_BYTES).contains(&text.len())
+        && text.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
 /// The body, checked to be one JSON value no larger than [`MAX_PAYLOAD_BYTES`], the memory it

@@ -36,6 +36,7 @@ pub struct Metrics {
     discovery_age: GaugeVec,
     published: IntCounterVec,
     outbox_pending: IntGauge,
+    app_outbox_relayed: IntCounter,
     delivered: IntCounterVec,
     dead_letters: IntCounterVec,
     delivery_duration: HistogramVec,
@@ -110,7 +111,8 @@ impl Metrics {
         let published = IntCounterVec::new(
             Opts::new(
                 "outrigger_messages_published_total",
-                "Messages stored by POST /v1/publish, by queue (idempotent replays not counted)",
+                "Messages stored by POST /v1/publish or from the app's outbox table, by queue \
+                 (idempotent replays not counted)",
             ),
             &["queue"],
         )
@@ -118,6 +120,11 @@ impl Metrics {
         let outbox_pending =
             IntGauge::new("outrigger_outbox_pending", "Messages stored and not yet acknowledged")
                 .expect("valid metric");
+        let app_outbox_relayed = IntCounter::new(
+            "outrigger_app_outbox_relayed_total",
+            "Rows of the app's outbox table stored in the outbox and deleted from the table",
+        )
+        .expect("valid metric");
         let delivered = IntCounterVec::new(
             Opts::new(
                 "outrigger_messages_delivered_total",
@@ -232,6 +239,7 @@ impl Metrics {
             Box::new(discovery_age.clone()),
             Box::new(published.clone()),
             Box::new(outbox_pending.clone()),
+            Box::new(app_outbox_relayed.clone()),
             Box::new(delivered.clone()),
             Box::new(dead_letters.clone()),
             Box::new(delivery_duration.clone()),
@@ -279,6 +287,7 @@ impl Metrics {
             discovery_age,
             published,
             outbox_pending,
+            app_outbox_relayed,
             delivered,
             dead_letters,
             delivery_duration,
@@ -383,6 +392,11 @@ impl Metrics {
     /// `outrigger_outbox_pending`: the message store keeps it equal to what it holds.
     pub fn outbox_pending(&self) -> IntGauge {
         self.outbox_pending.clone()
+    }
+
+    /// `outrigger_app_outbox_relayed_total`.
+    pub fn app_outbox_relayed(&self) -> IntCounter {
+        self.app_outbox_relayed.clone()
     }
 
     /// `outrigger_retries_total{upstream}`, for an upstream with retries.

@@ -2,6 +2,7 @@
 //! One test binary, so the harness compiles and links once.
 
 mod admin;
+mod app_outbox;
 mod balance;
 mod cli;
 mod deadlines;
