@@ -1,28 +1,33 @@
 //! The app's own outbox (`messaging.app_outbox`, DESIGN.md "The app's outbox"): the app inserts a
 //! row into its PostgreSQL table in the same transaction as its business data, and this task
 //! moves each committed row into Outrigger's outbox, then deletes it. A rolled-back row is never
-//! seen; a row is relayed at least once and stored once: its `id` is the message's
-//! Idempotency-Key (unless the row names one), so a relay repeated after a crash between the
-//! store's commit and the row's delete finds the key and stores nothing new.
+//! seen. A row is stored under an Idempotency-Key (the row's `idempotency-key` header, else its
+//! `id`), so a relay repeated by the same sidecar after a crash between the store's commit and
+//! the row's delete finds the key and stores nothing new.
 //!
 //! One round is one transaction: the oldest rows (`created_at`, then `id`) taken with
 //! `FOR UPDATE SKIP LOCKED`, so replicas share the table; stored in one commit of the outbox;
 //! deleted; committed. A row with an ordering key waits while an older row of its key is still
-//! in the table and not in this round (another replica holds it): one key's rows go in order,
-//! whichever replica takes them. Woken by `NOTIFY outrigger_outbox` (the trigger in [`ddl`]),
-//! and polled every `poll` besides. A row that cannot be published (a bad queue name, a payload
-//! over 1 MiB, a bad header) stays in the table, is passed over, and is named in `/readyz`.
+//! in the table and not in this round (another replica holds it, or it cannot be published):
+//! one key's rows enter the outboxes in order. Woken by `NOTIFY outrigger_outbox` (the trigger
+//! in [`ddl`]), and polled every `poll` besides. A row that cannot be published (a bad queue
+//! name, a payload over 1 MiB, a bad header) stays in the table, is passed over, holds back the
+//! later rows of its ordering key, and is named in `/readyz`; once deleted it holds nothing
+//! back, and a row fixed in place is looked at again within [`RECHECK_REFUSED`].
 //!
 //! A database outage pauses the relay: the rows wait in the app's table, `/readyz` shows the
-//! `app_outbox` check as `degraded`, and the relay reconnects with backoff.
+//! `app_outbox` check as `degraded`, and the relay reconnects with backoff. Every round has a
+//! deadline ([`ROUND_TIMEOUT`]): a connection that hangs is dropped (its locks with it) and made
+//! again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outrigger_config::{self as config, QueueName, TableName};
 use serde_json::value::RawValue;
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::error::chain;
@@ -36,10 +41,16 @@ use crate::telemetry::trace::Kind;
 const BATCH: i64 = 500;
 /// The channel the table's trigger notifies.
 pub const CHANNEL: &str = "outrigger_outbox";
-/// How soon a round that passed over rows held back by another replica is tried again.
+/// How soon a round that passed over rows held by another replica is tried again.
 const HELD_BACK_AGAIN: Duration = Duration::from_millis(50);
 /// Rows that cannot be published, remembered (and passed over) at most.
 const MAX_REFUSED: usize = 1000;
+/// How often rows that could not be published are looked at again.
+const RECHECK_REFUSED: Duration = Duration::from_secs(10);
+/// Connecting, and one round (take, store, delete, commit), each at most.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle connection is probed after this, so a dead path is found while nothing is relayed.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// The SQL that makes `table`, its indexes, and the trigger that wakes the relay at each commit
 /// that inserted rows. Printed in docs/messaging.md (a test keeps the two the same).
@@ -119,6 +130,8 @@ pub enum AppOutboxError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("postgres closed the connection")]
     Closed,
+    #[error("postgres did not answer within {0:?}")]
+    TimedOut(Duration),
     #[error("table {table} {problem} (its DDL is in docs/messaging.md, \"The app's outbox\")")]
     Table { table: TableName, problem: String },
     #[error("the outbox did not take the rows")]
@@ -139,13 +152,16 @@ pub async fn run(
         max: config::Duration::from_secs(10),
         ..config::Backoff::HTTP
     });
-    let mut relay = Relay { messaging, cfg, status, refused: HashSet::new(), served: false };
+    let mut relay = Relay {
+        messaging,
+        cfg,
+        status,
+        refused: HashMap::new(),
+        rechecked: Instant::now(),
+        served: false,
+    };
     let (mut failures, mut previous) = (0u32, Duration::ZERO);
     loop {
-        if std::mem::take(&mut relay.served) {
-            // it relayed since the last failure: this one starts the backoff again
-            failures = 0;
-        }
         let error = tokio::select! {
             result = relay.connected() => match result {
                 Ok(()) => return,
@@ -153,6 +169,10 @@ pub async fn run(
             },
             _ = stop.wait_for(|stop| *stop) => return,
         };
+        if std::mem::take(&mut relay.served) {
+            // a round was committed since the last failure: this one starts the backoff again
+            failures = 0;
+        }
         if failures == 0 {
             tracing::warn!(error = %chain(&error), "relaying the app's outbox table paused; its rows wait there");
         }
@@ -170,18 +190,26 @@ struct Relay {
     messaging: Arc<Messaging>,
     cfg: config::AppOutbox,
     status: Arc<Status>,
-    /// Ids of rows that cannot be published, passed over.
-    refused: HashSet<String>,
-    /// Connected and listening since the last failure.
+    /// Rows that cannot be published, by id, with why: passed over until [`RECHECK_REFUSED`].
+    refused: HashMap<String, Refused>,
+    rechecked: Instant,
+    /// A round was committed since the last failure.
     served: bool,
+}
+
+/// A row that cannot be published: why, and its ordering key (whose later rows wait for it).
+struct Refused {
+    reason: String,
+    key: Option<String>,
 }
 
 impl Relay {
     /// Connects, checks the table, listens, and relays until the connection fails (never
     /// returns `Ok`; the caller's `stop` ends it).
     async fn connected(&mut self) -> Result<(), AppOutboxError> {
-        let url = self.url()?;
-        let (mut client, mut connection) = tokio_postgres::connect(&url, NoTls).await?;
+        let mut pg: tokio_postgres::Config = self.url()?.parse()?;
+        pg.connect_timeout(ROUND_TIMEOUT).keepalives_idle(KEEPALIVE_IDLE);
+        let (mut client, mut connection) = deadline(pg.connect(NoTls)).await??;
         let wake = Arc::new(Notify::new());
         let woken = wake.clone();
         // the connection's messages: NOTIFYs wake the relay; its end ends the relay's round
@@ -222,38 +250,26 @@ impl Relay {
     }
 
     async fn serve(&mut self, client: &mut Client, wake: &Notify) -> Result<(), AppOutboxError> {
-        check_table(client, &self.cfg.table).await?;
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        self.served = true;
+        deadline(check_table(client, &self.cfg.table)).await??;
+        deadline(client.batch_execute(&format!("LISTEN {CHANNEL}"))).await??;
         self.status.update(|s| {
             s.connected = true;
             s.failing = None;
         });
-        let table = self.cfg.table.quoted();
-        let take = format!(
-            "SELECT id, queue, payload::text, headers::text, headers->>'outrigger-ordering-key' \
-             FROM {table} WHERE NOT (id = ANY($2)) ORDER BY created_at, id LIMIT $1 \
-             FOR UPDATE SKIP LOCKED"
-        );
-        // of the rows taken with an ordering key, those with an older row of their key that
-        // this round does not hold
-        let held_back = format!(
-            "SELECT o.id FROM {table} o WHERE o.id = ANY($1) AND EXISTS (\
-               SELECT 1 FROM {table} e \
-               WHERE e.headers->>'outrigger-ordering-key' = o.headers->>'outrigger-ordering-key' \
-                 AND (e.created_at, e.id) < (o.created_at, o.id) AND NOT (e.id = ANY($1)))"
-        );
-        let delete = format!("DELETE FROM {table} WHERE id = ANY($1)");
-        let statements = Statements {
-            take: client.prepare(&take).await?,
-            held_back: client.prepare(&held_back).await?,
-            delete: client.prepare(&delete).await?,
-        };
+        let statements = deadline(Statements::prepare(client, &self.cfg.table)).await??;
         loop {
-            let round = self.round(client, &statements).await?;
+            if self.rechecked.elapsed() >= RECHECK_REFUSED && !self.refused.is_empty() {
+                // a row fixed meanwhile goes now; one still bad is refused again
+                self.refused.clear();
+            }
+            if self.rechecked.elapsed() >= RECHECK_REFUSED {
+                self.rechecked = Instant::now();
+            }
+            let round = deadline(self.round(client, &statements)).await??;
+            self.served = true;
             let wait = if round.relayed > 0 && round.taken == BATCH as usize {
                 continue;
-            } else if round.held_back > 0 {
+            } else if round.held_by_others {
                 HELD_BACK_AGAIN.min(self.cfg.poll.get())
             } else {
                 self.cfg.poll.get()
@@ -271,13 +287,17 @@ impl Relay {
         client: &mut Client,
         statements: &Statements,
     ) -> Result<Round, AppOutboxError> {
-        let refused: Vec<&str> = self.refused.iter().map(String::as_str).collect();
         let txn = client.transaction().await?;
+        if !self.refused.is_empty() {
+            // a refused row deleted meanwhile no longer holds its key back
+            let ids: Vec<&str> = self.refused.keys().map(String::as_str).collect();
+            let present: HashSet<String> =
+                txn.query(&statements.present, &[&ids]).await?.iter().map(|r| r.get(0)).collect();
+            self.refused.retain(|id, _| present.contains(id));
+        }
+        let refused: Vec<&str> = self.refused.keys().map(String::as_str).collect();
         let rows = txn.query(&statements.take, &[&BATCH, &refused]).await?;
         let mut round = Round { taken: rows.len(), ..Round::default() };
-        if rows.is_empty() {
-            return Ok(round);
-        }
         let keyed: Vec<&str> = rows
             .iter()
             .filter(|row| row.get::<_, Option<&str>>(4).is_some())
@@ -292,47 +312,48 @@ impl Relay {
                 .map(|row| row.get::<_, String>(0))
                 .collect(),
         };
-        round.held_back = held.len();
-        let mut ids = Vec::new();
-        let mut batch = Vec::new();
-        let mut newly_refused = Vec::new();
+        // keys whose older rows cannot be published: their later rows wait for them
+        let mut blocked: HashSet<String> =
+            self.refused.values().filter_map(|r| r.key.clone()).collect();
+        let (mut ids, mut batch) = (Vec::new(), Vec::new());
         let tracer = self.messaging.tracer();
         for row in &rows {
-            let id: &str = row.get(0);
+            let (id, key): (&str, Option<&str>) = (row.get(0), row.get(4));
+            if key.is_some_and(|key| blocked.contains(key)) {
+                continue;
+            }
             if held.contains(id) {
+                // an older row of its key is held by another replica's round (or is refused)
+                round.held_by_others |= key.is_some_and(|key| !blocked.contains(key));
+                blocked.extend(key.map(str::to_owned));
                 continue;
             }
             let fields =
                 RowFields { id, queue: row.get(1), payload: row.get(2), headers: row.get(3) };
-            match fields.publish() {
-                Ok(mut publish) => {
-                    // the message carries a publish span, child of the app's trace if the row
-                    // names one, as an HTTP publish does
-                    let parent = publish
-                        .traceparent
-                        .as_deref()
-                        .and_then(|t| http::HeaderValue::from_str(t).ok());
-                    let mut span = tracer.start(parent.as_ref(), "publish", Kind::Producer);
-                    span.text("messaging.destination.name", publish.queue.as_str());
-                    publish.traceparent = span.context.header().to_str().map(str::to_owned).ok();
-                    tracer.end(span);
-                    ids.push(id.to_owned());
-                    batch.push(publish);
+            let mut publish = match fields.publish() {
+                Ok(publish) => publish,
+                Err(reason) => {
+                    tracing::warn!(row = %id, %reason, table = %self.cfg.table, "a row of the app's outbox cannot be published; it stays in the table");
+                    blocked.extend(key.map(str::to_owned));
+                    if self.refused.len() < MAX_REFUSED {
+                        let key = key.map(str::to_owned);
+                        self.refused.insert(id.to_owned(), Refused { reason, key });
+                    }
+                    continue;
                 }
-                Err(reason) => newly_refused.push((id.to_owned(), reason)),
-            }
+            };
+            // the message carries a publish span, child of the app's trace if the row names
+            // one, as an HTTP publish does
+            let parent =
+                publish.traceparent.as_deref().and_then(|t| http::HeaderValue::from_str(t).ok());
+            let mut span = tracer.start(parent.as_ref(), "publish", Kind::Producer);
+            span.text("messaging.destination.name", publish.queue.as_str());
+            publish.traceparent = span.context.header().to_str().map(str::to_owned).ok();
+            tracer.end(span);
+            ids.push(id.to_owned());
+            batch.push(publish);
         }
-        for (id, reason) in newly_refused {
-            tracing::warn!(row = %id, %reason, table = %self.cfg.table, "a row of the app's outbox cannot be published; it stays in the table");
-            if self.refused.len() < MAX_REFUSED {
-                self.refused.insert(id.clone());
-            }
-            let count = self.refused.len();
-            self.status.update(|s| {
-                let first = s.refused.take().map_or(format!("row {id:?}: {reason}"), |(_, f)| f);
-                s.refused = Some((count, first));
-            });
-        }
+        self.report_refused();
         if batch.is_empty() {
             return Ok(round);
         }
@@ -352,18 +373,65 @@ impl Relay {
         tracing::debug!(rows = round.relayed, "relayed from the app's outbox table");
         Ok(round)
     }
+
+    /// Shows the rows passed over in `/readyz`, or that there are none.
+    fn report_refused(&self) {
+        let first = self.refused.iter().min_by_key(|(id, _)| id.as_str());
+        let refused = first
+            .map(|(id, refused)| (self.refused.len(), format!("row {id:?}: {}", refused.reason)));
+        self.status.update(|s| s.refused = refused);
+    }
 }
 
+/// `future`, or [`AppOutboxError::TimedOut`] after [`ROUND_TIMEOUT`].
+async fn deadline<T>(future: impl Future<Output = T>) -> Result<T, AppOutboxError> {
+    tokio::time::timeout(ROUND_TIMEOUT, future)
+        .await
+        .map_err(|_| AppOutboxError::TimedOut(ROUND_TIMEOUT))
+}
+
+/// The round's statements, prepared once per connection.
 struct Statements {
+    /// The oldest rows not refused, locked, skipping those another round holds.
     take: tokio_postgres::Statement,
+    /// Of the rows taken with an ordering key, those with an older row of their key that this
+    /// round does not hold.
     held_back: tokio_postgres::Statement,
     delete: tokio_postgres::Statement,
+    /// Which of the given ids are still in the table.
+    present: tokio_postgres::Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client, table: &TableName) -> Result<Self, tokio_postgres::Error> {
+        let table = table.quoted();
+        let key = "headers->>'outrigger-ordering-key'";
+        let take = format!(
+            "SELECT id, queue, payload::text, headers::text, {key} FROM {table} \
+             WHERE NOT (id = ANY($2)) ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        );
+        let held_back = format!(
+            "SELECT o.id FROM {table} o WHERE o.id = ANY($1) AND EXISTS (\
+               SELECT 1 FROM {table} e WHERE e.headers ? 'outrigger-ordering-key' \
+                 AND e.{key} = o.{key} \
+                 AND (e.created_at, e.id) < (o.created_at, o.id) AND NOT (e.id = ANY($1)))"
+        );
+        let delete = format!("DELETE FROM {table} WHERE id = ANY($1)");
+        let present = format!("SELECT id FROM {table} WHERE id = ANY($1)");
+        Ok(Statements {
+            take: client.prepare(&take).await?,
+            held_back: client.prepare(&held_back).await?,
+            delete: client.prepare(&delete).await?,
+            present: client.prepare(&present).await?,
+        })
+    }
 }
 
 #[derive(Debug, Default)]
 struct Round {
     taken: usize,
-    held_back: usize,
+    /// A row waits for an older row of its key that another replica's round holds.
+    held_by_others: bool,
     relayed: usize,
 }
 
@@ -429,8 +497,8 @@ impl RowFields<'_> {
                 .map_err(|_| "headers: not a JSON object of strings".to_owned())?,
         };
         let header = |name: &str| -> Result<Option<String>, String> {
-            let found = headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name));
-            match found.map(|(_, value)| value) {
+            // the lowercase name only: the table's SQL reads the ordering key by it
+            match headers.get(name) {
                 None | Some(serde_json::Value::Null) => Ok(None),
                 Some(serde_json::Value::String(value)) if valid_key(value) => {
                     Ok(Some(value.clone()))
@@ -481,9 +549,10 @@ mod tests {
 
     #[test]
     fn the_rows_own_idempotency_key_wins_over_its_id() {
-        let headers = r#"{"Idempotency-Key":"charge-42"}"#;
+        let headers = r#"{"idempotency-key":"charge-42","Outrigger-Ordering-Key":"ignored"}"#;
         let publish = row("r-1", "orders", "{}", Some(headers)).publish().unwrap();
         assert_eq!(publish.idempotency_key.as_deref(), Some("charge-42"));
+        assert_eq!(publish.ordering_key, None, "names are lowercase, as the SQL reads them");
         let plain = row("r-2", "orders", "{}", Some("null")).publish().unwrap();
         assert_eq!(plain.idempotency_key.as_deref(), Some("r-2"));
     }

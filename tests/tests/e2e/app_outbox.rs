@@ -9,8 +9,11 @@ use std::collections::{HashMap, HashSet};
 use outrigger_tests::{DEADLINE, Dice, Postgres, Sidecar, Upstream, wait_until};
 use serde_json::Value;
 
-use crate::delivery::{deliveries, envelope, header, wait_metric};
-use crate::messaging::queues;
+use crate::delivery::{ACKED, deliveries, envelope, header, wait_metric};
+use crate::messaging::{metric, queues};
+
+/// Messages stored in queue `orders` by this run of the sidecar.
+const PUBLISHED: &str = r#"outrigger_messages_published_total{queue="orders"}"#;
 
 /// The table's DDL, as docs/messaging.md gives it to users (so the docs are what is tested).
 fn ddl() -> String {
@@ -81,9 +84,12 @@ fn row_of(seen: &outrigger_tests::Seen) -> String {
 #[tokio::test]
 async fn a_committed_row_is_delivered_once_woken_by_notify_and_a_rolled_back_one_never() {
     let pg = database().await;
+    // the grants docs/operations.md names, and no more
+    pg.psql("CREATE ROLE relay LOGIN; GRANT SELECT, UPDATE, DELETE ON outrigger_outbox TO relay");
     let app = Upstream::status(200).await;
     // polled once an hour: only the trigger's NOTIFY can wake the relay in time
-    let sidecar = Sidecar::start(&config(&pg, Some(&app), "1h")).await;
+    let yaml = config(&pg, Some(&app), "1h").replace("//outrigger@", "//relay@");
+    let sidecar = Sidecar::start(&yaml).await;
     wait_until(DEADLINE, "the relay to connect", || async {
         (outbox_check(&sidecar).await.1 == "ok").then_some(())
     })
@@ -117,7 +123,9 @@ async fn a_committed_row_is_delivered_once_woken_by_notify_and_a_rolled_back_one
     })
     .await;
     wait_metric(&sidecar, "outrigger_app_outbox_relayed_total", 2.0).await;
-    assert_eq!(app.seen().len(), 2, "each once");
+    wait_metric(&sidecar, ACKED, 2.0).await;
+    assert_eq!(metric(&sidecar, PUBLISHED).await, Some(2.0), "each stored once");
+    assert_eq!(app.seen().len(), 2, "each delivered once");
 }
 
 #[tokio::test]
@@ -139,7 +147,13 @@ async fn a_row_relayed_again_after_its_delete_was_lost_is_stored_once() {
     .await;
     wait_metric(&sidecar, "outrigger_app_outbox_relayed_total", 3.0).await;
     let rows: Vec<String> = seen.iter().map(row_of).collect();
-    assert_eq!(rows, ["once", "next"], "the repeated row found its key and stored nothing");
+    assert_eq!(rows, ["once", "next"]);
+    assert_eq!(
+        metric(&sidecar, PUBLISHED).await,
+        Some(2.0),
+        "the repeated row found its key and stored nothing"
+    );
+    wait_metric(&sidecar, ACKED, 2.0).await;
     assert_eq!(app.seen().len(), 2);
 }
 
@@ -199,7 +213,9 @@ async fn a_row_waits_while_an_older_row_of_its_key_is_held_by_another_replica() 
 
     let first = deliveries(&app, 1).await;
     assert_eq!(row_of(&first[0]), "x-1", "another key goes on");
-    assert_eq!(rows_left(&pg), 2, "k-2 waits for k-1, which waits for the other replica");
+    wait_until(DEADLINE, "x-1's round to commit", || async { (rows_left(&pg) == 2).then_some(()) })
+        .await;
+    assert_eq!(app.seen().len(), 1, "k-2 waits for k-1, which waits for the other replica");
     other.send("ROLLBACK;");
     let seen = deliveries(&app, 3).await;
     let rows: Vec<String> = seen.iter().map(row_of).collect();
@@ -212,21 +228,24 @@ async fn a_kill_9_of_the_sidecar_mid_relay_stores_every_row_once() {
     let mut sidecar = Sidecar::start(&config(&pg, None, "50ms")).await;
     let mut dice = Dice(0x5eed_0a7b);
     let mut inserted = 0;
-    for _ in 0..4 {
-        for _ in 0..10 {
-            let ids: Vec<String> = (0..25).map(|n| format!("r-{:05}", inserted + n)).collect();
+    for _ in 0..3 {
+        // rows pile up while the sidecar is down, then it drains them in rounds of 500
+        sidecar.kill9();
+        for _ in 0..4 {
+            let ids: Vec<String> = (0..500).map(|n| format!("r-{:05}", inserted + n)).collect();
             insert(&pg, &ids, None);
             inserted += ids.len();
         }
-        // killed somewhere in the relay of what was just inserted
-        let relayed = 1 + dice.roll(200) as usize;
-        wait_until(DEADLINE, "some rows to be relayed", || async {
-            (rows_left(&pg) <= 250 - relayed).then_some(())
+        sidecar.restart().await;
+        // killed somewhere in the drain: often between a round's store and its delete
+        let left = dice.roll(2000) as usize;
+        wait_until(DEADLINE, "the drain to pass the kill point", || async {
+            (rows_left(&pg) <= left).then_some(())
         })
         .await;
         sidecar.kill9();
-        sidecar.restart().await;
     }
+    sidecar.restart().await;
     wait_until(DEADLINE, "the table to empty", || async { (rows_left(&pg) == 0).then_some(()) })
         .await;
     assert_eq!(queues(&sidecar).await["queues"][0]["messages"], inserted, "each row stored once");
@@ -261,25 +280,42 @@ async fn a_database_outage_degrades_readiness_and_the_relay_resumes_after_it() {
 }
 
 #[tokio::test]
-async fn a_row_that_cannot_be_published_stays_in_the_table_and_is_named_in_readyz() {
+async fn a_row_that_cannot_be_published_stays_holds_its_key_and_is_named_in_readyz() {
     let pg = database().await;
     let app = Upstream::status(200).await;
     let sidecar = Sidecar::start(&config(&pg, Some(&app), "100ms")).await;
     pg.psql(
-        "INSERT INTO outrigger_outbox (id, queue, payload, created_at) VALUES \
-         ('bad', 'no spaces allowed', '{}', clock_timestamp())",
+        "INSERT INTO outrigger_outbox (id, queue, payload, headers, created_at) VALUES \
+         ('bad', 'no spaces allowed', '{}', '{\"outrigger-ordering-key\": \"k\"}', clock_timestamp())",
     );
+    insert(&pg, &["k-after".to_owned()], Some("k"));
     insert(&pg, &["good".to_owned()], None);
 
     let seen = deliveries(&app, 1).await;
-    assert_eq!(row_of(&seen[0]), "good", "the bad row holds nothing up");
+    assert_eq!(row_of(&seen[0]), "good", "the bad row holds up no other key");
     let detail = wait_until(DEADLINE, "the bad row to be named", || async {
         let (_, check, detail) = outbox_check(&sidecar).await;
         (check == "degraded").then_some(detail)
     })
     .await;
+    assert!(
+        detail.starts_with(r#"1 row(s) of table outrigger_outbox cannot be published"#),
+        "{detail}"
+    );
     assert!(detail.contains(r#"row "bad": queue"#), "{detail}");
-    assert_eq!(pg.psql("SELECT id FROM outrigger_outbox"), "bad", "kept for the app to fix");
+    wait_until(DEADLINE, "the good row's round to commit", || async {
+        (rows_left(&pg) == 2).then_some(())
+    })
+    .await;
+    assert_eq!(app.seen().len(), 1, "k-after waits behind the bad row of its key");
+
+    pg.psql("DELETE FROM outrigger_outbox WHERE id = 'bad'");
+    let seen = deliveries(&app, 2).await;
+    assert_eq!(row_of(&seen[1]), "k-after", "the key goes on once the bad row is gone");
+    wait_until(DEADLINE, "the app_outbox check to be ok again", || async {
+        (outbox_check(&sidecar).await.1 == "ok").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
