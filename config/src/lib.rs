@@ -18,5 +18,5 @@ pub use load::{load_endpoints_str, load_file, load_str};
 pub use model::*;
 pub use types::{
     AppUrl, Broker, ByteSize, Duration, Endpoint, ListenAddr, NameServer, PostgresUrl, QueueName,
-    Ratio, RedisUrl, TableName, UpstreamName, ValueError,
+    Ratio, RedisClusterUrl, RedisUrl, TableName, UpstreamName, ValueError,
 };

@@ -274,7 +274,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "bad broker, password not echoed",
             s("messaging: { broker: kafka://k:9092 }\n"),
             vec![
-                "outrigger.yaml:1:22: messaging.broker: \"kafka://k:9092\" is not a broker (expected embedded, redis://HOST:PORT or rediss://HOST:PORT)",
+                "outrigger.yaml:1:22: messaging.broker: \"kafka://k:9092\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT)",
             ],
         ),
         (
@@ -324,7 +324,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "a refused broker URL is echoed without its password",
             s("messaging: { broker: \"redis://alice:s3cr3tPW@host:notaport/x\" }\n"),
             vec![
-                "outrigger.yaml:1:22: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker (expected embedded, redis://HOST:PORT or rediss://HOST:PORT)",
+                "outrigger.yaml:1:22: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT)",
             ],
         ),
         (

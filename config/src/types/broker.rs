@@ -1,4 +1,5 @@
-//! `Broker`: `embedded`, or a Redis URL (`redis://`, `rediss://` for TLS).
+//! `Broker`: `embedded`, a Redis URL (`redis://`, `rediss://` for TLS), or a Redis Cluster's
+//! seed nodes (`redis+cluster://HOST:PORT[,HOST:PORT…]`).
 //! The URL may carry a password, so everything that prints it (`Display`, `Debug`, serde for
 //! `/v1/config`) writes `***` in its place; only `RedisUrl::as_str` gives the real one.
 
@@ -17,6 +18,62 @@ pub enum Broker {
     Embedded,
     /// Redis Streams with consumer groups: several replicas share the work.
     Redis(RedisUrl),
+    /// The same on a Redis Cluster, found from these seed nodes.
+    RedisCluster(RedisClusterUrl),
+}
+
+/// `redis+cluster://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT…]`: seed nodes of one cluster, the
+/// credentials (if any) for every node.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisClusterUrl(String);
+
+impl RedisClusterUrl {
+    /// Each seed node as a `redis://` URL with the credentials: for the client, never for a
+    /// log.
+    pub fn nodes(&self) -> Vec<String> {
+        let rest = self.0.strip_prefix(CLUSTER_SCHEME).unwrap_or(&self.0).trim_end_matches('/');
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        hosts.split(',').map(|host| format!("redis://{auth}{host}")).collect()
+    }
+}
+
+const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+impl FromStr for RedisClusterUrl {
+    type Err = ValueError;
+
+    fn from_str(text: &str) -> Result<Self, ValueError> {
+        let rest = text.strip_prefix(CLUSTER_SCHEME).map(|r| r.trim_end_matches('/'));
+        let valid = rest.is_some_and(|rest| {
+            let hosts = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
+            !hosts.is_empty()
+                && hosts.split(',').all(|host| {
+                    // every seed needs its port: a cluster has no default one to assume
+                    split_host_port(host).is_some_and(|(_, port)| {
+                        port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p != 0))
+                    })
+                })
+        });
+        match valid {
+            true => Ok(RedisClusterUrl(text.to_owned())),
+            false => Err(broker_error(text)),
+        }
+    }
+}
+
+impl fmt::Display for RedisClusterUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Debug for RedisClusterUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisClusterUrl({self})")
+    }
 }
 
 /// `redis[s]://[USER[:PASSWORD]@]HOST[:PORT][/DB]`.
@@ -74,6 +131,7 @@ impl FromStr for Broker {
     fn from_str(text: &str) -> Result<Self, ValueError> {
         match text {
             "embedded" => Ok(Broker::Embedded),
+            _ if text.starts_with(CLUSTER_SCHEME) => text.parse().map(Broker::RedisCluster),
             _ if text.starts_with("redis") => text.parse().map(Broker::Redis),
             _ => Err(broker_error(text)),
         }
@@ -85,6 +143,7 @@ impl fmt::Display for Broker {
         match self {
             Broker::Embedded => f.write_str("embedded"),
             Broker::Redis(url) => url.fmt(f),
+            Broker::RedisCluster(url) => url.fmt(f),
         }
     }
 }
@@ -93,7 +152,7 @@ impl fmt::Display for Broker {
 fn broker_error(text: &str) -> ValueError {
     ValueError::new(
         format!("{:?} is not a broker", redact(text)),
-        "embedded, redis://HOST:PORT or rediss://HOST:PORT",
+        "embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT",
     )
 }
 
@@ -118,6 +177,34 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_url_names_its_seed_nodes_with_their_credentials() {
+        let broker: Broker =
+            "redis+cluster://app:s3cret@r1:7000,r2:7001,[::1]:7002".parse().unwrap();
+        assert_eq!(broker.to_string(), "redis+cluster://app:***@r1:7000,r2:7001,[::1]:7002");
+        assert!(!format!("{broker:?}").contains("s3cret"));
+        let Broker::RedisCluster(url) = &broker else { panic!("a cluster broker") };
+        assert_eq!(
+            url.nodes(),
+            [
+                "redis://app:s3cret@r1:7000",
+                "redis://app:s3cret@r2:7001",
+                "redis://app:s3cret@[::1]:7002"
+            ]
+        );
+        let plain: RedisClusterUrl = "redis+cluster://127.0.0.1:7000/".parse().unwrap();
+        assert_eq!(plain.nodes(), ["redis://127.0.0.1:7000"]);
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://r1",
+            "redis+cluster://r1:7000,",
+            "redis+cluster://:pw@r1:0",
+        ] {
+            let err = bad.parse::<Broker>().unwrap_err().to_string();
+            assert!(err.contains("is not a broker") && !err.contains(":pw@"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn a_refused_url_is_echoed_without_its_password() {
         for bad in [
             "redis://alice:s3cr3tPW@host:notaport/x",
@@ -132,7 +219,7 @@ mod tests {
         let err = "redis://alice:s3cr3tPW@host:notaport/x".parse::<Broker>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            r#""redis://alice:***@host:notaport/x" is not a broker (expected embedded, redis://HOST:PORT or rediss://HOST:PORT)"#
+            r#""redis://alice:***@host:notaport/x" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT)"#
         );
     }
 

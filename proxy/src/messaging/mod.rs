@@ -331,17 +331,7 @@ impl Messaging {
     /// `outrigger_outbox_pending`). Empty while the embedded store was never opened.
     pub async fn depths(&self) -> Result<Vec<QueueDepth>, BrokerError> {
         let Some(queue) = self.queue() else { return Ok(Vec::new()) };
-        let lanes: Vec<Lane> = self
-            .subscriptions
-            .iter()
-            .flat_map(|sub| {
-                sub.lanes().into_iter().map(|lane| Lane {
-                    dead_letter_queue: sub.dead_letter_queue_of(&lane).as_str().to_owned(),
-                    queue: lane.as_str().to_owned(),
-                })
-            })
-            .collect();
-        queue.depths(&lanes).await
+        queue.depths(&Lane::all(&self.subscriptions)).await
     }
 
     /// Starts one dispatcher per subscription, delivering to `app_base` (`service.app.url`

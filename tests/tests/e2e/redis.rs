@@ -86,8 +86,8 @@ async fn retries_keep_their_history_and_exhausted_messages_are_dead_lettered_in_
     eprintln!("{}", other.log());
     wait_metric(&other, DEAD, 1.0).await;
     assert_eq!(failing.requests(), 2, "max_attempts deliveries, then the dead letter");
-    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "1");
-    let dead = redis.cli(&["XRANGE", "outrigger:{orders_deadletter}", "-", "+"]);
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}:dead:orders_deadletter"]), "1");
+    let dead = redis.cli(&["XRANGE", "outrigger:{orders}:dead:orders_deadletter", "-", "+"]);
     assert!(dead.contains(r#""reason":"max attempts reached (2)""#), "{dead}");
     assert!(dead.contains(r#""subscriber":"billing/events/orders""#), "{dead}");
 }
@@ -385,7 +385,10 @@ async fn soak(broker: Option<&Redis>) {
     assert!(dead.iter().all(|id| !ok.contains_key(*id)), "a dead letter was never acknowledged");
     assert!(failed.values().all(|n| *n <= 3), "never more than max_attempts");
     if let Some(redis) = broker {
-        assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), dead.len().to_string());
+        assert_eq!(
+            redis.cli(&["XLEN", "outrigger:{orders}:dead:orders_deadletter"]),
+            dead.len().to_string()
+        );
     }
 }
 
@@ -439,8 +442,12 @@ async fn dead_letter_retention_keeps_the_newest_on_redis() {
         ids.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
     }
     wait_metric(&sidecar, DEAD, 5.0).await;
-    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "3");
-    assert_eq!(redis.cli(&["HLEN", "outrigger:{orders_deadletter}:ids"]), "3", "the index follows");
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}:dead:orders_deadletter"]), "3");
+    assert_eq!(
+        redis.cli(&["HLEN", "outrigger:{orders}:dead:orders_deadletter:ids"]),
+        "3",
+        "the index follows"
+    );
     let (status, body) = sidecar.admin(&format!("/v1/dlq/orders_deadletter/{}", ids[0])).await;
     assert_eq!(status, 404, "the oldest went: {body}");
     let (status, _) = sidecar.admin(&format!("/v1/dlq/orders_deadletter/{}", ids[4])).await;
@@ -562,7 +569,7 @@ async fn the_dead_letter_api_replays_and_purges_on_redis() {
     assert_eq!(header(&seen[2], "outrigger-message-id"), first);
     assert_eq!(envelope(&seen[2])["metadata"]["replays"], 1);
     wait_metric(&sidecar, ACKED, 1.0).await;
-    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "1");
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}:dead:orders_deadletter"]), "1");
 
     let out = std::process::Command::new(outrigger_tests::binary())
         .args(["dlq", "purge", "orders_deadletter", "--yes"])
@@ -572,7 +579,7 @@ async fn the_dead_letter_api_replays_and_purges_on_redis() {
     let (stdout, stderr) =
         (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.trim(), "purged 1 dead letter(s) from orders_deadletter", "{stderr}");
-    assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders_deadletter}"]), "0");
+    assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders}:dead:orders_deadletter"]), "0");
 }
 
 #[tokio::test]
@@ -587,4 +594,89 @@ async fn on_redis_messages_published_before_the_app_listens_survive_a_kill9_of_t
     let redis = Redis::start().await;
     let yaml = |app| config_at("shop", &redis, app, ", max_attempts: 3");
     published_before_the_app_listens(yaml, true).await;
+}
+
+#[tokio::test]
+async fn dead_letters_kept_under_their_own_tag_by_the_release_before_move_to_their_queues_slot() {
+    let redis = Redis::start().await;
+    // what the release before this layout left in Redis: `outrigger:{D}` and its index
+    let (old_id, other_id) = ("01KAW4ZR3C7T1V9Q8M2X5N6B0D", "01KAW4ZR3C7T1V9Q8M2X5N6B0E");
+    for (id, from) in [(old_id, "orders"), (other_id, "billing")] {
+        let envelope = format!(
+            r#"{{"id":"{id}","queue":"{from}","dispatch_date":"2026-12-01T10:00:00.000Z","payload":{{"n":1}},"error":[],"metadata":{{"original_queue":"{from}","reason":"max attempts reached (5)"}}}}"#
+        );
+        let entry = redis.cli(&[
+            "XADD",
+            "outrigger:{orders_deadletter}",
+            "*",
+            "envelope",
+            &envelope,
+            "id",
+            id,
+        ]);
+        redis.cli(&["HSET", "outrigger:{orders_deadletter}:ids", id, &entry]);
+    }
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
+
+    let listed = wait_until(DEADLINE, "the old dead letter to be listed", || async {
+        let (_, page) = sidecar.admin("/v1/dlq/orders_deadletter").await;
+        let page: serde_json::Value = serde_json::from_str(&page).ok()?;
+        let ids: Vec<String> = page["messages"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| Some(m["id"].as_str()?.to_owned()))
+            .collect();
+        (!ids.is_empty()).then_some(ids)
+    })
+    .await;
+    assert_eq!(listed, [old_id], "this queue's dead letter, moved");
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}:dead:orders_deadletter"]), "1");
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "1", "another queue's stays");
+}
+
+#[tokio::test]
+async fn a_dead_letter_queue_shared_by_priority_lanes_is_listed_shown_and_purged_across_them() {
+    let redis = Redis::start().await;
+    let app = Upstream::status(422).await;
+    let extra = ", priority_lanes: [orders.high], dead_letter_queue: orders.dlq";
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, extra)).await;
+    let low = publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
+    wait_until(DEADLINE, "the first dead letter", || async {
+        let (_, body) = sidecar.admin("/v1/dlq/orders.dlq").await;
+        body.contains(&low).then_some(())
+    })
+    .await;
+    let high = publish(&sidecar, "orders.high", r#"{"n":1}"#, &[]).await;
+    wait_until(DEADLINE, "both dead letters", || async {
+        let (_, body) = sidecar.admin("/v1/dlq/orders.dlq").await;
+        body.contains(&high).then_some(())
+    })
+    .await;
+    // each lane's in its own slot
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}:dead:orders.dlq"]), "1");
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders.high}:dead:orders.dlq"]), "1");
+    let (_, page) = sidecar.admin("/v1/dlq/orders.dlq?limit=1").await;
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["messages"][0]["id"], high.as_str(), "newest first across the lanes");
+    let next = page["next"].as_str().expect("a next page").to_owned();
+    let (_, page) = sidecar.admin(&format!("/v1/dlq/orders.dlq?limit=1&before={next}")).await;
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["messages"][0]["id"], low.as_str());
+    let (status, shown) = sidecar.admin(&format!("/v1/dlq/orders.dlq/{high}")).await;
+    assert_eq!(status, 200, "{shown}");
+
+    let out = std::process::Command::new(outrigger_tests::binary())
+        .args(["dlq", "purge", "orders.dlq", "--yes"])
+        .args(["--admin", &format!("http://{}", sidecar.admin)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains('2'),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders}:dead:orders.dlq"]), "0");
+    assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders.high}:dead:orders.dlq"]), "0");
 }

@@ -130,16 +130,23 @@ impl AnyRemote {
         service: &str,
         retention: Retention,
     ) -> Result<Option<Self>, redis::ConnectError> {
+        let settings = || redis::Settings {
+            claim_idle: cfg.claim_idle.get(),
+            dedup_window: cfg.dedup_window.get(),
+            retention,
+            lanes: Lane::all(&cfg.subscriptions),
+        };
         Ok(match &cfg.broker {
             config::Broker::Embedded => None,
             config::Broker::Redis(url) => Some(AnyRemote::Redis(Redis::new(
                 url.as_str(),
                 cfg.tls.as_ref(),
                 service,
-                cfg.claim_idle.get(),
-                cfg.dedup_window.get(),
-                retention,
+                settings(),
             )?)),
+            config::Broker::RedisCluster(url) => {
+                Some(AnyRemote::Redis(Redis::cluster(url.nodes(), service, settings())))
+            }
         })
     }
 

@@ -144,12 +144,39 @@ pub struct QueueDepth {
     pub oldest_dead_letter_ms: Option<u64>,
 }
 
+impl QueueDepth {
+    /// Adds `other`'s counts (the same queue, seen from another lane) to these.
+    pub fn add(&mut self, other: &QueueDepth) {
+        let earliest = |a: Option<u64>, b: Option<u64>| a.into_iter().chain(b).min();
+        self.messages += other.messages;
+        self.dead_letters += other.dead_letters;
+        self.oldest_published_ms = earliest(self.oldest_published_ms, other.oldest_published_ms);
+        self.oldest_dead_letter_ms =
+            earliest(self.oldest_dead_letter_ms, other.oldest_dead_letter_ms);
+    }
+}
+
 /// A subscribed lane and its dead-letter queue: what [`Queue::depths`] reports on a broker
 /// that cannot list its queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lane {
     pub queue: String,
     pub dead_letter_queue: String,
+}
+
+impl Lane {
+    /// Every lane of `subscriptions`, with its dead-letter queue.
+    pub fn all(subscriptions: &[outrigger_config::Subscription]) -> Vec<Lane> {
+        subscriptions
+            .iter()
+            .flat_map(|sub| {
+                sub.lanes().into_iter().map(|lane| Lane {
+                    dead_letter_queue: sub.dead_letter_queue_of(&lane).as_str().to_owned(),
+                    queue: lane.as_str().to_owned(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Where a publish is made durable before its 202, and whence the relay takes it to a remote

@@ -24,7 +24,7 @@ impl Redis {
         let group = &self.inner.group;
         let (key, retry_key) = (stream(queue), retries(queue, group));
         let consumer = &self.inner.consumer;
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         // this group's parked messages that are due go to its retry stream (any replica may)
         redis::cmd("EVAL")
             .arg(PROMOTE)
@@ -69,7 +69,7 @@ impl Redis {
                 .group(group, consumer)
                 .count(max)
                 .block(READ_BLOCK.as_millis() as usize);
-            let mut reader = self.reader(queue)?;
+            let mut reader = self.reader(queue).await?;
             let reply: Option<StreamReadReply> = reader
                 .xread_options(&[&retry_key, &key], &[">", ">"], &options)
                 .await
@@ -118,7 +118,7 @@ impl Redis {
                 leased.attempts,
                 String::from_utf8_lossy(&leased.envelope.to_json())
             );
-            let mut conn = self.inner.commands.clone();
+            let mut conn = self.conn().await?;
             let turn: i64 = redis::cmd("EVAL")
                 .arg(ACQUIRE)
                 .arg(2)

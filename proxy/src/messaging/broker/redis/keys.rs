@@ -1,5 +1,6 @@
 //! The key names of one queue: every one carries the queue's name as its hash tag (`{Q}`), so
-//! one queue's keys share a cluster slot.
+//! one queue's keys, its dead letters included, share a cluster slot and every script runs on
+//! one node.
 
 /// The queue's stream.
 pub(super) fn stream(queue: &str) -> String {
@@ -35,9 +36,21 @@ pub(super) fn relayed(queue: &str, id: impl std::fmt::Display) -> String {
     format!("{}:relayed:{id}", stream(queue))
 }
 
-/// A dead-letter queue's index from message id to stream entry.
-pub(super) fn dead_letter_ids(dead_letter_queue: &str) -> String {
-    format!("{}:ids", stream(dead_letter_queue))
+/// The dead letters of `queue` in dead-letter queue `dlq`: a stream in the queue's slot, so a
+/// message is dead-lettered, and replayed, by one script on one node.
+pub(super) fn dead_letters(queue: &str, dlq: &str) -> String {
+    format!("{}:dead:{dlq}", stream(queue))
+}
+
+/// Their index from message id to stream entry.
+pub(super) fn dead_letter_ids(queue: &str, dlq: &str) -> String {
+    format!("{}:ids", dead_letters(queue, dlq))
+}
+
+/// Where one Redis kept dead-letter queue `dlq` before the layout above (its own hash tag):
+/// moved at the first read of each queue that dead-letters into it.
+pub(super) fn legacy_dead_letters(dlq: &str) -> (String, String) {
+    (stream(dlq), format!("{}:ids", stream(dlq)))
 }
 
 #[cfg(test)]
@@ -65,7 +78,8 @@ mod tests {
                 waiting_list(queue, "billing", "customer-7"),
                 retries(queue, "billing"),
                 relayed(queue, "01J0000000000000000000000"),
-                dead_letter_ids(queue),
+                dead_letters(queue, "orders_deadletter"),
+                dead_letter_ids(queue, "orders_deadletter"),
             ];
             for key in &keys {
                 assert_eq!(hash_tag(key), queue, "{key}");
@@ -84,6 +98,8 @@ mod tests {
         assert_ne!(waiting_list("q", "g", "k"), order_list("q", "g", "k"));
         assert_eq!(stream("orders"), "outrigger:{orders}");
         assert_eq!(delayed("orders", "billing"), "outrigger:{orders}:delayed:billing");
-        assert_eq!(dead_letter_ids("orders_deadletter"), "outrigger:{orders_deadletter}:ids");
+        assert_eq!(dead_letters("orders", "dlq"), "outrigger:{orders}:dead:dlq");
+        assert_eq!(dead_letter_ids("orders", "dlq"), "outrigger:{orders}:dead:dlq:ids");
+        assert_ne!(dead_letters("a", "dlq"), dead_letters("b", "dlq"), "each queue's own");
     }
 }

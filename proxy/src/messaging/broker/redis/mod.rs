@@ -12,8 +12,9 @@
 //!   one Lua script, so two replicas never both move the same message;
 //! - `outrigger:{Q}:relayed:ID`: set (for the dedup window) when the relay appended message ID,
 //!   so an outbox entry relayed twice (the sidecar died before forgetting it) is appended once;
-//! - a dead-letter queue `D` is a stream `outrigger:{D}` plus a hash `outrigger:{D}:ids` from
-//!   message id to entry id, so one dead letter can be found, deleted or replayed.
+//! - dead-letter queue `D` holds queue Q's dead letters in a stream `outrigger:{Q}:dead:D` plus a
+//!   hash `outrigger:{Q}:dead:D:ids` from message id to entry id, so one dead letter can be
+//!   found, deleted or replayed (see [`dead`]).
 //!
 //! Every state change that touches two keys is one Lua script or one MULTI: a dead letter is
 //! appended and its original acknowledged together, a parked message is in the delayed set
@@ -23,24 +24,26 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use outrigger_config as config;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::StreamId;
 use redis::{AsyncCommands, Value};
 
 use super::embedded::Retention;
-use keys::{dead_letter_ids, delayed, ordered_groups, relayed, retries, stream};
-use scripts::{DEAD_LETTER, DELETE_DEAD_LETTER, DEPTH, RELAY, REPLAY, TRIM};
+use keys::{dead_letters, delayed, ordered_groups, relayed, retries, stream};
+use scripts::{DEPTH, RELAY, TRIM};
 
+mod conn;
 mod consume;
+mod dead;
 mod keys;
 mod scripts;
 use super::{
     BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, Remote, UnixMillis,
 };
-use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
+use crate::messaging::envelope::{Envelope, MessageId};
+use conn::{Conn, Lazy, Source};
 
 /// Every command but a blocking read answers within this, or fails (and is retried later).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,8 +59,8 @@ pub struct Redis {
 }
 
 struct Inner {
-    client: redis::Client,
-    commands: ConnectionManager,
+    source: Source,
+    commands: Lazy,
     /// The consumer group: `service.name`.
     group: String,
     /// This process's consumer name in every group: `service-HOSTNAME-PID`, unique per replica
@@ -69,9 +72,11 @@ struct Inner {
     /// What this consumer holds: message id -> (stream key, entry id).
     leases: Mutex<HashMap<u128, Lease>>,
     /// One connection per queue for blocking reads.
-    readers: Mutex<HashMap<Box<str>, ConnectionManager>>,
+    readers: Mutex<HashMap<Box<str>, Arc<Lazy>>>,
     /// Streams whose consumer group this process has made sure of.
     groups: Mutex<HashSet<Box<str>>>,
+    /// Each dead-letter queue's queues, from the subscriptions (see [`dead`]).
+    dead_letter_sources: HashMap<String, Vec<String>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -93,6 +98,18 @@ struct Lease {
     ordering_key: Option<String>,
 }
 
+/// What the sidecar's config asks of the broker, beside where it is.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A replica's unacknowledged message is claimed by another after this.
+    pub claim_idle: Duration,
+    /// How long a relayed id is remembered.
+    pub dedup_window: Duration,
+    pub retention: Retention,
+    /// The subscribed lanes and their dead-letter queues.
+    pub lanes: Vec<Lane>,
+}
+
 /// Why the Redis client could not be made (a malformed URL; Redis being down is not an error
 /// here: connections are made when first needed, and again after every failure).
 #[derive(Debug, thiserror::Error)]
@@ -110,9 +127,7 @@ impl Redis {
         url: &str,
         tls: Option<&config::Tls>,
         group: &str,
-        claim_idle: Duration,
-        dedup_window: Duration,
-        retention: Retention,
+        settings: Settings,
     ) -> Result<Self, ConnectError> {
         let client = match tls {
             Some(tls) if url.starts_with("rediss://") => {
@@ -121,13 +136,21 @@ impl Redis {
             _ => redis::Client::open(url),
         }
         .map_err(|e| ConnectError(e.to_string()))?;
-        let commands = client
-            .get_connection_manager_lazy(manager_config(Some(COMMAND_TIMEOUT)))
-            .map_err(|e| ConnectError(e.to_string()))?;
-        Ok(Redis {
+        Ok(Self::on(Source::Single(Box::new(client)), group, settings))
+    }
+
+    /// A broker on the Redis Cluster of seed `nodes` (`redis://` URLs), for consumer group
+    /// `group`.
+    pub fn cluster(nodes: Vec<String>, group: &str, settings: Settings) -> Self {
+        Self::on(Source::Cluster(nodes), group, settings)
+    }
+
+    fn on(source: Source, group: &str, settings: Settings) -> Self {
+        let Settings { claim_idle, dedup_window, retention, lanes } = settings;
+        Redis {
             inner: Arc::new(Inner {
-                client,
-                commands,
+                source,
+                commands: Lazy::new(COMMAND_TIMEOUT),
                 group: group.to_owned(),
                 consumer: format!(
                     "{group}-{}-{}",
@@ -140,14 +163,20 @@ impl Redis {
                 leases: Mutex::new(HashMap::new()),
                 readers: Mutex::new(HashMap::new()),
                 groups: Mutex::new(HashSet::new()),
+                dead_letter_sources: dead::sources(&lanes),
             }),
-        })
+        }
+    }
+
+    /// The connection for commands, made at first use.
+    async fn conn(&self) -> Result<Conn, BrokerError> {
+        self.inner.commands.get(&self.inner.source).await.map_err(store_error)
     }
 
     /// Removes the entries of `queue`'s stream that every consumer group has read and settled;
     /// how many. Any replica may run it at any time.
     pub async fn trim(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         redis::cmd("EVAL")
             .arg(TRIM)
             .arg(1)
@@ -161,14 +190,14 @@ impl Redis {
     /// its dead-letter queue `dlq`.
     async fn depth(&self, queue: &str, dlq: &str) -> Result<[QueueDepth; 2], BrokerError> {
         let group = &self.inner.group;
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         let [depth, oldest, dead, dead_oldest]: [i64; 4] = redis::cmd("EVAL")
             .arg(DEPTH)
             .arg(4)
             .arg(stream(queue))
             .arg(delayed(queue, group))
             .arg(retries(queue, group))
-            .arg(stream(dlq))
+            .arg(dead_letters(queue, dlq))
             .arg(group)
             .query_async(&mut conn)
             .await
@@ -194,7 +223,7 @@ impl Redis {
 
     /// Answers PING: the broker's health, for readiness.
     pub async fn ping(&self) -> Result<(), BrokerError> {
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(store_error)
     }
 
@@ -202,7 +231,7 @@ impl Redis {
         if self.inner.groups.lock().unwrap_or_else(|e| e.into_inner()).contains(queue) {
             return Ok(());
         }
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         if ordered {
             // from now on the relay keeps this group's order lists
             let _: () =
@@ -224,6 +253,7 @@ impl Redis {
                 Err(e) => return Err(store_error(e)),
             }
         }
+        self.migrate_dead_letters(queue).await?;
         self.inner.groups.lock().unwrap_or_else(|e| e.into_inner()).insert(queue.into());
         Ok(())
     }
@@ -240,18 +270,13 @@ impl Redis {
     }
 
     /// The connection for blocking reads of `queue`, made on first use.
-    fn reader(&self, queue: &str) -> Result<ConnectionManager, BrokerError> {
-        let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(conn) = readers.get(queue) {
-            return Ok(conn.clone());
-        }
-        let conn = self
-            .inner
-            .client
-            .get_connection_manager_lazy(manager_config(Some(COMMAND_TIMEOUT + READ_BLOCK)))
-            .map_err(store_error)?;
-        readers.insert(queue.into(), conn.clone());
-        Ok(conn)
+    async fn reader(&self, queue: &str) -> Result<Conn, BrokerError> {
+        let lazy = {
+            let mut readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+            let made = readers.entry(queue.into());
+            made.or_insert_with(|| Arc::new(Lazy::new(COMMAND_TIMEOUT + READ_BLOCK))).clone()
+        };
+        lazy.get(&self.inner.source).await.map_err(store_error)
     }
 
     /// Takes the entries of `key` into this consumer's leases and decodes them.
@@ -308,14 +333,6 @@ fn certificates(tls: &config::Tls) -> Result<redis::TlsCertificates, ConnectErro
     Ok(redis::TlsCertificates { client_tls, root_cert })
 }
 
-fn manager_config(response_timeout: Option<Duration>) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_response_timeout(response_timeout)
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2))
-}
-
 /// A stream entry's field as text.
 fn field(entry: &StreamId, name: &str) -> Option<String> {
     match entry.map.get(name)? {
@@ -331,24 +348,31 @@ impl Remote for Redis {
     /// is not appended again. Returns after Redis has them all (and, with `appendfsync always`,
     /// has written them).
     async fn relay(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
         let window = self.inner.dedup_window.as_millis().to_string();
-        for envelope in envelopes {
-            let marker = relayed(&envelope.queue, envelope.id);
-            pipe.cmd("EVAL")
-                .arg(RELAY)
-                .arg(3)
-                .arg(marker)
-                .arg(stream(&envelope.queue))
-                .arg(ordered_groups(&envelope.queue))
-                .arg(&window)
-                .arg(envelope.to_json())
-                .arg(envelope.ordering_key().unwrap_or(""))
-                .arg(envelope.id.to_string())
-                .ignore();
+        // one pipeline per queue: a cluster runs a pipeline on one slot, one queue's
+        let mut queues: Vec<&str> = envelopes.iter().map(|e| e.queue.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        let mut conn = self.conn().await?;
+        for queue in queues {
+            let mut pipe = redis::pipe();
+            for envelope in envelopes.iter().filter(|e| e.queue == queue) {
+                let marker = relayed(&envelope.queue, envelope.id);
+                pipe.cmd("EVAL")
+                    .arg(RELAY)
+                    .arg(3)
+                    .arg(marker)
+                    .arg(stream(&envelope.queue))
+                    .arg(ordered_groups(&envelope.queue))
+                    .arg(&window)
+                    .arg(envelope.to_json())
+                    .arg(envelope.ordering_key().unwrap_or(""))
+                    .arg(envelope.id.to_string())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(store_error)?;
         }
-        let mut conn = self.inner.commands.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(store_error)
+        Ok(())
     }
 
     fn system(&self) -> &'static str {
@@ -358,9 +382,15 @@ impl Remote for Redis {
 
 impl Queue for Redis {
     async fn depths(&self, lanes: &[Lane]) -> Result<Vec<QueueDepth>, BrokerError> {
-        let mut depths = Vec::with_capacity(lanes.len() * 2);
+        let mut depths: Vec<QueueDepth> = Vec::with_capacity(lanes.len() * 2);
         for lane in lanes {
-            depths.extend(self.depth(&lane.queue, &lane.dead_letter_queue).await?);
+            for depth in self.depth(&lane.queue, &lane.dead_letter_queue).await? {
+                // a dead-letter queue fed by several lanes: one row, their sum
+                match depths.iter_mut().find(|d| d.queue == depth.queue) {
+                    Some(same) => same.add(&depth),
+                    None => depths.push(depth),
+                }
+            }
         }
         Ok(depths)
     }
@@ -390,7 +420,7 @@ impl Queue for Redis {
         queue: &str,
         now: UnixMillis,
     ) -> Result<Option<UnixMillis>, BrokerError> {
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         let first: Vec<(String, f64)> = redis::cmd("ZRANGE")
             .arg(delayed(queue, &self.inner.group))
             .arg(format!("({now}"))
@@ -411,7 +441,7 @@ impl Queue for Redis {
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.settle(&mut pipe, &lease, id);
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         pipe.query_async::<()>(&mut conn).await.map_err(store_error)
     }
 
@@ -432,7 +462,7 @@ impl Queue for Redis {
             .ignore();
         // a parked message keeps its ordering key: the next one waits for its retry
         self.settle_entry(&mut pipe, &lease);
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         pipe.query_async::<()>(&mut conn).await.map_err(store_error)
     }
 
@@ -441,25 +471,15 @@ impl Queue for Redis {
         envelope: Envelope,
         dead_letter_queue: &str,
     ) -> Result<(), BrokerError> {
-        let dlq = stream(dead_letter_queue);
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("EVAL")
-            .arg(DEAD_LETTER)
-            .arg(2)
-            .arg(&dlq)
-            .arg(dead_letter_ids(dead_letter_queue))
-            .arg(envelope.to_json())
-            .arg(envelope.id.to_string())
-            .arg(self.inner.retention.max_messages)
-            .arg(unix_millis(SystemTime::now()).saturating_sub(self.inner.retention.max_age_ms))
-            .ignore();
+        pipe.atomic();
+        self.add_dead_letter(&mut pipe, &envelope, dead_letter_queue);
         // the dead letter and the acknowledgement of its original, in one MULTI
         let lease = self.take_lease(envelope.id);
         if let Some(lease) = &lease {
             self.settle(&mut pipe, lease, envelope.id);
         }
-        let mut conn = self.inner.commands.clone();
+        let mut conn = self.conn().await?;
         pipe.query_async::<()>(&mut conn).await.map_err(store_error)
     }
 
@@ -469,34 +489,7 @@ impl Queue for Redis {
         before: Option<MessageId>,
         limit: usize,
     ) -> Result<DeadLetterPage, BrokerError> {
-        let dlq = stream(dead_letter_queue);
-        let mut conn = self.inner.commands.clone();
-        let end = match before {
-            None => "+".to_owned(),
-            Some(id) => {
-                let entry: Option<String> = conn
-                    .hget(dead_letter_ids(dead_letter_queue), id.to_string())
-                    .await
-                    .map_err(store_error)?;
-                match entry {
-                    Some(entry) => format!("({entry}"),
-                    None => return Ok(DeadLetterPage { messages: Vec::new(), next: None }),
-                }
-            }
-        };
-        let page: redis::streams::StreamRangeReply =
-            conn.xrevrange_count(&dlq, end, "-", limit + 1).await.map_err(store_error)?;
-        let mut messages: Vec<Envelope> = page
-            .ids
-            .iter()
-            .filter_map(|entry| field(entry, "envelope"))
-            .filter_map(|json| Envelope::from_json(json.as_bytes()).ok())
-            .collect();
-        let next = (messages.len() > limit).then(|| {
-            messages.truncate(limit);
-            messages.last().map(|e| e.id)
-        });
-        Ok(DeadLetterPage { messages, next: next.flatten() })
+        self.list_dead_letters(dead_letter_queue, before, limit).await
     }
 
     async fn dead_letter_get(
@@ -504,20 +497,7 @@ impl Queue for Redis {
         dead_letter_queue: &str,
         id: MessageId,
     ) -> Result<Option<Envelope>, BrokerError> {
-        let dlq = stream(dead_letter_queue);
-        let mut conn = self.inner.commands.clone();
-        let entry: Option<String> = conn
-            .hget(dead_letter_ids(dead_letter_queue), id.to_string())
-            .await
-            .map_err(store_error)?;
-        let Some(entry) = entry else { return Ok(None) };
-        let found: redis::streams::StreamRangeReply =
-            conn.xrange(&dlq, &entry, &entry).await.map_err(store_error)?;
-        Ok(found
-            .ids
-            .first()
-            .and_then(|e| field(e, "envelope"))
-            .and_then(|json| Envelope::from_json(json.as_bytes()).ok()))
+        self.get_dead_letter(dead_letter_queue, id).await
     }
 
     async fn dead_letter_delete(
@@ -525,35 +505,11 @@ impl Queue for Redis {
         dead_letter_queue: &str,
         id: MessageId,
     ) -> Result<bool, BrokerError> {
-        let dlq = stream(dead_letter_queue);
-        let mut conn = self.inner.commands.clone();
-        let removed: i64 = redis::cmd("EVAL")
-            .arg(DELETE_DEAD_LETTER)
-            .arg(2)
-            .arg(&dlq)
-            .arg(dead_letter_ids(dead_letter_queue))
-            .arg(id.to_string())
-            .query_async(&mut conn)
-            .await
-            .map_err(store_error)?;
-        Ok(removed == 1)
+        self.delete_dead_letter(dead_letter_queue, id).await
     }
 
     async fn dead_letter_purge(&self, dead_letter_queue: &str) -> Result<u64, BrokerError> {
-        let dlq = stream(dead_letter_queue);
-        let mut conn = self.inner.commands.clone();
-        let (count,): (u64,) = redis::pipe()
-            .atomic()
-            .cmd("XLEN")
-            .arg(&dlq)
-            .cmd("DEL")
-            .arg(&dlq)
-            .arg(dead_letter_ids(dead_letter_queue))
-            .ignore()
-            .query_async(&mut conn)
-            .await
-            .map_err(store_error)?;
-        Ok(count)
+        self.purge_dead_letters(dead_letter_queue).await
     }
 
     async fn dead_letter_replay(
@@ -561,29 +517,6 @@ impl Queue for Redis {
         dead_letter_queue: &str,
         ids: Vec<MessageId>,
     ) -> Result<Vec<MessageId>, BrokerError> {
-        let dlq = stream(dead_letter_queue);
-        let mut replayed = Vec::new();
-        for id in ids {
-            let Some(mut envelope) = self.dead_letter_get(dead_letter_queue, id).await? else {
-                continue;
-            };
-            super::mark_replayed(&mut envelope, dead_letter_queue, SystemTime::now());
-            let mut conn = self.inner.commands.clone();
-            let moved: i64 = redis::cmd("EVAL")
-                .arg(REPLAY)
-                .arg(3)
-                .arg(&dlq)
-                .arg(dead_letter_ids(dead_letter_queue))
-                .arg(stream(&envelope.queue))
-                .arg(id.to_string())
-                .arg(envelope.to_json())
-                .query_async(&mut conn)
-                .await
-                .map_err(store_error)?;
-            if moved == 1 {
-                replayed.push(id);
-            }
-        }
-        Ok(replayed)
+        self.replay_dead_letters(dead_letter_queue, ids).await
     }
 }

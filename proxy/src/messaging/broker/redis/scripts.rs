@@ -42,3 +42,8 @@ pub(super) const TRIM: &str = include_str!("scripts/trim.lua");
 /// dead letters, oldest dead letter ms or -1}. Times are stream entry times (when relayed or
 /// dead-lettered).
 pub(super) const DEPTH: &str = include_str!("scripts/depth.lua");
+
+/// Moves a queue's dead letters from the layout one Redis used before they shared the queue's
+/// slot (`outrigger:{D}`): KEYS the legacy stream and index, the new stream and index; ARGV the
+/// queue. Only on one Redis, where keys of two slots may meet in a script.
+pub(super) const MIGRATE_DEAD_LETTERS: &str = include_str!("scripts/migrate_dead_letters.lua");
