@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use outrigger_tests::{DEADLINE, Redis, Reply, Sidecar, Upstream, wait_until};
+use outrigger_tests::{DEADLINE, Redis, RedisCluster, Reply, Sidecar, Upstream, wait_until};
 
 use crate::delivery::{
     ACKED, DEAD, DUPLICATE, deliveries, envelope, header, publish,
@@ -14,13 +14,79 @@ use crate::delivery::{
 };
 use crate::messaging::metric;
 
+/// The Redis a test runs on: one server (`redis://`), or a three-node cluster
+/// (`redis+cluster://`). The tests that hold alike on both are run on both (`on_both!` below).
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Single,
+    Cluster,
+}
+
+#[derive(Debug)]
+enum Broker {
+    Single(Redis),
+    Cluster(RedisCluster),
+}
+
+impl Broker {
+    async fn start(kind: Kind) -> Self {
+        match kind {
+            Kind::Single => Broker::Single(Redis::start().await),
+            Kind::Cluster => Broker::Cluster(RedisCluster::start().await),
+        }
+    }
+
+    /// `redis-cli` on the server, or on the cluster following `MOVED`.
+    fn cli(&self, args: &[&str]) -> String {
+        match self {
+            Broker::Single(redis) => redis.cli(args),
+            Broker::Cluster(cluster) => cluster.cli(args),
+        }
+    }
+
+    /// Kills it (every node of a cluster): an outage.
+    fn stop(&mut self) {
+        match self {
+            Broker::Single(redis) => redis.stop(),
+            Broker::Cluster(cluster) => cluster.stop(),
+        }
+    }
+
+    async fn restart(&mut self) {
+        match self {
+            Broker::Single(redis) => redis.restart().await,
+            Broker::Cluster(cluster) => cluster.restart().await,
+        }
+    }
+}
+
+/// What `messaging.broker` names.
+trait BrokerUrl {
+    fn url(&self) -> String;
+}
+
+impl BrokerUrl for Redis {
+    fn url(&self) -> String {
+        Redis::url(self)
+    }
+}
+
+impl BrokerUrl for Broker {
+    fn url(&self) -> String {
+        match self {
+            Broker::Single(redis) => redis.url(),
+            Broker::Cluster(cluster) => cluster.url(),
+        }
+    }
+}
+
 /// A sidecar of service `service` on `redis`, delivering queue `orders` to `app`.
-fn config(service: &str, redis: &Redis, app: &Upstream, extra: &str) -> String {
+fn config(service: &str, redis: &impl BrokerUrl, app: &Upstream, extra: &str) -> String {
     config_at(service, redis, app.addr(), extra)
 }
 
 /// The same with the app at `app`, listening or not.
-fn config_at(service: &str, redis: &Redis, app: SocketAddr, extra: &str) -> String {
+fn config_at(service: &str, redis: &impl BrokerUrl, app: SocketAddr, extra: &str) -> String {
     format!(
         "service:\n  name: {service}\n  app: {{ url: \"http://{app}\" }}\n\
          messaging:\n  broker: \"{url}\"\n  data_dir: \"$SCRATCH/data\"\n  claim_idle: 1s\n  \
@@ -41,9 +107,8 @@ fn ids(seen: &[outrigger_tests::Seen]) -> Vec<String> {
     seen.iter().map(|s| header(s, "outrigger-message-id").to_owned()).collect()
 }
 
-#[tokio::test]
-async fn a_message_goes_through_redis_to_the_app_with_its_envelope() {
-    let redis = Redis::start().await;
+async fn a_message_goes_through_redis_to_the_app_with_its_envelope(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let app = Upstream::status(200).await;
     let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
     let id = publish(&sidecar, "orders", r#"{"order": 42}"#, &[("idempotency-key", "k-42")]).await;
@@ -61,9 +126,8 @@ async fn a_message_goes_through_redis_to_the_app_with_its_envelope() {
     assert_eq!(broker_check(&sidecar).await, "ok");
 }
 
-#[tokio::test]
-async fn retries_keep_their_history_and_exhausted_messages_are_dead_lettered_in_redis() {
-    let redis = Redis::start().await;
+async fn retries_keep_their_history_and_exhausted_messages_are_dead_lettered_in_redis(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let app =
         Upstream::scripted([Reply::Status(500), Reply::Status(503), Reply::Status(200)]).await;
     let sidecar = Sidecar::start(&config("shop", &redis, &app, ", max_attempts: 3")).await;
@@ -92,9 +156,8 @@ async fn retries_keep_their_history_and_exhausted_messages_are_dead_lettered_in_
     assert!(dead.contains(r#""subscriber":"billing/events/orders""#), "{dead}");
 }
 
-#[tokio::test]
-async fn two_replicas_of_one_service_share_a_queue_each_message_once() {
-    let redis = Redis::start().await;
+async fn two_replicas_of_one_service_share_a_queue_each_message_once(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let (app_a, app_b) = (Upstream::status(200).await, Upstream::status(200).await);
     let a = Sidecar::start(&config("shop", &redis, &app_a, "")).await;
     let b = Sidecar::start(&config("shop", &redis, &app_b, "")).await;
@@ -115,9 +178,8 @@ async fn two_replicas_of_one_service_share_a_queue_each_message_once() {
     assert_eq!(all.into_iter().collect::<HashSet<_>>(), published);
 }
 
-#[tokio::test]
-async fn two_services_each_receive_every_message() {
-    let redis = Redis::start().await;
+async fn two_services_each_receive_every_message(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let (shop_app, mail_app) = (Upstream::status(200).await, Upstream::status(200).await);
     let shop = Sidecar::start(&config("shop", &redis, &shop_app, "")).await;
     let _mail = Sidecar::start(&config("mail", &redis, &mail_app, "")).await;
@@ -127,9 +189,8 @@ async fn two_services_each_receive_every_message() {
     assert_eq!(ids(&deliveries(&mail_app, 1).await), [id]);
 }
 
-#[tokio::test]
-async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_back() {
-    let mut redis = Redis::start().await;
+async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_back(kind: Kind) {
+    let mut redis = Broker::start(kind).await;
     let app = Upstream::status(200).await;
     let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
     let first = publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
@@ -192,9 +253,8 @@ async fn publishes_are_accepted_while_redis_answers_errors_and_delivered_once_it
     assert_each_delivered_once(&sidecar, &app, published).await;
 }
 
-#[tokio::test]
-async fn a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other() {
-    let redis = Redis::start().await;
+async fn a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other(kind: Kind) {
+    let redis = Broker::start(kind).await;
     // replica a's app never answers in time; replica b's answers at once
     let slow = Upstream::scripted([Reply::Delayed(std::time::Duration::from_secs(30), 200)]).await;
     let fast = Upstream::status(200).await;
@@ -210,9 +270,8 @@ async fn a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other() 
     assert_eq!(metric(&_b, ACKED).await, Some(1.0));
 }
 
-#[tokio::test]
-async fn an_id_delivered_whose_ack_failed_is_not_delivered_again_after_a_restart() {
-    let mut redis = Redis::start().await;
+async fn an_id_delivered_whose_ack_failed_is_not_delivered_again_after_a_restart(kind: Kind) {
+    let mut redis = Broker::start(kind).await;
     // the app holds its answer a moment: long enough to take Redis away under it
     let app = Upstream::scripted([Reply::Delayed(std::time::Duration::from_secs(1), 200)]).await;
     let mut sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
@@ -239,9 +298,8 @@ async fn an_id_delivered_whose_ack_failed_is_not_delivered_again_after_a_restart
     assert!(pending.starts_with('0'), "the entry is acknowledged now: {pending}");
 }
 
-#[tokio::test]
-async fn priority_lanes_hold_on_redis_too() {
-    let redis = Redis::start().await;
+async fn priority_lanes_hold_on_redis_too(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let lanes = ", concurrency: 1, priority_lanes: [orders.ambulance]";
     let order =
         crate::delivery::lanes_in_delivery_order(|app| config("shop", &redis, app, lanes)).await;
@@ -252,9 +310,8 @@ async fn priority_lanes_hold_on_redis_too() {
     assert_eq!(order.len(), 33);
 }
 
-#[tokio::test]
-async fn a_concurrency_range_scales_on_redis_too() {
-    let redis = Redis::start().await;
+async fn a_concurrency_range_scales_on_redis_too(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let app =
         Upstream::scripted([Reply::Delayed(std::time::Duration::from_millis(100), 200)]).await;
     let sidecar =
@@ -297,9 +354,8 @@ async fn a_frozen_redis_only_grows_the_outbox_and_an_emptied_one_gets_its_groups
     assert_eq!(header(&seen[6], "outrigger-message-id"), id);
 }
 
-#[tokio::test]
-async fn settled_entries_are_trimmed_from_the_stream_and_pending_ones_kept() {
-    let redis = Redis::start().await;
+async fn settled_entries_are_trimmed_from_the_stream_and_pending_ones_kept(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let mut script: Vec<Reply> = (0..10).map(|_| Reply::Status(200)).collect();
     script.push(Reply::Delayed(std::time::Duration::from_secs(60), 200));
     let app = Upstream::scripted(script).await;
@@ -325,7 +381,7 @@ async fn settled_entries_are_trimmed_from_the_stream_and_pending_ones_kept() {
 
 /// Thousands of messages through a handler that fails at random: every message is either
 /// acknowledged once or dead-lettered after `max_attempts`, and the counts reconcile exactly.
-async fn soak(broker: Option<&Redis>) {
+async fn soak(broker: Option<&Broker>) {
     const MESSAGES: usize = 2000;
     // a fixed pseudo-random script: about one answer in four is a 500
     let mut dice = outrigger_tests::Dice(0x2545_f491_4f6c_dd1d);
@@ -392,9 +448,8 @@ async fn soak(broker: Option<&Redis>) {
     }
 }
 
-#[tokio::test]
-async fn a_soak_with_random_failures_reconciles_exactly_on_redis() {
-    let redis = Redis::start().await;
+async fn a_soak_with_random_failures_reconciles_exactly_on_redis(kind: Kind) {
+    let redis = Broker::start(kind).await;
     soak(Some(&redis)).await;
 }
 
@@ -430,9 +485,8 @@ async fn rediss_carries_messages_over_tls_with_the_configured_ca() {
     assert_eq!(metric(&untrusting, "outrigger_outbox_pending").await, Some(1.0));
 }
 
-#[tokio::test]
-async fn dead_letter_retention_keeps_the_newest_on_redis() {
-    let redis = Redis::start().await;
+async fn dead_letter_retention_keeps_the_newest_on_redis(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let app = Upstream::status(400).await;
     let yaml = config("shop", &redis, &app, "")
         .replace("messaging:\n", "messaging:\n  dead_letter_retention: { max_messages: 3 }\n");
@@ -454,9 +508,8 @@ async fn dead_letter_retention_keeps_the_newest_on_redis() {
     assert_eq!(status, 200, "the newest stays");
 }
 
-#[tokio::test]
-async fn queue_and_dead_letter_gauges_read_redis() {
-    let redis = Redis::start().await;
+async fn queue_and_dead_letter_gauges_read_redis(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let app = Upstream::health_checked(400, 503).await;
     let sidecar = crate::delivery::start_gated(&config("shop", &redis, &app, ""), &app).await;
     for n in 0..4 {
@@ -474,7 +527,7 @@ async fn queue_and_dead_letter_gauges_read_redis() {
 }
 
 /// Waits until group `group` consumes `orders` in order (its first read registered it).
-async fn ordered_group(redis: &Redis, group: &str) {
+async fn ordered_group(redis: &Broker, group: &str) {
     wait_until(DEADLINE, "the ordered group to be registered", || async {
         let members = redis.cli(&["SMEMBERS", "outrigger:{orders}:ordered"]);
         members.lines().any(|m| m == group).then_some(())
@@ -482,9 +535,8 @@ async fn ordered_group(redis: &Redis, group: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn per_key_order_holds_across_two_replicas_with_a_randomly_slow_app() {
-    let redis = Redis::start().await;
+async fn per_key_order_holds_across_two_replicas_with_a_randomly_slow_app(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let script = |seed: u64| {
         (0..60).map(move |i| {
             Reply::Delayed(std::time::Duration::from_millis(((i * 37 + seed) % 5) * 10), 200)
@@ -515,9 +567,8 @@ async fn per_key_order_holds_across_two_replicas_with_a_randomly_slow_app() {
     assert!(!app_a.seen().is_empty() && !app_b.seen().is_empty(), "both replicas worked");
 }
 
-#[tokio::test]
-async fn on_redis_an_ordering_key_waits_while_its_head_is_retried() {
-    let redis = Redis::start().await;
+async fn on_redis_an_ordering_key_waits_while_its_head_is_retried(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let app = Upstream::scripted([Reply::Status(503), Reply::Status(200)]).await;
     let sidecar = Sidecar::start(&config("shop", &redis, &app, ", ordered: true")).await;
     ordered_group(&redis, "shop").await;
@@ -542,9 +593,8 @@ async fn on_redis_an_ordering_key_waits_while_its_head_is_retried() {
     .await;
 }
 
-#[tokio::test]
-async fn the_dead_letter_api_replays_and_purges_on_redis() {
-    let redis = Redis::start().await;
+async fn the_dead_letter_api_replays_and_purges_on_redis(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let app =
         Upstream::scripted([Reply::Status(422), Reply::Status(422), Reply::Status(200)]).await;
     let sidecar = Sidecar::start(&config("shop", &redis, &app, ", concurrency: 1")).await;
@@ -582,16 +632,16 @@ async fn the_dead_letter_api_replays_and_purges_on_redis() {
     assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders}:dead:orders_deadletter"]), "0");
 }
 
-#[tokio::test]
-async fn on_redis_messages_published_before_the_app_listens_are_delivered_once() {
-    let redis = Redis::start().await;
+async fn on_redis_messages_published_before_the_app_listens_are_delivered_once(kind: Kind) {
+    let redis = Broker::start(kind).await;
     let yaml = |app| config_at("shop", &redis, app, ", max_attempts: 3");
     published_before_the_app_listens(yaml, false).await;
 }
 
-#[tokio::test]
-async fn on_redis_messages_published_before_the_app_listens_survive_a_kill9_of_the_sidecar() {
-    let redis = Redis::start().await;
+async fn on_redis_messages_published_before_the_app_listens_survive_a_kill9_of_the_sidecar(
+    kind: Kind,
+) {
+    let redis = Broker::start(kind).await;
     let yaml = |app| config_at("shop", &redis, app, ", max_attempts: 3");
     published_before_the_app_listens(yaml, true).await;
 }
@@ -635,9 +685,10 @@ async fn dead_letters_kept_under_their_own_tag_by_the_release_before_move_to_the
     assert_eq!(redis.cli(&["XLEN", "outrigger:{orders_deadletter}"]), "1", "another queue's stays");
 }
 
-#[tokio::test]
-async fn a_dead_letter_queue_shared_by_priority_lanes_is_listed_shown_and_purged_across_them() {
-    let redis = Redis::start().await;
+async fn a_dead_letter_queue_shared_by_priority_lanes_is_listed_shown_and_purged_across_them(
+    kind: Kind,
+) {
+    let redis = Broker::start(kind).await;
     let app = Upstream::status(422).await;
     let extra = ", priority_lanes: [orders.high], dead_letter_queue: orders.dlq";
     let sidecar = Sidecar::start(&config("shop", &redis, &app, extra)).await;
@@ -680,3 +731,44 @@ async fn a_dead_letter_queue_shared_by_priority_lanes_is_listed_shown_and_purged
     assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders}:dead:orders.dlq"]), "0");
     assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders.high}:dead:orders.dlq"]), "0");
 }
+
+/// Every test above that must hold alike on one Redis and on a Redis Cluster, run on both:
+/// `redis::single::NAME` and `redis::cluster::NAME`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod single {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Single).await
+            })*
+        }
+        mod cluster {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Cluster).await
+            })*
+        }
+    };
+}
+
+on_both!(
+    a_message_goes_through_redis_to_the_app_with_its_envelope,
+    retries_keep_their_history_and_exhausted_messages_are_dead_lettered_in_redis,
+    two_replicas_of_one_service_share_a_queue_each_message_once,
+    two_services_each_receive_every_message,
+    publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_back,
+    a_replica_killed_mid_delivery_has_its_message_delivered_by_the_other,
+    an_id_delivered_whose_ack_failed_is_not_delivered_again_after_a_restart,
+    priority_lanes_hold_on_redis_too,
+    a_concurrency_range_scales_on_redis_too,
+    settled_entries_are_trimmed_from_the_stream_and_pending_ones_kept,
+    a_soak_with_random_failures_reconciles_exactly_on_redis,
+    dead_letter_retention_keeps_the_newest_on_redis,
+    queue_and_dead_letter_gauges_read_redis,
+    per_key_order_holds_across_two_replicas_with_a_randomly_slow_app,
+    on_redis_an_ordering_key_waits_while_its_head_is_retried,
+    the_dead_letter_api_replays_and_purges_on_redis,
+    on_redis_messages_published_before_the_app_listens_are_delivered_once,
+    on_redis_messages_published_before_the_app_listens_survive_a_kill9_of_the_sidecar,
+    a_dead_letter_queue_shared_by_priority_lanes_is_listed_shown_and_purged_across_them,
+);
