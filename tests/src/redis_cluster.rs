@@ -117,6 +117,48 @@ impl RedisCluster {
         self.wait_ok().await;
     }
 
+    /// Adds a replica of node `of` and waits until it has copied everything: returns its
+    /// index. Killing `of` then fails over to it.
+    pub async fn add_replica(&mut self, of: usize) -> usize {
+        let i = self.nodes.len();
+        let node_dir = self.dir.join(format!("node-{i}"));
+        std::fs::create_dir_all(&node_dir).expect("a node directory");
+        self.nodes.push(Node { child: None, port: free_port(), bus: free_port(), dir: node_dir });
+        self.spawn(i);
+        let (port, primary) = (self.nodes[i].port, self.nodes[of].port);
+        wait_until(STARTUP, "the replica to answer PING", move || async move {
+            (cli_at(port, &["PING"]) == "PONG").then_some(())
+        })
+        .await;
+        let id = cli_at(primary, &["CLUSTER", "MYID"]);
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "add-node", &format!("127.0.0.1:{port}")])
+            .arg(format!("127.0.0.1:{primary}"))
+            .args(["--cluster-slave", "--cluster-master-id", &id])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster add-node");
+        assert!(out.status.success(), "add-node: {}", String::from_utf8_lossy(&out.stdout));
+        self.wait_replicated(of).await;
+        i
+    }
+
+    /// Waits until node `of`'s replicas hold everything it does.
+    pub async fn wait_replicated(&self, of: usize) {
+        let primary = self.nodes[of].port;
+        wait_until(STARTUP, "the replica to catch up", move || async move {
+            let info = cli_at(primary, &["INFO", "replication"]);
+            let field = |name: &str| {
+                info.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned())
+            };
+            let offset = field("master_repl_offset:")?;
+            let replica = field("slave0:")?;
+            (replica.contains("state=online") && replica.contains(&format!("offset={offset},")))
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Which node (by index) holds `key`'s slot.
     pub fn node_of(&self, key: &str) -> usize {
         let slot: u16 = self.cli(&["CLUSTER", "KEYSLOT", key]).parse().expect("a slot number");

@@ -71,6 +71,12 @@ impl BrokerUrl for Redis {
     }
 }
 
+impl BrokerUrl for RedisCluster {
+    fn url(&self) -> String {
+        RedisCluster::url(self)
+    }
+}
+
 impl BrokerUrl for Broker {
     fn url(&self) -> String {
         match self {
@@ -730,6 +736,55 @@ async fn a_dead_letter_queue_shared_by_priority_lanes_is_listed_shown_and_purged
     );
     assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders}:dead:orders.dlq"]), "0");
     assert_eq!(redis.cli(&["EXISTS", "outrigger:{orders.high}:dead:orders.dlq"]), "0");
+}
+
+#[tokio::test]
+async fn a_killed_cluster_node_loses_nothing_answered_202_and_its_queue_resumes_when_it_is_back() {
+    let mut cluster = RedisCluster::start().await;
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &cluster, &app, "")).await;
+    let mut published = vec![publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await];
+    deliveries(&app, 1).await;
+
+    let node = cluster.node_of("outrigger:{orders}");
+    cluster.stop_node(node);
+    for n in 1..=10 {
+        published.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_until(DEADLINE, "readiness to show the broker degraded", || async {
+        (broker_check(&sidecar).await == "degraded").then_some(())
+    })
+    .await;
+    cluster.restart_node(node).await;
+    assert_each_delivered_once(&sidecar, &app, published).await;
+}
+
+#[tokio::test]
+async fn a_failover_to_a_replica_is_followed_and_delivery_goes_on() {
+    let mut cluster = RedisCluster::start().await;
+    let node = cluster.node_of("outrigger:{orders}");
+    let replica = cluster.add_replica(node).await;
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &cluster, &app, "")).await;
+    let mut published = Vec::new();
+    for n in 0..5 {
+        published.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    deliveries(&app, 5).await;
+    wait_metric(&sidecar, ACKED, 5.0).await;
+    // Redis replicates after it answers: what the primary took (the acknowledgements too) must
+    // be on the replica first
+    cluster.wait_replicated(node).await;
+
+    cluster.stop_node(node);
+    for n in 5..10 {
+        published.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_until(DEADLINE, "the replica to take over the queue's slot", || async {
+        (cluster.node_of("outrigger:{orders}") == replica).then_some(())
+    })
+    .await;
+    assert_each_delivered_once(&sidecar, &app, published).await;
 }
 
 /// Every test above that must hold alike on one Redis and on a Redis Cluster, run on both:

@@ -5,15 +5,19 @@
 //! one queue, all in one hash slot, so both kinds run it alike.
 //!
 //! Both connect lazily: Redis being down at startup is not an error, and a connection that
-//! could not be made is tried again at the next command.
+//! could not be made is tried again at the next command. A cluster connection that lost every
+//! node (the whole cluster was down) does not always find them again by itself: one that
+//! answers that no node can be reached is dropped, and the next command makes a new one from
+//! the seeds.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
-use tokio::sync::OnceCell;
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 /// Where a [`Conn`] comes from: one Redis, or a cluster's seed nodes.
 pub(super) enum Source {
@@ -25,12 +29,13 @@ pub(super) enum Source {
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    /// With the flag its failures set when it can reach no node: made again then.
+    Cluster(ClusterConnection, Arc<AtomicBool>),
 }
 
-/// A connection made on first use and kept.
+/// A connection made on first use and kept (while it works).
 pub(super) struct Lazy {
-    made: OnceCell<Conn>,
+    made: tokio::sync::Mutex<Option<Conn>>,
     /// How long an answer may take on it.
     response_timeout: Duration,
 }
@@ -52,7 +57,8 @@ impl Source {
                     .response_timeout(response_timeout)
                     .retries(2)
                     .build()?;
-                client.get_async_connection().await.map(Conn::Cluster)
+                let conn = client.get_async_connection().await?;
+                Ok(Conn::Cluster(conn, Arc::default()))
             }
         }
     }
@@ -61,20 +67,51 @@ impl Source {
 impl Lazy {
     /// A connection answering within `response_timeout`, made at its first use.
     pub(super) fn new(response_timeout: Duration) -> Self {
-        Lazy { made: OnceCell::new(), response_timeout }
+        Lazy { made: tokio::sync::Mutex::new(None), response_timeout }
     }
 
-    /// The connection, made now if it never was (or its making failed last time).
+    /// The connection, made now if it never was, its making failed last time, or it lost
+    /// every node.
     pub(super) async fn get(&self, source: &Source) -> RedisResult<Conn> {
-        self.made.get_or_try_init(|| source.connect(self.response_timeout)).await.cloned()
+        let mut made = self.made.lock().await;
+        match &*made {
+            Some(Conn::Cluster(_, lost)) if lost.load(Ordering::Relaxed) => {}
+            Some(conn) => return Ok(conn.clone()),
+            None => {}
+        }
+        let conn = source.connect(self.response_timeout).await?;
+        *made = Some(conn.clone());
+        Ok(conn)
     }
+}
+
+/// Whether a cluster connection that answered `error` should be made again.
+fn lost(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::ClusterConnectionNotFound
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+}
+
+/// `answer`, marking the connection lost when it says so.
+fn watched<'a, T: Send + 'a>(
+    answer: RedisFuture<'a, T>,
+    flag: &Arc<AtomicBool>,
+) -> RedisFuture<'a, T> {
+    let flag = flag.clone();
+    Box::pin(async move {
+        let answer = answer.await;
+        if answer.as_ref().is_err_and(lost) {
+            flag.store(true, Ordering::Relaxed);
+        }
+        answer
+    })
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn, flag) => watched(conn.req_packed_command(cmd), flag),
         }
     }
 
@@ -86,14 +123,16 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn, flag) => {
+                watched(conn.req_packed_commands(pipeline, offset, count), flag)
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(conn) => conn.get_db(),
+            Conn::Cluster(conn, _) => conn.get_db(),
         }
     }
 }
