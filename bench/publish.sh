@@ -9,7 +9,8 @@
 # each acknowledgement is a durable commit, shared like the publishes'.
 # Then the same through Redis (redis-server with appendonly yes, appendfsync always, on CPU 1):
 # redis-benchmark's raw XADD at 1 and 64 clients as the broker's own limit, publishes with
-# `broker: redis://`, the relay's catch-up, and delivery through a consumer group.
+# `broker: redis://`, the relay's catch-up, and delivery through a consumer group; and again on
+# a three-node Redis Cluster (`broker: redis+cluster://`, every node on CPU 1).
 #
 #   bash bench/publish.sh [SECONDS]        (default: 10 s per load)
 #
@@ -31,7 +32,8 @@ redis=
 cleanup() {
   [[ -n $pid ]] && kill "$pid" 2>/dev/null
   [[ -n $app ]] && kill "$app" 2>/dev/null
-  [[ -n $redis ]] && kill "$redis" 2>/dev/null
+  # shellcheck disable=SC2086
+  [[ -n $redis ]] && kill $redis 2>/dev/null
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -136,14 +138,72 @@ delivered = $start_pending - $end_pending
 print(f'delivery to a local app, concurrency 64: {delivered / ($end - $start):.0f} messages/s acknowledged ({delivered:.0f} in {$end - $start:.1f} s; {$end_pending:.0f} still pending)')
 "
 
-# --- the same through Redis ---
+# --- the same through Redis: one server, then a three-node cluster ---
 metric() { curl -s http://127.0.0.1:18191/metrics | awk -v m="$1" '$1 == m {print $2}'; }
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-mkdir -p "$work/redis"
-taskset -c 1 redis-server --port 18193 --bind 127.0.0.1 --dir "$work/redis" --appendonly yes \
-  --appendfsync always --save "" --daemonize no >"$work/redis.log" 2>&1 &
-redis=$!
-for _ in $(seq 100); do redis-cli -p 18193 PING >/dev/null 2>&1 && break; sleep 0.1; done
+redis_pids=()
+# redis_node PORT [ARGS…]: a redis-server on CPU 1 with appendonly and appendfsync always
+redis_node() {
+  local port=$1; shift
+  mkdir -p "$work/redis-$port"
+  taskset -c 1 redis-server --port "$port" --bind 127.0.0.1 --dir "$work/redis-$port" --appendonly yes \
+    --appendfsync always --save "" --daemonize no "$@" >"$work/redis-$port.log" 2>&1 &
+  redis_pids+=($!)
+  redis=${redis_pids[*]}
+  for _ in $(seq 100); do redis-cli -p "$port" PING >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
+# through LABEL BROKER_URL CLI_ARGS: publishes with the broker at 64 publishers, the relay's
+# catch-up, and delivery through the broker's consumer group to the local app
+through() {
+  local label=$1 url=$2 cli=$3 line rps p50 p99 bad start end streamed first last
+  rm -rf "$work/data-redis"
+  cat >"$work/outrigger.yaml" <<YAML
+outbound: { listen: 127.0.0.1:18190 }
+admin: { listen: 127.0.0.1:18191 }
+service: { name: bench }
+messaging: { broker: "$url", data_dir: $work/data-redis }
+telemetry: { log: { level: warn } }
+YAML
+  taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
+  pid=$!
+  wait_ready
+  taskset -c 0 wrk -t1 -c1 -d1s -s "$work/publish.lua" http://127.0.0.1:18190/v1/publish/bench >/dev/null
+  line=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
+    http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
+  read -r _ rps p50 p99 bad <<<"$line"
+  start=$(date +%s.%N)
+  for _ in $(seq 600); do [[ $(pending) == 0 ]] && break; sleep 0.1; done
+  end=$(date +%s.%N)
+  # shellcheck disable=SC2086
+  streamed=$(redis-cli $cli XLEN 'outrigger:{bench}')
+  echo "publishes with broker $label, 64 publishers: $rps/s durable in the outbox (p50 $p50 ms, p99 $p99 ms, errors $bad); relay caught up $(python3 -c "print(f'{$end - $start:.1f}')") s after the load; $streamed messages in the stream"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  cat >"$work/outrigger.yaml" <<YAML
+outbound: { listen: 127.0.0.1:18190 }
+admin: { listen: 127.0.0.1:18191 }
+service: { name: bench, app: { url: "http://127.0.0.1:18192" } }
+messaging:
+  broker: "$url"
+  data_dir: $work/data-redis
+  subscriptions: [ { queue: bench, path: /events, concurrency: 64 } ]
+telemetry: { log: { level: warn } }
+YAML
+  taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
+  pid=$!
+  wait_ready
+  local acked='outrigger_messages_delivered_total{outcome="acked",queue="bench"}'
+  first=$(metric "$acked"); start=$(date +%s.%N)
+  sleep "$SECONDS_PER_RUN"
+  last=$(metric "$acked"); end=$(date +%s.%N)
+  python3 -c "
+n = ${last:-0} - ${first:-0}
+print(f'delivery through $label to a local app, concurrency 64: {n / ($end - $start):.0f} messages/s acknowledged ({n:.0f} in {$end - $start:.1f} s)')
+"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+}
+
+redis_node 18193
 echo
 echo "Redis (appendonly yes, appendfsync always), the broker's own limit, redis-benchmark XADD:"
 for c in 1 64; do
@@ -152,44 +212,17 @@ for c in 1 64; do
   echo "  $c client(s): $line"
 done
 redis-cli -p 18193 DEL bench:raw >/dev/null
-cat >"$work/outrigger.yaml" <<YAML
-outbound: { listen: 127.0.0.1:18190 }
-admin: { listen: 127.0.0.1:18191 }
-service: { name: bench }
-messaging: { broker: "redis://127.0.0.1:18193", data_dir: $work/data-redis }
-telemetry: { log: { level: warn } }
-YAML
-taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
-pid=$!
-wait_ready
-taskset -c 0 wrk -t1 -c1 -d1s -s "$work/publish.lua" http://127.0.0.1:18190/v1/publish/bench >/dev/null
-line=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
-  http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
-read -r _ rps p50 p99 bad <<<"$line"
-start=$(date +%s.%N)
-for _ in $(seq 600); do [[ $(pending) == 0 ]] && break; sleep 0.1; done
-end=$(date +%s.%N)
-streamed=$(redis-cli -p 18193 XLEN 'outrigger:{bench}')
-echo "publishes with broker redis, 64 publishers: $rps/s durable in the outbox (p50 $p50 ms, p99 $p99 ms, errors $bad); relay caught up $(python3 -c "print(f'{$end - $start:.1f}')") s after the load; $streamed messages in the stream"
-kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-cat >"$work/outrigger.yaml" <<YAML
-outbound: { listen: 127.0.0.1:18190 }
-admin: { listen: 127.0.0.1:18191 }
-service: { name: bench, app: { url: "http://127.0.0.1:18192" } }
-messaging:
-  broker: "redis://127.0.0.1:18193"
-  data_dir: $work/data-redis
-  subscriptions: [ { queue: bench, path: /events, concurrency: 64 } ]
-telemetry: { log: { level: warn } }
-YAML
-taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
-pid=$!
-wait_ready
-acked='outrigger_messages_delivered_total{outcome="acked",queue="bench"}'
-first=$(metric "$acked"); start=$(date +%s.%N)
-sleep "$SECONDS_PER_RUN"
-last=$(metric "$acked"); end=$(date +%s.%N)
-python3 -c "
-n = ${last:-0} - ${first:-0}
-print(f'delivery through redis to a local app, concurrency 64: {n / ($end - $start):.0f} messages/s acknowledged ({n:.0f} in {$end - $start:.1f} s)')
-"
+through redis "redis://127.0.0.1:18193" "-p 18193"
+
+# a three-node cluster, all on CPU 1 beside the sidecar
+for port in 18196 18197 18198; do
+  redis_node "$port" --cluster-enabled yes --cluster-port $((port + 100)) --cluster-config-file nodes.conf
+done
+redis-cli --cluster create 127.0.0.1:18196 127.0.0.1:18197 127.0.0.1:18198 --cluster-replicas 0 \
+  --cluster-yes >/dev/null
+for _ in $(seq 100); do redis-cli -p 18196 CLUSTER INFO | grep -q cluster_state:ok && break; sleep 0.1; done
+echo
+line=$(taskset -c 0 redis-benchmark --cluster -p 18196 -c 64 -n 200000 -q \
+  XADD '{bench}:raw' '*' envelope '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}' | tr '\r' '\n' | grep 'requests per second' | tail -1)
+echo "Redis Cluster (3 nodes, appendfsync always), redis-benchmark --cluster XADD to one stream, 64 clients: $line"
+through "redis+cluster" "redis+cluster://127.0.0.1:18196,127.0.0.1:18197,127.0.0.1:18198" "-c -p 18196"
