@@ -220,7 +220,13 @@ for port in 18196 18197 18198; do
 done
 redis-cli --cluster create 127.0.0.1:18196 127.0.0.1:18197 127.0.0.1:18198 --cluster-replicas 0 \
   --cluster-yes >/dev/null
-for _ in $(seq 100); do redis-cli -p 18196 CLUSTER INFO | grep -q cluster_state:ok && break; sleep 0.1; done
+cluster_ok() {
+  local port
+  for port in 18196 18197 18198; do
+    redis-cli -p "$port" CLUSTER INFO | grep -q cluster_state:ok || return 1
+  done
+}
+for _ in $(seq 100); do cluster_ok && break; sleep 0.1; done
 echo
 line=$(taskset -c 0 redis-benchmark --cluster -p 18196 -c 64 -n 200000 -q \
   XADD '{bench}:raw' '*' envelope '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}' | tr '\r' '\n' | grep 'requests per second' | tail -1)

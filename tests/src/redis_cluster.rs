@@ -101,9 +101,30 @@ impl RedisCluster {
         self.wait_ok().await;
     }
 
+    /// SIGSTOP node `i`: it holds its connections open and answers nothing (a replica that
+    /// stops copying, say).
+    pub fn pause_node(&self, i: usize) {
+        self.signal(i, "STOP");
+    }
+
+    /// SIGCONT after `pause_node`.
+    pub fn resume_node(&self, i: usize) {
+        self.signal(i, "CONT");
+    }
+
+    fn signal(&self, i: usize, name: &str) {
+        if let Some(child) = &self.nodes[i].child {
+            let status = Command::new("kill")
+                .args([&format!("-{name}"), &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{name} a cluster node");
+        }
+    }
+
     /// Kills every node.
     pub fn stop(&mut self) {
-        for i in 0..NODES {
+        for i in 0..self.nodes.len() {
             self.stop_node(i);
         }
     }
@@ -111,7 +132,7 @@ impl RedisCluster {
     /// Starts every node again, and waits for the cluster to be `ok`.
     pub async fn restart(&mut self) {
         self.stop();
-        for i in 0..NODES {
+        for i in 0..self.nodes.len() {
             self.spawn(i);
         }
         self.wait_ok().await;
@@ -227,6 +248,9 @@ fn cli_at(port: u16, args: &[&str]) -> String {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.resume_node(i);
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -787,6 +787,43 @@ async fn a_failover_to_a_replica_is_followed_and_delivery_goes_on() {
     assert_each_delivered_once(&sidecar, &app, published).await;
 }
 
+#[tokio::test]
+async fn the_relay_forgets_nothing_its_primarys_replica_has_not_copied() {
+    let mut cluster = RedisCluster::start().await;
+    let node = cluster.node_of("outrigger:{orders}");
+    let replica = cluster.add_replica(node).await;
+    // a publisher alone: nothing reads (or acknowledges) while the primary is lost
+    let publisher = Sidecar::start(
+        "service: { name: shop }\nmessaging:\n  broker: \"URL\"\n  data_dir: \"$SCRATCH/data\"\n"
+            .replace("URL", &cluster.url())
+            .as_str(),
+    )
+    .await;
+
+    // the replica stops copying; the primary takes the batch and is lost before it is copied
+    cluster.pause_node(replica);
+    let mut published = Vec::new();
+    for n in 0..5 {
+        published.push(publish(&publisher, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_until(DEADLINE, "the relay to refuse an uncopied batch", || async {
+        (broker_check(&publisher).await == "degraded").then_some(())
+    })
+    .await;
+    assert_eq!(metric(&publisher, "outrigger_outbox_pending").await, Some(5.0), "kept");
+    cluster.stop_node(node);
+    cluster.resume_node(replica);
+    wait_until(std::time::Duration::from_secs(30), "the replica to take over", || async {
+        (cluster.node_of("outrigger:{orders}") == replica).then_some(())
+    })
+    .await;
+    wait_metric(&publisher, "outrigger_outbox_pending", 0.0).await;
+
+    let app = Upstream::status(200).await;
+    let consumer = Sidecar::start(&config("shop", &cluster, &app, "")).await;
+    assert_each_delivered_once(&consumer, &app, published).await;
+}
+
 /// Every test above that must hold alike on one Redis and on a Redis Cluster, run on both:
 /// `redis::single::NAME` and `redis::cluster::NAME`.
 macro_rules! on_both {

@@ -121,6 +121,12 @@ pub enum BrokerError {
     Stopped,
     #[error("no message {id} in queue {queue}")]
     NotFound { queue: String, id: MessageId },
+    /// A Redis Cluster primary took a relayed batch, and its replicas did not all copy it in
+    /// time: the batch stays in the outbox and is relayed again (appended once).
+    #[error(
+        "redis: the primary of queue {queue} has {replicas} replica(s) connected, and {copies} copied the batch in time"
+    )]
+    Unreplicated { queue: String, replicas: usize, copies: usize },
 }
 
 /// A page of dead letters, newest first.

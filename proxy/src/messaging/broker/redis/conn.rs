@@ -17,6 +17,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 /// Where a [`Conn`] comes from: one Redis, or a cluster's seed nodes.
@@ -82,6 +83,21 @@ impl Lazy {
         let conn = source.connect(self.response_timeout).await?;
         *made = Some(conn.clone());
         Ok(conn)
+    }
+}
+
+impl Conn {
+    /// How many replicas the primary that holds `key`'s slot has connected now (0 on one
+    /// Redis: its replicas, if any, are not the sidecar's to wait for).
+    pub(super) async fn replicas_of(&mut self, key: &str) -> RedisResult<usize> {
+        let Conn::Cluster(conn, _) = self else { return Ok(0) };
+        let primary = Route::with_key(key, SlotAddr::Master);
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(primary));
+        let mut info = redis::cmd("INFO");
+        info.arg("replication");
+        let text: String = redis::from_redis_value(conn.route_command(info, route).await?)?;
+        let connected = text.lines().find_map(|l| l.strip_prefix("connected_slaves:"));
+        Ok(connected.and_then(|n| n.trim().parse().ok()).unwrap_or(0))
     }
 }
 

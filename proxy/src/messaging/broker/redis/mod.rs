@@ -49,6 +49,9 @@ use conn::{Conn, Lazy, Source};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A read waits this long for a message to arrive when none is there.
 const READ_BLOCK: Duration = Duration::from_millis(500);
+/// How long the relay waits for a cluster primary's replicas to copy a batch (within the
+/// commands' timeout).
+const REPLICA_WAIT: Duration = Duration::from_millis(1000);
 /// Parked messages moved back to the stream per read at most.
 const PROMOTE_PER_READ: usize = 100;
 
@@ -355,6 +358,9 @@ impl Remote for Redis {
         queues.dedup();
         let mut conn = self.conn().await?;
         for queue in queues {
+            // on a cluster, the primary's connected replicas copy the batch before the outbox
+            // forgets it: a failover right after cannot lose what the relay handed over
+            let replicas = conn.replicas_of(&stream(queue)).await.map_err(store_error)?;
             let mut pipe = redis::pipe();
             for envelope in envelopes.iter().filter(|e| e.queue == queue) {
                 let marker = relayed(&envelope.queue, envelope.id);
@@ -370,7 +376,16 @@ impl Remote for Redis {
                     .arg(envelope.id.to_string())
                     .ignore();
             }
-            pipe.query_async::<()>(&mut conn).await.map_err(store_error)?;
+            if replicas == 0 {
+                pipe.query_async::<()>(&mut conn).await.map_err(store_error)?;
+                continue;
+            }
+            pipe.cmd("WAIT").arg(replicas).arg(REPLICA_WAIT.as_millis() as u64);
+            let (copies,): (usize,) = pipe.query_async(&mut conn).await.map_err(store_error)?;
+            if copies < replicas {
+                let queue = queue.to_owned();
+                return Err(BrokerError::Unreplicated { queue, replicas, copies });
+            }
         }
         Ok(())
     }
