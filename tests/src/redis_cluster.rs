@@ -17,6 +17,8 @@ const NODES: usize = 3;
 #[derive(Debug)]
 struct Node {
     child: Option<Child>,
+    /// SIGSTOPped: it answers nothing, so `cli` must not ask it.
+    paused: bool,
     port: u16,
     bus: u16,
     dir: PathBuf,
@@ -38,7 +40,13 @@ impl RedisCluster {
             .map(|i| {
                 let node_dir = dir.join(format!("node-{i}"));
                 std::fs::create_dir_all(&node_dir).expect("a node directory");
-                Node { child: None, port: free_port(), bus: free_port(), dir: node_dir }
+                Node {
+                    child: None,
+                    paused: false,
+                    port: free_port(),
+                    bus: free_port(),
+                    dir: node_dir,
+                }
             })
             .collect();
         let mut cluster = RedisCluster { nodes, dir };
@@ -81,7 +89,8 @@ impl RedisCluster {
     /// Runs `redis-cli -c` with `args` on a node that is up (following `MOVED` to the node
     /// that holds the key); its output, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a node that is up");
+        let up = |n: &&Node| n.child.is_some() && !n.paused;
+        let node = self.nodes.iter().find(up).expect("a node that is up");
         let mut all = vec!["-c"];
         all.extend_from_slice(args);
         cli_at(node.port, &all)
@@ -103,13 +112,15 @@ impl RedisCluster {
 
     /// SIGSTOP node `i`: it holds its connections open and answers nothing (a replica that
     /// stops copying, say).
-    pub fn pause_node(&self, i: usize) {
+    pub fn pause_node(&mut self, i: usize) {
         self.signal(i, "STOP");
+        self.nodes[i].paused = true;
     }
 
     /// SIGCONT after `pause_node`.
-    pub fn resume_node(&self, i: usize) {
+    pub fn resume_node(&mut self, i: usize) {
         self.signal(i, "CONT");
+        self.nodes[i].paused = false;
     }
 
     fn signal(&self, i: usize, name: &str) {
@@ -144,7 +155,13 @@ impl RedisCluster {
         let i = self.nodes.len();
         let node_dir = self.dir.join(format!("node-{i}"));
         std::fs::create_dir_all(&node_dir).expect("a node directory");
-        self.nodes.push(Node { child: None, port: free_port(), bus: free_port(), dir: node_dir });
+        self.nodes.push(Node {
+            child: None,
+            paused: false,
+            port: free_port(),
+            bus: free_port(),
+            dir: node_dir,
+        });
         self.spawn(i);
         let (port, primary) = (self.nodes[i].port, self.nodes[of].port);
         wait_until(STARTUP, "the replica to answer PING", move || async move {

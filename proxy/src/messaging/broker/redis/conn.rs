@@ -87,7 +87,7 @@ impl Lazy {
 }
 
 impl Conn {
-    /// How many replicas the primary that holds `key`'s slot has connected now (0 on one
+    /// How many replicas of the primary that holds `key`'s slot are online now (0 on one
     /// Redis: its replicas, if any, are not the sidecar's to wait for).
     pub(super) async fn replicas_of(&mut self, key: &str) -> RedisResult<usize> {
         let Conn::Cluster(conn, _) = self else { return Ok(0) };
@@ -96,16 +96,27 @@ impl Conn {
         let mut info = redis::cmd("INFO");
         info.arg("replication");
         let text: String = redis::from_redis_value(conn.route_command(info, route).await?)?;
-        let connected = text.lines().find_map(|l| l.strip_prefix("connected_slaves:"));
-        Ok(connected.and_then(|n| n.trim().parse().ok()).unwrap_or(0))
+        online_replicas(&text).ok_or_else(|| {
+            let detail = "INFO replication did not come from a primary".to_owned();
+            RedisError::from((ErrorKind::Client, "not the slot's primary", detail))
+        })
     }
 }
 
-/// Whether a cluster connection that answered `error` should be made again.
+/// The replicas a primary's `INFO replication` shows online (in sync, so `WAIT` counts them);
+/// `None` when the answer is not a primary's (the command went elsewhere while the cluster's
+/// layout changed).
+fn online_replicas(info: &str) -> Option<usize> {
+    info.lines().any(|l| l.trim() == "role:master").then(|| {
+        let replica = |l: &&str| l.starts_with("slave") && l.contains(':');
+        info.lines().filter(replica).filter(|l| l.contains("state=online")).count()
+    })
+}
+
+/// Whether a cluster connection that answered `error` should be made again: only when it
+/// can reach no node at all (one node down, or a failover, it follows by itself).
 fn lost(error: &RedisError) -> bool {
     error.kind() == ErrorKind::ClusterConnectionNotFound
-        || error.is_connection_dropped()
-        || error.is_unrecoverable_error()
 }
 
 /// `answer`, marking the connection lost when it says so.
@@ -150,5 +161,22 @@ impl ConnectionLike for Conn {
             Conn::Single(conn) => conn.get_db(),
             Conn::Cluster(conn, _) => conn.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_primarys_online_replicas_are_waited_for() {
+        let primary = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+            slave0:ip=10.0.0.2,port=7001,state=online,offset=120,lag=0\r\n\
+            slave1:ip=10.0.0.3,port=7001,state=wait_bgsave,offset=0,lag=0\r\n\
+            master_failover_state:no-failover\r\n";
+        assert_eq!(online_replicas(primary), Some(1), "one still in full sync");
+        assert_eq!(online_replicas("role:master\r\nconnected_slaves:0\r\n"), Some(0));
+        assert_eq!(online_replicas("role:slave\r\nmaster_host:10.0.0.1\r\n"), None);
+        assert_eq!(online_replicas(""), None);
     }
 }

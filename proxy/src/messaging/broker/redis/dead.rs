@@ -20,6 +20,9 @@ use super::{Redis, field, store_error};
 use crate::messaging::broker::{BrokerError, DeadLetterPage, Lane};
 use crate::messaging::envelope::{Envelope, MessageId, unix_millis};
 
+/// Legacy entries looked at per migration script call: a bounded pause of Redis.
+const MIGRATE_PER_CALL: usize = 200;
+
 /// Each dead-letter queue's queues, from the subscribed lanes.
 pub(super) fn sources(lanes: &[Lane]) -> HashMap<String, Vec<String>> {
     let mut sources: HashMap<String, Vec<String>> = HashMap::new();
@@ -47,11 +50,9 @@ impl Redis {
         dlq.strip_suffix("_deadletter").map(|queue| vec![queue.to_owned()]).unwrap_or_default()
     }
 
-    /// On one Redis, moves `queue`'s dead letters out of the layout before they shared its slot.
+    /// On one Redis, moves `queue`'s dead letters out of the layout before they shared its slot
+    /// (into every dead-letter queue it feeds), a bounded batch per script call.
     pub(super) async fn migrate_dead_letters(&self, queue: &str) -> Result<(), BrokerError> {
-        if !matches!(self.inner.source, Source::Single(_)) {
-            return Ok(()); // a cluster never had the old layout
-        }
         let dlqs: Vec<String> = self
             .inner
             .dead_letter_sources
@@ -59,23 +60,55 @@ impl Redis {
             .filter(|(_, queues)| queues.iter().any(|q| q == queue))
             .map(|(dlq, _)| dlq.clone())
             .collect();
-        let mut conn = self.conn().await?;
         for dlq in dlqs {
-            let (legacy, legacy_ids) = legacy_dead_letters(&dlq);
-            let moved: u64 = redis::cmd("EVAL")
+            self.migrate(queue, &dlq).await?;
+        }
+        Ok(())
+    }
+
+    /// The same for every queue of `dlq`: the dead-letter API sees what an older sidecar
+    /// still writes there during a rolling upgrade.
+    async fn migrate_dead_letters_of(&self, dlq: &str) -> Result<(), BrokerError> {
+        for queue in self.sources_of(dlq) {
+            self.migrate(&queue, dlq).await?;
+        }
+        Ok(())
+    }
+
+    async fn migrate(&self, queue: &str, dlq: &str) -> Result<(), BrokerError> {
+        if !matches!(self.inner.source, Source::Single(_)) {
+            return Ok(()); // a cluster never had the old layout
+        }
+        let (legacy, legacy_ids) = legacy_dead_letters(dlq);
+        let mut conn = self.conn().await?;
+        let (mut cursor, mut moved) = ("-".to_owned(), 0u64);
+        loop {
+            let (batch, next): (u64, String) = redis::cmd("EVAL")
                 .arg(MIGRATE_DEAD_LETTERS)
                 .arg(4)
-                .arg(legacy)
-                .arg(legacy_ids)
-                .arg(dead_letters(queue, &dlq))
-                .arg(dead_letter_ids(queue, &dlq))
+                .arg(&legacy)
+                .arg(&legacy_ids)
+                .arg(dead_letters(queue, dlq))
+                .arg(dead_letter_ids(queue, dlq))
                 .arg(queue)
+                .arg(&cursor)
+                .arg(MIGRATE_PER_CALL)
                 .query_async(&mut conn)
                 .await
                 .map_err(store_error)?;
-            if moved > 0 {
-                tracing::info!(queue, dead_letter_queue = %dlq, moved, "dead letters moved to the queue's own keys");
+            moved += batch;
+            if next.is_empty() {
+                break;
             }
+            cursor = next;
+        }
+        if moved > 0 {
+            tracing::info!(
+                queue,
+                dead_letter_queue = dlq,
+                moved,
+                "dead letters moved to the queue's own keys"
+            );
         }
         Ok(())
     }
@@ -119,25 +152,29 @@ impl Redis {
         Ok(None)
     }
 
-    /// A page of `dlq`'s dead letters across its queues, newest first.
+    /// A page of `dlq`'s dead letters across its queues, newest first: by entry, then by
+    /// message id (two queues' entries can share a millisecond and a sequence number).
     pub(super) async fn list_dead_letters(
         &self,
         dlq: &str,
         before: Option<MessageId>,
         limit: usize,
     ) -> Result<DeadLetterPage, BrokerError> {
-        let end = match before {
-            None => "+".to_owned(),
+        self.migrate_dead_letters_of(dlq).await?;
+        let bound = match before {
+            None => None,
             Some(id) => match self.find_dead_letter(dlq, id).await? {
-                Some((_, entry)) => format!("({entry}"),
+                Some((_, entry)) => Some((entry_order(&entry), id)),
                 None => return Ok(DeadLetterPage { messages: Vec::new(), next: None }),
             },
         };
+        // inclusive: an entry of another queue in the same millisecond may sort below `before`
+        let end = bound.map_or("+".to_owned(), |((ms, seq), _)| format!("{ms}-{seq}"));
         let mut conn = self.conn().await?;
         let mut found = Vec::new();
         for queue in self.sources_of(dlq) {
             let page: redis::streams::StreamRangeReply = conn
-                .xrevrange_count(dead_letters(&queue, dlq), &end, "-", limit + 1)
+                .xrevrange_count(dead_letters(&queue, dlq), &end, "-", limit + 2)
                 .await
                 .map_err(store_error)?;
             found.extend(page.ids.iter().filter_map(|entry| {
@@ -145,7 +182,8 @@ impl Redis {
                 Some((entry_order(&entry.id), envelope))
             }));
         }
-        found.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
+        found.retain(|(order, envelope)| bound.is_none_or(|bound| (*order, envelope.id) < bound));
+        found.sort_by_key(|(order, envelope)| std::cmp::Reverse((*order, envelope.id)));
         let mut messages: Vec<Envelope> = found.into_iter().map(|(_, e)| e).collect();
         let next = (messages.len() > limit).then(|| {
             messages.truncate(limit);
@@ -159,6 +197,7 @@ impl Redis {
         dlq: &str,
         id: MessageId,
     ) -> Result<Option<Envelope>, BrokerError> {
+        self.migrate_dead_letters_of(dlq).await?;
         let Some((queue, entry)) = self.find_dead_letter(dlq, id).await? else { return Ok(None) };
         let mut conn = self.conn().await?;
         let found: redis::streams::StreamRangeReply =
@@ -175,6 +214,7 @@ impl Redis {
         dlq: &str,
         id: MessageId,
     ) -> Result<bool, BrokerError> {
+        self.migrate_dead_letters_of(dlq).await?;
         let Some((queue, _)) = self.find_dead_letter(dlq, id).await? else { return Ok(false) };
         let mut conn = self.conn().await?;
         let removed: i64 = redis::cmd("EVAL")
@@ -190,6 +230,7 @@ impl Redis {
     }
 
     pub(super) async fn purge_dead_letters(&self, dlq: &str) -> Result<u64, BrokerError> {
+        self.migrate_dead_letters_of(dlq).await?;
         let mut conn = self.conn().await?;
         let mut purged = 0;
         for queue in self.sources_of(dlq) {

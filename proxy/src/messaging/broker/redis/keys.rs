@@ -36,6 +36,12 @@ pub(super) fn relayed(queue: &str, id: impl std::fmt::Display) -> String {
     format!("{}:relayed:{id}", stream(queue))
 }
 
+/// Written by the relay before it waits for a cluster primary's replicas (`WAIT` counts from
+/// this connection's last write, and a relay repeated after a failure may append nothing).
+pub(super) fn relay_mark(queue: &str) -> String {
+    format!("{}:relay-mark", stream(queue))
+}
+
 /// The dead letters of `queue` in dead-letter queue `dlq`: a stream in the queue's slot, so a
 /// message is dead-lettered, and replayed, by one script on one node.
 pub(super) fn dead_letters(queue: &str, dlq: &str) -> String {
@@ -78,6 +84,7 @@ mod tests {
                 waiting_list(queue, "billing", "customer-7"),
                 retries(queue, "billing"),
                 relayed(queue, "01J0000000000000000000000"),
+                relay_mark(queue),
                 dead_letters(queue, "orders_deadletter"),
                 dead_letter_ids(queue, "orders_deadletter"),
             ];

@@ -31,7 +31,7 @@ use redis::streams::StreamId;
 use redis::{AsyncCommands, Value};
 
 use super::embedded::Retention;
-use keys::{dead_letters, delayed, ordered_groups, relayed, retries, stream};
+use keys::{dead_letters, delayed, ordered_groups, relay_mark, relayed, retries, stream};
 use scripts::{DEPTH, RELAY, TRIM};
 
 mod conn;
@@ -380,6 +380,9 @@ impl Remote for Redis {
                 pipe.query_async::<()>(&mut conn).await.map_err(store_error)?;
                 continue;
             }
+            // a write on this connection whatever the batch did, so WAIT covers the primary's
+            // whole stream up to here (a batch relayed again after a failure appends nothing)
+            pipe.cmd("INCR").arg(relay_mark(queue)).ignore();
             pipe.cmd("WAIT").arg(replicas).arg(REPLICA_WAIT.as_millis() as u64);
             let (copies,): (usize,) = pipe.query_async(&mut conn).await.map_err(store_error)?;
             if copies < replicas {
