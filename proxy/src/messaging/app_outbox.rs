@@ -170,7 +170,7 @@ pub async fn run(
             _ = stop.wait_for(|stop| *stop) => return,
         };
         if std::mem::take(&mut relay.served) {
-            // a round was committed since the last failure: this one starts the backoff again
+            // a round ran to its end since the last failure: this one starts the backoff again
             failures = 0;
         }
         if failures == 0 {
@@ -193,7 +193,7 @@ struct Relay {
     /// Rows that cannot be published, by id, with why: passed over until [`RECHECK_REFUSED`].
     refused: HashMap<String, Refused>,
     rechecked: Instant,
-    /// A round was committed since the last failure.
+    /// A round ran to its end (relaying, or finding nothing) since the last failure.
     served: bool,
 }
 
@@ -209,6 +209,18 @@ impl Relay {
     async fn connected(&mut self) -> Result<(), AppOutboxError> {
         let mut pg: tokio_postgres::Config = self.url()?.parse()?;
         pg.connect_timeout(ROUND_TIMEOUT).keepalives_idle(KEEPALIVE_IDLE);
+        // the server ends what the client gave up on: a statement past the round's deadline,
+        // and a transaction left open (its row locks with it) by a connection that went away
+        let limits = format!(
+            "-c statement_timeout={}ms -c idle_in_transaction_session_timeout={}ms",
+            ROUND_TIMEOUT.as_millis(),
+            ROUND_TIMEOUT.as_millis() + 5_000
+        );
+        let options = match pg.get_options() {
+            Some(theirs) => format!("{theirs} {limits}"),
+            None => limits,
+        };
+        pg.options(&options);
         let (mut client, mut connection) = deadline(pg.connect(NoTls)).await??;
         let wake = Arc::new(Notify::new());
         let woken = wake.clone();
@@ -296,7 +308,9 @@ impl Relay {
             self.refused.retain(|id, _| present.contains(id));
         }
         let refused: Vec<&str> = self.refused.keys().map(String::as_str).collect();
-        let rows = txn.query(&statements.take, &[&BATCH, &refused]).await?;
+        let refused_keys: Vec<&str> =
+            self.refused.values().filter_map(|r| r.key.as_deref()).collect();
+        let rows = txn.query(&statements.take, &[&BATCH, &refused, &refused_keys]).await?;
         let mut round = Round { taken: rows.len(), ..Round::default() };
         let keyed: Vec<&str> = rows
             .iter()
@@ -406,9 +420,12 @@ impl Statements {
     async fn prepare(client: &Client, table: &TableName) -> Result<Self, tokio_postgres::Error> {
         let table = table.quoted();
         let key = "headers->>'outrigger-ordering-key'";
+        // neither a refused row nor a row its key holds back: 500 of those at the head must
+        // not starve the rest of the table
         let take = format!(
             "SELECT id, queue, payload::text, headers::text, {key} FROM {table} \
-             WHERE NOT (id = ANY($2)) ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED"
+             WHERE NOT (id = ANY($2)) AND ({key} IS NULL OR NOT ({key} = ANY($3))) \
+             ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED"
         );
         let held_back = format!(
             "SELECT o.id FROM {table} o WHERE o.id = ANY($1) AND EXISTS (\

@@ -309,9 +309,17 @@ async fn a_row_that_cannot_be_published_stays_holds_its_key_and_is_named_in_read
     .await;
     assert_eq!(app.seen().len(), 1, "k-after waits behind the bad row of its key");
 
-    pg.psql("DELETE FROM outrigger_outbox WHERE id = 'bad'");
+    // more rows of its key than a round takes do not starve the rows behind them
+    let held: Vec<String> = (0..600).map(|n| format!("k-more-{n:03}")).collect();
+    insert(&pg, &held, Some("k"));
+    insert(&pg, &["behind".to_owned()], None);
     let seen = deliveries(&app, 2).await;
-    assert_eq!(row_of(&seen[1]), "k-after", "the key goes on once the bad row is gone");
+    assert_eq!(row_of(&seen[1]), "behind");
+    assert_eq!(rows_left(&pg), 602, "the bad row and its key's rows wait");
+
+    pg.psql("DELETE FROM outrigger_outbox WHERE id = 'bad'");
+    let seen = deliveries(&app, 3).await;
+    assert_eq!(row_of(&seen[2]), "k-after", "the key goes on once the bad row is gone");
     wait_until(DEADLINE, "the app_outbox check to be ok again", || async {
         (outbox_check(&sidecar).await.1 == "ok").then_some(())
     })

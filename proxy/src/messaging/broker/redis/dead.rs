@@ -81,7 +81,19 @@ impl Redis {
         }
         let (legacy, legacy_ids) = legacy_dead_letters(dlq);
         let mut conn = self.conn().await?;
-        let (mut cursor, mut moved) = ("-".to_owned(), 0u64);
+        // up to the last entry now (the stream may be a live queue too), from where the last
+        // pass for this queue stopped: entries appended since sort after it
+        let last: redis::streams::StreamRangeReply =
+            conn.xrevrange_count(&legacy, "+", "-", 1).await.map_err(store_error)?;
+        let Some(end) = last.ids.first().map(|e| e.id.clone()) else { return Ok(()) };
+        let key = (queue.to_owned(), dlq.to_owned());
+        let scanned =
+            self.inner.migrated.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let mut cursor = scanned.unwrap_or_else(|| "-".to_owned());
+        if cursor != "-" && entry_order(&cursor) >= entry_order(&end) {
+            return Ok(());
+        }
+        let mut moved = 0u64;
         loop {
             let (batch, next): (u64, String) = redis::cmd("EVAL")
                 .arg(MIGRATE_DEAD_LETTERS)
@@ -92,6 +104,7 @@ impl Redis {
                 .arg(dead_letter_ids(queue, dlq))
                 .arg(queue)
                 .arg(&cursor)
+                .arg(&end)
                 .arg(MIGRATE_PER_CALL)
                 .query_async(&mut conn)
                 .await
@@ -102,6 +115,7 @@ impl Redis {
             }
             cursor = next;
         }
+        self.inner.migrated.lock().unwrap_or_else(|e| e.into_inner()).insert(key, end);
         if moved > 0 {
             tracing::info!(
                 queue,
@@ -198,6 +212,15 @@ impl Redis {
         id: MessageId,
     ) -> Result<Option<Envelope>, BrokerError> {
         self.migrate_dead_letters_of(dlq).await?;
+        self.read_dead_letter(dlq, id).await
+    }
+
+    /// Dead letter `id` of `dlq`, as the keys hold it now.
+    async fn read_dead_letter(
+        &self,
+        dlq: &str,
+        id: MessageId,
+    ) -> Result<Option<Envelope>, BrokerError> {
         let Some((queue, entry)) = self.find_dead_letter(dlq, id).await? else { return Ok(None) };
         let mut conn = self.conn().await?;
         let found: redis::streams::StreamRangeReply =
@@ -255,10 +278,11 @@ impl Redis {
         dlq: &str,
         ids: Vec<MessageId>,
     ) -> Result<Vec<MessageId>, BrokerError> {
+        self.migrate_dead_letters_of(dlq).await?;
         let mut replayed = Vec::new();
         for id in ids {
             let Some((queue, _)) = self.find_dead_letter(dlq, id).await? else { continue };
-            let Some(mut envelope) = self.get_dead_letter(dlq, id).await? else { continue };
+            let Some(mut envelope) = self.read_dead_letter(dlq, id).await? else { continue };
             crate::messaging::broker::mark_replayed(&mut envelope, dlq, SystemTime::now());
             let mut conn = self.conn().await?;
             // the dead letter and its queue's stream: one slot, one script

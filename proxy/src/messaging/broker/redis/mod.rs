@@ -80,6 +80,8 @@ struct Inner {
     groups: Mutex<HashSet<Box<str>>>,
     /// Each dead-letter queue's queues, from the subscriptions (see [`dead`]).
     dead_letter_sources: HashMap<String, Vec<String>>,
+    /// (queue, dead-letter queue) -> the last entry of the old layout looked at.
+    migrated: Mutex<HashMap<(String, String), String>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -167,6 +169,7 @@ impl Redis {
                 readers: Mutex::new(HashMap::new()),
                 groups: Mutex::new(HashSet::new()),
                 dead_letter_sources: dead::sources(&lanes),
+                migrated: Mutex::new(HashMap::new()),
             }),
         }
     }
