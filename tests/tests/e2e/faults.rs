@@ -164,7 +164,7 @@ fn publishers(outbound: SocketAddr, stop: Arc<AtomicBool>) -> Vec<JoinHandle<Vec
 /// last restart every message answered 202 is delivered or dead-lettered; a message is
 /// delivered again only when a kill cut its acknowledgement, so the redeliveries are at most
 /// the kills times the deliveries in flight.
-async fn kill9_loop(redis: Option<&Redis>) {
+async fn kill9_loop(broker: Option<String>) {
     const KILLS: u64 = 8;
     const CONCURRENCY: usize = 8;
     let mut dice = Dice(0x9e37_79b9_7f4a_7c15);
@@ -173,8 +173,8 @@ async fn kill9_loop(redis: Option<&Redis>) {
     let app = Upstream::scripted(script).await;
     let extra = format!(", max_attempts: 3, concurrency: {CONCURRENCY}");
     let mut yaml = crate::delivery::config(&app, &extra);
-    if let Some(redis) = redis {
-        let broker = format!("messaging:\n  broker: \"{}\"\n  claim_idle: 1s\n", redis.url());
+    if let Some(url) = broker {
+        let broker = format!("messaging:\n  broker: \"{url}\"\n  claim_idle: 1s\n");
         yaml = yaml.replace("messaging:\n", &broker);
     }
     let mut sidecar = Sidecar::start(&yaml).await;
@@ -218,5 +218,11 @@ async fn kill9_at_random_moments_loses_no_accepted_message_on_the_embedded_broke
 #[tokio::test]
 async fn kill9_at_random_moments_loses_no_accepted_message_on_redis() {
     let redis = Redis::start().await;
-    kill9_loop(Some(&redis)).await;
+    kill9_loop(Some(redis.url())).await;
+}
+
+#[tokio::test]
+async fn kill9_at_random_moments_loses_no_accepted_message_on_a_redis_cluster() {
+    let cluster = outrigger_tests::RedisCluster::start().await;
+    kill9_loop(Some(cluster.url())).await;
 }
