@@ -63,8 +63,7 @@ impl Redis {
     /// Starts Redis again on the same port and data, and waits until it answers PING.
     pub async fn restart(&mut self) {
         self.stop();
-        let (stdout, stderr) = crate::log_to(&self.dir.join("redis.log"));
-        let mut command = Command::new("redis-server");
+        let mut command = server(&self.dir);
         match &self.tls {
             None => command.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]),
             Some((cert, key, ca)) => command
@@ -77,16 +76,7 @@ impl Redis {
                 .arg(ca)
                 .args(["--tls-auth-clients", "optional"]),
         };
-        let child = command
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
-            .args(["--daemonize", "no", "--protected-mode", "no"])
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("start redis-server (Debian package redis-server; scripts/test installs it)");
-        self.child = Some(child);
+        self.child = Some(spawn(&mut command));
         let (port, tls) = (self.port, self.tls.as_ref().map(|t| t.2.clone()));
         wait_until(STARTUP, "redis to answer PING", move || {
             let tls = tls.clone();
@@ -119,6 +109,29 @@ impl Redis {
     pub fn cli(&self, args: &[&str]) -> String {
         cli_at(self.port, self.tls.as_ref().map(|t| t.2.as_path()), args)
     }
+}
+
+/// `redis-server` in the foreground, its data and log in `dir`: an append-only file flushed at
+/// every write and no snapshots, as a broker that must not lose what it answered runs. The
+/// caller adds where it listens.
+pub(crate) fn server(dir: &std::path::Path) -> Command {
+    let (stdout, stderr) = crate::log_to(&dir.join("redis.log"));
+    let mut command = Command::new("redis-server");
+    command
+        .arg("--dir")
+        .arg(dir)
+        .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+        .args(["--daemonize", "no", "--protected-mode", "no"])
+        .stdout(stdout)
+        .stderr(stderr);
+    command
+}
+
+/// Starts `command` (made by [`server`]).
+pub(crate) fn spawn(command: &mut Command) -> Child {
+    command
+        .spawn()
+        .expect("start redis-server (Debian package redis-server; scripts/test installs it)")
 }
 
 fn cli_at(port: u16, ca: Option<&std::path::Path>, args: &[&str]) -> String {

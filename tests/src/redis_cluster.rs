@@ -211,20 +211,12 @@ impl RedisCluster {
 
     fn spawn(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let (stdout, stderr) = crate::log_to(&node.dir.join("redis.log"));
-        let child = Command::new("redis-server")
+        let mut command = crate::redis::server(&node.dir);
+        command
             .args(["--bind", "127.0.0.1", "--port", &node.port.to_string()])
             .args(["--cluster-enabled", "yes", "--cluster-port", &node.bus.to_string()])
-            .args(["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"])
-            .arg("--dir")
-            .arg(&node.dir)
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
-            .args(["--daemonize", "no", "--protected-mode", "no"])
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("start redis-server (Debian package redis-server; scripts/test installs it)");
-        node.child = Some(child);
+            .args(["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]);
+        node.child = Some(crate::redis::spawn(&mut command));
     }
 
     async fn wait_ok(&self) {
