@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::error::chain;
 use crate::messaging::Messaging;
 use crate::messaging::broker::{BrokerError, Outbox, Remote};
+use crate::messaging::envelope::Envelope;
 use crate::policy::backoff::Backoff;
 use crate::policy::circuit_breaker::{Admission, Breaker};
 use crate::telemetry::trace::Kind;
@@ -145,28 +146,34 @@ async fn relay_once(
             let mut span = tracer.start(Some(&parent), "relay", Kind::Producer);
             span.recording().then(|| {
                 span.text("messaging.destination.name", envelope.queue.as_str());
-                span
+                (envelope.queue.as_str(), span)
             })
         })
         .collect();
     let result = remote.relay(&batch).await;
     record(breaker, admission, result.is_err());
-    for mut span in spans.drain(..) {
-        if result.is_err() {
+    let refused = |queue: &str| result.as_ref().is_err_and(|u| u.queues.contains(queue));
+    for (queue, mut span) in spans.drain(..) {
+        if refused(queue) {
             span.failed();
         }
         tracer.end(span);
     }
-    if let Err(error) = result {
-        store.release_all(&batch);
-        return Err(Failed::Relay(RelayError::Broker(error)));
+    // what the broker took is forgotten; the refused queues' messages wait for the next try
+    let (kept, taken): (Vec<Envelope>, Vec<Envelope>) =
+        batch.into_iter().partition(|envelope| refused(&envelope.queue));
+    if !taken.is_empty() {
+        if let Err(error) = store.forget(&taken).await {
+            // the broker has them; relayed again later, they are appended once (the marker)
+            tracing::error!(error = %chain(&error), "forgetting relayed messages failed; they will be relayed again");
+        }
+        tracing::debug!(messages = taken.len(), "relayed to the broker");
     }
-    if let Err(error) = store.forget(&batch).await {
-        // Redis has them; relayed again later, they are appended once (the relayed-id marker)
-        tracing::error!(error = %chain(&error), "forgetting relayed messages failed; they will be relayed again");
+    if let Err(unrelayed) = result {
+        store.release_all(&kept);
+        return Err(Failed::Relay(RelayError::Broker(unrelayed.error)));
     }
-    tracing::debug!(messages = batch.len(), "relayed to the broker");
-    Ok(batch.len())
+    Ok(taken.len())
 }
 
 fn record(breaker: &mut Breaker, admission: Admission, failed: bool) {

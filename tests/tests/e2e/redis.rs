@@ -837,6 +837,49 @@ async fn the_relay_forgets_nothing_its_primarys_replica_has_not_copied() {
     assert_each_delivered_once(&consumer, &app, published).await;
 }
 
+#[tokio::test]
+async fn a_queue_whose_replica_lags_holds_back_only_its_own_messages() {
+    let mut cluster = RedisCluster::start().await;
+    let node = cluster.node_of("outrigger:{orders}");
+    let replica = cluster.add_replica(node).await;
+    // a queue in another primary's slots
+    let other = ["billing", "mail", "audit", "alpha", "beta", "gamma", "delta"]
+        .into_iter()
+        .find(|q| cluster.node_of(&format!("outrigger:{{{q}}}")) != node)
+        .expect("a queue on another node");
+    let app = Upstream::status(200).await;
+    let lanes = format!(", priority_lanes: [{other}]");
+    let sidecar = Sidecar::start(&config("shop", &cluster, &app, &lanes)).await;
+
+    // the primary takes the batch and its replica does not copy it: the outbox keeps it (it
+    // may be delivered from the primary meanwhile: what matters is what the outbox forgets)
+    cluster.pause_node(replica);
+    let held = publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
+    let going = publish(&sidecar, other, r#"{"n":1}"#, &[]).await;
+    wait_until(DEADLINE, "the lagging queue to show in readiness", || async {
+        (broker_check(&sidecar).await == "degraded").then_some(())
+    })
+    .await;
+    wait_metric(&sidecar, "outrigger_outbox_pending", 1.0).await;
+    let seen = deliveries(&app, 2).await;
+    let ids: HashSet<String> = self::ids(&seen).into_iter().collect();
+    assert!(ids.contains(&going), "the other queue's message went: {ids:?}");
+    assert_eq!(
+        metric(&sidecar, "outrigger_outbox_pending").await,
+        Some(1.0),
+        "only the lagging queue's message waits in the outbox"
+    );
+
+    cluster.resume_node(replica);
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+    assert!(ids.contains(&held), "delivered from the primary, once: {ids:?}");
+    wait_metric(&sidecar, ACKED, 1.0).await;
+    let acked_other =
+        format!(r#"outrigger_messages_delivered_total{{outcome="acked",queue="{other}"}}"#);
+    wait_metric(&sidecar, &acked_other, 1.0).await;
+    assert_eq!(app.seen().len(), 2, "nothing delivered twice");
+}
+
 /// Every test above that must hold alike on one Redis and on a Redis Cluster, run on both:
 /// `redis::single::NAME` and `redis::cluster::NAME`.
 macro_rules! on_both {

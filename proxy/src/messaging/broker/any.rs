@@ -7,6 +7,7 @@ use super::embedded::{Embedded, Retention};
 use super::redis::{self, Redis};
 use super::{
     BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, Remote, UnixMillis,
+    Unrelayed,
 };
 use crate::messaging::envelope::{Envelope, MessageId};
 
@@ -159,7 +160,7 @@ impl AnyRemote {
 }
 
 impl Remote for AnyRemote {
-    async fn relay(&self, batch: &[Envelope]) -> Result<(), BrokerError> {
+    async fn relay(&self, batch: &[Envelope]) -> Result<(), Unrelayed> {
         match self {
             AnyRemote::Redis(redis) => redis.relay(batch).await,
         }

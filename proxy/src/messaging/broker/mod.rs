@@ -129,6 +129,21 @@ pub enum BrokerError {
     Unreplicated { queue: String, replicas: usize, copies: usize },
 }
 
+/// Why some of a relayed batch was not taken: these queues' messages stay in the outbox.
+#[derive(Debug)]
+pub struct Unrelayed {
+    pub queues: std::collections::HashSet<String>,
+    /// The first queue's error.
+    pub error: BrokerError,
+}
+
+impl Unrelayed {
+    /// The whole batch refused for `error`.
+    pub fn all(batch: &[Envelope], error: BrokerError) -> Self {
+        Unrelayed { queues: batch.iter().map(|e| e.queue.clone()).collect(), error }
+    }
+}
+
 /// A page of dead letters, newest first.
 #[derive(Debug)]
 pub struct DeadLetterPage {
@@ -214,8 +229,9 @@ pub trait Outbox: Send + Sync + 'static {
 /// the sidecar holds an [`AnyRemote`].
 pub trait Remote: Send + Sync + 'static {
     /// Appends relayed messages to their queues, each once however often it is relayed (the
-    /// outbox may relay again what it could not forget).
-    fn relay(&self, batch: &[Envelope]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// outbox may relay again what it could not forget). A queue the broker refuses does not
+    /// hold back the others: the error names the queues whose messages were not taken.
+    fn relay(&self, batch: &[Envelope]) -> impl Future<Output = Result<(), Unrelayed>> + Send;
 
     /// What the readiness check calls it: `redis`.
     fn system(&self) -> &'static str;

@@ -41,6 +41,7 @@ mod keys;
 mod scripts;
 use super::{
     BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, Remote, UnixMillis,
+    Unrelayed,
 };
 use crate::messaging::envelope::{Envelope, MessageId};
 use conn::{Conn, Lazy, Source};
@@ -349,51 +350,71 @@ fn field(entry: &StreamId, name: &str) -> Option<String> {
     }
 }
 
+impl Redis {
+    /// Appends `batch`, all of `queue`, in one pipeline; on a cluster, waits for the
+    /// primary's online replicas to copy it.
+    async fn relay_queue<'a>(
+        &self,
+        conn: &mut Conn,
+        queue: &str,
+        batch: impl Iterator<Item = &'a Envelope>,
+    ) -> Result<(), BrokerError> {
+        let window = self.inner.dedup_window.as_millis().to_string();
+        // on a cluster, the primary's online replicas copy the batch before the outbox
+        // forgets it: a failover right after cannot lose what the relay handed over
+        let replicas = conn.replicas_of(&stream(queue)).await.map_err(store_error)?;
+        let mut pipe = redis::pipe();
+        for envelope in batch {
+            let marker = relayed(&envelope.queue, envelope.id);
+            pipe.cmd("EVAL")
+                .arg(RELAY)
+                .arg(3)
+                .arg(marker)
+                .arg(stream(&envelope.queue))
+                .arg(ordered_groups(&envelope.queue))
+                .arg(&window)
+                .arg(envelope.to_json())
+                .arg(envelope.ordering_key().unwrap_or(""))
+                .arg(envelope.id.to_string())
+                .ignore();
+        }
+        if replicas == 0 {
+            return pipe.query_async::<()>(conn).await.map_err(store_error);
+        }
+        // a write on this connection whatever the batch did, so WAIT covers the primary's
+        // whole stream up to here (a batch relayed again after a failure appends nothing)
+        pipe.cmd("INCR").arg(relay_mark(queue)).ignore();
+        pipe.cmd("WAIT").arg(replicas).arg(REPLICA_WAIT.as_millis() as u64);
+        let (copies,): (usize,) = pipe.query_async(conn).await.map_err(store_error)?;
+        if copies < replicas {
+            let queue = queue.to_owned();
+            return Err(BrokerError::Unreplicated { queue, replicas, copies });
+        }
+        Ok(())
+    }
+}
+
 impl Remote for Redis {
     /// Appends envelopes stored in the outbox, in order; an id relayed within the dedup window
     /// is not appended again. Returns after Redis has them all (and, with `appendfsync always`,
     /// has written them).
-    async fn relay(&self, envelopes: &[Envelope]) -> Result<(), BrokerError> {
-        let window = self.inner.dedup_window.as_millis().to_string();
-        // one pipeline per queue: a cluster runs a pipeline on one slot, one queue's
+    async fn relay(&self, envelopes: &[Envelope]) -> Result<(), Unrelayed> {
+        // one pipeline per queue: a cluster runs a pipeline on one slot, one queue's; a queue
+        // whose slot refuses does not hold back the others
         let mut queues: Vec<&str> = envelopes.iter().map(|e| e.queue.as_str()).collect();
         queues.sort_unstable();
         queues.dedup();
-        let mut conn = self.conn().await?;
+        let mut conn = self.conn().await.map_err(|e| Unrelayed::all(envelopes, e))?;
+        let mut unrelayed: Option<Unrelayed> = None;
         for queue in queues {
-            // on a cluster, the primary's connected replicas copy the batch before the outbox
-            // forgets it: a failover right after cannot lose what the relay handed over
-            let replicas = conn.replicas_of(&stream(queue)).await.map_err(store_error)?;
-            let mut pipe = redis::pipe();
-            for envelope in envelopes.iter().filter(|e| e.queue == queue) {
-                let marker = relayed(&envelope.queue, envelope.id);
-                pipe.cmd("EVAL")
-                    .arg(RELAY)
-                    .arg(3)
-                    .arg(marker)
-                    .arg(stream(&envelope.queue))
-                    .arg(ordered_groups(&envelope.queue))
-                    .arg(&window)
-                    .arg(envelope.to_json())
-                    .arg(envelope.ordering_key().unwrap_or(""))
-                    .arg(envelope.id.to_string())
-                    .ignore();
-            }
-            if replicas == 0 {
-                pipe.query_async::<()>(&mut conn).await.map_err(store_error)?;
-                continue;
-            }
-            // a write on this connection whatever the batch did, so WAIT covers the primary's
-            // whole stream up to here (a batch relayed again after a failure appends nothing)
-            pipe.cmd("INCR").arg(relay_mark(queue)).ignore();
-            pipe.cmd("WAIT").arg(replicas).arg(REPLICA_WAIT.as_millis() as u64);
-            let (copies,): (usize,) = pipe.query_async(&mut conn).await.map_err(store_error)?;
-            if copies < replicas {
-                let queue = queue.to_owned();
-                return Err(BrokerError::Unreplicated { queue, replicas, copies });
+            let batch = envelopes.iter().filter(|e| e.queue == queue);
+            if let Err(error) = self.relay_queue(&mut conn, queue, batch).await {
+                let failed =
+                    unrelayed.get_or_insert_with(|| Unrelayed { queues: HashSet::new(), error });
+                failed.queues.insert(queue.to_owned());
             }
         }
-        Ok(())
+        unrelayed.map_or(Ok(()), Err)
     }
 
     fn system(&self) -> &'static str {
