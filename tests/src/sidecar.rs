@@ -17,9 +17,26 @@ use crate::{DEADLINE, wait_until};
 /// Why a request got no answer.
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// A free loopback port (bound, then released for the child to take).
+/// A free loopback port (bound, then released for the child to take), drawn below the
+/// kernel's ephemeral range (32768 and up): a port the kernel hands out could become some
+/// client's local port while a test restarts the server that listened on it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static DRAWN: AtomicU64 = AtomicU64::new(0);
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let seed = u64::from(std::process::id()) << 32 ^ since.map_or(0, |d| d.as_nanos() as u64);
+    loop {
+        // splitmix64 of the seed and the draw: distinct processes draw distinct sequences
+        let mut x =
+            seed ^ DRAWN.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        let port = 10_000 + (x % 22_768) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The `outrigger` binary beside this test executable (`target/<profile>/outrigger`): the
