@@ -9,6 +9,7 @@
 mod dnsmasq;
 mod etcd;
 mod grpc;
+mod nats;
 mod otlp;
 mod postgres;
 mod raw;
@@ -22,6 +23,7 @@ mod upstream;
 pub use dnsmasq::{Dnsmasq, Zone};
 pub use etcd::{Etcd, Kv};
 pub use grpc::{Call, GrpcAnswer, GrpcReply, GrpcUpstream, frame, grpc_bidi, grpc_call};
+pub use nats::Nats;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use postgres::Postgres;
 pub use raw::RawUpstream;

@@ -20,6 +20,60 @@ pub enum Broker {
     Redis(RedisUrl),
     /// The same on a Redis Cluster, found from these seed nodes.
     RedisCluster(RedisClusterUrl),
+    /// NATS JetStream, from these servers.
+    Nats(NatsUrl),
+}
+
+/// `nats://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]`: the servers of one NATS cluster (4222
+/// when no port is given), the credentials for each.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsUrl(String);
+
+const NATS_SCHEME: &str = "nats://";
+
+impl NatsUrl {
+    /// Each server as a `nats://` URL with the credentials: for the client, never for a log.
+    pub fn servers(&self) -> Vec<String> {
+        let rest = self.0.strip_prefix(NATS_SCHEME).unwrap_or(&self.0).trim_end_matches('/');
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        hosts.split(',').map(|host| format!("{NATS_SCHEME}{auth}{host}")).collect()
+    }
+}
+
+impl FromStr for NatsUrl {
+    type Err = ValueError;
+
+    fn from_str(text: &str) -> Result<Self, ValueError> {
+        let rest = text.strip_prefix(NATS_SCHEME).map(|r| r.trim_end_matches('/'));
+        let valid = rest.is_some_and(|rest| {
+            let hosts = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
+            !hosts.is_empty()
+                && hosts.split(',').all(|host| {
+                    split_host_port(host).is_some_and(|(_, port)| {
+                        port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0))
+                    })
+                })
+        });
+        match valid {
+            true => Ok(NatsUrl(text.to_owned())),
+            false => Err(broker_error(text)),
+        }
+    }
+}
+
+impl fmt::Display for NatsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Debug for NatsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NatsUrl({self})")
+    }
 }
 
 /// `redis+cluster://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT…]`: seed nodes of one cluster, the
@@ -132,6 +186,7 @@ impl FromStr for Broker {
         match text {
             "embedded" => Ok(Broker::Embedded),
             _ if text.starts_with(CLUSTER_SCHEME) => text.parse().map(Broker::RedisCluster),
+            _ if text.starts_with(NATS_SCHEME) => text.parse().map(Broker::Nats),
             _ if text.starts_with("redis") => text.parse().map(Broker::Redis),
             _ => Err(broker_error(text)),
         }
@@ -144,6 +199,7 @@ impl fmt::Display for Broker {
             Broker::Embedded => f.write_str("embedded"),
             Broker::Redis(url) => url.fmt(f),
             Broker::RedisCluster(url) => url.fmt(f),
+            Broker::Nats(url) => url.fmt(f),
         }
     }
 }

@@ -11,7 +11,7 @@ mod postgres;
 mod redact;
 mod size;
 
-pub use broker::{Broker, RedisClusterUrl, RedisUrl};
+pub use broker::{Broker, NatsUrl, RedisClusterUrl, RedisUrl};
 pub use duration::Duration;
 pub use names::{QueueName, UpstreamName};
 pub use net::{AppUrl, Endpoint, ListenAddr, NameServer};

@@ -148,6 +148,12 @@ impl AnyRemote {
             config::Broker::RedisCluster(url) => {
                 Some(AnyRemote::Redis(Redis::cluster(url.nodes(), service, settings())))
             }
+            // work in progress (issue 22): the queue side is not built yet
+            config::Broker::Nats(url) => {
+                return Err(redis::ConnectError::unsupported(&format!(
+                    "{url}: the nats:// broker is not finished yet"
+                )));
+            }
         })
     }
 

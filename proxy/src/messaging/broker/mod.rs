@@ -19,6 +19,7 @@
 
 mod any;
 pub mod embedded;
+pub mod nats;
 pub mod redis;
 
 use std::future::Future;
@@ -117,6 +118,8 @@ pub enum BrokerError {
     Task(#[source] tokio::task::JoinError),
     #[error("redis failed")]
     Redis(#[source] ::redis::RedisError),
+    #[error("nats failed")]
+    Nats(#[source] Arc<nats::NatsError>),
     #[error("the message store has stopped")]
     Stopped,
     #[error("no message {id} in queue {queue}")]

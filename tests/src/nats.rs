@@ -1,0 +1,87 @@
+//! A real NATS server with JetStream (Debian's `nats-server`, 2.9 on bookworm) for the
+//! `nats://` broker: one server on a free loopback port with a store directory of its own, so
+//! `stop` and `restart` keep streams, consumers and their acknowledgements as a crash and
+//! recovery would. Started from a config file, because `max_payload` (raised past NATS's 1 MiB
+//! default, which a 1 MiB payload in its envelope exceeds) has no command-line flag. Killed on
+//! drop by its PID.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use crate::{free_port, wait_until};
+
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// A running nats-server with JetStream.
+#[derive(Debug)]
+pub struct Nats {
+    child: Option<Child>,
+    port: u16,
+    monitor: u16,
+    dir: PathBuf,
+}
+
+impl Nats {
+    /// Starts the server and returns once JetStream answers its health check.
+    pub async fn start() -> Self {
+        let dir = crate::scratch_dir("nats");
+        let (port, monitor) = (free_port(), free_port());
+        let config = format!(
+            "host: 127.0.0.1\nport: {port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\n\
+             jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n",
+            dir.join("store").display()
+        );
+        std::fs::write(dir.join("nats.conf"), config).expect("write nats.conf");
+        let mut nats = Nats { child: None, port, monitor, dir };
+        nats.restart().await;
+        nats
+    }
+
+    /// `nats://127.0.0.1:PORT`, for `messaging.broker`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (as a crash would); its port and store stay for `restart`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            crate::kill(&mut child);
+        }
+    }
+
+    /// Starts the server again on the same port and store, and waits until JetStream is up.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let (stdout, stderr) = crate::log_to(&self.dir.join("nats.log"));
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(self.dir.join("nats.conf"))
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start nats-server (Debian package nats-server; scripts/test installs it)");
+        self.child = Some(child);
+        let monitor = self.monitor;
+        wait_until(STARTUP, "nats-server's JetStream to be healthy", move || async move {
+            let url = format!("http://127.0.0.1:{monitor}/healthz?js-enabled-only=true");
+            let ok = Command::new("curl").args(["-fs", &url]).output().ok()?;
+            ok.status.success().then_some(())
+        })
+        .await;
+    }
+
+    /// The monitoring endpoint `path` (`/jsz?streams=true&consumers=true`, …) as JSON.
+    pub fn monitor(&self, path: &str) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}{path}", self.monitor);
+        let out = Command::new("curl").args(["-fs", &url]).output().expect("run curl");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
