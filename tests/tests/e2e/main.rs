@@ -17,6 +17,7 @@ mod h1_server;
 mod hedging;
 mod malformed;
 mod messaging;
+mod nats;
 mod overload;
 mod policies;
 mod proxy;

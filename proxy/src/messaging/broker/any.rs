@@ -4,6 +4,7 @@
 use outrigger_config as config;
 
 use super::embedded::{Embedded, Retention};
+use super::nats::Nats;
 use super::redis::{self, Redis};
 use super::{
     BrokerError, DeadLetterPage, Lane, Leased, Queue, QueueDepth, Read, Remote, UnixMillis,
@@ -16,6 +17,7 @@ use crate::messaging::envelope::{Envelope, MessageId};
 pub enum AnyQueue {
     Embedded(Embedded),
     Redis(Redis),
+    Nats(Nats),
 }
 
 /// `$call` on whichever queue `$self` holds, bound to `$q`.
@@ -24,6 +26,7 @@ macro_rules! on_each {
         match $self {
             AnyQueue::Embedded($q) => $call,
             AnyQueue::Redis($q) => $call,
+            AnyQueue::Nats($q) => $call,
         }
     };
 }
@@ -121,6 +124,7 @@ impl Queue for AnyQueue {
 #[derive(Debug, Clone)]
 pub enum AnyRemote {
     Redis(Redis),
+    Nats(Nats),
 }
 
 impl AnyRemote {
@@ -148,12 +152,13 @@ impl AnyRemote {
             config::Broker::RedisCluster(url) => {
                 Some(AnyRemote::Redis(Redis::cluster(url.nodes(), service, settings())))
             }
-            // work in progress (issue 22): the queue side is not built yet
-            config::Broker::Nats(url) => {
-                return Err(redis::ConnectError::unsupported(&format!(
-                    "{url}: the nats:// broker is not finished yet"
-                )));
-            }
+            // work in progress (issue 22): reads and acks only
+            config::Broker::Nats(url) => Some(AnyRemote::Nats(Nats::new(
+                url.servers(),
+                service,
+                cfg.claim_idle.get(),
+                cfg.dedup_window.get(),
+            ))),
         })
     }
 
@@ -161,6 +166,7 @@ impl AnyRemote {
     pub fn queue(&self) -> AnyQueue {
         match self {
             AnyRemote::Redis(redis) => AnyQueue::Redis(redis.clone()),
+            AnyRemote::Nats(nats) => AnyQueue::Nats(nats.clone()),
         }
     }
 }
@@ -169,12 +175,14 @@ impl Remote for AnyRemote {
     async fn relay(&self, batch: &[Envelope]) -> Result<(), Unrelayed> {
         match self {
             AnyRemote::Redis(redis) => redis.relay(batch).await,
+            AnyRemote::Nats(nats) => Remote::relay(nats, batch).await,
         }
     }
 
     fn system(&self) -> &'static str {
         match self {
             AnyRemote::Redis(redis) => redis.system(),
+            AnyRemote::Nats(nats) => nats.system(),
         }
     }
 }
