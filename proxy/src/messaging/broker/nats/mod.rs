@@ -170,6 +170,34 @@ impl Nats {
         Ok(pull)
     }
 
+    /// A stream of Outrigger's own (parked messages' state, a dead-letter queue): one message
+    /// per subject, made when missing.
+    async fn ensure_keyed(
+        &self,
+        name: String,
+        subjects: String,
+    ) -> Result<stream::Stream, NatsError> {
+        let js = self.js().await?;
+        let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Stream {
+            stream: name.clone(),
+            cause,
+        };
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![subjects],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            ..Default::default()
+        };
+        js.get_or_create_stream(config).await.map_err(|e| failed(e.into()))
+    }
+
+    /// The subject of the state of queue `queue`'s message at stream sequence `seq`.
+    fn state_subject(&self, queue: &str, seq: u64) -> String {
+        format!("outrigger-s.{}.r.{}.{seq}", names::escape(queue), names::escape(&self.inner.group))
+    }
+
     /// Up to `max` messages of `queue` for this service's consumer, leased to this process;
     /// waiting up to `wait` for the first.
     pub async fn read_messages(
@@ -192,13 +220,21 @@ impl Nats {
         // drained to the end: a batch dropped early strands its messages until ack_wait
         while let Some(message) = batch.next().await {
             let message = message.map_err(|e| failed(e))?;
-            let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+            let (delivered, seq) =
+                message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
             match Envelope::from_json(&message.payload) {
-                Ok(envelope) => {
+                Ok(mut envelope) => {
+                    let mut attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
+                    if delivered > 1 {
+                        // parked before: its last envelope and attempt count are in its state
+                        if let Some(state) = self.state_of(queue, seq).await? {
+                            let since = delivered - state.delivered - 1;
+                            attempts = state.attempts.saturating_add(since.try_into().unwrap_or(0));
+                            envelope = state.envelope;
+                        }
+                    }
                     let id = envelope.id.as_u128();
                     self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(id, message);
-                    // attempts so far; a crash-interrupted delivery counts (park state: to do)
-                    let attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
                     found.push(super::Leased { envelope, attempts });
                 }
                 Err(error) => {
@@ -209,14 +245,122 @@ impl Nats {
         Ok(found)
     }
 
-    /// Acknowledges message `id` (the server confirms it).
+    /// The state a park left for queue `queue`'s message at `seq`, if any.
+    async fn state_of(&self, queue: &str, seq: u64) -> Result<Option<State>, NatsError> {
+        let stream = self
+            .ensure_keyed(
+                names::state_stream(queue),
+                format!("outrigger-s.{}.>", names::escape(queue)),
+            )
+            .await?;
+        match stream.direct_get_last_for_subject(self.state_subject(queue, seq)).await {
+            Ok(found) => Ok(serde_json::from_slice(&found.payload).ok()),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Keeps leased message `envelope.id` until `until`: its new envelope and attempt count
+    /// in its state (confirmed), then a nak delayed to `until`. One copy of the message only.
+    pub async fn park_message(
+        &self,
+        envelope: Envelope,
+        attempts: u32,
+        until: super::UnixMillis,
+    ) -> Result<(), NatsError> {
+        let leased = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&envelope.id.as_u128());
+        let Some(message) = leased else { return Ok(()) };
+        let info = message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
+        let (delivered, seq) = info;
+        let queue = envelope.queue.clone();
+        let stream = self
+            .ensure_keyed(
+                names::state_stream(&queue),
+                format!("outrigger-s.{}.>", names::escape(&queue)),
+            )
+            .await?;
+        let subject = self.state_subject(&queue, seq);
+        let state = State { envelope, attempts, until, delivered };
+        let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Publish {
+            subject: subject.clone(),
+            cause,
+        };
+        let js = self.js().await?;
+        let body = serde_json::to_vec(&state).expect("a state serializes");
+        js.publish(subject.clone(), body.into())
+            .await
+            .map_err(|e| failed(e.into()))?
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let _ = stream;
+        let now = crate::messaging::envelope::unix_millis(std::time::SystemTime::now());
+        let delay = Duration::from_millis(until.saturating_sub(now));
+        message
+            .double_ack_with(jetstream::AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|cause| failed(cause))
+    }
+
+    /// Stores `envelope` in dead-letter queue `dlq` (its own stream, one subject per message
+    /// id: dead-lettered again, it replaces its copy), then ends the original for good.
+    pub async fn dead_letter_message(
+        &self,
+        envelope: Envelope,
+        dlq: &str,
+    ) -> Result<(), NatsError> {
+        let subjects = format!("outrigger-dlq.{}.>", names::escape(dlq));
+        self.ensure_keyed(names::dead_letter_stream(dlq), subjects).await?;
+        let subject = format!("outrigger-dlq.{}.{}", names::escape(dlq), envelope.id);
+        let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Publish {
+            subject: subject.clone(),
+            cause,
+        };
+        let js = self.js().await?;
+        js.publish(subject.clone(), envelope.to_json().into())
+            .await
+            .map_err(|e| failed(e.into()))?
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let leased = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&envelope.id.as_u128());
+        if let Some(message) = leased {
+            message
+                .double_ack_with(jetstream::AckKind::Term)
+                .await
+                .map_err(|cause| failed(cause))?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges message `id` (the server confirms it), and forgets the state a park left.
     pub async fn ack_message(&self, id: u128) -> Result<(), NatsError> {
         let leased = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         let Some(message) = leased else { return Ok(()) };
         message
             .double_ack()
             .await
-            .map_err(|e| NatsError::Stream { stream: message.subject.to_string(), cause: e })
+            .map_err(|cause| NatsError::Stream { stream: message.subject.to_string(), cause })?;
+        let Ok(info) = message.info() else { return Ok(()) };
+        if info.delivered > 1 {
+            let queue = message.subject.trim_start_matches("outrigger.").to_owned();
+            let stream = self
+                .ensure_keyed(
+                    names::state_stream(&queue),
+                    format!("outrigger-s.{}.>", names::escape(&queue)),
+                )
+                .await?;
+            // best effort: a state left behind is one small message, replaced if ever reused
+            let _ = stream.purge().filter(self.state_subject(&queue, info.stream_sequence)).await;
+        }
+        Ok(())
     }
 
     /// Publishes `batch` to its queues' subjects, each with its id as `Nats-Msg-Id` (a message
@@ -298,6 +442,16 @@ fn check(name: &str, found: &stream::Config, wanted: &stream::Config) -> Result<
     Ok(())
 }
 
+/// What a park leaves for the message's next delivery.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct State {
+    envelope: Envelope,
+    attempts: u32,
+    until: super::UnixMillis,
+    /// The message's delivery count when it was parked.
+    delivered: i64,
+}
+
 /// A step of the broker not built yet (work in progress, issue 22).
 fn not_built(what: &'static str) -> super::BrokerError {
     super::BrokerError::Nats(Arc::new(NatsError::NotBuilt(what)))
@@ -347,19 +501,19 @@ impl super::Queue for Nats {
 
     async fn park(
         &self,
-        _envelope: Envelope,
-        _attempts: u32,
-        _until: super::UnixMillis,
+        envelope: Envelope,
+        attempts: u32,
+        until: super::UnixMillis,
     ) -> Result<(), super::BrokerError> {
-        Err(not_built("park"))
+        self.park_message(envelope, attempts, until).await.map_err(broker)
     }
 
     async fn dead_letter(
         &self,
-        _envelope: Envelope,
-        _dead_letter_queue: &str,
+        envelope: Envelope,
+        dead_letter_queue: &str,
     ) -> Result<(), super::BrokerError> {
-        Err(not_built("dead letters"))
+        self.dead_letter_message(envelope, dead_letter_queue).await.map_err(broker)
     }
 
     async fn dead_letters(
