@@ -274,7 +274,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "bad broker, password not echoed",
             s("messaging: { broker: kafka://k:9092 }\n"),
             vec![
-                "outrigger.yaml:1:22: messaging.broker: \"kafka://k:9092\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT)",
+                "outrigger.yaml:1:22: messaging.broker: \"kafka://k:9092\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT)",
             ],
         ),
         (
@@ -324,7 +324,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "a refused broker URL is echoed without its password",
             s("messaging: { broker: \"redis://alice:s3cr3tPW@host:notaport/x\" }\n"),
             vec![
-                "outrigger.yaml:1:22: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT)",
+                "outrigger.yaml:1:22: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT)",
             ],
         ),
         (
@@ -575,6 +575,16 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             )),
             vec![
                 "outrigger.yaml:4:43: messaging.subscriptions[0].ordered: cannot keep order with at_most_once (a message is gone before it is delivered) (expected ordered: true with delivery: at_least_once)",
+            ],
+        ),
+        (
+            "ordered is not on nats:// yet",
+            app(concat!(
+                "messaging:\n  broker: nats://127.0.0.1:4222\n  subscriptions:\n",
+                "    - { queue: orders, path: /a, ordered: true }\n",
+            )),
+            vec![
+                "outrigger.yaml:5:43: messaging.subscriptions[0].ordered: is not supported on nats:// yet (one key at a time across replicas) (expected ordered: false, or broker: embedded or redis://)",
             ],
         ),
         (

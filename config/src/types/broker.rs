@@ -208,7 +208,7 @@ impl fmt::Display for Broker {
 fn broker_error(text: &str) -> ValueError {
     ValueError::new(
         format!("{:?} is not a broker", redact(text)),
-        "embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT",
+        "embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT",
     )
 }
 
@@ -261,6 +261,17 @@ mod tests {
     }
 
     #[test]
+    fn a_nats_url_names_its_servers_with_their_credentials() {
+        let broker: Broker = "nats://app:s3cret@n1:4222,n2".parse().unwrap();
+        assert_eq!(broker.to_string(), "nats://app:***@n1:4222,n2");
+        let Broker::Nats(url) = &broker else { panic!("a nats broker") };
+        assert_eq!(url.servers(), ["nats://app:s3cret@n1:4222", "nats://app:s3cret@n2"]);
+        for bad in ["nats://", "nats://n1:0", "nats://n1:4222,"] {
+            assert!(bad.parse::<Broker>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_refused_url_is_echoed_without_its_password() {
         for bad in [
             "redis://alice:s3cr3tPW@host:notaport/x",
@@ -275,7 +286,7 @@ mod tests {
         let err = "redis://alice:s3cr3tPW@host:notaport/x".parse::<Broker>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            r#""redis://alice:***@host:notaport/x" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT)"#
+            r#""redis://alice:***@host:notaport/x" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT)"#
         );
     }
 

@@ -81,6 +81,11 @@ impl Checks {
             if let Some(breaker) = &sub.circuit_breaker {
                 self.positive(format!("{path}.circuit_breaker.open_for"), breaker.open_for);
             }
+            if sub.ordered && matches!(messaging.broker, crate::types::Broker::Nats(_)) {
+                let expected = Some("ordered: false, or broker: embedded or redis://");
+                let message = "is not supported on nats:// yet (one key at a time across replicas)";
+                self.push(format!("{path}.ordered"), message, expected);
+            }
             if sub.ordered && sub.delivery == crate::model::Delivery::AtMostOnce {
                 let expected = Some("ordered: true with delivery: at_least_once");
                 let message = "cannot keep order with at_most_once (a message is gone before it is delivered)";

@@ -222,6 +222,12 @@ async fn kill9_at_random_moments_loses_no_accepted_message_on_redis() {
 }
 
 #[tokio::test]
+async fn kill9_at_random_moments_loses_no_accepted_message_on_nats_jetstream() {
+    let nats = outrigger_tests::Nats::start().await;
+    kill9_loop(Some(nats.url())).await;
+}
+
+#[tokio::test]
 async fn kill9_at_random_moments_loses_no_accepted_message_on_a_redis_cluster() {
     let cluster = outrigger_tests::RedisCluster::start().await;
     kill9_loop(Some(cluster.url())).await;

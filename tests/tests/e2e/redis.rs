@@ -61,13 +61,19 @@ impl Broker {
 }
 
 /// What `messaging.broker` names.
-trait BrokerUrl {
+pub(crate) trait BrokerUrl {
     fn url(&self) -> String;
 }
 
 impl BrokerUrl for Redis {
     fn url(&self) -> String {
         Redis::url(self)
+    }
+}
+
+impl BrokerUrl for outrigger_tests::Nats {
+    fn url(&self) -> String {
+        outrigger_tests::Nats::url(self)
     }
 }
 
@@ -87,12 +93,17 @@ impl BrokerUrl for Broker {
 }
 
 /// A sidecar of service `service` on `redis`, delivering queue `orders` to `app`.
-fn config(service: &str, redis: &impl BrokerUrl, app: &Upstream, extra: &str) -> String {
+pub(crate) fn config(service: &str, redis: &impl BrokerUrl, app: &Upstream, extra: &str) -> String {
     config_at(service, redis, app.addr(), extra)
 }
 
 /// The same with the app at `app`, listening or not.
-fn config_at(service: &str, redis: &impl BrokerUrl, app: SocketAddr, extra: &str) -> String {
+pub(crate) fn config_at(
+    service: &str,
+    redis: &impl BrokerUrl,
+    app: SocketAddr,
+    extra: &str,
+) -> String {
     format!(
         "service:\n  name: {service}\n  app: {{ url: \"http://{app}\" }}\n\
          messaging:\n  broker: \"{url}\"\n  data_dir: \"$SCRATCH/data\"\n  claim_idle: 1s\n  \
@@ -103,7 +114,7 @@ fn config_at(service: &str, redis: &impl BrokerUrl, app: SocketAddr, extra: &str
 }
 
 /// The status of `/readyz`'s broker check.
-async fn broker_check(sidecar: &Sidecar) -> String {
+pub(crate) async fn broker_check(sidecar: &Sidecar) -> String {
     let (_, body) = sidecar.admin("/readyz").await;
     let ready: serde_json::Value = serde_json::from_str(&body).expect("/readyz answers JSON");
     ready["checks"]["broker"]["status"].as_str().unwrap_or("absent").to_owned()
@@ -225,7 +236,11 @@ async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_bac
 }
 
 /// Every message of `published` reaches `app`, each once, and the outbox empties.
-async fn assert_each_delivered_once(sidecar: &Sidecar, app: &Upstream, mut published: Vec<String>) {
+pub(crate) async fn assert_each_delivered_once(
+    sidecar: &Sidecar,
+    app: &Upstream,
+    mut published: Vec<String>,
+) {
     let seen = deliveries(app, published.len()).await;
     wait_metric(sidecar, "outrigger_outbox_pending", 0.0).await;
     let mut delivered = ids(&seen);

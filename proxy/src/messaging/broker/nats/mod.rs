@@ -1,7 +1,18 @@
-//! The `nats://` broker: NATS JetStream (issue 22). **Work in progress, not wired to the
-//! config yet**: the connection, each queue's stream made (or an existing one checked), and the
-//! relay. The queue side (reads through a durable pull consumer, park as a state subject plus a
-//! nak with delay, dead letters, ordering) follows docs/design/nats-jetstream.md.
+//! The `nats://` broker: NATS JetStream (docs/messaging.md "The NATS broker"; the design and
+//! what NATS 2.9 can do are in docs/design/nats-jetstream.md).
+//!
+//! - A stream per queue, `OUTRIGGER-Q-<queue escaped>` on subject `outrigger.<queue>`, file
+//!   storage, made when missing and refused (never changed) when it exists with settings that
+//!   would break a promise. The relay publishes each message with its id as `Nats-Msg-Id`, so
+//!   one relayed again within the duplicate window (`dedup_window`) is stored once.
+//! - A durable pull consumer named `service.name` on it, shared by the replicas, explicit acks
+//!   confirmed by the server, `ack_wait` = `claim_idle`.
+//! - Park: the message's new envelope and attempt count go to a state stream (one subject per
+//!   message, confirmed), then a nak delayed to the due time; the redelivery reads them back.
+//!   One copy of the message, whatever moment a crash comes at.
+//! - Dead letters: a stream per dead-letter queue, one subject per message id; the original is
+//!   terminated once its dead letter is stored.
+//! - Not built: `ordered: true` (refused by `validate` with nats://).
 
 mod names;
 
@@ -219,7 +230,7 @@ impl Nats {
         let mut found = Vec::new();
         // drained to the end: a batch dropped early strands its messages until ack_wait
         while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| failed(e))?;
+            let message = message.map_err(&failed)?;
             let (delivered, seq) =
                 message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
             match Envelope::from_json(&message.payload) {
@@ -302,7 +313,7 @@ impl Nats {
         message
             .double_ack_with(jetstream::AckKind::Nak(Some(delay)))
             .await
-            .map_err(|cause| failed(cause))
+            .map_err(&failed)
     }
 
     /// Stores `envelope` in dead-letter queue `dlq` (its own stream, one subject per message
@@ -335,9 +346,165 @@ impl Nats {
             message
                 .double_ack_with(jetstream::AckKind::Term)
                 .await
-                .map_err(|cause| failed(cause))?;
+                .map_err(&failed)?;
         }
         Ok(())
+    }
+
+    /// Dead-letter queue `dlq`'s stream, made when missing.
+    async fn dead_letter_stream(&self, dlq: &str) -> Result<stream::Stream, NatsError> {
+        let subjects = format!("outrigger-dlq.{}.>", names::escape(dlq));
+        self.ensure_keyed(names::dead_letter_stream(dlq), subjects).await
+    }
+
+    fn dead_letter_subject(dlq: &str, id: MessageId) -> String {
+        format!("outrigger-dlq.{}.{id}", names::escape(dlq))
+    }
+
+    /// Dead letter `id` of `dlq`, with its stream sequence.
+    async fn find_dead_letter(
+        &self,
+        dlq: &str,
+        id: MessageId,
+    ) -> Result<Option<(u64, Envelope)>, NatsError> {
+        let stream = self.dead_letter_stream(dlq).await?;
+        match stream.direct_get_last_for_subject(Self::dead_letter_subject(dlq, id)).await {
+            Ok(found) => Ok(Envelope::from_json(&found.payload).ok().map(|e| (found.sequence, e))),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A page of `dlq`'s dead letters, newest first: the stream walked down from its last
+    /// sequence (2.9 reads one message at a time, and has no reverse read).
+    pub async fn list_dead_letters(
+        &self,
+        dlq: &str,
+        before: Option<MessageId>,
+        limit: usize,
+    ) -> Result<super::DeadLetterPage, NatsError> {
+        let mut stream = self.dead_letter_stream(dlq).await?;
+        let name = names::dead_letter_stream(dlq);
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| NatsError::Stream { stream: name, cause: e.into() })?
+            .state
+            .clone();
+        let mut seq = match before {
+            None => state.last_sequence,
+            Some(id) => match self.find_dead_letter(dlq, id).await? {
+                Some((seq, _)) => seq.saturating_sub(1),
+                None => return Ok(super::DeadLetterPage { messages: Vec::new(), next: None }),
+            },
+        };
+        let mut messages = Vec::new();
+        // deleted sequences are gaps: bounded, so a sparse stream cannot make one page endless
+        let mut budget = 10 * limit + 100;
+        while seq >= state.first_sequence.max(1) && messages.len() <= limit && budget > 0 {
+            if let Ok(found) = stream.direct_get(seq).await
+                && let Ok(envelope) = Envelope::from_json(&found.payload)
+            {
+                messages.push(envelope);
+            }
+            seq -= 1;
+            budget -= 1;
+        }
+        let next = (messages.len() > limit).then(|| {
+            messages.truncate(limit);
+            messages.last().map(|e| e.id)
+        });
+        Ok(super::DeadLetterPage { messages, next: next.flatten() })
+    }
+
+    pub async fn delete_dead_letter(&self, dlq: &str, id: MessageId) -> Result<bool, NatsError> {
+        let stream = self.dead_letter_stream(dlq).await?;
+        let purged = stream.purge().filter(Self::dead_letter_subject(dlq, id)).await;
+        let purged = purged.map_err(|e| NatsError::Stream {
+            stream: names::dead_letter_stream(dlq),
+            cause: e.into(),
+        })?;
+        Ok(purged.purged > 0)
+    }
+
+    pub async fn purge_dead_letters(&self, dlq: &str) -> Result<u64, NatsError> {
+        let stream = self.dead_letter_stream(dlq).await?;
+        let purged = stream.purge().await.map_err(|e| NatsError::Stream {
+            stream: names::dead_letter_stream(dlq),
+            cause: e.into(),
+        })?;
+        Ok(purged.purged)
+    }
+
+    /// Moves dead letters back to their queue: published again under `<id>.r<replays>` (the
+    /// plain id is within the duplicate window), then removed from the dead-letter queue.
+    pub async fn replay_dead_letters(
+        &self,
+        dlq: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<MessageId>, NatsError> {
+        let mut replayed = Vec::new();
+        for id in ids {
+            let Some((_, mut envelope)) = self.find_dead_letter(dlq, id).await? else { continue };
+            super::mark_replayed(&mut envelope, dlq, std::time::SystemTime::now());
+            let queue = envelope.queue.clone();
+            self.ensure(&queue).await?;
+            let replays = envelope.metadata.get("replays").and_then(|r| r.as_u64()).unwrap_or(1);
+            let subject = names::subject(&queue);
+            let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Publish {
+                subject: subject.clone(),
+                cause,
+            };
+            let message = jetstream::message::PublishMessage::build()
+                .payload(envelope.to_json().into())
+                .message_id(format!("{id}.r{replays}"));
+            let js = self.js().await?;
+            js.send_publish(subject.clone(), message)
+                .await
+                .map_err(|e| failed(e.into()))?
+                .await
+                .map_err(|e| failed(e.into()))?;
+            self.delete_dead_letter(dlq, id).await?;
+            replayed.push(id);
+        }
+        Ok(replayed)
+    }
+
+    /// `queue` as this service's consumer sees it, and its dead-letter queue.
+    pub async fn depth(&self, queue: &str, dlq: &str) -> Result<[super::QueueDepth; 2], NatsError> {
+        let pull = self.ensure(queue).await?;
+        let info = pull.get_info().await.map_err(|e| NatsError::Stream {
+            stream: names::queue_stream(queue),
+            cause: e.into(),
+        })?;
+        let waiting = info.num_pending + info.num_ack_pending as u64;
+        let mut dead = self.dead_letter_stream(dlq).await?;
+        let state = dead
+            .info()
+            .await
+            .map_err(|e| NatsError::Stream {
+                stream: names::dead_letter_stream(dlq),
+                cause: e.into(),
+            })?
+            .state
+            .clone();
+        let oldest_dead = (state.messages > 0)
+            .then(|| (state.first_timestamp.unix_timestamp_nanos() / 1_000_000) as u64);
+        Ok([
+            super::QueueDepth {
+                queue: queue.to_owned(),
+                messages: waiting,
+                dead_letters: 0,
+                oldest_published_ms: None,
+                oldest_dead_letter_ms: None,
+            },
+            super::QueueDepth {
+                queue: dlq.to_owned(),
+                messages: 0,
+                dead_letters: state.messages,
+                oldest_published_ms: None,
+                oldest_dead_letter_ms: oldest_dead,
+            },
+        ])
     }
 
     /// Acknowledges message `id` (the server confirms it), and forgets the state a park left.
@@ -478,6 +645,10 @@ impl super::Queue for Nats {
         _consumer: &str,
         read: super::Read,
     ) -> Result<Vec<super::Leased>, super::BrokerError> {
+        if read.ordered {
+            // refused by `validate` too: one key at a time across replicas is not built here
+            return Err(not_built("ordered: true"));
+        }
         let wait = read.wait.then_some(READ_BLOCK);
         self.read_messages(queue, read.max, wait).await.map_err(broker)
     }
@@ -518,45 +689,56 @@ impl super::Queue for Nats {
 
     async fn dead_letters(
         &self,
-        _dead_letter_queue: &str,
-        _before: Option<MessageId>,
-        _limit: usize,
+        dead_letter_queue: &str,
+        before: Option<MessageId>,
+        limit: usize,
     ) -> Result<super::DeadLetterPage, super::BrokerError> {
-        Err(not_built("dead letters"))
+        self.list_dead_letters(dead_letter_queue, before, limit).await.map_err(broker)
     }
 
     async fn dead_letter_get(
         &self,
-        _dead_letter_queue: &str,
-        _id: MessageId,
+        dead_letter_queue: &str,
+        id: MessageId,
     ) -> Result<Option<Envelope>, super::BrokerError> {
-        Err(not_built("dead letters"))
+        let found = self.find_dead_letter(dead_letter_queue, id).await.map_err(broker)?;
+        Ok(found.map(|(_, envelope)| envelope))
     }
 
     async fn dead_letter_delete(
         &self,
-        _dead_letter_queue: &str,
-        _id: MessageId,
+        dead_letter_queue: &str,
+        id: MessageId,
     ) -> Result<bool, super::BrokerError> {
-        Err(not_built("dead letters"))
+        self.delete_dead_letter(dead_letter_queue, id).await.map_err(broker)
     }
 
-    async fn dead_letter_purge(&self, _dead_letter_queue: &str) -> Result<u64, super::BrokerError> {
-        Err(not_built("dead letters"))
+    async fn dead_letter_purge(&self, dead_letter_queue: &str) -> Result<u64, super::BrokerError> {
+        self.purge_dead_letters(dead_letter_queue).await.map_err(broker)
     }
 
     async fn dead_letter_replay(
         &self,
-        _dead_letter_queue: &str,
-        _ids: Vec<MessageId>,
+        dead_letter_queue: &str,
+        ids: Vec<MessageId>,
     ) -> Result<Vec<MessageId>, super::BrokerError> {
-        Err(not_built("dead letters"))
+        self.replay_dead_letters(dead_letter_queue, ids).await.map_err(broker)
     }
 
     async fn depths(
         &self,
-        _lanes: &[super::Lane],
+        lanes: &[super::Lane],
     ) -> Result<Vec<super::QueueDepth>, super::BrokerError> {
-        Ok(Vec::new())
+        let mut depths: Vec<super::QueueDepth> = Vec::new();
+        for lane in lanes {
+            let found = self.depth(&lane.queue, &lane.dead_letter_queue).await.map_err(broker)?;
+            for depth in found {
+                // a dead-letter queue fed by several lanes is one stream: counted once
+                if !depths.iter().any(|d| d.queue == depth.queue) {
+                    depths.push(depth);
+                }
+            }
+        }
+        Ok(depths)
     }
 }

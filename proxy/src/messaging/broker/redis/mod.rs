@@ -122,13 +122,6 @@ pub struct Settings {
 #[error("messaging.broker: {0}")]
 pub struct ConnectError(String);
 
-impl ConnectError {
-    /// A broker this build cannot use yet.
-    pub fn unsupported(what: &str) -> Self {
-        ConnectError(what.to_owned())
-    }
-}
-
 fn store_error(error: redis::RedisError) -> BrokerError {
     BrokerError::Redis(error)
 }
