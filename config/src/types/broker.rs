@@ -34,12 +34,7 @@ const NATS_SCHEME: &str = "nats://";
 impl NatsUrl {
     /// Each server as a `nats://` URL with the credentials: for the client, never for a log.
     pub fn servers(&self) -> Vec<String> {
-        let rest = self.0.strip_prefix(NATS_SCHEME).unwrap_or(&self.0).trim_end_matches('/');
-        let (auth, hosts) = match rest.rsplit_once('@') {
-            Some((auth, hosts)) => (format!("{auth}@"), hosts),
-            None => (String::new(), rest),
-        };
-        hosts.split(',').map(|host| format!("{NATS_SCHEME}{auth}{host}")).collect()
+        seed_urls(&self.0, NATS_SCHEME, NATS_SCHEME)
     }
 }
 
@@ -47,17 +42,7 @@ impl FromStr for NatsUrl {
     type Err = ValueError;
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
-        let rest = text.strip_prefix(NATS_SCHEME).map(|r| r.trim_end_matches('/'));
-        let valid = rest.is_some_and(|rest| {
-            let hosts = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
-            !hosts.is_empty()
-                && hosts.split(',').all(|host| {
-                    split_host_port(host).is_some_and(|(_, port)| {
-                        port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0))
-                    })
-                })
-        });
-        match valid {
+        match seeds_valid(text, NATS_SCHEME, false) {
             true => Ok(NatsUrl(text.to_owned())),
             false => Err(broker_error(text)),
         }
@@ -85,12 +70,7 @@ impl RedisClusterUrl {
     /// Each seed node as a `redis://` URL with the credentials: for the client, never for a
     /// log.
     pub fn nodes(&self) -> Vec<String> {
-        let rest = self.0.strip_prefix(CLUSTER_SCHEME).unwrap_or(&self.0).trim_end_matches('/');
-        let (auth, hosts) = match rest.rsplit_once('@') {
-            Some((auth, hosts)) => (format!("{auth}@"), hosts),
-            None => (String::new(), rest),
-        };
-        hosts.split(',').map(|host| format!("redis://{auth}{host}")).collect()
+        seed_urls(&self.0, CLUSTER_SCHEME, "redis://")
     }
 }
 
@@ -100,22 +80,38 @@ impl FromStr for RedisClusterUrl {
     type Err = ValueError;
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
-        let rest = text.strip_prefix(CLUSTER_SCHEME).map(|r| r.trim_end_matches('/'));
-        let valid = rest.is_some_and(|rest| {
-            let hosts = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
-            !hosts.is_empty()
-                && hosts.split(',').all(|host| {
-                    // every seed needs its port: a cluster has no default one to assume
-                    split_host_port(host).is_some_and(|(_, port)| {
-                        port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p != 0))
-                    })
-                })
-        });
-        match valid {
+        // every seed needs its port: a cluster has no default one to assume
+        match seeds_valid(text, CLUSTER_SCHEME, true) {
             true => Ok(RedisClusterUrl(text.to_owned())),
             false => Err(broker_error(text)),
         }
     }
+}
+
+/// Whether `text` is `SCHEME[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]`, each port (required
+/// when `port_required`) from 1.
+fn seeds_valid(text: &str, scheme: &str, port_required: bool) -> bool {
+    let rest = text.strip_prefix(scheme).map(|r| r.trim_end_matches('/'));
+    rest.is_some_and(|rest| {
+        let hosts = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
+        !hosts.is_empty()
+            && hosts.split(',').all(|host| {
+                split_host_port(host).is_some_and(|(_, port)| match port {
+                    None => !port_required,
+                    Some(p) => p.parse::<u16>().is_ok_and(|p| p != 0),
+                })
+            })
+    })
+}
+
+/// Each seed of `text` (after `scheme`) as a URL of scheme `each`, with the credentials.
+fn seed_urls(text: &str, scheme: &str, each: &str) -> Vec<String> {
+    let rest = text.strip_prefix(scheme).unwrap_or(text).trim_end_matches('/');
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    hosts.split(',').map(|host| format!("{each}{auth}{host}")).collect()
 }
 
 impl fmt::Display for RedisClusterUrl {

@@ -278,12 +278,7 @@ impl Nats {
         attempts: u32,
         until: super::UnixMillis,
     ) -> Result<(), NatsError> {
-        let leased = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&envelope.id.as_u128());
+        let leased = self.take_lease(envelope.id.as_u128());
         let Some(message) = leased else { return Ok(()) };
         let info = message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
         let (delivered, seq) = info;
@@ -310,10 +305,7 @@ impl Nats {
         let _ = stream;
         let now = crate::messaging::envelope::unix_millis(std::time::SystemTime::now());
         let delay = Duration::from_millis(until.saturating_sub(now));
-        message
-            .double_ack_with(jetstream::AckKind::Nak(Some(delay)))
-            .await
-            .map_err(&failed)
+        message.double_ack_with(jetstream::AckKind::Nak(Some(delay))).await.map_err(&failed)
     }
 
     /// Stores `envelope` in dead-letter queue `dlq` (its own stream, one subject per message
@@ -336,19 +328,16 @@ impl Nats {
             .map_err(|e| failed(e.into()))?
             .await
             .map_err(|e| failed(e.into()))?;
-        let leased = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&envelope.id.as_u128());
+        let leased = self.take_lease(envelope.id.as_u128());
         if let Some(message) = leased {
-            message
-                .double_ack_with(jetstream::AckKind::Term)
-                .await
-                .map_err(&failed)?;
+            message.double_ack_with(jetstream::AckKind::Term).await.map_err(&failed)?;
         }
         Ok(())
+    }
+
+    /// Ends this process's lease of message `id`: the message, to settle.
+    fn take_lease(&self, id: u128) -> Option<jetstream::Message> {
+        self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
     }
 
     /// Dead-letter queue `dlq`'s stream, made when missing.
@@ -509,7 +498,7 @@ impl Nats {
 
     /// Acknowledges message `id` (the server confirms it), and forgets the state a park left.
     pub async fn ack_message(&self, id: u128) -> Result<(), NatsError> {
-        let leased = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let leased = self.take_lease(id);
         let Some(message) = leased else { return Ok(()) };
         message
             .double_ack()
