@@ -143,21 +143,7 @@ async fn publishes_are_accepted_while_nats_is_down_and_delivered_once_it_is_back
     let mut nats = Nats::start().await;
     let app = Upstream::status(200).await;
     let sidecar = Sidecar::start(&crate::redis::config("shop", &nats, &app, "")).await;
-    let first = publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
-    deliveries(&app, 1).await;
-
-    nats.stop();
-    let mut published = vec![first];
-    for n in 1..=10 {
-        published.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
-    }
-    wait_metric(&sidecar, "outrigger_outbox_pending", 10.0).await;
-    outrigger_tests::wait_until(
-        outrigger_tests::DEADLINE,
-        "the broker check to degrade",
-        || async { (crate::redis::broker_check(&sidecar).await == "degraded").then_some(()) },
-    )
-    .await;
+    let published = crate::redis::publish_through_an_outage(&sidecar, &app, || nats.stop()).await;
     nats.restart().await;
     crate::redis::assert_each_delivered_once(&sidecar, &app, published).await;
 }

@@ -114,7 +114,7 @@ pub(crate) fn config_at(
 }
 
 /// The status of `/readyz`'s broker check.
-pub(crate) async fn broker_check(sidecar: &Sidecar) -> String {
+async fn broker_check(sidecar: &Sidecar) -> String {
     let (_, body) = sidecar.admin("/readyz").await;
     let ready: serde_json::Value = serde_json::from_str(&body).expect("/readyz answers JSON");
     ready["checks"]["broker"]["status"].as_str().unwrap_or("absent").to_owned()
@@ -210,20 +210,7 @@ async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_bac
     let mut redis = Broker::start(kind).await;
     let app = Upstream::status(200).await;
     let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
-    let first = publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
-    deliveries(&app, 1).await;
-
-    redis.stop();
-    let mut published = vec![first];
-    for n in 1..=10 {
-        published.push(publish(&sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
-    }
-    wait_metric(&sidecar, "outrigger_outbox_pending", 10.0).await;
-    wait_until(DEADLINE, "readiness to show the broker degraded", || async {
-        let (status, _) = sidecar.admin("/readyz").await;
-        (status == 200 && broker_check(&sidecar).await == "degraded").then_some(())
-    })
-    .await;
+    let published = publish_through_an_outage(&sidecar, &app, || redis.stop()).await;
     // the detail says what failed and why, down to Redis's own error
     let (_, body) = sidecar.admin("/readyz").await;
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -233,6 +220,31 @@ async fn publishes_are_accepted_while_redis_is_down_and_delivered_once_it_is_bac
 
     redis.restart().await;
     assert_each_delivered_once(&sidecar, &app, published).await;
+}
+
+/// One message delivered, then the broker taken away by `stop` and ten more published: each
+/// answered 202 and waiting in the outbox, readiness still 200 with the broker degraded. The
+/// ids published.
+pub(crate) async fn publish_through_an_outage(
+    sidecar: &Sidecar,
+    app: &Upstream,
+    stop: impl FnOnce(),
+) -> Vec<String> {
+    let first = publish(sidecar, "orders", r#"{"n":0}"#, &[]).await;
+    deliveries(app, 1).await;
+
+    stop();
+    let mut published = vec![first];
+    for n in 1..=10 {
+        published.push(publish(sidecar, "orders", &format!(r#"{{"n":{n}}}"#), &[]).await);
+    }
+    wait_metric(sidecar, "outrigger_outbox_pending", 10.0).await;
+    wait_until(DEADLINE, "readiness to show the broker degraded", || async {
+        let (status, _) = sidecar.admin("/readyz").await;
+        (status == 200 && broker_check(sidecar).await == "degraded").then_some(())
+    })
+    .await;
+    published
 }
 
 /// Every message of `published` reaches `app`, each once, and the outbox empties.
