@@ -578,13 +578,13 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
-            "ordered is not on nats:// yet",
+            "a queue name with an empty subject token on nats://",
             app(concat!(
                 "messaging:\n  broker: nats://127.0.0.1:4222\n  subscriptions:\n",
-                "    - { queue: orders, path: /a, ordered: true }\n",
+                "    - { queue: orders..created, path: /a, ordered: true }\n",
             )),
             vec![
-                "outrigger.yaml:5:43: messaging.subscriptions[0].ordered: is not supported on nats:// yet (one key at a time across replicas) (expected ordered: false, or broker: embedded or redis://)",
+                "outrigger.yaml:5:16: messaging.subscriptions[0].queue: starts or ends with '.', or holds '..': with broker nats:// each dot starts a subject token, and NATS refuses an empty token (expected a queue name whose dots each sit between two other characters, such as orders.created)",
             ],
         ),
         (

@@ -79,6 +79,63 @@ impl Nats {
     }
 }
 
+impl Nats {
+    /// Stream `name` as `/jsz` reports it, with its consumers; `Null` when there is none.
+    pub fn stream(&self, name: &str) -> serde_json::Value {
+        let jsz = self.monitor("/jsz?streams=true&consumers=true&config=true");
+        let streams = jsz["account_details"][0]["stream_detail"].as_array().cloned();
+        let found = streams.unwrap_or_default().into_iter().find(|s| s["name"] == name);
+        found.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// How many messages stream `name` holds (0 when there is no such stream).
+    pub fn stream_messages(&self, name: &str) -> u64 {
+        self.stream(name)["state"]["messages"].as_u64().unwrap_or(0)
+    }
+
+    /// Durable consumer `consumer` of stream `stream` as `/jsz` reports it.
+    pub fn consumer(&self, stream: &str, consumer: &str) -> serde_json::Value {
+        let consumers = self.stream(stream)["consumer_detail"].as_array().cloned();
+        let found = consumers.unwrap_or_default().into_iter().find(|c| c["name"] == consumer);
+        found.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A JetStream API request (`$JS.API.STREAM.CREATE.NAME`, …) with a JSON body, over
+    /// NATS's text protocol on a connection of its own; the JSON answer.
+    pub fn request(&self, subject: &str, body: &serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        stream.set_read_timeout(Some(STARTUP)).expect("a read timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone the socket"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the server's INFO");
+        let body = body.to_string();
+        let mut writer = stream;
+        write!(
+            writer,
+            "CONNECT {{\"verbose\":false,\"headers\":false}}\r\nSUB _INBOX.test 1\r\n\
+             PUB {subject} _INBOX.test {}\r\n{body}\r\n",
+            body.len()
+        )
+        .expect("send the request");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("the answer");
+            if line.starts_with("PING") {
+                writer.write_all(b"PONG\r\n").expect("PONG");
+            } else if let Some(head) = line.strip_prefix("MSG ") {
+                let size: usize =
+                    head.split_whitespace().last().and_then(|n| n.parse().ok()).expect("a size");
+                let mut payload = vec![0; size + 2];
+                reader.read_exact(&mut payload).expect("the answer's body");
+                return serde_json::from_slice(&payload[..size]).expect("a JSON answer");
+            } else if line.starts_with("-ERR") {
+                panic!("nats-server refused {subject}: {line}");
+            }
+        }
+    }
+}
+
 impl Drop for Nats {
     fn drop(&mut self) {
         self.stop();

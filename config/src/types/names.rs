@@ -70,6 +70,12 @@ impl QueueName {
         &self.0
     }
 
+    /// Whether `outrigger.<queue>` is a NATS subject: no empty token, so no leading or
+    /// trailing dot and no two dots in a row.
+    pub fn is_nats_subject(&self) -> bool {
+        self.0.split('.').all(|token| !token.is_empty())
+    }
+
     /// `<queue>_deadletter`, the default dead-letter queue. Built, not parsed: it may run past
     /// the 200 characters a written name is allowed.
     pub fn dead_letter(&self) -> QueueName {

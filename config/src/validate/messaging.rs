@@ -5,6 +5,11 @@ use super::Checks;
 use crate::model::{Concurrency, Messaging};
 use std::collections::HashSet;
 
+/// Why nats:// refuses a queue name: its dots become subject tokens, and NATS refuses an empty one.
+const NATS_TOKENS: &str = "starts or ends with '.', or holds '..': with broker nats:// each dot starts a subject token, and NATS refuses an empty token";
+const NATS_EXPECTED: &str =
+    "a queue name whose dots each sit between two other characters, such as orders.created";
+
 impl Checks {
     pub(super) fn messaging(&mut self, messaging: &Messaging, has_app: bool) {
         self.positive("messaging.claim_idle", messaging.claim_idle);
@@ -50,6 +55,7 @@ impl Checks {
                 .reading("service.app");
         }
         let mut queues = HashSet::new();
+        let nats = matches!(messaging.broker, crate::types::Broker::Nats(_));
         for (i, sub) in messaging.subscriptions.iter().enumerate() {
             let path = format!("messaging.subscriptions[{i}]");
             let lanes = sub
@@ -58,6 +64,9 @@ impl Checks {
                 .enumerate()
                 .map(|(j, lane)| (format!("{path}.priority_lanes[{j}]"), lane));
             for (field, queue) in lanes.chain([(format!("{path}.queue"), &sub.queue)]) {
+                if nats && !queue.is_nats_subject() {
+                    self.push(field.clone(), NATS_TOKENS, Some(NATS_EXPECTED));
+                }
                 if !queues.insert(queue) {
                     let message = format!("queue {:?} is already subscribed above", queue.as_str());
                     self.push(field, message, Some("one subscription per queue"));
@@ -80,11 +89,6 @@ impl Checks {
             }
             if let Some(breaker) = &sub.circuit_breaker {
                 self.positive(format!("{path}.circuit_breaker.open_for"), breaker.open_for);
-            }
-            if sub.ordered && matches!(messaging.broker, crate::types::Broker::Nats(_)) {
-                let expected = Some("ordered: false, or broker: embedded or redis://");
-                let message = "is not supported on nats:// yet (one key at a time across replicas)";
-                self.push(format!("{path}.ordered"), message, expected);
             }
             if sub.ordered && sub.delivery == crate::model::Delivery::AtMostOnce {
                 let expected = Some("ordered: true with delivery: at_least_once");

@@ -344,7 +344,14 @@ impl Relay {
             }
             let fields =
                 RowFields { id, queue: row.get(1), payload: row.get(2), headers: row.get(3) };
-            let mut publish = match fields.publish() {
+            let publish = fields.publish().and_then(|publish| {
+                let queue = publish.queue.parse().expect("checked by RowFields::publish");
+                match self.messaging.refuses(&queue) {
+                    Some(reason) => Err(format!("queue: {reason}")),
+                    None => Ok(publish),
+                }
+            });
+            let mut publish = match publish {
                 Ok(publish) => publish,
                 Err(reason) => {
                     tracing::warn!(row = %id, %reason, table = %self.cfg.table, "a row of the app's outbox cannot be published; it stays in the table");

@@ -182,6 +182,12 @@ impl Messaging {
         self.store.get()
     }
 
+    /// Why the remote broker cannot hold queue `queue`, if it cannot.
+    pub fn refuses(&self, queue: &config::QueueName) -> Option<&'static str> {
+        use crate::messaging::broker::Remote;
+        self.remote.as_ref()?.refuses(queue)
+    }
+
     /// With a remote broker: starts the relay from the outbox, until `stop`.
     pub fn relay(
         self: &Arc<Self>,

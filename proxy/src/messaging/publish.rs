@@ -81,6 +81,9 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
     let limits = messaging.publish_limits();
     let asked = asked(&req)?;
     let queue = asked.queue;
+    if let Some(reason) = messaging.refuses(&queue) {
+        return Err(bad(format!("queue name: {reason}")));
+    }
     // the message carries the publish span's context: its deliveries continue the trace
     let mut span =
         messaging.tracer().start(req.headers().get("traceparent"), "publish", Kind::Producer);

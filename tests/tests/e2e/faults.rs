@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use outrigger_tests::{DEADLINE, Dice, Redis, Reply, Sidecar, Tmpfs, Upstream, wait_until};
+use outrigger_tests::{DEADLINE, Dice, Reply, Sidecar, Tmpfs, Upstream, wait_until};
 use tokio::task::JoinHandle;
 
 use crate::messaging::{id_of, publish, queues};
@@ -164,7 +164,7 @@ fn publishers(outbound: SocketAddr, stop: Arc<AtomicBool>) -> Vec<JoinHandle<Vec
 /// last restart every message answered 202 is delivered or dead-lettered; a message is
 /// delivered again only when a kill cut its acknowledgement, so the redeliveries are at most
 /// the kills times the deliveries in flight.
-async fn kill9_loop(broker: Option<String>) {
+pub(crate) async fn kill9_loop(broker: Option<String>) {
     const KILLS: u64 = 8;
     const CONCURRENCY: usize = 8;
     let mut dice = Dice(0x9e37_79b9_7f4a_7c15);
@@ -215,20 +215,4 @@ async fn kill9_at_random_moments_loses_no_accepted_message_on_the_embedded_broke
     kill9_loop(None).await;
 }
 
-#[tokio::test]
-async fn kill9_at_random_moments_loses_no_accepted_message_on_redis() {
-    let redis = Redis::start().await;
-    kill9_loop(Some(redis.url())).await;
-}
-
-#[tokio::test]
-async fn kill9_at_random_moments_loses_no_accepted_message_on_nats_jetstream() {
-    let nats = outrigger_tests::Nats::start().await;
-    kill9_loop(Some(nats.url())).await;
-}
-
-#[tokio::test]
-async fn kill9_at_random_moments_loses_no_accepted_message_on_a_redis_cluster() {
-    let cluster = outrigger_tests::RedisCluster::start().await;
-    kill9_loop(Some(cluster.url())).await;
-}
+// on the remote brokers: `brokers::*::kill9_at_random_moments_loses_no_accepted_message`

@@ -4,6 +4,7 @@
 mod admin;
 mod app_outbox;
 mod balance;
+mod brokers;
 mod cli;
 mod deadlines;
 mod delivery;

@@ -120,7 +120,7 @@ impl Queue for AnyQueue {
     }
 }
 
-/// The configured remote broker: Redis Streams.
+/// The configured remote broker: Redis Streams (one server or a cluster), or NATS JetStream.
 #[derive(Debug, Clone)]
 pub enum AnyRemote {
     Redis(Redis),
@@ -152,12 +152,12 @@ impl AnyRemote {
             config::Broker::RedisCluster(url) => {
                 Some(AnyRemote::Redis(Redis::cluster(url.nodes(), service, settings())))
             }
-            // work in progress (issue 22): reads and acks only
             config::Broker::Nats(url) => Some(AnyRemote::Nats(Nats::new(
                 url.servers(),
                 service,
                 cfg.claim_idle.get(),
                 cfg.dedup_window.get(),
+                retention,
             ))),
         })
     }
@@ -183,6 +183,13 @@ impl Remote for AnyRemote {
         match self {
             AnyRemote::Redis(redis) => redis.system(),
             AnyRemote::Nats(nats) => nats.system(),
+        }
+    }
+
+    fn refuses(&self, queue: &config::QueueName) -> Option<&'static str> {
+        match self {
+            AnyRemote::Redis(redis) => redis.refuses(queue),
+            AnyRemote::Nats(nats) => nats.refuses(queue),
         }
     }
 }

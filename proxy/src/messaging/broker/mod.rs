@@ -238,6 +238,13 @@ pub trait Remote: Send + Sync + 'static {
 
     /// What the readiness check calls it: `redis`.
     fn system(&self) -> &'static str;
+
+    /// Why this broker cannot hold queue `queue`, if it cannot: a publish to it is refused
+    /// (400) rather than stored and never relayed.
+    fn refuses(&self, queue: &outrigger_config::QueueName) -> Option<&'static str> {
+        let _ = queue;
+        None
+    }
 }
 
 /// Where messages are read, settled and dead-lettered. Implemented by [`Embedded`] and

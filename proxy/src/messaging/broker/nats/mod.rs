@@ -12,9 +12,11 @@
 //!   One copy of the message, whatever moment a crash comes at.
 //! - Dead letters: a stream per dead-letter queue, one subject per message id; the original is
 //!   terminated once its dead letter is stored.
-//! - Not built: `ordered: true` (refused by `validate` with nats://).
+//! - Ordering keys: a keyed message goes to its key's own subject; each consumer group keeps
+//!   its place in each key in the state stream, changed by compare and set (`order.rs`).
 
 mod names;
+mod order;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,9 @@ use crate::messaging::envelope::{Envelope, MessageId};
 
 /// A read waits this long for a message when none is there.
 const READ_BLOCK: Duration = Duration::from_millis(500);
+/// How many settled messages one upkeep round deletes from a stream, on a server whose purge
+/// cannot be used (before 2.9.15).
+const TIDY_DELETES_PER_ROUND: u64 = 10_000;
 /// Connecting, and each JetStream request, at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -48,8 +53,24 @@ pub enum NatsError {
          or remove the stream (Outrigger never changes a stream it did not make that way)"
     )]
     Incompatible { stream: String, field: &'static str, found: String, wanted: String },
-    #[error("nats: {0} is not built yet on nats:// (issue 22, work in progress)")]
-    NotBuilt(&'static str),
+    #[error(
+        "nats: consumer {consumer} of stream {stream} exists with {field} {found}, and Outrigger \
+         needs {wanted}: change or remove the consumer (Outrigger never changes one it did not \
+         make that way)"
+    )]
+    IncompatibleConsumer {
+        stream: String,
+        consumer: String,
+        field: &'static str,
+        found: String,
+        wanted: String,
+    },
+    #[error(
+        "nats: {subject} was changed by other replicas {TRIES} times in a row while this one \
+         tried to change it; the message is read again later",
+        TRIES = 64
+    )]
+    Contended { subject: String },
     #[error("nats: publishing to {subject} failed")]
     Publish {
         subject: String,
@@ -72,10 +93,36 @@ struct Inner {
     group: String,
     claim_idle: Duration,
     dedup_window: Duration,
-    /// Each queue's consumer, once its stream and consumer were made or checked.
-    streams: Mutex<HashMap<String, consumer::PullConsumer>>,
+    /// How many dead letters each dead-letter stream keeps, and how long.
+    retention: super::embedded::Retention,
+    /// Each queue's stream and consumer, once made or checked.
+    streams: Mutex<HashMap<String, Opened>>,
+    /// Outrigger's own streams (state, dead letters), once made.
+    own: Mutex<HashMap<String, stream::Stream>>,
     /// Messages handed to this process, until settled.
-    leases: Mutex<HashMap<u128, jetstream::Message>>,
+    leases: Mutex<HashMap<u128, Lease>>,
+}
+
+/// A queue's stream and this service's consumer on it.
+#[derive(Clone)]
+struct Opened {
+    stream: stream::Stream,
+    consumer: consumer::PullConsumer,
+}
+
+/// A message handed to this process.
+struct Lease {
+    queue: String,
+    message: jetstream::Message,
+    /// Read for an ordered subscription: settling it gives its key's turn to the next message.
+    ordered: bool,
+}
+
+impl Lease {
+    fn keyed(&self) -> Option<order::Keyed<'_>> {
+        let seq = self.message.info().map(|i| i.stream_sequence).ok()?;
+        order::Keyed::of(&self.queue, &self.message, seq).filter(|_| self.ordered)
+    }
 }
 
 impl std::fmt::Debug for Nats {
@@ -91,6 +138,7 @@ impl Nats {
         group: &str,
         claim_idle: Duration,
         dedup_window: Duration,
+        retention: super::embedded::Retention,
     ) -> Self {
         let servers = servers.iter().filter_map(|s| s.parse().ok()).collect();
         Nats {
@@ -100,7 +148,9 @@ impl Nats {
                 group: group.to_owned(),
                 claim_idle,
                 dedup_window,
+                retention,
                 streams: Mutex::default(),
+                own: Mutex::default(),
                 leases: Mutex::default(),
             }),
         }
@@ -126,7 +176,7 @@ impl Nats {
     /// (never changed) if it exists with settings that would break a promise; and this
     /// service's durable consumer on it, made if missing (on 2.9 a "create" would silently
     /// change an existing one, so it is looked up first).
-    async fn ensure(&self, queue: &str) -> Result<consumer::PullConsumer, NatsError> {
+    async fn ensure(&self, queue: &str) -> Result<Opened, NatsError> {
         if let Some(found) = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner()).get(queue)
         {
             return Ok(found.clone());
@@ -135,7 +185,7 @@ impl Nats {
         let name = names::queue_stream(queue);
         let wanted = stream::Config {
             name: name.clone(),
-            subjects: vec![names::subject(queue)],
+            subjects: vec![names::subject(queue), names::key_subjects(queue)],
             storage: stream::StorageType::File,
             retention: stream::RetentionPolicy::Limits,
             duplicate_window: self.inner.dedup_window,
@@ -158,42 +208,49 @@ impl Nats {
             Err(error) => return Err(failed(error.into())),
         };
         let group = self.inner.group.clone();
-        let pull = match stream.get_consumer::<consumer::pull::Config>(&group).await {
-            Ok(found) => found,
-            Err(_) => stream
-                .create_consumer(consumer::pull::Config {
-                    durable_name: Some(group.clone()),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: self.inner.claim_idle,
-                    max_deliver: -1,
-                    max_ack_pending: -1,
-                    deliver_policy: consumer::DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| failed(e.into()))?,
+        let wanted = consumer::pull::Config {
+            durable_name: Some(group.clone()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.inner.claim_idle,
+            max_deliver: -1,
+            max_ack_pending: -1,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
         };
-        self.inner
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(queue.to_owned(), pull.clone());
-        Ok(pull)
+        // looked up first: on 2.9 a "create" of an existing durable silently changes it
+        match stream.consumer_info(&group).await {
+            Ok(found) => check_consumer(&name, &group, &found.config, &wanted)?,
+            Err(error) if error.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                stream.create_consumer(wanted).await.map_err(|e| failed(e.into()))?;
+            }
+            Err(error) => return Err(failed(error.into())),
+        }
+        let consumer = stream.get_consumer(&group).await.map_err(failed)?;
+        let opened = Opened { stream, consumer };
+        let mut streams = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.insert(queue.to_owned(), opened.clone());
+        Ok(opened)
     }
 
     /// A stream of Outrigger's own (parked messages' state, a dead-letter queue): one message
-    /// per subject, made when missing.
+    /// per subject, made when missing. With `limits` (a dead-letter queue's retention: how
+    /// many, how old), an existing stream whose limits differ is given these: the stream is
+    /// Outrigger's, and the configured retention is what a user expects to hold.
     async fn ensure_keyed(
         &self,
         name: String,
         subjects: String,
+        limits: Option<(u64, Duration)>,
     ) -> Result<stream::Stream, NatsError> {
+        if let Some(found) = self.inner.own.lock().unwrap_or_else(|e| e.into_inner()).get(&name) {
+            return Ok(found.clone());
+        }
         let js = self.js().await?;
         let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Stream {
             stream: name.clone(),
             cause,
         };
-        let config = stream::Config {
+        let mut config = stream::Config {
             name: name.clone(),
             subjects: vec![subjects],
             storage: stream::StorageType::File,
@@ -201,7 +258,40 @@ impl Nats {
             allow_direct: true,
             ..Default::default()
         };
-        js.get_or_create_stream(config).await.map_err(|e| failed(e.into()))
+        if let Some((max_messages, max_age)) = limits {
+            config.max_messages = i64::try_from(max_messages).unwrap_or(i64::MAX);
+            config.max_age = max_age;
+            // the server wants the duplicate window within max_age (2 minutes by default)
+            config.duplicate_window = max_age.min(Duration::from_secs(120));
+        }
+        let mut made =
+            js.get_or_create_stream(config.clone()).await.map_err(|e| failed(e.into()))?;
+        let found = made.info().await.map_err(|e| failed(e.into()))?.config.clone();
+        if limits.is_some()
+            && (found.max_messages, found.max_age) != (config.max_messages, config.max_age)
+        {
+            tracing::info!(stream = %name, max_messages = config.max_messages, max_age = ?config.max_age, "the dead-letter stream takes messaging.dead_letter_retention");
+            let updated = stream::Config {
+                duplicate_window: found.duplicate_window.min(config.max_age),
+                ..found.clone()
+            };
+            let updated = stream::Config {
+                max_messages: config.max_messages,
+                max_age: config.max_age,
+                ..updated
+            };
+            js.update_stream(updated).await.map_err(|e| failed(e.into()))?;
+        }
+        let mut own = self.inner.own.lock().unwrap_or_else(|e| e.into_inner());
+        own.insert(name.clone(), made.clone());
+        Ok(made)
+    }
+
+    /// Queue `queue`'s state stream: parked messages' state, and each group's place in each
+    /// ordering key.
+    async fn state_stream(&self, queue: &str) -> Result<stream::Stream, NatsError> {
+        let subjects = format!("outrigger-s.{}.>", names::escape(queue));
+        self.ensure_keyed(names::state_stream(queue), subjects, None).await
     }
 
     /// The subject of the state of queue `queue`'s message at stream sequence `seq`.
@@ -210,14 +300,16 @@ impl Nats {
     }
 
     /// Up to `max` messages of `queue` for this service's consumer, leased to this process;
-    /// waiting up to `wait` for the first.
+    /// waiting up to `wait` for the first. With `ordered`, a message whose key has an older
+    /// unsettled message waits for its turn instead.
     pub async fn read_messages(
         &self,
         queue: &str,
         max: usize,
         wait: Option<Duration>,
+        ordered: bool,
     ) -> Result<Vec<super::Leased>, NatsError> {
-        let pull = self.ensure(queue).await?;
+        let pull = self.ensure(queue).await?.consumer;
         let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Stream {
             stream: names::queue_stream(queue),
             cause,
@@ -244,8 +336,28 @@ impl Nats {
                             envelope = state.envelope;
                         }
                     }
+                    if ordered && let Some(keyed) = order::Keyed::of(queue, &message, seq) {
+                        match self.take_turn(&keyed).await? {
+                            order::Turn::Yours => {}
+                            order::Turn::Settled => {
+                                let acked = message.double_ack().await;
+                                acked.map_err(&failed)?;
+                                continue;
+                            }
+                            order::Turn::NotYet => {
+                                self.wait(
+                                    &keyed,
+                                    &message,
+                                    State::waiting(envelope, attempts, delivered),
+                                )
+                                .await?;
+                                continue;
+                            }
+                        }
+                    }
                     let id = envelope.id.as_u128();
-                    self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(id, message);
+                    let lease = Lease { queue: queue.to_owned(), message, ordered };
+                    self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(id, lease);
                     found.push(super::Leased { envelope, attempts });
                 }
                 Err(error) => {
@@ -256,17 +368,54 @@ impl Nats {
         Ok(found)
     }
 
-    /// The state a park left for queue `queue`'s message at `seq`, if any.
+    /// The state a park (or a wait for its key's turn) left for queue `queue`'s message at
+    /// `seq`, if any.
     async fn state_of(&self, queue: &str, seq: u64) -> Result<Option<State>, NatsError> {
-        let stream = self
-            .ensure_keyed(
-                names::state_stream(queue),
-                format!("outrigger-s.{}.>", names::escape(queue)),
-            )
-            .await?;
+        let stream = self.state_stream(queue).await?;
         match stream.direct_get_last_for_subject(self.state_subject(queue, seq)).await {
             Ok(found) => Ok(serde_json::from_slice(&found.payload).ok()),
-            Err(_) => Ok(None),
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => {
+                Err(NatsError::Stream { stream: names::state_stream(queue), cause: error.into() })
+            }
+        }
+    }
+
+    /// Writes `state` for `message` (confirmed), so its next delivery knows its envelope and
+    /// attempt count.
+    async fn save_state(&self, queue: &str, seq: u64, state: &State) -> Result<(), NatsError> {
+        self.state_stream(queue).await?;
+        let subject = self.state_subject(queue, seq);
+        let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Publish {
+            subject: subject.clone(),
+            cause,
+        };
+        let js = self.js().await?;
+        let body = serde_json::to_vec(state).expect("a state serializes");
+        js.publish(subject.clone(), body.into())
+            .await
+            .map_err(|e| failed(e.into()))?
+            .await
+            .map_err(|e| failed(e.into()))?;
+        Ok(())
+    }
+
+    /// Puts back a delivery whose key's turn has not come: its state kept (a wait is not an
+    /// attempt), nak'd with a safety delay (`claim_idle`, should the release be lost), then
+    /// noted as waiting, for the key's settle to nak it again with no delay.
+    async fn wait(
+        &self,
+        keyed: &order::Keyed<'_>,
+        message: &jetstream::Message,
+        state: State,
+    ) -> Result<(), NatsError> {
+        let failed = |cause| NatsError::Stream { stream: names::queue_stream(keyed.queue), cause };
+        self.save_state(keyed.queue, keyed.seq, &state).await?;
+        let delay = jetstream::AckKind::Nak(Some(self.inner.claim_idle));
+        message.double_ack_with(delay).await.map_err(failed)?;
+        match &message.reply {
+            Some(reply) => self.wait_turn(keyed, reply).await,
+            None => Ok(()),
         }
     }
 
@@ -279,33 +428,14 @@ impl Nats {
         until: super::UnixMillis,
     ) -> Result<(), NatsError> {
         let leased = self.take_lease(envelope.id.as_u128());
-        let Some(message) = leased else { return Ok(()) };
+        let Some(Lease { queue, message, .. }) = leased else { return Ok(()) };
         let info = message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
         let (delivered, seq) = info;
-        let queue = envelope.queue.clone();
-        let stream = self
-            .ensure_keyed(
-                names::state_stream(&queue),
-                format!("outrigger-s.{}.>", names::escape(&queue)),
-            )
-            .await?;
-        let subject = self.state_subject(&queue, seq);
-        let state = State { envelope, attempts, until, delivered };
-        let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Publish {
-            subject: subject.clone(),
-            cause,
-        };
-        let js = self.js().await?;
-        let body = serde_json::to_vec(&state).expect("a state serializes");
-        js.publish(subject.clone(), body.into())
-            .await
-            .map_err(|e| failed(e.into()))?
-            .await
-            .map_err(|e| failed(e.into()))?;
-        let _ = stream;
+        self.save_state(&queue, seq, &State { envelope, attempts, until, delivered }).await?;
         let now = crate::messaging::envelope::unix_millis(std::time::SystemTime::now());
         let delay = Duration::from_millis(until.saturating_sub(now));
-        message.double_ack_with(jetstream::AckKind::Nak(Some(delay))).await.map_err(&failed)
+        let nak = message.double_ack_with(jetstream::AckKind::Nak(Some(delay))).await;
+        nak.map_err(|cause| NatsError::Stream { stream: names::queue_stream(&queue), cause })
     }
 
     /// Stores `envelope` in dead-letter queue `dlq` (its own stream, one subject per message
@@ -315,8 +445,7 @@ impl Nats {
         envelope: Envelope,
         dlq: &str,
     ) -> Result<(), NatsError> {
-        let subjects = format!("outrigger-dlq.{}.>", names::escape(dlq));
-        self.ensure_keyed(names::dead_letter_stream(dlq), subjects).await?;
+        self.dead_letter_stream(dlq).await?;
         let subject = format!("outrigger-dlq.{}.{}", names::escape(dlq), envelope.id);
         let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Publish {
             subject: subject.clone(),
@@ -329,21 +458,29 @@ impl Nats {
             .await
             .map_err(|e| failed(e.into()))?;
         let leased = self.take_lease(envelope.id.as_u128());
-        if let Some(message) = leased {
-            message.double_ack_with(jetstream::AckKind::Term).await.map_err(&failed)?;
+        if let Some(lease) = leased {
+            // it gives up its key's turn once its dead letter is stored
+            if let Some(keyed) = lease.keyed() {
+                self.end_turn(&keyed).await?;
+            }
+            lease.message.double_ack_with(jetstream::AckKind::Term).await.map_err(&failed)?;
         }
         Ok(())
     }
 
     /// Ends this process's lease of message `id`: the message, to settle.
-    fn take_lease(&self, id: u128) -> Option<jetstream::Message> {
+    fn take_lease(&self, id: u128) -> Option<Lease> {
         self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
     }
 
     /// Dead-letter queue `dlq`'s stream, made when missing.
     async fn dead_letter_stream(&self, dlq: &str) -> Result<stream::Stream, NatsError> {
         let subjects = format!("outrigger-dlq.{}.>", names::escape(dlq));
-        self.ensure_keyed(names::dead_letter_stream(dlq), subjects).await
+        let limits = (
+            self.inner.retention.max_messages,
+            Duration::from_millis(self.inner.retention.max_age_ms),
+        );
+        self.ensure_keyed(names::dead_letter_stream(dlq), subjects, Some(limits)).await
     }
 
     fn dead_letter_subject(dlq: &str, id: MessageId) -> String {
@@ -460,12 +597,25 @@ impl Nats {
 
     /// `queue` as this service's consumer sees it, and its dead-letter queue.
     pub async fn depth(&self, queue: &str, dlq: &str) -> Result<[super::QueueDepth; 2], NatsError> {
-        let pull = self.ensure(queue).await?;
-        let info = pull.get_info().await.map_err(|e| NatsError::Stream {
+        let mut pull = self.ensure(queue).await?.consumer;
+        let info = pull.info().await.map_err(|e| NatsError::Stream {
             stream: names::queue_stream(queue),
             cause: e.into(),
         })?;
         let waiting = info.num_pending + info.num_ack_pending as u64;
+        // the first message above the ack floor is unsettled by definition: the oldest waiting
+        let floor = info.ack_floor.stream_sequence;
+        let oldest = match waiting {
+            0 => None,
+            _ => self
+                .ensure(queue)
+                .await?
+                .stream
+                .direct_get_next_for_subject(">", Some(floor + 1))
+                .await
+                .ok(),
+        };
+        let oldest_published = oldest.map(|m| (m.time.unix_timestamp_nanos() / 1_000_000) as u64);
         let mut dead = self.dead_letter_stream(dlq).await?;
         let state = dead
             .info()
@@ -483,7 +633,7 @@ impl Nats {
                 queue: queue.to_owned(),
                 messages: waiting,
                 dead_letters: 0,
-                oldest_published_ms: None,
+                oldest_published_ms: oldest_published,
                 oldest_dead_letter_ms: None,
             },
             super::QueueDepth {
@@ -496,23 +646,58 @@ impl Nats {
         ])
     }
 
+    /// Removes from `queue`'s stream what every consumer group reading it has settled: the
+    /// messages at or below the lowest ack floor (as Redis's XTRIM MINID). A stream no group
+    /// reads yet is left whole, for the group that comes.
+    pub async fn tidy_queue(&self, queue: &str) -> Result<u64, NatsError> {
+        let stream = self.ensure(queue).await?.stream;
+        let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Stream {
+            stream: names::queue_stream(queue),
+            cause,
+        };
+        let mut floor: Option<u64> = None;
+        let mut consumers = stream.consumers();
+        while let Some(info) = consumers.next().await {
+            let settled = info.map_err(|e| failed(e.into()))?.ack_floor.stream_sequence;
+            floor = Some(floor.map_or(settled, |f| f.min(settled)));
+        }
+        let Some(floor) = floor.filter(|f| *f > 0) else { return Ok(0) };
+        let version = self.js().await?.client().server_info().version;
+        if purge_keeps_pending(&version) {
+            let purged = stream.purge().sequence(floor + 1).await.map_err(|e| failed(e.into()))?;
+            return Ok(purged.purged);
+        }
+        // before 2.9.15 a purge forgets every consumer's unacknowledged messages (in flight or
+        // parked: never redelivered), so settled messages are deleted one at a time instead
+        let mut info = stream.clone();
+        let first = info.info().await.map_err(|e| failed(e.into()))?.state.first_sequence;
+        let mut deleted = 0;
+        for seq in first..=floor.min(first.saturating_add(TIDY_DELETES_PER_ROUND - 1)) {
+            match stream.delete_message(seq).await {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                // a gap (deleted before): nothing to do
+                Err(error) if error.to_string().contains("no message found") => {}
+                Err(error) => return Err(failed(error.into())),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Acknowledges message `id` (the server confirms it), and forgets the state a park left.
+    /// A keyed message of an ordered subscription gives its key's turn to the next first.
     pub async fn ack_message(&self, id: u128) -> Result<(), NatsError> {
         let leased = self.take_lease(id);
-        let Some(message) = leased else { return Ok(()) };
-        message
-            .double_ack()
-            .await
-            .map_err(|cause| NatsError::Stream { stream: message.subject.to_string(), cause })?;
+        let Some(lease) = leased else { return Ok(()) };
+        if let Some(keyed) = lease.keyed() {
+            self.end_turn(&keyed).await?;
+        }
+        let Lease { queue, message, .. } = lease;
+        let acked = message.double_ack().await;
+        acked.map_err(|cause| NatsError::Stream { stream: names::queue_stream(&queue), cause })?;
         let Ok(info) = message.info() else { return Ok(()) };
         if info.delivered > 1 {
-            let queue = message.subject.trim_start_matches("outrigger.").to_owned();
-            let stream = self
-                .ensure_keyed(
-                    names::state_stream(&queue),
-                    format!("outrigger-s.{}.>", names::escape(&queue)),
-                )
-                .await?;
+            let stream = self.state_stream(&queue).await?;
             // best effort: a state left behind is one small message, replaced if ever reused
             let _ = stream.purge().filter(self.state_subject(&queue, info.stream_sequence)).await;
         }
@@ -546,18 +731,20 @@ impl Nats {
     ) -> Result<(), NatsError> {
         self.ensure(queue).await?;
         let js = self.js().await?;
-        let subject = names::subject(queue);
         let failed = |cause: Box<dyn std::error::Error + Send + Sync>| NatsError::Publish {
-            subject: subject.clone(),
+            subject: names::subject(queue),
             cause,
         };
         let mut acks = Vec::new();
         for envelope in batch {
+            // a keyed message goes to its key's subject, where an ordered reader finds its turn
+            let key = envelope.metadata.get("ordering_key").and_then(|k| k.as_str());
+            let subject =
+                key.map_or_else(|| names::subject(queue), |k| names::key_subject(queue, k));
             let message = jetstream::message::PublishMessage::build()
                 .payload(envelope.to_json().into())
                 .message_id(envelope.id.to_string());
-            let ack =
-                js.send_publish(subject.clone(), message).await.map_err(|e| failed(e.into()))?;
+            let ack = js.send_publish(subject, message).await.map_err(|e| failed(e.into()))?;
             acks.push(ack);
         }
         for ack in acks {
@@ -565,6 +752,14 @@ impl Nats {
         }
         Ok(())
     }
+}
+
+/// Whether a purge of nats-server `version` (`2.9.10`) keeps consumers' unacknowledged
+/// messages above the purged sequences: from 2.9.15 on (2.9.10 to 2.9.14 forget them all).
+fn purge_keeps_pending(version: &str) -> bool {
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u64>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    version >= (2, 9, 15)
 }
 
 fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
@@ -598,7 +793,47 @@ fn check(name: &str, found: &stream::Config, wanted: &stream::Config) -> Result<
     Ok(())
 }
 
-/// What a park leaves for the message's next delivery.
+/// Refuses an existing durable consumer whose settings would break a promise: acks that are
+/// not explicit, a filter (messages skipped), a push consumer, a delivery cap (the server
+/// would stop redelivering before `max_attempts`), an ack-pending cap (parked messages count
+/// toward it: delivery would stall). Another `ack_wait` is only logged: the replicas share it.
+fn check_consumer(
+    stream: &str,
+    name: &str,
+    found: &consumer::Config,
+    wanted: &consumer::pull::Config,
+) -> Result<(), NatsError> {
+    let refuse = |field: &'static str, found: String, wanted: &str| {
+        Err(NatsError::IncompatibleConsumer {
+            stream: stream.to_owned(),
+            consumer: name.to_owned(),
+            field,
+            found,
+            wanted: wanted.to_owned(),
+        })
+    };
+    if found.ack_policy != wanted.ack_policy {
+        return refuse("ack_policy", format!("{:?}", found.ack_policy), "Explicit");
+    }
+    if let Some(subject) = &found.deliver_subject {
+        return refuse("deliver_subject", subject.clone(), "none (a pull consumer)");
+    }
+    if !found.filter_subject.is_empty() {
+        return refuse("filter_subject", found.filter_subject.clone(), "none");
+    }
+    if found.max_deliver > 0 {
+        return refuse("max_deliver", found.max_deliver.to_string(), "-1 (unlimited)");
+    }
+    if found.max_ack_pending > 0 {
+        return refuse("max_ack_pending", found.max_ack_pending.to_string(), "-1 (unlimited)");
+    }
+    if found.ack_wait != wanted.ack_wait {
+        tracing::warn!(stream, consumer = name, found = ?found.ack_wait, claim_idle = ?wanted.ack_wait, "the durable consumer's ack_wait differs from messaging.claim_idle; the consumer's is used (the replicas share it)");
+    }
+    Ok(())
+}
+
+/// What a park, or a wait for its key's turn, leaves for the message's next delivery.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct State {
     envelope: Envelope,
@@ -608,9 +843,12 @@ struct State {
     delivered: i64,
 }
 
-/// A step of the broker not built yet (work in progress, issue 22).
-fn not_built(what: &'static str) -> super::BrokerError {
-    super::BrokerError::Nats(Arc::new(NatsError::NotBuilt(what)))
+impl State {
+    /// A delivery put back until its key's turn: not an attempt.
+    fn waiting(envelope: Envelope, attempts: u32, delivered: i64) -> State {
+        let now = crate::messaging::envelope::unix_millis(std::time::SystemTime::now());
+        State { envelope, attempts, until: now, delivered }
+    }
 }
 
 fn broker(error: NatsError) -> super::BrokerError {
@@ -625,6 +863,13 @@ impl super::Remote for Nats {
     fn system(&self) -> &'static str {
         "nats"
     }
+
+    fn refuses(&self, queue: &outrigger_config::QueueName) -> Option<&'static str> {
+        (!queue.is_nats_subject()).then_some(
+            "with broker nats:// each '.' starts a subject token, and NATS refuses an empty one: \
+             no leading or trailing '.', no '..'",
+        )
+    }
 }
 
 impl super::Queue for Nats {
@@ -634,16 +879,16 @@ impl super::Queue for Nats {
         _consumer: &str,
         read: super::Read,
     ) -> Result<Vec<super::Leased>, super::BrokerError> {
-        if read.ordered {
-            // refused by `validate` too: one key at a time across replicas is not built here
-            return Err(not_built("ordered: true"));
-        }
         let wait = read.wait.then_some(READ_BLOCK);
-        self.read_messages(queue, read.max, wait).await.map_err(broker)
+        self.read_messages(queue, read.max, wait, read.ordered).await.map_err(broker)
     }
 
     fn blocks_on_read(&self) -> bool {
         true
+    }
+
+    async fn tidy(&self, queue: &str) -> Result<u64, super::BrokerError> {
+        self.tidy_queue(queue).await.map_err(broker)
     }
 
     async fn next_due(
@@ -729,5 +974,23 @@ impl super::Queue for Nats {
             }
         }
         Ok(depths)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_purge_is_used_only_on_servers_that_keep_consumers_pending_messages() {
+        for (version, keeps) in [
+            ("2.9.10", false),
+            ("2.9.14", false),
+            ("2.9.15", true),
+            ("2.10.0", true),
+            ("2.11.0-RC.1", true),
+            ("3.0.0", true),
+            ("garbage", false),
+        ] {
+            assert_eq!(super::purge_keeps_pending(version), keeps, "{version}");
+        }
     }
 }
