@@ -274,7 +274,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "bad broker, password not echoed",
             s("messaging: { broker: kafka://k:9092 }\n"),
             vec![
-                "outrigger.yaml:1:22: messaging.broker: \"kafka://k:9092\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT)",
+                "outrigger.yaml:1:22: messaging.broker: \"kafka://k:9092\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT, nats://HOST:PORT or nats+tls://HOST:PORT)",
             ],
         ),
         (
@@ -324,7 +324,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "a refused broker URL is echoed without its password",
             s("messaging: { broker: \"redis://alice:s3cr3tPW@host:notaport/x\" }\n"),
             vec![
-                "outrigger.yaml:1:22: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT)",
+                "outrigger.yaml:1:22: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT, nats://HOST:PORT or nats+tls://HOST:PORT)",
             ],
         ),
         (
@@ -561,10 +561,10 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
-            "messaging.tls needs a rediss:// broker",
+            "messaging.tls needs a rediss:// or nats+tls:// broker",
             s("messaging:\n  broker: redis://127.0.0.1:6379\n  tls: { ca_file: ca.pem }\n"),
             vec![
-                "outrigger.yaml:3:8: messaging.tls: applies to a rediss:// broker only (expected broker: rediss://HOST:PORT, or no tls section)",
+                "outrigger.yaml:3:8: messaging.tls: applies to a rediss:// or nats+tls:// broker only (expected broker: rediss://HOST:PORT or nats+tls://HOST:PORT, or no tls section)",
             ],
         ),
         (

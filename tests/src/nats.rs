@@ -20,27 +20,48 @@ pub struct Nats {
     port: u16,
     monitor: u16,
     dir: PathBuf,
+    /// Started with TLS required (`nats+tls://`).
+    tls: bool,
 }
 
 impl Nats {
     /// Starts the server and returns once JetStream answers its health check.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// The same, requiring TLS with `pki`'s server certificate (for `localhost`).
+    pub async fn start_tls(pki: &crate::Pki) -> Self {
+        Self::start_with(Some(pki)).await
+    }
+
+    async fn start_with(pki: Option<&crate::Pki>) -> Self {
         let dir = crate::scratch_dir("nats");
         let (port, monitor) = (free_port(), free_port());
-        let config = format!(
+        let mut config = format!(
             "host: 127.0.0.1\nport: {port}\nhttp: 127.0.0.1:{monitor}\nmax_payload: 8MB\n\
              jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n",
             dir.join("store").display()
         );
+        if let Some(pki) = pki {
+            config.push_str(&format!(
+                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+                pki.server_cert_file.display(),
+                pki.server_key_file.display()
+            ));
+        }
         std::fs::write(dir.join("nats.conf"), config).expect("write nats.conf");
-        let mut nats = Nats { child: None, port, monitor, dir };
+        let mut nats = Nats { child: None, port, monitor, dir, tls: pki.is_some() };
         nats.restart().await;
         nats
     }
 
-    /// `nats://127.0.0.1:PORT`, for `messaging.broker`.
+    /// `nats://127.0.0.1:PORT` (or `nats+tls://localhost:PORT`), for `messaging.broker`.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        match self.tls {
+            false => format!("nats://127.0.0.1:{}", self.port),
+            true => format!("nats+tls://localhost:{}", self.port),
+        }
     }
 
     /// Kills the server (as a crash would); its port and store stay for `restart`.

@@ -25,16 +25,27 @@ pub enum Broker {
 }
 
 /// `nats://[USER[:PASSWORD]@]HOST[:PORT][,HOST[:PORT]…]`: the servers of one NATS cluster (4222
-/// when no port is given), the credentials for each.
+/// when no port is given), the credentials for each; `nats+tls://` for TLS to every one
+/// (with `messaging.tls`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct NatsUrl(String);
 
 const NATS_SCHEME: &str = "nats://";
+const NATS_TLS_SCHEME: &str = "nats+tls://";
 
 impl NatsUrl {
-    /// Each server as a `nats://` URL with the credentials: for the client, never for a log.
+    /// Each server as a URL with the credentials, `tls://` when TLS is required: for the
+    /// client, never for a log.
     pub fn servers(&self) -> Vec<String> {
-        seed_urls(&self.0, NATS_SCHEME, NATS_SCHEME)
+        match self.tls() {
+            true => seed_urls(&self.0, NATS_TLS_SCHEME, "tls://"),
+            false => seed_urls(&self.0, NATS_SCHEME, NATS_SCHEME),
+        }
+    }
+
+    /// `nats+tls://`: TLS to every server, verified.
+    pub fn tls(&self) -> bool {
+        self.0.starts_with(NATS_TLS_SCHEME)
     }
 }
 
@@ -42,7 +53,9 @@ impl FromStr for NatsUrl {
     type Err = ValueError;
 
     fn from_str(text: &str) -> Result<Self, ValueError> {
-        match seeds_valid(text, NATS_SCHEME, false) {
+        let valid =
+            seeds_valid(text, NATS_SCHEME, false) || seeds_valid(text, NATS_TLS_SCHEME, false);
+        match valid {
             true => Ok(NatsUrl(text.to_owned())),
             false => Err(broker_error(text)),
         }
@@ -182,7 +195,9 @@ impl FromStr for Broker {
         match text {
             "embedded" => Ok(Broker::Embedded),
             _ if text.starts_with(CLUSTER_SCHEME) => text.parse().map(Broker::RedisCluster),
-            _ if text.starts_with(NATS_SCHEME) => text.parse().map(Broker::Nats),
+            _ if text.starts_with(NATS_SCHEME) || text.starts_with(NATS_TLS_SCHEME) => {
+                text.parse().map(Broker::Nats)
+            }
             _ if text.starts_with("redis") => text.parse().map(Broker::Redis),
             _ => Err(broker_error(text)),
         }
@@ -204,7 +219,7 @@ impl fmt::Display for Broker {
 fn broker_error(text: &str) -> ValueError {
     ValueError::new(
         format!("{:?} is not a broker", redact(text)),
-        "embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT",
+        "embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT, nats://HOST:PORT or nats+tls://HOST:PORT",
     )
 }
 
@@ -262,9 +277,14 @@ mod tests {
         assert_eq!(broker.to_string(), "nats://app:***@n1:4222,n2");
         let Broker::Nats(url) = &broker else { panic!("a nats broker") };
         assert_eq!(url.servers(), ["nats://app:s3cret@n1:4222", "nats://app:s3cret@n2"]);
-        for bad in ["nats://", "nats://n1:0", "nats://n1:4222,"] {
+        for bad in ["nats://", "nats://n1:0", "nats://n1:4222,", "nats+tls://"] {
             assert!(bad.parse::<Broker>().is_err(), "{bad}");
         }
+        let tls: Broker = "nats+tls://app:s3cret@n1:4222,n2".parse().unwrap();
+        assert_eq!(tls.to_string(), "nats+tls://app:***@n1:4222,n2");
+        let Broker::Nats(url) = &tls else { panic!("a nats broker") };
+        assert!(url.tls());
+        assert_eq!(url.servers(), ["tls://app:s3cret@n1:4222", "tls://app:s3cret@n2"]);
     }
 
     #[test]
@@ -282,7 +302,7 @@ mod tests {
         let err = "redis://alice:s3cr3tPW@host:notaport/x".parse::<Broker>().unwrap_err();
         assert_eq!(
             err.to_string(),
-            r#""redis://alice:***@host:notaport/x" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT)"#
+            r#""redis://alice:***@host:notaport/x" is not a broker (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT, nats://HOST:PORT or nats+tls://HOST:PORT)"#
         );
     }
 

@@ -20,13 +20,19 @@ impl Checks {
         );
         if let Some(tls) = &messaging.tls {
             self.tls("messaging.tls", tls);
-            let rediss = matches!(&messaging.broker, crate::types::Broker::Redis(url) if url.tls());
-            if !rediss {
-                let expected = Some("broker: rediss://HOST:PORT, or no tls section");
-                self.push("messaging.tls", "applies to a rediss:// broker only", expected);
+            let over_tls = match &messaging.broker {
+                crate::types::Broker::Redis(url) => url.tls(),
+                crate::types::Broker::Nats(url) => url.tls(),
+                _ => false,
+            };
+            if !over_tls {
+                let expected =
+                    Some("broker: rediss://HOST:PORT or nats+tls://HOST:PORT, or no tls section");
+                let message = "applies to a rediss:// or nats+tls:// broker only";
+                self.push("messaging.tls", message, expected);
             }
             if tls.server_name.is_some() {
-                let expected = Some("the host of the rediss:// URL is the name verified");
+                let expected = Some("the host of the broker's URL is the name verified");
                 self.push("messaging.tls.server_name", "is not used for the broker", expected);
             }
         }

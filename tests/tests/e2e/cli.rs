@@ -106,7 +106,7 @@ fn validate_and_run_never_print_the_redis_password_of_a_refused_broker_url() {
         stdout,
         format!(
             "{file}:2:11: messaging.broker: \"redis://alice:***@host:notaport/x\" is not a broker \
-             (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT or nats://HOST:PORT)\n"
+             (expected embedded, redis://HOST:PORT, rediss://HOST:PORT, redis+cluster://HOST:PORT,HOST:PORT, nats://HOST:PORT or nats+tls://HOST:PORT)\n"
         )
     );
     let (code, stdout, stderr) = outrigger(&["run", "--config", &path.to_string_lossy()]);

@@ -134,3 +134,28 @@ async fn a_queue_name_nats_cannot_take_is_refused_at_the_publish() {
     }
     wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
 }
+
+#[tokio::test]
+async fn nats_tls_carries_messages_with_the_configured_ca_and_refuses_an_untrusted_server() {
+    let pki = outrigger_tests::Pki::new();
+    let nats = Nats::start_tls(&pki).await;
+    let app = Upstream::status(200).await;
+    let with_ca = |ca: &std::path::Path| {
+        let tls = format!("  tls: {{ ca_file: \"{}\" }}\n", ca.display());
+        config("shop", &nats, &app, "").replace("messaging:\n", &format!("messaging:\n{tls}"))
+    };
+    let sidecar = Sidecar::start(&with_ca(&pki.ca_file)).await;
+    let id = publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    assert_eq!(header(&deliveries(&app, 1).await[0], "outrigger-message-id"), id);
+    let acked = r#"outrigger_messages_delivered_total{outcome="acked",queue="orders"}"#;
+    wait_metric(&sidecar, acked, 1.0).await;
+    assert_eq!(nats.stream_messages("OUTRIGGER-Q-orders"), 1);
+
+    // trusting another CA: the handshake fails, the publish waits in the outbox, degraded
+    let untrusting = Sidecar::start(&with_ca(&pki.other_ca_file)).await;
+    publish(&untrusting, "orders", r#"{"n":2}"#, &[]).await;
+    let detail = degraded_detail(&untrusting).await;
+    assert!(detail.contains("nats failed"), "{detail}");
+    wait_metric(&untrusting, "outrigger_outbox_pending", 1.0).await;
+    assert_eq!(nats.stream_messages("OUTRIGGER-Q-orders"), 1, "nothing more came through");
+}

@@ -154,6 +154,7 @@ impl AnyRemote {
             }
             config::Broker::Nats(url) => Some(AnyRemote::Nats(Nats::new(
                 url.servers(),
+                url.tls().then(|| cfg.tls.clone()),
                 service,
                 cfg.claim_idle.get(),
                 cfg.dedup_window.get(),

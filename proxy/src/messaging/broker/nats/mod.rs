@@ -87,6 +87,8 @@ pub struct Nats {
 
 struct Inner {
     servers: Vec<async_nats::ServerAddr>,
+    /// `nats+tls://`: TLS required, with `messaging.tls`'s files when given.
+    tls: Option<Option<outrigger_config::Tls>>,
     /// Made at first use: NATS being down at startup is not an error.
     js: OnceCell<jetstream::Context>,
     /// The durable consumer: `service.name`.
@@ -132,9 +134,11 @@ impl std::fmt::Debug for Nats {
 }
 
 impl Nats {
-    /// A broker on `servers` (`nats://` URLs) for durable consumer `group`.
+    /// A broker on `servers` (`nats://` URLs, `tls://` for TLS with `tls`'s files) for
+    /// durable consumer `group`.
     pub fn new(
         servers: Vec<String>,
+        tls: Option<Option<outrigger_config::Tls>>,
         group: &str,
         claim_idle: Duration,
         dedup_window: Duration,
@@ -144,6 +148,7 @@ impl Nats {
         Nats {
             inner: Arc::new(Inner {
                 servers,
+                tls,
                 js: OnceCell::new(),
                 group: group.to_owned(),
                 claim_idle,
@@ -161,9 +166,22 @@ impl Nats {
         self.inner
             .js
             .get_or_try_init(|| async {
-                let client = async_nats::ConnectOptions::new()
+                let mut options = async_nats::ConnectOptions::new()
                     .connection_timeout(REQUEST_TIMEOUT)
-                    .request_timeout(Some(REQUEST_TIMEOUT))
+                    .request_timeout(Some(REQUEST_TIMEOUT));
+                if let Some(files) = &self.inner.tls {
+                    options = options.require_tls(true);
+                    let files = files.as_ref();
+                    if let Some(ca) = files.and_then(|f| f.ca_file.clone()) {
+                        options = options.add_root_certificates(ca);
+                    }
+                    if let Some((cert, key)) =
+                        files.and_then(|f| f.cert_file.clone().zip(f.key_file.clone()))
+                    {
+                        options = options.add_client_certificate(cert, key);
+                    }
+                }
+                let client = options
                     .connect(self.inner.servers.clone())
                     .await
                     .map_err(NatsError::Connect)?;
