@@ -10,7 +10,9 @@
 # Then the same through Redis (redis-server with appendonly yes, appendfsync always, on CPU 1):
 # redis-benchmark's raw XADD at 1 and 64 clients as the broker's own limit, publishes with
 # `broker: redis://`, the relay's catch-up, and delivery through a consumer group; and again on
-# a three-node Redis Cluster (`broker: redis+cluster://`, every node on CPU 1).
+# a three-node Redis Cluster (`broker: redis+cluster://`, every node on CPU 1); and through NATS
+# JetStream (nats-server on CPU 1, `broker: nats://`), its own limit measured by a JetStream
+# publish loop (proxy/examples/jetstream_publish.rs, async-nats, each publish acknowledged).
 #
 #   bash bench/publish.sh [SECONDS]        (default: 10 s per load)
 #
@@ -22,8 +24,10 @@ SECONDS_PER_RUN=${1:-10}
 LOADS=(1 64)
 
 source bench/lib.sh
-bench_needs wrk:wrk nginx:nginx redis-server:redis-server
+bench_needs wrk:wrk nginx:nginx redis-server:redis-server nats-server:nats-server
 bench_build
+cargo build --profile dist --locked -p outrigger-proxy --example jetstream_publish >&2
+JETSTREAM_PUBLISH=$CARGO_TARGET_DIR/dist/examples/jetstream_publish
 
 work=$(mktemp -d)
 pid=
@@ -153,10 +157,11 @@ redis_node() {
   for _ in $(seq 100); do redis-cli -p "$port" PING >/dev/null 2>&1 && break; sleep 0.1; done
 }
 
-# through LABEL BROKER_URL CLI_ARGS: publishes with the broker at 64 publishers, the relay's
-# catch-up, and delivery through the broker's consumer group to the local app
+# through LABEL BROKER_URL COUNT: publishes with the broker at 64 publishers, the relay's
+# catch-up, and delivery through the broker's consumer group to the local app; COUNT prints how
+# many messages the broker holds for queue `bench`
 through() {
-  local label=$1 url=$2 cli=$3 line rps p50 p99 bad start end streamed first last
+  local label=$1 url=$2 count=$3 line rps p50 p99 bad start end streamed first last
   rm -rf "$work/data-redis"
   cat >"$work/outrigger.yaml" <<YAML
 outbound: { listen: 127.0.0.1:18190 }
@@ -175,8 +180,7 @@ YAML
   start=$(date +%s.%N)
   for _ in $(seq 600); do [[ $(pending) == 0 ]] && break; sleep 0.1; done
   end=$(date +%s.%N)
-  # shellcheck disable=SC2086
-  streamed=$(redis-cli $cli XLEN 'outrigger:{bench}')
+  streamed=$($count)
   echo "publishes with broker $label, 64 publishers: $rps/s durable in the outbox (p50 $p50 ms, p99 $p99 ms, errors $bad); relay caught up $(python3 -c "print(f'{$end - $start:.1f}')") s after the load; $streamed messages in the stream"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   cat >"$work/outrigger.yaml" <<YAML
@@ -212,7 +216,8 @@ for c in 1 64; do
   echo "  $c client(s): $line"
 done
 redis-cli -p 18193 DEL bench:raw >/dev/null
-through redis "redis://127.0.0.1:18193" "-p 18193"
+redis_count() { redis-cli -p 18193 XLEN 'outrigger:{bench}'; }
+through redis "redis://127.0.0.1:18193" redis_count
 
 # a three-node cluster, all on CPU 1 beside the sidecar
 for port in 18196 18197 18198; do
@@ -235,4 +240,32 @@ done
 line=$(taskset -c 0 redis-benchmark -p "$owner" -c 64 -n 200000 -q \
   XADD '{bench}:raw' '*' envelope '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}' | tr '\r' '\n' | grep 'requests per second' | tail -1)
 echo "Redis Cluster (3 nodes, appendfsync always), redis-benchmark XADD on the node of the stream's slot, 64 clients: $line"
-through "redis+cluster" "redis+cluster://127.0.0.1:18196,127.0.0.1:18197,127.0.0.1:18198" "-c -p 18196"
+cluster_count() { redis-cli -c -p 18196 XLEN 'outrigger:{bench}'; }
+through "redis+cluster" "redis+cluster://127.0.0.1:18196,127.0.0.1:18197,127.0.0.1:18198" cluster_count
+# shellcheck disable=SC2086
+kill $redis 2>/dev/null; wait $redis 2>/dev/null || true; redis=
+
+# NATS JetStream on CPU 1 (file storage; 2.9 writes before acknowledging, fsyncs every 60 s)
+mkdir -p "$work/nats"
+cat >"$work/nats/nats.conf" <<CONF
+host: 127.0.0.1
+port: 18199
+http: 127.0.0.1:18200
+max_payload: 8MB
+jetstream { store_dir: "$work/nats/store", max_memory_store: 64MB, max_file_store: 8GB }
+CONF
+taskset -c 1 nats-server -c "$work/nats/nats.conf" >"$work/nats/nats.log" 2>&1 &
+redis=$!
+for _ in $(seq 100); do curl -fs 'http://127.0.0.1:18200/healthz?js-enabled-only=true' >/dev/null && break; sleep 0.1; done
+echo
+echo "NATS JetStream $(nats-server --version | awk '{print $NF}'), the broker's own limit, a JetStream publish loop (async-nats, one connection):"
+for c in 1 64; do
+  echo "  $c client(s): $(taskset -c 0 "$JETSTREAM_PUBLISH" nats://127.0.0.1:18199 bench.raw "$c" "$SECONDS_PER_RUN")"
+done
+nats_count() {
+  curl -s 'http://127.0.0.1:18200/jsz?streams=true' | python3 -c '
+import json, sys
+streams = json.load(sys.stdin)["account_details"][0]["stream_detail"]
+print(sum(s["state"]["messages"] for s in streams if s["name"] == "OUTRIGGER-Q-bench"))'
+}
+through nats "nats://127.0.0.1:18199" nats_count

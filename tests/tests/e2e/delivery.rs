@@ -515,17 +515,6 @@ pub(crate) async fn lanes_in_delivery_order(yaml_of: impl Fn(&Upstream) -> Strin
 }
 
 #[tokio::test]
-async fn a_higher_priority_lane_goes_first_and_a_lower_one_gets_one_read_in_ten() {
-    let lanes = ", concurrency: 1, priority_lanes: [orders.ambulance]";
-    let order = lanes_in_delivery_order(|app| config(app, lanes)).await;
-    let first_ten: Vec<&str> = order[..10].iter().map(String::as_str).collect();
-    let mut expected = vec!["orders.ambulance"; 9];
-    expected.push("orders");
-    assert_eq!(first_ten, expected, "nine from the higher lane, then the lower one's turn");
-    assert_eq!(order.iter().filter(|q| *q == "orders").count(), 3, "every message once");
-}
-
-#[tokio::test]
 async fn a_timeout_is_retried_with_a_null_status() {
     let app =
         Upstream::scripted([Reply::Delayed(Duration::from_secs(5), 200), Reply::Status(200)]).await;
@@ -551,14 +540,4 @@ async fn a_reset_after_the_connection_opened_is_still_an_attempt() {
     assert_eq!(errors.len(), 1, "the reset left its record");
     assert_eq!(errors[0]["status_code"], Value::Null);
     assert_eq!(metric(&sidecar, PAUSED).await, Some(0.0), "an open connection pauses nothing");
-}
-
-#[tokio::test]
-async fn messages_published_before_the_app_listens_are_delivered_once_with_no_error_history() {
-    published_before_the_app_listens(|app| config_at(app, ", max_attempts: 3"), false).await;
-}
-
-#[tokio::test]
-async fn messages_published_before_the_app_listens_survive_a_kill9_of_the_sidecar() {
-    published_before_the_app_listens(|app| config_at(app, ", max_attempts: 3"), true).await;
 }

@@ -210,9 +210,4 @@ pub(crate) async fn kill9_loop(broker: Option<String>) {
     assert!(!dead.is_empty(), "one answer in three failed: some message ran out of attempts");
 }
 
-#[tokio::test]
-async fn kill9_at_random_moments_loses_no_accepted_message_on_the_embedded_broker() {
-    kill9_loop(None).await;
-}
-
-// on the remote brokers: `brokers::*::kill9_at_random_moments_loses_no_accepted_message`
+// kill -9 at random moments on every broker: `brokers::*::kill9_at_random_moments_loses_no_accepted_message`
