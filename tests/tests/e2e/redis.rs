@@ -271,3 +271,20 @@ async fn a_queue_whose_replica_lags_holds_back_only_its_own_messages() {
     wait_metric(&sidecar, &acked_other, 1.0).await;
     assert_eq!(app.seen().len(), 2, "nothing delivered twice");
 }
+
+#[tokio::test]
+async fn a_relay_script_flushed_from_redis_is_loaded_again_and_the_relay_goes_on() {
+    let redis = Redis::start().await;
+    let app = Upstream::status(200).await;
+    let sidecar = Sidecar::start(&config("shop", &redis, &app, "")).await;
+    publish(&sidecar, "orders", r#"{"n":0}"#, &[]).await;
+    deliveries(&app, 1).await;
+
+    // what a restart without persistence or a promoted replica leaves: no scripts
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+    let id = publish(&sidecar, "orders", r#"{"n":1}"#, &[]).await;
+    let seen = deliveries(&app, 2).await;
+    assert_eq!(header(&seen[1], "outrigger-message-id"), id);
+    wait_metric(&sidecar, "outrigger_outbox_pending", 0.0).await;
+    assert_eq!(redis.cli(&["XLEN", "outrigger:{orders}"]), "2", "each relayed once");
+}

@@ -83,6 +83,9 @@ struct Inner {
     dead_letter_sources: HashMap<String, Vec<String>>,
     /// (queue, dead-letter queue) -> the last entry of the old layout looked at.
     migrated: Mutex<HashMap<(String, String), String>>,
+    /// The relay script's SHA1 once `SCRIPT LOAD` gave it (on every node of a cluster): the
+    /// relay then sends `EVALSHA`, not the script's text with every message.
+    relay_sha: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -171,6 +174,7 @@ impl Redis {
                 groups: Mutex::new(HashSet::new()),
                 dead_letter_sources: dead::sources(&lanes),
                 migrated: Mutex::new(HashMap::new()),
+                relay_sha: Mutex::default(),
             }),
         }
     }
@@ -359,15 +363,51 @@ impl Redis {
         queue: &str,
         batch: impl Iterator<Item = &'a Envelope>,
     ) -> Result<(), BrokerError> {
-        let window = self.inner.dedup_window.as_millis().to_string();
         // on a cluster, the primary's online replicas copy the batch before the outbox
         // forgets it: a failover right after cannot lose what the relay handed over
         let replicas = conn.replicas_of(&stream(queue)).await.map_err(store_error)?;
+        let batch: Vec<&Envelope> = batch.collect();
+        match self.relay_pipeline(conn, queue, &batch, replicas).await {
+            // a server that restarted, or a replica promoted, has no scripts: load it again
+            Err(BrokerError::Redis(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                *self.inner.relay_sha.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.relay_pipeline(conn, queue, &batch, replicas).await
+            }
+            done => done,
+        }
+    }
+
+    /// The relay script's SHA1, loaded at first use.
+    async fn relay_sha(&self, conn: &mut Conn) -> Result<String, BrokerError> {
+        if let Some(sha) = self.inner.relay_sha.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(sha);
+        }
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(RELAY)
+            .query_async(conn)
+            .await
+            .map_err(store_error)?;
+        *self.inner.relay_sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
+        Ok(sha)
+    }
+
+    async fn relay_pipeline(
+        &self,
+        conn: &mut Conn,
+        queue: &str,
+        batch: &[&Envelope],
+        replicas: usize,
+    ) -> Result<(), BrokerError> {
+        let window = self.inner.dedup_window.as_millis().to_string();
+        let sha = self.relay_sha(conn).await?;
         let mut pipe = redis::pipe();
         for envelope in batch {
             let marker = relayed(&envelope.queue, envelope.id);
-            pipe.cmd("EVAL")
-                .arg(RELAY)
+            pipe.cmd("EVALSHA")
+                .arg(&sha)
                 .arg(3)
                 .arg(marker)
                 .arg(stream(&envelope.queue))
