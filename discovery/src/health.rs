@@ -95,6 +95,7 @@ pub(crate) async fn check(
     member: Weak<Member>,
     cfg: config::HealthCheck,
     probe: Probe,
+    events: Option<crate::pool::Events>,
 ) {
     let mut streak = Streak::new(&cfg);
     let mut last_error = String::new();
@@ -105,6 +106,9 @@ pub(crate) async fn check(
             Ok(outcome) => outcome,
             Err(_) => Err(format!("no answer within {}", cfg.timeout)),
         };
+        if let Some(events) = &events {
+            events.report(crate::pool::Event::HealthCheck { passed: outcome.is_ok() });
+        }
         let before = target.health();
         let after = streak.record(outcome.is_ok());
         target.set_health(after);

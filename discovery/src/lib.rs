@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 pub use etcd::{Instance, Registration};
 pub use health::{Health, Probe, tcp_probe};
-pub use pool::{EndpointReport, Picked, Pool, PoolConfig, State};
+pub use pool::{EndpointReport, Event, Events, Picked, Pool, PoolConfig, State};
 
 /// One address a request can be sent to, with its `HOST:PORT` rendered once.
 #[derive(Debug, Clone, PartialEq, Eq)]

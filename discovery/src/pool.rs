@@ -126,6 +126,7 @@ struct Inner {
     outlier: Option<config::OutlierDetection>,
     checked: bool,
     epoch: Instant,
+    events: Option<Events>,
 }
 
 /// What the pool is asked to do beyond following discovery.
@@ -134,6 +135,37 @@ pub struct PoolConfig {
     pub load_balancer: config::LoadBalancer,
     pub health_check: Option<(config::HealthCheck, Probe)>,
     pub outlier_detection: Option<config::OutlierDetection>,
+    /// Told of each ejection and each health check's result (for metrics); nothing by default.
+    pub events: Option<Events>,
+}
+
+/// Something that happened to one of the pool's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Ejected by outlier detection.
+    Ejected,
+    /// A health check answered: passed or failed.
+    HealthCheck { passed: bool },
+}
+
+/// Where a pool reports its [`Event`]s.
+#[derive(Clone)]
+pub struct Events(Arc<dyn Fn(Event) + Send + Sync>);
+
+impl Events {
+    pub fn new(report: impl Fn(Event) + Send + Sync + 'static) -> Self {
+        Events(Arc::new(report))
+    }
+
+    pub(crate) fn report(&self, event: Event) {
+        (self.0)(event)
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Events")
+    }
 }
 
 impl std::fmt::Debug for PoolConfig {
@@ -142,6 +174,7 @@ impl std::fmt::Debug for PoolConfig {
             .field("load_balancer", &self.load_balancer)
             .field("health_check", &self.health_check.as_ref().map(|(c, _)| c))
             .field("outlier_detection", &self.outlier_detection)
+            .field("events", &self.events)
             .finish()
     }
 }
@@ -159,9 +192,11 @@ impl Pool {
             outlier: cfg.outlier_detection,
             checked: cfg.health_check.is_some(),
             epoch: Instant::now(),
+            events: cfg.events.clone(),
         });
         // the first set is taken in now, so a fixed set serves from the first request
-        let mut follow = Follow { upstream, health_check: cfg.health_check, tx };
+        let mut follow =
+            Follow { upstream, health_check: cfg.health_check, events: cfg.events, tx };
         let mut discovered = endpoints.receiver();
         follow.apply(&discovered.borrow_and_update());
         tokio::spawn(async move {
@@ -318,6 +353,9 @@ impl Picked {
         self.member.ejected_until.store(until, Ordering::Relaxed);
         let length = returns_at - now;
         tracing::warn!(%upstream, endpoint = %addr, ?length, "endpoint ejected after consecutive failures");
+        if let Some(events) = &self.pool.events {
+            events.report(Event::Ejected);
+        }
     }
 }
 
@@ -331,6 +369,7 @@ impl Drop for Picked {
 struct Follow {
     upstream: Arc<str>,
     health_check: Option<(config::HealthCheck, Probe)>,
+    events: Option<Events>,
     tx: watch::Sender<Arc<[Arc<Member>]>>,
 }
 
@@ -353,6 +392,7 @@ impl Follow {
                         Arc::downgrade(&member),
                         cfg.clone(),
                         probe.clone(),
+                        self.events.clone(),
                     ));
                 }
                 member

@@ -30,7 +30,7 @@ use crate::http::route::{Route, RouteTable};
 use crate::messaging::Messaging;
 use crate::messaging::publish::PublishLimits;
 use crate::stack;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, NO_UPSTREAM};
 use crate::telemetry::trace::Tracer;
 
 /// Why the sidecar could not start.
@@ -140,7 +140,11 @@ pub async fn start_reloading(
     let (stop, stopped) = watch::channel(false);
     let (stop_listeners, listeners_stopped) = watch::channel(false);
     let limits = &config.outbound.limits;
-    let in_flight = Arc::new(InFlight::new(limits.max_requests, metrics.shed("max_requests")));
+    let answered = metrics.local_response(NO_UPSTREAM, config::DEFAULT_ROUTE, "overloaded");
+    let in_flight =
+        Arc::new(InFlight::new(limits.max_requests, metrics.shed("max_requests"), answered));
+    let count = in_flight.clone();
+    metrics.watch_in_flight(move || count.count());
     let graceful = Arc::new(GracefulShutdown::new());
     let serving = Serving::new(limits, metrics.shed("max_connections"));
     let mut servers = JoinSet::new();

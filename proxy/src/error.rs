@@ -99,6 +99,12 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
+/// In a response's extensions: Outrigger answered this itself, for this `outrigger-error`
+/// kind. Extensions never cross the wire, so an upstream's answer (even another Outrigger's, with
+/// its own `outrigger-error` header) never carries one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalKind(pub &'static str);
+
 impl ProxyError {
     /// The stable name sent as `outrigger-error`, used as a metrics label and in tests.
     pub fn kind(&self) -> &'static str {

@@ -78,6 +78,7 @@ pub fn upstream(
                 .as_ref()
                 .map(|c| (c.clone(), probe::for_check(&name, c, cfg.tls.as_ref()))),
             outlier_detection: cfg.outlier_detection,
+            events: Some(metrics.pool_events(&name)),
         },
     );
     let forward = Forward::new(pool.clone(), cfg); // balancer over healthy endpoints, connection pool; 502/503

@@ -27,6 +27,36 @@ pub fn trim_allocator() -> bool {
     false
 }
 
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of `/proc`'s CPU times; 100
+/// where it cannot be asked.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf takes a constant and reads nothing the caller passes; any thread may call it.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+#[cfg(not(unix))]
+pub fn clock_ticks_per_second() -> u64 {
+    100
+}
+
+/// The memory page size (`sysconf(_SC_PAGESIZE)`), the unit of `/proc`'s resident size; 4096
+/// where it cannot be asked.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn page_size() -> u64 {
+    // SAFETY: as above.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
+}
+
+#[cfg(not(unix))]
+pub fn page_size() -> u64 {
+    4096
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -29,11 +29,14 @@ pub struct InFlight {
     limit: usize,
     /// Counts the requests refused at `limit`.
     shed: IntCounter,
+    /// Counts them again as answers of Outrigger's own (`outrigger_local_responses_total`).
+    answered: IntCounter,
 }
 
 impl InFlight {
-    pub fn new(limit: usize, shed: IntCounter) -> Self {
-        Self { count: AtomicUsize::new(0), changed: Notify::new(), limit, shed }
+    /// Admits `limit` requests at once; each refused one counts in `shed` and `answered`.
+    pub fn new(limit: usize, shed: IntCounter, answered: IntCounter) -> Self {
+        Self { count: AtomicUsize::new(0), changed: Notify::new(), limit, shed, answered }
     }
 
     pub fn count(&self) -> usize {
@@ -71,6 +74,7 @@ impl InFlight {
                 // back to at least `limit` >= 1: never an edge to idle
                 self.count.fetch_sub(1, Ordering::AcqRel);
                 self.shed.inc();
+                self.answered.inc();
                 return None;
             }
             _ => {}
@@ -162,7 +166,8 @@ mod tests {
     use super::*;
 
     fn in_flight(limit: usize) -> Arc<InFlight> {
-        Arc::new(InFlight::new(limit, IntCounter::new("shed", "shed").unwrap()))
+        let counter = |name: &str| IntCounter::new(name, name).unwrap();
+        Arc::new(InFlight::new(limit, counter("shed"), counter("answered")))
     }
 
     #[tokio::test(start_paused = true)]

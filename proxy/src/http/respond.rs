@@ -18,6 +18,7 @@ pub fn error_response(err: &ProxyError) -> Response<Body> {
     let text = Bytes::from(format!("{err}\n"));
     let mut res = Response::new(Body::full(text.clone()));
     res.extensions_mut().insert(LocalAnswer { status: err.grpc_status(), message: text });
+    res.extensions_mut().insert(crate::error::LocalKind(err.kind()));
     *res.status_mut() = err.status();
     let headers = res.headers_mut();
     headers.insert(ERROR_HEADER, HeaderValue::from_static(err.kind()));

@@ -276,6 +276,7 @@ impl Route {
             }
             Err(err) => {
                 routes.unmatched.record(err.status().as_u16(), std::time::Duration::ZERO);
+                routes.unmatched.local(err.kind());
                 let mut response = error_response(&err);
                 if grpc {
                     grpc::answer_as_grpc(&mut response);

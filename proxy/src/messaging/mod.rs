@@ -40,6 +40,7 @@ use crate::messaging::broker::{
 };
 use crate::messaging::envelope::{Envelope, MessageId};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{MAX_QUEUE_SERIES, OTHER_QUEUES};
 use crate::telemetry::trace::Tracer;
 
 /// How often dead letters past `dead_letter_retention.max_age` are looked for on an idle store.
@@ -142,14 +143,14 @@ impl Messaging {
     pub async fn store(&self) -> Result<&Embedded, OpenError> {
         self.store
             .get_or_try_init(|| {
-                let (dir, window, retention, pending) = (
-                    self.data_dir.clone(),
-                    self.dedup_window,
-                    self.retention,
-                    self.pending.clone(),
-                );
+                let (dir, window, retention) =
+                    (self.data_dir.clone(), self.dedup_window, self.retention);
+                let metrics = embedded::StoreMetrics {
+                    pending: self.pending.clone(),
+                    commit_duration: Some(self.metrics.commit_duration()),
+                };
                 async move {
-                    let open = move || Embedded::open(&dir, window, retention, pending);
+                    let open = move || Embedded::open(&dir, window, retention, metrics);
                     tokio::task::spawn_blocking(open).await.map_err(|e| OpenError {
                         path: PathBuf::new(),
                         cause: OpenCause::Task(e),
@@ -390,11 +391,20 @@ impl Messaging {
         }
     }
 
-    /// Counts a stored message of `queue` and wakes its dispatcher.
+    /// Counts a stored message of `queue` and wakes its dispatcher. Queue names come from the
+    /// app: past [`MAX_QUEUE_SERIES`] distinct queues, the others share one series,
+    /// `queue="(other)"`, so a publisher inventing names cannot grow the metrics without end.
     fn stored(&self, queue: &str) {
         let known = self.published.read().unwrap_or_else(|e| e.into_inner()).get(queue).cloned();
         let counter = known.unwrap_or_else(|| {
             let mut all = self.published.write().unwrap_or_else(|e| e.into_inner());
+            if all.len() >= MAX_QUEUE_SERIES && !all.contains_key(queue) {
+                let other = all.entry(OTHER_QUEUES.into()).or_insert_with(|| {
+                    tracing::warn!(queue, cap = MAX_QUEUE_SERIES, "more queues than the metrics give series to; the rest are counted as queue=\"(other)\"");
+                    self.metrics.messages_published(OTHER_QUEUES)
+                });
+                return other.clone();
+            }
             all.entry(queue.into())
                 .or_insert_with(|| self.metrics.messages_published(queue))
                 .clone()

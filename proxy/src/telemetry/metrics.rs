@@ -7,6 +7,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+mod process;
+
 use outrigger_discovery::{Pool, State};
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -17,10 +19,29 @@ use prometheus::{
 /// create label values (and memory) by sending made-up authorities.
 pub const NO_UPSTREAM: &str = "(none)";
 
+/// The most queues that get series of their own (published, depth, age): queue names come from
+/// the app. Past it, the rest share the series of [`OTHER_QUEUES`].
+pub const MAX_QUEUE_SERIES: usize = 1000;
+/// The `queue` label of the queues past [`MAX_QUEUE_SERIES`].
+pub const OTHER_QUEUES: &str = "(other)";
+
 /// Latency buckets from 0.5 ms to 30 s: a sidecar's answers are sub-millisecond, its
 /// upstreams' range up to the longest sensible request timeout.
 const DURATION_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Commit buckets from 50 µs (one fdatasync on a fast disk) to 1 s (a stalled disk).
+const COMMIT_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+/// A count read at each scrape.
+struct Count(Box<dyn Fn() -> usize + Send + Sync>);
+
+impl std::fmt::Debug for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Count")
+    }
+}
 
 /// The process's metrics registry and its families.
 #[derive(Debug, Clone)]
@@ -52,6 +73,14 @@ pub struct Metrics {
     shed: IntCounterVec,
     publish_buffer: IntGauge,
     grpc_responses: IntCounterVec,
+    local_responses: IntCounterVec,
+    ejections: IntCounterVec,
+    health_checks: IntCounterVec,
+    requests_in_flight: IntGauge,
+    /// What `requests_in_flight` reads at each scrape (the app-facing listeners' count).
+    in_flight: Arc<OnceLock<Count>>,
+    process: process::Process,
+    commit_duration: Histogram,
 }
 
 impl Metrics {
@@ -275,6 +304,56 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(hedges.clone())).expect("registered once");
+        let local_responses = IntCounterVec::new(
+            Opts::new(
+                "outrigger_local_responses_total",
+                "Answers Outrigger gave itself in place of an upstream's, by outrigger-error kind",
+            ),
+            &["upstream", "route", "kind"],
+        )
+        .expect("valid metric");
+        let ejections = IntCounterVec::new(
+            Opts::new("outrigger_ejections_total", "Endpoints ejected by outlier detection"),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let health_checks = IntCounterVec::new(
+            Opts::new("outrigger_health_checks_total", "Active health checks, by result"),
+            &["upstream", "result"],
+        )
+        .expect("valid metric");
+        let requests_in_flight = IntGauge::new(
+            "outrigger_requests_in_flight",
+            "Requests from the app being handled now (outbound listeners)",
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("outrigger_build_info", "Always 1; the running build's version as a label"),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "outrigger_store_commit_duration_seconds",
+                "Durable commits of the embedded store (a group of publishes, acks, parks), \
+                 from the write to the flush's return",
+            )
+            .buckets(COMMIT_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let process = process::Process::new();
+        for family in [
+            Box::new(local_responses.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ejections.clone()),
+            Box::new(health_checks.clone()),
+            Box::new(requests_in_flight.clone()),
+            Box::new(build_info),
+            Box::new(commit_duration.clone()),
+        ] {
+            registry.register(family).expect("registered once");
+        }
+        process.register(&registry);
         Self {
             registry,
             requests,
@@ -303,7 +382,43 @@ impl Metrics {
             shed,
             publish_buffer,
             grpc_responses,
+            local_responses,
+            ejections,
+            health_checks,
+            requests_in_flight,
+            in_flight: Arc::default(),
+            process,
+            commit_duration,
         }
+    }
+
+    /// Where `outrigger_requests_in_flight` is read at each scrape: set once, by the listeners'
+    /// owner.
+    pub fn watch_in_flight(&self, count: impl Fn() -> usize + Send + Sync + 'static) {
+        let _ = self.in_flight.set(Count(Box::new(count)));
+    }
+
+    /// `outrigger_local_responses_total` of one upstream, route and kind: for answers given
+    /// before any upstream's stack (a sidecar at its request cap).
+    pub fn local_response(&self, upstream: &str, route: &str, kind: &str) -> IntCounter {
+        self.local_responses.with_label_values(&[upstream, route, kind])
+    }
+
+    /// `outrigger_store_commit_duration_seconds`: the embedded store times each commit.
+    pub fn commit_duration(&self) -> Histogram {
+        self.commit_duration.clone()
+    }
+
+    /// What the endpoint pool of `upstream` reports: ejections and health-check results.
+    pub fn pool_events(&self, upstream: &str) -> outrigger_discovery::Events {
+        let ejected = self.ejections.with_label_values(&[upstream]);
+        let passed = self.health_checks.with_label_values(&[upstream, "passed"]);
+        let failed = self.health_checks.with_label_values(&[upstream, "failed"]);
+        outrigger_discovery::Events::new(move |event| match event {
+            outrigger_discovery::Event::Ejected => ejected.inc(),
+            outrigger_discovery::Event::HealthCheck { passed: true } => passed.inc(),
+            outrigger_discovery::Event::HealthCheck { passed: false } => failed.inc(),
+        })
     }
 
     /// `outrigger_publish_buffer_bytes`: the publish buffer keeps it equal to what it holds.
@@ -337,7 +452,24 @@ impl Metrics {
             family.reset();
         }
         let age = |at: u64| now_ms.saturating_sub(at) as f64 / 1000.0;
-        for d in depths {
+        // the deepest queues keep series of their own; the rest are summed as "(other)"
+        let mut depths: Vec<&crate::messaging::broker::QueueDepth> = depths.iter().collect();
+        let mut other = None;
+        if depths.len() > MAX_QUEUE_SERIES {
+            depths.sort_by_key(|d| std::cmp::Reverse(d.messages + d.dead_letters));
+            let mut sum = crate::messaging::broker::QueueDepth {
+                queue: OTHER_QUEUES.to_owned(),
+                messages: 0,
+                dead_letters: 0,
+                oldest_published_ms: None,
+                oldest_dead_letter_ms: None,
+            };
+            for rest in depths.drain(MAX_QUEUE_SERIES..) {
+                sum.add(rest);
+            }
+            other = Some(sum);
+        }
+        for d in depths.into_iter().chain(other.as_ref()) {
             let q = [d.queue.as_str()];
             if d.messages > 0 {
                 self.queue_depth.with_label_values(&q).set(d.messages as i64);
@@ -438,6 +570,7 @@ impl Metrics {
         UpstreamMetrics(Arc::new(Handles {
             name: upstream.into(),
             route: route.into(),
+            local: self.local_responses.clone(),
             requests: self.requests.clone(),
             by_code: std::array::from_fn(|_| OnceLock::new()),
             duration: self.duration.with_label_values(&[upstream, route]),
@@ -464,6 +597,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything registered.
     pub fn encode(&self) -> Vec<u8> {
+        if let Some(Count(count)) = self.in_flight.get() {
+            self.requests_in_flight.set(i64::try_from(count()).unwrap_or(i64::MAX));
+        }
+        self.process.observe();
         let mut out = Vec::with_capacity(4096);
         prometheus::TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -486,6 +623,8 @@ pub struct UpstreamMetrics(Arc<Handles>);
 struct Handles {
     name: Box<str>,
     route: Box<str>,
+    /// `outrigger_local_responses_total`: labels made on an answer of ours, off the fast path.
+    local: IntCounterVec,
     requests: IntCounterVec,
     /// One counter per status code 100..=599, made on first use.
     by_code: [OnceLock<IntCounter>; 500],
@@ -502,6 +641,12 @@ impl UpstreamMetrics {
             .inc();
         }
         h.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an answer Outrigger gave itself, of `outrigger-error` kind `kind`.
+    pub fn local(&self, kind: &'static str) {
+        let h = &self.0;
+        h.local.with_label_values(&[&*h.name, &*h.route, kind]).inc();
     }
 }
 
@@ -529,6 +674,27 @@ impl GrpcResponses {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn past_the_cap_the_shallowest_queues_share_one_series() {
+        let metrics = Metrics::new();
+        let depths: Vec<crate::messaging::broker::QueueDepth> = (0..MAX_QUEUE_SERIES as u64 + 2)
+            .map(|n| crate::messaging::broker::QueueDepth {
+                queue: format!("q{n}"),
+                messages: n + 1,
+                dead_letters: 0,
+                oldest_published_ms: Some(1_000),
+                oldest_dead_letter_ms: None,
+            })
+            .collect();
+        metrics.observe_queues(&depths, 2_000);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        let series = text.lines().filter(|l| l.starts_with("outrigger_queue_depth{")).count();
+        assert_eq!(series, MAX_QUEUE_SERIES + 1, "the cap, and one for the rest");
+        assert!(text.contains(r#"outrigger_queue_depth{queue="(other)"} 3"#), "q0 and q1: 1 + 2");
+        assert!(text.contains(r#"outrigger_queue_depth{queue="q1001"} 1002"#), "the deepest stay");
+        assert!(!text.contains(r#"outrigger_queue_depth{queue="q0"}"#));
+    }
 
     #[test]
     fn counts_requests_by_upstream_route_and_code() {
@@ -635,11 +801,17 @@ where
     ) -> std::task::Poll<F::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
-        let status = match &result {
-            Ok(res) => res.status(),
-            Err(err) => err.status(),
+        let (status, local) = match &result {
+            Ok(res) => {
+                let local = res.extensions().get::<crate::error::LocalKind>().map(|k| k.0);
+                (res.status(), local)
+            }
+            Err(err) => (err.status(), Some(err.kind())),
         };
         this.metrics.record(status.as_u16(), this.started.elapsed());
+        if let Some(kind) = local {
+            this.metrics.local(kind);
+        }
         std::task::Poll::Ready(result)
     }
 }

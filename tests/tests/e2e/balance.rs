@@ -41,6 +41,14 @@ async fn an_endpoint_failing_its_health_check_gets_no_traffic_until_it_recovers(
         metrics.contains(r#"outrigger_endpoints{state="unhealthy",upstream="payments"} 1"#),
         "{metrics}"
     );
+    // every probe is counted by its result: the sick one's failed, the good one's passed
+    let checks = |result: &str| {
+        let series =
+            format!(r#"outrigger_health_checks_total{{result="{result}",upstream="payments"}} "#);
+        let line = metrics.lines().find(|l| l.starts_with(&series));
+        line.and_then(|l| l[series.len()..].parse::<u64>().ok()).unwrap_or(0)
+    };
+    assert!(checks("failed") >= 1 && checks("passed") >= 1, "{metrics}");
 
     sick.set_health(200);
     wait_until(DEADLINE, "the recovered endpoint to get traffic again", || async {
@@ -157,6 +165,7 @@ async fn outlier_detection_ejects_a_failing_endpoint_and_traffic_moves_away() {
         metrics.contains(r#"outrigger_endpoints{state="ejected",upstream="payments"} 1"#),
         "{metrics}"
     );
+    assert!(metrics.contains(r#"outrigger_ejections_total{upstream="payments"} 1"#), "{metrics}");
     let (status, view) = sidecar.admin("/v1/endpoints").await;
     assert_eq!(status, 200);
     let view: serde_json::Value = serde_json::from_str(&view).unwrap();

@@ -35,6 +35,11 @@ pub(crate) fn id_of(body: &str) -> String {
 /// The value of an unlabelled or fully spelled-out metric line.
 pub(crate) async fn metric(sidecar: &Sidecar, series: &str) -> Option<f64> {
     let (_, text) = sidecar.admin("/metrics").await;
+    value(&text, series)
+}
+
+/// The same, in a scrape already read.
+pub(crate) fn value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
@@ -234,4 +239,19 @@ async fn a_store_written_before_the_log_opens_with_every_message_it_held() {
     sidecar.restart().await;
     assert_eq!(depth(&sidecar, "audit").await, 2);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn past_a_thousand_queues_the_publish_counter_gives_the_rest_one_series() {
+    let sidecar = Sidecar::start(YAML).await;
+    for n in 0..1003 {
+        let (status, body) = post(&sidecar, &format!("q{n}"), "{}", None).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let (_, text) = sidecar.admin("/metrics").await;
+    let own = text.lines().filter(|l| l.starts_with("outrigger_messages_published_total{")).count();
+    assert_eq!(own, 1001, "a thousand queues, and one series for the rest");
+    assert_eq!(value(&text, r#"outrigger_messages_published_total{queue="(other)"}"#), Some(3.0));
+    assert_eq!(value(&text, r#"outrigger_messages_published_total{queue="q0"}"#), Some(1.0));
+    assert!(sidecar.log().contains("the rest are counted as queue=\"(other)\""));
 }

@@ -138,6 +138,21 @@ pub enum OpenCause {
     Task(#[source] tokio::task::JoinError),
 }
 
+/// What the store reports: the messages it holds, and how long each commit takes.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    /// Set to the stored messages, and following every commit.
+    pub pending: IntGauge,
+    /// Each commit's duration, when timed.
+    pub commit_duration: Option<prometheus::Histogram>,
+}
+
+impl From<IntGauge> for StoreMetrics {
+    fn from(pending: IntGauge) -> Self {
+        StoreMetrics { pending, commit_duration: None }
+    }
+}
+
 // === impl Embedded ===
 
 impl Embedded {
@@ -148,8 +163,9 @@ impl Embedded {
         dir: &Path,
         dedup_window: std::time::Duration,
         retention: Retention,
-        pending: IntGauge,
+        metrics: impl Into<StoreMetrics>,
     ) -> Result<Self, OpenError> {
+        let StoreMetrics { pending, commit_duration } = metrics.into();
         let path = dir.join(FILE_NAME);
         let fail = |cause| OpenError { path: path.clone(), cause };
         std::fs::create_dir_all(dir).map_err(|e| fail(OpenCause::Dir(e)))?;
@@ -178,6 +194,7 @@ impl Embedded {
             retention,
             commits: commits.clone(),
             pending: pending.clone(),
+            commit_duration,
         };
         std::thread::Builder::new()
             .name("outrigger-store".into())

@@ -331,6 +331,8 @@ pub(super) struct Writer {
     pub(super) retention: Retention,
     pub(super) commits: Arc<AtomicU64>,
     pub(super) pending: IntGauge,
+    /// Each commit's duration, from taking the batch to answering it.
+    pub(super) commit_duration: Option<prometheus::Histogram>,
 }
 
 impl Writer {
@@ -366,7 +368,15 @@ impl Writer {
 
     /// Logs `batch` as one record (one fdatasync), applies it to redb in one transaction,
     /// then answers every caller: all with their outputs, or all with the error.
-    fn commit(&mut self, mut batch: Vec<Box<dyn Job>>) {
+    fn commit(&mut self, batch: Vec<Box<dyn Job>>) {
+        let started = tokio::time::Instant::now();
+        self.commit_batch(batch);
+        if let Some(histogram) = &self.commit_duration {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    fn commit_batch(&mut self, mut batch: Vec<Box<dyn Job>>) {
         let db = match self.open() {
             Ok(db) => db,
             Err(refused) => {
