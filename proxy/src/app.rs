@@ -123,7 +123,8 @@ pub async fn start_reloading(
         publish_limits,
     )
     .await?;
-    let routes = RouteTable::new(stack::routes(&upstreams, &metrics, &messaging));
+    let access_log = config.telemetry.access_log;
+    let routes = RouteTable::new(stack::routes(&upstreams, &metrics, &messaging, access_log));
     let health = Arc::new(
         Health::new(
             upstreams.iter().map(|u| u.pool.clone()).collect(),

@@ -154,7 +154,8 @@ impl Reloader {
         self.built = built;
         let upstreams: Vec<BuiltUpstream> =
             next.upstreams.iter().map(|cfg| self.built[cfg.name.as_str()].1.clone()).collect();
-        let routes = stack::routes(&upstreams, &self.metrics, &self.messaging);
+        let access_log = next.telemetry.access_log;
+        let routes = stack::routes(&upstreams, &self.metrics, &self.messaging, access_log);
         self.table.replace(routes);
         self.health.set_upstreams(upstreams.iter().map(|u| u.pool.clone()).collect());
         // what needs a restart keeps its running value (and a later reload reports it again)

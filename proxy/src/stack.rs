@@ -148,10 +148,12 @@ pub fn routes(
     upstreams: &[BuiltUpstream],
     metrics: &Metrics,
     messaging: &Arc<Messaging>,
+    access_log: bool,
 ) -> Routes {
     let by_name: HashMap<Box<str>, Routed<UpstreamService>> =
         upstreams.iter().map(|u| (Box::from(&*u.name), u.service.clone())).collect();
     Routes::new(by_name, metrics.upstream(NO_UPSTREAM))
         .with_local_api(publish::api(messaging.clone()))
         .with_tracer(messaging.tracer().clone())
+        .with_access_log(access_log)
 }

@@ -123,6 +123,8 @@ pub struct Telemetry {
     pub log: Log,
     /// `None`: no spans are exported (trace context is still propagated).
     pub tracing: Option<Tracing>,
+    /// One log line per proxied call (target `outrigger::access`); off by default.
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -29,6 +29,7 @@ use crate::http::guard::refusal;
 use crate::http::respond::error_response;
 use crate::http::route_match::Routed;
 use crate::stack::UpstreamService;
+use crate::telemetry::log::call_span;
 use crate::telemetry::metrics::UpstreamMetrics;
 use crate::telemetry::trace::{Kind, Span, Tracer};
 
@@ -42,6 +43,7 @@ pub struct Routes {
     unmatched: UpstreamMetrics,
     local_api: Option<LocalApi>,
     tracer: Tracer,
+    access_log: bool,
 }
 
 impl Routes {
@@ -49,7 +51,14 @@ impl Routes {
         by_name: HashMap<Box<str>, Routed<UpstreamService>>,
         unmatched: UpstreamMetrics,
     ) -> Self {
-        Self { by_name, unmatched, local_api: None, tracer: Tracer::disabled() }
+        let tracer = Tracer::disabled();
+        Self { by_name, unmatched, local_api: None, tracer, access_log: false }
+    }
+
+    /// Logs one line per proxied call (`telemetry.access_log`).
+    pub fn with_access_log(mut self, on: bool) -> Self {
+        self.access_log = on;
+        self
     }
 
     /// Continues (or starts) a trace for every request forwarded, and records its span.
@@ -256,8 +265,9 @@ impl Route {
         match answer {
             Ok((host, route, upstream)) => {
                 tracing::debug!(upstream = host, route, "request routed");
-                let mut span =
-                    routes.tracer.start(req.headers().get("traceparent"), "outbound", Kind::Client);
+                let from_app = req.headers().get("traceparent");
+                let traced_by_app = from_app.is_some();
+                let mut span = routes.tracer.start(from_app, "outbound", Kind::Client);
                 // the upstream continues the trace under this span
                 Tracer::inject(&span, &mut req);
                 if span.recording() {
@@ -271,8 +281,22 @@ impl Route {
                     req.extensions_mut()
                         .insert(RequestTrace { tracer: routes.tracer.clone(), parent });
                 }
+                // a traced call (the app sent a trace, or it is sampled): its log lines carry it
+                let traced = span.recording() || traced_by_app;
+                let log = traced.then(|| call_span(&span.context.trace_id, &span.context.span_id));
+                let access = routes.access_log.then(|| {
+                    Box::new(Access {
+                        upstream: host.into(),
+                        route: route.into(),
+                        method: req.method().clone(),
+                        path: req.uri().path().into(),
+                        trace_id: span.context.trace_id,
+                        started: tokio::time::Instant::now(),
+                    })
+                });
                 let trace = span.recording().then(|| Box::new((routes.tracer.clone(), span)));
-                RouteFuture::Upstream { inner: upstream.oneshot(req), connect, trace, rpc: grpc }
+                let inner = upstream.oneshot(req);
+                RouteFuture::Upstream { inner, connect, trace, rpc: grpc, log, access }
             }
             Err(err) => {
                 routes.unmatched.record(err.status().as_u16(), std::time::Duration::ZERO);
@@ -290,6 +314,47 @@ impl Route {
     }
 }
 
+/// A proxied call, for its access log line.
+#[derive(Debug)]
+pub struct Access {
+    upstream: Box<str>,
+    route: Box<str>,
+    method: Method,
+    path: Box<str>,
+    trace_id: [u8; 16],
+    started: tokio::time::Instant,
+}
+
+impl Access {
+    /// The call's line: who, what, the answer (and whose: `kind` when Outrigger answered),
+    /// attempts, time to the response head, trace.
+    fn log(&self, response: &Response<Body>) {
+        let kind = response.extensions().get::<crate::error::LocalKind>().map(|k| k.0);
+        let attempts = response
+            .headers()
+            .get(crate::policy::retry::ATTEMPTS_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(1);
+        let mut trace_id = String::with_capacity(32);
+        for byte in self.trace_id {
+            trace_id.push_str(&format!("{byte:02x}"));
+        }
+        tracing::info!(
+            target: "outrigger::access",
+            upstream = &*self.upstream,
+            route = &*self.route,
+            method = self.method.as_str(),
+            path = &*self.path,
+            status = response.status().as_u16(),
+            kind = kind.unwrap_or(""),
+            attempts,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            trace_id,
+            "access"
+        );
+    }
+}
+
 pin_project_lite::pin_project! {
     #[project = RouteFutureProj]
     #[allow(missing_debug_implementations)]
@@ -302,6 +367,10 @@ pin_project_lite::pin_project! {
             trace: Option<Box<(Tracer, Span)>>,
             // a gRPC call: our own answers to it become gRPC answers
             rpc: bool,
+            // a traced call: entered while polled, so its log lines carry its ids
+            log: Option<tracing::Span>,
+            // `telemetry.access_log`: what its line says besides the answer
+            access: Option<Box<Access>>,
         },
         Local { #[pin] inner: Oneshot<LocalApi, Request<Body>> },
     }
@@ -315,29 +384,40 @@ impl Future for RouteFuture {
             RouteFutureProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            RouteFutureProj::Upstream { inner, connect, trace, rpc } => inner.poll(cx).map(|res| {
-                let mut response = res.unwrap_or_else(|err| error_response(&err));
-                if *rpc {
-                    // ours carry a `LocalAnswer`, from any layer; an upstream's answer passes
-                    grpc::answer_as_grpc(&mut response);
-                }
-                if *connect {
-                    close_if_refused(&mut response);
-                }
-                if let Some(recorded) = trace.take() {
-                    let (tracer, mut span) = *recorded;
-                    span.int("http.response.status_code", i64::from(response.status().as_u16()));
-                    if let Some(kind) = response.headers().get(crate::http::respond::ERROR_HEADER) {
-                        span.text("outrigger.error", kind.to_str().unwrap_or_default());
+            RouteFutureProj::Upstream { inner, connect, trace, rpc, log, access } => {
+                let _entered = log.as_ref().map(tracing::Span::enter);
+                inner.poll(cx).map(|res| {
+                    let mut response = res.unwrap_or_else(|err| error_response(&err));
+                    if *rpc {
+                        // ours carry a `LocalAnswer`, from any layer; an upstream's answer passes
+                        grpc::answer_as_grpc(&mut response);
                     }
-                    let grpc_failed = *rpc && grpc_status(&mut span, &response);
-                    if response.status().is_server_error() || grpc_failed {
-                        span.failed();
+                    if *connect {
+                        close_if_refused(&mut response);
                     }
-                    tracer.end(span);
-                }
-                Ok(response)
-            }),
+                    if let Some(recorded) = trace.take() {
+                        let (tracer, mut span) = *recorded;
+                        span.int(
+                            "http.response.status_code",
+                            i64::from(response.status().as_u16()),
+                        );
+                        if let Some(kind) =
+                            response.headers().get(crate::http::respond::ERROR_HEADER)
+                        {
+                            span.text("outrigger.error", kind.to_str().unwrap_or_default());
+                        }
+                        let grpc_failed = *rpc && grpc_status(&mut span, &response);
+                        if response.status().is_server_error() || grpc_failed {
+                            span.failed();
+                        }
+                        tracer.end(span);
+                    }
+                    if let Some(access) = access.take() {
+                        access.log(&response);
+                    }
+                    Ok(response)
+                })
+            }
             RouteFutureProj::Local { inner } => inner.poll(cx),
         }
     }

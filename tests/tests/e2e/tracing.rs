@@ -126,3 +126,89 @@ async fn a_trace_crosses_the_queue_from_publish_to_delivery() {
     assert_eq!(deliver_span.attribute("messaging.delivery.attempt"), Some("1"));
     assert_eq!(publish_span.attribute("messaging.destination.name"), Some("orders"));
 }
+
+/// The sidecar's log as JSON objects, one per line; panics on a line that is not one.
+fn json_lines(sidecar: &Sidecar) -> Vec<serde_json::Value> {
+    let log = sidecar.log();
+    log.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn json_logs_are_flat_and_a_traced_calls_lines_carry_its_trace_and_the_access_log_one_line() {
+    use outrigger_tests::Reply;
+    let up = Upstream::scripted([Reply::Status(503), Reply::Status(200)]).await;
+    // nothing listens at `nowhere`: the answer is Outrigger's own, logged inside the call
+    let yaml = format!(
+        "{}    retry: {{ max_attempts: 2, backoff: {{ initial: 10ms, max: 10ms, jitter: none }} }}\n  \
+         nowhere:\n    discovery: {{ static: [\"127.0.0.1:{}\"] }}\n\
+         telemetry:\n  log: {{ format: json, level: debug }}\n  access_log: true\n",
+        up.yaml("payments"),
+        outrigger_tests::free_port()
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    let traced = |host: &str, path: &str| {
+        Request::get(path)
+            .header("host", host)
+            .header("traceparent", traceparent())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(sidecar.send(traced("payments", "/orders/7")).await.status(), 200);
+    assert_eq!(sidecar.send(traced("nowhere", "/refused")).await.status(), 502);
+    // a call nobody traced: its lines carry no span of a traced call
+    let _ = sidecar.get("payments", "/untraced").await;
+
+    let lines = wait_until(DEADLINE, "three access lines", || async {
+        let lines = json_lines(&sidecar);
+        (lines.iter().filter(|l| l["target"] == "outrigger::access").count() >= 3).then_some(lines)
+    })
+    .await;
+    for line in &lines {
+        assert!(line["timestamp"].is_string() && line["level"].is_string(), "{line}");
+        assert!(line.get("fields").is_none() && line.get("span").is_none(), "flat: {line}");
+    }
+    let access = |path: &str| {
+        let found = lines.iter().find(|l| l["target"] == "outrigger::access" && l["path"] == path);
+        found.unwrap_or_else(|| panic!("the access line of {path}: {lines:#?}")).clone()
+    };
+    let ok = access("/orders/7");
+    assert_eq!(ok["upstream"], "payments");
+    assert_eq!(ok["route"], "(default)");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["attempts"], 2, "the 503, then the 200");
+    assert_eq!(ok["kind"], "", "the upstream answered");
+    assert_eq!(ok["trace_id"], APP_TRACE, "the app's trace");
+    assert_eq!(ok["span_id"].as_str().map(str::len), Some(16), "inside the traced call: {ok}");
+    assert!(ok["duration_ms"].as_f64().is_some_and(|ms| ms > 0.0 && ms < 5_000.0));
+    let refused = access("/refused");
+    assert_eq!(
+        (refused["status"].as_u64(), refused["kind"].as_str()),
+        (Some(502), Some("connect-failed"))
+    );
+    let untraced = access("/untraced");
+    assert_eq!(untraced["trace_id"].as_str().map(str::len), Some(32), "a trace of its own");
+    assert!(untraced.get("span_id").is_none(), "not a traced call: {untraced}");
+
+    // inside the traced call, Outrigger's own lines carry its ids
+    let inside = lines.iter().find(|l| {
+        l["target"] != "outrigger::access" && l["message"] == "answering for the upstream"
+    });
+    let inside = inside.unwrap_or_else(|| panic!("the refusal's debug line: {lines:#?}"));
+    assert_eq!(inside["trace_id"], APP_TRACE, "{inside}");
+    assert_eq!(inside["kind"], "connect-failed");
+}
+
+#[tokio::test]
+async fn without_access_log_no_access_line_is_written() {
+    let up = Upstream::status(200).await;
+    let yaml = format!("{}telemetry:\n  log: {{ format: json }}\n", up.yaml("payments"));
+    let sidecar = Sidecar::start(&yaml).await;
+    assert_eq!(sidecar.get("payments", "/").await.status(), 200);
+    let lines = json_lines(&sidecar);
+    assert!(!lines.is_empty(), "the startup lines");
+    assert!(lines.iter().all(|l| l["target"] != "outrigger::access"), "{lines:#?}");
+}
