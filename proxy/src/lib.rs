@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod demo;
 pub mod error;

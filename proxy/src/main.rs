@@ -32,6 +32,17 @@ enum Command {
         #[arg(long, env = "OUTRIGGER_CONFIG")]
         config: PathBuf,
     },
+    /// Check what a sidecar would depend on: the config, each upstream's discovery and
+    /// endpoints, the registry, the broker, the app, the collector; or, with --admin, what a
+    /// running sidecar says of itself. Exit 1 if any check fails.
+    Check {
+        /// The YAML configuration file to check.
+        #[arg(long, env = "OUTRIGGER_CONFIG", conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// A running sidecar's admin endpoint, e.g. http://127.0.0.1:9901.
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Watch the policies act on local scripted upstreams (nothing to install).
     Demo {
         /// How long to drive traffic, in seconds.
@@ -147,6 +158,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Dlq { admin, json, action } => dlq(&admin, json, action),
+        Command::Check { config, admin } => check(config, admin),
         Command::Demo { seconds } => {
             match runtime(config::Runtime::default().worker_threads())
                 .block_on(demo::run(std::time::Duration::from_secs(seconds)))
@@ -203,6 +215,28 @@ fn dlq(admin: &str, json: bool, action: DlqAction) -> ExitCode {
             eprintln!("outrigger dlq: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn check(config: Option<PathBuf>, admin: Option<String>) -> ExitCode {
+    let lines = match (config, admin) {
+        (Some(path), _) => runtime(1).block_on(outrigger_proxy::check::config_file(&path)),
+        (None, Some(admin)) => match runtime(1).block_on(outrigger_proxy::check::admin(&admin)) {
+            Ok(lines) => lines,
+            Err(error) => {
+                eprintln!("outrigger check: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => {
+            eprintln!("outrigger check: say what to check: --config FILE, or --admin URL");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", outrigger_proxy::check::render(&lines));
+    match lines.iter().all(|line| line.ok) {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
     }
 }
 

@@ -249,18 +249,37 @@ impl Relay {
 
     /// The URL, from the config or read from `postgres_file` now.
     fn url(&self) -> Result<String, AppOutboxError> {
-        if let Some(url) = &self.cfg.postgres {
-            return Ok(url.as_str().to_owned());
-        }
-        let path = self.cfg.postgres_file.clone().unwrap_or_default();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|cause| AppOutboxError::UrlFile { path: path.clone(), cause })?;
-        let url: config::PostgresUrl = text.trim().parse().map_err(|e: config::ValueError| {
-            AppOutboxError::BadUrlFile { path, reason: e.to_string() }
-        })?;
-        Ok(url.as_str().to_owned())
+        url_of(&self.cfg)
     }
+}
 
+/// `outrigger check`: connects as the relay does and checks the table; the error says what is
+/// missing (the DDL is [`ddl`]).
+pub async fn check(cfg: &config::AppOutbox) -> Result<(), AppOutboxError> {
+    let mut pg: tokio_postgres::Config = url_of(cfg)?.parse()?;
+    pg.connect_timeout(ROUND_TIMEOUT);
+    let (client, connection) = deadline(pg.connect(NoTls)).await??;
+    let driver = tokio::spawn(connection);
+    let checked = deadline(check_table(&client, &cfg.table)).await;
+    driver.abort();
+    checked?
+}
+
+/// `cfg`'s URL, from the config or read from `postgres_file` now.
+fn url_of(cfg: &config::AppOutbox) -> Result<String, AppOutboxError> {
+    if let Some(url) = &cfg.postgres {
+        return Ok(url.as_str().to_owned());
+    }
+    let path = cfg.postgres_file.clone().unwrap_or_default();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|cause| AppOutboxError::UrlFile { path: path.clone(), cause })?;
+    let url: config::PostgresUrl = text.trim().parse().map_err(|e: config::ValueError| {
+        AppOutboxError::BadUrlFile { path, reason: e.to_string() }
+    })?;
+    Ok(url.as_str().to_owned())
+}
+
+impl Relay {
     async fn serve(&mut self, client: &mut Client, wake: &Notify) -> Result<(), AppOutboxError> {
         deadline(check_table(client, &self.cfg.table)).await??;
         deadline(client.batch_execute(&format!("LISTEN {CHANNEL}"))).await??;

@@ -75,7 +75,7 @@ pub struct Messaging {
 }
 
 /// `dead_letter_retention` in the brokers' units.
-fn retention(cfg: &config::Messaging) -> embedded::Retention {
+pub(crate) fn retention(cfg: &config::Messaging) -> embedded::Retention {
     embedded::Retention {
         max_messages: cfg.dead_letter_retention.max_messages,
         max_age_ms: cfg.dead_letter_retention.max_age.get().as_millis() as u64,

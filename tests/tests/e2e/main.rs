@@ -5,6 +5,7 @@ mod admin;
 mod app_outbox;
 mod balance;
 mod brokers;
+mod check;
 mod cli;
 mod deadlines;
 mod delivery;

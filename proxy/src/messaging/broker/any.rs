@@ -163,6 +163,16 @@ impl AnyRemote {
         })
     }
 
+    /// Whether the broker answers (`outrigger check`): Redis's PING, JetStream's account info.
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        match self {
+            AnyRemote::Redis(redis) => redis.ping().await,
+            AnyRemote::Nats(nats) => {
+                nats.ping().await.map_err(|e| BrokerError::Nats(std::sync::Arc::new(e)))
+            }
+        }
+    }
+
     /// The same broker as the queue deliveries read from.
     pub fn queue(&self) -> AnyQueue {
         match self {

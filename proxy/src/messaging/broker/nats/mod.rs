@@ -190,6 +190,15 @@ impl Nats {
             .await
     }
 
+    /// Whether JetStream answers: the account's info, asked for (`outrigger check`).
+    pub async fn ping(&self) -> Result<(), NatsError> {
+        let js = self.js().await?;
+        let asked = js.query_account().await;
+        asked
+            .map(drop)
+            .map_err(|e| NatsError::Stream { stream: "(account)".into(), cause: e.into() })
+    }
+
     /// The stream `queue`'s messages go to, as Outrigger needs it: made if missing, refused
     /// (never changed) if it exists with settings that would break a promise; and this
     /// service's durable consumer on it, made if missing (on 2.9 a "create" would silently
@@ -363,12 +372,16 @@ impl Nats {
                                 continue;
                             }
                             order::Turn::NotYet => {
-                                self.wait(
-                                    &keyed,
-                                    &message,
-                                    State::waiting(envelope, attempts, delivered),
-                                )
-                                .await?;
+                                let state = State::waiting(envelope, attempts, delivered);
+                                self.wait(&keyed, &message, state).await?;
+                                continue;
+                            }
+                            order::Turn::Held => {
+                                // back once the holder settles it (then skipped) or is gone
+                                let state = State::waiting(envelope, attempts, delivered);
+                                self.save_state(queue, seq, &state).await?;
+                                let later = jetstream::AckKind::Nak(Some(self.inner.claim_idle));
+                                message.double_ack_with(later).await.map_err(&failed)?;
                                 continue;
                             }
                         }
@@ -446,7 +459,12 @@ impl Nats {
         until: super::UnixMillis,
     ) -> Result<(), NatsError> {
         let leased = self.take_lease(envelope.id.as_u128());
-        let Some(Lease { queue, message, .. }) = leased else { return Ok(()) };
+        let Some(lease) = leased else { return Ok(()) };
+        if let Some(keyed) = lease.keyed() {
+            // its retry is handed to an app again; the key's later messages still wait
+            self.drop_hold(&keyed).await?;
+        }
+        let Lease { queue, message, .. } = lease;
         let info = message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
         let (delivered, seq) = info;
         self.save_state(&queue, seq, &State { envelope, attempts, until, delivered }).await?;

@@ -31,6 +31,11 @@ struct Turns {
     /// reply subject, to nak when its turn comes.
     #[serde(default)]
     waiting: BTreeMap<u64, String>,
+    /// The head handed to an app, and since when (Unix ms): another delivery of it meanwhile
+    /// (NATS redelivers on a nak of an older delivery's reply, whichever delivery is current)
+    /// is put back, not handed to a second app. Taken over after `claim_idle`: its holder died.
+    #[serde(default)]
+    held: Option<(u64, u64)>,
 }
 
 /// Whether a delivered message of an ordering key may go to the app.
@@ -38,6 +43,9 @@ struct Turns {
 pub(super) enum Turn {
     /// It is the key's oldest unsettled message.
     Yours,
+    /// It is, and another delivery of it is with an app now: it is put back until that one
+    /// is settled (or its holder is gone).
+    Held,
     /// An older message of its key is unsettled: it waits.
     NotYet,
     /// It was settled already (acknowledged or dead-lettered, the ack lost in a crash).
@@ -80,9 +88,18 @@ impl Nats {
             match self.head(keyed, turns.next.max(1)).await? {
                 Some(head) if head < keyed.seq => return Ok(Turn::NotYet),
                 Some(head) if head == keyed.seq => {
+                    let now = unix_millis();
+                    let claim_idle = self.inner.claim_idle.as_millis() as u64;
+                    if let Some((seq, since)) = turns.held
+                        && seq == keyed.seq
+                        && now.saturating_sub(since) < claim_idle
+                    {
+                        return Ok(Turn::Held);
+                    }
                     // noted as waiting before: a settle must not nak this delivery again
-                    let noted = turns.waiting.remove(&keyed.seq).is_some();
-                    if noted && !self.store_turns(keyed.queue, &record, rev, &turns).await? {
+                    turns.waiting.remove(&keyed.seq);
+                    turns.held = Some((keyed.seq, now));
+                    if !self.store_turns(keyed.queue, &record, rev, &turns).await? {
                         continue;
                     }
                     return Ok(Turn::Yours);
@@ -123,6 +140,7 @@ impl Nats {
                 return Ok(()); // settled before (a redelivery after a lost ack)
             }
             turns.next = keyed.seq + 1;
+            turns.held = None;
             turns.waiting.retain(|&seq, _| seq > keyed.seq);
             let next = self.head(keyed, keyed.seq + 1).await?;
             let release = next.and_then(|next| turns.waiting.remove(&next));
@@ -133,6 +151,23 @@ impl Nats {
                     // it comes back after its safety delay instead
                     tracing::debug!(subject = keyed.subject, error = %crate::error::chain(&error), "releasing the next message of an ordering key failed");
                 }
+                return Ok(());
+            }
+        }
+        Err(NatsError::Contended { subject: record })
+    }
+
+    /// Gives up the hold of `keyed`, parked for a retry: its next delivery is handed to an app
+    /// again (the key's later messages still wait: `next` does not move).
+    pub(super) async fn drop_hold(&self, keyed: &Keyed<'_>) -> Result<(), NatsError> {
+        let record = names::turn_subject(keyed.queue, &self.inner.group, keyed.token());
+        for _ in 0..TRIES {
+            let (rev, mut turns) = self.turns(keyed.queue, &record).await?;
+            if turns.held.is_none_or(|(seq, _)| seq != keyed.seq) {
+                return Ok(());
+            }
+            turns.held = None;
+            if self.store_turns(keyed.queue, &record, rev, &turns).await? {
                 return Ok(());
             }
         }
@@ -204,4 +239,8 @@ impl Nats {
             .map(drop)
             .map_err(|e| NatsError::Publish { subject: reply.to_owned(), cause: e.into() })
     }
+}
+
+fn unix_millis() -> u64 {
+    crate::messaging::envelope::unix_millis(std::time::SystemTime::now())
 }
