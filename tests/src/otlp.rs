@@ -21,6 +21,8 @@ pub struct ReceivedSpan {
     /// Empty for a root span.
     pub parent_span_id: String,
     pub name: String,
+    /// The OTLP span kind: 3 client, 4 producer, 5 consumer.
+    pub kind: u64,
     /// String and integer attributes, as text.
     pub attributes: Vec<(String, String)>,
     /// The resource's `service.name`.
@@ -215,6 +217,7 @@ fn decode_span(bytes: &[u8]) -> ReceivedSpan {
             (2, Value::Bytes(b)) => span.span_id = hex(b),
             (4, Value::Bytes(b)) => span.parent_span_id = hex(b),
             (5, Value::Bytes(b)) => span.name = text(b),
+            (6, Value::Varint(kind)) => span.kind = kind,
             (9, Value::Bytes(b)) => span.attributes.extend(key_value(b)),
             (_, Value::Varint(_) | Value::Fixed | Value::Bytes(_)) => {}
         }

@@ -246,9 +246,18 @@ pub struct RequestTrace {
 fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<(Tracer, Span)>> {
     let trace = req.extensions().get::<RequestTrace>()?;
     let tracer = trace.tracer.clone();
-    let mut span = tracer.start(Some(&trace.parent), "attempt", Kind::Client);
-    span.text("server.address", endpoint.addr.to_string());
+    let name = crate::telemetry::trace::method_name(req.method());
+    let mut span = tracer.start(Some(&trace.parent), name, Kind::Client);
+    span.text("http.request.method", crate::telemetry::trace::method_attribute(req.method()));
+    let ip = endpoint.addr.ip().to_string();
+    span.text("server.address", ip.clone());
+    span.int("server.port", i64::from(endpoint.addr.port()));
+    span.text("network.peer.address", ip);
+    span.int("network.peer.port", i64::from(endpoint.addr.port()));
     if let Some(info) = req.extensions().get::<crate::policy::retry::AttemptInfo>() {
+        if info.number > 1 {
+            span.int("http.request.resend_count", i64::from(info.number - 1));
+        }
         span.int("outrigger.attempt", i64::from(info.number));
         span.int("outrigger.backoff_ms", info.backoff.as_millis() as i64);
     }
@@ -506,12 +515,16 @@ impl Future for ResponseFuture {
                         Ok(res) => {
                             let status = res.status().as_u16();
                             span.int("http.response.status_code", i64::from(status));
+                            if status >= 400 {
+                                span.text("error.type", res.status().as_str().to_owned());
+                            }
                             if status >= 500 {
                                 span.failed();
                             }
                         }
                         Err(error) => {
-                            span.text("error.type", error.to_string());
+                            // few values: the kind, never the message
+                            span.text("error.type", error.kind());
                             span.failed();
                         }
                     }

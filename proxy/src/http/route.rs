@@ -267,14 +267,12 @@ impl Route {
                 tracing::debug!(upstream = host, route, "request routed");
                 let from_app = req.headers().get("traceparent");
                 let traced_by_app = from_app.is_some();
-                let mut span = routes.tracer.start(from_app, "outbound", Kind::Client);
+                let name = crate::telemetry::trace::method_name(req.method());
+                let mut span = routes.tracer.start(from_app, name, Kind::Client);
                 // the upstream continues the trace under this span
                 Tracer::inject(&span, &mut req);
                 if span.recording() {
-                    span.text("http.request.method", req.method().as_str());
-                    let host = request_host(&req).ok().flatten();
-                    span.text("server.address", host.unwrap_or_default());
-                    span.text("url.path", req.uri().path());
+                    client_attributes(&mut span, &req);
                     span.text("outrigger.route", route);
                     // each attempt records its own span under this one
                     let parent = span.context.header();
@@ -311,6 +309,38 @@ impl Route {
                 RouteFuture::Ready { response: Some(response) }
             }
         }
+    }
+}
+
+/// The OpenTelemetry HTTP client attributes of a call, from its request: the method, the full
+/// URL (without credentials), the server's host and port.
+fn client_attributes(span: &mut Span, req: &Request<Body>) {
+    use crate::telemetry::trace::method_attribute;
+    let method = method_attribute(req.method());
+    span.text("http.request.method", method);
+    if method == "_OTHER" {
+        span.text("http.request.method_original", req.method().as_str());
+    }
+    let authority = request_host(req).ok().flatten().unwrap_or_default().to_owned();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => (host.to_owned(), port.parse().ok()),
+        _ => (authority.clone(), None),
+    };
+    let scheme = req.uri().scheme_str().unwrap_or("http");
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    span.text("url.full", format!("{scheme}://{authority}{target}"));
+    span.text("server.address", host.trim_start_matches('[').trim_end_matches(']'));
+    let port = port.unwrap_or(if scheme == "https" { 443 } else { 80 });
+    span.int("server.port", i64::from(port));
+}
+
+/// `error.type`, few values: the `outrigger-error` kind when Outrigger answered, else the
+/// status code of an upstream's 4xx or 5xx (a client span's error, by the conventions).
+pub(crate) fn error_type(span: &mut Span, response: &Response<Body>) {
+    if let Some(kind) = response.extensions().get::<crate::error::LocalKind>() {
+        span.text("error.type", kind.0);
+    } else if response.status().as_u16() >= 400 {
+        span.text("error.type", response.status().as_str().to_owned());
     }
 }
 
@@ -401,11 +431,7 @@ impl Future for RouteFuture {
                             "http.response.status_code",
                             i64::from(response.status().as_u16()),
                         );
-                        if let Some(kind) =
-                            response.headers().get(crate::http::respond::ERROR_HEADER)
-                        {
-                            span.text("outrigger.error", kind.to_str().unwrap_or_default());
-                        }
+                        error_type(&mut span, &response);
                         let grpc_failed = *rpc && grpc_status(&mut span, &response);
                         if response.status().is_server_error() || grpc_failed {
                             span.failed();

@@ -386,8 +386,9 @@ impl Relay {
             // one, as an HTTP publish does
             let parent =
                 publish.traceparent.as_deref().and_then(|t| http::HeaderValue::from_str(t).ok());
-            let mut span = tracer.start(parent.as_ref(), "publish", Kind::Producer);
-            span.text("messaging.destination.name", publish.queue.as_str());
+            let mut span = tracer.start(parent.as_ref(), "send", Kind::Producer);
+            crate::messaging::publish::send_attributes(&mut span, &publish.queue);
+            span.text("messaging.operation.name", "app_outbox");
             publish.traceparent = span.context.header().to_str().map(str::to_owned).ok();
             tracer.end(span);
             ids.push(id.to_owned());
@@ -562,6 +563,7 @@ impl RowFields<'_> {
             idempotency_key: Some(idempotency_key.unwrap_or_else(|| self.id.to_owned())),
             ordering_key,
             traceparent,
+            tracestate: header("tracestate")?,
         })
     }
 }

@@ -86,8 +86,9 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
     }
     // the message carries the publish span's context: its deliveries continue the trace
     let mut span =
-        messaging.tracer().start(req.headers().get("traceparent"), "publish", Kind::Producer);
-    span.text("messaging.destination.name", queue.as_str());
+        messaging.tracer().start(req.headers().get("traceparent"), "send", Kind::Producer);
+    send_attributes(&mut span, queue.as_str());
+    span.text("messaging.operation.name", "publish");
     let traceparent = span.context.header().to_str().map(str::to_owned).ok();
     // held until the message is stored (or refused): the payload is in memory until then
     let mut held = limits.buffer.hold();
@@ -103,6 +104,7 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
         idempotency_key: asked.idempotency_key,
         ordering_key: asked.ordering_key,
         traceparent,
+        tracestate: asked.tracestate,
     };
     let store =
         messaging.store().await.map_err(|e| ProxyError::Outbox { reason: e.to_string().into() })?;
@@ -130,11 +132,20 @@ async fn answer(messaging: &Messaging, req: Request<Body>) -> Result<Response<Bo
     Ok(res)
 }
 
+/// A message sent to Outrigger (the publish API, the app's outbox table), as the OpenTelemetry
+/// messaging conventions name it: Outrigger is the system the app sends to.
+pub(crate) fn send_attributes(span: &mut crate::telemetry::trace::Span, queue: &str) {
+    span.text("messaging.system", "outrigger");
+    span.text("messaging.operation.type", "send");
+    span.text("messaging.destination.name", queue);
+}
+
 /// What a publish request asks for, checked; its body is read after.
 pub(crate) struct Asked {
     pub(crate) queue: QueueName,
     pub(crate) idempotency_key: Option<String>,
     pub(crate) ordering_key: Option<String>,
+    pub(crate) tracestate: Option<String>,
 }
 
 /// Checks everything of a publish but its body: the path names a valid queue, the method is
@@ -153,6 +164,7 @@ pub(crate) fn asked<B>(req: &Request<B>) -> Result<Asked, ProxyError> {
         queue,
         idempotency_key: header(req.headers(), "idempotency-key")?,
         ordering_key: header(req.headers(), "outrigger-ordering-key")?,
+        tracestate: header(req.headers(), "tracestate")?,
     })
 }
 

@@ -143,9 +143,14 @@ async fn relay_once(
         .filter_map(|envelope| {
             let parent = envelope.metadata.get("traceparent")?.as_str()?;
             let parent = http::HeaderValue::from_str(parent).ok()?;
-            let mut span = tracer.start(Some(&parent), "relay", Kind::Producer);
+            // the relay sends the message on to the broker: a `send` of that system's
+            let mut span = tracer.start(Some(&parent), "send", Kind::Producer);
             span.recording().then(|| {
+                span.text("messaging.system", remote.system());
+                span.text("messaging.operation.type", "send");
+                span.text("messaging.operation.name", "relay");
                 span.text("messaging.destination.name", envelope.queue.as_str());
+                span.text("messaging.message.id", envelope.id.to_string());
                 (envelope.queue.as_str(), span)
             })
         })

@@ -94,6 +94,35 @@ pub enum Kind {
     Client,
     /// A message published.
     Producer,
+    /// A message delivered to the app.
+    Consumer,
+}
+
+/// An HTTP client span's name, as the OpenTelemetry conventions write it: the method, or `HTTP`
+/// for one they do not know (span names must stay few).
+pub fn method_name(method: &http::Method) -> &'static str {
+    known_method(method).unwrap_or("HTTP")
+}
+
+/// `http.request.method`: a method of RFC 9110 (or PATCH), else `_OTHER`.
+pub fn method_attribute(method: &http::Method) -> &'static str {
+    known_method(method).unwrap_or("_OTHER")
+}
+
+fn known_method(method: &http::Method) -> Option<&'static str> {
+    use http::Method;
+    Some(match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return None,
+    })
 }
 
 /// A span in progress.
@@ -330,6 +359,7 @@ fn encode(service: &str, batch: &[Finished]) -> Bytes {
             match span.kind {
                 Kind::Client => 3,
                 Kind::Producer => 4,
+                Kind::Consumer => 5,
             },
         );
         fixed64(&mut s, 7, nanos(span.start));

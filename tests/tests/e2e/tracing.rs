@@ -62,18 +62,38 @@ async fn a_proxied_call_with_a_retry_continues_the_apps_trace_and_its_spans_reac
         .unwrap();
     assert_eq!(sidecar.send(req).await.status(), 200);
 
-    let call = span_named(&receiver, "outbound", 1).await.remove(0);
-    assert_eq!((call.trace_id.as_str(), call.parent_span_id.as_str()), (APP_TRACE, APP_SPAN));
+    // HTTP client spans are named by their method: the call, then each attempt under it
+    let spans = span_named(&receiver, "GET", 3).await;
+    let call =
+        spans.iter().find(|s| s.parent_span_id == APP_SPAN).expect("the call's span").clone();
+    assert_eq!(call.trace_id, APP_TRACE);
     assert_eq!(call.service, "checkout");
+    assert_eq!(call.kind, 3, "a client span");
+    assert_eq!(call.attribute("http.request.method"), Some("GET"));
+    assert_eq!(call.attribute("url.full"), Some("http://payments/charge"));
     assert_eq!(call.attribute("server.address"), Some("payments"));
+    assert_eq!(call.attribute("server.port"), Some("80"));
     assert_eq!(call.attribute("http.response.status_code"), Some("200"));
+    assert_eq!(call.attribute("error.type"), None, "it ended well");
     assert_eq!(call.attribute("outrigger.route"), Some("charge"));
-    let attempts = span_named(&receiver, "attempt", 2).await;
-    assert!(attempts.iter().all(|a| a.trace_id == APP_TRACE && a.parent_span_id == call.span_id));
+    let mut attempts: Vec<ReceivedSpan> =
+        spans.into_iter().filter(|s| s.parent_span_id == call.span_id).collect();
+    attempts.sort_by_key(|a| a.attribute("outrigger.attempt").map(str::to_owned));
+    assert_eq!(attempts.len(), 2);
+    assert!(attempts.iter().all(|a| a.trace_id == APP_TRACE && a.kind == 3));
     let statuses: Vec<Option<&str>> =
         attempts.iter().map(|a| a.attribute("http.response.status_code")).collect();
     assert_eq!(statuses, [Some("503"), Some("200")]);
-    assert_eq!(attempts[0].attribute("server.address"), Some(upstream.addr().to_string().as_str()));
+    let ip = upstream.addr().ip().to_string();
+    let port = upstream.addr().port().to_string();
+    for attempt in &attempts {
+        assert_eq!(attempt.attribute("server.address"), Some(ip.as_str()));
+        assert_eq!(attempt.attribute("server.port"), Some(port.as_str()));
+        assert_eq!(attempt.attribute("network.peer.address"), Some(ip.as_str()));
+    }
+    assert_eq!(attempts[0].attribute("http.request.resend_count"), None, "the first is no resend");
+    assert_eq!(attempts[1].attribute("http.request.resend_count"), Some("1"));
+    assert_eq!(attempts[0].attribute("error.type"), Some("503"), "few values: the status");
     assert_eq!(
         (attempts[0].attribute("outrigger.attempt"), attempts[1].attribute("outrigger.attempt")),
         (Some("1"), Some("2"))
@@ -109,13 +129,24 @@ async fn a_trace_crosses_the_queue_from_publish_to_delivery() {
         tracing_yaml(&receiver)
     );
     let sidecar = Sidecar::start(&yaml).await;
-    publish(&sidecar, "orders", r#"{"n":1}"#, &[("traceparent", &traceparent())]).await;
+    let tracestate = [("traceparent", traceparent()), ("tracestate", "vendor=opaque-7".into())];
+    let headers: Vec<(&str, &str)> = tracestate.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let id = publish(&sidecar, "orders", r#"{"n":1}"#, &headers).await;
 
     let delivered = deliveries(&app, 1).await.remove(0);
     let (trace, parent) = ids(header(&delivered, "traceparent"));
     assert_eq!(trace, APP_TRACE, "the handler continues the publisher's trace");
-    let publish_span = span_named(&receiver, "publish", 1).await.remove(0);
-    let deliver_span = span_named(&receiver, "deliver", 1).await.remove(0);
+    assert_eq!(header(&delivered, "tracestate"), "vendor=opaque-7", "tracestate crosses the queue");
+    let publish_span = span_named(&receiver, "send", 1).await.remove(0);
+    let deliver_span = span_named(&receiver, "process", 1).await.remove(0);
+    assert_eq!((publish_span.kind, deliver_span.kind), (4, 5), "a producer, then a consumer");
+    for (span, operation) in [(&publish_span, "send"), (&deliver_span, "process")] {
+        assert_eq!(span.attribute("messaging.system"), Some("outrigger"));
+        assert_eq!(span.attribute("messaging.operation.type"), Some(operation));
+        assert_eq!(span.attribute("messaging.destination.name"), Some("orders"));
+        assert_eq!(span.attribute("messaging.message.id"), Some(id.as_str()));
+    }
+    assert_eq!(deliver_span.attribute("messaging.consumer.group.name"), Some("shop"));
     assert_eq!(
         (publish_span.trace_id.as_str(), publish_span.parent_span_id.as_str()),
         (APP_TRACE, APP_SPAN)

@@ -32,6 +32,7 @@ async fn dead_letter(messaging: &Messaging, status: Option<u16>, message: &str) 
         idempotency_key: None,
         ordering_key: None,
         traceparent: None,
+        tracestate: None,
     };
     let id = store.publish(vec![publish]).await.unwrap()[0].id();
     let now = unix_millis(std::time::SystemTime::now());

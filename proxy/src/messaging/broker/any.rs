@@ -45,6 +45,10 @@ impl Queue for AnyQueue {
         on_each!(self, q => q.blocks_on_read())
     }
 
+    fn messaging_system(&self) -> &'static str {
+        on_each!(self, q => q.messaging_system())
+    }
+
     async fn tidy(&self, queue: &str) -> Result<u64, BrokerError> {
         on_each!(self, q => q.tidy(queue).await)
     }

@@ -44,6 +44,8 @@ pub struct Publish {
     pub idempotency_key: Option<String>,
     pub ordering_key: Option<String>,
     pub traceparent: Option<String>,
+    /// The W3C `tracestate` sent with the publish: vendors' trace data, kept across the queue.
+    pub tracestate: Option<String>,
 }
 
 impl Publish {
@@ -55,6 +57,7 @@ impl Publish {
             ("idempotency_key", self.idempotency_key),
             ("ordering_key", self.ordering_key),
             ("traceparent", self.traceparent),
+            ("tracestate", self.tracestate),
         ] {
             if let Some(value) = value {
                 envelope.metadata.insert(name.into(), value.into());
@@ -260,6 +263,11 @@ pub trait Queue: Send + Sync + 'static {
         consumer: &str,
         read: Read,
     ) -> impl Future<Output = Result<Vec<Leased>, BrokerError>> + Send;
+
+    /// `messaging.system` in the delivery spans: `outrigger` for the embedded store.
+    fn messaging_system(&self) -> &'static str {
+        "outrigger"
+    }
 
     /// Whether `read` itself waits a moment for messages when none is there (a remote broker
     /// with blocking reads): then the dispatcher reads again at once instead of idling.

@@ -151,6 +151,7 @@ fn request(uri: &Uri, d: Delivery<'_>) -> Request<Body> {
     let optional = [
         ("idempotency-key", Some(text("idempotency_key").unwrap_or(&id))),
         ("traceparent", text("traceparent")),
+        ("tracestate", text("tracestate")),
     ];
     for (name, value) in optional {
         // publish checked these as visible ASCII; one that is not anyway is left out

@@ -139,9 +139,13 @@ impl<B: Queue + Clone> Subscriber<B> {
         // each attempt is a span under the publish's: the app continues the trace from it
         let parent = envelope.metadata.get("traceparent").and_then(|v| v.as_str());
         let parent = parent.and_then(|p| http::HeaderValue::from_str(p).ok());
-        let mut span = self.tracer.start(parent.as_ref(), "deliver", Kind::Client);
+        let mut span = self.tracer.start(parent.as_ref(), "process", Kind::Consumer);
         if span.recording() {
+            span.text("messaging.system", self.broker.messaging_system());
+            span.text("messaging.operation.type", "process");
+            span.text("messaging.operation.name", "process");
             span.text("messaging.destination.name", envelope.queue.as_str());
+            span.text("messaging.consumer.group.name", self.consumer.as_str());
             span.text("messaging.message.id", envelope.id.to_string());
             span.int("messaging.delivery.attempt", i64::from(attempt));
         }
@@ -161,10 +165,18 @@ impl<B: Queue + Clone> Subscriber<B> {
             Answer::Status { status, .. } => {
                 span.int("http.response.status_code", i64::from(status.as_u16()));
                 if !status.is_success() {
+                    span.text("error.type", status.as_str().to_owned());
                     span.failed();
                 }
             }
-            Answer::TimedOut(_) | Answer::Failed(_) | Answer::Refused(_) => span.failed(),
+            Answer::TimedOut(_) => {
+                span.text("error.type", "timeout");
+                span.failed();
+            }
+            Answer::Failed(_) | Answer::Refused(_) => {
+                span.text("error.type", "connection");
+                span.failed();
+            }
         }
         self.tracer.end(span);
         answer

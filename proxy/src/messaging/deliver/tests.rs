@@ -79,6 +79,7 @@ impl Harness {
             idempotency_key: None,
             ordering_key: None,
             traceparent: None,
+            tracestate: None,
         };
         let id = self.store.publish(vec![message]).await.unwrap()[0].id();
         self.wake.notify_one();

@@ -23,6 +23,7 @@ fn message(queue: &str, payload: &str, key: Option<&str>) -> Publish {
         idempotency_key: key.map(Into::into),
         ordering_key: None,
         traceparent: None,
+        tracestate: None,
     }
 }
 

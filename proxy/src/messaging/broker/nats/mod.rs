@@ -923,6 +923,10 @@ impl super::Queue for Nats {
         true
     }
 
+    fn messaging_system(&self) -> &'static str {
+        "nats"
+    }
+
     async fn tidy(&self, queue: &str) -> Result<u64, super::BrokerError> {
         self.tidy_queue(queue).await.map_err(broker)
     }

@@ -493,6 +493,10 @@ impl Queue for Redis {
         true
     }
 
+    fn messaging_system(&self) -> &'static str {
+        "redis"
+    }
+
     async fn tidy(&self, queue: &str) -> Result<u64, BrokerError> {
         self.trim(queue).await
     }
