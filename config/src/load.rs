@@ -10,6 +10,9 @@ use crate::validate::{Issue, validate};
 use crate::yaml::{self, DeError, Node};
 use std::path::Path;
 
+/// What to do about a `${VAR}` that cannot be expanded.
+const ENV_EXPECTED: &str = "the variable set in the sidecar's environment (from a Secret), ${VAR:-default}, or $${ for a literal ${";
+
 /// Loads the config at `path`; problems name the file as given.
 pub fn load_file(path: &Path) -> Result<Config, LoadError> {
     let file = path.display().to_string();
@@ -61,13 +64,19 @@ fn tree(file_name: &str, text: &str) -> Result<Option<(Node, Vec<Problem>)>, Loa
     };
     let mut duplicates = Vec::new();
     yaml::tidy(&mut root, "", &mut duplicates);
-    let problems = duplicates
+    let mut problems: Vec<Problem> = duplicates
         .into_iter()
         .map(|d| {
             let expected = Some(format!("each key once; the first is at line {}", d.first_line));
             problem(file_name, d.path, (d.line, d.col), "duplicate key".into(), expected)
         })
         .collect();
+    let mut unset = Vec::new();
+    yaml::env::expand(&mut root, "", &|name| std::env::var(name).ok(), &mut unset);
+    problems.extend(unset.into_iter().map(|u| {
+        let expected = Some(ENV_EXPECTED.to_owned());
+        problem(file_name, u.path, (u.line, u.col), u.message, expected)
+    }));
     Ok(Some((root, problems)))
 }
 

@@ -578,6 +578,13 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ],
         ),
         (
+            "an environment variable that is not set",
+            s("messaging:\n  broker: \"redis://:${OUTRIGGER_TEST_NEVER_SET}@redis:6379\"\n"),
+            vec![
+                "outrigger.yaml:2:11: messaging.broker: environment variable OUTRIGGER_TEST_NEVER_SET is not set (expected the variable set in the sidecar's environment (from a Secret), ${VAR:-default}, or $${ for a literal ${)",
+            ],
+        ),
+        (
             "a queue name with an empty subject token on nats://",
             app(concat!(
                 "messaging:\n  broker: nats://127.0.0.1:4222\n  subscriptions:\n",

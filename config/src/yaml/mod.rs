@@ -9,6 +9,7 @@
 
 mod access;
 mod de;
+pub(crate) mod env;
 mod error;
 mod syntax;
 mod tidy;

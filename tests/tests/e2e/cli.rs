@@ -425,3 +425,41 @@ async fn exit_with_app_ends_the_sidecar_once_the_app_is_gone() {
     assert_eq!(code, 1);
     assert!(stderr.contains("--exit-with-app needs service.app.health_path"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_secret_from_the_environment_reaches_the_broker_and_an_unset_one_is_named() {
+    let redis = outrigger_tests::Redis::start().await;
+    // the password-less test Redis takes any password for the default user
+    let yaml = "messaging:\n  broker: \"${OUTRIGGER_TEST_BROKER}\"\n  data_dir: \"${OUTRIGGER_TEST_DIR:-/tmp/outrigger-env-default}\"\n";
+    let path = write("env.yaml", yaml);
+    let run = |env: Option<&str>| {
+        let mut command = Command::new(outrigger_tests::binary());
+        command.args(["validate", "--config", &path.to_string_lossy()]);
+        command.env_remove("OUTRIGGER_TEST_BROKER").env_remove("OUTRIGGER_TEST_DIR");
+        if let Some(url) = env {
+            command.env("OUTRIGGER_TEST_BROKER", url);
+        }
+        let out = command.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(run(Some(&redis.url())), (Some(0), "ok\n".to_owned()));
+    let (code, stdout) = run(None);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        stdout,
+        format!(
+            "{}:2:11: messaging.broker: environment variable OUTRIGGER_TEST_BROKER is not set \
+             (expected the variable set in the sidecar's environment (from a Secret), \
+             ${{VAR:-default}}, or $${{ for a literal ${{)\n",
+            path.display()
+        )
+    );
+    // and `check` reaches the broker the variable names
+    let out = Command::new(outrigger_tests::binary())
+        .args(["check", "--config", &path.to_string_lossy()])
+        .env("OUTRIGGER_TEST_BROKER", redis.url())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("✔ broker {} answers", redis.url())), "{stdout}");
+}
