@@ -299,3 +299,34 @@ fn the_dashboard_takes_the_max_of_queue_depth_over_replicas_not_the_sum() {
         assert!(!expr.contains("sum by (queue) (outrigger_queue_depth)"), "{expr}");
     }
 }
+
+#[test]
+fn the_alerts_cover_a_vanished_sidecar_a_refused_reload_stale_discovery_and_shedding() {
+    let text = std::fs::read_to_string(deploy().join("alerts.yaml")).unwrap();
+    for (alert, expr) in [
+        ("OutriggerAbsent", "absent(outrigger_build_info)"),
+        ("OutriggerReloadFailed", r#"outrigger_config_reloads_total{result="invalid"}"#),
+        ("OutriggerDiscoveryStale", "outrigger_discovery_age_seconds"),
+        ("OutriggerShedding", "outrigger_shed_total"),
+        ("OutriggerAnswersOfItsOwn", "outrigger_local_responses_total"),
+    ] {
+        let at = text.find(&format!("alert: {alert}\n")).unwrap_or_else(|| panic!("{alert}"));
+        let rule = &text[at..];
+        let rule = &rule[..rule[1..].find("- alert:").map_or(rule.len(), |end| end + 1)];
+        assert!(rule.contains(expr), "{alert} watches {expr}: {rule}");
+        assert!(rule.contains("summary:"), "{alert} says what happened");
+    }
+}
+
+#[test]
+fn the_image_builds_from_the_sources_alone_with_its_dependencies_cached() {
+    let ignored = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    for path in ["target", ".git"] {
+        assert!(ignored.lines().any(|l| l == path), "{path} stays out of the build context");
+    }
+    let dockerfile = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("--mount=type=cache,target=/usr/local/cargo/registry"));
+    assert!(dockerfile.contains("--mount=type=cache,target=/src/target"));
+    assert!(dockerfile.contains("org.opencontainers.image.version"));
+    assert!(dockerfile.contains(":nonroot"), "runs as nonroot");
+}
