@@ -330,3 +330,19 @@ fn the_image_builds_from_the_sources_alone_with_its_dependencies_cached() {
     assert!(dockerfile.contains("org.opencontainers.image.version"));
     assert!(dockerfile.contains(":nonroot"), "runs as nonroot");
 }
+
+#[test]
+fn the_prometheus_rule_holds_the_same_groups_as_alerts_yaml() {
+    let alerts = std::fs::read_to_string(deploy().join("alerts.yaml")).unwrap();
+    let groups = &alerts[alerts.find("groups:").unwrap()..];
+    let rule = std::fs::read_to_string(deploy().join("monitoring/prometheusrule.yaml")).unwrap();
+    assert!(rule.contains("kind: PrometheusRule\n"), "{rule}");
+    let spec = &rule[rule.find("spec:\n").unwrap() + "spec:\n".len()..];
+    let unindented: String =
+        spec.lines().map(|l| l.strip_prefix("  ").unwrap_or(l)).map(|l| format!("{l}\n")).collect();
+    assert_eq!(unindented, groups, "the PrometheusRule's spec is alerts.yaml's groups");
+    let monitor = std::fs::read_to_string(deploy().join("monitoring/podmonitor.yaml")).unwrap();
+    assert!(monitor.contains("kind: PodMonitor") && monitor.contains("port: admin"), "{monitor}");
+    let deployment = std::fs::read_to_string(deploy().join("base/deployment.yaml")).unwrap();
+    assert!(deployment.contains("{ name: admin, containerPort: 9901 }"), "the port it names");
+}
