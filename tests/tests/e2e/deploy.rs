@@ -295,8 +295,8 @@ fn the_dashboard_takes_the_max_of_queue_depth_over_replicas_not_the_sum() {
         .collect();
     assert!(!exprs.is_empty(), "the dashboard shows outrigger_queue_depth");
     for expr in exprs {
-        assert!(expr.contains("max by (queue) (outrigger_queue_depth)"), "{expr}");
-        assert!(!expr.contains("sum by (queue) (outrigger_queue_depth)"), "{expr}");
+        assert!(expr.contains("max by (queue) (outrigger_queue_depth{"), "{expr}");
+        assert!(!expr.contains("sum by (queue) (outrigger_queue_depth"), "{expr}");
     }
 }
 
@@ -345,4 +345,32 @@ fn the_prometheus_rule_holds_the_same_groups_as_alerts_yaml() {
     assert!(monitor.contains("kind: PodMonitor") && monitor.contains("port: admin"), "{monitor}");
     let deployment = std::fs::read_to_string(deploy().join("base/deployment.yaml")).unwrap();
     assert!(deployment.contains("{ name: admin, containerPort: 9901 }"), "the port it names");
+}
+
+#[test]
+fn the_dashboard_picks_its_data_source_namespace_and_pods_and_follows_the_scrape_interval() {
+    let text = std::fs::read_to_string(deploy().join("grafana-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(variables, ["datasource", "namespace", "pod"]);
+    let panels = dashboard["panels"].as_array().unwrap();
+    for panel in panels {
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{}", panel["title"]);
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(expr.contains(r#"pod=~"$pod""#), "every query follows the pods picked: {expr}");
+            if expr.contains("rate(") {
+                assert!(expr.contains("[$__rate_interval]"), "{expr}");
+            }
+        }
+    }
+    let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
+    for wanted in ["Error ratio", "Answers of Outrigger's own", "Shed at the sidecar's caps"] {
+        assert!(titles.iter().any(|t| t.starts_with(wanted)), "{wanted} in {titles:?}");
+    }
 }
