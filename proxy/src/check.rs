@@ -128,12 +128,20 @@ async fn upstream_line(upstream: &config::Upstream, sources: &SourceConfig) -> L
         }
         (Status::Ready, false) => {}
     }
-    let connects = snapshot.endpoints.iter().map(|endpoint| async move {
-        let addr = endpoint.addr;
-        match tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(_)) => Ok(addr),
-            Ok(Err(error)) => Err(format!("{addr}: {error}")),
-            Err(_) => Err(format!("{addr}: no answer within {WAIT:?}")),
+    // with `tls`, the connector the sidecar would use: TCP, then the handshake it verifies
+    let tls = upstream.tls.as_ref().map(|tls| crate::http::tls::Origination::new(name, tls));
+    let connects = snapshot.endpoints.iter().map(|endpoint| {
+        let tls = tls.clone();
+        async move {
+            let addr = endpoint.addr;
+            if let Some(tls) = tls {
+                return handshake(&tls, addr).await.map(|()| addr);
+            }
+            match tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => Ok(addr),
+                Ok(Err(error)) => Err(format!("{addr}: {error}")),
+                Err(_) => Err(format!("{addr}: no answer within {WAIT:?}")),
+            }
         }
     });
     let results = futures_util::future::join_all(connects).await;
@@ -144,11 +152,32 @@ async fn upstream_line(upstream: &config::Upstream, sources: &SourceConfig) -> L
             results.iter().filter_map(|r| r.as_ref().err()).map(String::as_str).collect();
         let what =
             format!("upstream {name}: no endpoint accepts a connection ({})", errors.join("; "));
-        return Line::failed(what, format!("start {name}, or {fix_source}"));
+        let fix = match &upstream.tls {
+            Some(_) => format!(
+                "start {name}, or correct upstreams.{name}.tls (its CA, server_name) or {fix_source}"
+            ),
+            None => format!("start {name}, or {fix_source}"),
+        };
+        return Line::failed(what, fix);
     }
-    Line::ok(format!(
-        "upstream {name}: {reachable} of {total} endpoints accept a connection ({source})"
-    ))
+    let how = if tls.is_some() { "a TLS connection" } else { "a connection" };
+    Line::ok(format!("upstream {name}: {reachable} of {total} endpoints accept {how} ({source})"))
+}
+
+/// A TLS connection to `addr` through the upstream's own connector: TCP, then the handshake,
+/// its certificate verified as a request's would be.
+async fn handshake(
+    tls: &crate::http::tls::Origination,
+    addr: std::net::SocketAddr,
+) -> Result<(), String> {
+    use tower::ServiceExt;
+    let connector =
+        tls.connector(hyper_util::client::legacy::connect::HttpConnector::new(), WAIT, false);
+    let uri: http::Uri = format!("https://{addr}/").parse().map_err(|e| format!("{addr}: {e}"))?;
+    match connector.oneshot(uri).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(format!("{addr}: {}", chain(&*error))),
+    }
 }
 
 /// The etcd registry: one of its endpoints accepts a connection.

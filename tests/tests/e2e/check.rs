@@ -179,3 +179,30 @@ async fn with_admin_it_asks_a_running_sidecar_and_fails_on_an_upstream_with_no_h
     assert_eq!(code, 1);
     assert!(out.contains("cannot reach the sidecar"), "{out}");
 }
+
+#[tokio::test]
+async fn a_tls_upstream_passes_only_when_its_certificate_is_trusted() {
+    use outrigger_tests::{Pki, Reply, SERVER_NAME, TlsServer};
+    let pki = Pki::new();
+    let up = Upstream::scripted_tls([Reply::Status(200)], &pki, TlsServer::new()).await;
+    let yaml = |ca: &std::path::Path| {
+        format!(
+            "upstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\n    \
+             tls: {{ server_name: {SERVER_NAME}, ca_file: \"{}\" }}\n",
+            up.addr(),
+            ca.display()
+        )
+    };
+    let (_dir, trusted) = write(&yaml(&pki.ca_file));
+    let (code, out) = check(&["--config", &trusted.to_string_lossy()]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("✔ upstream payments: 1 of 1 endpoints accept a TLS connection"), "{out}");
+
+    // another CA: TCP connects, the handshake does not verify
+    let (_dir, untrusted) = write(&yaml(&pki.other_ca_file));
+    let (code, out) = check(&["--config", &untrusted.to_string_lossy()]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("✘ upstream payments: no endpoint accepts a connection"), "{out}");
+    assert!(out.to_lowercase().contains("certificate"), "the handshake's own word: {out}");
+    assert!(out.contains("correct upstreams.payments.tls"), "{out}");
+}
