@@ -243,3 +243,26 @@ async fn without_access_log_no_access_line_is_written() {
     assert!(!lines.is_empty(), "the startup lines");
     assert!(lines.iter().all(|l| l["target"] != "outrigger::access"), "{lines:#?}");
 }
+
+#[tokio::test]
+async fn a_traced_messages_delivery_log_lines_carry_its_trace() {
+    use outrigger_tests::Reply;
+    let app = Upstream::scripted([Reply::Status(500), Reply::Status(200)]).await;
+    let yaml = format!(
+        "service:\n  name: shop\n  app: {{ url: \"http://{}\" }}\nmessaging:\n  data_dir: \"$SCRATCH/data\"\n  \
+         subscriptions: [ {{ queue: orders, path: /events, backoff: {{ initial: 10ms, jitter: none }} }} ]\n\
+         telemetry:\n  log: {{ format: json }}\n",
+        app.addr()
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    publish(&sidecar, "orders", r#"{"n":1}"#, &[("traceparent", &traceparent())]).await;
+    deliveries(&app, 2).await;
+
+    let retry = wait_until(DEADLINE, "the retry's log line", || async {
+        let lines = json_lines(&sidecar);
+        lines.into_iter().find(|l| l["message"] == "delivery failed; retrying after the backoff")
+    })
+    .await;
+    assert_eq!(retry["trace_id"], APP_TRACE, "{retry}");
+    assert_eq!(retry["queue"], "orders");
+}

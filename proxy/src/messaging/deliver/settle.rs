@@ -26,6 +26,25 @@ impl<B: Queue + Clone> Subscriber<B> {
         _slot: OwnedSemaphorePermit,
     ) {
         let Leased { envelope, attempts } = leased;
+        // a traced message's log lines carry its trace, as a traced call's do
+        let traced = envelope.metadata.get("traceparent").and_then(|v| v.as_str());
+        match traced.and_then(crate::telemetry::trace::Context::parse) {
+            Some(trace) => {
+                let span = crate::telemetry::log::call_span(&trace.trace_id, &trace.span_id);
+                let settled = self.clone().settle(envelope, attempts, admission);
+                tracing::Instrument::instrument(settled, span).await;
+            }
+            None => self.clone().settle(envelope, attempts, admission).await,
+        }
+        self.wake.notify_one();
+    }
+
+    async fn settle(
+        self: Arc<Self>,
+        envelope: Envelope,
+        attempts: u32,
+        admission: Option<Admission>,
+    ) {
         let id = envelope.id;
         if envelope.metadata.contains_key(dead_letter_keys::DEAD_LETTERED_AT) {
             // its dead-lettering failed earlier: finish that, do not deliver again
@@ -44,7 +63,6 @@ impl<B: Queue + Clone> Subscriber<B> {
                 config::Delivery::AtMostOnce => self.at_most_once(envelope, admission).await,
             }
         }
-        self.wake.notify_one();
     }
 
     async fn at_least_once(
