@@ -259,7 +259,12 @@ fn data_dir_line(dir: &Path) -> Line {
 
 /// The app's health path answers 2xx (or, without one, its port accepts a connection).
 async fn app_line(app: &config::App) -> Line {
-    let authority = format!("{}:{}", app.url.host(), app.url.port());
+    // an IPv6 address keeps its brackets: `[::1]:8080`
+    let host = app.url.host();
+    let authority = match host.contains(':') && !host.starts_with('[') {
+        true => format!("[{host}]:{}", app.url.port()),
+        false => format!("{host}:{}", app.url.port()),
+    };
     let Some(path) = &app.health_path else {
         return match tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(&authority)).await {
             Ok(Ok(_)) => Line::ok(format!("app at {authority} accepts a connection")),
@@ -322,9 +327,8 @@ async fn send(req: http::Request<Full<Bytes>>) -> Result<u16, String> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     match tokio::time::timeout(WAIT, client.request(req)).await {
         Ok(Ok(res)) => {
-            let status = res.status().as_u16();
-            let _ = res.into_body().collect().await;
-            Ok(status)
+            // the status is the answer: the body is not waited for (a stalled one cannot hang)
+            Ok(res.status().as_u16())
         }
         Ok(Err(error)) => Err(chain(&error)),
         Err(_) => Err(format!("no answer within {WAIT:?}")),
@@ -393,7 +397,14 @@ async fn fetch_json(url: &str) -> Result<serde_json::Value, String> {
         }
         Err(_) => return Err(format!("the sidecar at {url} gave no answer within {WAIT:?}")),
     };
-    let bytes = res.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = http_body_util::Limited::new(res.into_body(), 1 << 20).collect();
+    let bytes = match tokio::time::timeout(WAIT, body).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(error)) => return Err(format!("{url}: {error}")),
+        Err(_) => {
+            return Err(format!("the sidecar at {url} did not finish its answer within {WAIT:?}"));
+        }
+    };
     serde_json::from_slice(&bytes).map_err(|_| {
         format!("{url} did not answer JSON: {}", String::from_utf8_lossy(&bytes).trim())
     })

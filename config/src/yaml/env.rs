@@ -91,7 +91,9 @@ fn expand_text(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<St
         if !valid {
             return Err(format!("${{{name}}} is not an environment variable's name"));
         }
-        match (lookup(name).filter(|v| !v.is_empty()), default) {
+        // as the shell does: `:-` covers unset and empty, a plain `${VAR}` takes an empty value
+        match (lookup(name), default) {
+            (Some(value), Some(default)) if value.is_empty() => out.push_str(default),
             (Some(value), _) => out.push_str(&value),
             (None, Some(default)) => out.push_str(default),
             (None, None) => return Err(format!("environment variable {name} is not set")),
@@ -120,6 +122,7 @@ mod tests {
             ("redis://:${REDIS_PASSWORD}@redis:6379", Ok("redis://:s3cret@redis:6379")),
             ("${MISSING:-8080}", Ok("8080")),
             ("${EMPTY:-fallback}", Ok("fallback")),
+            ("a${EMPTY}b", Ok("ab")),
             ("price: $5 and $${NOT_A_VAR}", Ok("price: $5 and ${NOT_A_VAR}")),
             ("${MISSING}", Err("environment variable MISSING is not set")),
             ("${REDIS_PASSWORD", Err("has a ${ with no closing }")),

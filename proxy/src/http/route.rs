@@ -321,14 +321,21 @@ fn client_attributes(span: &mut Span, req: &Request<Body>) {
     if method == "_OTHER" {
         span.text("http.request.method_original", req.method().as_str());
     }
-    let authority = request_host(req).ok().flatten().unwrap_or_default().to_owned();
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => (host.to_owned(), port.parse().ok()),
-        _ => (authority.clone(), None),
+    // the authority as the app wrote it (with its port), from the URI or the Host header
+    let authority = match req.uri().authority() {
+        Some(authority) => authority.as_str().to_owned(),
+        None => req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_owned(),
     };
+    let host = host_without_port(&authority).unwrap_or(&authority);
+    let port = authority[host.len()..].strip_prefix(':').and_then(|p| p.parse::<u16>().ok());
     let scheme = req.uri().scheme_str().unwrap_or("http");
-    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    span.text("url.full", format!("{scheme}://{authority}{target}"));
+    // no query string: it may carry tokens, and the conventions say to redact them
+    span.text("url.full", format!("{scheme}://{authority}{}", req.uri().path()));
     span.text("server.address", host.trim_start_matches('[').trim_end_matches(']'));
     let port = port.unwrap_or(if scheme == "https" { 443 } else { 80 });
     span.int("server.port", i64::from(port));

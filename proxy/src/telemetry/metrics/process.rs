@@ -7,6 +7,8 @@ use prometheus::{Counter, Gauge, Registry};
 
 #[derive(Debug, Clone)]
 pub(super) struct Process {
+    /// Scrapes may run at once: the CPU counter's read-then-add is done by one at a time.
+    scraping: std::sync::Arc<std::sync::Mutex<()>>,
     cpu: Counter,
     resident: Gauge,
     virtual_memory: Gauge,
@@ -19,6 +21,7 @@ impl Process {
     pub(super) fn new() -> Self {
         let gauge = |name: &str, help: &str| Gauge::new(name, help).expect("valid metric");
         Process {
+            scraping: std::sync::Arc::default(),
             cpu: Counter::new("process_cpu_seconds_total", "User and system CPU time spent")
                 .expect("valid metric"),
             resident: gauge("process_resident_memory_bytes", "Resident memory size"),
@@ -48,6 +51,7 @@ impl Process {
 
     /// Reads `/proc/self` into the series.
     pub(super) fn observe(&self) {
+        let _one_at_a_time = self.scraping.lock().unwrap_or_else(|e| e.into_inner());
         let ticks = outrigger_sys::clock_ticks_per_second() as f64;
         if let Some(stat) =
             std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| Stat::parse(&s))

@@ -294,6 +294,15 @@ impl Nats {
         let mut made =
             js.get_or_create_stream(config.clone()).await.map_err(|e| failed(e.into()))?;
         let found = made.info().await.map_err(|e| failed(e.into()))?.config.clone();
+        if !found.allow_direct {
+            let (field, wanted) = ("allow_direct", "true".to_owned());
+            return Err(NatsError::Incompatible {
+                stream: name,
+                field,
+                found: "false".into(),
+                wanted,
+            });
+        }
         if limits.is_some()
             && (found.max_messages, found.max_age) != (config.max_messages, config.max_age)
         {
@@ -347,56 +356,90 @@ impl Nats {
         }
         .map_err(|e| failed(e.into()))?;
         let mut found = Vec::new();
-        // drained to the end: a batch dropped early strands its messages until ack_wait
+        let mut failure = None;
+        // drained to the end: a batch dropped early strands its messages until ack_wait; one
+        // message that fails (a timeout, a contended key) holds back only itself
         while let Some(message) = batch.next().await {
-            let message = message.map_err(&failed)?;
-            let (delivered, seq) =
-                message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
-            match Envelope::from_json(&message.payload) {
-                Ok(mut envelope) => {
-                    let mut attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
-                    if delivered > 1 {
-                        // parked before: its last envelope and attempt count are in its state
-                        if let Some(state) = self.state_of(queue, seq).await? {
-                            let since = delivered - state.delivered - 1;
-                            attempts = state.attempts.saturating_add(since.try_into().unwrap_or(0));
-                            envelope = state.envelope;
-                        }
-                    }
-                    if ordered && let Some(keyed) = order::Keyed::of(queue, &message, seq) {
-                        match self.take_turn(&keyed).await? {
-                            order::Turn::Yours => {}
-                            order::Turn::Settled => {
-                                let acked = message.double_ack().await;
-                                acked.map_err(&failed)?;
-                                continue;
-                            }
-                            order::Turn::NotYet => {
-                                let state = State::waiting(envelope, attempts, delivered);
-                                self.wait(&keyed, &message, state).await?;
-                                continue;
-                            }
-                            order::Turn::Held => {
-                                // back once the holder settles it (then skipped) or is gone
-                                let state = State::waiting(envelope, attempts, delivered);
-                                self.save_state(queue, seq, &state).await?;
-                                let later = jetstream::AckKind::Nak(Some(self.inner.claim_idle));
-                                message.double_ack_with(later).await.map_err(&failed)?;
-                                continue;
-                            }
-                        }
-                    }
-                    let id = envelope.id.as_u128();
-                    let lease = Lease { queue: queue.to_owned(), message, ordered };
-                    self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(id, lease);
-                    found.push(super::Leased { envelope, attempts });
-                }
+            let taken = match message {
+                Ok(message) => self.take_in(queue, message, ordered).await,
+                Err(error) => Err(failed(error)),
+            };
+            match taken {
+                Ok(Some(leased)) => found.push(leased),
+                Ok(None) => {}
                 Err(error) => {
-                    tracing::error!(queue, %error, "a message on NATS is not an envelope; it is left unacknowledged");
+                    tracing::warn!(queue, error = %crate::error::chain(&error), "a message read from NATS is left for its redelivery");
+                    failure.get_or_insert(error);
                 }
             }
         }
-        Ok(found)
+        match (found.is_empty(), failure) {
+            (true, Some(error)) => Err(error),
+            _ => Ok(found),
+        }
+    }
+
+    /// One delivered message: leased and handed on, or (ordered) put back until its key's turn,
+    /// or acknowledged when settled already; `None` when it does not go to the app now.
+    async fn take_in(
+        &self,
+        queue: &str,
+        message: jetstream::Message,
+        ordered: bool,
+    ) -> Result<Option<super::Leased>, NatsError> {
+        let failed = |cause| NatsError::Stream { stream: names::queue_stream(queue), cause };
+        let (delivered, seq) =
+            message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
+        let keyed = order::Keyed::of(queue, &message, seq).filter(|_| ordered);
+        let mut envelope = match Envelope::from_json(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                // not Outrigger's: ended for this group (it stays in the stream to be looked
+                // at), and its key's turn passes on, or the key would wait for ever
+                tracing::error!(queue, seq, %error, "a message on NATS is not an envelope; it is terminated for this consumer group");
+                if let Some(keyed) = &keyed {
+                    self.end_turn(keyed).await?;
+                }
+                let term = message.double_ack_with(jetstream::AckKind::Term).await;
+                term.map_err(failed)?;
+                return Ok(None);
+            }
+        };
+        let mut attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
+        if delivered > 1 {
+            // parked before: its last envelope and attempt count are in its state
+            if let Some(state) = self.state_of(queue, seq).await? {
+                let since = delivered - state.delivered - 1;
+                attempts = state.attempts.saturating_add(since.try_into().unwrap_or(0));
+                envelope = state.envelope;
+            }
+        }
+        if let Some(keyed) = &keyed {
+            match self.take_turn(keyed).await? {
+                order::Turn::Yours => {}
+                order::Turn::Settled => {
+                    message.double_ack().await.map_err(failed)?;
+                    return Ok(None);
+                }
+                order::Turn::NotYet => {
+                    let state = State::waiting(envelope, attempts, delivered);
+                    self.wait(keyed, &message, state).await?;
+                    return Ok(None);
+                }
+                order::Turn::Held => {
+                    // back once the holder settles it (then skipped) or is gone
+                    let state = State::waiting(envelope, attempts, delivered);
+                    self.save_state(queue, seq, &state).await?;
+                    let later = jetstream::AckKind::Nak(Some(self.inner.claim_idle));
+                    message.double_ack_with(later).await.map_err(failed)?;
+                    return Ok(None);
+                }
+            }
+        }
+        let id = envelope.id.as_u128();
+        let lease = Lease { queue: queue.to_owned(), message, ordered };
+        self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).insert(id, lease);
+        Ok(Some(super::Leased { envelope, attempts }))
     }
 
     /// The state a park (or a wait for its key's turn) left for queue `queue`'s message at
@@ -822,6 +865,11 @@ fn check(name: &str, found: &stream::Config, wanted: &stream::Config) -> Result<
     if found.subjects != wanted.subjects {
         return refuse("subjects", found.subjects.join(","), wanted.subjects.join(","));
     }
+    if !found.allow_direct {
+        // ordering, parked messages' state and the dead-letter API read one message by
+        // subject: without direct get, none of them works
+        return refuse("allow_direct", "false".into(), "true".into());
+    }
     if found.duplicate_window < wanted.duplicate_window {
         let (f, w) = (found.duplicate_window, wanted.duplicate_window);
         return refuse("duplicate_window", format!("{f:?}"), format!("at least {w:?}"));
@@ -1019,6 +1067,29 @@ impl super::Queue for Nats {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_without_direct_get_is_refused() {
+        let wanted = stream::Config {
+            name: "OUTRIGGER-Q-orders".into(),
+            subjects: vec!["outrigger.orders".into()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            allow_direct: true,
+            ..Default::default()
+        };
+        assert!(check("OUTRIGGER-Q-orders", &wanted, &wanted).is_ok());
+        let found = stream::Config { allow_direct: false, ..wanted.clone() };
+        let refused = check("OUTRIGGER-Q-orders", &found, &wanted).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("exists with allow_direct false, and Outrigger needs true"),
+            "{refused}"
+        );
+    }
+
     #[test]
     fn a_purge_is_used_only_on_servers_that_keep_consumers_pending_messages() {
         for (version, keeps) in [
@@ -1030,7 +1101,7 @@ mod tests {
             ("3.0.0", true),
             ("garbage", false),
         ] {
-            assert_eq!(super::purge_keeps_pending(version), keeps, "{version}");
+            assert_eq!(purge_keeps_pending(version), keeps, "{version}");
         }
     }
 }
