@@ -372,10 +372,6 @@ impl Access {
             .get(crate::policy::retry::ATTEMPTS_HEADER)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .unwrap_or(1);
-        let mut trace_id = String::with_capacity(32);
-        for byte in self.trace_id {
-            trace_id.push_str(&format!("{byte:02x}"));
-        }
         tracing::info!(
             target: "outrigger::access",
             upstream = &*self.upstream,
@@ -386,7 +382,7 @@ impl Access {
             kind = kind.unwrap_or(""),
             attempts,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            trace_id,
+            trace_id = %crate::telemetry::log::Hex(&self.trace_id),
             "access"
         );
     }

@@ -60,7 +60,7 @@ pub fn call_span(trace_id: &[u8; 16], span_id: &[u8; 8]) -> tracing::Span {
 }
 
 /// Bytes as lowercase hex, as W3C trace context writes ids.
-struct Hex<'a>(&'a [u8]);
+pub(crate) struct Hex<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
