@@ -178,6 +178,20 @@ impl RedisCluster {
             .expect("run redis-cli --cluster add-node");
         assert!(out.status.success(), "add-node: {}", String::from_utf8_lossy(&out.stdout));
         self.wait_replicated(of).await;
+        // every node names it among the slot's holders, so a client that reads the layout
+        // from any of them knows it (and keeps a connection to it)
+        let ports: Vec<u16> =
+            self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.port).collect();
+        wait_until(STARTUP, "every node to list the replica in CLUSTER SLOTS", move || {
+            let ports = ports.clone();
+            async move {
+                let listed = |at: u16| {
+                    cli_at(at, &["CLUSTER", "SLOTS"]).lines().any(|l| l == port.to_string())
+                };
+                ports.iter().all(|&at| listed(at)).then_some(())
+            }
+        })
+        .await;
         i
     }
 

@@ -332,8 +332,18 @@ fn launch(scratch: &Scratch, args: &[String]) -> Child {
 impl Drop for Sidecar {
     fn drop(&mut self) {
         crate::kill(&mut self.child);
+        // a failed test shows what the sidecar said last: CI keeps nothing else
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n");
+            eprintln!("--- the last {LOG_TAIL} lines of sidecar {} ---\n{tail}", self.admin);
+        }
     }
 }
+
+/// How many of a sidecar's last log lines a failed test prints.
+const LOG_TAIL: usize = 60;
 
 /// One request over a fresh HTTP/1.1 connection to `addr`, body collected; `Err` when the
 /// connection is refused or cut.

@@ -94,10 +94,17 @@ pub(crate) fn assert_per_key_order(seen: &[Seen], keys: &[&str], n: u64) {
 }
 
 pub(crate) async fn wait_metric(sidecar: &Sidecar, series: &str, value: f64) {
-    wait_until(DEADLINE, &format!("{series} = {value}"), || async {
-        (metric(sidecar, series).await == Some(value)).then_some(())
-    })
-    .await;
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let seen = metric(sidecar, series).await;
+        if seen == Some(value) {
+            return;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("waited {DEADLINE:?} for {series} = {value}; it was {seen:?} at the end");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn dead_letters(sidecar: &Sidecar) -> u64 {

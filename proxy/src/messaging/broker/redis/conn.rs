@@ -17,7 +17,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 /// Where a [`Conn`] comes from: one Redis, or a cluster's seed nodes.
@@ -100,6 +102,39 @@ impl Conn {
             let detail = "INFO replication did not come from a primary".to_owned();
             RedisError::from((ErrorKind::Client, "not the slot's primary", detail))
         })
+    }
+}
+
+impl Conn {
+    /// Loads `script` on the primary that holds `key`'s slot; its SHA1. Not on every node (the
+    /// cluster client's routing for `SCRIPT LOAD`): a replica that is down or stalled would
+    /// fail the load, and the relay with it, for every queue. A primary that lacks the script
+    /// later (a promoted replica, a restart) answers `NOSCRIPT`, and it is loaded there then.
+    pub(super) async fn load_script(&mut self, key: &str, script: &str) -> RedisResult<String> {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(script);
+        match self {
+            Conn::Single(conn) => load.query_async(conn).await,
+            Conn::Cluster(conn, _) => {
+                let primary = Route::with_key(key, SlotAddr::Master);
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(primary));
+                Ok(redis::from_redis_value(conn.route_command(load, route).await?)?)
+            }
+        }
+    }
+
+    /// Whether the broker answers: one Redis, or every primary of a cluster (the cluster
+    /// client would PING every node, so one replica down would fail it).
+    pub(super) async fn ping(&mut self) -> RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self {
+            Conn::Single(conn) => ping.query_async(conn).await,
+            Conn::Cluster(conn, _) => {
+                let primaries =
+                    (MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded));
+                conn.route_command(ping, RoutingInfo::MultiNode(primaries)).await.map(drop)
+            }
+        }
     }
 }
 

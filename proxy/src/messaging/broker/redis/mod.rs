@@ -83,8 +83,9 @@ struct Inner {
     dead_letter_sources: HashMap<String, Vec<String>>,
     /// (queue, dead-letter queue) -> the last entry of the old layout looked at.
     migrated: Mutex<HashMap<(String, String), String>>,
-    /// The relay script's SHA1 once `SCRIPT LOAD` gave it (on every node of a cluster): the
-    /// relay then sends `EVALSHA`, not the script's text with every message.
+    /// The relay script's SHA1 once `SCRIPT LOAD` gave it (the same on every node; a primary
+    /// that lacks it answers `NOSCRIPT` and gets it then): the relay sends `EVALSHA`, not the
+    /// script's text with every message.
     relay_sha: Mutex<Option<String>>,
 }
 
@@ -234,8 +235,7 @@ impl Redis {
 
     /// Answers PING: the broker's health, for readiness.
     pub async fn ping(&self) -> Result<(), BrokerError> {
-        let mut conn = self.conn().await?;
-        redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(store_error)
+        self.conn().await?.ping().await.map_err(store_error)
     }
 
     async fn ensure_group(&self, queue: &str, ordered: bool) -> Result<(), BrokerError> {
@@ -379,17 +379,12 @@ impl Redis {
         }
     }
 
-    /// The relay script's SHA1, loaded at first use.
-    async fn relay_sha(&self, conn: &mut Conn) -> Result<String, BrokerError> {
+    /// The relay script's SHA1, loaded at first use on `queue`'s primary.
+    async fn relay_sha(&self, conn: &mut Conn, queue: &str) -> Result<String, BrokerError> {
         if let Some(sha) = self.inner.relay_sha.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(sha);
         }
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(RELAY)
-            .query_async(conn)
-            .await
-            .map_err(store_error)?;
+        let sha = conn.load_script(&stream(queue), RELAY).await.map_err(store_error)?;
         *self.inner.relay_sha.lock().unwrap_or_else(|e| e.into_inner()) = Some(sha.clone());
         Ok(sha)
     }
@@ -402,7 +397,7 @@ impl Redis {
         replicas: usize,
     ) -> Result<(), BrokerError> {
         let window = self.inner.dedup_window.as_millis().to_string();
-        let sha = self.relay_sha(conn).await?;
+        let sha = self.relay_sha(conn, queue).await?;
         let mut pipe = redis::pipe();
         for envelope in batch {
             let marker = relayed(&envelope.queue, envelope.id);
