@@ -671,6 +671,23 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "outrigger.yaml:2:29: telemetry.tracing.otlp_endpoint: \"127.0.0.1:4318\" is not an http URL (expected e.g. http://127.0.0.1:4318)",
             ],
         ),
+        (
+            "a tracing section needs a collector from the YAML or the environment",
+            s("telemetry:\n  tracing: { sample_ratio: 0.5 }\n"),
+            vec![
+                "outrigger.yaml:2:12: telemetry.tracing.otlp_endpoint: missing: no collector to export spans to (expected e.g. http://127.0.0.1:4318, or OTEL_EXPORTER_OTLP_ENDPOINT in the environment)",
+            ],
+        ),
+        (
+            "export headers are HTTP's",
+            s(
+                "telemetry:\n  tracing:\n    otlp_endpoint: http://c:4318\n    headers: { \"bad name\": x, ok: \"a\\nb\" }\n",
+            ),
+            vec![
+                "outrigger.yaml:4:28: telemetry.tracing.headers.bad name: \"bad name\" is not an HTTP header name (expected letters, digits and !#$%&'*+-.^_`|~)",
+                "outrigger.yaml:4:35: telemetry.tracing.headers.ok: holds a control character (a line break?) (expected one line of text)",
+            ],
+        ),
         // --- one problem, one line: no echoes of a refused value ---
         (
             "a refused item is not also an empty list",

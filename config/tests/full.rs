@@ -88,7 +88,7 @@ fn the_design_example_loads_and_lands_where_expected() {
     );
     assert_eq!((outbox.table.as_str(), outbox.poll.get()), ("outrigger_outbox", Std::from_secs(1)));
     let tracing = config.telemetry.tracing.as_ref().unwrap();
-    assert_eq!(tracing.service_name(&config.service), "checkout");
+    assert_eq!(tracing.service_name.as_deref(), Some("checkout"));
 }
 
 #[test]

@@ -49,6 +49,10 @@ pub enum StartError {
     Tls(#[from] crate::http::tls::TlsError),
     #[error(transparent)]
     Messaging(#[from] crate::messaging::StartError),
+    #[error("telemetry.tracing: {0}")]
+    Export(#[from] outrigger_config::ExportError),
+    #[error(transparent)]
+    Otlp(#[from] crate::telemetry::otlp::OtlpError),
 }
 
 /// How long the app-facing listeners must see no request in flight before a drain closes them.
@@ -113,7 +117,8 @@ pub async fn start_reloading(
         SourceConfig { resolver: config.resolver.clone(), registry: config.registry.clone() };
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
-    let tracer = Tracer::from_config(config.telemetry.tracing.as_ref(), &config.service.name);
+    let export = config.telemetry.export(&|name| std::env::var(name).ok())?;
+    let tracer = Tracer::from_config(export.as_ref(), &config.service.name, metrics.span_counts())?;
     let publish_limits = PublishLimits::new(&config.outbound.limits, &metrics);
     let messaging = Messaging::start(
         &config.messaging,

@@ -87,8 +87,13 @@ pub async fn config_file(path: &Path) -> Vec<Line> {
     if let Some(app) = &config.service.app {
         lines.push(app_line(app).await);
     }
-    if let Some(tracing) = &config.telemetry.tracing {
-        lines.push(collector_line(tracing).await);
+    match config.telemetry.export(&|name| std::env::var(name).ok()) {
+        Ok(Some(export)) => lines.push(collector_line(&export).await),
+        Ok(None) => {}
+        Err(error) => lines.push(Line::failed(
+            format!("collector: {error}"),
+            "correct telemetry.tracing.otlp_endpoint or the OTEL_EXPORTER_OTLP_* variables",
+        )),
     }
     lines
 }
@@ -290,29 +295,17 @@ async fn app_line(app: &config::App) -> Line {
     }
 }
 
-/// The OTLP collector takes an (empty) export.
-async fn collector_line(tracing: &config::Tracing) -> Line {
-    let url = format!("{}/v1/traces", tracing.otlp_endpoint.trim_end_matches('/'));
-    let req = http::Request::post(&url)
-        .header("content-type", "application/x-protobuf")
-        .body(Full::new(Bytes::new()));
-    let Ok(req) = req else {
-        return Line::failed(
-            format!("collector {url}: not a URL"),
-            "correct telemetry.tracing.otlp_endpoint",
-        );
-    };
-    match send(req).await {
-        Ok(status) if (200..300).contains(&status) => {
-            Line::ok(format!("collector {url} takes spans ({status})"))
-        }
-        Ok(status) => Line::failed(
-            format!("collector {url} answers {status} to an export"),
-            "check the collector's OTLP/HTTP receiver (and its authentication)",
-        ),
+/// The OTLP collector takes an (empty) export, sent as the sidecar sends its spans.
+async fn collector_line(export: &config::Export) -> Line {
+    let url = &export.url;
+    match crate::telemetry::otlp::probe(export, WAIT).await {
+        Ok(()) => Line::ok(format!("collector {url} takes spans")),
         Err(error) => Line::failed(
             format!("collector {url}: {error}"),
-            "start the collector, or correct telemetry.tracing.otlp_endpoint",
+            format!(
+                "start the collector, or correct {} (its address, ca_file, headers)",
+                export.url_from
+            ),
         ),
     }
 }

@@ -1,17 +1,24 @@
-//! An OTLP/HTTP receiver on loopback: it accepts `POST /v1/traces` (protobuf
-//! `ExportTraceServiceRequest`) and decodes the spans with a small protobuf reader, so a test
-//! can assert trace ids, parents and names. (The OpenTelemetry Collector is not packaged.)
+//! An OTLP/HTTP receiver on loopback, plain or over TLS: it accepts `POST /v1/traces` and
+//! decodes each `ExportTraceServiceRequest` with the OpenTelemetry project's own message types
+//! (`opentelemetry-proto`), so a test asserts on what a collector would read. It can refuse the
+//! first exports (429, 503) to test retries, and keeps each request's headers. (The
+//! OpenTelemetry Collector is packaged neither by Debian nor on PyPI.)
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use prost::Message;
 use tokio::net::TcpListener;
+
+use crate::tls::{Pki, TlsServer};
 
 /// One span as received.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,205 +29,192 @@ pub struct ReceivedSpan {
     pub parent_span_id: String,
     pub name: String,
     /// The OTLP span kind: 3 client, 4 producer, 5 consumer.
-    pub kind: u64,
+    pub kind: i32,
+    /// The status code: 0 unset, 1 ok, 2 error.
+    pub status: i32,
     /// String and integer attributes, as text.
     pub attributes: Vec<(String, String)>,
     /// The resource's `service.name`.
     pub service: String,
+    /// Every attribute of the resource, as text.
+    pub resource: Vec<(String, String)>,
 }
 
 impl ReceivedSpan {
     pub fn attribute(&self, key: &str) -> Option<&str> {
-        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        find(&self.attributes, key)
     }
+
+    pub fn resource_attribute(&self, key: &str) -> Option<&str> {
+        find(&self.resource, key)
+    }
+}
+
+fn find<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+/// What the receiver saw and what it answers.
+#[derive(Debug, Default)]
+struct State {
+    spans: Vec<ReceivedSpan>,
+    /// The headers of every export request, in order.
+    requests: Vec<HeaderMap>,
+    /// Answers given before any 200, in order (then 200 to everything).
+    refusals: Vec<(StatusCode, Option<&'static str>)>,
 }
 
 /// A running receiver; it stops with the test's runtime.
 #[derive(Debug, Clone)]
 pub struct OtlpReceiver {
     addr: SocketAddr,
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    tls: bool,
+    state: Arc<Mutex<State>>,
 }
 
 impl OtlpReceiver {
+    /// Plain HTTP, taking every export.
     pub async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// HTTPS with `pki`'s server certificate (for `localhost`).
+    pub async fn start_tls(pki: &Pki) -> Self {
+        Self::serve(Some(TlsServer::new().http1_only().acceptor(pki))).await
+    }
+
+    /// Answers the next exports `status` (with `Retry-After: retry_after` when given), `times`
+    /// times, before taking them again.
+    pub fn refuse(&self, times: usize, status: u16, retry_after: Option<&'static str>) {
+        let status = StatusCode::from_u16(status).expect("a status");
+        self.state
+            .lock()
+            .unwrap()
+            .refusals
+            .extend(std::iter::repeat_n((status, retry_after), times));
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         let addr = listener.local_addr().expect("bound");
-        let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
-        let shared = spans.clone();
+        let state: Arc<Mutex<State>> = Arc::default();
+        let shared = state.clone();
+        let secure = tls.is_some();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let spans = shared.clone();
+                let state = shared.clone();
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let spans = spans.clone();
-                    async move {
-                        let path = req.uri().path().to_owned();
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        if path == "/v1/traces" {
-                            spans.lock().unwrap().extend(decode_request(&body));
-                        }
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
-                    }
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(receive(&state, req).await) }
                 });
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ =
+                                    builder.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
-        Self { addr, spans }
+        Self { addr, tls: secure, state }
     }
 
-    /// `http://127.0.0.1:PORT`, for `telemetry.tracing.otlp_endpoint`.
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` (the certificate's name), for
+    /// `telemetry.tracing.otlp_endpoint`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            true => format!("https://localhost:{}", self.addr.port()),
+            false => format!("http://{}", self.addr),
+        }
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans.lock().unwrap().clone()
+        self.state.lock().unwrap().spans.clone()
+    }
+
+    /// The headers of every export request so far (refused ones included).
+    pub fn requests(&self) -> Vec<HeaderMap> {
+        self.state.lock().unwrap().requests.clone()
     }
 }
 
-/// A protobuf field: its number and its value (varint, fixed64, or bytes).
-enum Value<'a> {
-    Varint(u64),
-    /// A fixed64 (span times): skipped over, not read.
-    Fixed,
-    Bytes(&'a [u8]),
-}
-
-/// The fields of one message, in order (malformed input ends the walk).
-fn fields(mut buf: &[u8]) -> Vec<(u32, Value<'_>)> {
-    fn varint(buf: &mut &[u8]) -> Option<u64> {
-        let mut n = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = buf.split_first()?;
-            *buf = rest;
-            n |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(n);
-            }
+async fn receive(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (head, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    if head.uri.path() != "/v1/traces" {
+        return answer(StatusCode::NOT_FOUND, None);
+    }
+    let mut state = state.lock().unwrap();
+    state.requests.push(head.headers);
+    if !state.refusals.is_empty() {
+        let (status, retry_after) = state.refusals.remove(0);
+        return answer(status, retry_after);
+    }
+    match ExportTraceServiceRequest::decode(body) {
+        Ok(request) => {
+            state.spans.extend(spans_of(request));
+            answer(StatusCode::OK, None)
         }
-        None
+        Err(_) => answer(StatusCode::BAD_REQUEST, None),
     }
+}
+
+fn answer(status: StatusCode, retry_after: Option<&str>) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::new()));
+    *res.status_mut() = status;
+    if let Some(after) = retry_after {
+        res.headers_mut().insert("retry-after", after.parse().expect("a header value"));
+    }
+    res
+}
+
+fn spans_of(request: ExportTraceServiceRequest) -> Vec<ReceivedSpan> {
     let mut out = Vec::new();
-    while !buf.is_empty() {
-        let Some(key) = varint(&mut buf) else { break };
-        let (field, wire) = ((key >> 3) as u32, key & 7);
-        let value = match wire {
-            0 => match varint(&mut buf) {
-                Some(n) => Value::Varint(n),
-                None => break,
-            },
-            1 if buf.len() >= 8 => {
-                buf = &buf[8..];
-                Value::Fixed
-            }
-            2 => {
-                let Some(len) = varint(&mut buf) else { break };
-                if buf.len() < len as usize {
-                    break;
-                }
-                let (head, rest) = buf.split_at(len as usize);
-                buf = rest;
-                Value::Bytes(head)
-            }
-            5 if buf.len() >= 4 => {
-                buf = &buf[4..];
-                continue;
-            }
-            _ => break,
-        };
-        out.push((field, value));
+    for resource_spans in request.resource_spans {
+        let resource = resource_spans.resource.map(|r| pairs(&r.attributes)).unwrap_or_default();
+        let service = find(&resource, "service.name").unwrap_or_default().to_owned();
+        for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
+            out.push(ReceivedSpan {
+                trace_id: hex(&span.trace_id),
+                span_id: hex(&span.span_id),
+                parent_span_id: hex(&span.parent_span_id),
+                name: span.name,
+                kind: span.kind,
+                status: span.status.map_or(0, |s| s.code),
+                attributes: pairs(&span.attributes),
+                service: service.clone(),
+                resource: resource.clone(),
+            });
+        }
     }
     out
 }
 
+/// Attributes as `(key, value as text)`: strings, integers, booleans and doubles.
+fn pairs(attributes: &[KeyValue]) -> Vec<(String, String)> {
+    attributes
+        .iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => s.clone(),
+                Some(any_value::Value::IntValue(n)) => n.to_string(),
+                Some(any_value::Value::BoolValue(b)) => b.to_string(),
+                Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+                _ => String::new(),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A `KeyValue`: key, and the value as text (string or int).
-fn key_value(bytes: &[u8]) -> Option<(String, String)> {
-    let mut key = None;
-    let mut value = None;
-    for (field, v) in fields(bytes) {
-        match (field, v) {
-            (1, Value::Bytes(k)) => key = Some(text(k)),
-            (2, Value::Bytes(any)) => {
-                for (f, v) in fields(any) {
-                    value = match (f, v) {
-                        (1, Value::Bytes(s)) => Some(text(s)),
-                        (3, Value::Varint(n)) => Some((n as i64).to_string()),
-                        _ => value,
-                    };
-                }
-            }
-            _ => {}
-        }
-    }
-    Some((key?, value.unwrap_or_default()))
-}
-
-/// ExportTraceServiceRequest { resource_spans = 1 { resource = 1, scope_spans = 2 { spans = 2 } } }
-fn decode_request(body: &[u8]) -> Vec<ReceivedSpan> {
-    let mut spans = Vec::new();
-    for (field, value) in fields(body) {
-        let (1, Value::Bytes(resource_spans)) = (field, value) else { continue };
-        let mut service = String::new();
-        let mut found = Vec::new();
-        for (field, value) in fields(resource_spans) {
-            match (field, value) {
-                (1, Value::Bytes(resource)) => {
-                    for (f, v) in fields(resource) {
-                        if let (1, Value::Bytes(kv)) = (f, v)
-                            && let Some((k, v)) = key_value(kv)
-                            && k == "service.name"
-                        {
-                            service = v;
-                        }
-                    }
-                }
-                (2, Value::Bytes(scope_spans)) => {
-                    for (f, v) in fields(scope_spans) {
-                        if let (2, Value::Bytes(span)) = (f, v) {
-                            found.push(decode_span(span));
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        for mut span in found {
-            span.service = service.clone();
-            spans.push(span);
-        }
-    }
-    spans
-}
-
-fn decode_span(bytes: &[u8]) -> ReceivedSpan {
-    let mut span = ReceivedSpan::default();
-    for (field, value) in fields(bytes) {
-        match (field, value) {
-            (1, Value::Bytes(b)) => span.trace_id = hex(b),
-            (2, Value::Bytes(b)) => span.span_id = hex(b),
-            (4, Value::Bytes(b)) => span.parent_span_id = hex(b),
-            (5, Value::Bytes(b)) => span.name = text(b),
-            (6, Value::Varint(kind)) => span.kind = kind,
-            (9, Value::Bytes(b)) => span.attributes.extend(key_value(b)),
-            (_, Value::Varint(_) | Value::Fixed | Value::Bytes(_)) => {}
-        }
-    }
-    span
 }

@@ -82,6 +82,8 @@ pub struct Sidecar {
     scratch: Scratch,
     /// Arguments after `run --config FILE`, kept for restarts.
     args: Vec<String>,
+    /// Variables set for the process beside the test's own, kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Sidecar {
@@ -108,7 +110,8 @@ impl Sidecar {
 
     /// Like `start_unready`, with more arguments after `run --config FILE`.
     pub async fn start_with_args(yaml: &str, args: &[&str]) -> Self {
-        let sidecar = Self::spawn_with(yaml, args.iter().map(|a| a.to_string()).collect());
+        let sidecar =
+            Self::spawn_with(yaml, args.iter().map(|a| a.to_string()).collect(), Vec::new());
         let admin = sidecar.admin;
         wait_until(DEADLINE, "the sidecar to answer /healthz", || async move {
             admin_get(admin, "/healthz").await.ok().filter(|(s, _)| *s == 200)
@@ -117,19 +120,27 @@ impl Sidecar {
         sidecar
     }
 
-    /// Starts the binary and returns at once, before it listens: for tests of its start.
-    pub fn spawn(yaml: &str) -> Self {
-        Self::spawn_with(yaml, Vec::new())
+    /// Like `start`, with `env` set in the sidecar's environment.
+    pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Self {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let sidecar = Self::spawn_with(yaml, Vec::new(), env);
+        sidecar.wait_ready().await;
+        sidecar
     }
 
-    fn spawn_with(yaml: &str, args: Vec<String>) -> Self {
+    /// Starts the binary and returns at once, before it listens: for tests of its start.
+    pub fn spawn(yaml: &str) -> Self {
+        Self::spawn_with(yaml, Vec::new(), Vec::new())
+    }
+
+    fn spawn_with(yaml: &str, args: Vec<String>, env: Vec<(String, String)>) -> Self {
         let outbound: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let scratch = Scratch::new();
         let text = expand(yaml, outbound, admin, &scratch);
         std::fs::write(scratch.0.join("outrigger.yaml"), text).expect("write the config");
-        let child = launch(&scratch, &args);
-        Self { child, outbound, admin, scratch, args }
+        let child = launch(&scratch, &args, &env);
+        Self { child, outbound, admin, scratch, args, env }
     }
 
     /// SIGKILL: no drain, no flush, no destructor; waits until the process is gone.
@@ -141,7 +152,7 @@ impl Sidecar {
     /// or an exit), and waits for `/readyz`.
     pub async fn restart(&mut self) {
         self.kill9();
-        self.child = launch(&self.scratch, &self.args);
+        self.child = launch(&self.scratch, &self.args, &self.env);
         self.wait_ready().await;
     }
 
@@ -315,12 +326,13 @@ fn expand(yaml: &str, outbound: SocketAddr, admin: SocketAddr, scratch: &Scratch
         .replace("$SCRATCH", &scratch.0.display().to_string())
 }
 
-fn launch(scratch: &Scratch, args: &[String]) -> Child {
+fn launch(scratch: &Scratch, args: &[String], env: &[(String, String)]) -> Child {
     let (stdout, stderr) = crate::log_to(&scratch.0.join("outrigger.log"));
     Command::new(binary())
         .args(["run", "--config"])
         .arg(scratch.0.join("outrigger.yaml"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         // OUTRIGGER_TEST_LOG: a quieter level for long runs (scripts/soak)
         .env("OUTRIGGER_LOG", std::env::var("OUTRIGGER_TEST_LOG").unwrap_or("debug".into()))
         .stdout(stdout)

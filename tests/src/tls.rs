@@ -124,7 +124,7 @@ impl TlsServer {
         self
     }
 
-    fn acceptor(&self, pki: &Pki) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self, pki: &Pki) -> TlsAcceptor {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()

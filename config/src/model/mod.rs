@@ -2,11 +2,13 @@
 //! Every optional field's default is written once, in a `Default` impl or a named constant;
 //! required fields have none and are reported missing. Cross-field rules live in `validate`.
 
+mod export;
 mod messaging;
 mod retry;
 mod route;
 mod upstream;
 
+pub use export::{Export, ExportError};
 pub use messaging::{
     AppOutbox, Concurrency, ConcurrencyRange, Delivery, Messaging, Retention, Subscription,
     SubscriptionBreaker, Throttle,
@@ -21,7 +23,9 @@ pub use upstream::{
 
 use crate::types::{AppUrl, ByteSize, Duration, ListenAddr, NameServer, Ratio};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 /// The whole file. An empty file is a valid config: every section at its defaults.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -145,12 +149,21 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Tracing {
-    /// OTLP over HTTP, e.g. `http://127.0.0.1:4318`.
-    pub otlp_endpoint: String,
+    /// OTLP over HTTP, e.g. `http://127.0.0.1:4318` (spans go to `/v1/traces` under it).
+    /// `None`: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
     #[serde(default = "Tracing::default_sample_ratio")]
     pub sample_ratio: Ratio,
-    /// `None`: `service.name`.
+    /// `None`: `OTEL_SERVICE_NAME`, `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else
+    /// `service.name`.
     pub service_name: Option<String>,
+    /// The CAs an `https://` collector's certificate is verified against; `None`: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Sent with every export (authentication); over `OTEL_EXPORTER_OTLP_HEADERS` name by name.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -231,11 +244,6 @@ impl Default for Log {
 impl Tracing {
     fn default_sample_ratio() -> Ratio {
         Ratio::new_const(1.0)
-    }
-
-    /// The name spans are exported under.
-    pub fn service_name<'a>(&'a self, service: &'a Service) -> &'a str {
-        self.service_name.as_deref().unwrap_or(&service.name)
     }
 }
 

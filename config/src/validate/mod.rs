@@ -6,7 +6,7 @@ mod messaging;
 mod route;
 mod upstream;
 
-use crate::model::{Backoff, Config, Registry, Telemetry};
+use crate::model::{Backoff, Config, ExportError, Registry, Telemetry};
 use crate::types::{ByteSize, Duration, HttpUrl, redact};
 
 /// What to do about an `https://` etcd endpoint.
@@ -229,17 +229,44 @@ impl Checks {
             );
             self.push("telemetry.log.level", message, expected);
         }
-        if let Some(tracing) = &telemetry.tracing {
-            if HttpUrl::parse(&tracing.otlp_endpoint).is_none() {
-                let message = format!("{:?} is not an http URL", redact(&tracing.otlp_endpoint));
+        match telemetry.export(&|name| std::env::var(name).ok()) {
+            Ok(_) => {}
+            Err(ExportError::Missing) => {
+                let expected =
+                    "e.g. http://127.0.0.1:4318, or OTEL_EXPORTER_OTLP_ENDPOINT in the environment";
                 self.push(
                     "telemetry.tracing.otlp_endpoint",
-                    message,
-                    Some("e.g. http://127.0.0.1:4318"),
+                    "missing: no collector to export spans to",
+                    Some(expected),
                 );
             }
+            Err(ExportError::NotAUrl { from, value }) => {
+                let message = format!("{:?} is not an http URL", redact(&value));
+                // a variable's problem is reported at the section that turned export on
+                let field = if from.starts_with("OTEL_") { "telemetry" } else { from };
+                let message = if field == from { message } else { format!("{from}: {message}") };
+                self.push(field, message, Some("e.g. http://127.0.0.1:4318"));
+            }
+        }
+        if let Some(tracing) = &telemetry.tracing {
             if let Some(name) = &tracing.service_name {
                 self.not_empty("telemetry.tracing.service_name", name);
+            }
+            for (name, value) in &tracing.headers {
+                let field = format!("telemetry.tracing.headers.{name}");
+                if name.is_empty() || !name.bytes().all(is_token_byte) {
+                    self.push(
+                        &field,
+                        format!("{name:?} is not an HTTP header name"),
+                        Some("letters, digits and !#$%&'*+-.^_`|~"),
+                    );
+                } else if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+                    self.push(
+                        &field,
+                        "holds a control character (a line break?)",
+                        Some("one line of text"),
+                    );
+                }
             }
         }
     }
@@ -264,6 +291,11 @@ fn check_log_level(directives: &str) -> Result<(), &str> {
         }
     }
     Ok(())
+}
+
+/// A byte of an HTTP token (RFC 9110 5.6.2): what a header name is made of.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]

@@ -105,15 +105,7 @@ impl Loaded {
     fn load(upstream: &str, tls: &config::Tls) -> Result<Self, TlsError> {
         let section = format!("upstreams.{upstream}.tls");
         let field = |name: &str| format!("{section}.{name}");
-        let roots = match &tls.ca_file {
-            Some(file) => trusted_cas(&field("ca_file"), file)?,
-            None => system_roots(&section)?,
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Refused { field: section.clone(), reason: e.to_string() })?
-            .with_root_certificates(roots);
+        let builder = verifying(&section, tls.ca_file.as_deref())?;
         let config = match (&tls.cert_file, &tls.key_file) {
             (Some(cert_file), Some(key_file)) => {
                 let chain = certificates(&field("cert_file"), cert_file)?;
@@ -133,6 +125,32 @@ impl Loaded {
         })?;
         Ok(Self { config: Arc::new(config), server_name })
     }
+}
+
+/// A client configuration, without a client certificate, that verifies servers against
+/// `ca_file` (else the system's roots); `section` names the settings in errors. For
+/// Outrigger's own calls (the OTLP collector); rustls with ring, TLS 1.2 and 1.3.
+pub(crate) fn client_config(
+    section: &str,
+    ca_file: Option<&Path>,
+) -> Result<ClientConfig, TlsError> {
+    Ok(verifying(section, ca_file)?.with_no_client_auth())
+}
+
+/// The configuration so far: ring, TLS 1.2 and 1.3, the trusted roots.
+fn verifying(
+    section: &str,
+    ca_file: Option<&Path>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, TlsError> {
+    let roots = match ca_file {
+        Some(file) => trusted_cas(&format!("{section}.ca_file"), file)?,
+        None => system_roots(section)?,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Refused { field: section.to_owned(), reason: e.to_string() })?
+        .with_root_certificates(roots))
 }
 
 fn read(field: &str, file: &Path) -> Result<Vec<u8>, TlsError> {

@@ -81,6 +81,8 @@ pub struct Metrics {
     in_flight: Arc<OnceLock<Count>>,
     process: process::Process,
     commit_duration: Histogram,
+    spans_exported: IntCounter,
+    spans_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -342,6 +344,21 @@ impl Metrics {
             .buckets(COMMIT_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let spans_exported =
+            IntCounter::new("outrigger_spans_exported_total", "Spans the OTLP collector accepted")
+                .expect("valid metric");
+        let spans_dropped = IntCounterVec::new(
+            Opts::new(
+                "outrigger_spans_dropped_total",
+                "Spans never exported: queue_full (more finished than the exporter could send) \
+                 or export_failed (the collector refused or was unreachable, after retries)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in ["queue_full", "export_failed"] {
+            spans_dropped.with_label_values(&[reason]);
+        }
         let process = process::Process::new();
         for family in [
             Box::new(local_responses.clone()) as Box<dyn prometheus::core::Collector>,
@@ -350,6 +367,8 @@ impl Metrics {
             Box::new(requests_in_flight.clone()),
             Box::new(build_info),
             Box::new(commit_duration.clone()),
+            Box::new(spans_exported.clone()),
+            Box::new(spans_dropped.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -389,6 +408,8 @@ impl Metrics {
             in_flight: Arc::default(),
             process,
             commit_duration,
+            spans_exported,
+            spans_dropped,
         }
     }
 
@@ -407,6 +428,15 @@ impl Metrics {
     /// `outrigger_store_commit_duration_seconds`: the embedded store times each commit.
     pub fn commit_duration(&self) -> Histogram {
         self.commit_duration.clone()
+    }
+
+    /// What the span exporter counts: spans sent, and spans dropped by reason.
+    pub fn span_counts(&self) -> crate::telemetry::trace::SpanCounts {
+        crate::telemetry::trace::SpanCounts {
+            exported: self.spans_exported.clone(),
+            queue_full: self.spans_dropped.with_label_values(&["queue_full"]),
+            export_failed: self.spans_dropped.with_label_values(&["export_failed"]),
+        }
     }
 
     /// What the endpoint pool of `upstream` reports: ejections and health-check results.

@@ -3,4 +3,5 @@
 pub mod grpc;
 pub mod log;
 pub mod metrics;
+pub(crate) mod otlp;
 pub mod trace;

@@ -1,17 +1,19 @@
-//! W3C Trace Context and OTLP export, without a tracing framework: the few spans Outrigger
-//! makes (a proxied request, a publish, a delivery attempt) are recorded by hand and, when
-//! `telemetry.tracing.otlp_endpoint` is set, sent in batches as OTLP/HTTP protobuf.
+//! W3C Trace Context, and the spans Outrigger records by hand: a proxied call, a publish and
+//! its relay, a delivery. When spans are exported (`telemetry.tracing`, or the `OTEL_*`
+//! variables) the sampled ones go to the export task (`otlp`), which sends them with the
+//! OpenTelemetry crates.
 //!
 //! A `traceparent` from the app is continued (our span is its child, and what we send on
-//! carries our span as the parent), or a trace is started. Without an endpoint nothing is
-//! recorded: the hot path only reads and writes one header.
+//! carries our span as the parent), or a trace is started. Without export nothing is
+//! recorded: the hot path only reads and writes one header, with no OpenTelemetry context,
+//! no clock and no allocation beyond the header.
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request};
 use outrigger_config as config;
+use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
 use crate::http::Body;
@@ -129,17 +131,17 @@ fn known_method(method: &http::Method) -> Option<&'static str> {
 #[derive(Debug)]
 pub struct Span {
     pub context: Context,
-    parent: Option<[u8; 8]>,
-    name: &'static str,
-    kind: Kind,
-    start: SystemTime,
-    attributes: Vec<(&'static str, Attr)>,
-    error: bool,
+    pub(super) parent: Option<[u8; 8]>,
+    pub(super) name: &'static str,
+    pub(super) kind: Kind,
+    pub(super) start: SystemTime,
+    pub(super) attributes: Vec<(&'static str, Attr)>,
+    pub(super) error: bool,
     recording: bool,
 }
 
 #[derive(Debug, Clone)]
-enum Attr {
+pub(super) enum Attr {
     Text(String),
     Int(i64),
 }
@@ -170,23 +172,34 @@ impl Span {
 /// Starts spans and sends the finished, sampled ones to the exporter (when there is one).
 #[derive(Debug, Clone)]
 pub struct Tracer {
-    export: Option<mpsc::Sender<Finished>>,
+    export: Option<Export>,
     sample_ratio: f64,
 }
 
-/// A finished span, ready to encode.
-#[derive(Debug)]
-struct Finished {
-    span: Span,
-    end: SystemTime,
+/// The way to the export task.
+#[derive(Debug, Clone)]
+struct Export {
+    spans: mpsc::Sender<Finished>,
+    queue_full: IntCounter,
 }
 
-/// Spans buffered for export at most: past it, new ones are dropped (never the request).
+/// A finished span, ready to export.
+#[derive(Debug)]
+pub(super) struct Finished {
+    pub(super) span: Span,
+    pub(super) end: SystemTime,
+}
+
+/// What happens to exported spans, for `outrigger_spans_*`.
+#[derive(Debug, Clone)]
+pub struct SpanCounts {
+    pub exported: IntCounter,
+    pub queue_full: IntCounter,
+    pub export_failed: IntCounter,
+}
+
+/// Spans waiting for the exporter at most: past it, new ones are dropped (never the request).
 const QUEUE: usize = 4096;
-/// Spans per export request at most.
-const BATCH: usize = 512;
-/// How long finished spans wait before being sent.
-const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 impl Tracer {
     /// A tracer that records nothing, and only propagates context.
@@ -194,14 +207,27 @@ impl Tracer {
         Tracer { export: None, sample_ratio: 0.0 }
     }
 
-    /// From `telemetry.tracing` for service `service`: with it, spans are exported.
-    pub fn from_config(cfg: Option<&config::Tracing>, service: &str) -> Self {
-        let Some(cfg) = cfg else { return Self::disabled() };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let name = cfg.service_name.clone().unwrap_or_else(|| service.to_owned());
-        let endpoint = format!("{}/v1/traces", cfg.otlp_endpoint.trim_end_matches('/'));
-        tokio::spawn(export(rx, endpoint, name));
-        Tracer { export: Some(tx), sample_ratio: cfg.sample_ratio.get() }
+    /// Exporting as `export` says (`None`: only propagating), for service `service`.
+    pub fn from_config(
+        export: Option<&config::Export>,
+        service: &str,
+        counts: SpanCounts,
+    ) -> Result<Self, super::otlp::OtlpError> {
+        let Some(export) = export else { return Ok(Self::disabled()) };
+        let queue_full = counts.queue_full.clone();
+        let spans = super::otlp::start(export, service, QUEUE, counts)?;
+        Ok(Tracer { export: Some(Export { spans, queue_full }), sample_ratio: export.sample_ratio })
+    }
+
+    /// A recording tracer whose finished spans wait in a queue of `capacity`.
+    #[cfg(test)]
+    pub(super) fn queued_for_tests(
+        capacity: usize,
+    ) -> (Self, mpsc::Receiver<Finished>, IntCounter) {
+        let (spans, rx) = mpsc::channel(capacity);
+        let queue_full = IntCounter::new("test", "test").expect("valid metric");
+        let export = Export { spans, queue_full: queue_full.clone() };
+        (Tracer { export: Some(export), sample_ratio: 1.0 }, rx, queue_full)
     }
 
     /// A span continuing `parent` (a `traceparent` value), or starting a trace.
@@ -235,7 +261,11 @@ impl Tracer {
             && span.recording
         {
             // a full queue drops the span, never blocks the request
-            let _ = export.try_send(Finished { span, end: SystemTime::now() });
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                export.spans.try_send(Finished { span, end: SystemTime::now() })
+            {
+                export.queue_full.inc();
+            }
         }
     }
 
@@ -248,139 +278,6 @@ impl Tracer {
     pub fn inject(span: &Span, req: &mut Request<Body>) {
         req.headers_mut().insert("traceparent", span.context.header());
     }
-}
-
-/// Batches finished spans and POSTs them as OTLP/HTTP protobuf to `endpoint`.
-async fn export(mut rx: mpsc::Receiver<Finished>, endpoint: String, service: String) {
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Body>();
-    let mut batch = Vec::new();
-    loop {
-        let first = match rx.recv().await {
-            Some(finished) => finished,
-            None => return,
-        };
-        batch.push(first);
-        let deadline = tokio::time::sleep(FLUSH_EVERY);
-        tokio::pin!(deadline);
-        while batch.len() < BATCH {
-            tokio::select! {
-                more = rx.recv() => match more {
-                    Some(finished) => batch.push(finished),
-                    None => break,
-                },
-                _ = &mut deadline => break,
-            }
-        }
-        let body = encode(&service, &batch);
-        let n = batch.len();
-        batch.clear();
-        let req = Request::post(&endpoint)
-            .header("content-type", "application/x-protobuf")
-            .body(Body::full(body))
-            .expect("a valid OTLP request");
-        match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
-            Ok(Ok(res)) if res.status().is_success() => {
-                tracing::trace!(spans = n, "spans exported")
-            }
-            Ok(Ok(res)) => tracing::debug!(
-                status = res.status().as_u16(),
-                spans = n,
-                "the OTLP endpoint refused spans"
-            ),
-            Ok(Err(error)) => tracing::debug!(%error, spans = n, "spans not exported"),
-            Err(_) => tracing::debug!(spans = n, "the OTLP endpoint did not answer in 10 s"),
-        }
-    }
-}
-
-// === OTLP protobuf (opentelemetry/proto/collector/trace/v1 ExportTraceServiceRequest) ===
-
-fn varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn tag(out: &mut Vec<u8>, field: u32, wire: u8) {
-    varint(out, u64::from(field) << 3 | u64::from(wire));
-}
-
-fn bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-    tag(out, field, 2);
-    varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
-fn fixed64(out: &mut Vec<u8>, field: u32, n: u64) {
-    tag(out, field, 1);
-    out.extend_from_slice(&n.to_le_bytes());
-}
-
-fn key_value(key: &str, value: &Attr) -> Vec<u8> {
-    let mut any = Vec::new();
-    match value {
-        Attr::Text(text) => bytes_field(&mut any, 1, text.as_bytes()),
-        Attr::Int(n) => {
-            tag(&mut any, 3, 0);
-            varint(&mut any, *n as u64);
-        }
-    }
-    let mut kv = Vec::new();
-    bytes_field(&mut kv, 1, key.as_bytes());
-    bytes_field(&mut kv, 2, &any);
-    kv
-}
-
-fn nanos(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn encode(service: &str, batch: &[Finished]) -> Bytes {
-    let mut scope_spans = Vec::new();
-    let mut scope = Vec::new();
-    bytes_field(&mut scope, 1, b"outrigger");
-    bytes_field(&mut scope, 2, env!("CARGO_PKG_VERSION").as_bytes());
-    bytes_field(&mut scope_spans, 1, &scope);
-    for Finished { span, end } in batch {
-        let mut s = Vec::new();
-        bytes_field(&mut s, 1, &span.context.trace_id);
-        bytes_field(&mut s, 2, &span.context.span_id);
-        if let Some(parent) = &span.parent {
-            bytes_field(&mut s, 4, parent);
-        }
-        bytes_field(&mut s, 5, span.name.as_bytes());
-        tag(&mut s, 6, 0);
-        varint(
-            &mut s,
-            match span.kind {
-                Kind::Client => 3,
-                Kind::Producer => 4,
-                Kind::Consumer => 5,
-            },
-        );
-        fixed64(&mut s, 7, nanos(span.start));
-        fixed64(&mut s, 8, nanos(*end));
-        for (key, value) in &span.attributes {
-            bytes_field(&mut s, 9, &key_value(key, value));
-        }
-        let mut status = Vec::new();
-        tag(&mut status, 3, 0);
-        varint(&mut status, if span.error { 2 } else { 0 });
-        bytes_field(&mut s, 15, &status);
-        bytes_field(&mut scope_spans, 2, &s);
-    }
-    let mut resource = Vec::new();
-    bytes_field(&mut resource, 1, &key_value("service.name", &Attr::Text(service.to_owned())));
-    let mut resource_spans = Vec::new();
-    bytes_field(&mut resource_spans, 1, &resource);
-    bytes_field(&mut resource_spans, 2, &scope_spans);
-    let mut request = Vec::new();
-    bytes_field(&mut request, 1, &resource_spans);
-    Bytes::from(request)
 }
 
 #[cfg(test)]
@@ -422,16 +319,14 @@ mod tests {
     }
 
     #[test]
-    fn spans_encode_as_otlp_protobuf() {
-        let tracer = Tracer::disabled();
-        let mut span =
-            tracer.start(Some(&HeaderValue::from_static(PARENT)), "publish orders", Kind::Producer);
-        span.int("http.response.status_code", 202);
-        let body = encode("checkout", &[Finished { span, end: SystemTime::now() }]);
-        // field 1 (resource_spans), length-delimited; the ids and names appear verbatim
-        assert_eq!(body[0], 0x0a);
-        let find = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
-        assert!(find(b"publish") && find(b"orders") && find(b"checkout") && find(b"service.name"));
-        assert!(find(&Context::parse(PARENT).unwrap().trace_id));
+    fn a_span_finished_while_the_queue_is_full_is_dropped_and_counted() {
+        let (tracer, mut rx, queue_full) = Tracer::queued_for_tests(1);
+        for _ in 0..3 {
+            tracer.end(tracer.start(None, "GET", Kind::Client));
+        }
+        assert_eq!(queue_full.get(), 2, "one waits, two are dropped");
+        assert!(rx.try_recv().is_ok());
+        tracer.end(tracer.start(None, "GET", Kind::Client));
+        assert_eq!(queue_full.get(), 2, "room again: queued");
     }
 }

@@ -266,3 +266,117 @@ async fn a_traced_messages_delivery_log_lines_carry_its_trace() {
     assert_eq!(retry["trace_id"], APP_TRACE, "{retry}");
     assert_eq!(retry["queue"], "orders");
 }
+
+/// One proxied call with the app's trace, through a sidecar whose YAML has `telemetry`.
+async fn one_traced_call(sidecar: &Sidecar) {
+    let req = Request::get("/")
+        .header("host", "payments")
+        .header("traceparent", traceparent())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(sidecar.send(req).await.status(), 200);
+}
+
+#[tokio::test]
+async fn spans_reach_an_https_collector_trusting_ca_file_with_the_yaml_headers_over_the_variables()
+{
+    let pki = outrigger_tests::Pki::new();
+    let receiver = OtlpReceiver::start_tls(&pki).await;
+    let up = Upstream::status(200).await;
+    let yaml = format!(
+        "service: {{ name: checkout }}\n{}telemetry:\n  tracing:\n    otlp_endpoint: \"{}\"\n    \
+         ca_file: \"{}\"\n    headers: {{ authorization: \"Bearer from-yaml\" }}\n",
+        up.yaml("payments"),
+        receiver.endpoint(),
+        pki.ca_file.display()
+    );
+    let env = [("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20from-env,x-tenant=shop")];
+    let sidecar = Sidecar::start_with_env(&yaml, &env).await;
+    one_traced_call(&sidecar).await;
+
+    let spans = span_named(&receiver, "GET", 1).await;
+    assert_eq!(spans[0].trace_id, APP_TRACE);
+    let headers = &receiver.requests()[0];
+    assert_eq!(headers["authorization"], "Bearer from-yaml", "the YAML wins");
+    assert_eq!(headers["x-tenant"], "shop", "the variable's other headers are sent");
+    assert_eq!(headers["content-type"], "application/x-protobuf");
+    exported_as_received(&sidecar, &receiver).await;
+}
+
+/// `outrigger_spans_exported_total` comes to what the receiver got (the call and its attempt).
+async fn exported_as_received(sidecar: &Sidecar, receiver: &OtlpReceiver) {
+    let received = receiver.spans().len() as f64;
+    assert!(received >= 2.0, "the call's span and its attempt's: {:?}", receiver.spans());
+    crate::delivery::wait_metric(sidecar, "outrigger_spans_exported_total", received).await;
+}
+
+#[tokio::test]
+async fn a_collector_trusted_by_nothing_configured_gets_no_spans_and_they_are_counted() {
+    let pki = outrigger_tests::Pki::new();
+    let receiver = OtlpReceiver::start_tls(&pki).await;
+    let up = Upstream::status(200).await;
+    // the system's roots do not include the test CA
+    let yaml = format!(
+        "service: {{ name: checkout }}\n{}telemetry:\n  tracing: {{ otlp_endpoint: \"{}\" }}\n",
+        up.yaml("payments"),
+        receiver.endpoint()
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    one_traced_call(&sidecar).await;
+    let dropped = r#"outrigger_spans_dropped_total{reason="export_failed"}"#;
+    wait_until(std::time::Duration::from_secs(20), "the failed export to be counted", || async {
+        (crate::messaging::metric(&sidecar, dropped).await >= Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(receiver.spans().is_empty());
+    let log = sidecar.log();
+    assert!(log.contains("exporting spans failed"), "a warning says so: {log}");
+}
+
+#[tokio::test]
+async fn the_otel_variables_alone_turn_export_on_and_name_the_service_and_resource() {
+    let receiver = OtlpReceiver::start().await;
+    let up = Upstream::status(200).await;
+    let yaml = format!("service: {{ name: checkout }}\n{}", up.yaml("payments"));
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+        ("OTEL_SERVICE_NAME", "checkout-sidecar".to_owned()),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=staging,k8s.pod.name=checkout-0".to_owned(),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let sidecar = Sidecar::start_with_env(&yaml, &env).await;
+    one_traced_call(&sidecar).await;
+
+    let span = span_named(&receiver, "GET", 1).await.remove(0);
+    assert_eq!(span.service, "checkout-sidecar");
+    assert_eq!(span.resource_attribute("deployment.environment"), Some("staging"));
+    assert_eq!(span.resource_attribute("k8s.pod.name"), Some("checkout-0"));
+    assert_eq!(span.resource_attribute("telemetry.sdk.name"), Some("opentelemetry"));
+}
+
+#[tokio::test]
+async fn an_export_answered_503_or_429_is_sent_again_and_the_spans_arrive() {
+    let receiver = OtlpReceiver::start().await;
+    receiver.refuse(1, 503, None);
+    receiver.refuse(1, 429, Some("1"));
+    let up = Upstream::status(200).await;
+    let yaml = format!(
+        "service: {{ name: checkout }}\n{}{}",
+        up.yaml("payments"),
+        tracing_yaml(&receiver)
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    one_traced_call(&sidecar).await;
+
+    span_named(&receiver, "GET", 2).await;
+    let ids: std::collections::HashSet<String> =
+        receiver.spans().into_iter().map(|s| s.span_id).collect();
+    assert_eq!(ids.len(), receiver.spans().len(), "each span once: {:?}", receiver.spans());
+    assert_eq!(receiver.requests().len(), 3, "503, 429, then 200");
+    exported_as_received(&sidecar, &receiver).await;
+    let dropped = r#"outrigger_spans_dropped_total{reason="export_failed"}"#;
+    assert_eq!(crate::messaging::metric(&sidecar, dropped).await, Some(0.0));
+}
