@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# HTTP data-plane benchmark: Outrigger (bare, and with every policy on) against a direct
-# connection, nginx and haproxy, in one run.
+# HTTP data-plane benchmark: Outrigger (bare, with every policy on, behind 20 routes, and
+# exporting every call's spans over OTLP) against a direct connection, nginx and haproxy, in
+# one run.
 #
 #   bash bench/http.sh [ROUNDS] [SECONDS]        (defaults: 3 rounds of 5 s per contender and load)
 #
@@ -48,6 +49,13 @@ upstreams:
     discovery: { static: ["$UP"] }
 telemetry: { log: { level: warn } }
 CONF
+# the bare config exporting every call's spans (the app sends a sampled `traceparent`) to a
+# collector: an nginx answering 200 to each export, on wrk's CPU so it takes none of the proxy's
+sed -e 's/18193/18196/; s/18183/18186/' \
+  -e 's|^telemetry: .*|telemetry: { log: { level: warn }, tracing: { otlp_endpoint: "http://127.0.0.1:18187", sample_ratio: 1.0 } }|' \
+  "$work/outrigger.yaml" >"$work/outrigger-traced.yaml"
+nginx_ok 127.0.0.1:18187 "$work/collector.conf"
+TRACEPARENT='traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'
 # every policy on, set so that none trips: the cost of the whole stack
 full_yaml "$UP" "$work/outrigger-full.yaml"
 
@@ -62,12 +70,14 @@ start haproxy -f "$work/haproxy.cfg"
 start "$OUTRIGGER" run --config "$work/outrigger.yaml"
 start "$OUTRIGGER" run --config "$work/outrigger-full.yaml"
 start "$OUTRIGGER" run --config "$work/outrigger-routes.yaml"
-for port in 18180 18181 18182 18183 18184 18185; do
+start "$OUTRIGGER" run --config "$work/outrigger-traced.yaml"
+taskset -c 0 nginx -c "$work/collector.conf" >"$work/collector.log" 2>&1 & pids+=($!)
+for port in 18180 18181 18182 18183 18184 18185 18186 18187; do
   for _ in $(seq 100); do curl -fsS -o /dev/null -H 'Host: bench' "http://127.0.0.1:$port/" 2>/dev/null && break; sleep 0.1; done
 done
 
 # contender -> "port pid-of-the-process-doing-the-work"
-declare -A PORT=([direct]=18180 [nginx]=18181 [haproxy]=18182 [outrigger]=18183 [outrigger-full]=18184 [outrigger-routes]=18185)
+declare -A PORT=([direct]=18180 [nginx]=18181 [haproxy]=18182 [outrigger]=18183 [outrigger-full]=18184 [outrigger-routes]=18185 [outrigger-traced]=18186)
 declare -A PIDS=(
   [direct]=""
   [nginx]="$(pgrep -P "${pids[1]}" | tr '\n' ' ')"
@@ -75,7 +85,10 @@ declare -A PIDS=(
   [outrigger]="${pids[3]}"
   [outrigger-full]="${pids[4]}"
   [outrigger-routes]="${pids[5]}"
+  [outrigger-traced]="${pids[6]}"
 )
+# headers only one contender's requests carry
+declare -A EXTRA=([outrigger-traced]="$TRACEPARENT")
 ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 hwm() { local m=0; for p in $1; do m=$((m + $(awk '/VmHWM/ {print $2}' "/proc/$p/status"))); done; echo "$m"; }
 
@@ -83,7 +96,8 @@ results=$work/results.tsv
 run() { # contender connections seconds -> one TSV row
   local who=$1 conns=$2 secs=$3 before after out
   before=$(ticks "${PIDS[$who]}")
-  taskset -c 0 wrk -t1 -c"$conns" -d"${secs}s" --latency -H 'Host: bench' "http://127.0.0.1:${PORT[$who]}/" >"$work/wrk.out"
+  taskset -c 0 wrk -t1 -c"$conns" -d"${secs}s" --latency -H 'Host: bench' ${EXTRA[$who]:+-H "${EXTRA[$who]}"} \
+    "http://127.0.0.1:${PORT[$who]}/" >"$work/wrk.out"
   after=$(ticks "${PIDS[$who]}")
   python3 - "$who" "$conns" "$((after - before))" "$(getconf CLK_TCK)" "$work/wrk.out" <<'PY' >>"$results"
 import re, sys
@@ -111,7 +125,7 @@ PY
 }
 
 echo "warming up" >&2
-CONTENDERS=(direct nginx haproxy outrigger outrigger-full outrigger-routes)
+CONTENDERS=(direct nginx haproxy outrigger outrigger-full outrigger-routes outrigger-traced)
 for who in "${CONTENDERS[@]}"; do run "$who" 16 2; done
 : >"$results"
 for round in $(seq "$ROUNDS"); do
@@ -152,3 +166,6 @@ for conns in sorted({c for _, c in rows}):
               f"{rps / base['nginx']:.2f} | {med([r[1] for r in rs]):.3f} | {med([r[2] for r in rs]):.3f} | "
               f"{spread([r[2] for r in rs], '{:.3f}')} | {per_cpu} | {per_cpu_spread} | {rss[who]} | {sum(r[4] for r in rs)} |")
 PY
+echo
+echo "spans of outrigger-traced (exported, dropped):"
+curl -fsS http://127.0.0.1:18196/metrics | grep -E '^outrigger_spans_(exported|dropped)' || true

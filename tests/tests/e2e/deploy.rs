@@ -75,16 +75,31 @@ fn the_kubernetes_manifests_pass_a_strict_offline_schema_check() {
     assert!(!ok, "a misspelt field must fail the check:\n{report}");
 }
 
-/// A manifest as JSON, read by the PyYAML of `kubernetes-validate`'s venv (a YAML parser the
-/// tests already need, so no Rust YAML crate for this alone).
+/// A manifest of `deploy/base` as JSON.
 fn manifest(name: &str) -> serde_json::Value {
+    yaml_file(&deploy().join("base").join(name))
+}
+
+/// A YAML file as JSON, read by the PyYAML of `kubernetes-validate`'s venv (a YAML parser the
+/// tests already need, so no Rust YAML crate for this alone).
+fn yaml_file(path: &Path) -> serde_json::Value {
+    python(&std::fs::read(path).unwrap(), "print(json.dumps(yaml.safe_load(sys.stdin)))")
+}
+
+/// The JSON that `script` prints, given `input` on stdin (`json`, `sys` and `yaml` imported).
+fn python(input: &[u8], script: &str) -> serde_json::Value {
+    use std::io::Write;
     let python = validator().with_file_name("python");
     let python = if python.exists() { python } else { PathBuf::from("python3") };
-    let out = Command::new(python)
-        .args(["-c", "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"])
-        .stdin(std::fs::File::open(deploy().join("base").join(name)).unwrap())
-        .output()
+    let mut child = Command::new(python)
+        .args(["-c", &format!("import json, sys, yaml\n{script}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run python");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -372,5 +387,128 @@ fn the_dashboard_picks_its_data_source_namespace_and_pods_and_follows_the_scrape
     let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
     for wanted in ["Error ratio", "Answers of Outrigger's own", "Shed at the sidecar's caps"] {
         assert!(titles.iter().any(|t| t.starts_with(wanted)), "{wanted} in {titles:?}");
+    }
+}
+
+/// `patch` laid over `target` as a strategic merge patch does for the fields the component
+/// touches: mappings merge, lists of named items merge by `name` (containers, volumes), other
+/// values are replaced; the patch's own `metadata.name` is not applied (the component's
+/// `target` chose the Deployment). The renderer when no kubectl with kustomize >= 3.7 is found.
+fn strategic_merge(target: &serde_json::Value, patch: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    fn merge(into: &mut Value, patch: &Value) {
+        match (into, patch) {
+            (Value::Object(into), Value::Object(patch)) => {
+                for (key, value) in patch {
+                    match into.get_mut(key) {
+                        Some(existing) => merge(existing, value),
+                        None => {
+                            into.insert(key.clone(), value.clone());
+                        }
+                    }
+                }
+            }
+            (Value::Array(into), Value::Array(patch))
+                if patch.iter().all(|item| item.get("name").is_some()) =>
+            {
+                for item in patch {
+                    match into.iter_mut().find(|i| i.get("name") == item.get("name")) {
+                        Some(existing) => merge(existing, item),
+                        None => into.push(item.clone()),
+                    }
+                }
+            }
+            (into, patch) => *into = patch.clone(),
+        }
+    }
+    let mut patch = patch.clone();
+    patch["metadata"].as_object_mut().unwrap().remove("name");
+    let mut out = target.clone();
+    merge(&mut out, &patch);
+    out
+}
+
+/// The Deployment `kubectl kustomize` renders from `dir`, with the generated ConfigMap's hash
+/// suffix taken off; `None` without a kubectl whose kustomize knows components.
+fn kubectl_kustomize(dir: &Path) -> Option<serde_json::Value> {
+    let out = Command::new("kubectl").arg("kustomize").arg(dir).output().ok()?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        // kubectl before 1.21 embeds kustomize 2, which has no components
+        assert!(why.contains("components") || why.contains("unknown"), "kubectl kustomize: {why}");
+        return None;
+    }
+    let script = "docs = [d for d in yaml.safe_load_all(sys.stdin) if d and d['kind'] == 'Deployment']\n\
+                  print(json.dumps(docs[0]))";
+    let mut deployment = python(&out.stdout, script);
+    for volume in deployment["spec"]["template"]["spec"]["volumes"].as_array_mut().unwrap() {
+        if let Some(name) = volume["configMap"]["name"].as_str() {
+            let unhashed = name.rsplit_once('-').map_or(name, |(base, _)| base).to_owned();
+            volume["configMap"]["name"] = unhashed.into();
+        }
+    }
+    Some(deployment)
+}
+
+#[test]
+fn the_component_adds_the_bases_sidecar_to_an_existing_deployment_and_the_result_passes_the_checks()
+{
+    let example = deploy().join("examples/existing-app");
+    let original = yaml_file(&example.join("deployment.yaml"));
+    let patch = yaml_file(&deploy().join("components/outrigger/sidecar.yaml"));
+    let rendered = strategic_merge(&original, &patch);
+    if let Some(by_kustomize) = kubectl_kustomize(&example) {
+        assert_eq!(by_kustomize, rendered, "kubectl kustomize renders the same Deployment");
+    }
+
+    // the app's own manifest is kept; the sidecar is deploy/base's, to the byte
+    let pod = &rendered["spec"]["template"]["spec"];
+    assert_eq!(rendered["metadata"]["name"], "orders");
+    assert_eq!(pod["containers"], original["spec"]["template"]["spec"]["containers"]);
+    let base = manifest("deployment.yaml");
+    let base_pod = &base["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["initContainers"], base_pod["initContainers"],
+        "the component's sidecar is the base's"
+    );
+    assert_eq!(
+        rendered["spec"]["template"]["metadata"]["annotations"],
+        base["spec"]["template"]["metadata"]["annotations"]
+    );
+    assert_eq!(pod["terminationGracePeriodSeconds"], base_pod["terminationGracePeriodSeconds"]);
+    let volumes: Vec<&str> =
+        pod["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(volumes, ["outrigger-config", "outrigger-data"]);
+    assert_eq!(pod["volumes"][0]["configMap"]["name"], "outrigger", "the ConfigMap it documents");
+    assert_eq!(restricted_problems(pod), Vec::<String>::new());
+
+    // the strict schema check, on the rendered Deployment
+    let file = std::env::temp_dir().join(format!("outrigger-rendered-{}.json", std::process::id()));
+    std::fs::write(&file, rendered.to_string()).unwrap();
+    let (ok, text) = validate(&file);
+    let _ = std::fs::remove_file(&file);
+    assert!(ok, "{text}");
+
+    // and the example's outrigger.yaml is one the sidecar takes
+    let out = Command::new(outrigger_tests::binary())
+        .args(["validate", "--config"])
+        .arg(example.join("outrigger.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+}
+
+#[test]
+fn every_alert_links_its_runbook_section_of_operations_md() {
+    let alerts = std::fs::read_to_string(deploy().join("alerts.yaml")).unwrap();
+    let operations = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    let rules: Vec<&str> = alerts.split("- alert: ").skip(1).collect();
+    assert!(rules.len() >= 14, "{} rules", rules.len());
+    for rule in rules {
+        let name = rule.lines().next().unwrap().trim();
+        let link = format!("runbook_url: \"docs/operations.md#{}\"", name.to_lowercase());
+        assert!(rule.contains(&link), "{name} has {link}");
+        // GitHub's anchor of a heading made of one word is the word in lower case
+        assert!(operations.contains(&format!("\n### {name}\n")), "operations.md has ### {name}");
     }
 }

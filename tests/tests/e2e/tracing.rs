@@ -55,12 +55,7 @@ async fn a_proxied_call_with_a_retry_continues_the_apps_trace_and_its_spans_reac
         tracing_yaml(&receiver)
     );
     let sidecar = Sidecar::start(&yaml).await;
-    let req = Request::get("/charge")
-        .header("host", "payments")
-        .header("traceparent", traceparent())
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    assert_eq!(sidecar.send(req).await.status(), 200);
+    traced_call(&sidecar, "/charge").await;
 
     // HTTP client spans are named by their method: the call, then each attempt under it
     let spans = span_named(&receiver, "GET", 3).await;
@@ -267,9 +262,9 @@ async fn a_traced_messages_delivery_log_lines_carry_its_trace() {
     assert_eq!(retry["queue"], "orders");
 }
 
-/// One proxied call with the app's trace, through a sidecar whose YAML has `telemetry`.
-async fn one_traced_call(sidecar: &Sidecar) {
-    let req = Request::get("/")
+/// One call to `payments` at `path` with the app's trace, answered 200.
+async fn traced_call(sidecar: &Sidecar, path: &str) {
+    let req = Request::get(path)
         .header("host", "payments")
         .header("traceparent", traceparent())
         .body(Full::new(Bytes::new()))
@@ -292,7 +287,7 @@ async fn spans_reach_an_https_collector_trusting_ca_file_with_the_yaml_headers_o
     );
     let env = [("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20from-env,x-tenant=shop")];
     let sidecar = Sidecar::start_with_env(&yaml, &env).await;
-    one_traced_call(&sidecar).await;
+    traced_call(&sidecar, "/").await;
 
     let spans = span_named(&receiver, "GET", 1).await;
     assert_eq!(spans[0].trace_id, APP_TRACE);
@@ -322,7 +317,7 @@ async fn a_collector_trusted_by_nothing_configured_gets_no_spans_and_they_are_co
         receiver.endpoint()
     );
     let sidecar = Sidecar::start(&yaml).await;
-    one_traced_call(&sidecar).await;
+    traced_call(&sidecar, "/").await;
     let dropped = r#"outrigger_spans_dropped_total{reason="export_failed"}"#;
     wait_until(std::time::Duration::from_secs(20), "the failed export to be counted", || async {
         (crate::messaging::metric(&sidecar, dropped).await >= Some(1.0)).then_some(())
@@ -348,7 +343,7 @@ async fn the_otel_variables_alone_turn_export_on_and_name_the_service_and_resour
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let sidecar = Sidecar::start_with_env(&yaml, &env).await;
-    one_traced_call(&sidecar).await;
+    traced_call(&sidecar, "/").await;
 
     let span = span_named(&receiver, "GET", 1).await.remove(0);
     assert_eq!(span.service, "checkout-sidecar");
@@ -369,7 +364,7 @@ async fn an_export_answered_503_or_429_is_sent_again_and_the_spans_arrive() {
         tracing_yaml(&receiver)
     );
     let sidecar = Sidecar::start(&yaml).await;
-    one_traced_call(&sidecar).await;
+    traced_call(&sidecar, "/").await;
 
     span_named(&receiver, "GET", 2).await;
     let ids: std::collections::HashSet<String> =
