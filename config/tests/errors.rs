@@ -368,7 +368,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             vec![
                 "outrigger.yaml:1:24: service.app.url: \"http://app:***@127.0.0.1:8080\" is not an app URL (expected http://HOST:PORT[/base], e.g. http://127.0.0.1:8080)",
                 "outrigger.yaml:2:33: registry.etcd.endpoints[0]: \"http://root:***@127.0.0.1:2379\" is not an etcd endpoint (expected http://HOST:PORT, e.g. http://127.0.0.1:2379)",
-                "outrigger.yaml:3:40: telemetry.tracing.otlp_endpoint: \"https://otel:***@collector:4318\" is not an http URL (expected e.g. http://127.0.0.1:4318)",
+                "outrigger.yaml:3:40: telemetry.tracing.otlp_endpoint: \"https://otel:***@collector:4318\" is not an http(s) URL (expected e.g. http://127.0.0.1:4318)",
             ],
         ),
         (
@@ -668,7 +668,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "otlp endpoint is an http url",
             s("telemetry:\n  tracing: { otlp_endpoint: \"127.0.0.1:4318\" }\n"),
             vec![
-                "outrigger.yaml:2:29: telemetry.tracing.otlp_endpoint: \"127.0.0.1:4318\" is not an http URL (expected e.g. http://127.0.0.1:4318)",
+                "outrigger.yaml:2:29: telemetry.tracing.otlp_endpoint: \"127.0.0.1:4318\" is not an http(s) URL (expected e.g. http://127.0.0.1:4318)",
             ],
         ),
         (

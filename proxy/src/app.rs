@@ -49,7 +49,7 @@ pub enum StartError {
     Tls(#[from] crate::http::tls::TlsError),
     #[error(transparent)]
     Messaging(#[from] crate::messaging::StartError),
-    #[error("telemetry.tracing: {0}")]
+    #[error(transparent)]
     Export(#[from] outrigger_config::ExportError),
     #[error(transparent)]
     Otlp(#[from] crate::telemetry::otlp::OtlpError),
@@ -117,7 +117,11 @@ pub async fn start_reloading(
         SourceConfig { resolver: config.resolver.clone(), registry: config.registry.clone() };
     let upstreams: Vec<stack::BuiltUpstream> =
         config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
-    let export = config.telemetry.export(&|name| std::env::var(name).ok())?;
+    let env = |name: &str| std::env::var(name).ok();
+    let export = config.telemetry.export(&env)?;
+    if let Some(why) = config.telemetry.unused_endpoint(&env) {
+        tracing::warn!("{why}");
+    }
     let tracer = Tracer::from_config(export.as_ref(), &config.service.name, metrics.span_counts())?;
     let publish_limits = PublishLimits::new(&config.outbound.limits, &metrics);
     let messaging = Messaging::start(

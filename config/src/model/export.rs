@@ -4,8 +4,9 @@
 //! - The URL: `otlp_endpoint` + `/v1/traces`, else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it
 //!   is, else `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces` (the specification's rules).
 //! - Without `telemetry.tracing`, one of those variables turns export on (a platform that sets
-//!   them on every Pod gets the sidecar's spans too), unless `OTEL_SDK_DISABLED=true` or
-//!   `OTEL_TRACES_EXPORTER=none`.
+//!   them on every Pod gets the sidecar's spans too), unless `OTEL_SDK_DISABLED=true`,
+//!   `OTEL_TRACES_EXPORTER=none`, or the protocol variable asks for gRPC (the exporter speaks
+//!   OTLP/HTTP; with a `tracing` section relying on the variables, that is an error).
 //! - `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` are read
 //!   by the exporter (the OpenTelemetry crates parse them); `headers` and `service_name` here
 //!   are laid over them.
@@ -40,11 +41,17 @@ pub enum ExportError {
     Missing,
     #[error("{from}: {value:?} is not an http(s) URL")]
     NotAUrl { from: &'static str, value: String },
+    #[error(
+        "{var}=grpc: Outrigger exports OTLP over HTTP only; set telemetry.tracing.otlp_endpoint to the collector's OTLP/HTTP port (4318)"
+    )]
+    Grpc { var: &'static str },
 }
 
 const FIELD: &str = "telemetry.tracing.otlp_endpoint";
 const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+const PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+const TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
 /// What the specification appends to a base endpoint for traces.
 const TRACES_PATH: &str = "/v1/traces";
 
@@ -54,26 +61,29 @@ impl Telemetry {
         &self,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Option<Export>, ExportError> {
-        let var = |name: &str| env(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        // (the URL, where it came from, the value as written there)
-        let from_env = || match (var(TRACES_ENDPOINT), var(ENDPOINT)) {
-            (Some(url), _) => Some((url.clone(), TRACES_ENDPOINT, url)),
-            (None, Some(base)) => Some((traces_url(&base), ENDPOINT, base)),
-            (None, None) => None,
-        };
+        let vars = Vars(env);
         let ((url, url_from, written), tracing) = match &self.tracing {
             Some(tracing) => {
                 let yaml =
                     tracing.otlp_endpoint.clone().map(|base| (traces_url(&base), FIELD, base));
-                (yaml.or_else(from_env).ok_or(ExportError::Missing)?, tracing.clone())
+                let found = match yaml {
+                    Some(found) => found,
+                    None => {
+                        let found = vars.endpoint().ok_or(ExportError::Missing)?;
+                        if let Some(var) = vars.grpc() {
+                            return Err(ExportError::Grpc { var });
+                        }
+                        found
+                    }
+                };
+                (found, tracing.clone())
             }
-            None => {
-                let disabled = var("OTEL_SDK_DISABLED")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-                    || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
-                let Some(found) = from_env().filter(|_| !disabled) else { return Ok(None) };
-                (found, Tracing::default())
-            }
+            None => match vars.endpoint() {
+                Some(found) if vars.off().is_none() && vars.grpc().is_none() => {
+                    (found, Tracing::default())
+                }
+                _ => return Ok(None),
+            },
         };
         if HttpUrl::parse(&url).is_none() {
             return Err(ExportError::NotAUrl { from: url_from, value: written });
@@ -86,6 +96,59 @@ impl Telemetry {
             ca_file: tracing.ca_file,
             headers: tracing.headers,
         }))
+    }
+
+    /// Why an endpoint variable is set but no span is exported, when that is so: for a line
+    /// in the log at start, so that a platform's variables are not ignored in silence.
+    pub fn unused_endpoint(&self, env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        let vars = Vars(env);
+        let (_, from, _) = vars.endpoint().filter(|_| self.tracing.is_none())?;
+        if let Some(off) = vars.off() {
+            return Some(format!("{from} is set, but {off}: spans are not exported"));
+        }
+        let var = vars.grpc()?;
+        Some(format!(
+            "{from} is set, but {var}=grpc: Outrigger exports OTLP over HTTP only, so spans are \
+             not exported; set telemetry.tracing.otlp_endpoint to the collector's OTLP/HTTP port (4318)"
+        ))
+    }
+}
+
+/// The OpenTelemetry variables, as `env` gives them.
+struct Vars<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Vars<'_> {
+    /// A variable's value, trimmed; `None` when unset or empty.
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    /// The URL the variables name, the variable, and its value as written.
+    fn endpoint(&self) -> Option<(String, &'static str, String)> {
+        match (self.get(TRACES_ENDPOINT), self.get(ENDPOINT)) {
+            (Some(url), _) => Some((url.clone(), TRACES_ENDPOINT, url)),
+            (None, Some(base)) => Some((traces_url(&base), ENDPOINT, base)),
+            (None, None) => None,
+        }
+    }
+
+    /// The variable that turns export off, written as it is set.
+    fn off(&self) -> Option<&'static str> {
+        let is = |name, value: &str| self.get(name).is_some_and(|v| v.eq_ignore_ascii_case(value));
+        if is("OTEL_SDK_DISABLED", "true") {
+            Some("OTEL_SDK_DISABLED=true")
+        } else if is("OTEL_TRACES_EXPORTER", "none") {
+            Some("OTEL_TRACES_EXPORTER=none")
+        } else {
+            None
+        }
+    }
+
+    /// The protocol variable asking for gRPC, which the exporter does not speak.
+    fn grpc(&self) -> Option<&'static str> {
+        let protocol = self.get(TRACES_PROTOCOL).map(|v| (TRACES_PROTOCOL, v));
+        let (var, value) = protocol.or_else(|| self.get(PROTOCOL).map(|v| (PROTOCOL, v)))?;
+        value.eq_ignore_ascii_case("grpc").then_some(var)
     }
 }
 
@@ -159,5 +222,26 @@ mod tests {
         assert_eq!(error.to_string(), format!("{FIELD}: \"collector:4318\" is not an http(s) URL"));
         let error = telemetry(None).export(&env(&[(ENDPOINT, "grpc://x:4317")])).unwrap_err();
         assert_eq!(error, ExportError::NotAUrl { from: ENDPOINT, value: "grpc://x:4317".into() });
+    }
+
+    #[test]
+    fn a_grpc_protocol_variable_keeps_the_variables_endpoint_unused_and_says_so() {
+        let vars = [(ENDPOINT, "http://collector:4317"), (PROTOCOL, "grpc")];
+        let none = telemetry(None);
+        assert_eq!(url(&none, &vars), None);
+        assert!(
+            none.unused_endpoint(&env(&vars)).unwrap().contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc")
+        );
+        let relying = telemetry(Some(Tracing::default()));
+        assert_eq!(relying.export(&env(&vars)), Err(ExportError::Grpc { var: PROTOCOL }));
+        // the YAML's endpoint is the YAML's choice: HTTP
+        let yaml =
+            Tracing { otlp_endpoint: Some("http://collector:4318".into()), ..Tracing::default() };
+        assert!(url(&telemetry(Some(yaml)), &vars).is_some());
+        // nothing to say when export is on, or no variable names an endpoint
+        assert_eq!(none.unused_endpoint(&env(&vars[..1])), None);
+        assert_eq!(none.unused_endpoint(&env(&vars[1..])), None);
+        let off = [(ENDPOINT, "http://c:4318"), ("OTEL_SDK_DISABLED", "true")];
+        assert!(none.unused_endpoint(&env(&off)).unwrap().contains("OTEL_SDK_DISABLED=true"));
     }
 }

@@ -240,8 +240,16 @@ impl Checks {
                     Some(expected),
                 );
             }
+            Err(ExportError::Grpc { var }) => {
+                let message = format!("missing, and {var}=grpc (Outrigger exports OTLP over HTTP)");
+                self.push(
+                    "telemetry.tracing.otlp_endpoint",
+                    message,
+                    Some("the collector's OTLP/HTTP port, e.g. http://otel-collector:4318"),
+                );
+            }
             Err(ExportError::NotAUrl { from, value }) => {
-                let message = format!("{:?} is not an http URL", redact(&value));
+                let message = format!("{:?} is not an http(s) URL", redact(&value));
                 // a variable's problem is reported at the section that turned export on
                 let field = if from.starts_with("OTEL_") { "telemetry" } else { from };
                 let message = if field == from { message } else { format!("{from}: {message}") };

@@ -137,6 +137,17 @@ pub(crate) fn client_config(
     Ok(verifying(section, ca_file)?.with_no_client_auth())
 }
 
+/// A client configuration that trusts no server: for a connector that only ever speaks plain
+/// HTTP (hyper-rustls wants one all the same).
+pub(crate) fn plain_only() -> ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 /// The configuration so far: ring, TLS 1.2 and 1.3, the trusted roots.
 fn verifying(
     section: &str,

@@ -1,7 +1,8 @@
 //! OTLP export: finished spans are batched here and sent by the OpenTelemetry project's
 //! exporter (`opentelemetry-otlp`, HTTP/protobuf), which encodes them, honours
-//! `OTEL_EXPORTER_OTLP_HEADERS`, and retries 429, 502, 503 and 504 (and no answer) with
-//! backoff, waiting as long as a `Retry-After` asks, within [`EXPORT_TIMEOUT`].
+//! `OTEL_EXPORTER_OTLP_HEADERS`, and retries 429, 502, 503 and 504 (and no answer within
+//! [`ATTEMPT_TIMEOUT`]) with backoff, waiting as long as a `Retry-After` asks, starting no
+//! retry after [`EXPORT_TIMEOUT`].
 //!
 //! The requests go through [`Collector`], our hyper client: `http://`, or `https://` verified
 //! against `telemetry.tracing.ca_file` (else the system's roots); it lays the YAML's
@@ -36,14 +37,18 @@ use tokio::sync::mpsc;
 
 use super::trace::{Attr, Finished, Kind, SpanCounts};
 use crate::error::chain;
-use crate::http::tls::{TlsError, client_config};
+use crate::http::tls::{TlsError, client_config, plain_only};
 
 /// Spans per export request at most.
 const BATCH: usize = 512;
 /// How long finished spans wait to fill a batch before it is sent anyway.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
-/// One export, its retries included.
+/// One export: no retry starts after it (a retry started just before may take
+/// [`ATTEMPT_TIMEOUT`] more).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// One request to the collector, connecting included: one that gets no answer in it is
+/// retried as a failure without an answer.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The most of a collector's answer that is read (it is a small protobuf message).
 const MAX_ANSWER: usize = 64 * 1024;
 
@@ -104,19 +109,20 @@ fn exporter(
         .build()
 }
 
-/// The process the spans come from: the variables' resource (`OTEL_RESOURCE_ATTRIBUTES`,
-/// `OTEL_SERVICE_NAME`, the SDK's own), named `telemetry.tracing.service_name` when set, else
-/// by the variables, else `service.name`.
+/// The process the spans come from: the variables' resource (`OTEL_RESOURCE_ATTRIBUTES` and
+/// the SDK's own attributes), named `telemetry.tracing.service_name`, else `OTEL_SERVICE_NAME`,
+/// else the `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else `service.name`. (The SDK's
+/// builder would let `OTEL_RESOURCE_ATTRIBUTES` win over `OTEL_SERVICE_NAME`, against the
+/// specification: the variable is read here.)
 fn resource(export: &config::Export, service: &str) -> Resource {
     let from_env = Resource::builder().build();
-    let named_by_env = from_env
+    let in_attributes = from_env
         .get(&opentelemetry::Key::from_static_str("service.name"))
-        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
-    let name = match &export.service_name {
-        Some(name) => name.clone(),
-        None if named_by_env => return from_env,
-        None => service.to_owned(),
-    };
+        .map(|name| name.as_str().into_owned())
+        .filter(|name| !name.starts_with("unknown_service"));
+    let variable = std::env::var("OTEL_SERVICE_NAME").ok().filter(|n| !n.trim().is_empty());
+    let name = (export.service_name.clone().or(variable).or(in_attributes))
+        .unwrap_or_else(|| service.to_owned());
     Resource::builder().with_service_name(name).build()
 }
 
@@ -233,11 +239,15 @@ struct Collector {
 
 impl Collector {
     fn new(export: &config::Export) -> Result<Self, TlsError> {
-        let mut tls = client_config("telemetry.tracing", export.ca_file.as_deref())?;
+        // an `http://` collector never needs a CA, so an image without one may still use it
+        let mut tls = match export.url.starts_with("https://") {
+            true => client_config("telemetry.tracing", export.ca_file.as_deref())?,
+            false => plain_only(),
+        };
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        http.set_connect_timeout(Some(EXPORT_TIMEOUT));
+        http.set_connect_timeout(Some(ATTEMPT_TIMEOUT));
         // `https://` gets TLS with the URL's host as the verified name; `http://` stays plain
         let connector =
             HttpsConnector::new(http, tls, false, Arc::new(DefaultServerNameResolver::default()));
@@ -267,9 +277,9 @@ impl Collector {
             let body = Limited::new(body, MAX_ANSWER).collect().await?.to_bytes();
             Ok::<_, HttpError>(Response::from_parts(head, body))
         };
-        let answer = match tokio::time::timeout(EXPORT_TIMEOUT, exchange).await {
+        let answer = match tokio::time::timeout(ATTEMPT_TIMEOUT, exchange).await {
             Ok(answer) => answer,
-            Err(_) => Err(format!("no answer within {EXPORT_TIMEOUT:?}").into()),
+            Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}").into()),
         };
         let why = answer.as_ref().err().map(|error| chain(error.as_ref()));
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = why;

@@ -344,6 +344,15 @@ fn the_image_builds_from_the_sources_alone_with_its_dependencies_cached() {
     assert!(dockerfile.contains("--mount=type=cache,target=/src/target"));
     assert!(dockerfile.contains("org.opencontainers.image.version"));
     assert!(dockerfile.contains(":nonroot"), "runs as nonroot");
+    // each base image is an argument, so a release pins it by digest from the command line
+    let froms: Vec<&str> = dockerfile.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms, ["FROM ${BUILD_IMAGE} AS build", "FROM ${RUNTIME_IMAGE}"]);
+    for arg in [
+        "ARG BUILD_IMAGE=rust:1.95-bookworm",
+        "ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot",
+    ] {
+        assert!(dockerfile.lines().any(|l| l == arg), "{arg}");
+    }
 }
 
 #[test]

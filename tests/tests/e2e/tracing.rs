@@ -325,7 +325,8 @@ async fn a_collector_trusted_by_nothing_configured_gets_no_spans_and_they_are_co
     .await;
     assert!(receiver.spans().is_empty());
     let log = sidecar.log();
-    assert!(log.contains("exporting spans failed"), "a warning says so: {log}");
+    let warning = log.lines().find(|l| l.contains("exporting spans failed")).expect("a warning");
+    assert!(warning.contains("certificate"), "it names the certificate problem: {warning}");
 }
 
 #[tokio::test]
@@ -336,9 +337,10 @@ async fn the_otel_variables_alone_turn_export_on_and_name_the_service_and_resour
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
         ("OTEL_SERVICE_NAME", "checkout-sidecar".to_owned()),
+        // OTEL_SERVICE_NAME wins over a service.name among the attributes
         (
             "OTEL_RESOURCE_ATTRIBUTES",
-            "deployment.environment=staging,k8s.pod.name=checkout-0".to_owned(),
+            "service.name=other,deployment.environment=staging,k8s.pod.name=checkout-0".to_owned(),
         ),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -17,9 +17,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{
-    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 /// Where a [`Conn`] comes from: one Redis, or a cluster's seed nodes.
@@ -92,50 +90,47 @@ impl Conn {
     /// How many replicas of the primary that holds `key`'s slot are online now (0 on one
     /// Redis: its replicas, if any, are not the sidecar's to wait for).
     pub(super) async fn replicas_of(&mut self, key: &str) -> RedisResult<usize> {
-        let Conn::Cluster(conn, _) = self else { return Ok(0) };
-        let primary = Route::with_key(key, SlotAddr::Master);
-        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(primary));
+        let Conn::Cluster(conn, lost) = self else { return Ok(0) };
         let mut info = redis::cmd("INFO");
         info.arg("replication");
-        let text: String = redis::from_redis_value(conn.route_command(info, route).await?)?;
+        let text: String = redis::from_redis_value(on_primary(conn, lost, key, info).await?)?;
         online_replicas(&text).ok_or_else(|| {
             let detail = "INFO replication did not come from a primary".to_owned();
             RedisError::from((ErrorKind::Client, "not the slot's primary", detail))
         })
     }
-}
 
-impl Conn {
     /// Loads `script` on the primary that holds `key`'s slot; its SHA1. Not on every node (the
-    /// cluster client's routing for `SCRIPT LOAD`): a replica that is down or stalled would
-    /// fail the load, and the relay with it, for every queue. A primary that lacks the script
-    /// later (a promoted replica, a restart) answers `NOSCRIPT`, and it is loaded there then.
+    /// cluster client's routing for `SCRIPT LOAD`, replicas included): a replica that is down
+    /// or stalled would fail the load, and the relay with it, for every queue. A primary that
+    /// lacks the script later (a promoted replica, a restart) answers `NOSCRIPT`, and it is
+    /// loaded there then.
     pub(super) async fn load_script(&mut self, key: &str, script: &str) -> RedisResult<String> {
         let mut load = redis::cmd("SCRIPT");
         load.arg("LOAD").arg(script);
         match self {
             Conn::Single(conn) => load.query_async(conn).await,
-            Conn::Cluster(conn, _) => {
-                let primary = Route::with_key(key, SlotAddr::Master);
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(primary));
-                Ok(redis::from_redis_value(conn.route_command(load, route).await?)?)
+            Conn::Cluster(conn, lost) => {
+                Ok(redis::from_redis_value(on_primary(conn, lost, key, load).await?)?)
             }
         }
     }
+}
 
-    /// Whether the broker answers: one Redis, or every primary of a cluster (the cluster
-    /// client would PING every node, so one replica down would fail it).
-    pub(super) async fn ping(&mut self) -> RedisResult<()> {
-        let ping = redis::cmd("PING");
-        match self {
-            Conn::Single(conn) => ping.query_async(conn).await,
-            Conn::Cluster(conn, _) => {
-                let primaries =
-                    (MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded));
-                conn.route_command(ping, RoutingInfo::MultiNode(primaries)).await.map(drop)
-            }
-        }
+/// `cmd` on the primary that holds `key`'s slot, marking the connection lost when it says so.
+async fn on_primary(
+    conn: &mut ClusterConnection,
+    lost: &Arc<AtomicBool>,
+    key: &str,
+    cmd: Cmd,
+) -> RedisResult<Value> {
+    let primary = Route::with_key(key, SlotAddr::Master);
+    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(primary));
+    let answer = conn.route_command(cmd, route).await;
+    if answer.as_ref().is_err_and(is_lost) {
+        lost.store(true, Ordering::Relaxed);
     }
+    answer
 }
 
 /// The replicas a primary's `INFO replication` shows online (in sync, so `WAIT` counts them);
@@ -150,7 +145,7 @@ fn online_replicas(info: &str) -> Option<usize> {
 
 /// Whether a cluster connection that answered `error` should be made again: only when it
 /// can reach no node at all (one node down, or a failover, it follows by itself).
-fn lost(error: &RedisError) -> bool {
+fn is_lost(error: &RedisError) -> bool {
     error.kind() == ErrorKind::ClusterConnectionNotFound
 }
 
@@ -162,7 +157,7 @@ fn watched<'a, T: Send + 'a>(
     let flag = flag.clone();
     Box::pin(async move {
         let answer = answer.await;
-        if answer.as_ref().is_err_and(lost) {
+        if answer.as_ref().is_err_and(is_lost) {
             flag.store(true, Ordering::Relaxed);
         }
         answer

@@ -235,7 +235,9 @@ impl Redis {
 
     /// Answers PING: the broker's health, for readiness.
     pub async fn ping(&self) -> Result<(), BrokerError> {
-        self.conn().await?.ping().await.map_err(store_error)
+        let mut conn = self.conn().await?;
+        // on a cluster the client sends it to every primary, every one must answer
+        redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(store_error)
     }
 
     async fn ensure_group(&self, queue: &str, ordered: bool) -> Result<(), BrokerError> {
