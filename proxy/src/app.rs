@@ -146,6 +146,8 @@ pub async fn start_reloading(
     let admin_routes =
         Admin::new(health.clone(), metrics.clone(), config_json).with_messaging(messaging.clone());
     let config_slot = admin_routes.config_slot();
+    let circuits = admin_routes.circuits();
+    circuits.set(stack::circuits(&upstreams));
 
     let (stop, stopped) = watch::channel(false);
     let (stop_listeners, listeners_stopped) = watch::channel(false);
@@ -201,6 +203,7 @@ pub async fn start_reloading(
             table: routes.clone(),
             health: running.health.clone(),
             config_json: config_slot,
+            circuits,
             messaging: messaging.clone(),
             metrics: metrics.clone(),
         };

@@ -1,6 +1,7 @@
 //! `outrigger dlq …`: the dead-letter API of a running sidecar's admin port (loopback), as
 //! readable tables, or as the API's JSON with `--json`. `purge QUEUE ID…` is one
 //! `DELETE /v1/dlq/QUEUE/ID` per id, reported like a replay (`purged`, `missing`).
+//! `outrigger circuit …`: forces an upstream's breaker through the same port.
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -79,6 +80,22 @@ pub async fn dlq(admin: &str, command: DlqCommand, as_json: bool) -> Result<Stri
             format!("purged {} dead letter(s) from {queue}", answer["purged"])
         }
         DlqCommand::PurgeIds { .. } => unreachable!("purge_ids answers it"),
+    })
+}
+
+/// `outrigger circuit open|closed|auto UPSTREAM`: `state` is the API's word; one line saying
+/// what the breaker does now.
+pub async fn circuit(admin: &str, upstream: &str, state: &str) -> Result<String, String> {
+    let admin = admin.trim_end_matches('/');
+    let path = format!("/v1/upstreams/{upstream}/circuit");
+    let answer =
+        call(admin, Method::POST, &path, Some(json!({ "state": state }).to_string())).await?;
+    let now = answer["state"].as_str().unwrap_or("?");
+    Ok(match answer["forced"].as_str() {
+        Some(forced) => format!(
+            "the circuit to {upstream} is forced {forced} (until `outrigger circuit auto {upstream}`)"
+        ),
+        None => format!("the circuit to {upstream} follows its policy again: {now}"),
     })
 }
 

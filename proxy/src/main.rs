@@ -15,6 +15,13 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CircuitAction {
+    Open,
+    Close,
+    Auto,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sidecar.
@@ -42,6 +49,19 @@ enum Command {
         /// A running sidecar's admin endpoint, e.g. http://127.0.0.1:9901.
         #[arg(long)]
         admin: Option<String>,
+    },
+    /// Force an upstream's circuit breaker open or closed in a running sidecar, or give it back
+    /// to its policy (its admin port, on loopback).
+    Circuit {
+        /// `open`: refuse every request (503 circuit-open); `close`: never open; `auto`: back to
+        /// the policy, closed.
+        #[arg(value_enum)]
+        action: CircuitAction,
+        /// The upstream, as named in the config.
+        upstream: String,
+        /// The sidecar's admin endpoint.
+        #[arg(long, env = "OUTRIGGER_ADMIN", default_value = "http://127.0.0.1:9901")]
+        admin: String,
     },
     /// Watch the policies act on local scripted upstreams (nothing to install).
     Demo {
@@ -159,6 +179,23 @@ fn main() -> ExitCode {
         }
         Command::Dlq { admin, json, action } => dlq(&admin, json, action),
         Command::Check { config, admin } => check(config, admin),
+        Command::Circuit { action, upstream, admin } => {
+            let state = match action {
+                CircuitAction::Open => "open",
+                CircuitAction::Close => "closed",
+                CircuitAction::Auto => "auto",
+            };
+            match runtime(1).block_on(dlq_cli::circuit(&admin, &upstream, state)) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("outrigger circuit: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo { seconds } => {
             match runtime(config::Runtime::default().worker_threads())
                 .block_on(demo::run(std::time::Duration::from_secs(seconds)))

@@ -20,7 +20,7 @@ use outrigger_discovery::SourceConfig;
 use prometheus::IntCounter;
 use tokio::sync::watch;
 
-use crate::admin::Health;
+use crate::admin::{Circuits, Health};
 use crate::http::route::RouteTable;
 use crate::messaging::Messaging;
 use crate::stack::{self, BuiltUpstream};
@@ -41,6 +41,7 @@ pub struct Reloader {
     table: Arc<RouteTable>,
     health: Arc<Health>,
     config_json: Arc<RwLock<Bytes>>,
+    circuits: Arc<Circuits>,
     last_hash: u64,
     applied: IntCounter,
     refused: IntCounter,
@@ -55,6 +56,7 @@ pub struct Live {
     pub table: Arc<RouteTable>,
     pub health: Arc<Health>,
     pub config_json: Arc<RwLock<Bytes>>,
+    pub circuits: Arc<Circuits>,
     pub messaging: Arc<Messaging>,
     pub metrics: Metrics,
 }
@@ -87,6 +89,7 @@ impl Reloader {
             table: live.table,
             health: live.health,
             config_json: live.config_json,
+            circuits: live.circuits,
             last_hash,
             hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                 .expect("a SIGHUP handler installs"),
@@ -158,6 +161,7 @@ impl Reloader {
         let routes = stack::routes(&upstreams, &self.metrics, &self.messaging, access_log);
         self.table.replace(routes);
         self.health.set_upstreams(upstreams.iter().map(|u| u.pool.clone()).collect());
+        self.circuits.set(stack::circuits(&upstreams));
         // what needs a restart keeps its running value (and a later reload reports it again)
         self.running = Config { upstreams: next.upstreams, ..self.running.clone() };
         let json = serde_json::to_vec_pretty(&self.running).expect("the config serializes");

@@ -21,7 +21,7 @@ use crate::http::probe;
 use crate::http::route::Routes;
 use crate::http::route_match::{Matcher, Routed};
 use crate::messaging::{Messaging, publish};
-use crate::policy::circuit_breaker::CircuitBreakerLayer;
+use crate::policy::circuit_breaker::{CircuitBreakerLayer, CircuitControl};
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
 use crate::policy::rate_limit::RateLimitLayer;
 use crate::policy::retry::RetryLayer;
@@ -40,6 +40,8 @@ pub struct BuiltUpstream {
     pub name: Arc<str>,
     pub service: Routed<UpstreamService>,
     pub pool: Pool,
+    /// Its breaker's control, when it has a breaker (the admin API forces it).
+    pub circuit: Option<CircuitControl>,
 }
 
 /// What the routes of one upstream share: its name and its circuit breaker (the breaker is
@@ -55,9 +57,19 @@ impl Shared {
         let name: Arc<str> = cfg.name.as_str().into();
         let breaker = cfg
             .circuit_breaker
-            .map(|c| CircuitBreakerLayer::new(&name, c, metrics.circuit_state(&name)));
+            .map(|c| CircuitBreakerLayer::new(&name, c, metrics.circuit_gauges(&name)));
         Shared { name, breaker }
     }
+
+    /// The handle that forces the upstream's breaker, when it has one.
+    pub fn circuit(&self) -> Option<CircuitControl> {
+        self.breaker.as_ref().map(CircuitBreakerLayer::control)
+    }
+}
+
+/// Each upstream's name and breaker control, for the admin API.
+pub fn circuits(upstreams: &[BuiltUpstream]) -> Vec<(Arc<str>, Option<CircuitControl>)> {
+    upstreams.iter().map(|u| (u.name.clone(), u.circuit.clone())).collect()
 }
 
 /// One upstream: its endpoint pool and its policies around the forwarder.
@@ -90,7 +102,7 @@ pub fn upstream(
         .iter()
         .map(|r| (Matcher::new(&r.matches), r.name.as_str().into(), stack(Some(r))));
     let service = Routed::new(routes.collect(), stack(None));
-    BuiltUpstream { name, service, pool }
+    BuiltUpstream { name, service, pool, circuit: shared.circuit() }
 }
 
 /// One route's policy layers around `inner`, outermost first: the upstream's sections, each

@@ -13,7 +13,7 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::admin::Health;
+use crate::admin::{Circuits, Health};
 use crate::http::Body;
 use crate::http::guard::refusal;
 use crate::http::respond::error_response;
@@ -28,12 +28,19 @@ pub struct Admin {
     /// The running config as JSON, secrets redacted, rendered once per (re)load.
     config: Arc<std::sync::RwLock<Bytes>>,
     messaging: Option<Arc<Messaging>>,
+    /// The upstreams' breakers, for `/v1/upstreams/{name}/circuit`.
+    circuits: Arc<Circuits>,
 }
 
 impl Admin {
     pub fn new(health: Arc<Health>, metrics: Metrics, config: Bytes) -> Self {
         let config = Arc::new(std::sync::RwLock::new(config));
-        Self { health, metrics, config, messaging: None }
+        Self { health, metrics, config, messaging: None, circuits: Arc::default() }
+    }
+
+    /// Where the running upstreams' breakers are put (at start and by each reload).
+    pub fn circuits(&self) -> Arc<Circuits> {
+        self.circuits.clone()
     }
 
     /// Where a reload puts the new running config's JSON.
@@ -126,6 +133,28 @@ impl Admin {
     }
 }
 
+/// The endpoints that change state and read bodies: the dead-letter API, breaker control.
+fn changes_state(path: &str) -> bool {
+    path == "/v1/dlq" || path.starts_with("/v1/dlq/") || path.starts_with("/v1/upstreams/")
+}
+
+impl Admin {
+    /// Answers a request to one of the endpoints that change state, for loopback clients only.
+    async fn control<B>(&self, peer: SocketAddr, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if !peer.ip().is_loopback() {
+            return text(StatusCode::FORBIDDEN, "control endpoints answer loopback clients only\n");
+        }
+        match req.uri().path().starts_with("/v1/upstreams/") {
+            true => crate::admin::circuit::handle(&self.circuits, req).await,
+            false => crate::admin::dlq::handle(self.messaging.as_deref(), req).await,
+        }
+    }
+}
+
 /// `/v1/endpoints`: every upstream's endpoints with their state, weight, latency estimate and
 /// requests in flight, and where they came from.
 fn endpoints_view(pools: &[outrigger_discovery::Pool]) -> serde_json::Value {
@@ -204,15 +233,8 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         Box::pin(async move {
-            // the dead-letter API changes state: loopback only, and it reads bodies
-            if path == "/v1/dlq" || path.starts_with("/v1/dlq/") {
-                if !peer.ip().is_loopback() {
-                    return Ok(text(
-                        StatusCode::FORBIDDEN,
-                        "control endpoints answer loopback clients only\n",
-                    ));
-                }
-                return Ok(crate::admin::dlq::handle(admin.messaging.as_deref(), req).await);
+            if changes_state(&path) {
+                return Ok(admin.control(peer, req).await);
             }
             Ok(admin.answer(peer, method, &path).await)
         })
@@ -244,5 +266,23 @@ mod tests {
         }
         assert_eq!(admin().answer(remote, Method::POST, "/readyz").await.status(), 405);
         assert_eq!(admin().answer(remote, Method::GET, "/nope").await.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn breaker_control_answers_loopback_clients_only_and_names_what_is_missing() {
+        let post = |path: &str| {
+            Request::post(path)
+                .body(http_body_util::Full::new(Bytes::from_static(br#"{"state":"open"}"#)))
+                .unwrap()
+        };
+        let remote: SocketAddr = "10.1.2.3:5555".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let admin = admin();
+        let path = "/v1/upstreams/payments/circuit";
+        assert_eq!(admin.control(remote, post(path)).await.status(), 403);
+        assert_eq!(admin.control(local, post(path)).await.status(), 404, "no such upstream");
+        admin.circuits().set(vec![("payments".into(), None)]);
+        assert_eq!(admin.control(local, post(path)).await.status(), 409, "it has no breaker");
+        assert!(changes_state(path) && changes_state("/v1/dlq/q") && !changes_state("/v1/config"));
     }
 }

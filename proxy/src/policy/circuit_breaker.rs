@@ -7,6 +7,11 @@
 //! failures and resets; 4xx are the client's problem, not the upstream's. A gRPC call fails by
 //! its `grpc-status` (`unknown`, `deadline-exceeded`, `internal`, `unavailable`, `data-loss`):
 //! read from a trailers-only head at once, else recorded when its trailers pass (`http/grpc/`).
+//!
+//! An operator can force a breaker ([`CircuitControl`], `POST /v1/upstreams/{name}/circuit`):
+//! forced open, every request is refused `circuit-open`; forced closed, every request goes
+//! through and nothing opens it. Outcomes are not counted while forced, and `auto` gives the
+//! breaker back to its policy closed, with a fresh window.
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -44,6 +49,22 @@ impl State {
     }
 }
 
+/// A state an operator imposed, whatever the outcomes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forced {
+    Open,
+    Closed,
+}
+
+impl Forced {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forced::Open => "open",
+            Forced::Closed => "closed",
+        }
+    }
+}
+
 /// How a request was let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -56,6 +77,7 @@ pub enum Admission {
 pub struct Breaker {
     cfg: config::CircuitBreaker,
     state: State,
+    forced: Option<Forced>,
     consecutive: u32,
     epoch: Instant,
     current: u64,
@@ -68,6 +90,7 @@ impl Breaker {
         Self {
             cfg,
             state: State::Closed,
+            forced: None,
             consecutive: 0,
             epoch: now,
             current: 0,
@@ -75,12 +98,41 @@ impl Breaker {
         }
     }
 
+    /// The state of the policy (what it would be without a forced state).
     pub fn state(&self) -> State {
         self.state
     }
 
+    pub fn forced(&self) -> Option<Forced> {
+        self.forced
+    }
+
+    /// What the breaker does now, for `outrigger_circuit_state`: the forced state when forced.
+    pub fn gauge(&self) -> i64 {
+        match self.forced {
+            Some(Forced::Open) => 2,
+            Some(Forced::Closed) => 0,
+            None => self.state.gauge(),
+        }
+    }
+
+    /// Imposes `forced`, or with `None` gives the breaker back to its policy, closed and with
+    /// a fresh window (what it saw before or while forced says nothing of the upstream now).
+    pub fn force(&mut self, forced: Option<Forced>, now: Instant) {
+        if forced.is_none() && self.forced.is_some() {
+            self.close(now);
+        }
+        self.forced = forced;
+    }
+
     /// May this request go through? `Err` says how long until the next probe.
     pub fn admit(&mut self, now: Instant) -> Result<Admission, Duration> {
+        match self.forced {
+            // no probe comes until someone says so: the policy's own wait is the best guess
+            Some(Forced::Open) => return Err(self.cfg.open_for.get()),
+            Some(Forced::Closed) => return Ok(Admission::Normal),
+            None => {}
+        }
         if let State::Open { until } = self.state {
             if now < until {
                 return Err(until - now);
@@ -103,6 +155,9 @@ impl Breaker {
 
     /// The outcome of an admitted request.
     pub fn record(&mut self, now: Instant, admission: Admission, failed: bool) {
+        if self.forced.is_some() {
+            return;
+        }
         match (admission, &mut self.state) {
             (Admission::Probe, State::HalfOpen { in_flight, succeeded }) => {
                 *in_flight -= 1;
@@ -187,6 +242,8 @@ struct Shared {
     upstream: Arc<str>,
     breaker: Mutex<Breaker>,
     gauge: IntGauge,
+    /// `outrigger_circuit_forced`: 1 while an operator forces the state.
+    forced_gauge: IntGauge,
 }
 
 impl Shared {
@@ -194,27 +251,90 @@ impl Shared {
     /// an `.await` (the whole critical section is a few comparisons).
     fn with<T>(&self, f: impl FnOnce(&mut Breaker) -> T) -> T {
         let mut breaker = self.breaker.lock().expect("no panics while the breaker is locked");
-        let before = breaker.state();
+        let before = breaker.gauge();
         let out = f(&mut breaker);
-        let after = breaker.state();
-        if before.gauge() != after.gauge() {
-            self.gauge.set(after.gauge());
-            let state = match after {
-                State::Closed => "closed",
-                State::HalfOpen { .. } => "half-open",
-                State::Open { .. } => "open",
-            };
+        let after = breaker.gauge();
+        if before != after {
+            self.gauge.set(after);
+            let state = state_name(after);
             tracing::info!(upstream = %self.upstream, state, "circuit breaker changed state");
         }
         out
     }
 }
 
+/// `closed`, `half-open` or `open`, from the gauge's value.
+fn state_name(gauge: i64) -> &'static str {
+    match gauge {
+        0 => "closed",
+        1 => "half-open",
+        _ => "open",
+    }
+}
+
 impl CircuitBreakerLayer {
-    pub fn new(upstream: &Arc<str>, cfg: config::CircuitBreaker, gauge: IntGauge) -> Self {
+    /// `gauges`: `outrigger_circuit_state` and `outrigger_circuit_forced` of `upstream`.
+    pub fn new(
+        upstream: &Arc<str>,
+        cfg: config::CircuitBreaker,
+        (gauge, forced_gauge): (IntGauge, IntGauge),
+    ) -> Self {
         gauge.set(State::Closed.gauge());
+        forced_gauge.set(0);
         let breaker = Mutex::new(Breaker::new(cfg, Instant::now()));
-        Self { shared: Arc::new(Shared { upstream: upstream.clone(), breaker, gauge }) }
+        let shared = Shared { upstream: upstream.clone(), breaker, gauge, forced_gauge };
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// The handle that forces this breaker's state (the admin API).
+    pub fn control(&self) -> CircuitControl {
+        CircuitControl { shared: self.shared.clone() }
+    }
+}
+
+/// Forces a breaker open or closed, or gives it back to its policy; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CircuitControl {
+    shared: Arc<Shared>,
+}
+
+/// What `GET /v1/upstreams/{name}/circuit` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitStatus {
+    /// What the breaker does now: `closed`, `half-open` or `open`.
+    pub state: &'static str,
+    pub forced: Option<Forced>,
+}
+
+impl CircuitControl {
+    pub fn status(&self) -> CircuitStatus {
+        self.shared.with(|b| CircuitStatus { state: state_name(b.gauge()), forced: b.forced() })
+    }
+
+    /// Forces the state (`None`: back to the policy); logged at warn when it changes.
+    pub fn force(&self, forced: Option<Forced>) -> CircuitStatus {
+        let before = self.shared.with(|b| {
+            let before = b.forced();
+            b.force(forced, Instant::now());
+            before
+        });
+        self.shared.forced_gauge.set(i64::from(forced.is_some()));
+        let upstream = &*self.shared.upstream;
+        match (before, forced) {
+            (before, Some(now)) if before != Some(now) => tracing::warn!(
+                upstream,
+                forced = now.as_str(),
+                "circuit breaker forced {}: it stays so until `outrigger circuit auto {upstream}`",
+                now.as_str()
+            ),
+            (Some(was), None) => tracing::warn!(
+                upstream,
+                was = was.as_str(),
+                "circuit breaker given back to its policy (closed, fresh window)"
+            ),
+            _ => {}
+        }
+        self.status()
     }
 }
 

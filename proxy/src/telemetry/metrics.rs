@@ -83,6 +83,7 @@ pub struct Metrics {
     commit_duration: Histogram,
     spans_exported: IntCounter,
     spans_dropped: IntCounterVec,
+    circuit_forced: IntGaugeVec,
 }
 
 impl Metrics {
@@ -356,6 +357,15 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let circuit_forced = IntGaugeVec::new(
+            Opts::new(
+                "outrigger_circuit_forced",
+                "1 while an operator forces the upstream's circuit breaker open or closed \
+                 (outrigger circuit), else 0",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
         for reason in ["queue_full", "export_failed"] {
             spans_dropped.with_label_values(&[reason]);
         }
@@ -369,6 +379,7 @@ impl Metrics {
             Box::new(commit_duration.clone()),
             Box::new(spans_exported.clone()),
             Box::new(spans_dropped.clone()),
+            Box::new(circuit_forced.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -410,6 +421,7 @@ impl Metrics {
             commit_duration,
             spans_exported,
             spans_dropped,
+            circuit_forced,
         }
     }
 
@@ -571,9 +583,14 @@ impl Metrics {
         self.hedges.with_label_values(&[upstream, route])
     }
 
-    /// `outrigger_circuit_state{upstream}`, for an upstream with a breaker.
-    pub fn circuit_state(&self, upstream: &str) -> IntGauge {
-        self.circuit_state.with_label_values(&[upstream])
+    /// `outrigger_circuit_state{upstream}` and `outrigger_circuit_forced{upstream}`, for an
+    /// upstream with a breaker.
+    pub fn circuit_gauges(&self, upstream: &str) -> (IntGauge, IntGauge) {
+        let labels = [upstream];
+        (
+            self.circuit_state.with_label_values(&labels),
+            self.circuit_forced.with_label_values(&labels),
+        )
     }
 
     /// `outrigger_rate_limited_total{upstream}`, for an upstream with a rate limit.

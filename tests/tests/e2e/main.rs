@@ -6,6 +6,7 @@ mod app_outbox;
 mod balance;
 mod brokers;
 mod check;
+mod circuit_control;
 mod cli;
 mod deadlines;
 mod delivery;

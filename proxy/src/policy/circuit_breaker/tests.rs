@@ -110,7 +110,8 @@ async fn a_failed_probe_reopens_and_a_cancelled_probe_frees_its_slot() {
 #[tokio::test(start_paused = true)]
 async fn client_errors_are_not_failures_and_the_layer_answers_circuit_open() {
     let gauge = IntGauge::new("g", "g").unwrap();
-    let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), gauge.clone());
+    let forced = IntGauge::new("forced", "forced").unwrap();
+    let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), (gauge.clone(), forced));
     let mut svc = layer.layer(tower::service_fn(|status: u16| async move {
         let mut res = Response::new(crate::http::Body::empty());
         *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
@@ -139,7 +140,8 @@ async fn client_errors_are_not_failures_and_the_layer_answers_circuit_open() {
 async fn a_trailers_only_grpc_answer_fails_by_its_status_not_its_http_200() {
     use crate::http::grpc::{Answered, GrpcStatus};
     let gauge = IntGauge::new("g", "g").unwrap();
-    let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), gauge.clone());
+    let forced = IntGauge::new("forced", "forced").unwrap();
+    let layer = CircuitBreakerLayer::new(&Arc::from("p"), cfg(), (gauge.clone(), forced));
     let mut svc = layer.layer(tower::service_fn(|status: GrpcStatus| async move {
         let mut res = Response::new(crate::http::Body::empty());
         res.extensions_mut().insert(Answered(status)); // as forward.rs marks it
@@ -155,4 +157,54 @@ async fn a_trailers_only_grpc_answer_fails_by_its_status_not_its_http_200() {
         svc.ready().await.unwrap().call(GrpcStatus::Unavailable).await.unwrap();
     }
     assert_eq!(gauge.get(), 2, "three unavailable in a row open it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_open_refuses_whatever_the_state_and_auto_gives_it_back_closed_and_fresh() {
+    let mut b = Breaker::new(cfg(), Instant::now());
+    pass(&mut b, true);
+    pass(&mut b, true);
+    b.force(Some(Forced::Open), Instant::now());
+    assert_eq!(b.admit(Instant::now()), Err(Duration::from_secs(30)), "open_for as Retry-After");
+    assert_eq!(b.gauge(), 2);
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert!(b.admit(Instant::now()).is_err(), "no probe while forced: time does not end it");
+
+    b.force(None, Instant::now());
+    assert_eq!((b.forced(), b.state(), b.gauge()), (None, State::Closed, 0));
+    pass(&mut b, true);
+    pass(&mut b, true);
+    assert_eq!(b.state(), State::Closed, "the two failures before the force were forgotten");
+    pass(&mut b, true);
+    assert!(matches!(b.state(), State::Open { .. }));
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_closed_admits_an_open_breaker_and_no_outcome_opens_it() {
+    let mut b = Breaker::new(cfg(), Instant::now());
+    for _ in 0..3 {
+        pass(&mut b, true);
+    }
+    assert!(matches!(b.state(), State::Open { .. }));
+    b.force(Some(Forced::Closed), Instant::now());
+    assert_eq!(b.gauge(), 0, "what it does now");
+    for _ in 0..10 {
+        assert_eq!(b.admit(Instant::now()), Ok(Admission::Normal));
+        b.record(Instant::now(), Admission::Normal, true);
+    }
+    assert_eq!(b.gauge(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_control_forces_the_layer_and_moves_both_gauges() {
+    let upstream: Arc<str> = "payments".into();
+    let (state, forced) = (IntGauge::new("s", "s").unwrap(), IntGauge::new("f", "f").unwrap());
+    let layer = CircuitBreakerLayer::new(&upstream, cfg(), (state.clone(), forced.clone()));
+    let control = layer.control();
+    let status = control.force(Some(Forced::Open));
+    assert_eq!(status, CircuitStatus { state: "open", forced: Some(Forced::Open) });
+    assert_eq!((state.get(), forced.get()), (2, 1));
+    let status = control.force(None);
+    assert_eq!(status, CircuitStatus { state: "closed", forced: None });
+    assert_eq!((state.get(), forced.get()), (0, 0));
 }
