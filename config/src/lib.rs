@@ -17,6 +17,6 @@ pub use grpc::GrpcStatus;
 pub use load::{load_endpoints_str, load_file, load_str};
 pub use model::*;
 pub use types::{
-    AppUrl, Broker, ByteSize, Duration, Endpoint, ListenAddr, NameServer, NatsUrl, PostgresUrl,
-    QueueName, Ratio, RedisClusterUrl, RedisUrl, TableName, UpstreamName, ValueError,
+    AppUrl, Broker, ByteSize, Duration, Endpoint, ListenAddr, NameServer, NatsUrl, Percent,
+    PostgresUrl, QueueName, Ratio, RedisClusterUrl, RedisUrl, TableName, UpstreamName, ValueError,
 };

@@ -99,7 +99,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "unknown nested field",
             up("    circuit_breakr: { window: 10s }\n"),
             vec![
-                "outrigger.yaml:4:5: upstreams.payments.circuit_breakr: unknown field (expected one of: listen, discovery, load_balancer, protocol, timeouts, retry, circuit_breaker, rate_limit, concurrency_limit, health_check, tls, outlier_detection, hedge, routes)",
+                "outrigger.yaml:4:5: upstreams.payments.circuit_breakr: unknown field (expected one of: listen, discovery, load_balancer, protocol, timeouts, retry, circuit_breaker, rate_limit, concurrency_limit, health_check, tls, outlier_detection, hedge, fault, routes)",
             ],
         ),
         (
@@ -688,6 +688,21 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "outrigger.yaml:4:35: telemetry.tracing.headers.ok: holds a control character (a line break?) (expected one line of text)",
             ],
         ),
+        (
+            "a fault injects something, with a share from 0 to 100 and an HTTP status",
+            up("    fault: {}\n"),
+            vec![
+                "outrigger.yaml:4:12: upstreams.payments.fault: injects nothing (expected delay: { percent, duration }, abort: { percent, status }, or both)",
+            ],
+        ),
+        (
+            "fault shares and statuses",
+            up("    fault: { delay: { percent: 100.5, duration: 0s }, abort: { percent: 0.5, status: 99 } }\n"),
+            vec![
+                "outrigger.yaml:4:32: upstreams.payments.fault.delay.percent: 100.5 is out of range (expected a percentage from 0 to 100, decimals allowed, e.g. 5 or 0.1)",
+                "outrigger.yaml:4:86: upstreams.payments.fault.abort.status: out of range (expected an HTTP status from 200 to 599, e.g. 503, got 99)",
+            ],
+        ),
         // --- one problem, one line: no echoes of a refused value ---
         (
             "a refused item is not also an empty list",
@@ -773,21 +788,21 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
                 "        tls: {}\n        outlier_detection: { consecutive_failures: 3 }\n",
             )),
             vec![
-                "outrigger.yaml:6:20: upstreams.payments.routes[0].discovery: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
-                "outrigger.yaml:7:24: upstreams.payments.routes[0].load_balancer: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
-                "outrigger.yaml:8:19: upstreams.payments.routes[0].protocol: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
-                "outrigger.yaml:9:17: upstreams.payments.routes[0].listen: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
-                "outrigger.yaml:10:26: upstreams.payments.routes[0].circuit_breaker: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
-                "outrigger.yaml:11:23: upstreams.payments.routes[0].health_check: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
-                "outrigger.yaml:12:14: upstreams.payments.routes[0].tls: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
-                "outrigger.yaml:13:28: upstreams.payments.routes[0].outlier_detection: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge; this one is the upstream's)",
+                "outrigger.yaml:6:20: upstreams.payments.routes[0].discovery: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
+                "outrigger.yaml:7:24: upstreams.payments.routes[0].load_balancer: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
+                "outrigger.yaml:8:19: upstreams.payments.routes[0].protocol: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
+                "outrigger.yaml:9:17: upstreams.payments.routes[0].listen: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
+                "outrigger.yaml:10:26: upstreams.payments.routes[0].circuit_breaker: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
+                "outrigger.yaml:11:23: upstreams.payments.routes[0].health_check: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
+                "outrigger.yaml:12:14: upstreams.payments.routes[0].tls: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
+                "outrigger.yaml:13:28: upstreams.payments.routes[0].outlier_detection: not allowed on a route (expected a section a route may set: idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault; this one is the upstream's)",
             ],
         ),
         (
             "an unknown field on a route",
-            up("    routes:\n      - { name: charge, fault: { after: 50ms } }\n"),
+            up("    routes:\n      - { name: charge, chaos: { after: 50ms } }\n"),
             vec![
-                "outrigger.yaml:5:25: upstreams.payments.routes[0].fault: unknown field (expected one of: name, match, idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, listen, discovery, load_balancer, protocol, circuit_breaker, health_check, tls, outlier_detection)",
+                "outrigger.yaml:5:25: upstreams.payments.routes[0].chaos: unknown field (expected one of: name, match, idempotent, timeouts, retry, rate_limit, concurrency_limit, hedge, fault, listen, discovery, load_balancer, protocol, circuit_breaker, health_check, tls, outlier_detection)",
             ],
         ),
         // --- hedge ---

@@ -35,6 +35,11 @@ pub enum ProxyError {
     CircuitOpen { upstream: Arc<str>, retry_after: Duration },
     #[error("rate limit reached for upstream {upstream}")]
     RateLimited { upstream: Arc<str>, retry_after: Duration },
+    /// `fault.abort` chose this request: answered with its status, nothing forwarded.
+    #[error(
+        "fault injected for upstream {upstream} (fault.abort): answered {status} without forwarding"
+    )]
+    FaultInjected { upstream: Arc<str>, status: StatusCode },
     #[error("upstream {upstream} already has {limit} requests in flight")]
     Overloaded { upstream: Arc<str>, limit: usize },
     /// The whole sidecar's cap, `outbound.limits.max_requests`, over every upstream.
@@ -116,6 +121,7 @@ impl ProxyError {
             Self::Timeout { .. } => "timeout",
             Self::CircuitOpen { .. } => "circuit-open",
             Self::RateLimited { .. } => "rate-limited",
+            Self::FaultInjected { .. } => "fault-injected",
             Self::Overloaded { .. }
             | Self::SidecarOverloaded { .. }
             | Self::PublishBufferFull { .. } => "overloaded",
@@ -140,6 +146,7 @@ impl ProxyError {
             | Self::SidecarOverloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::FaultInjected { status, .. } => *status,
             Self::ConnectFailed { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             Self::BadRequest { .. } | Self::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -166,6 +173,7 @@ impl ProxyError {
             }
             Self::Timeout { .. } => GrpcStatus::DeadlineExceeded,
             Self::RateLimited { .. } => GrpcStatus::ResourceExhausted,
+            Self::FaultInjected { status, .. } => grpc_status_of_http(*status),
             Self::CircuitOpen { .. }
             | Self::Overloaded { .. }
             | Self::SidecarOverloaded { .. }
@@ -208,6 +216,20 @@ impl ProxyError {
                 | Self::PublishBufferFull { .. }
                 | Self::BodyTimeout { .. }
         )
+    }
+}
+
+/// The gRPC status of an HTTP status, as gRPC maps a non-gRPC answer
+/// (grpc/doc/http-grpc-status-mapping.md): what a gRPC call gets for an injected abort.
+fn grpc_status_of_http(status: StatusCode) -> GrpcStatus {
+    match status.as_u16() {
+        200 => GrpcStatus::Ok,
+        400 => GrpcStatus::Internal,
+        401 => GrpcStatus::Unauthenticated,
+        403 => GrpcStatus::PermissionDenied,
+        404 => GrpcStatus::Unimplemented,
+        429 | 502 | 503 | 504 => GrpcStatus::Unavailable,
+        _ => GrpcStatus::Unknown,
     }
 }
 
@@ -278,5 +300,28 @@ mod tests {
         for (err, status) in cases {
             assert_eq!(err.grpc_status(), status, "{}", err.kind());
         }
+    }
+
+    #[test]
+    fn an_injected_abort_answers_its_status_and_a_grpc_call_the_matching_grpc_status() {
+        let abort = |status: u16| ProxyError::FaultInjected {
+            upstream: "p".into(),
+            status: StatusCode::from_u16(status).unwrap(),
+        };
+        assert_eq!((abort(418).status().as_u16(), abort(418).kind()), (418, "fault-injected"));
+        let grpc: Vec<GrpcStatus> =
+            [503, 429, 404, 403, 401, 400, 500].map(|s| abort(s).grpc_status()).to_vec();
+        assert_eq!(
+            grpc,
+            [
+                GrpcStatus::Unavailable,
+                GrpcStatus::Unavailable,
+                GrpcStatus::Unimplemented,
+                GrpcStatus::PermissionDenied,
+                GrpcStatus::Unauthenticated,
+                GrpcStatus::Internal,
+                GrpcStatus::Unknown,
+            ]
+        );
     }
 }

@@ -23,6 +23,7 @@ use crate::http::route_match::{Matcher, Routed};
 use crate::messaging::{Messaging, publish};
 use crate::policy::circuit_breaker::{CircuitBreakerLayer, CircuitControl};
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
+use crate::policy::fault::FaultLayer;
 use crate::policy::rate_limit::RateLimitLayer;
 use crate::policy::retry::RetryLayer;
 use crate::policy::timeout::DeadlineLayer;
@@ -137,6 +138,7 @@ where
     ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.route(name, label))) // counts what the client got
         .layer(GrpcResponsesLayer::new(metrics.grpc_responses(name, label))) // gRPC statuses
+        .option_layer(cfg.fault.map(|f| FaultLayer::new(name, f, metrics.faults(name, label)))) // injected delays, aborts
         .option_layer(
             cfg.rate_limit.map(|r| RateLimitLayer::new(name, &r, metrics.rate_limited(name))),
         ) // 429 rate-limited

@@ -1,5 +1,5 @@
 //! `upstreams.NAME.routes`: per-call policies. The first route whose `match` fits a request
-//! decides its `timeouts`, `retry`, `rate_limit`, `concurrency_limit` and `hedge`; each section a route
+//! decides its `timeouts`, `retry`, `rate_limit`, `concurrency_limit`, `hedge` and `fault`; each section a route
 //! gives replaces the upstream's whole section, one it omits is the upstream's. Endpoint-level
 //! sections (discovery, balancing, health checks, the breaker, tls, ...) are parsed only so that
 //! validation can refuse them by name: they stay per upstream (DESIGN.md, "Routes").
@@ -38,6 +38,7 @@ pub struct Route {
     pub concurrency_limit: Option<NonZeroUsize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hedge: Option<super::Hedge>,
+    pub fault: Option<super::Fault>,
     // about endpoints, not calls: accepted here only to be refused by name
     #[serde(default, skip_serializing)]
     pub listen: Option<OnUpstream>,
@@ -138,6 +139,9 @@ impl Route {
         }
         if let Some(hedge) = self.hedge {
             merged.hedge = Some(hedge);
+        }
+        if let Some(fault) = self.fault {
+            merged.fault = Some(fault);
         }
         merged
     }

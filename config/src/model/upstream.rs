@@ -40,6 +40,8 @@ pub struct Upstream {
     /// Another attempt when the first is slow to answer; needs `retry` (its budget and replay
     /// buffer).
     pub hedge: Option<Hedge>,
+    /// Injected delays and aborts, for resilience testing.
+    pub fault: Option<Fault>,
     /// Per-call policies, first match wins; a request no route matches gets the sections above.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<super::Route>,
@@ -313,4 +315,25 @@ impl Default for OutlierDetection {
             max_ejected_percent: 50,
         }
     }
+}
+
+/// `fault`: a share of requests held for a while, and a share answered at once with a status,
+/// before any policy sees them (DESIGN "Faults"). At least one of the two.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+pub struct FaultDelay {
+    pub percent: crate::types::Percent,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+pub struct FaultAbort {
+    pub percent: crate::types::Percent,
+    /// The HTTP status answered, 200 to 599; a gRPC call gets the matching gRPC status.
+    pub status: u16,
 }

@@ -45,6 +45,38 @@ impl fmt::Display for ValueError {
 
 impl std::error::Error for ValueError {}
 
+/// A share of requests from 0 to 100 inclusive, decimals allowed (`0.5` is one in two hundred):
+/// fault injection.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize, Serialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Percent(f64);
+
+impl Percent {
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+impl TryFrom<f64> for Percent {
+    type Error = ValueError;
+
+    fn try_from(value: f64) -> Result<Self, ValueError> {
+        match (0.0..=100.0).contains(&value) {
+            true => Ok(Percent(value)),
+            false => Err(ValueError::new(
+                format!("{value} is out of range"),
+                "a percentage from 0 to 100, decimals allowed, e.g. 5 or 0.1",
+            )),
+        }
+    }
+}
+
+impl From<Percent> for f64 {
+    fn from(percent: Percent) -> f64 {
+        percent.0
+    }
+}
+
 /// A fraction from 0.0 to 1.0 inclusive: failure rates, retry budgets, sample ratios.
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize, Serialize)]
 #[serde(try_from = "f64", into = "f64")]

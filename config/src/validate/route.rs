@@ -6,7 +6,7 @@ use crate::model::{DEFAULT_ROUTE, Route, RouteRetry, Upstream};
 
 /// What a route may set, for the line refusing an endpoint-level section.
 const ROUTE_SECTIONS: &str = "a section a route may set: idempotent, timeouts, retry, \
-    rate_limit, concurrency_limit, hedge; this one is the upstream's";
+    rate_limit, concurrency_limit, hedge, fault; this one is the upstream's";
 
 impl Checks {
     pub(super) fn routes(&mut self, path: &str, upstream: &Upstream) {
@@ -85,6 +85,9 @@ impl Checks {
                 None => upstream.retry.is_some(),
             };
             self.hedge(&format!("{at}.hedge"), hedge, retry);
+        }
+        if let Some(fault) = &route.fault {
+            self.fault(&format!("{at}.fault"), fault);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! a health check that checks one thing.
 
 use super::Checks;
-use crate::model::{Discovery, DnsRecord, Hedge, Tls, Upstream};
+use crate::model::{Discovery, DnsRecord, Fault, Hedge, Tls, Upstream};
 use crate::types::is_host;
 
 impl Checks {
@@ -55,6 +55,9 @@ impl Checks {
         if let Some(hedge) = &upstream.hedge {
             self.hedge(&format!("{path}.hedge"), hedge, upstream.retry.is_some());
         }
+        if let Some(fault) = &upstream.fault {
+            self.fault(&format!("{path}.fault"), fault);
+        }
         self.routes(&path, upstream);
         if let Some(outlier) = &upstream.outlier_detection {
             self.positive(format!("{path}.outlier_detection.base_ejection"), outlier.base_ejection);
@@ -86,6 +89,24 @@ impl Checks {
                     "retry on this upstream or route: hedges draw on its budget and replay buffer",
                 ),
             );
+        }
+    }
+
+    /// `fault`: a delay, an abort or both; a delay that lasts; a status HTTP has.
+    pub(super) fn fault(&mut self, at: &str, fault: &Fault) {
+        if fault.delay.is_none() && fault.abort.is_none() {
+            let expected = "delay: { percent, duration }, abort: { percent, status }, or both";
+            self.push(at, "injects nothing", Some(expected));
+        }
+        if let Some(delay) = &fault.delay {
+            self.positive(format!("{at}.delay.duration"), delay.duration);
+        }
+        if let Some(abort) = &fault.abort
+            && !(200..=599).contains(&abort.status)
+        {
+            let expected =
+                format!("an HTTP status from 200 to 599, e.g. 503, got {}", abort.status);
+            self.push(format!("{at}.abort.status"), "out of range", Some(&expected));
         }
     }
 

@@ -9,6 +9,7 @@ pub mod budget;
 pub mod circuit_breaker;
 pub mod concurrency_limit;
 pub mod deadline;
+pub mod fault;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;

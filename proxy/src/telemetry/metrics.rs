@@ -84,6 +84,7 @@ pub struct Metrics {
     spans_exported: IntCounter,
     spans_dropped: IntCounterVec,
     circuit_forced: IntGaugeVec,
+    faults: IntCounterVec,
 }
 
 impl Metrics {
@@ -366,6 +367,14 @@ impl Metrics {
             &["upstream"],
         )
         .expect("valid metric");
+        let faults = IntCounterVec::new(
+            Opts::new(
+                "outrigger_faults_injected_total",
+                "Faults injected by `fault`: delay (a request held) or abort (answered with fault.abort.status)",
+            ),
+            &["upstream", "route", "kind"],
+        )
+        .expect("valid metric");
         for reason in ["queue_full", "export_failed"] {
             spans_dropped.with_label_values(&[reason]);
         }
@@ -380,6 +389,7 @@ impl Metrics {
             Box::new(spans_exported.clone()),
             Box::new(spans_dropped.clone()),
             Box::new(circuit_forced.clone()),
+            Box::new(faults.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -422,6 +432,7 @@ impl Metrics {
             spans_exported,
             spans_dropped,
             circuit_forced,
+            faults,
         }
     }
 
@@ -440,6 +451,14 @@ impl Metrics {
     /// `outrigger_store_commit_duration_seconds`: the embedded store times each commit.
     pub fn commit_duration(&self) -> Histogram {
         self.commit_duration.clone()
+    }
+
+    /// `outrigger_faults_injected_total` of one upstream and route, by kind.
+    pub fn faults(&self, upstream: &str, route: &str) -> crate::policy::fault::FaultCounts {
+        crate::policy::fault::FaultCounts {
+            delay: self.faults.with_label_values(&[upstream, route, "delay"]),
+            abort: self.faults.with_label_values(&[upstream, route, "abort"]),
+        }
     }
 
     /// What the span exporter counts: spans sent, and spans dropped by reason.
