@@ -169,7 +169,7 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
             "zero where at least one is needed",
             up("    concurrency_limit: 0\n"),
             vec![
-                "outrigger.yaml:4:24: upstreams.payments.concurrency_limit: 0 is out of range (expected a whole number >= 1)",
+                "outrigger.yaml:4:24: upstreams.payments.concurrency_limit: 0 is not valid (expected a whole number >= 1)",
             ],
         ),
         (
@@ -697,10 +697,22 @@ fn rows() -> Vec<(&'static str, String, Vec<&'static str>)> {
         ),
         (
             "fault shares and statuses",
-            up("    fault: { delay: { percent: 100.5, duration: 0s }, abort: { percent: 0.5, status: 99 } }\n"),
+            up(
+                "    fault: { delay: { percent: 100.5, duration: 0s }, abort: { percent: 0.5, status: 99 } }\n",
+            ),
             vec![
                 "outrigger.yaml:4:32: upstreams.payments.fault.delay.percent: 100.5 is out of range (expected a percentage from 0 to 100, decimals allowed, e.g. 5 or 0.1)",
                 "outrigger.yaml:4:86: upstreams.payments.fault.abort.status: out of range (expected an HTTP status from 200 to 599, e.g. 503, got 99)",
+            ],
+        ),
+        (
+            "a concurrency limit's mapping form, and a mode",
+            up(
+                "    concurrency_limit: { max: 3, mod: shadow }\n    rate_limit: { requests_per_second: 5, mode: shadw }\n",
+            ),
+            vec![
+                "outrigger.yaml:4:34: upstreams.payments.concurrency_limit.mod: unknown field (expected one of: max, mode)",
+                "outrigger.yaml:5:49: upstreams.payments.rate_limit.mode: unknown value \"shadw\" (expected one of: enforce, shadow)",
             ],
         ),
         // --- one problem, one line: no echoes of a refused value ---

@@ -60,7 +60,11 @@ fn the_design_example_loads_and_lands_where_expected() {
     assert_eq!((breaker.failure_rate.get(), breaker.consecutive_failures), (0.5, Some(nz(5))));
     let rate_limit = payments.rate_limit.unwrap();
     assert_eq!((rate_limit.requests_per_second, rate_limit.effective_burst()), (nz(100), nz(20)));
-    assert_eq!(payments.concurrency_limit, NonZeroUsize::new(256));
+    let limit = payments.concurrency_limit.unwrap();
+    assert_eq!(
+        (limit.max, limit.mode),
+        (NonZeroUsize::new(256).unwrap(), outrigger_config::Mode::Enforce)
+    );
     assert_eq!(payments.health_check.as_ref().unwrap().path.as_deref(), Some("/healthz"));
     assert_eq!(payments.tls.as_ref().unwrap().server_name.as_deref(), Some("api.example.com"));
     assert_eq!(payments.outlier_detection.unwrap().max_ejected_percent, 50);

@@ -116,7 +116,7 @@ pub async fn start_reloading(
     let sources =
         SourceConfig { resolver: config.resolver.clone(), registry: config.registry.clone() };
     let upstreams: Vec<stack::BuiltUpstream> =
-        config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics)).collect();
+        config.upstreams.iter().map(|u| stack::upstream(u, &sources, &metrics, None)).collect();
     let env = |name: &str| std::env::var(name).ok();
     let export = config.telemetry.export(&env)?;
     if let Some(why) = config.telemetry.unused_endpoint(&env) {

@@ -146,9 +146,11 @@ impl Reloader {
                     kept += 1;
                     upstream
                 }
-                _ => {
+                // a breaker whose policy is unchanged but for its mode goes on in the new stack
+                was => {
                     rebuilt += 1;
-                    stack::upstream(cfg, &self.sources, &self.metrics)
+                    let breaker = was.as_ref().and_then(|(_, old)| old.circuit.as_ref());
+                    stack::upstream(cfg, &self.sources, &self.metrics, breaker)
                 }
             };
             built.insert(name, (cfg.clone(), upstream));

@@ -21,6 +21,7 @@ use crate::http::probe;
 use crate::http::route::Routes;
 use crate::http::route_match::{Matcher, Routed};
 use crate::messaging::{Messaging, publish};
+use crate::policy::Shadow;
 use crate::policy::circuit_breaker::{CircuitBreakerLayer, CircuitControl};
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
 use crate::policy::fault::FaultLayer;
@@ -55,10 +56,20 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(cfg: &config::Upstream, metrics: &Metrics) -> Self {
+        Self::keeping(cfg, metrics, None)
+    }
+
+    /// With the breaker of `kept` (the upstream's before a reload) when its policy is the same
+    /// but for the mode: its state goes on.
+    pub fn keeping(
+        cfg: &config::Upstream,
+        metrics: &Metrics,
+        kept: Option<&CircuitControl>,
+    ) -> Self {
         let name: Arc<str> = cfg.name.as_str().into();
-        let breaker = cfg
-            .circuit_breaker
-            .map(|c| CircuitBreakerLayer::new(&name, c, metrics.circuit_gauges(&name)));
+        let breaker = cfg.circuit_breaker.map(|c| {
+            CircuitBreakerLayer::new_or_kept(&name, c, metrics.circuit_gauges(&name), kept)
+        });
         Shared { name, breaker }
     }
 
@@ -74,10 +85,14 @@ pub fn circuits(upstreams: &[BuiltUpstream]) -> Vec<(Arc<str>, Option<CircuitCon
 }
 
 /// One upstream: its endpoint pool and its policies around the forwarder.
+///
+/// `kept`: the upstream's breaker before a reload rebuilt it, whose state goes on when its
+/// policy did not change but for the mode.
 pub fn upstream(
     cfg: &config::Upstream,
     sources: &SourceConfig,
     metrics: &Metrics,
+    kept: Option<&CircuitControl>,
 ) -> BuiltUpstream {
     let name: Arc<str> = cfg.name.as_str().into();
     let endpoints = Endpoints::start(&name, &cfg.discovery, sources);
@@ -95,7 +110,7 @@ pub fn upstream(
         },
     );
     let forward = Forward::new(pool.clone(), cfg); // balancer over healthy endpoints, connection pool; 502/503
-    let shared = Shared::new(cfg, metrics);
+    let shared = Shared::keeping(cfg, metrics, kept);
     let stack =
         |route| BoxCloneSyncService::new(policies(cfg, route, &shared, metrics, forward.clone()));
     let routes = cfg
@@ -135,15 +150,29 @@ where
     let (name, label) = (&shared.name, route.map_or(config::DEFAULT_ROUTE, |r| &r.name));
     let cfg = &route.map_or_else(|| cfg.clone(), |r| r.over(cfg));
     let idempotent = route.is_some_and(|r| r.idempotent);
+    // a policy in shadow mode counts what it would refuse, and refuses nothing
+    let shadow = |mode, policy, decision| {
+        (mode == config::Mode::Shadow).then(|| {
+            let would = metrics.shadow_decisions(name, label, policy, decision);
+            Shadow::new(would, (name, label), policy, decision)
+        })
+    };
     ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.route(name, label))) // counts what the client got
         .layer(GrpcResponsesLayer::new(metrics.grpc_responses(name, label))) // gRPC statuses
         .option_layer(cfg.fault.map(|f| FaultLayer::new(name, f, metrics.faults(name, label)))) // injected delays, aborts
-        .option_layer(
-            cfg.rate_limit.map(|r| RateLimitLayer::new(name, &r, metrics.rate_limited(name))),
-        ) // 429 rate-limited
-        .option_layer(cfg.concurrency_limit.map(|n| ConcurrencyLimitLayer::new(name, n))) // 503 overloaded
-        .option_layer(shared.breaker.clone()) // 503 circuit-open, one per upstream
+        .option_layer(cfg.rate_limit.map(|r| {
+            let shadow = shadow(r.mode, "rate_limit", "rate-limited");
+            RateLimitLayer::new(name, &r, metrics.rate_limited(name)).shadow(shadow)
+        })) // 429 rate-limited
+        .option_layer(cfg.concurrency_limit.map(|c| {
+            let shadow = shadow(c.mode, "concurrency_limit", "overloaded");
+            ConcurrencyLimitLayer::new(name, c.max).shadow(shadow)
+        })) // 503 overloaded
+        .option_layer(shared.breaker.as_ref().map(|b| {
+            let mode = cfg.circuit_breaker.map_or(config::Mode::Enforce, |c| c.mode);
+            b.shadow(shadow(mode, "circuit_breaker", "circuit-open"))
+        })) // 503 circuit-open, one per upstream
         .layer(DeadlineLayer::whole_request(cfg.timeouts.request.get())) // 504 timeout, the call's deadline
         .option_layer(
             cfg.retry

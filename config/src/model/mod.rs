@@ -17,9 +17,9 @@ pub use retry::{Backoff, BackoffStrategy, Budget, Jitter, Retry, RetryOn};
 pub(crate) use route::SECTION_OR_OFF;
 pub use route::{DEFAULT_ROUTE, OnUpstream, Route, RouteMatch, RouteRetry, RouteTimeouts};
 pub use upstream::{
-    CircuitBreaker, Discovery, Dns, DnsRecord, Fault, FaultAbort, FaultDelay, HealthCheck, Hedge,
-    LoadBalancer, OutlierDetection, Protocol, RateLimit, RegistryDiscovery, Timeouts, Tls,
-    Upstream, Upstreams,
+    CircuitBreaker, ConcurrencyLimit, Discovery, Dns, DnsRecord, Fault, FaultAbort, FaultDelay,
+    HealthCheck, Hedge, LoadBalancer, Mode, OutlierDetection, Protocol, RateLimit,
+    RegistryDiscovery, Timeouts, Tls, Upstream, Upstreams,
 };
 
 use crate::types::{AppUrl, ByteSize, Duration, ListenAddr, NameServer, Ratio};

@@ -10,7 +10,6 @@ use serde::de::{Error, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::num::NonZeroUsize;
 
 /// The `route` label of a request that no route matched.
 pub const DEFAULT_ROUTE: &str = "(default)";
@@ -35,7 +34,7 @@ pub struct Route {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub concurrency_limit: Option<NonZeroUsize>,
+    pub concurrency_limit: Option<super::ConcurrencyLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hedge: Option<super::Hedge>,
     pub fault: Option<super::Fault>,

@@ -33,7 +33,7 @@ pub struct Upstream {
     pub circuit_breaker: Option<CircuitBreaker>,
     pub rate_limit: Option<RateLimit>,
     /// In-flight requests beyond this get 503 `overloaded`.
-    pub concurrency_limit: Option<NonZeroUsize>,
+    pub concurrency_limit: Option<ConcurrencyLimit>,
     pub health_check: Option<HealthCheck>,
     pub tls: Option<Tls>,
     pub outlier_detection: Option<OutlierDetection>,
@@ -129,6 +129,7 @@ pub struct CircuitBreaker {
     pub consecutive_failures: Option<NonZeroU32>,
     pub open_for: Duration,
     pub half_open_requests: NonZeroU32,
+    pub mode: Mode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
@@ -136,6 +137,83 @@ pub struct RateLimit {
     pub requests_per_second: NonZeroU32,
     /// `None`: `requests_per_second`.
     pub burst: Option<NonZeroU32>,
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// Whether a policy refuses, or only says what it would have refused (DESIGN "Shadow mode").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Decide as usual, keep the state, forward every request; count what would have happened.
+    Shadow,
+}
+
+/// `concurrency_limit: N`, or `{ max: N, mode: shadow }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyLimit {
+    pub max: NonZeroUsize,
+    pub mode: Mode,
+}
+
+impl<'de> Deserialize<'de> for ConcurrencyLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // through MapAccessDeserializer the loader does not see the field list: refuse here
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            max: NonZeroUsize,
+            #[serde(default)]
+            mode: Mode,
+        }
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = ConcurrencyLimit;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a whole number >= 1, or { max: N, mode: enforce | shadow }")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ConcurrencyLimit, E> {
+                // NonZeroUsize's own refusal, which the loader words as every other one
+                let max =
+                    NonZeroUsize::deserialize(serde::de::value::U64Deserializer::<E>::new(n))?;
+                Ok(ConcurrencyLimit { max, mode: Mode::Enforce })
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ConcurrencyLimit, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+                }
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ConcurrencyLimit, A::Error> {
+                let full = Full::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ConcurrencyLimit { max: full.max, mode: full.mode })
+            }
+        }
+        deserializer.deserialize_any(Either)
+    }
+}
+
+impl Serialize for ConcurrencyLimit {
+    /// A number when enforced (as it is written most often), else the mapping.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        if self.mode == Mode::Enforce {
+            return serializer.serialize_u64(self.max.get() as u64);
+        }
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("max", &self.max)?;
+        map.serialize_entry("mode", &self.mode)?;
+        map.end()
+    }
 }
 
 /// `hedge`: when no response head came `after` since the last attempt began, another attempt
@@ -283,6 +361,7 @@ impl Default for CircuitBreaker {
             consecutive_failures: NonZeroU32::new(5),
             open_for: Duration::from_secs(30),
             half_open_requests: NonZeroU32::new(3).expect("not zero"),
+            mode: Mode::Enforce,
         }
     }
 }

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::error::ProxyError;
 use crate::http::Body;
 use crate::http::grpc::{self, Verdict};
+use crate::policy::Shadow;
 
 const BUCKETS: u32 = 10;
 /// `Retry-After` for a request refused while the probes are out: their verdict is near.
@@ -235,6 +236,8 @@ impl Breaker {
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerLayer {
     shared: Arc<Shared>,
+    /// `mode: shadow`, for one route's stack: count, never refuse.
+    shadow: Option<Shadow>,
 }
 
 #[derive(Debug)]
@@ -283,7 +286,36 @@ impl CircuitBreakerLayer {
         forced_gauge.set(0);
         let breaker = Mutex::new(Breaker::new(cfg, Instant::now()));
         let shared = Shared { upstream: upstream.clone(), breaker, gauge, forced_gauge };
-        Self { shared: Arc::new(shared) }
+        Self { shared: Arc::new(shared), shadow: None }
+    }
+
+    /// The breaker of `kept` (a reload's previous one for this upstream) when its policy is
+    /// `cfg` but for the mode: its state goes on (switching between shadow and enforce, or an
+    /// edit of another section, does not close an open breaker); else a new one.
+    pub fn new_or_kept(
+        upstream: &Arc<str>,
+        cfg: config::CircuitBreaker,
+        gauges: (IntGauge, IntGauge),
+        kept: Option<&CircuitControl>,
+    ) -> Self {
+        let same = |k: &&CircuitControl| {
+            let mut was = k.shared.with(|b| b.cfg);
+            was.mode = cfg.mode;
+            was == cfg
+        };
+        match kept.filter(same) {
+            Some(kept) => {
+                kept.shared.with(|b| b.cfg.mode = cfg.mode);
+                Self { shared: kept.shared.clone(), shadow: None }
+            }
+            None => Self::new(upstream, cfg, gauges),
+        }
+    }
+
+    /// This layer for one route's stack, noting with `shadow` what it would refuse when the
+    /// breaker is in shadow mode.
+    pub fn shadow(&self, shadow: Option<Shadow>) -> Self {
+        Self { shared: self.shared.clone(), shadow }
     }
 
     /// The handle that forces this breaker's state (the admin API).
@@ -342,7 +374,7 @@ impl<S> tower::Layer<S> for CircuitBreakerLayer {
     type Service = CircuitBreaker<S>;
 
     fn layer(&self, inner: S) -> CircuitBreaker<S> {
-        CircuitBreaker { inner, shared: self.shared.clone() }
+        CircuitBreaker { inner, shared: self.shared.clone(), shadow: self.shadow.clone() }
     }
 }
 
@@ -350,6 +382,7 @@ impl<S> tower::Layer<S> for CircuitBreakerLayer {
 pub struct CircuitBreaker<S> {
     inner: S,
     shared: Arc<Shared>,
+    shadow: Option<Shadow>,
 }
 
 impl<S, Req> tower::Service<Req> for CircuitBreaker<S>
@@ -365,11 +398,22 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.shared.with(|b| b.admit(Instant::now())) {
+        let (admitted, forced) = self.shared.with(|b| (b.admit(Instant::now()), b.forced()));
+        match admitted {
             Ok(admission) => ResponseFuture {
                 state: FutureState::Admitted { fut: self.inner.call(req) },
                 outcome: Some(Outcome { shared: self.shared.clone(), admission, recorded: false }),
             },
+            // in shadow mode a request it would refuse goes on, and its outcome is not
+            // recorded: the breaker's state is what it would be if it had been refused
+            // (an operator's `open` is obeyed even in shadow mode)
+            Err(_) if self.shadow.is_some() && forced != Some(Forced::Open) => {
+                self.shadow.as_ref().map(Shadow::note);
+                ResponseFuture {
+                    state: FutureState::Admitted { fut: self.inner.call(req) },
+                    outcome: None,
+                }
+            }
             Err(retry_after) => ResponseFuture {
                 state: FutureState::Refused {
                     err: Some(ProxyError::CircuitOpen {

@@ -10,19 +10,28 @@ use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
-use crate::policy::Admitted;
+use crate::policy::{Admitted, Shadow};
 
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimitLayer {
     permits: Arc<Semaphore>,
     limit: usize,
     upstream: Arc<str>,
+    /// `mode: shadow`: count, never refuse.
+    shadow: Option<Shadow>,
 }
 
 impl ConcurrencyLimitLayer {
     pub fn new(upstream: &Arc<str>, limit: std::num::NonZeroUsize) -> Self {
         let limit = limit.get();
-        Self { permits: Arc::new(Semaphore::new(limit)), limit, upstream: upstream.clone() }
+        let permits = Arc::new(Semaphore::new(limit));
+        Self { permits, limit, upstream: upstream.clone(), shadow: None }
+    }
+
+    /// In shadow mode: a request over the limit goes on (holding no slot), noted by `shadow`.
+    pub fn shadow(mut self, shadow: Option<Shadow>) -> Self {
+        self.shadow = shadow;
+        self
     }
 }
 
@@ -46,7 +55,7 @@ where
 {
     type Response = S::Response;
     type Error = ProxyError;
-    type Future = Admitted<S::Future, OwnedSemaphorePermit>;
+    type Future = Admitted<S::Future, Option<OwnedSemaphorePermit>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -54,7 +63,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         match self.layer.permits.clone().try_acquire_owned() {
-            Ok(permit) => Admitted::inner(self.inner.call(req), permit),
+            Ok(permit) => Admitted::inner(self.inner.call(req), Some(permit)),
+            Err(_) if self.layer.shadow.is_some() => {
+                self.layer.shadow.as_ref().map(Shadow::note);
+                Admitted::inner(self.inner.call(req), None)
+            }
             Err(_) => Admitted::refused(ProxyError::Overloaded {
                 upstream: self.layer.upstream.clone(),
                 limit: self.layer.limit,

@@ -16,9 +16,48 @@ pub mod timeout;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use prometheus::IntCounter;
+
 use crate::error::ProxyError;
+
+/// A policy in shadow mode (`mode: shadow`): it decides as when enforcing and keeps its state,
+/// but a request it would have refused goes on; the decision is counted in
+/// `outrigger_shadow_decisions_total{upstream,route,policy,decision}` and logged at debug.
+#[derive(Debug, Clone)]
+pub struct Shadow {
+    would: IntCounter,
+    upstream: Arc<str>,
+    route: Arc<str>,
+    policy: &'static str,
+    decision: &'static str,
+}
+
+impl Shadow {
+    /// `policy` is the YAML section, `decision` the `outrigger-error` kind it would answer.
+    pub fn new(
+        would: IntCounter,
+        (upstream, route): (&Arc<str>, &str),
+        policy: &'static str,
+        decision: &'static str,
+    ) -> Self {
+        Self { would, upstream: upstream.clone(), route: route.into(), policy, decision }
+    }
+
+    /// The policy would have refused this request.
+    pub fn note(&self) {
+        self.would.inc();
+        tracing::debug!(
+            upstream = %self.upstream,
+            route = %self.route,
+            policy = self.policy,
+            decision = self.decision,
+            "shadow policy would have refused this request; forwarded"
+        );
+    }
+}
 
 pin_project_lite::pin_project! {
     /// A policy's answer: refused at once, or the inner service's future with a guard (a

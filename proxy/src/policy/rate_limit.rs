@@ -12,7 +12,7 @@ use outrigger_config as config;
 use prometheus::IntCounter;
 
 use crate::error::ProxyError;
-use crate::policy::Admitted;
+use crate::policy::{Admitted, Shadow};
 
 type Limiter = RateLimiter<
     governor::state::NotKeyed,
@@ -26,12 +26,21 @@ pub struct RateLimitLayer {
     limiter: Arc<Limiter>,
     upstream: Arc<str>,
     rejected: IntCounter,
+    /// `mode: shadow`: count, never refuse.
+    shadow: Option<Shadow>,
 }
 
 impl RateLimitLayer {
     pub fn new(upstream: &Arc<str>, cfg: &config::RateLimit, rejected: IntCounter) -> Self {
         let quota = quota(cfg.requests_per_second, cfg.effective_burst());
-        Self { limiter: Arc::new(RateLimiter::direct(quota)), upstream: upstream.clone(), rejected }
+        let limiter = Arc::new(RateLimiter::direct(quota));
+        Self { limiter, upstream: upstream.clone(), rejected, shadow: None }
+    }
+
+    /// In shadow mode: what it would refuse goes on, noted by `shadow`.
+    pub fn shadow(mut self, shadow: Option<Shadow>) -> Self {
+        self.shadow = shadow;
+        self
     }
 }
 
@@ -69,6 +78,10 @@ where
         let limiter = &self.layer.limiter;
         match limiter.check() {
             Ok(()) => Admitted::inner(self.inner.call(req), ()),
+            Err(_) if self.layer.shadow.is_some() => {
+                self.layer.shadow.as_ref().map(Shadow::note);
+                Admitted::inner(self.inner.call(req), ())
+            }
             Err(not_until) => {
                 self.layer.rejected.inc();
                 let retry_after = not_until.wait_time_from(limiter.clock().now());
@@ -92,6 +105,7 @@ mod tests {
         let cfg = config::RateLimit {
             requests_per_second: NonZeroU32::new(2).unwrap(),
             burst: NonZeroU32::new(3),
+            mode: config::Mode::Enforce,
         };
         let rejected = IntCounter::new("t", "t").unwrap();
         let layer = RateLimitLayer::new(&Arc::from("p"), &cfg, rejected.clone());

@@ -85,6 +85,7 @@ pub struct Metrics {
     spans_dropped: IntCounterVec,
     circuit_forced: IntGaugeVec,
     faults: IntCounterVec,
+    shadow: IntCounterVec,
 }
 
 impl Metrics {
@@ -375,6 +376,15 @@ impl Metrics {
             &["upstream", "route", "kind"],
         )
         .expect("valid metric");
+        let shadow = IntCounterVec::new(
+            Opts::new(
+                "outrigger_shadow_decisions_total",
+                "Requests a policy in shadow mode would have refused, and forwarded: policy is the \
+                 YAML section, decision the outrigger-error kind it would have answered",
+            ),
+            &["upstream", "route", "policy", "decision"],
+        )
+        .expect("valid metric");
         for reason in ["queue_full", "export_failed"] {
             spans_dropped.with_label_values(&[reason]);
         }
@@ -390,6 +400,7 @@ impl Metrics {
             Box::new(spans_dropped.clone()),
             Box::new(circuit_forced.clone()),
             Box::new(faults.clone()),
+            Box::new(shadow.clone()),
         ] {
             registry.register(family).expect("registered once");
         }
@@ -433,6 +444,7 @@ impl Metrics {
             spans_dropped,
             circuit_forced,
             faults,
+            shadow,
         }
     }
 
@@ -459,6 +471,17 @@ impl Metrics {
             delay: self.faults.with_label_values(&[upstream, route, "delay"]),
             abort: self.faults.with_label_values(&[upstream, route, "abort"]),
         }
+    }
+
+    /// `outrigger_shadow_decisions_total` of one upstream, route and shadow policy.
+    pub fn shadow_decisions(
+        &self,
+        upstream: &str,
+        route: &str,
+        policy: &str,
+        decision: &str,
+    ) -> IntCounter {
+        self.shadow.with_label_values(&[upstream, route, policy, decision])
     }
 
     /// What the span exporter counts: spans sent, and spans dropped by reason.

@@ -30,6 +30,7 @@ mod redis;
 mod registry;
 mod reload;
 mod routes;
+mod shadow;
 mod soak;
 mod tls;
 mod tracing;

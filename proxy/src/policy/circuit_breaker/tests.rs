@@ -14,6 +14,7 @@ fn cfg() -> config::CircuitBreaker {
         consecutive_failures: NonZeroU32::new(3),
         open_for: config::Duration::from_secs(30),
         half_open_requests: NonZeroU32::new(2).unwrap(),
+        mode: config::Mode::Enforce,
     }
 }
 
