@@ -37,6 +37,7 @@ pub struct Route {
     pub concurrency_limit: Option<super::ConcurrencyLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hedge: Option<super::Hedge>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fault: Option<super::Fault>,
     // about endpoints, not calls: accepted here only to be refused by name
     #[serde(default, skip_serializing)]

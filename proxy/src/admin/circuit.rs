@@ -33,24 +33,33 @@ impl Circuits {
     /// The running upstreams and their breakers. A breaker built anew (its upstream's config
     /// changed) takes the forced state its predecessor had: an operator's decision outlives an
     /// edit of the upstream; an unchanged upstream keeps its breaker, and so its state.
+    /// (The stack already forced a rebuilt breaker as its predecessor was, before serving;
+    /// this catches a force that landed on the old one in between.) A breaker that has no
+    /// successor is retired: its forced gauge goes back to 0.
     pub fn set(&self, next: Vec<(Arc<str>, Option<CircuitControl>)>) {
         let mut upstreams = self.upstreams.write().unwrap_or_else(|e| e.into_inner());
-        for (name, control) in &next {
-            let was = upstreams.iter().find(|(n, _)| n == name).and_then(|(_, c)| c.as_ref());
-            let forced = was.and_then(|c| c.status().forced);
-            if let (Some(forced), Some(control)) = (forced, control)
-                && control.status().forced != Some(forced)
-            {
-                control.force(Some(forced));
+        for (name, was) in upstreams.iter() {
+            let Some(was) = was else { continue };
+            let now = next.iter().find(|(n, _)| n == name).and_then(|(_, c)| c.as_ref());
+            match now {
+                Some(now) if now.same_as(was) => {}
+                Some(now) => {
+                    let forced = was.status().forced;
+                    if forced.is_some() && now.status().forced != forced {
+                        now.force(forced);
+                    }
+                }
+                None => was.retire(),
             }
         }
         *upstreams = next;
     }
 
-    /// `None`: no such upstream; `Some(None)`: it has no breaker.
-    fn find(&self, name: &str) -> Option<Option<CircuitControl>> {
+    /// Runs `f` on `name`'s breaker under the registry's lock, so that a reload's `set` comes
+    /// wholly before or after it. `None`: no such upstream; `Some(None)`: it has no breaker.
+    fn with<T>(&self, name: &str, f: impl FnOnce(&CircuitControl) -> T) -> Option<Option<T>> {
         let upstreams = self.upstreams.read().unwrap_or_else(|e| e.into_inner());
-        upstreams.iter().find(|(n, _)| &**n == name).map(|(_, c)| c.clone())
+        upstreams.iter().find(|(n, _)| &**n == name).map(|(_, c)| c.as_ref().map(f))
     }
 }
 
@@ -66,21 +75,21 @@ where
     else {
         return error(StatusCode::NOT_FOUND, "no such admin endpoint: /v1/upstreams/NAME/circuit");
     };
-    let control = match circuits.find(name) {
-        Some(Some(control)) => control,
+    let done = match *req.method() {
+        Method::GET | Method::HEAD => circuits.with(name, CircuitControl::status),
+        Method::POST => match requested(req.into_body()).await {
+            Ok(forced) => circuits.with(name, |control| control.force(forced)),
+            Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+        },
+        _ => return error(StatusCode::METHOD_NOT_ALLOWED, "GET or POST"),
+    };
+    match done {
+        Some(Some(status)) => answer(name, status),
         Some(None) => {
             let why = format!("upstream {name} has no circuit_breaker section to force");
-            return error(StatusCode::CONFLICT, &why);
+            error(StatusCode::CONFLICT, &why)
         }
-        None => return error(StatusCode::NOT_FOUND, &format!("no upstream named {name:?}")),
-    };
-    match *req.method() {
-        Method::GET | Method::HEAD => answer(name, control.status()),
-        Method::POST => match requested(req.into_body()).await {
-            Ok(forced) => answer(name, control.force(forced)),
-            Err(why) => error(StatusCode::BAD_REQUEST, &why),
-        },
-        _ => error(StatusCode::METHOD_NOT_ALLOWED, "GET or POST"),
+        None => error(StatusCode::NOT_FOUND, &format!("no upstream named {name:?}")),
     }
 }
 
@@ -125,4 +134,41 @@ fn respond(status: StatusCode, view: &serde_json::Value) -> Response<Body> {
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use outrigger_config as config;
+    use prometheus::IntGauge;
+
+    use super::*;
+    use crate::policy::circuit_breaker::CircuitBreakerLayer;
+
+    fn breaker(forced_gauge: &IntGauge) -> CircuitControl {
+        let cfg = config::CircuitBreaker {
+            consecutive_failures: NonZeroU32::new(2),
+            ..config::CircuitBreaker::default()
+        };
+        let gauges = (IntGauge::new("s", "s").unwrap(), forced_gauge.clone());
+        CircuitBreakerLayer::new(&Arc::from("payments"), cfg, gauges).control()
+    }
+
+    #[test]
+    fn a_rebuilt_breaker_is_forced_as_the_old_one_and_a_removed_one_clears_its_gauge() {
+        let gauge = IntGauge::new("forced", "forced").unwrap();
+        let circuits = Circuits::default();
+        let old = breaker(&gauge);
+        circuits.set(vec![("payments".into(), Some(old.clone()))]);
+        old.force(Some(Forced::Open));
+
+        let new = breaker(&gauge);
+        circuits.set(vec![("payments".into(), Some(new.clone()))]);
+        assert_eq!(new.status().forced, Some(Forced::Open), "the decision outlives the rebuild");
+        assert_eq!(gauge.get(), 1);
+
+        circuits.set(vec![("payments".into(), None)]);
+        assert_eq!(gauge.get(), 0, "no breaker left to be forced");
+    }
 }

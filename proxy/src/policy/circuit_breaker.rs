@@ -303,10 +303,19 @@ impl CircuitBreakerLayer {
             was.mode = cfg.mode;
             was == cfg
         };
-        match kept.filter(same) {
-            Some(kept) => {
+        match kept {
+            Some(kept) if same(&kept) => {
                 kept.shared.with(|b| b.cfg.mode = cfg.mode);
                 Self { shared: kept.shared.clone(), shadow: None }
+            }
+            // a new breaker, forced as its predecessor was (an operator's decision outlives
+            // an edit), before any request can reach it
+            Some(kept) => {
+                let fresh = Self::new(upstream, cfg, gauges);
+                if let Some(forced) = kept.status().forced {
+                    fresh.control().force(Some(forced));
+                }
+                fresh
             }
             None => Self::new(upstream, cfg, gauges),
         }
@@ -345,12 +354,14 @@ impl CircuitControl {
 
     /// Forces the state (`None`: back to the policy); logged at warn when it changes.
     pub fn force(&self, forced: Option<Forced>) -> CircuitStatus {
-        let before = self.shared.with(|b| {
+        // the gauge and the status under the breaker's lock: two overlapping calls cannot
+        // leave the gauge saying the opposite of the breaker
+        let (before, status) = self.shared.with(|b| {
             let before = b.forced();
             b.force(forced, Instant::now());
-            before
+            self.shared.forced_gauge.set(i64::from(forced.is_some()));
+            (before, CircuitStatus { state: state_name(b.gauge()), forced: b.forced() })
         });
-        self.shared.forced_gauge.set(i64::from(forced.is_some()));
         let upstream = &*self.shared.upstream;
         match (before, forced) {
             (before, Some(now)) if before != Some(now) => tracing::warn!(
@@ -366,7 +377,22 @@ impl CircuitControl {
             ),
             _ => {}
         }
-        self.status()
+        status
+    }
+
+    /// This breaker is gone (its upstream, or its section, removed by a reload): a forced
+    /// state no longer holds, so `outrigger_circuit_forced` goes back to 0.
+    pub fn retire(&self) {
+        self.shared.with(|b| {
+            if b.forced().is_some() {
+                self.shared.forced_gauge.set(0);
+            }
+        });
+    }
+
+    /// Whether `other` is this very breaker.
+    pub fn same_as(&self, other: &CircuitControl) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 }
 

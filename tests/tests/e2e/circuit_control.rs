@@ -91,14 +91,13 @@ async fn the_forced_state_outlives_a_reload_of_the_upstream_changed_or_not() {
     let sidecar = Sidecar::start(&format!("{}{BREAKER}", up.yaml("payments"))).await;
     circuit(&sidecar, "open", "payments");
 
-    // unchanged: the same breaker; changed (another timeout): a new breaker, forced the same
+    // unchanged: the same breaker; its policy changed (open_for): a new breaker, forced the same
     let with_beta = format!(
         "{}{BREAKER}{}",
         up.yaml("payments"),
         beta.yaml("beta").replace("upstreams:\n", "")
     );
-    let changed =
-        with_beta.replace(BREAKER, &format!("{BREAKER}    timeouts: {{ request: 9s }}\n"));
+    let changed = with_beta.replace("open_for: 60s", "open_for: 90s");
     for (yaml, applied) in [(with_beta, 1.0), (changed, 2.0)] {
         sidecar.rewrite(&yaml);
         wait_until(DEADLINE, "the reload", || async {

@@ -26,8 +26,8 @@ async fn a_shadow_rate_limit_forwards_everything_and_counts_what_it_would_refuse
     assert_eq!(up.requests(), 5, "nothing refused");
     let counted = metric(&sidecar, &would("rate_limit", "rate-limited")).await.unwrap();
     assert!(
-        (3.0..=4.0).contains(&counted),
-        "3 over the burst (4 if a token came back late): {counted}"
+        (2.0..=3.0).contains(&counted),
+        "3 over the burst (2 if a token came back meanwhile): {counted}"
     );
     let refused = r#"outrigger_rate_limited_total{upstream="payments"}"#;
     assert_eq!(metric(&sidecar, refused).await, Some(0.0), "nothing was rate-limited");
