@@ -10,6 +10,7 @@ pub mod check;
 pub mod cli;
 pub mod demo;
 pub mod error;
+pub mod explain;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod http;

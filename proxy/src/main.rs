@@ -63,6 +63,30 @@ enum Command {
         #[arg(long, env = "OUTRIGGER_ADMIN", default_value = "http://127.0.0.1:9901")]
         admin: String,
     },
+    /// Show what an upstream's (or route's) policies do to a sequence of answers, in virtual
+    /// time: each attempt, what the client got, the breaker's state.
+    Explain {
+        /// The YAML configuration file.
+        #[arg(long, env = "OUTRIGGER_CONFIG")]
+        config: PathBuf,
+        /// The upstream, as named in the config.
+        upstream: String,
+        /// One of its routes (default: the upstream's own policies).
+        route: Option<String>,
+        /// The endpoint's answers in order: STATUS, STATUS@DELAY (200@3s), reset, refused; the
+        /// last repeats.
+        #[arg(long)]
+        answers: String,
+        /// How many requests to send.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Between two requests' starts, e.g. 100ms.
+        #[arg(long, default_value = "0s")]
+        every: config::Duration,
+        /// The timeline as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Watch the policies act on local scripted upstreams (nothing to install).
     Demo {
         /// How long to drive traffic, in seconds.
@@ -179,6 +203,9 @@ fn main() -> ExitCode {
         }
         Command::Dlq { admin, json, action } => dlq(&admin, json, action),
         Command::Check { config, admin } => check(config, admin),
+        Command::Explain { config: path, upstream, route, answers, repeat, every, json } => {
+            explain(&path, &upstream, route.as_deref(), &answers, repeat, every.get(), json)
+        }
         Command::Circuit { action, upstream, admin } => {
             let state = match action {
                 CircuitAction::Open => "open",
@@ -250,6 +277,42 @@ fn dlq(admin: &str, json: bool, action: DlqAction) -> ExitCode {
         }
         Err(err) => {
             eprintln!("outrigger dlq: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(
+    path: &std::path::Path,
+    upstream: &str,
+    route: Option<&str>,
+    answers: &str,
+    repeat: usize,
+    every: std::time::Duration,
+    json: bool,
+) -> ExitCode {
+    use outrigger_proxy::explain;
+    let config = match config::load_file(path) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let run = explain::Run { repeat: repeat.max(1), every };
+    let timeline = explain::parse_answers(answers)
+        .and_then(|answers| explain::explain(&config, upstream, route, answers, run));
+    match timeline {
+        Ok(events) if json => {
+            println!("{}", serde_json::to_string_pretty(&events).expect("serializes"));
+            ExitCode::SUCCESS
+        }
+        Ok(events) => {
+            print!("{}", explain::render(&events));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("outrigger explain: {err}");
             ExitCode::FAILURE
         }
     }

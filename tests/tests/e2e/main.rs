@@ -13,6 +13,7 @@ mod delivery;
 mod deploy;
 mod dlq;
 mod dns;
+mod explain;
 mod fault_injection;
 mod faults;
 mod front_door;

@@ -1,0 +1,299 @@
+//! `outrigger explain`: an upstream's (or a route's) real policy layers, built by
+//! `stack::policies` as the data plane builds them, run in virtual time against a scripted
+//! endpoint, so a user sees what the policies do to a sequence of answers before deploying
+//! them: each attempt with its time and answer, what the client got, and the breaker's state
+//! after each request. Minutes of backoff take no time: tokio's clock is paused and jumps to
+//! the next timer.
+//!
+//! Answers: `STATUS`, `STATUS@DELAY` (`200@3s`), `reset` (the connection cut), `refused` (no
+//! connection); after the last one the last repeats.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use outrigger_config as config;
+use tower::{Service, ServiceExt};
+
+use crate::error::ProxyError;
+use crate::http::Body;
+use crate::stack;
+use crate::telemetry::metrics::Metrics;
+
+/// One scripted answer of the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Status(StatusCode, Duration),
+    Reset,
+    Refused,
+}
+
+/// Parses `503,503,200@2s,reset,refused`.
+pub fn parse_answers(text: &str) -> Result<Vec<Answer>, String> {
+    let answers: Result<Vec<Answer>, String> = text
+        .split(',')
+        .map(str::trim)
+        .map(|word| match word {
+            "reset" => Ok(Answer::Reset),
+            "refused" => Ok(Answer::Refused),
+            _ => {
+                let (status, delay) = word.split_once('@').unwrap_or((word, "0s"));
+                let status = status
+                    .parse::<u16>()
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .filter(|s| (100..=599).contains(&s.as_u16()))
+                    .ok_or_else(|| format!("{word:?} is not an answer: STATUS, STATUS@DELAY (200@3s), reset or refused"))?;
+                let delay: config::Duration = delay
+                    .parse()
+                    .map_err(|_| format!("{word:?}: {delay:?} is not a duration (e.g. 250ms, 3s)"))?;
+                Ok(Answer::Status(status, delay.get()))
+            }
+        })
+        .collect();
+    let answers = answers?;
+    if answers.is_empty() {
+        return Err("--answers needs at least one answer".into());
+    }
+    Ok(answers)
+}
+
+/// One line of the timeline.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Event {
+    /// Since the first request, in milliseconds of virtual time.
+    pub at_ms: u128,
+    /// Which request (1-based).
+    pub request: usize,
+    /// `attempt` (one reached the endpoint), `answer` (what the client got), `breaker`.
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+/// What to run: `repeat` requests, one every `every`.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub repeat: usize,
+    pub every: Duration,
+}
+
+/// Runs `upstream` (its `route`'s policies when named) against `answers`; the timeline.
+pub fn explain(
+    config: &config::Config,
+    upstream: &str,
+    route: Option<&str>,
+    answers: Vec<Answer>,
+    run: Run,
+) -> Result<Vec<Event>, String> {
+    let cfg = config
+        .upstreams
+        .iter()
+        .find(|u| u.name.as_str() == upstream)
+        .ok_or_else(|| format!("no upstream named {upstream:?} in the config"))?;
+    let route = match route {
+        Some(name) => Some(
+            cfg.routes
+                .iter()
+                .find(|r| r.name.as_str() == name)
+                .ok_or_else(|| format!("upstream {upstream} has no route named {name:?}"))?,
+        ),
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(|e| format!("cannot start the virtual clock: {e}"))?;
+    runtime.block_on(timeline(cfg, route, answers, run))
+}
+
+async fn timeline(
+    cfg: &config::Upstream,
+    route: Option<&config::Route>,
+    answers: Vec<Answer>,
+    run: Run,
+) -> Result<Vec<Event>, String> {
+    let start = tokio::time::Instant::now();
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let request_no = Arc::new(Mutex::new(0usize));
+    let policy = route.map_or_else(|| cfg.clone(), |r| r.over(cfg));
+    let backoff = policy.retry.as_ref().map(|r| r.backoff);
+    let endpoint = scripted(answers, start, events.clone(), request_no.clone(), backoff);
+    // the data plane's own layers: metrics, faults, limits, the breaker, deadlines, retries
+    let metrics = Metrics::new();
+    let shared = stack::Shared::new(cfg, &metrics);
+    let circuit = shared.circuit();
+    let service = stack::policies(cfg, route, &shared, &metrics, endpoint);
+    let mut last_breaker = circuit.as_ref().map(|c| c.status().state);
+    for n in 1..=run.repeat {
+        tokio::time::sleep_until(start + run.every * (n as u32 - 1)).await;
+        *request_no.lock().unwrap_or_else(|e| e.into_inner()) = n;
+        let req = Request::get(format!("http://{}/", cfg.name.as_str()))
+            .body(Body::empty())
+            .expect("a valid request");
+        let answer = service.clone().oneshot(req).await;
+        let at_ms = start.elapsed().as_millis();
+        let detail = match &answer {
+            Ok(res) => answered(res),
+            Err(err) => format!("{} outrigger-error: {}", err.status().as_u16(), err.kind()),
+        };
+        let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
+        events.push(Event { at_ms, request: n, kind: "answer", detail });
+        if let Some(circuit) = &circuit {
+            let state = circuit.status().state;
+            if last_breaker != Some(state) {
+                let detail = state.to_owned();
+                events.push(Event { at_ms, request: n, kind: "breaker", detail });
+                last_breaker = Some(state);
+            }
+        }
+    }
+    let events = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(events)
+}
+
+/// The client's answer: its status, and `outrigger-attempts` when there were retries.
+fn answered(res: &Response<Body>) -> String {
+    let mut line = res.status().as_u16().to_string();
+    for name in ["outrigger-error", "outrigger-attempts"] {
+        if let Some(value) = res.headers().get(name).and_then(|v| v.to_str().ok()) {
+            line += &format!(" {name}: {value}");
+        }
+    }
+    line
+}
+
+/// The endpoint: each call takes the next answer (the last repeats), noted as an attempt.
+/// Where a request's attempts are: the last one's end, and the backoff waited before it.
+#[derive(Debug, Default)]
+struct Progress {
+    request: usize,
+    retries: u32,
+    ended: Option<tokio::time::Instant>,
+    previous_delay: Duration,
+}
+
+fn scripted(
+    answers: Vec<Answer>,
+    start: tokio::time::Instant,
+    events: Arc<Mutex<Vec<Event>>>,
+    request_no: Arc<Mutex<usize>>,
+    backoff: Option<config::Backoff>,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = ProxyError, Future: Send + 'static>
++ Clone
++ Send
++ Sync
++ 'static {
+    let next = Arc::new(Mutex::new(0usize));
+    let answers = Arc::new(answers);
+    let progress: Arc<Mutex<Progress>> = Arc::default();
+    tower::service_fn(move |_req: Request<Body>| {
+        let i = {
+            let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
+            *next += 1;
+            *next - 1
+        };
+        let answer = answers[i.min(answers.len() - 1)];
+        let request = *request_no.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let mut detail = match answer {
+            Answer::Status(status, delay) if delay.is_zero() => format!("{}", status.as_u16()),
+            Answer::Status(status, delay) => format!("{} after {delay:?}", status.as_u16()),
+            Answer::Reset => "reset".to_owned(),
+            Answer::Refused => "refused".to_owned(),
+        };
+        {
+            // a retry of the same request: the backoff it waited, and the range it was drawn from
+            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            if p.request != request {
+                *p = Progress { request, ..Progress::default() };
+            } else if let (Some(ended), Some(backoff)) = (p.ended, backoff) {
+                let waited = now.saturating_duration_since(ended);
+                let low = backoff.delay_with(p.retries, p.previous_delay, 0.0);
+                let high = backoff.delay_with(p.retries, p.previous_delay, 0.999_999);
+                detail += &format!(
+                    " (retry {}, after a backoff of {} ms drawn from {}..{} ms)",
+                    p.retries + 1,
+                    waited.as_millis(),
+                    low.as_millis(),
+                    high.as_millis()
+                );
+                p.retries += 1;
+                p.previous_delay = waited;
+            }
+        }
+        events.lock().unwrap_or_else(|e| e.into_inner()).push(Event {
+            at_ms: now.saturating_duration_since(start).as_millis(),
+            request,
+            kind: "attempt",
+            detail,
+        });
+        let progress = progress.clone();
+        async move {
+            let upstream: Arc<str> = "scripted".into();
+            let ended = |progress: &Mutex<Progress>| {
+                progress.lock().unwrap_or_else(|e| e.into_inner()).ended =
+                    Some(tokio::time::Instant::now());
+            };
+            match answer {
+                Answer::Status(status, delay) => {
+                    tokio::time::sleep(delay).await;
+                    ended(&progress);
+                    let mut res = Response::new(Body::empty());
+                    *res.status_mut() = status;
+                    Ok(res)
+                }
+                Answer::Reset => Err({
+                    ended(&progress);
+                    ProxyError::UpstreamReset {
+                        upstream,
+                        source: "the scripted endpoint reset the connection".into(),
+                    }
+                }),
+                Answer::Refused => Err({
+                    ended(&progress);
+                    ProxyError::ConnectFailed {
+                        upstream,
+                        source: "the scripted endpoint refused the connection".into(),
+                    }
+                }),
+            }
+        }
+    })
+}
+
+/// The timeline as text, one line per event.
+pub fn render(events: &[Event]) -> String {
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "{:>9.3}s  request {:<3} {:<8} {}\n",
+                e.at_ms as f64 / 1e3,
+                e.request,
+                e.kind,
+                e.detail
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_parse_and_a_bad_one_is_named() {
+        assert_eq!(
+            parse_answers("503, 200@3s,reset,refused").unwrap(),
+            [
+                Answer::Status(StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO),
+                Answer::Status(StatusCode::OK, Duration::from_secs(3)),
+                Answer::Reset,
+                Answer::Refused,
+            ]
+        );
+        assert!(parse_answers("503,teapot").unwrap_err().contains("\"teapot\" is not an answer"));
+        assert!(parse_answers("200@soon").unwrap_err().contains("is not a duration"));
+    }
+}
