@@ -6,7 +6,8 @@
 //! the next timer.
 //!
 //! Answers: `STATUS`, `STATUS@DELAY` (`200@3s`), `reset` (the connection cut), `refused` (no
-//! connection); after the last one the last repeats.
+//! connection), or a gRPC status by name (`unavailable`: then each request is a unary gRPC
+//! call); after the last one the last repeats.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,8 @@ use crate::telemetry::metrics::Metrics;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
     Status(StatusCode, Duration),
+    /// A gRPC status, trailers-only (`unavailable`, `ok`, …): the requests are gRPC calls then.
+    Grpc(config::GrpcStatus),
     Reset,
     Refused,
 }
@@ -36,6 +39,9 @@ pub fn parse_answers(text: &str) -> Result<Vec<Answer>, String> {
         .map(|word| match word {
             "reset" => Ok(Answer::Reset),
             "refused" => Ok(Answer::Refused),
+            _ if config::GrpcStatus::from_name(word).is_some() => {
+                Ok(Answer::Grpc(config::GrpcStatus::from_name(word).expect("checked")))
+            }
             _ => {
                 let (status, delay) = word.split_once('@').unwrap_or((word, "0s"));
                 let status = status
@@ -43,7 +49,7 @@ pub fn parse_answers(text: &str) -> Result<Vec<Answer>, String> {
                     .ok()
                     .and_then(|s| StatusCode::from_u16(s).ok())
                     .filter(|s| (100..=599).contains(&s.as_u16()))
-                    .ok_or_else(|| format!("{word:?} is not an answer: STATUS, STATUS@DELAY (200@3s), reset or refused"))?;
+                    .ok_or_else(|| format!("{word:?} is not an answer: STATUS, STATUS@DELAY (200@3s), reset, refused or a gRPC status (unavailable)"))?;
                 let delay: config::Duration = delay
                     .parse()
                     .map_err(|_| format!("{word:?}: {delay:?} is not a duration (e.g. 250ms, 3s)"))?;
@@ -118,6 +124,7 @@ async fn timeline(
     let request_no = Arc::new(Mutex::new(0usize));
     let policy = route.map_or_else(|| cfg.clone(), |r| r.over(cfg));
     let backoff = policy.retry.as_ref().map(|r| r.backoff);
+    let grpc_calls = answers.iter().any(|a| matches!(a, Answer::Grpc(_)));
     let endpoint = scripted(answers, start, events.clone(), request_no.clone(), backoff);
     // the data plane's own layers: metrics, faults, limits, the breaker, deadlines, retries
     let metrics = Metrics::new();
@@ -125,12 +132,19 @@ async fn timeline(
     let circuit = shared.circuit();
     let service = stack::policies(cfg, route, &shared, &metrics, endpoint);
     let mut last_breaker = circuit.as_ref().map(|c| c.status().state);
+    let grpc = grpc_calls;
     for n in 1..=run.repeat {
         tokio::time::sleep_until(start + run.every * (n as u32 - 1)).await;
         *request_no.lock().unwrap_or_else(|e| e.into_inner()) = n;
-        let req = Request::get(format!("http://{}/", cfg.name.as_str()))
-            .body(Body::empty())
-            .expect("a valid request");
+        let req = match grpc {
+            // a unary gRPC call, as an app's client sends it
+            true => Request::post(format!("http://{}/explain.Service/Call", cfg.name.as_str()))
+                .version(http::Version::HTTP_2)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers"),
+            false => Request::get(format!("http://{}/", cfg.name.as_str())),
+        };
+        let req = req.body(Body::empty()).expect("a valid request");
         let answer = service.clone().oneshot(req).await;
         let at_ms = start.elapsed().as_millis();
         let detail = match &answer {
@@ -155,7 +169,7 @@ async fn timeline(
 /// The client's answer: its status, and `outrigger-attempts` when there were retries.
 fn answered(res: &Response<Body>) -> String {
     let mut line = res.status().as_u16().to_string();
-    for name in ["outrigger-error", "outrigger-attempts"] {
+    for name in ["grpc-status", "outrigger-error", "outrigger-attempts"] {
         if let Some(value) = res.headers().get(name).and_then(|v| v.to_str().ok()) {
             line += &format!(" {name}: {value}");
         }
@@ -199,6 +213,7 @@ fn scripted(
         let mut detail = match answer {
             Answer::Status(status, delay) if delay.is_zero() => format!("{}", status.as_u16()),
             Answer::Status(status, delay) => format!("{} after {delay:?}", status.as_u16()),
+            Answer::Grpc(status) => format!("grpc {status}"),
             Answer::Reset => "reset".to_owned(),
             Answer::Refused => "refused".to_owned(),
         };
@@ -241,6 +256,17 @@ fn scripted(
                     ended(&progress);
                     let mut res = Response::new(Body::empty());
                     *res.status_mut() = status;
+                    Ok(res)
+                }
+                Answer::Grpc(status) => {
+                    ended(&progress);
+                    let mut res = Response::new(Body::empty());
+                    let headers = res.headers_mut();
+                    headers
+                        .insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                    headers.insert("grpc-status", http::HeaderValue::from(status.code()));
+                    // read off the head where it enters, as the forwarder does
+                    crate::http::grpc::read_head(&mut res);
                     Ok(res)
                 }
                 Answer::Reset => Err({
@@ -295,5 +321,9 @@ mod tests {
         );
         assert!(parse_answers("503,teapot").unwrap_err().contains("\"teapot\" is not an answer"));
         assert!(parse_answers("200@soon").unwrap_err().contains("is not a duration"));
+        assert_eq!(
+            parse_answers("unavailable,ok").unwrap(),
+            [Answer::Grpc(config::GrpcStatus::Unavailable), Answer::Grpc(config::GrpcStatus::Ok)]
+        );
     }
 }

@@ -81,3 +81,32 @@ async fn a_breaker_opens_after_the_same_request_through_explain_and_through_a_si
     assert!(events.contains(&("breaker".to_owned(), "open".to_owned())), "{events:?}");
     assert_eq!(up.requests(), 3);
 }
+
+#[tokio::test]
+async fn a_grpc_script_through_explain_and_through_a_sidecar_retries_the_same() {
+    use outrigger_tests::{GrpcReply, GrpcUpstream, grpc_call};
+    let up = GrpcUpstream::scripted([
+        GrpcReply::Status(14),
+        GrpcReply::Status(14),
+        GrpcReply::Status(0),
+    ])
+    .await;
+    let yaml = format!(
+        "upstreams:\n  payments:\n    discovery: {{ static: [\"{}\"] }}\n    protocol: auto\n    \
+         retry: {{ max_attempts: 3, on: [unavailable], backoff: {{ initial: 10ms, max: 50ms }} }}\n",
+        up.addr()
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    let res = grpc_call(sidecar.outbound, "payments", "/shop.Payments/Charge", b"charge").await;
+    let got = format!(
+        "{} grpc-status: {} outrigger-attempts: {}",
+        res.http_status,
+        res.status(),
+        res.header("outrigger-attempts").unwrap_or("1")
+    );
+
+    let events = explain(&yaml, &["payments", "--answers", "unavailable,unavailable,ok"]);
+    assert_eq!(answers_of(&events), [got], "{events:?}");
+    let attempts = events.iter().filter(|(k, _)| k == "attempt").count();
+    assert_eq!(attempts, up.calls());
+}
