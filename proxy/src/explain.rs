@@ -81,6 +81,8 @@ pub struct Event {
 pub struct Run {
     pub repeat: usize,
     pub every: Duration,
+    /// The jitter's seed: the same seed, the same draws.
+    pub seed: Option<u64>,
 }
 
 /// Runs `upstream` (its `route`'s policies when named) against `answers`; the timeline.
@@ -128,7 +130,7 @@ async fn timeline(
     let endpoint = scripted(answers, start, events.clone(), request_no.clone(), backoff);
     // the data plane's own layers: metrics, faults, limits, the breaker, deadlines, retries
     let metrics = Metrics::new();
-    let shared = stack::Shared::new(cfg, &metrics);
+    let shared = stack::Shared::new(cfg, &metrics).seeded(run.seed);
     let circuit = shared.circuit();
     let service = stack::policies(cfg, route, &shared, &metrics, endpoint);
     let mut last_breaker = circuit.as_ref().map(|c| c.status().state);

@@ -83,6 +83,9 @@ enum Command {
         /// Between two requests' starts, e.g. 100ms.
         #[arg(long, default_value = "0s")]
         every: config::Duration,
+        /// Draw the backoff's jitter from this seed: the same seed, the same timeline.
+        #[arg(long)]
+        seed: Option<u64>,
         /// The timeline as JSON.
         #[arg(long)]
         json: bool,
@@ -203,8 +206,10 @@ fn main() -> ExitCode {
         }
         Command::Dlq { admin, json, action } => dlq(&admin, json, action),
         Command::Check { config, admin } => check(config, admin),
-        Command::Explain { config: path, upstream, route, answers, repeat, every, json } => {
-            explain(&path, &upstream, route.as_deref(), &answers, repeat, every.get(), json)
+        Command::Explain { config: path, upstream, route, answers, repeat, every, seed, json } => {
+            let run =
+                outrigger_proxy::explain::Run { repeat: repeat.max(1), every: every.get(), seed };
+            explain(&path, &upstream, route.as_deref(), &answers, run, json)
         }
         Command::Circuit { action, upstream, admin } => {
             let state = match action {
@@ -287,8 +292,7 @@ fn explain(
     upstream: &str,
     route: Option<&str>,
     answers: &str,
-    repeat: usize,
-    every: std::time::Duration,
+    run: outrigger_proxy::explain::Run,
     json: bool,
 ) -> ExitCode {
     use outrigger_proxy::explain;
@@ -299,7 +303,6 @@ fn explain(
             return ExitCode::FAILURE;
         }
     };
-    let run = explain::Run { repeat: repeat.max(1), every };
     let timeline = explain::parse_answers(answers)
         .and_then(|answers| explain::explain(&config, upstream, route, answers, run));
     match timeline {

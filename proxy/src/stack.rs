@@ -52,6 +52,9 @@ pub struct BuiltUpstream {
 pub struct Shared {
     pub name: Arc<str>,
     breaker: Option<CircuitBreakerLayer>,
+    /// Retries draw their jitter from this seed (`outrigger explain --seed`); `None` in the
+    /// data plane.
+    seed: Option<u64>,
 }
 
 impl Shared {
@@ -70,7 +73,13 @@ impl Shared {
         let breaker = cfg.circuit_breaker.map(|c| {
             CircuitBreakerLayer::new_or_kept(&name, c, metrics.circuit_gauges(&name), kept)
         });
-        Shared { name, breaker }
+        Shared { name, breaker, seed: None }
+    }
+
+    /// Retries draw their jitter from `seed`, so a run repeats (`outrigger explain --seed`).
+    pub fn seeded(mut self, seed: Option<u64>) -> Self {
+        self.seed = seed;
+        self
     }
 
     /// The handle that forces the upstream's breaker, when it has one.
@@ -178,7 +187,7 @@ where
             cfg.retry
                 .as_ref()
                 .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(name)))
-                .map(|r| r.idempotent(idempotent))
+                .map(|r| r.idempotent(idempotent).seeded(shared.seed))
                 .map(|r| r.hedge(cfg.hedge.as_ref().map(|h| (h, metrics.hedges(name, label))))),
         ) // backoff within the request timeout, budget, replay cap; hedges
         .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::new(t.get()))) // one attempt

@@ -71,6 +71,9 @@ struct Shared {
     all_idempotent: bool,
     /// `hedge` on the upstream or route: extra attempts while one is slow (`retry/hedge.rs`).
     hedge: Option<Hedge>,
+    /// Where the backoff's jitter is drawn from when it must repeat (`outrigger explain
+    /// --seed`); `None`: the thread's generator.
+    draws: Option<Mutex<rand::rngs::StdRng>>,
 }
 
 impl RetryLayer {
@@ -89,6 +92,7 @@ impl RetryLayer {
                 retries,
                 all_idempotent: false,
                 hedge: None,
+                draws: None,
             }),
         }
     }
@@ -97,6 +101,14 @@ impl RetryLayer {
     pub fn idempotent(mut self, all: bool) -> Self {
         Arc::get_mut(&mut self.shared).expect("set before the layer is cloned").all_idempotent =
             all;
+        self
+    }
+
+    /// Draws the jitter from a generator seeded with `seed`, so a run repeats exactly.
+    pub fn seeded(mut self, seed: Option<u64>) -> Self {
+        use rand::SeedableRng;
+        Arc::get_mut(&mut self.shared).expect("set before the layer is cloned").draws =
+            seed.map(|seed| Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)));
         self
     }
 
@@ -443,7 +455,14 @@ impl Attempts {
                 Some(wait) if wait <= shared.backoff.max() => wait,
                 _ => return Ok(finish(result, attempt)),
             },
-            None => shared.backoff.delay(attempt - 1, self.previous_delay),
+            None => match &shared.draws {
+                Some(draws) => {
+                    use rand::RngExt;
+                    let unit = draws.lock().expect("no panics while drawing").random::<f64>();
+                    shared.backoff.delay_with(attempt - 1, self.previous_delay, unit)
+                }
+                None => shared.backoff.delay(attempt - 1, self.previous_delay),
+            },
         };
         let now = Instant::now();
         if saturating_add(now, delay) >= self.deadline {

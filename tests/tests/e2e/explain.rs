@@ -110,3 +110,16 @@ async fn a_grpc_script_through_explain_and_through_a_sidecar_retries_the_same() 
     let attempts = events.iter().filter(|(k, _)| k == "attempt").count();
     assert_eq!(attempts, up.calls());
 }
+
+#[tokio::test]
+async fn the_same_seed_draws_the_same_backoffs_and_another_seed_others() {
+    let yaml = "upstreams:\n  payments:\n    discovery: { static: [\"127.0.0.1:9\"] }\n    \
+                timeouts: { request: 10m }\n    \
+                retry: { max_attempts: 4, backoff: { initial: 30s, max: 2m } }\n";
+    let run =
+        |seed: &str| explain(yaml, &["payments", "--answers", "503,503,503,200", "--seed", seed]);
+    let seven = run("7");
+    assert_eq!(run("7"), seven, "the same seed, the same timeline");
+    assert_ne!(run("8"), seven, "full jitter over 30 s to 2 min: another seed draws otherwise");
+    assert!(seven[1].1.contains("drawn from 0..29999 ms"), "{seven:?}");
+}
