@@ -12,11 +12,11 @@
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
+use super::dlq::{error, ok};
 use crate::http::Body;
 use crate::policy::circuit_breaker::{CircuitControl, CircuitStatus, Forced};
 
@@ -117,23 +117,11 @@ where
 }
 
 fn answer(upstream: &str, status: CircuitStatus) -> Response<Body> {
-    let view = json!({
+    ok(json!({
         "upstream": upstream,
         "state": status.state,
         "forced": status.forced.map(Forced::as_str),
-    });
-    respond(StatusCode::OK, &view)
-}
-
-fn error(status: StatusCode, why: &str) -> Response<Body> {
-    respond(status, &json!({ "error": why }))
-}
-
-fn respond(status: StatusCode, view: &serde_json::Value) -> Response<Body> {
-    let mut res = Response::new(Body::full(view.to_string() + "\n"));
-    *res.status_mut() = status;
-    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    res
+    }))
 }
 
 #[cfg(test)]

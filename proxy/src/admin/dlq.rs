@@ -258,7 +258,8 @@ async fn matching(
     Ok(ids)
 }
 
-fn ok(body: serde_json::Value) -> Response<Body> {
+/// A 200 with `body` as JSON (the admin API's answers).
+pub(super) fn ok(body: serde_json::Value) -> Response<Body> {
     let mut res = Response::new(Body::full(Bytes::from(
         serde_json::to_vec_pretty(&body).expect("serializes"),
     )));
@@ -266,7 +267,8 @@ fn ok(body: serde_json::Value) -> Response<Body> {
     res
 }
 
-fn error(status: StatusCode, reason: &str) -> Response<Body> {
+/// `status` with `{"error": reason}`.
+pub(super) fn error(status: StatusCode, reason: &str) -> Response<Body> {
     let mut res = ok(json!({ "error": reason }));
     *res.status_mut() = status;
     res

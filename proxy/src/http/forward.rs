@@ -515,9 +515,7 @@ impl Future for ResponseFuture {
                         Ok(res) => {
                             let status = res.status().as_u16();
                             span.int("http.response.status_code", i64::from(status));
-                            if status >= 400 {
-                                span.text("error.type", res.status().as_str().to_owned());
-                            }
+                            crate::http::route::error_type(&mut span, res);
                             if status >= 500 {
                                 span.failed();
                             }

@@ -117,6 +117,11 @@ impl Breaker {
         }
     }
 
+    /// What it does now and whether that is forced, for the admin API.
+    pub fn status(&self) -> CircuitStatus {
+        CircuitStatus { state: state_name(self.gauge()), forced: self.forced }
+    }
+
     /// Imposes `forced`, or with `None` gives the breaker back to its policy, closed and with
     /// a fresh window (what it saw before or while forced says nothing of the upstream now).
     pub fn force(&mut self, forced: Option<Forced>, now: Instant) {
@@ -349,7 +354,7 @@ pub struct CircuitStatus {
 
 impl CircuitControl {
     pub fn status(&self) -> CircuitStatus {
-        self.shared.with(|b| CircuitStatus { state: state_name(b.gauge()), forced: b.forced() })
+        self.shared.with(|b| b.status())
     }
 
     /// Forces the state (`None`: back to the policy); logged at warn when it changes.
@@ -360,7 +365,7 @@ impl CircuitControl {
             let before = b.forced();
             b.force(forced, Instant::now());
             self.shared.forced_gauge.set(i64::from(forced.is_some()));
-            (before, CircuitStatus { state: state_name(b.gauge()), forced: b.forced() })
+            (before, b.status())
         });
         let upstream = &*self.shared.upstream;
         match (before, forced) {

@@ -18,7 +18,7 @@ async fn check(args: &[&str]) -> (i32, String) {
 }
 
 /// A directory of the test's own, removed at its end.
-struct Dir(std::path::PathBuf);
+pub(crate) struct Dir(std::path::PathBuf);
 
 impl Drop for Dir {
     fn drop(&mut self) {
@@ -27,7 +27,7 @@ impl Drop for Dir {
 }
 
 /// `yaml` written to a file of its own, `$SCRATCH` standing for its directory.
-fn write(yaml: &str) -> (Dir, std::path::PathBuf) {
+pub(crate) fn write(yaml: &str) -> (Dir, std::path::PathBuf) {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("outrigger-check-{}-{n}", std::process::id()));

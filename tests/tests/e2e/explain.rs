@@ -7,14 +7,7 @@ use outrigger_tests::{Reply, Sidecar, Upstream};
 
 /// `outrigger explain --json` on `yaml`: (kind, detail) per event.
 fn explain(yaml: &str, args: &[&str]) -> Vec<(String, String)> {
-    let dir = std::env::temp_dir().join(format!(
-        "outrigger-explain-{}-{}",
-        std::process::id(),
-        args.join("-").len()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("outrigger.yaml");
-    std::fs::write(&file, yaml).unwrap();
+    let (_dir, file) = crate::check::write(yaml);
     let out = Command::new(outrigger_tests::binary())
         .args(["explain", "--config"])
         .arg(&file)
@@ -22,7 +15,6 @@ fn explain(yaml: &str, args: &[&str]) -> Vec<(String, String)> {
         .arg("--json")
         .output()
         .expect("run outrigger explain");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     events

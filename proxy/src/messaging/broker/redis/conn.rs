@@ -126,11 +126,7 @@ async fn on_primary(
 ) -> RedisResult<Value> {
     let primary = Route::with_key(key, SlotAddr::Master);
     let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(primary));
-    let answer = conn.route_command(cmd, route).await;
-    if answer.as_ref().is_err_and(is_lost) {
-        lost.store(true, Ordering::Relaxed);
-    }
-    answer
+    watched(Box::pin(conn.route_command(cmd, route)), lost).await
 }
 
 /// The replicas a primary's `INFO replication` shows online (in sync, so `WAIT` counts them);
