@@ -9,7 +9,7 @@
 //! connection), or a gRPC status by name (`unavailable`: then each request is a unary gRPC
 //! call); after the last one the last repeats.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -18,6 +18,7 @@ use tower::{Service, ServiceExt};
 
 use crate::error::ProxyError;
 use crate::http::Body;
+use crate::policy::retry::RetryBudget;
 use crate::stack;
 use crate::telemetry::metrics::Metrics;
 
@@ -74,6 +75,10 @@ pub struct Event {
     /// `attempt` (one reached the endpoint), `answer` (what the client got), `breaker`.
     pub kind: &'static str,
     pub detail: String,
+    /// The retries the retry budget would still grant, after an attempt or an answer (when the
+    /// policies retry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_left: Option<u32>,
 }
 
 /// What to run: `repeat` requests, one every `every`.
@@ -127,12 +132,18 @@ async fn timeline(
     let policy = route.map_or_else(|| cfg.clone(), |r| r.over(cfg));
     let backoff = policy.retry.as_ref().map(|r| r.backoff);
     let grpc_calls = answers.iter().any(|a| matches!(a, Answer::Grpc(_)));
-    let endpoint = scripted(answers, start, events.clone(), request_no.clone(), backoff);
+    let budget: Arc<OnceLock<RetryBudget>> = Arc::default();
+    let endpoint =
+        scripted(answers, start, events.clone(), request_no.clone(), backoff, budget.clone());
     // the data plane's own layers: metrics, faults, limits, the breaker, deadlines, retries
     let metrics = Metrics::new();
     let shared = stack::Shared::new(cfg, &metrics).seeded(run.seed);
     let circuit = shared.circuit();
-    let service = stack::policies(cfg, route, &shared, &metrics, endpoint);
+    let (service, retry_budget) = stack::policies(cfg, route, &shared, &metrics, endpoint);
+    if let Some(retry_budget) = retry_budget {
+        budget.set(retry_budget).expect("set once, before the first request");
+    }
+    let budget_left = || budget.get().map(RetryBudget::left);
     let mut last_breaker = circuit.as_ref().map(|c| c.status().state);
     let grpc = grpc_calls;
     for n in 1..=run.repeat {
@@ -154,12 +165,24 @@ async fn timeline(
             Err(err) => format!("{} outrigger-error: {}", err.status().as_u16(), err.kind()),
         };
         let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
-        events.push(Event { at_ms, request: n, kind: "answer", detail });
+        events.push(Event {
+            at_ms,
+            request: n,
+            kind: "answer",
+            detail,
+            budget_left: budget_left(),
+        });
         if let Some(circuit) = &circuit {
             let state = circuit.status().state;
             if last_breaker != Some(state) {
                 let detail = state.to_owned();
-                events.push(Event { at_ms, request: n, kind: "breaker", detail });
+                events.push(Event {
+                    at_ms,
+                    request: n,
+                    kind: "breaker",
+                    detail,
+                    budget_left: None,
+                });
                 last_breaker = Some(state);
             }
         }
@@ -195,6 +218,7 @@ fn scripted(
     events: Arc<Mutex<Vec<Event>>>,
     request_no: Arc<Mutex<usize>>,
     backoff: Option<config::Backoff>,
+    budget: Arc<OnceLock<RetryBudget>>,
 ) -> impl Service<Request<Body>, Response = Response<Body>, Error = ProxyError, Future: Send + 'static>
 + Clone
 + Send
@@ -244,6 +268,7 @@ fn scripted(
             request,
             kind: "attempt",
             detail,
+            budget_left: budget.get().map(RetryBudget::left),
         });
         let progress = progress.clone();
         async move {
@@ -295,8 +320,9 @@ pub fn render(events: &[Event]) -> String {
     events
         .iter()
         .map(|e| {
+            let budget = e.budget_left.map_or(String::new(), |n| format!("  [budget left: {n}]"));
             format!(
-                "{:>9.3}s  request {:<3} {:<8} {}\n",
+                "{:>9.3}s  request {:<3} {:<8} {}{budget}\n",
                 e.at_ms as f64 / 1e3,
                 e.request,
                 e.kind,
@@ -309,6 +335,68 @@ pub fn render(events: &[Event]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(retry: &str) -> config::Config {
+        let yaml = format!(
+            "service: {{ name: explained }}\n\
+             upstreams:\n  \
+               payments:\n    \
+                 listen: 127.0.0.1:18080\n    \
+                 discovery: {{ static: [\"127.0.0.1:9\"] }}\n    \
+                 timeouts: {{ request: 10m }}\n    \
+                 retry: {retry}\n"
+        );
+        config::load_str("explain.yaml", &yaml).expect("a valid config")
+    }
+
+    fn run(repeat: usize, every: Duration) -> Run {
+        Run { repeat, every, seed: Some(7) }
+    }
+
+    #[test]
+    fn the_budget_left_falls_with_each_retry_and_once_spent_no_request_is_retried() {
+        // 0 × requests + 1/s over the 10 s window: ten retries in all
+        let cfg = config(
+            "{ max_attempts: 3, backoff: { initial: 10ms, max: 10ms }, \
+               budget: { ratio: 0, min_per_second: 1 } }",
+        );
+        let answers = parse_answers("503").unwrap();
+        let events =
+            explain(&cfg, "payments", None, answers, run(8, Duration::from_millis(100))).unwrap();
+        let attempts = |n| events.iter().filter(|e| e.request == n && e.kind == "attempt").count();
+        let answer =
+            |n: usize| events.iter().find(|e| e.request == n && e.kind == "answer").unwrap();
+        assert_eq!((1..=5).map(attempts).collect::<Vec<_>>(), [3; 5], "{events:#?}");
+        assert_eq!((6..=8).map(attempts).collect::<Vec<_>>(), [1; 3], "budget spent: {events:#?}");
+        let budget: Vec<_> = events
+            .iter()
+            .filter(|e| e.request == 1 && e.kind == "attempt")
+            .map(|e| e.budget_left)
+            .collect();
+        assert_eq!(budget, [Some(10), Some(9), Some(8)]);
+        assert_eq!(answer(5).budget_left, Some(0));
+        assert_eq!(answer(5).detail, "503 outrigger-attempts: 3");
+        assert_eq!(answer(6).detail, "503", "no retry once the budget is spent");
+    }
+
+    #[test]
+    fn minutes_of_backoff_take_well_under_a_second() {
+        let cfg = config(
+            "{ max_attempts: 6, backoff: { initial: 10s, max: 2m, jitter: none }, \
+               budget: { ratio: 1, min_per_second: 10 } }",
+        );
+        let answers = parse_answers("503").unwrap();
+        // real time, not the explained run's paused clock
+        let wall = tokio::time::Instant::now();
+        let events =
+            explain(&cfg, "payments", None, answers, run(20, Duration::from_secs(30))).unwrap();
+        let wall = wall.elapsed();
+        let span = Duration::from_millis(events.last().unwrap().at_ms as u64);
+        // each request waits 10 + 20 + 40 + 80 + 120 s; the last starts at 9.5 min
+        assert!(span >= Duration::from_secs(14 * 60), "the timeline spans {span:?}");
+        assert_eq!(events.iter().filter(|e| e.kind == "attempt").count(), 20 * 6);
+        assert!(wall < Duration::from_secs(1), "{span:?} of policy time took {wall:?}");
+    }
 
     #[test]
     fn answers_parse_and_a_bad_one_is_named() {

@@ -26,7 +26,7 @@ use crate::policy::circuit_breaker::{CircuitBreakerLayer, CircuitControl};
 use crate::policy::concurrency_limit::ConcurrencyLimitLayer;
 use crate::policy::fault::FaultLayer;
 use crate::policy::rate_limit::RateLimitLayer;
-use crate::policy::retry::RetryLayer;
+use crate::policy::retry::{RetryBudget, RetryLayer};
 use crate::policy::timeout::DeadlineLayer;
 use crate::telemetry::grpc::GrpcResponsesLayer;
 use crate::telemetry::metrics::{Metrics, MetricsLayer, NO_UPSTREAM};
@@ -121,7 +121,7 @@ pub fn upstream(
     let forward = Forward::new(pool.clone(), cfg); // balancer over healthy endpoints, connection pool; 502/503
     let shared = Shared::keeping(cfg, metrics, kept);
     let stack =
-        |route| BoxCloneSyncService::new(policies(cfg, route, &shared, metrics, forward.clone()));
+        |route| BoxCloneSyncService::new(policies(cfg, route, &shared, metrics, forward.clone()).0);
     let routes = cfg
         .routes
         .iter()
@@ -132,22 +132,26 @@ pub fn upstream(
 
 /// One route's policy layers around `inner`, outermost first: the upstream's sections, each
 /// replaced whole by the route's when it gives one (`route: None` for requests no route
-/// matched). An absent YAML section means no layer, not a disabled one.
+/// matched). An absent YAML section means no layer, not a disabled one. Beside the service, a
+/// handle on its retry budget, when it retries (for `outrigger explain`).
 pub fn policies<S>(
     cfg: &config::Upstream,
     route: Option<&config::Route>,
     shared: &Shared,
     metrics: &Metrics,
     inner: S,
-) -> impl tower::Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = ProxyError,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ Sync
-+ 'static
+) -> (
+    impl tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = ProxyError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static,
+    Option<RetryBudget>,
+)
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
         + Clone
@@ -166,7 +170,14 @@ where
             Shadow::new(would, (name, label), policy, decision)
         })
     };
-    ServiceBuilder::new()
+    let retry = cfg
+        .retry
+        .as_ref()
+        .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(name)))
+        .map(|r| r.idempotent(idempotent).seeded(shared.seed))
+        .map(|r| r.hedge(cfg.hedge.as_ref().map(|h| (h, metrics.hedges(name, label)))));
+    let budget = retry.as_ref().map(RetryLayer::budget);
+    let service = ServiceBuilder::new()
         .layer(MetricsLayer::new(metrics.route(name, label))) // counts what the client got
         .layer(GrpcResponsesLayer::new(metrics.grpc_responses(name, label))) // gRPC statuses
         .option_layer(cfg.fault.map(|f| FaultLayer::new(name, f, metrics.faults(name, label)))) // injected delays, aborts
@@ -183,15 +194,10 @@ where
             b.shadow(shadow(mode, "circuit_breaker", "circuit-open"))
         })) // 503 circuit-open, one per upstream
         .layer(DeadlineLayer::whole_request(cfg.timeouts.request.get())) // 504 timeout, the call's deadline
-        .option_layer(
-            cfg.retry
-                .as_ref()
-                .map(|r| RetryLayer::new(r, cfg.timeouts.request.get(), metrics.retries(name)))
-                .map(|r| r.idempotent(idempotent).seeded(shared.seed))
-                .map(|r| r.hedge(cfg.hedge.as_ref().map(|h| (h, metrics.hedges(name, label))))),
-        ) // backoff within the request timeout, budget, replay cap; hedges
+        .option_layer(retry) // backoff within the request timeout, budget, replay cap; hedges
         .option_layer(cfg.timeouts.per_try.map(|t| DeadlineLayer::new(t.get()))) // one attempt
-        .service(inner)
+        .service(inner);
+    (service, budget)
 }
 
 /// The outbound listener's routing table: the upstreams by name, the messaging API for a local

@@ -141,7 +141,7 @@ async fn allocations_for(yaml: &str, request: fn() -> Request<Body>) -> usize {
     let upstream = &config.upstreams.0[0];
     let metrics = Metrics::new();
     let shared = stack::Shared::new(upstream, &metrics);
-    let stack_of = |route| stack::policies(upstream, route, &shared, &metrics, Upstream);
+    let stack_of = |route| stack::policies(upstream, route, &shared, &metrics, Upstream).0;
     let routes = upstream
         .routes
         .iter()

@@ -80,7 +80,7 @@ fn policies(c: &mut Criterion) {
         let upstream = upstream_of(yaml);
         let shared = stack::Shared::new(&upstream, &metrics);
         let mut svc =
-            stack::policies(&upstream, None, &shared, &metrics, tower::service_fn(answer));
+            stack::policies(&upstream, None, &shared, &metrics, tower::service_fn(answer)).0;
         group.bench_function(name, |b| {
             b.iter_batched(
                 request,

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -98,19 +97,13 @@ pub(crate) async fn publish(
     }
 }
 
-/// The sidecar's own delivery counters for the scene's queue, from its `/metrics`.
-pub(crate) async fn counts(client: &Client<HttpConnector, Body>, admin: SocketAddr) -> [u64; 3] {
-    let req = Request::get(format!("http://{admin}/metrics")).body(Body::empty()).expect("valid");
-    let text = match client.request(req).await {
-        Ok(res) => res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default(),
-        Err(_) => Bytes::new(),
-    };
-    let text = String::from_utf8_lossy(&text);
+/// The sidecar's own delivery counters for the scene's queue, from its `/metrics` text.
+pub(crate) fn counts(metrics: &str) -> [u64; 3] {
     ["acked", "retried", "dead_lettered"].map(|outcome| {
         let series = format!(
             r#"outrigger_messages_delivered_total{{outcome="{outcome}",queue="{QUEUE}"}} "#
         );
-        text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
+        metrics.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
     })
 }
 

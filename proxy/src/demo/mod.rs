@@ -2,6 +2,7 @@
 //! live table of what the sidecar did with it. Each capability adds its scene here.
 
 mod messages;
+mod operator;
 mod upstreams;
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use upstreams::Behaviour;
 const DEMO_YAML: &str = include_str!("../../../examples/demo.yaml");
 
 /// The scenes: the `Host` a request names, and what happens there.
-const SCENES: [(&str, &str); 8] = [
+const SCENES: [(&str, &str); 10] = [
     ("healthy", "answers 200 at once"),
     ("flaky", "every third answer is a 503; the sidecar retries it (up to 3 attempts)"),
     ("slow", "answers after 150-300 ms; the sidecar's request timeout is 250 ms"),
@@ -35,6 +36,8 @@ const SCENES: [(&str, &str); 8] = [
     ("burst", "healthy, but rate-limited to 5 requests/s; the excess gets 429"),
     ("ejecting", "two endpoints, one always 503; outlier detection ejects it after 3 failures"),
     ("gone", "its only endpoint refuses connections"),
+    (operator::TRIAL, "healthy; a 5/s rate limit in shadow mode: counts what it would refuse"),
+    (operator::MAINTENANCE, "healthy; the operator forces its breaker open mid-run, then auto"),
     ("nowhere", "names no configured upstream"),
 ];
 
@@ -78,6 +81,8 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         until: Duration::MAX,
     })
     .await?;
+    let trial = upstreams::start(Behaviour::Healthy).await?;
+    let maintenance = upstreams::start(Behaviour::Healthy).await?;
     let gone = closed_port().await?;
     let handled = Arc::new(messages::Handled::default());
     let handler = messages::handler(handled.clone()).await?;
@@ -92,6 +97,8 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         .replace("127.0.0.1:18086", &burst.to_string())
         .replace("127.0.0.1:18087", &steady.to_string())
         .replace("127.0.0.1:18088", &broken.to_string())
+        .replace("127.0.0.1:18089", &trial.to_string())
+        .replace("127.0.0.1:18091", &maintenance.to_string())
         .replace("127.0.0.1:18090", &handler.to_string())
         .replace("./outrigger-demo-data", &data_dir.display().to_string());
     let config = config::load_str("examples/demo.yaml", &yaml)?;
@@ -101,7 +108,7 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         sidecar.outbound, sidecar.admin
     );
     for (name, what) in SCENES {
-        println!("  {name:<8} {what}");
+        println!("  {name:<11} {what}");
     }
     println!(
         "  and messages: a welcome email published every 250 ms to queue {}; its handler fails",
@@ -127,6 +134,20 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     let publisher =
         messages::publish(client.clone(), sidecar.outbound, handled.clone(), publishing_until);
     workers.spawn(publisher);
+    workers.spawn(operator::force_breaker(client.clone(), sidecar.admin, started, length));
+    let (forced_from, forced_until) = operator::forced_window(length);
+    let forced = format!(
+        "(forced open {:.0}s-{:.0}s)",
+        forced_from.as_secs_f64(),
+        forced_until.as_secs_f64()
+    );
+    let notes = |metrics: &str| {
+        let shadow = operator::would_have_refused(metrics);
+        BTreeMap::from([
+            (operator::TRIAL, format!("(shadow: {shadow} would have been rate-limited)")),
+            (operator::MAINTENANCE, forced.clone()),
+        ])
+    };
     // on a terminal the table redraws in place every second; in a log, only the final one
     let live = std::io::stdout().is_terminal();
     let redraw = format!("\x1b[{}F\x1b[J", SCENES.len() + 4);
@@ -139,8 +160,10 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
             if shown {
                 print!("{redraw}");
             }
-            print_table(&tallies, &format!("after {elapsed}s of {}s", length.as_secs()));
-            print_messages(&handled, messages::counts(&client, sidecar.admin).await);
+            let metrics = scrape(&client, sidecar.admin).await;
+            let when = format!("after {elapsed}s of {}s", length.as_secs());
+            print_table(&tallies, &when, &notes(&metrics));
+            print_messages(&handled, messages::counts(&metrics));
             shown = true;
         }
     }
@@ -148,8 +171,9 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     if shown {
         print!("{redraw}");
     }
-    print_table(&tallies, &format!("after {}s", length.as_secs()));
-    print_messages(&handled, messages::counts(&client, sidecar.admin).await);
+    let metrics = scrape(&client, sidecar.admin).await;
+    print_table(&tallies, &format!("after {}s", length.as_secs()), &notes(&metrics));
+    print_messages(&handled, messages::counts(&metrics));
     let poison = handled.last_poison.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(envelope) = poison {
         println!(
@@ -166,7 +190,7 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
         println!();
         // the handler is fixed: replay the dead letters, as an operator would
         handled.fixed.store(true, std::sync::atomic::Ordering::Relaxed);
-        let before = messages::counts(&client, sidecar.admin).await[0];
+        let before = messages::counts(&scrape(&client, sidecar.admin).await)[0];
         match messages::replay_all(&client, sidecar.admin).await {
             Ok(replayed) => {
                 println!(
@@ -177,7 +201,7 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
                 let mut delivered = 0;
                 while Instant::now() < until && delivered < replayed {
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    delivered = messages::counts(&client, sidecar.admin).await[0] - before;
+                    delivered = messages::counts(&scrape(&client, sidecar.admin).await)[0] - before;
                 }
                 println!(
                     "{delivered} of them delivered and acknowledged, their error history kept."
@@ -209,6 +233,16 @@ fn print_messages(handled: &messages::Handled, [acked, retried, dead]: [u64; 3])
     );
     let _ = writeln!(out);
     let _ = out.flush();
+}
+
+/// The sidecar's `/metrics` text (empty when it does not answer).
+async fn scrape(client: &Client<HttpConnector, Body>, admin: SocketAddr) -> String {
+    let req = Request::get(format!("http://{admin}/metrics")).body(Body::empty()).expect("valid");
+    let body = match client.request(req).await {
+        Ok(res) => res.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default(),
+        Err(_) => bytes::Bytes::new(),
+    };
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// A loopback port with nothing listening on it.
@@ -267,7 +301,8 @@ fn tally(tallies: &Tallies, host: &'static str, elapsed: Duration, class: usize,
     *tally.outcomes.entry(outcome).or_default() += 1;
 }
 
-fn print_table(tallies: &Tallies, when: &str) {
+/// `notes`: a word after a scene's outcomes (what its operator did, what its shadow policy saw).
+fn print_table(tallies: &Tallies, when: &str, notes: &BTreeMap<&str, String>) {
     let tallies = tallies.lock().expect("no panics while the lock is held");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -281,6 +316,7 @@ fn print_table(tallies: &Tallies, when: &str) {
         let mut sorted = t.latencies.clone();
         sorted.sort_unstable();
         let outcomes: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let note = notes.get(host).map_or(String::new(), |note| format!(" {note}"));
         let _ = writeln!(
             out,
             "{host:<18} {:>8} {:>5} {:>5} {:>5} {:>9} {:>9}  {}",
@@ -290,7 +326,7 @@ fn print_table(tallies: &Tallies, when: &str) {
             t.by_class[4],
             percentile(&sorted, 0.50),
             percentile(&sorted, 0.99),
-            outcomes.join(", "),
+            outcomes.join(", ") + &note,
         );
     }
     let _ = writeln!(out);

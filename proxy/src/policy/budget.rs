@@ -40,18 +40,31 @@ impl Budget {
     /// May one more retry be made? If so it is counted now.
     pub fn try_withdraw(&mut self, now: Instant) -> bool {
         self.advance(now);
-        let (requests, retries) = self
-            .buckets
-            .iter()
-            .fold((0u64, 0u64), |(q, r), b| (q + u64::from(b.0), r + u64::from(b.1)));
-        let allowed =
-            self.ratio * requests as f64 + f64::from(self.min_per_second) * WINDOW.as_secs_f64();
-        if (retries as f64) < allowed {
+        let (requests, retries) = self.totals();
+        if (retries as f64) < self.allowed(requests) {
             self.advance(now).1 += 1;
             true
         } else {
             false
         }
+    }
+
+    /// How many retries would be granted at `now`, were no more requests to come.
+    pub fn left(&mut self, now: Instant) -> u32 {
+        self.advance(now);
+        let (requests, retries) = self.totals();
+        let room = self.allowed(requests) - retries as f64;
+        room.max(0.0).ceil() as u32
+    }
+
+    /// The first attempts and the retries in the window.
+    fn totals(&self) -> (u64, u64) {
+        self.buckets.iter().fold((0, 0), |(q, r), b| (q + u64::from(b.0), r + u64::from(b.1)))
+    }
+
+    /// How many retries the window's `requests` allow.
+    fn allowed(&self, requests: u64) -> f64 {
+        self.ratio * requests as f64 + f64::from(self.min_per_second) * WINDOW.as_secs_f64()
     }
 
     /// The bucket for `now`, clearing the ones that fell out of the window.
@@ -81,8 +94,10 @@ mod tests {
             budget.deposit(now);
         }
         // 20% of 100 requests + 1/s over a 10 s window = 30 retries
+        assert_eq!(budget.left(now), 30);
         let granted = (0..100).filter(|_| budget.try_withdraw(now)).count();
         assert_eq!(granted, 30);
+        assert_eq!(budget.left(now), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -120,6 +120,23 @@ impl RetryLayer {
     }
 }
 
+impl RetryLayer {
+    /// A handle that reads this layer's retry budget (`outrigger explain`'s "budget left").
+    pub fn budget(&self) -> RetryBudget {
+        RetryBudget(self.shared.clone())
+    }
+}
+
+/// Reads a retry layer's budget: how many retries it would grant now.
+#[derive(Debug, Clone)]
+pub struct RetryBudget(Arc<Shared>);
+
+impl RetryBudget {
+    pub fn left(&self) -> u32 {
+        self.0.budget.lock().expect("no panics under the budget lock").left(Instant::now())
+    }
+}
+
 impl<S> tower::Layer<S> for RetryLayer {
     type Service = Retry<S>;
 

@@ -282,6 +282,15 @@ fn the_demo_shows_every_policy_and_a_dead_letter_with_nothing_installed() {
     let messages = stdout.lines().find(|l| l.starts_with("welcome_email ")).expect(&stdout);
     assert!(!messages.contains(" 0 dead-lettered"), "{messages}");
     assert!(!messages.contains(" 0 retried"), "{messages}");
+    // a shadow rate limit refuses nothing and counts what it would have refused
+    let trial = stdout.lines().rfind(|l| l.starts_with("trial ")).expect(&stdout);
+    assert!(!trial.contains("rate-limited "), "shadow mode enforces nothing: {trial}");
+    let would = trial.split("(shadow: ").nth(1).and_then(|w| w.split(' ').next());
+    assert!(would.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{trial}");
+    // the operator's forced open answers circuit-open from a healthy upstream
+    let maintenance = stdout.lines().rfind(|l| l.starts_with("maintenance ")).expect(&stdout);
+    assert!(maintenance.contains("circuit-open "), "{maintenance}");
+    assert!(maintenance.contains("(forced open 2s-4s)"), "{maintenance}");
     let replay = stdout.lines().find(|l| l.ends_with("their error history kept.")).expect(&stdout);
     assert!(!replay.starts_with("0 "), "the replayed dead letters were delivered: {replay}");
 }
