@@ -443,12 +443,15 @@ impl Nats {
     }
 
     /// The state a park (or a wait for its key's turn) left for queue `queue`'s message at
-    /// `seq`, if any.
+    /// `seq`, if any. Read from the stream's leader: a direct get may be answered by a
+    /// follower of a replicated stream that has not yet applied the state just confirmed.
     async fn state_of(&self, queue: &str, seq: u64) -> Result<Option<State>, NatsError> {
         let stream = self.state_stream(queue).await?;
-        match stream.direct_get_last_for_subject(self.state_subject(queue, seq)).await {
+        match stream.get_last_raw_message_by_subject(&self.state_subject(queue, seq)).await {
             Ok(found) => Ok(serde_json::from_slice(&found.payload).ok()),
-            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
             Err(error) => {
                 Err(NatsError::Stream { stream: names::state_stream(queue), cause: error.into() })
             }

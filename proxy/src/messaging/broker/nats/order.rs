@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::RawMessageErrorKind};
 
 use super::{Nats, NatsError, names};
 
@@ -174,12 +174,15 @@ impl Nats {
         Err(NatsError::Contended { subject: record })
     }
 
-    /// The sequence of the first message of `keyed`'s key at or after `from`.
+    /// The sequence of the first message of `keyed`'s key at or after `from`. Read from the
+    /// stream's leader, as every read here: a follower of a replicated stream answering a
+    /// direct get may not have a message just published yet, and its key's turn would pass
+    /// it by.
     async fn head(&self, keyed: &Keyed<'_>, from: u64) -> Result<Option<u64>, NatsError> {
         let stream = self.ensure(keyed.queue).await?.stream;
-        match stream.direct_get_next_for_subject(keyed.subject, Some(from)).await {
+        match stream.get_first_raw_message_by_subject(keyed.subject, from).await {
             Ok(message) => Ok(Some(message.sequence)),
-            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(error) => Err(NatsError::Stream {
                 stream: names::queue_stream(keyed.queue),
                 cause: error.into(),
@@ -187,17 +190,19 @@ impl Nats {
         }
     }
 
-    /// A key's record and its revision (0: none yet).
+    /// A key's record and its revision (0: none yet), from the leader.
     async fn turns(&self, queue: &str, record: &str) -> Result<(u64, Turns), NatsError> {
         let stream = self.state_stream(queue).await?;
-        match stream.direct_get_last_for_subject(record).await {
+        match stream.get_last_raw_message_by_subject(record).await {
             Ok(found) => {
                 let turns = serde_json::from_slice(&found.payload).map_err(|e| {
                     NatsError::Stream { stream: names::state_stream(queue), cause: e.into() }
                 })?;
                 Ok((found.sequence, turns))
             }
-            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok((0, Turns::default())),
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => {
+                Ok((0, Turns::default()))
+            }
             Err(error) => {
                 Err(NatsError::Stream { stream: names::state_stream(queue), cause: error.into() })
             }
