@@ -104,6 +104,11 @@ impl std::fmt::Display for Chain<'_> {
     }
 }
 
+/// The status an access line and `outrigger_requests_total` give a call its client cancelled
+/// before the answer (nginx's "client closed request", which gRPC's `cancelled` maps to). Never
+/// sent: there is no one left to send it to.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// In a response's extensions: Outrigger answered this itself, for this `outrigger-error`
 /// kind. Extensions never cross the wire, so an upstream's answer (even another Outrigger's, with
 /// its own `outrigger-error` header) never carries one.

@@ -34,7 +34,7 @@ use crate::http::connect::{Opening, Tunnels};
 use crate::http::grpc::{self, Head, watch::Watch};
 use crate::http::h1;
 use crate::http::tls::{Origination, TlsConnector};
-use crate::telemetry::trace::{Kind, Span, Tracer};
+use crate::telemetry::trace::{InFlight, Kind, Tracer};
 
 /// The innermost service of an upstream: pick an endpoint, send, classify the outcome.
 #[derive(Debug, Clone)]
@@ -243,7 +243,7 @@ pub struct RequestTrace {
 
 /// When the request's trace is recorded: a span for this attempt at `endpoint`, whose context
 /// the upstream receives.
-fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<(Tracer, Span)>> {
+fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<InFlight>> {
     let trace = req.extensions().get::<RequestTrace>()?;
     let tracer = trace.tracer.clone();
     let name = crate::telemetry::trace::method_name(req.method());
@@ -262,7 +262,7 @@ fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<(Tra
         span.int("outrigger.backoff_ms", info.backoff.as_millis() as i64);
     }
     Tracer::inject(&span, req);
-    Some(Box::new((tracer, span)))
+    Some(InFlight::new(tracer, span))
 }
 
 /// Rewrites the request for `endpoint`; returns the client's side of an upgrade, if asked.
@@ -438,7 +438,7 @@ pin_project_lite::pin_project! {
             // the endpoint's in-flight count; its latency and outcome when the answer comes
             picked: Option<Picked>,
             // the attempt's span, only while the request's trace is recorded
-            trace: Option<Box<(Tracer, Span)>>,
+            trace: Option<Box<InFlight>>,
             // a gRPC call: its outcome is its grpc-status
             grpc: bool,
         },
@@ -509,13 +509,13 @@ impl Future for ResponseFuture {
                         (Err(err), _) => picked.finish(err.status().is_server_error()),
                     }
                 }
-                if let Some(recorded) = trace.take() {
-                    let (tracer, mut span) = *recorded;
+                if let Some(mut recorded) = trace.take() {
+                    let span = recorded.span();
                     match &result {
                         Ok(res) => {
                             let status = res.status().as_u16();
                             span.int("http.response.status_code", i64::from(status));
-                            crate::http::route::error_type(&mut span, res);
+                            crate::http::route::error_type(span, res);
                             if status >= 500 {
                                 span.failed();
                             }
@@ -526,7 +526,7 @@ impl Future for ResponseFuture {
                             span.failed();
                         }
                     }
-                    tracer.end(span);
+                    recorded.end();
                 }
                 let mut res = result?;
                 let upgraded = res.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();

@@ -31,7 +31,7 @@ use crate::http::route_match::Routed;
 use crate::stack::UpstreamService;
 use crate::telemetry::log::call_span;
 use crate::telemetry::metrics::UpstreamMetrics;
-use crate::telemetry::trace::{Kind, Span, Tracer};
+use crate::telemetry::trace::{InFlight, Kind, Span, Tracer};
 
 /// What serves `/v1/…` for a local authority: the sidecar's own API to the app.
 pub type LocalApi = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -290,9 +290,10 @@ impl Route {
                         path: req.uri().path().into(),
                         trace_id: span.context.trace_id,
                         started: tokio::time::Instant::now(),
+                        logged: false,
                     })
                 });
-                let trace = span.recording().then(|| Box::new((routes.tracer.clone(), span)));
+                let trace = span.recording().then(|| InFlight::new(routes.tracer.clone(), span));
                 let inner = upstream.oneshot(req);
                 RouteFuture::Upstream { inner, connect, trace, rpc: grpc, log, access }
             }
@@ -351,7 +352,8 @@ pub(crate) fn error_type(span: &mut Span, response: &Response<Body>) {
     }
 }
 
-/// A proxied call, for its access log line.
+/// A proxied call, for its access log line. Dropped before its answer (the app went away), it
+/// writes the line of a cancelled call: status 499, kind `cancelled`, attempts 0 (unknown).
 #[derive(Debug)]
 pub struct Access {
     upstream: Box<str>,
@@ -360,31 +362,45 @@ pub struct Access {
     path: Box<str>,
     trace_id: [u8; 16],
     started: tokio::time::Instant,
+    logged: bool,
 }
 
 impl Access {
     /// The call's line: who, what, the answer (and whose: `kind` when Outrigger answered),
     /// attempts, time to the response head, trace.
-    fn log(&self, response: &Response<Body>) {
+    fn log(&mut self, response: &Response<Body>) {
         let kind = response.extensions().get::<crate::error::LocalKind>().map(|k| k.0);
         let attempts = response
             .headers()
             .get(crate::policy::retry::ATTEMPTS_HEADER)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .unwrap_or(1);
+        self.line(response.status().as_u16(), kind.unwrap_or(""), attempts);
+    }
+
+    fn line(&mut self, status: u16, kind: &str, attempts: u64) {
+        self.logged = true;
         tracing::info!(
             target: "outrigger::access",
             upstream = &*self.upstream,
             route = &*self.route,
             method = self.method.as_str(),
             path = &*self.path,
-            status = response.status().as_u16(),
-            kind = kind.unwrap_or(""),
+            status,
+            kind,
             attempts,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             trace_id = %crate::telemetry::log::Hex(&self.trace_id),
             "access"
         );
+    }
+}
+
+impl Drop for Access {
+    fn drop(&mut self) {
+        if !self.logged {
+            self.line(crate::error::CLIENT_CLOSED, crate::telemetry::trace::CANCELLED, 0);
+        }
     }
 }
 
@@ -397,7 +413,7 @@ pin_project_lite::pin_project! {
             #[pin] inner: Oneshot<UpstreamService, Request<Body>>,
             connect: bool,
             // only while a span is recorded: no allocation otherwise
-            trace: Option<Box<(Tracer, Span)>>,
+            trace: Option<Box<InFlight>>,
             // a gRPC call: our own answers to it become gRPC answers
             rpc: bool,
             // a traced call: entered while polled, so its log lines carry its ids
@@ -428,20 +444,20 @@ impl Future for RouteFuture {
                     if *connect {
                         close_if_refused(&mut response);
                     }
-                    if let Some(recorded) = trace.take() {
-                        let (tracer, mut span) = *recorded;
+                    if let Some(mut recorded) = trace.take() {
+                        let span = recorded.span();
                         span.int(
                             "http.response.status_code",
                             i64::from(response.status().as_u16()),
                         );
-                        error_type(&mut span, &response);
-                        let grpc_failed = *rpc && grpc_status(&mut span, &response);
+                        error_type(span, &response);
+                        let grpc_failed = *rpc && grpc_status(span, &response);
                         if response.status().is_server_error() || grpc_failed {
                             span.failed();
                         }
-                        tracer.end(span);
+                        recorded.end();
                     }
-                    if let Some(access) = access.take() {
+                    if let Some(mut access) = access.take() {
                         access.log(&response);
                     }
                     Ok(response)

@@ -864,6 +864,7 @@ where
             inner: self.inner.call(req),
             metrics: self.metrics.clone(),
             started: tokio::time::Instant::now(),
+            answered: false,
         }
     }
 }
@@ -875,6 +876,16 @@ pin_project_lite::pin_project! {
         inner: F,
         metrics: UpstreamMetrics,
         started: tokio::time::Instant,
+        answered: bool,
+    }
+    impl<F> PinnedDrop for MeasuredFuture<F> {
+        // a call dropped before its answer (the app went away) is counted as 499
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.answered {
+                this.metrics.record(crate::error::CLIENT_CLOSED, this.started.elapsed());
+            }
+        }
     }
 }
 
@@ -897,6 +908,7 @@ where
             }
             Err(err) => (err.status(), Some(err.kind())),
         };
+        *this.answered = true;
         this.metrics.record(status.as_u16(), this.started.elapsed());
         if let Some(kind) = local {
             this.metrics.local(kind);

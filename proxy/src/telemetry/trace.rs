@@ -169,6 +169,45 @@ impl Span {
     }
 }
 
+/// A recorded span of a call in flight, with the tracer that ends it. A call dropped before it
+/// finished (the app went away, a hedge lost its race) still ends its span, with
+/// `error.type: cancelled`, so the trace shows what was tried.
+#[derive(Debug)]
+pub struct InFlight {
+    tracer: Tracer,
+    span: Option<Span>,
+}
+
+impl InFlight {
+    pub fn new(tracer: Tracer, span: Span) -> Box<Self> {
+        Box::new(InFlight { tracer, span: Some(span) })
+    }
+
+    /// The span, to record the outcome on before `end`.
+    pub fn span(&mut self) -> &mut Span {
+        self.span.as_mut().expect("a span in flight until it ends")
+    }
+
+    /// Ends the span (once: the drop then has nothing left to end).
+    pub fn end(&mut self) {
+        if let Some(span) = self.span.take() {
+            self.tracer.end(span);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(mut span) = self.span.take() {
+            span.text("error.type", CANCELLED);
+            self.tracer.end(span);
+        }
+    }
+}
+
+/// `error.type` of a call dropped before its answer, and `kind` of its access line.
+pub const CANCELLED: &str = "cancelled";
+
 /// Starts spans and sends the finished, sampled ones to the exporter (when there is one).
 #[derive(Debug, Clone)]
 pub struct Tracer {
@@ -328,5 +367,25 @@ mod tests {
         assert!(rx.try_recv().is_ok());
         tracer.end(tracer.start(None, "GET", Kind::Client));
         assert_eq!(queue_full.get(), 2, "room again: queued");
+    }
+
+    #[test]
+    fn a_span_in_flight_ends_as_it_was_told_or_dropped_as_cancelled() {
+        let (tracer, mut rx, _) = Tracer::queued_for_tests(4);
+        let mut answered = InFlight::new(tracer.clone(), tracer.start(None, "GET", Kind::Client));
+        answered.span().int("http.response.status_code", 200);
+        answered.end();
+        drop(InFlight::new(tracer.clone(), tracer.start(None, "POST", Kind::Client)));
+        let error_type = |f: &Finished| {
+            f.span.attributes.iter().find(|(k, _)| *k == "error.type").map(|(_, v)| match v {
+                Attr::Text(t) => t.clone(),
+                Attr::Int(i) => i.to_string(),
+            })
+        };
+        let first = rx.try_recv().expect("the answered span");
+        assert_eq!((first.span.name, error_type(&first)), ("GET", None));
+        let second = rx.try_recv().expect("the dropped span");
+        assert_eq!((second.span.name, error_type(&second)), ("POST", Some(CANCELLED.to_owned())));
+        assert!(rx.try_recv().is_err(), "each ends once");
     }
 }

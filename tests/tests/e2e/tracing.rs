@@ -377,3 +377,59 @@ async fn an_export_answered_503_or_429_is_sent_again_and_the_spans_arrive() {
     let dropped = r#"outrigger_spans_dropped_total{reason="export_failed"}"#;
     assert_eq!(crate::messaging::metric(&sidecar, dropped).await, Some(0.0));
 }
+
+#[tokio::test]
+async fn a_call_the_app_gives_up_on_is_counted_logged_and_traced_as_cancelled() {
+    use outrigger_tests::Reply;
+    use tokio::io::AsyncWriteExt;
+    let receiver = OtlpReceiver::start().await;
+    let up = Upstream::scripted([Reply::Delayed(std::time::Duration::from_secs(30), 200)]).await;
+    let yaml = format!(
+        "service: {{ name: checkout }}\n{}{}  log: {{ format: json }}\n  access_log: true\n",
+        up.yaml("payments"),
+        tracing_yaml(&receiver)
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    // the app sends its call, and goes away while the upstream is still answering
+    let mut app = tokio::net::TcpStream::connect(sidecar.outbound).await.unwrap();
+    let request =
+        format!("GET /slow HTTP/1.1\r\nhost: payments\r\ntraceparent: {}\r\n\r\n", traceparent());
+    app.write_all(request.as_bytes()).await.unwrap();
+    wait_until(DEADLINE, "the upstream to hold the call", || async {
+        (up.requests() == 1).then_some(())
+    })
+    .await;
+    drop(app);
+    wait_until(DEADLINE, "the upstream's request to be cancelled", || async {
+        (up.cancelled() == 1).then_some(())
+    })
+    .await;
+
+    // counted as 499, the status of a request its client closed
+    crate::delivery::wait_metric(
+        &sidecar,
+        r#"outrigger_requests_total{code="499",route="(default)",upstream="payments"}"#,
+        1.0,
+    )
+    .await;
+    // one access line, cancelled
+    let line = wait_until(DEADLINE, "the cancelled call's access line", || async {
+        json_lines(&sidecar).into_iter().find(|l| l["target"] == "outrigger::access")
+    })
+    .await;
+    assert_eq!((line["status"].as_u64(), line["kind"].as_str()), (Some(499), Some("cancelled")));
+    assert_eq!(
+        (line["path"].as_str(), line["trace_id"].as_str()),
+        (Some("/slow"), Some(APP_TRACE))
+    );
+    // the call's span and its attempt's both end, marked cancelled, in the app's trace
+    let spans = span_named(&receiver, "GET", 2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    for span in &spans {
+        assert_eq!(span.trace_id, APP_TRACE);
+        assert!(span.attributes.contains(&("error.type".into(), "cancelled".into())), "{span:#?}");
+        assert!(span.attributes.iter().all(|(k, _)| k != "http.response.status_code"), "{span:#?}");
+    }
+    let call = spans.iter().find(|s| s.parent_span_id == APP_SPAN).expect("the call's span");
+    assert!(spans.iter().any(|s| s.parent_span_id == call.span_id), "the attempt under it");
+}
