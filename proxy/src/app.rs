@@ -57,6 +57,8 @@ pub enum StartError {
 
 /// How long the app-facing listeners must see no request in flight before a drain closes them.
 const QUIET: Duration = Duration::from_millis(500);
+/// How long the spans still queued at exit may take to export, after the drain.
+const FLUSH_SPANS: Duration = Duration::from_secs(5);
 
 /// A started sidecar: where it listens, and the handle to stop it.
 #[derive(Debug)]
@@ -370,6 +372,11 @@ impl Running {
         };
         if tokio::time::timeout_at(deadline, drained).await.is_err() {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout reached; closing what is left");
+        }
+        // the spans of the last calls and deliveries, still queued, would end with the process
+        let tracer = self.messaging.tracer();
+        if tokio::time::timeout(FLUSH_SPANS, tracer.flush()).await.is_err() {
+            tracing::warn!(timeout = ?FLUSH_SPANS, "spans still queued at exit were not all exported");
         }
         // the outbox stays durable; closing the file spares the next start a repair
         self.messaging.close().await;

@@ -33,7 +33,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 use outrigger_config as config;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::trace::{Attr, Finished, Kind, SpanCounts};
 use crate::error::chain;
@@ -61,20 +61,30 @@ pub enum OtlpError {
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
 }
 
-/// Starts the export task for `export`; the spans to send go into the returned queue.
+/// The way to the export task: the spans to send, and requests to send every span queued
+/// now (at shutdown), each answered once they have been tried.
+#[derive(Debug, Clone)]
+pub(super) struct ExportTask {
+    pub spans: mpsc::Sender<Finished>,
+    pub flushes: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+/// Starts the export task for `export`, its queue holding `capacity` spans.
 pub(super) fn start(
     export: &config::Export,
     service: &str,
     capacity: usize,
     counts: SpanCounts,
-) -> Result<mpsc::Sender<Finished>, OtlpError> {
+) -> Result<ExportTask, OtlpError> {
     let collector = Collector::new(export)?;
     let why = collector.last_error.clone();
     let mut exporter = exporter(export, collector, EXPORT_TIMEOUT, RetryPolicy::recommended())?;
     exporter.set_resource(&resource(export, service));
-    let (tx, rx) = mpsc::channel(capacity);
-    tokio::spawn(run(rx, exporter, Failures { why, counts, url: export.url.clone() }));
-    Ok(tx)
+    let (spans, queued) = mpsc::channel(capacity);
+    let (flushes, asked) = mpsc::channel(1);
+    let failures = Failures { why, counts, url: export.url.clone() };
+    tokio::spawn(run(queued, asked, Exporting::new(exporter, failures)));
+    Ok(ExportTask { spans, flushes })
 }
 
 /// Sends the collector an export with no spans, as the sidecar sends its spans (the same
@@ -143,44 +153,85 @@ fn explained(error: &OTelSdkError, why: &Mutex<Option<String>>) -> String {
     }
 }
 
-/// Batches finished spans and exports each batch; counts what went and what was lost.
+/// Batches finished spans and exports each batch; on a flush request, exports everything
+/// queued, then answers.
 async fn run(
-    mut rx: mpsc::Receiver<Finished>,
-    exporter: opentelemetry_otlp::SpanExporter,
-    Failures { why, counts, url }: Failures,
+    mut queued: mpsc::Receiver<Finished>,
+    mut asked: mpsc::Receiver<oneshot::Sender<()>>,
+    mut exporting: Exporting,
 ) {
-    let scope =
-        InstrumentationScope::builder("outrigger").with_version(env!("CARGO_PKG_VERSION")).build();
-    let mut failing = false;
     let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let Some(first) = rx.recv().await else { return };
+        let first = tokio::select! {
+            finished = queued.recv() => match finished {
+                Some(finished) => finished,
+                None => return,
+            },
+            Some(done) = asked.recv() => {
+                while let Ok(finished) = queued.try_recv() {
+                    batch.push(finished);
+                    if batch.len() == BATCH {
+                        exporting.export(&mut batch).await;
+                    }
+                }
+                exporting.export(&mut batch).await;
+                let _ = done.send(());
+                continue;
+            }
+        };
         batch.push(first);
         let deadline = tokio::time::sleep(FLUSH_EVERY);
         tokio::pin!(deadline);
         while batch.len() < BATCH {
             tokio::select! {
-                more = rx.recv() => match more {
+                more = queued.recv() => match more {
                     Some(finished) => batch.push(finished),
                     None => break,
                 },
                 _ = &mut deadline => break,
             }
         }
+        exporting.export(&mut batch).await;
+    }
+}
+
+/// The exporter, and what it reports with.
+struct Exporting {
+    exporter: opentelemetry_otlp::SpanExporter,
+    scope: InstrumentationScope,
+    failures: Failures,
+    /// The last export failed: the next success says the collector is back.
+    failing: bool,
+}
+
+impl Exporting {
+    fn new(exporter: opentelemetry_otlp::SpanExporter, failures: Failures) -> Self {
+        let scope = InstrumentationScope::builder("outrigger")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        Exporting { exporter, scope, failures, failing: false }
+    }
+
+    /// Exports (and empties) `batch`; counts what went and what was lost.
+    async fn export(&mut self, batch: &mut Vec<Finished>) {
+        if batch.is_empty() {
+            return;
+        }
+        let Failures { why, counts, url } = &self.failures;
         let n = batch.len() as u64;
-        let spans = batch.drain(..).map(|finished| span_data(finished, &scope)).collect();
-        match exporter.export(spans).await {
+        let spans = batch.drain(..).map(|finished| span_data(finished, &self.scope)).collect();
+        match self.exporter.export(spans).await {
             Ok(()) => {
                 counts.exported.inc_by(n);
-                if std::mem::take(&mut failing) {
+                if std::mem::take(&mut self.failing) {
                     tracing::info!(collector = %url, "the collector takes spans again");
                 }
             }
             Err(error) => {
                 counts.export_failed.inc_by(n);
                 // once per outage, not per batch: the count is in the metric
-                let error = explained(&error, &why);
-                if !std::mem::replace(&mut failing, true) {
+                let error = explained(&error, why);
+                if !std::mem::replace(&mut self.failing, true) {
                     tracing::warn!(collector = %url, %error, spans = n, "exporting spans failed; they are dropped (outrigger_spans_dropped_total) until the collector takes them");
                 }
             }

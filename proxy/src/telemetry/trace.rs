@@ -218,7 +218,7 @@ pub struct Tracer {
 /// The way to the export task.
 #[derive(Debug, Clone)]
 struct Export {
-    spans: mpsc::Sender<Finished>,
+    task: super::otlp::ExportTask,
     queue_full: IntCounter,
 }
 
@@ -254,8 +254,8 @@ impl Tracer {
     ) -> Result<Self, super::otlp::OtlpError> {
         let Some(export) = export else { return Ok(Self::disabled()) };
         let queue_full = counts.queue_full.clone();
-        let spans = super::otlp::start(export, service, QUEUE, counts)?;
-        Ok(Tracer { export: Some(Export { spans, queue_full }), sample_ratio: export.sample_ratio })
+        let task = super::otlp::start(export, service, QUEUE, counts)?;
+        Ok(Tracer { export: Some(Export { task, queue_full }), sample_ratio: export.sample_ratio })
     }
 
     /// A recording tracer whose finished spans wait in a queue of `capacity`.
@@ -264,8 +264,10 @@ impl Tracer {
         capacity: usize,
     ) -> (Self, mpsc::Receiver<Finished>, IntCounter) {
         let (spans, rx) = mpsc::channel(capacity);
+        let (flushes, _) = mpsc::channel(1);
         let queue_full = IntCounter::new("test", "test").expect("valid metric");
-        let export = Export { spans, queue_full: queue_full.clone() };
+        let task = super::otlp::ExportTask { spans, flushes };
+        let export = Export { task, queue_full: queue_full.clone() };
         (Tracer { export: Some(export), sample_ratio: 1.0 }, rx, queue_full)
     }
 
@@ -301,10 +303,20 @@ impl Tracer {
         {
             // a full queue drops the span, never blocks the request
             if let Err(mpsc::error::TrySendError::Full(_)) =
-                export.spans.try_send(Finished { span, end: SystemTime::now() })
+                export.task.spans.try_send(Finished { span, end: SystemTime::now() })
             {
                 export.queue_full.inc();
             }
+        }
+    }
+
+    /// Exports every span queued now (at shutdown: spans still waiting would be lost with the
+    /// process); returns once each has been tried. Nothing to do without an exporter.
+    pub async fn flush(&self) {
+        let Some(export) = &self.export else { return };
+        let (done, tried) = tokio::sync::oneshot::channel();
+        if export.task.flushes.send(done).await.is_ok() {
+            let _ = tried.await;
         }
     }
 

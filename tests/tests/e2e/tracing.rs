@@ -433,3 +433,24 @@ async fn a_call_the_app_gives_up_on_is_counted_logged_and_traced_as_cancelled() 
     let call = spans.iter().find(|s| s.parent_span_id == APP_SPAN).expect("the call's span");
     assert!(spans.iter().any(|s| s.parent_span_id == call.span_id), "the attempt under it");
 }
+
+#[tokio::test]
+async fn spans_still_queued_at_shutdown_are_exported_before_the_sidecar_exits() {
+    let receiver = OtlpReceiver::start().await;
+    // the first export is put off for 2 s: past the moment the drain would have ended
+    receiver.refuse(1, 503, Some("2"));
+    let up = Upstream::status(200).await;
+    let yaml = format!(
+        "service: {{ name: checkout }}\n{}{}",
+        up.yaml("payments"),
+        tracing_yaml(&receiver)
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    traced_call(&sidecar, "/last").await;
+    let status = sidecar.terminate().await;
+    assert!(status.success(), "{status:?}");
+    // exited: whatever the receiver has now, it got before the exit
+    let names: Vec<String> = receiver.spans().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["GET", "GET"], "the call's span and its attempt's");
+    assert_eq!(receiver.requests().len(), 2, "the 503, then the retry that took them");
+}
