@@ -75,8 +75,9 @@ pub struct Event {
     /// `attempt` (one reached the endpoint), `answer` (what the client got), `breaker`.
     pub kind: &'static str,
     pub detail: String,
-    /// The retries the retry budget would still grant, after an attempt or an answer (when the
-    /// policies retry).
+    /// The retries the retry budget would still grant: on an attempt, as it reaches the
+    /// endpoint (a retry's own withdrawal made); on an answer, as the client gets it. Only
+    /// when the policies retry, and never on a `breaker` line.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_left: Option<u32>,
 }
@@ -120,6 +121,11 @@ pub fn explain(
     runtime.block_on(timeline(cfg, route, answers, run))
 }
 
+/// Which request of the run an attempt belongs to: in the request's extensions, which every
+/// attempt's copy keeps.
+#[derive(Debug, Clone, Copy)]
+struct RequestNo(usize);
+
 async fn timeline(
     cfg: &config::Upstream,
     route: Option<&config::Route>,
@@ -128,27 +134,24 @@ async fn timeline(
 ) -> Result<Vec<Event>, String> {
     let start = tokio::time::Instant::now();
     let events: Arc<Mutex<Vec<Event>>> = Arc::default();
-    let request_no = Arc::new(Mutex::new(0usize));
     let policy = route.map_or_else(|| cfg.clone(), |r| r.over(cfg));
     let backoff = policy.retry.as_ref().map(|r| r.backoff);
-    let grpc_calls = answers.iter().any(|a| matches!(a, Answer::Grpc(_)));
+    let grpc = answers.iter().any(|a| matches!(a, Answer::Grpc(_)));
     let budget: Arc<OnceLock<RetryBudget>> = Arc::default();
-    let endpoint =
-        scripted(answers, start, events.clone(), request_no.clone(), backoff, budget.clone());
+    let endpoint = scripted(answers, start, events.clone(), backoff, budget.clone());
     // the data plane's own layers: metrics, faults, limits, the breaker, deadlines, retries
     let metrics = Metrics::new();
     let shared = stack::Shared::new(cfg, &metrics).seeded(run.seed);
-    let circuit = shared.circuit();
     let (service, retry_budget) = stack::policies(cfg, route, &shared, &metrics, endpoint);
     if let Some(retry_budget) = retry_budget {
         budget.set(retry_budget).expect("set once, before the first request");
     }
-    let budget_left = || budget.get().map(RetryBudget::left);
-    let mut last_breaker = circuit.as_ref().map(|c| c.status().state);
-    let grpc = grpc_calls;
+    let breaker = Arc::new(Mutex::new(shared.circuit().map(|c| (c.status().state, c))));
+    // each request goes at its time, whether the ones before it have their answers or not,
+    // as an app's calls do
+    let mut calls = tokio::task::JoinSet::new();
     for n in 1..=run.repeat {
         tokio::time::sleep_until(start + run.every * (n as u32 - 1)).await;
-        *request_no.lock().unwrap_or_else(|e| e.into_inner()) = n;
         let req = match grpc {
             // a unary gRPC call, as an app's client sends it
             true => Request::post(format!("http://{}/explain.Service/Call", cfg.name.as_str()))
@@ -157,35 +160,38 @@ async fn timeline(
                 .header("te", "trailers"),
             false => Request::get(format!("http://{}/", cfg.name.as_str())),
         };
-        let req = req.body(Body::empty()).expect("a valid request");
-        let answer = service.clone().oneshot(req).await;
-        let at_ms = start.elapsed().as_millis();
-        let detail = match &answer {
-            Ok(res) => answered(res),
-            Err(err) => format!("{} outrigger-error: {}", err.status().as_u16(), err.kind()),
-        };
-        let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
-        events.push(Event {
-            at_ms,
-            request: n,
-            kind: "answer",
-            detail,
-            budget_left: budget_left(),
-        });
-        if let Some(circuit) = &circuit {
-            let state = circuit.status().state;
-            if last_breaker != Some(state) {
-                let detail = state.to_owned();
-                events.push(Event {
-                    at_ms,
-                    request: n,
-                    kind: "breaker",
-                    detail,
-                    budget_left: None,
-                });
-                last_breaker = Some(state);
+        let req = req.extension(RequestNo(n)).body(Body::empty()).expect("a valid request");
+        let (service, events, breaker, budget) =
+            (service.clone(), events.clone(), breaker.clone(), budget.clone());
+        calls.spawn(async move {
+            let answer = service.oneshot(req).await;
+            let at_ms = start.elapsed().as_millis();
+            let detail = match &answer {
+                Ok(res) => answered(res),
+                Err(err) => format!("{} outrigger-error: {}", err.status().as_u16(), err.kind()),
+            };
+            let budget_left = budget.get().map(RetryBudget::left);
+            let mut events = events.lock().unwrap_or_else(|e| e.into_inner());
+            events.push(Event { at_ms, request: n, kind: "answer", detail, budget_left });
+            let mut breaker = breaker.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((last, circuit)) = breaker.as_mut() {
+                let state = circuit.status().state;
+                if *last != state {
+                    let detail = state.to_owned();
+                    events.push(Event {
+                        at_ms,
+                        request: n,
+                        kind: "breaker",
+                        detail,
+                        budget_left: None,
+                    });
+                    *last = state;
+                }
             }
-        }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.map_err(|e| format!("a request of the run failed: {e}"))?;
     }
     let events = events.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(events)
@@ -202,21 +208,41 @@ fn answered(res: &Response<Body>) -> String {
     line
 }
 
-/// The endpoint: each call takes the next answer (the last repeats), noted as an attempt.
-/// Where a request's attempts are: the last one's end, and the backoff waited before it.
+/// One request's attempts so far: how many, how many are in flight, when the last one ended,
+/// and the backoff waited before it.
 #[derive(Debug, Default)]
 struct Progress {
-    request: usize,
-    retries: u32,
+    attempts: u32,
+    in_flight: u32,
     ended: Option<tokio::time::Instant>,
     previous_delay: Duration,
 }
 
+type Progresses = Arc<Mutex<std::collections::HashMap<usize, Progress>>>;
+
+/// An attempt at the endpoint: when it ends (answered, or dropped as a hedge that lost its
+/// race), its request's progress says so.
+struct AttemptEnds {
+    progress: Progresses,
+    request: usize,
+}
+
+impl Drop for AttemptEnds {
+    fn drop(&mut self) {
+        let mut all = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = all.get_mut(&self.request) {
+            p.in_flight -= 1;
+            p.ended = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
+/// The endpoint: each call takes the next answer (the last repeats), noted as an attempt, with
+/// the backoff a retry waited and the range it was drawn from, or that it is a hedge.
 fn scripted(
     answers: Vec<Answer>,
     start: tokio::time::Instant,
     events: Arc<Mutex<Vec<Event>>>,
-    request_no: Arc<Mutex<usize>>,
     backoff: Option<config::Backoff>,
     budget: Arc<OnceLock<RetryBudget>>,
 ) -> impl Service<Request<Body>, Response = Response<Body>, Error = ProxyError, Future: Send + 'static>
@@ -226,15 +252,15 @@ fn scripted(
 + 'static {
     let next = Arc::new(Mutex::new(0usize));
     let answers = Arc::new(answers);
-    let progress: Arc<Mutex<Progress>> = Arc::default();
-    tower::service_fn(move |_req: Request<Body>| {
+    let progress: Progresses = Arc::default();
+    tower::service_fn(move |req: Request<Body>| {
         let i = {
             let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
             *next += 1;
             *next - 1
         };
         let answer = answers[i.min(answers.len() - 1)];
-        let request = *request_no.lock().unwrap_or_else(|e| e.into_inner());
+        let request = req.extensions().get::<RequestNo>().map_or(0, |n| n.0);
         let now = tokio::time::Instant::now();
         let mut detail = match answer {
             Answer::Status(status, delay) if delay.is_zero() => format!("{}", status.as_u16()),
@@ -244,24 +270,27 @@ fn scripted(
             Answer::Refused => "refused".to_owned(),
         };
         {
-            // a retry of the same request: the backoff it waited, and the range it was drawn from
-            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
-            if p.request != request {
-                *p = Progress { request, ..Progress::default() };
+            let mut all = progress.lock().unwrap_or_else(|e| e.into_inner());
+            let p = all.entry(request).or_default();
+            p.attempts += 1;
+            if p.in_flight > 0 {
+                // sent while another attempt of the request is still out: a hedge
+                detail += &format!(" (hedge, attempt {})", p.attempts);
             } else if let (Some(ended), Some(backoff)) = (p.ended, backoff) {
+                // a retry: the backoff it waited, and the range it was drawn from
+                let retry = p.attempts - 1;
                 let waited = now.saturating_duration_since(ended);
-                let low = backoff.delay_with(p.retries, p.previous_delay, 0.0);
-                let high = backoff.delay_with(p.retries, p.previous_delay, 0.999_999);
+                let low = backoff.delay_with(retry - 1, p.previous_delay, 0.0);
+                let high = backoff.delay_with(retry - 1, p.previous_delay, 0.999_999);
                 detail += &format!(
-                    " (retry {}, after a backoff of {} ms drawn from {}..{} ms)",
-                    p.retries + 1,
+                    " (retry {retry}, after a backoff of {} ms drawn from {}..{} ms)",
                     waited.as_millis(),
                     low.as_millis(),
                     high.as_millis()
                 );
-                p.retries += 1;
                 p.previous_delay = waited;
             }
+            p.in_flight += 1;
         }
         events.lock().unwrap_or_else(|e| e.into_inner()).push(Event {
             at_ms: now.saturating_duration_since(start).as_millis(),
@@ -270,23 +299,17 @@ fn scripted(
             detail,
             budget_left: budget.get().map(RetryBudget::left),
         });
-        let progress = progress.clone();
+        let ends = AttemptEnds { progress: progress.clone(), request };
         async move {
             let upstream: Arc<str> = "scripted".into();
-            let ended = |progress: &Mutex<Progress>| {
-                progress.lock().unwrap_or_else(|e| e.into_inner()).ended =
-                    Some(tokio::time::Instant::now());
-            };
-            match answer {
+            let answered = match answer {
                 Answer::Status(status, delay) => {
                     tokio::time::sleep(delay).await;
-                    ended(&progress);
                     let mut res = Response::new(Body::empty());
                     *res.status_mut() = status;
                     Ok(res)
                 }
                 Answer::Grpc(status) => {
-                    ended(&progress);
                     let mut res = Response::new(Body::empty());
                     let headers = res.headers_mut();
                     headers
@@ -296,21 +319,17 @@ fn scripted(
                     crate::http::grpc::read_head(&mut res);
                     Ok(res)
                 }
-                Answer::Reset => Err({
-                    ended(&progress);
-                    ProxyError::UpstreamReset {
-                        upstream,
-                        source: "the scripted endpoint reset the connection".into(),
-                    }
+                Answer::Reset => Err(ProxyError::UpstreamReset {
+                    upstream,
+                    source: "the scripted endpoint reset the connection".into(),
                 }),
-                Answer::Refused => Err({
-                    ended(&progress);
-                    ProxyError::ConnectFailed {
-                        upstream,
-                        source: "the scripted endpoint refused the connection".into(),
-                    }
+                Answer::Refused => Err(ProxyError::ConnectFailed {
+                    upstream,
+                    source: "the scripted endpoint refused the connection".into(),
                 }),
-            }
+            };
+            drop(ends);
+            answered
         }
     })
 }
@@ -336,7 +355,9 @@ pub fn render(events: &[Event]) -> String {
 mod tests {
     use super::*;
 
-    fn config(retry: &str) -> config::Config {
+    /// `payments` with its `retry`, and other sections (`name: value`) beside it.
+    fn config(retry: &str, others: &[&str]) -> config::Config {
+        let others: String = others.iter().map(|section| format!("    {section}\n")).collect();
         let yaml = format!(
             "service: {{ name: explained }}\n\
              upstreams:\n  \
@@ -344,7 +365,7 @@ mod tests {
                  listen: 127.0.0.1:18080\n    \
                  discovery: {{ static: [\"127.0.0.1:9\"] }}\n    \
                  timeouts: {{ request: 10m }}\n    \
-                 retry: {retry}\n"
+                 retry: {retry}\n{others}"
         );
         config::load_str("explain.yaml", &yaml).expect("a valid config")
     }
@@ -359,6 +380,7 @@ mod tests {
         let cfg = config(
             "{ max_attempts: 3, backoff: { initial: 10ms, max: 10ms }, \
                budget: { ratio: 0, min_per_second: 1 } }",
+            &[],
         );
         let answers = parse_answers("503").unwrap();
         let events =
@@ -380,10 +402,46 @@ mod tests {
     }
 
     #[test]
+    fn requests_go_at_their_time_so_a_concurrency_limit_and_a_hedge_show() {
+        let retry = "{ max_attempts: 2, backoff: { initial: 10ms, max: 10ms } }";
+        let cfg = config(retry, &["concurrency_limit: 1"]);
+        // the first request is still out when the second comes: refused, not queued behind it
+        let answers = parse_answers("200@3s").unwrap();
+        let events =
+            explain(&cfg, "payments", None, answers, run(2, Duration::from_secs(1))).unwrap();
+        let answers: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == "answer")
+            .map(|e| (e.at_ms, e.request, e.detail.as_str()))
+            .collect();
+        assert_eq!(
+            answers,
+            [(1000, 2, "503 outrigger-error: overloaded"), (3000, 1, "200")],
+            "{events:#?}"
+        );
+
+        // a hedge goes out while the first attempt is slow, and its answer wins
+        let cfg = config(retry, &["hedge: { after: 100ms }"]);
+        let answers = parse_answers("200@5s,200").unwrap();
+        let events = explain(&cfg, "payments", None, answers, run(1, Duration::ZERO)).unwrap();
+        let lines: Vec<_> = events.iter().map(|e| (e.at_ms, e.kind, e.detail.as_str())).collect();
+        assert_eq!(
+            lines,
+            [
+                (0, "attempt", "200 after 5s"),
+                (100, "attempt", "200 (hedge, attempt 2)"),
+                (100, "answer", "200 outrigger-attempts: 2"),
+            ],
+            "{events:#?}"
+        );
+    }
+
+    #[test]
     fn minutes_of_backoff_take_well_under_a_second() {
         let cfg = config(
             "{ max_attempts: 6, backoff: { initial: 10s, max: 2m, jitter: none }, \
                budget: { ratio: 1, min_per_second: 10 } }",
+            &[],
         );
         let answers = parse_answers("503").unwrap();
         // real time, not the explained run's paused clock
@@ -392,8 +450,9 @@ mod tests {
             explain(&cfg, "payments", None, answers, run(20, Duration::from_secs(30))).unwrap();
         let wall = wall.elapsed();
         let span = Duration::from_millis(events.last().unwrap().at_ms as u64);
-        // each request waits 10 + 20 + 40 + 80 + 120 s; the last starts at 9.5 min
-        assert!(span >= Duration::from_secs(14 * 60), "the timeline spans {span:?}");
+        // a request every 30 s, whether the one before has its answer or not; each waits
+        // 10 + 20 + 40 + 80 + 120 s between its attempts: the last starts at 9.5 min
+        assert_eq!(span, Duration::from_secs(19 * 30 + 270), "the timeline spans {span:?}");
         assert_eq!(events.iter().filter(|e| e.kind == "attempt").count(), 20 * 6);
         assert!(wall < Duration::from_secs(1), "{span:?} of policy time took {wall:?}");
     }

@@ -100,10 +100,8 @@ pub(crate) async fn publish(
 /// The sidecar's own delivery counters for the scene's queue, from its `/metrics` text.
 pub(crate) fn counts(metrics: &str) -> [u64; 3] {
     ["acked", "retried", "dead_lettered"].map(|outcome| {
-        let series = format!(
-            r#"outrigger_messages_delivered_total{{outcome="{outcome}",queue="{QUEUE}"}} "#
-        );
-        metrics.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse().ok()).unwrap_or(0)
+        let labels = [("outcome", outcome), ("queue", QUEUE)];
+        super::metric(metrics, "outrigger_messages_delivered_total", &labels)
     })
 }
 

@@ -134,18 +134,21 @@ pub async fn run(length: Duration) -> Result<(), DemoError> {
     let publisher =
         messages::publish(client.clone(), sidecar.outbound, handled.clone(), publishing_until);
     workers.spawn(publisher);
-    workers.spawn(operator::force_breaker(client.clone(), sidecar.admin, started, length));
+    let forcing_failed = Arc::new(Mutex::new(None));
+    workers.spawn(operator::force_breaker(sidecar.admin, started, length, forcing_failed.clone()));
     let (forced_from, forced_until) = operator::forced_window(length);
     let forced = format!(
-        "(forced open {:.0}s-{:.0}s)",
+        "(forced open {:.1}s-{:.1}s)",
         forced_from.as_secs_f64(),
         forced_until.as_secs_f64()
     );
     let notes = |metrics: &str| {
         let shadow = operator::would_have_refused(metrics);
+        let failed = forcing_failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let forced = failed.map_or(forced.clone(), |why| format!("(forcing failed: {why})"));
         BTreeMap::from([
             (operator::TRIAL, format!("(shadow: {shadow} would have been rate-limited)")),
-            (operator::MAINTENANCE, forced.clone()),
+            (operator::MAINTENANCE, forced),
         ])
     };
     // on a terminal the table redraws in place every second; in a log, only the final one
@@ -243,6 +246,18 @@ async fn scrape(client: &Client<HttpConnector, Body>, admin: SocketAddr) -> Stri
         Err(_) => bytes::Bytes::new(),
     };
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The sum of `name`'s series in a `/metrics` text whose labels include every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|line| line.rsplit_once("} "))
+        .filter(|(series, _)| {
+            labels.iter().all(|(k, v)| series.split(',').any(|pair| pair == format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// A loopback port with nothing listening on it.

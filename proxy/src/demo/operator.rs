@@ -5,14 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::Request;
-use http::header::CONTENT_TYPE;
-use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use tokio::time::Instant;
+use std::sync::{Arc, Mutex};
 
-use crate::http::Body;
+use tokio::time::Instant;
 
 /// The upstream whose rate limit runs in shadow mode.
 pub(crate) const TRIAL: &str = "trial";
@@ -24,23 +19,21 @@ pub(crate) fn forced_window(length: Duration) -> (Duration, Duration) {
     (length.mul_f64(0.4), length.mul_f64(0.7))
 }
 
-/// Forces `maintenance`'s breaker open at the window's start and back to `auto` at its end, as
-/// `outrigger circuit open maintenance` and `outrigger circuit auto maintenance` would.
+/// Forces `maintenance`'s breaker open at the window's start and back to `auto` at its end,
+/// as `outrigger circuit open maintenance` and `outrigger circuit auto maintenance` do (the
+/// same call); a refusal is kept in `failed` for the table to show.
 pub(crate) async fn force_breaker(
-    client: Client<HttpConnector, Body>,
     admin: SocketAddr,
     started: Instant,
     length: Duration,
+    failed: Arc<Mutex<Option<String>>>,
 ) {
     let (open, auto) = forced_window(length);
     for (at, state) in [(open, "open"), (auto, "auto")] {
         tokio::time::sleep_until(started + at).await;
-        let req = Request::post(format!("http://{admin}/v1/upstreams/{MAINTENANCE}/circuit"))
-            .header(CONTENT_TYPE, "application/json")
-            .body(Body::full(format!(r#"{{"state":"{state}"}}"#)))
-            .expect("a valid request");
-        if let Ok(res) = client.request(req).await {
-            let _ = res.into_body().collect().await;
+        if let Err(why) = crate::cli::circuit(&format!("http://{admin}"), MAINTENANCE, state).await
+        {
+            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         }
     }
 }
@@ -48,10 +41,5 @@ pub(crate) async fn force_breaker(
 /// How many of `trial`'s requests its shadow rate limit would have refused, from the sidecar's
 /// `/metrics` text (`outrigger_shadow_decisions_total`).
 pub(crate) fn would_have_refused(metrics: &str) -> u64 {
-    let upstream = format!(r#"upstream="{TRIAL}""#);
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("outrigger_shadow_decisions_total{") && l.contains(&upstream))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    super::metric(metrics, "outrigger_shadow_decisions_total", &[("upstream", TRIAL)])
 }

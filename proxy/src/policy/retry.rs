@@ -62,7 +62,8 @@ struct Shared {
     on: Vec<config::RetryOn>,
     /// `on` lists a gRPC status.
     on_grpc: bool,
-    budget: Mutex<Budget>,
+    /// Shared with the `RetryBudget` handles that read it.
+    budget: Arc<Mutex<Budget>>,
     replay_cap: usize,
     /// `timeouts.request`: no backoff sleep may end past it, nor past a sooner call deadline.
     request_timeout: Duration,
@@ -86,7 +87,10 @@ impl RetryLayer {
                 backoff: Backoff::new(cfg.backoff),
                 on: cfg.on.clone(),
                 on_grpc: cfg.on.iter().any(|on| matches!(on, config::RetryOn::Grpc(_))),
-                budget: Mutex::new(Budget::new(cfg.budget.ratio.get(), cfg.budget.min_per_second)),
+                budget: Arc::new(Mutex::new(Budget::new(
+                    cfg.budget.ratio.get(),
+                    cfg.budget.min_per_second,
+                ))),
                 replay_cap: usize::try_from(cfg.replay_buffer.bytes()).unwrap_or(usize::MAX),
                 request_timeout,
                 retries,
@@ -118,22 +122,21 @@ impl RetryLayer {
             hedge.map(|(cfg, hedges)| Hedge::new(cfg, hedges));
         self
     }
-}
 
-impl RetryLayer {
     /// A handle that reads this layer's retry budget (`outrigger explain`'s "budget left").
     pub fn budget(&self) -> RetryBudget {
-        RetryBudget(self.shared.clone())
+        RetryBudget(self.shared.budget.clone())
     }
 }
 
-/// Reads a retry layer's budget: how many retries it would grant now.
+/// Reads a retry layer's budget.
 #[derive(Debug, Clone)]
-pub struct RetryBudget(Arc<Shared>);
+pub struct RetryBudget(Arc<Mutex<Budget>>);
 
 impl RetryBudget {
+    /// How many retries (and hedges) the budget would grant now.
     pub fn left(&self) -> u32 {
-        self.0.budget.lock().expect("no panics under the budget lock").left(Instant::now())
+        self.0.lock().expect("no panics under the budget lock").left(Instant::now())
     }
 }
 

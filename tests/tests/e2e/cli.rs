@@ -266,12 +266,21 @@ fn every_example_configuration_validates() {
 fn the_demo_shows_every_policy_and_a_dead_letter_with_nothing_installed() {
     let (code, stdout, stderr) = outrigger(&["demo", "--seconds", "6"]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
+    // each scene's last row shows its policy at work
+    let row = |scene: &str| {
+        let row = stdout.lines().rfind(|l| l.starts_with(&format!("{scene} ")));
+        row.unwrap_or_else(|| panic!("a {scene} row:\n{stdout}")).to_owned()
+    };
+    for (scene, outcome) in [
+        ("flaky", "upstream after 2 tries "),
+        ("slow", "timeout "),
+        ("burst", "rate-limited "),
+        ("gone", "connect-failed "),
+        ("nowhere", "unknown-upstream "),
+    ] {
+        assert!(row(scene).contains(outcome), "{scene} shows {outcome:?}:\n{stdout}");
+    }
     for shown in [
-        "upstream after 2 tries",
-        "timeout",
-        "rate-limited",
-        "connect-failed",
-        "unknown-upstream",
         "A poison message on its third and last attempt",
         "\"stack_trace\": \"at send_welcome (mailer.rs:42)\"",
         "moved to welcome_email_deadletter",
@@ -283,14 +292,14 @@ fn the_demo_shows_every_policy_and_a_dead_letter_with_nothing_installed() {
     assert!(!messages.contains(" 0 dead-lettered"), "{messages}");
     assert!(!messages.contains(" 0 retried"), "{messages}");
     // a shadow rate limit refuses nothing and counts what it would have refused
-    let trial = stdout.lines().rfind(|l| l.starts_with("trial ")).expect(&stdout);
+    let trial = row("trial");
     assert!(!trial.contains("rate-limited "), "shadow mode enforces nothing: {trial}");
     let would = trial.split("(shadow: ").nth(1).and_then(|w| w.split(' ').next());
     assert!(would.and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n > 0), "{trial}");
     // the operator's forced open answers circuit-open from a healthy upstream
-    let maintenance = stdout.lines().rfind(|l| l.starts_with("maintenance ")).expect(&stdout);
+    let maintenance = row("maintenance");
     assert!(maintenance.contains("circuit-open "), "{maintenance}");
-    assert!(maintenance.contains("(forced open 2s-4s)"), "{maintenance}");
+    assert!(maintenance.contains("(forced open 2.4s-4.2s)"), "{maintenance}");
     let replay = stdout.lines().find(|l| l.ends_with("their error history kept.")).expect(&stdout);
     assert!(!replay.starts_with("0 "), "the replayed dead letters were delivered: {replay}");
 }

@@ -449,9 +449,7 @@ impl Nats {
         let stream = self.state_stream(queue).await?;
         match stream.get_last_raw_message_by_subject(&self.state_subject(queue, seq)).await {
             Ok(found) => Ok(serde_json::from_slice(&found.payload).ok()),
-            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                Ok(None)
-            }
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(error) => {
                 Err(NatsError::Stream { stream: names::state_stream(queue), cause: error.into() })
             }
@@ -869,8 +867,8 @@ fn check(name: &str, found: &stream::Config, wanted: &stream::Config) -> Result<
         return refuse("subjects", found.subjects.join(","), wanted.subjects.join(","));
     }
     if !found.allow_direct {
-        // ordering, parked messages' state and the dead-letter API read one message by
-        // subject: without direct get, none of them works
+        // the dead-letter API and the age gauge read by direct get (what must be fresh, a
+        // parked message's state and the ordering records, is read from the leader)
         return refuse("allow_direct", "false".into(), "true".into());
     }
     if found.duplicate_window < wanted.duplicate_window {
