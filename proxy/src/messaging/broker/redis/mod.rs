@@ -50,6 +50,9 @@ use conn::{Conn, Lazy, Source};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A read waits this long for a message to arrive when none is there.
 const READ_BLOCK: Duration = Duration::from_millis(500);
+/// Messages appended by one call of the relay script.
+const RELAY_CHUNK: usize = 64;
+
 /// How long the relay waits for a cluster primary's replicas to copy a batch (within the
 /// commands' timeout).
 const REPLICA_WAIT: Duration = Duration::from_millis(1000);
@@ -401,19 +404,21 @@ impl Redis {
         let window = self.inner.dedup_window.as_millis().to_string();
         let sha = self.relay_sha(conn, queue).await?;
         let mut pipe = redis::pipe();
-        for envelope in batch {
-            let marker = relayed(&envelope.queue, envelope.id);
-            pipe.cmd("EVALSHA")
-                .arg(&sha)
-                .arg(3)
-                .arg(marker)
-                .arg(stream(&envelope.queue))
-                .arg(ordered_groups(&envelope.queue))
-                .arg(&window)
-                .arg(envelope.to_json())
-                .arg(envelope.ordering_key().unwrap_or(""))
-                .arg(envelope.id.to_string())
-                .ignore();
+        // one script call per chunk, not per message: Redis runs each call whole, so a chunk
+        // bounds how long one holds it
+        for chunk in batch.chunks(RELAY_CHUNK) {
+            let call = pipe.cmd("EVALSHA").arg(&sha).arg(2 + chunk.len());
+            call.arg(stream(queue)).arg(ordered_groups(queue));
+            for envelope in chunk {
+                call.arg(relayed(queue, envelope.id));
+            }
+            call.arg(&window);
+            for envelope in chunk {
+                call.arg(envelope.to_json())
+                    .arg(envelope.ordering_key().unwrap_or(""))
+                    .arg(envelope.id.to_string());
+            }
+            call.ignore();
         }
         if replicas == 0 {
             return pipe.query_async::<()>(conn).await.map_err(store_error);

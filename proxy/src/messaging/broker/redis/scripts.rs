@@ -1,10 +1,11 @@
 //! The Lua scripts the broker runs: each state change that touches more than one key runs as
 //! one script, so it happens whole or not at all. The scripts are in `scripts/*.lua`.
 
-/// Appends an envelope unless its id was relayed within the window.
-/// With an ordering key (ARGV[3]), the id is also appended to the key's order list of every
-/// group that consumes the queue in order (the set KEYS[3]): that list, not the moment a
-/// replica happens to read it, decides which message of the key goes next.
+/// Appends a batch of one queue's envelopes, in order, each unless its id was relayed within
+/// the window (its marker, one key per message). With an ordering key, the id is also appended
+/// to the key's order list of every group that consumes the queue in order (the set KEYS[2]):
+/// that list, not the moment a replica happens to read it, decides which message of the key
+/// goes next.
 pub(super) const RELAY: &str = include_str!("scripts/relay.lua");
 
 /// May this message of an ordered group go now? KEYS the key's order list and waiting list;
