@@ -68,6 +68,9 @@ pub struct Metrics {
     queue_age: GaugeVec,
     deadletter_depth: IntGaugeVec,
     deadletter_age: GaugeVec,
+    /// The queues each of the four gauges above shows now (depth, age, dead-letter depth, its
+    /// age): a queue gone from the next round loses its series, the others are overwritten.
+    queues_shown: Arc<std::sync::Mutex<[std::collections::HashSet<String>; 4]>>,
     config_reloads: IntCounterVec,
     config_hash: prometheus::Gauge,
     shed: IntCounterVec,
@@ -428,6 +431,7 @@ impl Metrics {
             queue_age,
             deadletter_depth,
             deadletter_age,
+            queues_shown: Default::default(),
             config_reloads,
             config_hash,
             shed,
@@ -529,12 +533,6 @@ impl Metrics {
     /// Sets the queue and dead-letter gauges from the store's view at scrape time; queues no
     /// longer holding anything disappear.
     pub fn observe_queues(&self, depths: &[crate::messaging::broker::QueueDepth], now_ms: u64) {
-        for family in [&self.queue_depth, &self.deadletter_depth] {
-            family.reset();
-        }
-        for family in [&self.queue_age, &self.deadletter_age] {
-            family.reset();
-        }
         let age = |at: u64| now_ms.saturating_sub(at) as f64 / 1000.0;
         // the deepest queues keep series of their own; the rest are summed as "(other)"
         let mut depths: Vec<&crate::messaging::broker::QueueDepth> = depths.iter().collect();
@@ -553,21 +551,44 @@ impl Metrics {
             }
             other = Some(sum);
         }
+        // each series is overwritten in place and only a queue no longer shown is removed, so a
+        // scrape in the middle never misses a queue that is still there
+        let mut shown = self.queues_shown.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now: [std::collections::HashSet<String>; 4] = Default::default();
         for d in depths.into_iter().chain(other.as_ref()) {
             let q = [d.queue.as_str()];
             if d.messages > 0 {
                 self.queue_depth.with_label_values(&q).set(d.messages as i64);
+                now[0].insert(d.queue.clone());
                 if let Some(at) = d.oldest_published_ms {
                     self.queue_age.with_label_values(&q).set(age(at));
+                    now[1].insert(d.queue.clone());
                 }
             }
             if d.dead_letters > 0 {
                 self.deadletter_depth.with_label_values(&q).set(d.dead_letters as i64);
+                now[2].insert(d.queue.clone());
                 if let Some(at) = d.oldest_dead_letter_ms {
                     self.deadletter_age.with_label_values(&q).set(age(at));
+                    now[3].insert(d.queue.clone());
                 }
             }
         }
+        for (i, gone) in shown
+            .iter()
+            .zip(&now)
+            .enumerate()
+            .flat_map(|(i, (before, now))| before.difference(now).map(move |queue| (i, queue)))
+        {
+            let q = [gone.as_str()];
+            let _ = match i {
+                0 => self.queue_depth.remove_label_values(&q),
+                1 => self.queue_age.remove_label_values(&q),
+                2 => self.deadletter_depth.remove_label_values(&q),
+                _ => self.deadletter_age.remove_label_values(&q),
+            };
+        }
+        *shown = now;
     }
 
     /// `outrigger_subscription_concurrency{queue}`.
@@ -783,6 +804,26 @@ mod tests {
         assert!(text.contains(r#"outrigger_queue_depth{queue="(other)"} 3"#), "q0 and q1: 1 + 2");
         assert!(text.contains(r#"outrigger_queue_depth{queue="q1001"} 1002"#), "the deepest stay");
         assert!(!text.contains(r#"outrigger_queue_depth{queue="q0"}"#));
+    }
+
+    #[test]
+    fn a_queue_emptied_loses_its_series_and_the_others_keep_theirs() {
+        let metrics = Metrics::new();
+        let depth = |queue: &str, messages, dead_letters| crate::messaging::broker::QueueDepth {
+            queue: queue.to_owned(),
+            messages,
+            dead_letters,
+            oldest_published_ms: Some(1_000),
+            oldest_dead_letter_ms: Some(1_000),
+        };
+        metrics.observe_queues(&[depth("a", 2, 1), depth("b", 3, 0)], 2_000);
+        metrics.observe_queues(&[depth("a", 0, 1), depth("b", 4, 0)], 3_000);
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        assert!(!text.contains(r#"outrigger_queue_depth{queue="a"}"#), "{text}");
+        assert!(!text.contains(r#"outrigger_queue_oldest_age_seconds{queue="a"}"#), "{text}");
+        assert!(text.contains(r#"outrigger_queue_depth{queue="b"} 4"#), "{text}");
+        assert!(text.contains(r#"outrigger_queue_oldest_age_seconds{queue="b"} 2"#), "{text}");
+        assert!(text.contains(r#"outrigger_deadletter_depth{queue="a"} 1"#), "{text}");
     }
 
     #[test]
