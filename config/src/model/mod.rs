@@ -163,8 +163,17 @@ pub struct Tracing {
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Sent with every export (authentication); over `OTEL_EXPORTER_OTLP_HEADERS` name by name.
-    #[serde(default)]
+    /// Shown (`/v1/config`) with each value as `***`: they carry tokens.
+    #[serde(default, serialize_with = "redacted_values")]
     pub headers: BTreeMap<String, String>,
+}
+
+/// A map with its keys as they are and every value written `***`.
+fn redacted_values<S: serde::Serializer>(
+    map: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(map.keys().map(|key| (key, "***")))
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -169,10 +169,17 @@ async fn each_durable_commit_of_the_store_is_timed() {
 }
 
 #[tokio::test]
-async fn the_running_config_is_served_to_loopback_clients_as_json() {
+async fn the_running_config_is_served_to_loopback_clients_as_json_without_its_secrets() {
     let up = Upstream::status(200).await;
-    let yaml = format!("service: {{ name: checkout }}\n{}", up.yaml("payments"));
-    let sidecar = Sidecar::start(&yaml).await;
+    // the collector's token, from the environment as a Kubernetes Secret would give it
+    let yaml = format!(
+        "service: {{ name: checkout }}\n{}telemetry:\n  tracing:\n    \
+         otlp_endpoint: http://127.0.0.1:{}\n    \
+         headers: {{ authorization: \"Bearer ${{OTLP_TOKEN}}\" }}\n",
+        up.yaml("payments"),
+        outrigger_tests::free_port()
+    );
+    let sidecar = Sidecar::start_with_env(&yaml, &[("OTLP_TOKEN", "s3cret-t0ken")]).await;
 
     let (status, body) = sidecar.admin("/v1/config").await;
 
@@ -180,4 +187,6 @@ async fn the_running_config_is_served_to_loopback_clients_as_json() {
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["service"]["name"], "checkout");
     assert!(json["upstreams"]["payments"].is_object(), "{body}");
+    assert_eq!(json["telemetry"]["tracing"]["headers"]["authorization"], "***", "{body}");
+    assert!(!body.contains("s3cret-t0ken"), "{body}");
 }

@@ -2,7 +2,8 @@
 //! (docs/design/nats-jetstream.md §3c).
 //!
 //! - A keyed message is published to its key's own subject, so the server indexes each key:
-//!   "the key's first message at or after sequence x" is one direct get.
+//!   "the key's first message at or after sequence x" is one read (from the stream's leader,
+//!   as every read here: a follower may lag behind what was just confirmed).
 //! - Each consumer group keeps one record per key, [`Turns`], in the queue's state stream:
 //!   every message of the key below `next` is settled. It is only ever written by compare and
 //!   set (the subject's last sequence), so one record decides every race between replicas.
