@@ -86,3 +86,19 @@ routes_yaml() {
     echo "telemetry: { log: { level: warn } }"
   } >"$2"
 }
+
+# publish_lua FILE — a wrk script POSTing a small JSON order to /v1/publish/…, printing
+# `RESULT <requests/s> <p50 ms> <p99 ms> <non-202 or errors>` at the end.
+publish_lua() {
+  cat >"$1" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Host"] = "localhost"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}'
+done = function(summary, latency, requests)
+  local bad = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format("RESULT %.0f %.2f %.2f %d\n", summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, bad))
+end
+LUA
+}

@@ -74,17 +74,7 @@ taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >"$work/outrigger.
 pid=$!
 wait_ready
 
-cat >"$work/publish.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Host"] = "localhost"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}'
-done = function(summary, latency, requests)
-  local bad = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
-  io.write(string.format("RESULT %.0f %.2f %.2f %d\n", summary.requests / (summary.duration / 1e6),
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, bad))
-end
-LUA
+publish_lua "$work/publish.lua"
 
 # a short warm-up creates the store file (it opens at the first publish)
 taskset -c 0 wrk -t1 -c1 -d1s -s "$work/publish.lua" http://127.0.0.1:18190/v1/publish/bench >/dev/null

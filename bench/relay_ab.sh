@@ -20,16 +20,7 @@ source bench/lib.sh
 bench_needs wrk:wrk redis-server:redis-server
 bench_workdir
 
-cat >"$work/publish.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Host"] = "localhost"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"order":42,"customer":"c-7","items":[{"sku":"A-1","qty":2}]}'
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %.0f %.2f\n", summary.requests / (summary.duration / 1e6),
-    latency:percentile(99) / 1000))
-end
-LUA
+publish_lua "$work/publish.lua"
 pending() { curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}'; }
 
 # one LABEL BINARY: a fresh Redis and a fresh outbox, the load, the catch-up; one line
@@ -58,7 +49,7 @@ YAML
   before_load=$(redis-cli -p 18193 XLEN 'outrigger:{bench}')
   line=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
     http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
-  read -r _ rps p99 <<<"$line"
+  read -r _ rps _ p99 _ <<<"$line"
   start=$(date +%s.%N)
   for _ in $(seq 600); do [[ $(pending) == 0 ]] && break; sleep 0.05; done
   end=$(date +%s.%N)

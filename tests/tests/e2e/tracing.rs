@@ -298,6 +298,15 @@ async fn spans_reach_an_https_collector_trusting_ca_file_with_the_yaml_headers_o
     exported_as_received(&sidecar, &receiver).await;
 }
 
+/// A `checkout` sidecar exporting every span to `receiver`; its `payments` upstream (kept
+/// alive by the caller) answers 200.
+async fn exporting_to(receiver: &OtlpReceiver) -> (Sidecar, Upstream) {
+    let up = Upstream::status(200).await;
+    let yaml =
+        format!("service: {{ name: checkout }}\n{}{}", up.yaml("payments"), tracing_yaml(receiver));
+    (Sidecar::start(&yaml).await, up)
+}
+
 /// `outrigger_spans_exported_total` comes to what the receiver got (the call and its attempt).
 async fn exported_as_received(sidecar: &Sidecar, receiver: &OtlpReceiver) {
     let received = receiver.spans().len() as f64;
@@ -359,13 +368,7 @@ async fn an_export_answered_503_or_429_is_sent_again_and_the_spans_arrive() {
     let receiver = OtlpReceiver::start().await;
     receiver.refuse(1, 503, None);
     receiver.refuse(1, 429, Some("1"));
-    let up = Upstream::status(200).await;
-    let yaml = format!(
-        "service: {{ name: checkout }}\n{}{}",
-        up.yaml("payments"),
-        tracing_yaml(&receiver)
-    );
-    let sidecar = Sidecar::start(&yaml).await;
+    let (sidecar, _up) = exporting_to(&receiver).await;
     traced_call(&sidecar, "/").await;
 
     span_named(&receiver, "GET", 2).await;
@@ -439,13 +442,7 @@ async fn spans_still_queued_at_shutdown_are_exported_before_the_sidecar_exits() 
     let receiver = OtlpReceiver::start().await;
     // the first export is put off for 2 s: past the moment the drain would have ended
     receiver.refuse(1, 503, Some("2"));
-    let up = Upstream::status(200).await;
-    let yaml = format!(
-        "service: {{ name: checkout }}\n{}{}",
-        up.yaml("payments"),
-        tracing_yaml(&receiver)
-    );
-    let sidecar = Sidecar::start(&yaml).await;
+    let (sidecar, _up) = exporting_to(&receiver).await;
     traced_call(&sidecar, "/last").await;
     let status = sidecar.terminate().await;
     assert!(status.success(), "{status:?}");
