@@ -219,6 +219,19 @@ fn json_of_the_config_redacts_the_redis_password() {
 }
 
 #[test]
+fn json_and_debug_of_the_config_show_the_otlp_headers_values_as_stars() {
+    let config = load(
+        "telemetry:\n  tracing:\n    otlp_endpoint: http://collector:4318\n    \
+         headers: { authorization: \"Bearer s3cret\" }\n",
+    );
+    let tracing = config.telemetry.tracing.as_ref().expect("a tracing section");
+    assert_eq!(tracing.headers["authorization"], "Bearer s3cret", "the exporter gets the value");
+    let json = serde_json::to_string(&config).unwrap();
+    assert!(json.contains(r#""headers":{"authorization":"***"}"#), "{json}");
+    assert!(!json.contains("s3cret") && !format!("{config:?}").contains("s3cret"));
+}
+
+#[test]
 fn an_unreadable_file_says_so() {
     let err = load_file(std::path::Path::new("tests/no-such-file.yaml")).unwrap_err();
     assert!(matches!(err, LoadError::Read { .. }));

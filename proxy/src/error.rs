@@ -109,6 +109,10 @@ impl std::fmt::Display for Chain<'_> {
 /// sent: there is no one left to send it to.
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// The `kind` of such a call's access line, and the `error.type` of a span dropped before its
+/// answer without a deadline cutting it.
+pub const CANCELLED: &str = "cancelled";
+
 /// In a response's extensions: Outrigger answered this itself, for this `outrigger-error`
 /// kind. Extensions never cross the wire, so an upstream's answer (even another Outrigger's, with
 /// its own `outrigger-error` header) never carries one.

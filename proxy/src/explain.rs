@@ -208,11 +208,13 @@ fn answered(res: &Response<Body>) -> String {
     line
 }
 
-/// One request's attempts so far: how many, how many are in flight, when the last one ended,
-/// and the backoff waited before it.
+/// One request's attempts so far: how many (retries and hedges), how many are in flight, when
+/// the last one ended, and the backoff waited before it (the retry layer starts it at
+/// `initial`, which decorrelated jitter draws from).
 #[derive(Debug, Default)]
 struct Progress {
     attempts: u32,
+    retries: u32,
     in_flight: u32,
     ended: Option<tokio::time::Instant>,
     previous_delay: Duration,
@@ -271,19 +273,30 @@ fn scripted(
         };
         {
             let mut all = progress.lock().unwrap_or_else(|e| e.into_inner());
-            let p = all.entry(request).or_default();
+            let initial = backoff.map_or(Duration::ZERO, |b| b.initial.get());
+            let p = all
+                .entry(request)
+                .or_insert_with(|| Progress { previous_delay: initial, ..Progress::default() });
             p.attempts += 1;
             if p.in_flight > 0 {
                 // sent while another attempt of the request is still out: a hedge
                 detail += &format!(" (hedge, attempt {})", p.attempts);
             } else if let (Some(ended), Some(backoff)) = (p.ended, backoff) {
-                // a retry: the backoff it waited, and the range it was drawn from
-                let retry = p.attempts - 1;
+                // a retry: the backoff it waited, and the range it was drawn from (the retry
+                // layer counts hedges among the attempts its backoff grows with)
+                p.retries += 1;
                 let waited = now.saturating_duration_since(ended);
-                let low = backoff.delay_with(retry - 1, p.previous_delay, 0.0);
-                let high = backoff.delay_with(retry - 1, p.previous_delay, 0.999_999);
+                let grown = p.attempts - 2;
+                let low = backoff.delay_with(grown, p.previous_delay, 0.0);
+                let high = backoff.delay_with(grown, p.previous_delay, 0.999_999);
+                let which = match p.attempts == p.retries + 1 {
+                    true => format!("retry {}", p.retries),
+                    false => {
+                        format!("retry {}, attempt {} (hedges before it)", p.retries, p.attempts)
+                    }
+                };
                 detail += &format!(
-                    " (retry {retry}, after a backoff of {} ms drawn from {}..{} ms)",
+                    " ({which}, after a backoff of {} ms drawn from {}..{} ms)",
                     waited.as_millis(),
                     low.as_millis(),
                     high.as_millis()
@@ -434,6 +447,19 @@ mod tests {
             ],
             "{events:#?}"
         );
+    }
+
+    #[test]
+    fn a_retrys_range_is_the_one_its_backoff_draws_from() {
+        // decorrelated jitter draws the first retry from initial..3 × initial, as the layer does
+        let retry =
+            "{ max_attempts: 2, backoff: { jitter: decorrelated, initial: 100ms, max: 5s } }";
+        let cfg = config(retry, &[]);
+        let answers = parse_answers("503").unwrap();
+        let events = explain(&cfg, "payments", None, answers, run(1, Duration::ZERO)).unwrap();
+        let retry = &events[1].detail;
+        assert!(retry.starts_with("503 (retry 1, after a backoff of "), "{retry}");
+        assert!(retry.ends_with(" ms drawn from 100..299 ms)"), "{retry}");
     }
 
     #[test]

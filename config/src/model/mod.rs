@@ -148,7 +148,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 pub struct Tracing {
     /// OTLP over HTTP, e.g. `http://127.0.0.1:4318` (spans go to `/v1/traces` under it).
     /// `None`: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`.
@@ -166,6 +166,20 @@ pub struct Tracing {
     /// Shown (`/v1/config`) with each value as `***`: they carry tokens.
     #[serde(default, serialize_with = "redacted_values")]
     pub headers: BTreeMap<String, String>,
+}
+
+/// As serialized: the headers' values are `***`.
+impl std::fmt::Debug for Tracing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: BTreeMap<&str, &str> = self.headers.keys().map(|k| (&**k, "***")).collect();
+        f.debug_struct("Tracing")
+            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field("sample_ratio", &self.sample_ratio)
+            .field("service_name", &self.service_name)
+            .field("ca_file", &self.ca_file)
+            .field("headers", &headers)
+            .finish()
+    }
 }
 
 /// A map with its keys as they are and every value written `***`.

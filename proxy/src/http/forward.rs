@@ -34,7 +34,8 @@ use crate::http::connect::{Opening, Tunnels};
 use crate::http::grpc::{self, Head, watch::Watch};
 use crate::http::h1;
 use crate::http::tls::{Origination, TlsConnector};
-use crate::telemetry::trace::{InFlight, Kind, Tracer};
+use crate::policy::timeout::CutAt;
+use crate::telemetry::trace::{Kind, OpenSpan, Tracer};
 
 /// The innermost service of an upstream: pick an endpoint, send, classify the outcome.
 #[derive(Debug, Clone)]
@@ -243,7 +244,7 @@ pub struct RequestTrace {
 
 /// When the request's trace is recorded: a span for this attempt at `endpoint`, whose context
 /// the upstream receives.
-fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<InFlight>> {
+fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<OpenSpan>> {
     let trace = req.extensions().get::<RequestTrace>()?;
     let tracer = trace.tracer.clone();
     let name = crate::telemetry::trace::method_name(req.method());
@@ -262,7 +263,8 @@ fn attempt_span(req: &mut Request<Body>, endpoint: &Endpoint) -> Option<Box<InFl
         span.int("outrigger.backoff_ms", info.backoff.as_millis() as i64);
     }
     Tracer::inject(&span, req);
-    Some(InFlight::new(tracer, span))
+    let cut_at = req.extensions().get::<CutAt>().map(|cut| cut.0);
+    Some(Box::new(OpenSpan::new(tracer, span).cut_at(cut_at)))
 }
 
 /// Rewrites the request for `endpoint`; returns the client's side of an upgrade, if asked.
@@ -438,7 +440,7 @@ pin_project_lite::pin_project! {
             // the endpoint's in-flight count; its latency and outcome when the answer comes
             picked: Option<Picked>,
             // the attempt's span, only while the request's trace is recorded
-            trace: Option<Box<InFlight>>,
+            trace: Option<Box<OpenSpan>>,
             // a gRPC call: its outcome is its grpc-status
             grpc: bool,
         },

@@ -31,7 +31,7 @@ use crate::http::route_match::Routed;
 use crate::stack::UpstreamService;
 use crate::telemetry::log::call_span;
 use crate::telemetry::metrics::UpstreamMetrics;
-use crate::telemetry::trace::{InFlight, Kind, Span, Tracer};
+use crate::telemetry::trace::{Kind, OpenSpan, Span, Tracer};
 
 /// What serves `/v1/…` for a local authority: the sidecar's own API to the app.
 pub type LocalApi = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -291,9 +291,11 @@ impl Route {
                         trace_id: span.context.trace_id,
                         started: tokio::time::Instant::now(),
                         logged: false,
+                        call: log.clone(),
                     })
                 });
-                let trace = span.recording().then(|| InFlight::new(routes.tracer.clone(), span));
+                let trace =
+                    span.recording().then(|| Box::new(OpenSpan::new(routes.tracer.clone(), span)));
                 let inner = upstream.oneshot(req);
                 RouteFuture::Upstream { inner, connect, trace, rpc: grpc, log, access }
             }
@@ -363,6 +365,8 @@ pub struct Access {
     trace_id: [u8; 16],
     started: tokio::time::Instant,
     logged: bool,
+    /// The traced call's log span: a line written from the drop is inside it too.
+    call: Option<tracing::Span>,
 }
 
 impl Access {
@@ -399,7 +403,9 @@ impl Access {
 impl Drop for Access {
     fn drop(&mut self) {
         if !self.logged {
-            self.line(crate::error::CLIENT_CLOSED, crate::telemetry::trace::CANCELLED, 0);
+            let call = self.call.take();
+            let _inside = call.as_ref().map(tracing::Span::enter);
+            self.line(crate::error::CLIENT_CLOSED, crate::error::CANCELLED, 0);
         }
     }
 }
@@ -413,7 +419,7 @@ pin_project_lite::pin_project! {
             #[pin] inner: Oneshot<UpstreamService, Request<Body>>,
             connect: bool,
             // only while a span is recorded: no allocation otherwise
-            trace: Option<Box<InFlight>>,
+            trace: Option<Box<OpenSpan>>,
             // a gRPC call: our own answers to it become gRPC answers
             rpc: bool,
             // a traced call: entered while polled, so its log lines carry its ids

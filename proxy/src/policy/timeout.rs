@@ -17,6 +17,7 @@ use outrigger_discovery::time::saturating_add;
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
+use crate::http::forward::RequestTrace;
 use crate::policy::Admitted;
 use crate::policy::deadline::{self, Stamp};
 
@@ -85,10 +86,20 @@ where
             }
         }
         let deadline = saturating_add(Instant::now(), after);
+        if req.extensions().get::<RequestTrace>().is_some() {
+            // a recorded attempt's span says `timeout`, not `cancelled`, when this cuts it
+            let cut = req.extensions().get::<CutAt>().map_or(deadline, |c| c.0.min(deadline));
+            req.extensions_mut().insert(CutAt(cut));
+        }
         let inner = tokio::time::timeout_at(deadline, self.inner.call(req));
         Admitted::inner(DeadlineFuture { inner, after }, ())
     }
 }
+
+/// In a recorded request's extensions: the soonest deadline that cuts it (the call's, or the
+/// attempt's `per_try`), for its attempt span ([`crate::telemetry::trace::OpenSpan`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CutAt(pub Instant);
 
 pin_project_lite::pin_project! {
     #[allow(missing_debug_implementations)]

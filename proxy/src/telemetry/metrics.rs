@@ -4,7 +4,8 @@
 //! for each status code are created on first use and then read from a lock-free slot, so the hot
 //! path does no string formatting and no registry lookup.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 mod process;
@@ -68,9 +69,9 @@ pub struct Metrics {
     queue_age: GaugeVec,
     deadletter_depth: IntGaugeVec,
     deadletter_age: GaugeVec,
-    /// The queues each of the four gauges above shows now (depth, age, dead-letter depth, its
-    /// age): a queue gone from the next round loses its series, the others are overwritten.
-    queues_shown: Arc<std::sync::Mutex<[std::collections::HashSet<String>; 4]>>,
+    /// The queues the four gauges above show now: a queue gone from the next round loses its
+    /// series, the others are overwritten.
+    queues_shown: Arc<Mutex<QueueSeries>>,
     config_reloads: IntCounterVec,
     config_hash: prometheus::Gauge,
     shed: IntCounterVec,
@@ -89,6 +90,26 @@ pub struct Metrics {
     circuit_forced: IntGaugeVec,
     faults: IntCounterVec,
     shadow: IntCounterVec,
+}
+
+/// The queues each queue gauge shows a series for.
+#[derive(Debug, Default)]
+struct QueueSeries {
+    depth: HashSet<String>,
+    age: HashSet<String>,
+    dead_depth: HashSet<String>,
+    dead_age: HashSet<String>,
+}
+
+/// Removes from `family` the series of the queues shown `before` and not `now`.
+fn retire<T: prometheus::core::MetricVecBuilder>(
+    family: &prometheus::core::MetricVec<T>,
+    before: &HashSet<String>,
+    now: &HashSet<String>,
+) {
+    for gone in before.difference(now) {
+        let _ = family.remove_label_values(&[gone.as_str()]);
+    }
 }
 
 impl Metrics {
@@ -554,40 +575,30 @@ impl Metrics {
         // each series is overwritten in place and only a queue no longer shown is removed, so a
         // scrape in the middle never misses a queue that is still there
         let mut shown = self.queues_shown.lock().unwrap_or_else(|e| e.into_inner());
-        let mut now: [std::collections::HashSet<String>; 4] = Default::default();
+        let mut now = QueueSeries::default();
         for d in depths.into_iter().chain(other.as_ref()) {
             let q = [d.queue.as_str()];
             if d.messages > 0 {
                 self.queue_depth.with_label_values(&q).set(d.messages as i64);
-                now[0].insert(d.queue.clone());
+                now.depth.insert(d.queue.clone());
                 if let Some(at) = d.oldest_published_ms {
                     self.queue_age.with_label_values(&q).set(age(at));
-                    now[1].insert(d.queue.clone());
+                    now.age.insert(d.queue.clone());
                 }
             }
             if d.dead_letters > 0 {
                 self.deadletter_depth.with_label_values(&q).set(d.dead_letters as i64);
-                now[2].insert(d.queue.clone());
+                now.dead_depth.insert(d.queue.clone());
                 if let Some(at) = d.oldest_dead_letter_ms {
                     self.deadletter_age.with_label_values(&q).set(age(at));
-                    now[3].insert(d.queue.clone());
+                    now.dead_age.insert(d.queue.clone());
                 }
             }
         }
-        for (i, gone) in shown
-            .iter()
-            .zip(&now)
-            .enumerate()
-            .flat_map(|(i, (before, now))| before.difference(now).map(move |queue| (i, queue)))
-        {
-            let q = [gone.as_str()];
-            let _ = match i {
-                0 => self.queue_depth.remove_label_values(&q),
-                1 => self.queue_age.remove_label_values(&q),
-                2 => self.deadletter_depth.remove_label_values(&q),
-                _ => self.deadletter_age.remove_label_values(&q),
-            };
-        }
+        retire(&self.queue_depth, &shown.depth, &now.depth);
+        retire(&self.queue_age, &shown.age, &now.age);
+        retire(&self.deadletter_depth, &shown.dead_depth, &now.dead_depth);
+        retire(&self.deadletter_age, &shown.dead_age, &now.dead_age);
         *shown = now;
     }
 
@@ -742,7 +753,19 @@ struct Handles {
 }
 
 impl UpstreamMetrics {
+    /// A request answered `status`, its response head `elapsed` after it came.
     pub fn record(&self, status: u16, elapsed: Duration) {
+        self.count(status);
+        self.0.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// A request its client gave up on before the answer: counted as 499, and not timed (the
+    /// duration histogram runs to a response head, and there was none).
+    pub fn cancelled(&self) {
+        self.count(crate::error::CLIENT_CLOSED);
+    }
+
+    fn count(&self, status: u16) {
         let h = &self.0;
         if let Some(slot) = status.checked_sub(100).and_then(|i| h.by_code.get(usize::from(i))) {
             slot.get_or_init(|| {
@@ -750,7 +773,6 @@ impl UpstreamMetrics {
             })
             .inc();
         }
-        h.duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts an answer Outrigger gave itself, of `outrigger-error` kind `kind`.
@@ -924,7 +946,7 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if !*this.answered {
-                this.metrics.record(crate::error::CLIENT_CLOSED, this.started.elapsed());
+                this.metrics.cancelled();
             }
         }
     }

@@ -65,8 +65,8 @@ pub enum OtlpError {
 /// now (at shutdown), each answered once they have been tried.
 #[derive(Debug, Clone)]
 pub(super) struct ExportTask {
-    pub spans: mpsc::Sender<Finished>,
-    pub flushes: mpsc::Sender<oneshot::Sender<()>>,
+    pub(super) spans: mpsc::Sender<Finished>,
+    pub(super) flushes: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 /// Starts the export task for `export`, its queue holding `capacity` spans.
@@ -154,7 +154,7 @@ fn explained(error: &OTelSdkError, why: &Mutex<Option<String>>) -> String {
 }
 
 /// Batches finished spans and exports each batch; on a flush request, exports everything
-/// queued, then answers.
+/// queued, then answers. A flush goes first, and cuts a batch's gathering short.
 async fn run(
     mut queued: mpsc::Receiver<Finished>,
     mut asked: mpsc::Receiver<oneshot::Sender<()>>,
@@ -162,36 +162,45 @@ async fn run(
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let first = tokio::select! {
+        let mut flush = None;
+        tokio::select! {
+            biased;
+            Some(done) = asked.recv() => flush = Some(done),
             finished = queued.recv() => match finished {
-                Some(finished) => finished,
+                Some(finished) => batch.push(finished),
                 None => return,
             },
-            Some(done) = asked.recv() => {
-                while let Ok(finished) = queued.try_recv() {
-                    batch.push(finished);
-                    if batch.len() == BATCH {
-                        exporting.export(&mut batch).await;
+        }
+        if flush.is_none() {
+            let deadline = tokio::time::sleep(FLUSH_EVERY);
+            tokio::pin!(deadline);
+            while batch.len() < BATCH {
+                tokio::select! {
+                    biased;
+                    Some(done) = asked.recv() => {
+                        flush = Some(done);
+                        break;
                     }
+                    more = queued.recv() => match more {
+                        Some(finished) => batch.push(finished),
+                        None => break,
+                    },
+                    _ = &mut deadline => break,
                 }
-                exporting.export(&mut batch).await;
-                let _ = done.send(());
-                continue;
-            }
-        };
-        batch.push(first);
-        let deadline = tokio::time::sleep(FLUSH_EVERY);
-        tokio::pin!(deadline);
-        while batch.len() < BATCH {
-            tokio::select! {
-                more = queued.recv() => match more {
-                    Some(finished) => batch.push(finished),
-                    None => break,
-                },
-                _ = &mut deadline => break,
             }
         }
-        exporting.export(&mut batch).await;
+        if let Some(done) = flush {
+            while let Ok(finished) = queued.try_recv() {
+                batch.push(finished);
+                if batch.len() == BATCH {
+                    exporting.export(&mut batch).await;
+                }
+            }
+            exporting.export(&mut batch).await;
+            let _ = done.send(());
+        } else {
+            exporting.export(&mut batch).await;
+        }
     }
 }
 

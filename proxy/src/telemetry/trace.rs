@@ -169,23 +169,32 @@ impl Span {
     }
 }
 
-/// A recorded span of a call in flight, with the tracer that ends it. A call dropped before it
-/// finished (the app went away, a hedge lost its race) still ends its span, with
-/// `error.type: cancelled`, so the trace shows what was tried.
+/// A recorded span of a call or an attempt still open, with the tracer that ends it. One
+/// dropped before it was ended still ends its span: with `error.type: timeout` (and failed)
+/// when a deadline cut it, else `cancelled` (the app went away, a hedge lost its race), so
+/// the trace shows what was tried.
 #[derive(Debug)]
-pub struct InFlight {
+pub struct OpenSpan {
     tracer: Tracer,
     span: Option<Span>,
+    /// When a deadline cuts it: dropped at or past this, it timed out.
+    cut_at: Option<tokio::time::Instant>,
 }
 
-impl InFlight {
-    pub fn new(tracer: Tracer, span: Span) -> Box<Self> {
-        Box::new(InFlight { tracer, span: Some(span) })
+impl OpenSpan {
+    pub fn new(tracer: Tracer, span: Span) -> Self {
+        OpenSpan { tracer, span: Some(span), cut_at: None }
+    }
+
+    /// The deadline that cuts it, if any (`policy::timeout::CutAt`).
+    pub fn cut_at(mut self, at: Option<tokio::time::Instant>) -> Self {
+        self.cut_at = at;
+        self
     }
 
     /// The span, to record the outcome on before `end`.
     pub fn span(&mut self) -> &mut Span {
-        self.span.as_mut().expect("a span in flight until it ends")
+        self.span.as_mut().expect("a span is open until it ends")
     }
 
     /// Ends the span (once: the drop then has nothing left to end).
@@ -196,17 +205,18 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl Drop for OpenSpan {
     fn drop(&mut self) {
-        if let Some(mut span) = self.span.take() {
-            span.text("error.type", CANCELLED);
-            self.tracer.end(span);
+        let Some(mut span) = self.span.take() else { return };
+        if self.cut_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            span.text("error.type", "timeout");
+            span.failed();
+        } else {
+            span.text("error.type", crate::error::CANCELLED);
         }
+        self.tracer.end(span);
     }
 }
-
-/// `error.type` of a call dropped before its answer, and `kind` of its access line.
-pub const CANCELLED: &str = "cancelled";
 
 /// Starts spans and sends the finished, sampled ones to the exporter (when there is one).
 #[derive(Debug, Clone)]
@@ -382,12 +392,15 @@ mod tests {
     }
 
     #[test]
-    fn a_span_in_flight_ends_as_it_was_told_or_dropped_as_cancelled() {
+    fn an_open_span_ends_as_told_or_dropped_as_timed_out_or_cancelled() {
         let (tracer, mut rx, _) = Tracer::queued_for_tests(4);
-        let mut answered = InFlight::new(tracer.clone(), tracer.start(None, "GET", Kind::Client));
+        let mut answered = OpenSpan::new(tracer.clone(), tracer.start(None, "GET", Kind::Client));
         answered.span().int("http.response.status_code", 200);
         answered.end();
-        drop(InFlight::new(tracer.clone(), tracer.start(None, "POST", Kind::Client)));
+        drop(OpenSpan::new(tracer.clone(), tracer.start(None, "POST", Kind::Client)));
+        let past = tokio::time::Instant::now();
+        let cut = OpenSpan::new(tracer.clone(), tracer.start(None, "PUT", Kind::Client));
+        drop(cut.cut_at(Some(past)));
         let error_type = |f: &Finished| {
             f.span.attributes.iter().find(|(k, _)| *k == "error.type").map(|(_, v)| match v {
                 Attr::Text(t) => t.clone(),
@@ -397,7 +410,12 @@ mod tests {
         let first = rx.try_recv().expect("the answered span");
         assert_eq!((first.span.name, error_type(&first)), ("GET", None));
         let second = rx.try_recv().expect("the dropped span");
-        assert_eq!((second.span.name, error_type(&second)), ("POST", Some(CANCELLED.to_owned())));
+        let cancelled = Some(crate::error::CANCELLED.to_owned());
+        assert_eq!((second.span.name, error_type(&second)), ("POST", cancelled));
+        assert!(!second.span.error, "the app's leaving is not the upstream's failure");
+        let third = rx.try_recv().expect("the span its deadline cut");
+        assert_eq!((third.span.name, error_type(&third)), ("PUT", Some("timeout".to_owned())));
+        assert!(third.span.error);
         assert!(rx.try_recv().is_err(), "each ends once");
     }
 }

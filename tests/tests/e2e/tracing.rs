@@ -451,3 +451,29 @@ async fn spans_still_queued_at_shutdown_are_exported_before_the_sidecar_exits() 
     assert_eq!(names, ["GET", "GET"], "the call's span and its attempt's");
     assert_eq!(receiver.requests().len(), 2, "the 503, then the retry that took them");
 }
+
+#[tokio::test]
+async fn an_attempt_cut_by_its_per_try_timeout_is_traced_as_a_timeout_not_a_cancel() {
+    use outrigger_tests::Reply;
+    let receiver = OtlpReceiver::start().await;
+    let slow = Reply::Delayed(std::time::Duration::from_secs(5), 200);
+    let up = Upstream::scripted([slow, Reply::Status(200)]).await;
+    let yaml = format!(
+        "service: {{ name: checkout }}\n{}    timeouts: {{ per_try: 200ms }}\n    \
+         retry: {{ max_attempts: 2, on: [timeout], backoff: {{ initial: 10ms, max: 10ms }} }}\n{}",
+        up.yaml("payments"),
+        tracing_yaml(&receiver)
+    );
+    let sidecar = Sidecar::start(&yaml).await;
+    traced_call(&sidecar, "/").await;
+
+    let spans = span_named(&receiver, "GET", 3).await;
+    let attempt = |n: &str| {
+        let found = spans.iter().find(|s| s.attribute("outrigger.attempt") == Some(n));
+        found.unwrap_or_else(|| panic!("attempt {n}: {spans:#?}")).clone()
+    };
+    let cut = attempt("1");
+    assert_eq!(cut.attribute("error.type"), Some("timeout"), "{cut:#?}");
+    assert_eq!(cut.status, 2, "an error: {cut:#?}");
+    assert_eq!(attempt("2").attribute("http.response.status_code"), Some("200"));
+}
