@@ -102,3 +102,15 @@ done = function(summary, latency, requests)
 end
 LUA
 }
+
+# outbox_pending — the outbox's pending messages of the sidecar whose admin port is 18191.
+outbox_pending() { curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}'; }
+
+# outbox_catch_up — waits until that outbox is empty (60 s at most); prints the seconds it took.
+outbox_catch_up() {
+  local start end
+  start=$(date +%s.%N)
+  for _ in $(seq 1200); do [[ $(outbox_pending) == 0 ]] && break; sleep 0.05; done
+  end=$(date +%s.%N)
+  python3 -c "print(f'{$end - $start:.1f}')"
+}

@@ -100,10 +100,9 @@ front=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/malformed.lu
 echo
 echo "the front door alone, 64 publishers, a malformed body answered 400 before the store: $front requests/s"
 echo "disk, 4 KiB rewrite + fsync: median ${fsync_median} ms, p99 ${fsync_p99} ms; + fdatasync: median ${fdatasync_median} ms, p99 ${fdatasync_p99} ms (200 samples each)"
-echo "messages pending in the store: $(curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}')"
+echo "messages pending in the store: $(outbox_pending)"
 
 # delivery: the same store, now with a subscription, to an nginx worker on CPU 1 beside it
-pending() { curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}'; }
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 cat >"$work/app.conf" <<CONF
 worker_processes 1; daemon off; pid $work/app.pid; error_log stderr error;
@@ -124,9 +123,9 @@ YAML
 taskset -c 1 "$OUTRIGGER" run --config "$work/outrigger.yaml" >>"$work/outrigger.log" 2>&1 &
 pid=$!
 wait_ready
-start_pending=$(pending); start=$(date +%s.%N)
+start_pending=$(outbox_pending); start=$(date +%s.%N)
 sleep "$SECONDS_PER_RUN"
-end_pending=$(pending); end=$(date +%s.%N)
+end_pending=$(outbox_pending); end=$(date +%s.%N)
 python3 -c "
 delivered = $start_pending - $end_pending
 print(f'delivery to a local app, concurrency 64: {delivered / ($end - $start):.0f} messages/s acknowledged ({delivered:.0f} in {$end - $start:.1f} s; {$end_pending:.0f} still pending)')
@@ -151,7 +150,7 @@ redis_node() {
 # catch-up, and delivery through the broker's consumer group to the local app; COUNT prints how
 # many messages the broker holds for queue `bench`
 through() {
-  local label=$1 url=$2 count=$3 line rps p50 p99 bad start end streamed first last
+  local label=$1 url=$2 count=$3 line rps p50 p99 bad catch_up start end streamed first last
   rm -rf "$work/data-redis"
   cat >"$work/outrigger.yaml" <<YAML
 outbound: { listen: 127.0.0.1:18190 }
@@ -167,11 +166,9 @@ YAML
   line=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
     http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
   read -r _ rps p50 p99 bad <<<"$line"
-  start=$(date +%s.%N)
-  for _ in $(seq 600); do [[ $(pending) == 0 ]] && break; sleep 0.1; done
-  end=$(date +%s.%N)
+  catch_up=$(outbox_catch_up)
   streamed=$($count)
-  echo "publishes with broker $label, 64 publishers: $rps/s durable in the outbox (p50 $p50 ms, p99 $p99 ms, errors $bad); relay caught up $(python3 -c "print(f'{$end - $start:.1f}')") s after the load; $streamed messages in the stream"
+  echo "publishes with broker $label, 64 publishers: $rps/s durable in the outbox (p50 $p50 ms, p99 $p99 ms, errors $bad); relay caught up $catch_up s after the load; $streamed messages in the stream"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   cat >"$work/outrigger.yaml" <<YAML
 outbound: { listen: 127.0.0.1:18190 }

@@ -21,11 +21,10 @@ bench_needs wrk:wrk redis-server:redis-server
 bench_workdir
 
 publish_lua "$work/publish.lua"
-pending() { curl -s http://127.0.0.1:18191/metrics | awk '/^outrigger_outbox_pending /{print $2}'; }
 
 # one LABEL BINARY: a fresh Redis and a fresh outbox, the load, the catch-up; one line
 one() {
-  local label=$1 binary=$2 redis sidecar line rps p99 start end relayed
+  local label=$1 binary=$2 redis sidecar line rps p99 catch_up relayed
   rm -rf "$work/redis" "$work/data"
   mkdir -p "$work/redis"
   taskset -c 1 redis-server --port 18193 --bind 127.0.0.1 --dir "$work/redis" --appendonly yes \
@@ -50,12 +49,10 @@ YAML
   line=$(taskset -c 0 wrk -t2 -c64 -d"${SECONDS_PER_RUN}s" -s "$work/publish.lua" \
     http://127.0.0.1:18190/v1/publish/bench | grep '^RESULT')
   read -r _ rps _ p99 _ <<<"$line"
-  start=$(date +%s.%N)
-  for _ in $(seq 600); do [[ $(pending) == 0 ]] && break; sleep 0.05; done
-  end=$(date +%s.%N)
+  catch_up=$(outbox_catch_up)
   relayed=$(($(redis-cli -p 18193 XLEN 'outrigger:{bench}') - before_load))
   python3 -c "
-catch_up = $end - $start
+catch_up = $catch_up
 print(f'$label: {$rps} publishes/s (p99 {$p99} ms), relay caught up {catch_up:.1f} s after, {$relayed / ($SECONDS_PER_RUN + catch_up):.0f} relayed/s over load and catch-up')
 "
   kill "$sidecar" "$redis"

@@ -430,22 +430,23 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let (admitted, forced) = self.shared.with(|b| (b.admit(Instant::now()), b.forced()));
-        match admitted {
-            Ok(admission) => ResponseFuture {
+        // an operator's `open` is obeyed even in shadow mode
+        let shadow = self.shadow.as_ref().filter(|_| forced != Some(Forced::Open));
+        match (admitted, shadow) {
+            (Ok(admission), _) => ResponseFuture {
                 state: FutureState::Admitted { fut: self.inner.call(req) },
                 outcome: Some(Outcome { shared: self.shared.clone(), admission, recorded: false }),
             },
             // in shadow mode a request it would refuse goes on, and its outcome is not
             // recorded: the breaker's state is what it would be if it had been refused
-            // (an operator's `open` is obeyed even in shadow mode)
-            Err(_) if self.shadow.is_some() && forced != Some(Forced::Open) => {
-                self.shadow.as_ref().map(Shadow::note);
+            (Err(_), Some(shadow)) => {
+                shadow.note();
                 ResponseFuture {
                     state: FutureState::Admitted { fut: self.inner.call(req) },
                     outcome: None,
                 }
             }
-            Err(retry_after) => ResponseFuture {
+            (Err(retry_after), None) => ResponseFuture {
                 state: FutureState::Refused {
                     err: Some(ProxyError::CircuitOpen {
                         upstream: self.shared.upstream.clone(),

@@ -62,13 +62,13 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.layer.permits.clone().try_acquire_owned() {
-            Ok(permit) => Admitted::inner(self.inner.call(req), Some(permit)),
-            Err(_) if self.layer.shadow.is_some() => {
-                self.layer.shadow.as_ref().map(Shadow::note);
+        match (self.layer.permits.clone().try_acquire_owned(), &self.layer.shadow) {
+            (Ok(permit), _) => Admitted::inner(self.inner.call(req), Some(permit)),
+            (Err(_), Some(shadow)) => {
+                shadow.note();
                 Admitted::inner(self.inner.call(req), None)
             }
-            Err(_) => Admitted::refused(ProxyError::Overloaded {
+            (Err(_), None) => Admitted::refused(ProxyError::Overloaded {
                 upstream: self.layer.upstream.clone(),
                 limit: self.layer.limit,
             }),

@@ -76,13 +76,13 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let limiter = &self.layer.limiter;
-        match limiter.check() {
-            Ok(()) => Admitted::inner(self.inner.call(req), ()),
-            Err(_) if self.layer.shadow.is_some() => {
-                self.layer.shadow.as_ref().map(Shadow::note);
+        match (limiter.check(), &self.layer.shadow) {
+            (Ok(()), _) => Admitted::inner(self.inner.call(req), ()),
+            (Err(_), Some(shadow)) => {
+                shadow.note();
                 Admitted::inner(self.inner.call(req), ())
             }
-            Err(not_until) => {
+            (Err(not_until), None) => {
                 self.layer.rejected.inc();
                 let retry_after = not_until.wait_time_from(limiter.clock().now());
                 let upstream = self.layer.upstream.clone();
